@@ -1,0 +1,170 @@
+"""Target profiles: `targets/*.toml` loaded into frozen dataclasses that reject unknown keys.
+
+A profile is all the hardware knowledge of one device (what it is, how to run on it, how to build
+for it, what it must fit in). `edge-slm targets` lists them; `--target NAME|FILE` picks one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 devices only
+    import tomli as tomllib
+
+from .errors import ProfileError
+
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+GraphKind = Literal["fused", "generic"]
+
+
+@dataclass(frozen=True)
+class Device:
+    arch: Literal["aarch64", "x86_64"]
+    cpu: str
+    cores: int
+    ram_mb: int
+    features: tuple[str, ...] = ()
+    cuda_compute_capability: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    execution_providers: tuple[str, ...]
+    threads: int
+    onnxruntime_versions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Export:
+    graph: GraphKind
+    opset: int
+    ir_version: int
+    context_length: int
+    external_data: bool = True
+
+
+@dataclass(frozen=True)
+class Quantize:
+    precision: Precision
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_peak_rss_mb: int
+    max_ppl_increase: float
+    min_top1: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: Device
+    runtime: Runtime
+    export: Export
+    quantize: Quantize
+    budget: Budget
+    source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+def known_targets(directory: Path = TARGETS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.toml"))
+
+
+def load_profile(name_or_path: str, directory: Path = TARGETS_DIR) -> Profile:
+    """Load a profile by name (`rpi5`) or by path (`boards/mine.toml`)."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" or path.exists()):
+        path = directory / f"{name_or_path}.toml"
+        if not path.exists():
+            known = ", ".join(known_targets(directory)) or "none"
+            raise ProfileError(
+                f"unknown target '{name_or_path}': known targets are {known} "
+                "(or pass a path to your own .toml profile)"
+            )
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    profile = profile_from_dict(raw, where=str(path))
+    return dataclasses.replace(profile, source=str(path))
+
+
+def profile_from_dict(raw: dict, where: str = "profile") -> Profile:
+    profile = _build(Profile, {k: v for k, v in raw.items() if k != "source"}, where, "")
+    _check_values(profile, where)
+    return profile
+
+
+def _build(cls, raw, where: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: [{prefix.rstrip('.')}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields)
+        raise ProfileError(f"{where}: unknown key '{prefix}{unknown[0]}' (allowed here: {allowed})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProfileError(f"{where}: missing required key '{key}'")
+            continue
+        values[name] = _convert(hints[name], raw[name], where, key)
+    return cls(**values)
+
+
+def _convert(tp, value, where: str, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where, key)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ProfileError(f"{where}: '{key}' is {value!r}; allowed values: {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ProfileError(f"{where}: '{key}' must be a list, got {type(value).__name__}")
+        return tuple(_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ProfileError(
+            f"{where}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _check_values(profile: Profile, where: str) -> None:
+    if profile.runtime.threads < 1:
+        raise ProfileError(f"{where}: 'runtime.threads' is {profile.runtime.threads}; it must be at least 1")
+    if profile.export.context_length < 16:
+        raise ProfileError(f"{where}: 'export.context_length' must be at least 16")
+    if not profile.runtime.execution_providers:
+        raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")
