@@ -1,0 +1,162 @@
+"""The build: model reference + target profile -> validated bundle, as an ordered list of stages.
+
+load -> export -> validate -> bundle (prune and quantize slot in around export as their issues
+land). `edge-slm build --target NAME` and `make <target>` call `build()`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .bundle import staging_dir, write_manifest
+from .errors import ProfileError
+from .export import DATA_FILE, MODEL_FILE, export, load_torch_model
+from .load import load
+from .targets import Profile
+from .validate import validate
+
+SUPPORTED_PRECISIONS = ("fp32",)  # int8 / int4 / fp16 arrive with the quantization stage (issue #4)
+VALIDATION_QUESTION = "What is the capital of France?"
+
+
+class Progress:
+    """Numbered stage lines with elapsed time, on stderr, so long builds show where they are."""
+
+    def __init__(self, total: int, echo=print):
+        self.total, self.step, self.echo, self.start = total, 0, echo, time.monotonic()
+
+    def stage(self, title: str) -> None:
+        self.step += 1
+        self.echo(f"[{self.step}/{self.total}] {title}  ({time.monotonic() - self.start:.0f}s)")
+
+    def note(self, message: str) -> None:
+        self.echo(f"      {message}")
+
+
+def build(model_ref: str | None, profile: Profile, out: Path, echo=print) -> dict:
+    """Build the bundle for `profile` at `out`; return its manifest."""
+    precision = profile.quantize.precision
+    if precision not in SUPPORTED_PRECISIONS:
+        raise ProfileError(
+            f"{profile.name}: precision '{precision}' is not built yet (supported now: "
+            f"{', '.join(SUPPORTED_PRECISIONS)}); set [quantize] precision = \"fp32\""
+        )
+    progress = Progress(total=5, echo=echo)
+    progress.stage(f"loading model {model_ref or 'smollm2-135m (default)'}")
+    loaded = load(model_ref, progress=progress.note)
+    model = load_torch_model(loaded.path)
+    tokenizer = _load_tokenizer(loaded.path, loaded.add_bos)
+
+    with staging_dir(Path(out)) as stage:
+        progress.stage(f"exporting the {profile.export.graph} ONNX graph for {profile.name}")
+        exported = export(model, profile, stage, progress=progress.note)
+        progress.note(f"{exported.node_count} nodes, {_mb(stage / MODEL_FILE, stage / DATA_FILE)} MB")
+
+        progress.stage("validating the ONNX graph against torch (prefill + 3 decode steps)")
+        prompt_ids = _validation_prompt(tokenizer)
+        validation = validate(exported.onnx_path, model, prompt_ids, precision=precision)
+        diff = validation["max_abs_diff"]
+        progress.note(f"max |diff| logits {diff['logits']:.2e}, present {diff['present']:.2e}: passed")
+
+        progress.stage("writing tokenizer and generation settings")
+        generation = _write_tokenizer(tokenizer, model, loaded.add_bos, stage)
+
+        progress.stage("writing the manifest and checksums")
+        manifest = write_manifest(stage, {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "target": profile.name,
+            "precision": precision,
+            "source": loaded.source,
+            "model": {**exported.shape.__dict__, "context_length": profile.export.context_length},
+            "graph": _signature(exported.onnx_path, exported.graph, profile),
+            "generation": {k: generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
+            "profile": profile.to_dict(),
+            "validation": validation,
+            "versions": _versions(),
+        })
+    return manifest
+
+
+def _load_tokenizer(model_dir: Path, add_bos: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = add_bos
+    return tokenizer
+
+
+def _validation_prompt(tokenizer) -> list[int]:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": VALIDATION_QUESTION}], add_generation_prompt=True, tokenize=True)
+    return tokenizer("The capital of France is").input_ids
+
+
+def _write_tokenizer(tokenizer, model, add_bos: bool, stage: Path) -> dict:
+    tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+    eos = []
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id):
+        for token in source if isinstance(source, list) else [source]:
+            if token is not None and token not in eos:
+                eos.append(int(token))
+    generation = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": eos,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0],
+        "add_bos": add_bos,
+        "chat_template": tokenizer.chat_template,
+        "special_tokens": {str(t): int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)},
+    }
+    (stage / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return generation
+
+
+def _signature(onnx_path: Path, graph_kind: str, profile: Profile) -> dict:
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+
+    def describe(values):
+        return [{"name": v.name,
+                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                for v in values]
+
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "kind": graph_kind,
+        "file": MODEL_FILE,
+        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "ir_version": proto.ir_version,
+        "nodes": len(proto.graph.node),
+        "op_counts": dict(sorted(ops.items())),
+        # GroupQueryAttention can write present into the past buffer in place: the runtime binds
+        # one preallocated buffer per layer for both and never copies the cache.
+        "kv_cache": {"layout": "batch,kv_heads,sequence,head_dim",
+                     "shared_buffer": graph_kind == "fused"},
+        "inputs": describe(proto.graph.input),
+        "outputs": describe(proto.graph.output),
+    }
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"edge_slm": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _mb(*paths: Path) -> int:
+    return round(sum(p.stat().st_size for p in paths if p.exists()) / 1e6)
