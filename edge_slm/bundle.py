@@ -74,6 +74,7 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
     files = {}
     for path in sorted(bundle_dir.iterdir()):
         if path.is_file() and path.name != MANIFEST:
+            path.chmod(0o644)  # onnx writes external data owner-only; a device user must read it
             files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
     tmp = bundle_dir / (MANIFEST + ".tmp")

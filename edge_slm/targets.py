@@ -149,7 +149,7 @@ def _convert(tp, value, where: str, key: str):
             raise ProfileError(f"{where}: '{key}' is {value!r}; allowed values: {allowed}")
         return value
     if origin is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ProfileError(f"{where}: '{key}' must be a list, got {type(value).__name__}")
         return tuple(_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

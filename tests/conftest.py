@@ -1,0 +1,98 @@
+"""Tiny in-test models: Llama and Qwen2 layouts with 2 layers, a 300-token BPE tokenizer and a chat
+template, built with a fixed seed in seconds. No test touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Small language models run on edge devices such as the Raspberry Pi.",
+    "Quantization stores weights in eight bits; pruning removes channels.",
+    "What is the capital of France? Paris is the answer, and Lyon is not.",
+    "Numbers like 1234 and symbols like % & * appear in text too. Ünïcödé 東京.",
+] * 20
+
+
+def make_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_model(directory: Path, architecture: str = "llama", seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(directory)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=True)
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    with torch.no_grad():  # larger-than-init weights so that logits are not all near zero
+        for param in model.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    # Qwen2 layout: biases on q/k/v and an untied LM head.
+    return make_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tmp_path_factory) -> Path:
+    """The x86-laptop profile with a short context, as a user's own profile file."""
+    text = (REPO / "targets" / "x86-laptop.toml").read_text()
+    text = text.replace('name = "x86-laptop"', 'name = "tiny-laptop"')
+    text = text.replace("context_length = 2048", "context_length = 128")
+    path = tmp_path_factory.mktemp("profiles") / "tiny-laptop.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_llama, tiny_profile) -> Path:
+    from edge_slm.pipeline import build
+    from edge_slm.targets import load_profile
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    build(str(tiny_llama), load_profile(str(tiny_profile)), out, echo=lambda m: None)
+    return out
