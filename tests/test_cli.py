@@ -1,0 +1,87 @@
+"""The CLI as a user meets it: one-line errors, exit codes, tracebacks only with --debug."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edge_slm.load import load
+from edge_slm.errors import ModelError
+
+
+def run(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "edge_slm.cli", *args], capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def test_targets_lists_all_profiles():
+    out = run("targets", check_rc=0).stdout
+    for name in ("rpi4", "rpi5", "x86-laptop", "jetson-orin"):
+        assert name in out
+    as_json = json.loads(run("targets", "--json", check_rc=0).stdout)
+    assert {p["name"] for p in as_json} >= {"rpi4", "rpi5", "x86-laptop", "jetson-orin"}
+
+
+def test_unknown_target_is_one_line():
+    proc = run("build", "--target", "nosuch", check_rc=2)
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown target 'nosuch': known targets are jetson-orin, rpi4, rpi5, x86-laptop "
+        "(or pass a path to your own .toml profile)"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_misspelt_profile_key(tmp_path):
+    from edge_slm.targets import TARGETS_DIR
+
+    bad = tmp_path / "board.toml"
+    bad.write_text((TARGETS_DIR / "rpi4.toml").read_text().replace("context_length", "context_lenght"))
+    proc = run("build", "--target", str(bad), check_rc=2)
+    assert "unknown key 'export.context_lenght'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    debug = run("--debug", "build", "--target", str(bad))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_inspect_verifies_and_names_corrupt_file(tiny_bundle, tmp_path):
+    out = run("inspect", str(tiny_bundle), check_rc=0).stdout
+    assert "all checksums verified" in out and "GroupQueryAttention 2" in out and "validation   passed" in out
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    data = copy / "model.onnx"
+    raw = bytearray(data.read_bytes())
+    raw[50] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    proc = run("inspect", str(copy), check_rc=2)
+    assert proc.stderr.strip() == f"error: {copy}/model.onnx: checksum mismatch (the file is corrupt): copy it again or rebuild"
+
+
+def test_build_then_inspect_json(tiny_llama, tiny_profile, tmp_path):
+    out = tmp_path / "bundle"
+    proc = run("build", "--target", str(tiny_profile), "--model", str(tiny_llama), "--out", str(out), check_rc=0)
+    assert f"bundle ready: {out}" in proc.stdout and "[5/5]" in proc.stderr  # progress on stderr
+    manifest = json.loads(run("inspect", str(out), "--json", check_rc=0).stdout)
+    assert manifest["target"] == "tiny-laptop"
+
+
+def test_bad_model_references(tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ModelError, match=r"architecture 'gpt2' is not supported; supported: llama \(Llama, SmolLM, TinyLlama\); qwen2"):
+        load(str(gpt2))
+    proc = run("build", "--target", "x86-laptop", "--model", str(gpt2), "--out", str(tmp_path / "o"), check_rc=2)
+    assert "architecture 'gpt2' is not supported" in proc.stderr and not (tmp_path / "o").exists()
+    with pytest.raises(ModelError, match="no such GGUF file"):
+        load(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelError, match="not found"):
+        load(str(tmp_path / "missing-dir"))
+    not_gguf = tmp_path / "fake.gguf"
+    not_gguf.write_bytes(b"definitely not gguf")
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        load(str(not_gguf))
+    (gpt2 / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match="no weights"):
+        load(str(gpt2))

