@@ -3,6 +3,9 @@
     edge-slm targets [--json]
     edge-slm build --target NAME|FILE [--model REF] [--out DIR]
     edge-slm inspect BUNDLE [--json] [--no-checksums]
+    edge-slm generate BUNDLE PROMPT [--chat] [--max-new-tokens N] [--temperature T] ... [--json]
+    edge-slm chat BUNDLE
+    edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]
 
 Errors are one line on stderr and exit code 2; `edge-slm --debug ...` shows the traceback.
 """
@@ -100,6 +103,125 @@ def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
                      f"{'size ok' if no_checksums else 'ok'}")
     click.echo("\n".join(lines))
     click.echo("sizes verified" if no_checksums else "all checksums verified")
+
+
+def _sampling_options(func):
+    for option in reversed([
+        click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 is no limit."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--threads", type=int, default=None, help="CPU threads [the bundle's profile]."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _open(bundle: Path, threads: int | None):
+    from . import runtime
+
+    return runtime.load(bundle, threads=threads)
+
+
+def _sampling(kw: dict) -> dict:
+    return {k: kw[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@_sampling_options
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
+@click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
+def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: bool, **kw) -> None:
+    """Generate text from PROMPT, streamed to the terminal."""
+    from .runtime import Generation
+
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
+    model = _open(bundle, kw["threads"])
+    result = Generation(prompt_token_ids=[])
+    pieces = model.stream(prompt, max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"],
+                          truncate=truncate, result=result, **_sampling(kw))
+    if as_json:
+        for _ in pieces:
+            pass
+        click.echo(json.dumps(result.to_dict()))
+        return
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+    if result.stop_reason == "context_full":
+        _echo_err(f"[stopped: the context of {model.context_length} tokens is full]")
+    _echo_err(f"[{len(result.token_ids)} tokens, first after {result.ttft_ms:.0f} ms, "
+              f"{result.decode_tokens_per_s:.1f} tok/s, stop: {result.stop_reason}]")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_sampling_options
+@click.option("--system", default=None, help="A system message for the conversation.")
+def chat(bundle: Path, system: str | None, **kw) -> None:
+    """Talk with the model; earlier turns stay in the KV cache. /reset starts over, /exit leaves."""
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
+    model = _open(bundle, kw["threads"])
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    _echo_err(f"chatting with {bundle} ({model.manifest['precision']}); /reset to start over, /exit to leave")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = list(start)
+            model.session.reset()
+            _echo_err("[conversation reset]")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        result = model.chat(messages, max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], **_sampling(kw))
+        click.echo(result.text)
+        _echo_err(f"[{len(result.prompt_token_ids)} prompt tokens, {result.reused_tokens} from the cache; "
+                  f"{len(result.token_ids)} generated, {result.decode_tokens_per_s:.1f} tok/s]")
+        messages.append({"role": "assistant", "content": result.text})
+
+
+@cli.command(name="eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, help="Usually the fp32 bundle.")
+@click.option("--window", type=int, default=None, help="Tokens per window [the bundle's context length].")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(bundle: Path, text_file: Path, reference: Path | None, window: int | None,
+                 threads: int | None, as_json: bool) -> None:
+    """Perplexity over a text; with --reference, top-1 agreement and mean KL divergence."""
+    from .runtime.evaluate import evaluate, read_text
+
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads is {threads}; use 1 or more")
+    text = read_text(text_file)
+    model = _open(bundle, threads)
+    ref_model = _open(reference, threads) if reference else None
+    result = evaluate(model, text, ref_model, window,
+                      progress=lambda done, total: _echo_err(f"  window {done}/{total}"))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    line = f"perplexity {result['perplexity']:.3f} over {result['scored_tokens']} tokens ({result['windows']} windows)"
+    if ref_model:
+        line += f"; top-1 agreement {result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.4f}"
+    click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,215 @@
+"""The on-device runtime: load a bundle and generate text with onnxruntime, numpy and tokenizers.
+
+Never imports torch (a test proves it). Used by `edge-slm generate | chat | eval` and from Python:
+
+    from edge_slm import runtime
+    model = runtime.load("export/rpi5")
+    print(model.generate("What is the capital of France?", chat=True).text)
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..bundle import verify_bundle
+from ..errors import BundleError, EdgeSlmError
+from .sampling import Sampler, SamplingConfig
+from .session import ContextFullError, DecoderSession, pick_providers
+from .textstream import TextStream
+
+__all__ = ["load", "Model", "Generation", "SamplingConfig", "ContextFullError", "peak_rss_mb"]
+ROLES = ("system", "user", "assistant")
+
+
+def _raise_template_error(message: str):
+    raise EdgeSlmError(f"the chat template refused the messages: {message}")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class Generation:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reused_tokens: int = 0         # prompt tokens whose keys/values were already cached
+    stop_reason: str = ""          # "eos", "stop_string", "max_new_tokens" or "context_full"
+    ttft_ms: float = 0.0           # prompt in -> first new token out
+    decode_tokens_per_s: float = 0.0  # tokens after the first, over their time
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def load(bundle: str | Path, threads: int | None = None, providers: list[str] | None = None,
+         verify: bool = True) -> "Model":
+    """Open a bundle: check schema and checksums, then start an onnxruntime session."""
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle, checksums=verify)
+    if threads is not None and threads < 1:
+        raise EdgeSlmError(f"threads is {threads}; use 1 or more (or leave it to the profile)")
+    for name in ("tokenizer.json", "generation.json", manifest["graph"]["file"]):
+        if not (bundle / name).is_file():
+            raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
+    profile_runtime = manifest["profile"]["runtime"]
+    chosen = pick_providers(providers or profile_runtime["execution_providers"])
+    session = DecoderSession(bundle / manifest["graph"]["file"], manifest,
+                             threads or int(profile_runtime["threads"]), chosen)
+    try:
+        tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    except Exception as exc:
+        raise BundleError(f"{bundle / 'tokenizer.json'}: cannot be read ({exc})") from None
+    generation = json.loads((bundle / "generation.json").read_text())
+    return Model(bundle, manifest, session, tokenizer, generation)
+
+
+class Model:
+    def __init__(self, path: Path, manifest: dict, session: DecoderSession, tokenizer: Tokenizer, generation: dict):
+        self.path, self.manifest, self.session = path, manifest, session
+        self.tokenizer, self.generation = tokenizer, generation
+        self.eos_ids = set(generation["eos_token_ids"])
+        self.context_length = session.context_length
+        self._template = None
+        self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache
+
+    # -- text <-> ids ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        template = self.generation.get("chat_template")
+        if not template:
+            raise EdgeSlmError(f"{self.path}: this bundle has no chat template; use plain generation")
+        for message in messages:
+            if message.get("role") not in ROLES:
+                raise EdgeSlmError(f"unknown chat role {message.get('role')!r}; use one of {', '.join(ROLES)}")
+            if not isinstance(message.get("content"), str):
+                raise EdgeSlmError("every chat message needs a text 'content'")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(template)
+        specials = {k: v for k, v in self.generation.get("special_tokens", {}).items()}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=next((t for t, i in specials.items() if i == self.generation["bos_token_id"]), ""),
+                                     eos_token="")
+
+    def _prompt_ids(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise EdgeSlmError("the prompt is empty: give some text to continue")
+            text = self.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
+            ids = self.encode(text)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise EdgeSlmError("the prompt is empty: give some text to continue")
+        return ids
+
+    # -- generation -----------------------------------------------------------------------------
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, chat: bool = False,
+               stop: tuple[str, ...] = (), truncate: bool = False, result: Generation | None = None,
+               keep_cache: bool = False, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated. `result`, when given, is filled in as it goes."""
+        ids = self._prompt_ids(prompt, chat)
+        if len(ids) >= self.context_length:
+            if not truncate:
+                raise EdgeSlmError(
+                    f"the prompt has {len(ids)} tokens; the bundle's context is {self.context_length}: "
+                    "shorten it or pass truncate=True (--truncate) to keep its end")
+            ids = ids[-(self.context_length // 2):]
+        result = result if result is not None else Generation(prompt_token_ids=ids)
+        result.prompt_token_ids = ids
+        sampler = Sampler(SamplingConfig(**sampling))
+        text = TextStream(self.tokenizer, stop)
+        history = list(ids)
+
+        start = time.perf_counter()
+        new = self._prefill(ids, keep_cache)
+        result.reused_tokens = len(ids) - len(new)
+        logits = self.session.forward(new)
+        first_at = None
+        result.stop_reason = "max_new_tokens"
+        for step in range(max_new_tokens):
+            token = sampler(logits, history)
+            if step == 0:
+                first_at = time.perf_counter()
+                result.ttft_ms = (first_at - start) * 1e3
+            if token in self.eos_ids:
+                result.stop_reason = "eos"
+                break
+            result.token_ids.append(token)
+            history.append(token)
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                result.stop_reason = "stop_string"
+                break
+            if step + 1 == max_new_tokens:
+                break
+            if self.session.length >= self.context_length:
+                result.stop_reason = "context_full"
+                break
+            logits = self.session.forward([token])
+            self._cached_ids.append(token)
+        tail = text.flush()
+        if tail:
+            yield tail
+        result.text = text.text
+        if first_at is not None and len(result.token_ids) > 1:
+            result.decode_tokens_per_s = (len(result.token_ids) - 1) / (time.perf_counter() - first_at)
+
+    def _prefill(self, ids: list[int], keep_cache: bool) -> list[int]:
+        """The tokens still to run: with `keep_cache`, the cache keeps its longest common prefix
+        with `ids` (a chat's earlier turns) and only the rest is processed."""
+        cached = self._cached_ids if keep_cache else []
+        common = 0
+        for a, b in zip(cached, ids[:-1]):  # always run at least the last prompt token
+            if a != b:
+                break
+            common += 1
+        self.session.rollback(min(common, self.session.length))
+        self._cached_ids = list(ids)
+        return ids[self.session.length:]
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
+        result = Generation(prompt_token_ids=[])
+        for _ in self.stream(prompt, max_new_tokens=max_new_tokens, result=result, **kwargs):
+            pass
+        return result
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, keep_cache: bool = True, **kwargs) -> Generation:
+        """Answer the last user message; earlier turns already in the cache are not run again."""
+        ids = self.encode(self.render_chat(messages))
+        return self.generate(ids, max_new_tokens=max_new_tokens, keep_cache=keep_cache, **kwargs)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """log p(token[t+1] | tokens[..t]) over the whole vocabulary: [len-1, V], one pass."""
+        if len(token_ids) > self.context_length:
+            raise EdgeSlmError(f"{len(token_ids)} tokens exceed the context of {self.context_length}")
+        self.session.reset()
+        self._cached_ids = []
+        logits = self.session.forward(token_ids, all_logits=True)[:-1].astype(np.float64)
+        self.session.reset()
+        logits -= logits.max(axis=-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))

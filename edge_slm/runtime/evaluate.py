@@ -1,0 +1,54 @@
+"""On-device accuracy: perplexity of a bundle over a text, and agreement with a reference bundle.
+
+`edge-slm eval BUNDLE --text FILE [--reference FP32_BUNDLE]`. The text is cut into windows of the
+context length (or `window`); every token after the first of each window is scored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeSlmError
+
+
+def evaluate(model, text: str, reference=None, window: int | None = None, progress=lambda done, total: None) -> dict:
+    ids = model.encode(text)
+    window = min(window or model.context_length, model.context_length)
+    if len(ids) < 2:
+        raise EdgeSlmError("the evaluation text has fewer than 2 tokens: give a longer text")
+    if window < 2:
+        raise EdgeSlmError("the window must be at least 2 tokens")
+    if reference is not None and reference.encode(text) != ids:
+        raise EdgeSlmError("the reference bundle tokenizes the text differently: compare bundles of the same model")
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    windows = [w for w in windows if len(w) >= 2]
+    nll = scored = agree = 0
+    kl_sum = 0.0
+    for n, chunk in enumerate(windows):
+        logp = model.logprobs(chunk)
+        targets = np.asarray(chunk[1:])
+        nll -= float(logp[np.arange(len(targets)), targets].sum())
+        scored += len(targets)
+        if reference is not None:
+            ref = reference.logprobs(chunk)
+            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            kl_sum += float((np.exp(ref) * (ref - logp)).sum())
+        progress(n + 1, len(windows))
+    result = {"tokens": len(ids), "scored_tokens": scored, "windows": len(windows), "window": window,
+              "perplexity": math.exp(nll / scored), "mean_nll": nll / scored}
+    if reference is not None:
+        result.update({"reference": str(reference.path), "top1_agreement": agree / scored,
+                       "mean_kl": kl_sum / scored})
+    return result
+
+
+def read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EdgeSlmError(f"{path}: no such text file") from None
+    except UnicodeDecodeError:
+        raise EdgeSlmError(f"{path}: not UTF-8 text") from None

@@ -1,0 +1,213 @@
+"""The torch-free runtime on a tiny bundle: greedy equality with transformers, cached vs
+uncached decode, sampling, streaming, stop strings, chat with a kept cache, eval numbers."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edge_slm import runtime
+from edge_slm.errors import BundleError, EdgeSlmError
+from edge_slm.runtime.evaluate import evaluate
+from edge_slm.runtime.textstream import TextStream
+
+PROMPTS = ["The capital of France is", "Small language models run on", "Numbers like 1234"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return runtime.load(tiny_bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="float32").eval(), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def test_runtime_imports_no_torch(tiny_bundle):
+    code = ("import sys; from edge_slm import runtime; m = runtime.load(sys.argv[1]); m.generate('The capital', max_new_tokens=4); "
+            "print(','.join(x for x in ('torch', 'transformers', 'optimum', 'onnx') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_bundle)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_transformers(model, hf, prompt):
+    hf_model, hf_tok = hf
+    ids = hf_tok(prompt).input_ids
+    assert model.encode(prompt) == ids
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                                pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    expected = out[0, len(ids):].tolist()
+    model.eos_ids = set()  # compare all 40 tokens, whatever the random model emits
+    try:
+        got = model.generate(prompt, max_new_tokens=40)
+    finally:
+        model.eos_ids = set(model.generation["eos_token_ids"])
+    assert got.token_ids == expected
+    assert got.prompt_token_ids == ids and got.stop_reason == "max_new_tokens"
+
+
+def test_cached_decode_equals_recomputation(model):
+    ids = model.encode("The capital of France is")
+    model.session.reset()
+    cached = [model.session.forward(ids)]
+    seq = list(ids)
+    for _ in range(32):
+        seq.append(int(np.argmax(cached[-1])))
+        cached.append(model.session.forward([seq[-1]]))
+    model.session.reset()
+    full = model.session.forward(seq, all_logits=True)
+    model.session.reset()
+    recomputed = full[len(ids) - 1:]
+    assert recomputed.shape == (33, model.session.vocab_size)
+    assert np.abs(np.stack(cached) - recomputed).max() < 1e-4
+
+
+def test_sampling_is_reproducible(model):
+    a = model.generate("The capital", max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    b = model.generate("The capital", max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    c = model.generate("The capital", max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=8)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    greedy = model.generate("The capital", max_new_tokens=24)
+    assert model.generate("The capital", max_new_tokens=24, temperature=0.7, top_k=1, seed=3).token_ids == greedy.token_ids
+    penalised = model.generate("The capital", max_new_tokens=24, repetition_penalty=10.0)
+    assert len(set(penalised.token_ids)) >= len(set(greedy.token_ids))
+
+
+def test_stream_never_splits_characters(model):
+    text = "Ünïcödé 東京 ok 東京"
+    ids = model.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    stream = TextStream(model.tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == model.decode(ids) == text
+
+
+def test_stop_strings_are_cut_and_held_back(model):
+    ids = model.encode("one two 東京 three")
+    stream = TextStream(model.tokenizer, stop=("京 th",))
+    pieces = []
+    for token in ids:
+        pieces.append(stream.push(token))
+        if stream.stopped:
+            break
+    assert stream.stopped and "".join(pieces) + stream.flush() == "one two 東"
+
+
+def test_streamed_text_equals_generated_text(model):
+    result = runtime.Generation(prompt_token_ids=[])
+    pieces = list(model.stream("Small language", max_new_tokens=30, result=result))
+    assert "".join(pieces) == result.text == model.decode(result.token_ids)
+
+
+def test_context_limits(model):
+    long_prompt = " ".join(["capital"] * 200)
+    with pytest.raises(EdgeSlmError, match=r"the prompt has \d+ tokens; the bundle's context is 128"):
+        model.generate(long_prompt)
+    near = model.encode(" ".join(["capital"] * 120))[:120]
+    model.eos_ids = set()
+    try:
+        result = model.generate(near, max_new_tokens=64)
+        truncated = model.generate(long_prompt, max_new_tokens=4, truncate=True)
+    finally:
+        model.eos_ids = set(model.generation["eos_token_ids"])
+    assert result.stop_reason == "context_full" and len(result.token_ids) == 128 - 120 + 1
+    assert len(truncated.prompt_token_ids) == 64 and len(truncated.token_ids) == 4
+
+
+def test_chat_reuses_cache_and_matches_fresh_run(model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    first = model.chat(messages, max_new_tokens=12)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+    second = model.chat(messages, max_new_tokens=12)
+    assert second.reused_tokens >= len(first.prompt_token_ids)
+    fresh = model.chat(messages, max_new_tokens=12, keep_cache=False)
+    assert fresh.reused_tokens == 0 and fresh.token_ids == second.token_ids
+    with pytest.raises(EdgeSlmError, match="unknown chat role 'robot'"):
+        model.chat([{"role": "robot", "content": "hi"}])
+
+
+def test_eval_matches_torch_perplexity(model, hf, tiny_bundle):
+    hf_model, _ = hf
+    text = "The capital of France is Paris. Small language models run on edge devices. " * 6
+    result = evaluate(model, text, reference=runtime.load(tiny_bundle, threads=1), window=64)
+    ids = model.encode(text)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), 64):
+        chunk = ids[start:start + 64]
+        if len(chunk) < 2:
+            continue
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([chunk])).logits[0, :-1].double()
+        nll -= torch.log_softmax(logits, -1)[torch.arange(len(chunk) - 1), torch.tensor(chunk[1:])].sum().item()
+        count += len(chunk) - 1
+    assert result["scored_tokens"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert result["top1_agreement"] == 1.0 and abs(result["mean_kl"]) < 1e-9
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "edge_slm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generate_json(tiny_bundle):
+    proc = cli("generate", str(tiny_bundle), "The capital of France is", "-n", "8", "--json", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("prompt_token_ids", "token_ids", "text", "ttft_ms", "decode_tokens_per_s", "peak_rss_mb"):
+        assert key in out
+    assert out["ttft_ms"] > 0 and out["peak_rss_mb"] > 10
+
+
+def test_cli_chat_two_turns(tiny_bundle):
+    proc = cli("chat", str(tiny_bundle), "-n", "6", stdin="What is the capital of France?\nAnd of Italy?\n/reset\nHi\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    stats = [line for line in proc.stderr.splitlines() if "prompt tokens" in line]
+    assert len(stats) == 3
+    assert "0 from the cache" in stats[0] and "0 from the cache" not in stats[1] and "0 from the cache" in stats[2]
+    assert "[conversation reset]" in proc.stderr
+
+
+def test_cli_eval(tiny_bundle, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The capital of France is Paris. " * 10)
+    proc = cli("eval", str(tiny_bundle), "--text", str(text), "--reference", str(tiny_bundle), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "{b}", ""], "error: the prompt is empty"),
+    (["generate", "{b}", "hi", "--threads", "0"], "--threads is 0; use 1 or more"),
+    (["generate", "{b}", "hi", "--temperature", "-1"], "error: --temperature is -1.0"),
+    (["eval", "{b}", "--text", "/nonexistent.txt"], "error: /nonexistent.txt: no such text file"),
+])
+def test_cli_bad_input_is_one_line(tiny_bundle, args, message):
+    proc = cli(*[a.format(b=tiny_bundle) for a in args])
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_bundles(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "tokenizer.json").unlink()
+    proc = cli("generate", str(copy), "hi")
+    assert proc.returncode == 2 and "tokenizer.json: missing from the bundle" in proc.stderr
+    shutil.copy(tiny_bundle / "tokenizer.json", copy / "tokenizer.json")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("generate", str(copy), "hi")
+    assert proc.returncode == 2 and "bundle schema version 99, this edge-slm reads version 1" in proc.stderr
+    with pytest.raises(BundleError):
+        runtime.load(copy)
