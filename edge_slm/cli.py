@@ -1,7 +1,7 @@
 """The `edge-slm` command line: parse, call one library function, print.
 
     edge-slm targets [--json]
-    edge-slm build --target NAME|FILE [--model REF] [--out DIR]
+    edge-slm build --target NAME|FILE [--model REF] [--out DIR] [--precision P] [--allow-accuracy-loss]
     edge-slm inspect BUNDLE [--json] [--no-checksums]
     edge-slm generate BUNDLE PROMPT [--chat] [--max-new-tokens N] [--temperature T] ... [--json]
     edge-slm chat BUNDLE
@@ -53,7 +53,10 @@ def targets(as_json: bool) -> None:
 @click.option("--target", "-t", required=True, help="Target name (see `edge-slm targets`) or a .toml profile.")
 @click.option("--model", "-m", default=None, help="smollm2-135m (default), a .gguf file, a HF model dir, or a hub id.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Bundle directory [export/<target>].")
-def build(target: str, model: str | None, out: Path | None) -> None:
+@click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+              help="Override the profile's precision.")
+@click.option("--allow-accuracy-loss", is_flag=True, help="Publish the bundle even if it misses its accuracy budget.")
+def build(target: str, model: str | None, out: Path | None, precision: str | None, allow_accuracy_loss: bool) -> None:
     """Build, validate and bundle a model for one target."""
     from .targets import load_profile
 
@@ -61,9 +64,11 @@ def build(target: str, model: str | None, out: Path | None) -> None:
     from .pipeline import build as run_build
 
     out = out or Path("export") / profile.name
-    manifest = run_build(model, profile, out, echo=_echo_err)
+    manifest = run_build(model, profile, out, echo=_echo_err, precision=precision,
+                         allow_accuracy_loss=allow_accuracy_loss)
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
-    click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, validated against torch)")
+    checked = "validated against torch" + (", accuracy gate passed" if (manifest.get("accuracy") or {}).get("passed") else "")
+    click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, {checked})")
     click.echo(f"inspect it:   edge-slm inspect {out}")
     click.echo(f"run it:       edge-slm generate {out} \"What is the capital of France?\" --chat")
 
@@ -95,6 +100,7 @@ def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
         f"validation   {'passed' if val.get('passed') else 'NOT RUN'}: max |diff| vs torch logits "
         f"{val.get('max_abs_diff', {}).get('logits', float('nan')):.2e} (tol {val.get('tolerance', {}).get('logits')}), "
         f"present {val.get('max_abs_diff', {}).get('present', float('nan')):.2e}",
+        *_quantization_lines(manifest),
         f"versions     " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
         "files",
     ]
@@ -103,6 +109,28 @@ def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
                      f"{'size ok' if no_checksums else 'ok'}")
     click.echo("\n".join(lines))
     click.echo("sizes verified" if no_checksums else "all checksums verified")
+
+
+def _quantization_lines(manifest: dict) -> list[str]:
+    quant, acc = manifest.get("quantization"), manifest.get("accuracy")
+    if not quant:
+        return ["quantize     none (fp32 reference)"]
+    r, c = quant["recipe"], quant["counts"]
+    lines = [
+        f"quantize     {r['precision']} weight-only, {'symmetric' if r['symmetric'] else 'asymmetric'}, blocks of "
+        f"{r['block_size']}, accuracy_level {r['accuracy_level']}, embedding {c['embedding_bits']} bits",
+        f"quantized    {c['MatMulNBits']} MatMulNBits, {c['GatherBlockQuantized'] + c['dequantized_gathers']} embedding "
+        f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}",
+    ]
+    if acc:
+        budget = acc.get("budget") or {}
+        verdict = {True: "within budget", False: "OUTSIDE budget (built with --allow-accuracy-loss)", None: "no budget"}[acc["passed"]]
+        lines.append(
+            f"accuracy     perplexity {acc['perplexity']:.3f} vs fp32 {acc['reference_perplexity']:.3f} "
+            f"({100 * acc['ppl_increase']:+.2f}%, budget +{100 * budget.get('max_ppl_increase', float('nan')):.1f}%), "
+            f"top-1 {100 * acc['top1_agreement']:.1f}% (budget {100 * budget.get('min_top1', 0):.0f}%), "
+            f"KL {acc['mean_kl']:.4f} on {acc['tokens']} tokens: {verdict}")
+    return lines
 
 
 def _sampling_options(func):

@@ -27,3 +27,7 @@ class ParityError(ExportError):
 
 class BundleError(EdgeSlmError):
     """A bundle is missing, incomplete, corrupt, or of another schema version."""
+
+
+class AccuracyBudgetError(EdgeSlmError):
+    """A quantized (or pruned) model lost more accuracy than its profile allows."""

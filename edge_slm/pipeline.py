@@ -1,13 +1,15 @@
 """The build: model reference + target profile -> validated bundle, as an ordered list of stages.
 
-load -> export -> validate -> bundle (prune and quantize slot in around export as their issues
-land). `edge-slm build --target NAME` and `make <target>` call `build()`.
+load -> export (fp32) -> validate against torch -> quantize -> accuracy gate -> bundle.
+`edge-slm build --target NAME [--precision P]` and `make <target>` call `build()`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,7 @@ from .load import load
 from .targets import Profile
 from .validate import validate
 
-SUPPORTED_PRECISIONS = ("fp32",)  # int8 / int4 / fp16 arrive with the quantization stage (issue #4)
+SUPPORTED_PRECISIONS = ("fp32", "int8", "int4")  # fp16 (Jetson) is not built yet
 VALIDATION_QUESTION = "What is the capital of France?"
 
 
@@ -38,30 +40,58 @@ class Progress:
         self.echo(f"      {message}")
 
 
-def build(model_ref: str | None, profile: Profile, out: Path, echo=print) -> dict:
-    """Build the bundle for `profile` at `out`; return its manifest."""
+def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precision: str | None = None,
+          allow_accuracy_loss: bool = False) -> dict:
+    """Build the bundle for `profile` at `out`; return its manifest. `precision` overrides the
+    profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway."""
+    if precision:
+        profile = dataclasses.replace(profile, quantize=dataclasses.replace(profile.quantize, precision=precision))
     precision = profile.quantize.precision
     if precision not in SUPPORTED_PRECISIONS:
         raise ProfileError(
             f"{profile.name}: precision '{precision}' is not built yet (supported now: "
-            f"{', '.join(SUPPORTED_PRECISIONS)}); set [quantize] precision = \"fp32\""
+            f"{', '.join(SUPPORTED_PRECISIONS)}); pass --precision with one of those"
         )
-    progress = Progress(total=5, echo=echo)
+    quantized = precision in ("int8", "int4")
+    progress = Progress(total=7 if quantized else 5, echo=echo)
     progress.stage(f"loading model {model_ref or 'smollm2-135m (default)'}")
     loaded = load(model_ref, progress=progress.note)
     model = load_torch_model(loaded.path)
     tokenizer = _load_tokenizer(loaded.path, loaded.add_bos)
 
-    with staging_dir(Path(out)) as stage:
+    with staging_dir(Path(out)) as stage, tempfile.TemporaryDirectory(dir=Path(out).parent) as scratch:
+        fp32_dir = Path(scratch) if quantized else stage
         progress.stage(f"exporting the {profile.export.graph} ONNX graph for {profile.name}")
-        exported = export(model, profile, stage, progress=progress.note)
-        progress.note(f"{exported.node_count} nodes, {_mb(stage / MODEL_FILE, stage / DATA_FILE)} MB")
+        exported = export(model, profile, fp32_dir, progress=progress.note)
+        progress.note(f"{exported.node_count} nodes, {_mb(fp32_dir / MODEL_FILE, fp32_dir / DATA_FILE)} MB")
 
-        progress.stage("validating the ONNX graph against torch (prefill + 3 decode steps)")
+        progress.stage("validating the fp32 graph against torch (prefill + 3 decode steps)")
         prompt_ids = _validation_prompt(tokenizer)
-        validation = validate(exported.onnx_path, model, prompt_ids, precision=precision)
+        validation = validate(exported.onnx_path, model, prompt_ids, precision="fp32")
         diff = validation["max_abs_diff"]
         progress.note(f"max |diff| logits {diff['logits']:.2e}, present {diff['present']:.2e}: passed")
+
+        quantization = accuracy = None
+        if quantized:
+            from . import gate
+            from .quantize import quantize
+
+            progress.stage(f"quantizing to {precision}")
+            counts = quantize(exported.onnx_path, profile.quantize, stage, progress=progress.note)
+            quantization = {"recipe": dataclasses.asdict(profile.quantize), "counts": counts}
+            progress.note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
+                          f"quantized embedding, {counts['float_matmuls_left']} float matmuls left, "
+                          f"{_mb(stage / MODEL_FILE, stage / DATA_FILE)} MB")
+            progress.stage(f"accuracy gate: {precision} against fp32 on {gate.EVAL_TEXT.name}")
+            model_info = {**exported.shape.__dict__, "context_length": profile.export.context_length}
+            measured = gate.measure(stage / MODEL_FILE, exported.onnx_path, model_info,
+                                    lambda text: tokenizer(text, add_special_tokens=loaded.add_bos).input_ids)
+            accuracy = gate.check(measured, getattr(profile.budget, precision), precision, allow_accuracy_loss)
+            verdict = {True: "within budget", False: "OUTSIDE budget (allowed by --allow-accuracy-loss)",
+                       None: "no budget"}[accuracy["passed"]]
+            progress.note(f"perplexity {measured['perplexity']:.3f} vs {measured['reference_perplexity']:.3f} "
+                          f"({100 * measured['ppl_increase']:+.2f}%), top-1 {100 * measured['top1_agreement']:.1f}%, "
+                          f"KL {measured['mean_kl']:.4f}: {verdict}")
 
         progress.stage("writing tokenizer and generation settings")
         generation = _write_tokenizer(tokenizer, model, loaded.add_bos, stage)
@@ -73,10 +103,12 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print) -> dic
             "precision": precision,
             "source": loaded.source,
             "model": {**exported.shape.__dict__, "context_length": profile.export.context_length},
-            "graph": _signature(exported.onnx_path, exported.graph, profile),
+            "graph": _signature(stage / MODEL_FILE, exported.graph, profile),
             "generation": {k: generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
             "profile": profile.to_dict(),
             "validation": validation,
+            "quantization": quantization,
+            "accuracy": accuracy,
             "versions": _versions(),
         })
     return manifest

@@ -54,13 +54,25 @@ class Export:
 @dataclass(frozen=True)
 class Quantize:
     precision: Precision
+    block_size: int = 32            # input channels sharing one scale (int8 / int4)
+    symmetric: bool = True          # False keeps a zero point per block
+    accuracy_level: int = 4         # MatMulNBits compute type: 0/1 float, 4 int8 activations per block
+    quantize_embedding: bool = True  # GatherBlockQuantized for the embedding table
+    embedding_bits: int = 0         # bits for the embedding and a tied LM head; 0: as the precision
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    max_ppl_increase: float         # relative: 0.015 is +1.5% perplexity against fp32
+    min_top1: float = 0.0           # share of next tokens that agree with fp32
 
 
 @dataclass(frozen=True)
 class Budget:
     max_peak_rss_mb: int
-    max_ppl_increase: float
-    min_top1: float
+    fp16: Optional[AccuracyBudget] = None
+    int8: Optional[AccuracyBudget] = None
+    int4: Optional[AccuracyBudget] = None
 
 
 @dataclass(frozen=True)
@@ -166,5 +178,12 @@ def _check_values(profile: Profile, where: str) -> None:
         raise ProfileError(f"{where}: 'runtime.threads' is {profile.runtime.threads}; it must be at least 1")
     if profile.export.context_length < 16:
         raise ProfileError(f"{where}: 'export.context_length' must be at least 16")
+    q = profile.quantize
+    if q.block_size < 16 or q.block_size & (q.block_size - 1):
+        raise ProfileError(f"{where}: 'quantize.block_size' is {q.block_size}; use a power of two from 16 (16, 32, 64, 128)")
+    if q.embedding_bits not in (0, 4, 8):
+        raise ProfileError(f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8")
+    if q.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ProfileError(f"{where}: 'quantize.accuracy_level' is {q.accuracy_level}; use 0-4 (see onnxruntime MatMulNBits)")
     if not profile.runtime.execution_providers:
         raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")

@@ -47,3 +47,32 @@ def test_default_tokenizer_matches_llama_cpp(default_bundle):
     assert ids[:6] == [1, 9690, 198, 2683, 359, 253]  # one <|im_start|>, not [1, 1, ...]
     assert ids[-4:] == [1, 520, 9531, 198] and ids.count(2) == 2  # special tokens are single ids
     assert len(ids) == 37
+
+
+GREEDY_PROMPTS = [
+    ("What is the capital of France?", True),
+    ("Write a haiku about the sea.", True),
+    ("The three primary colours are", False),
+]
+
+
+@pytest.mark.parametrize("prompt,as_chat", GREEDY_PROMPTS)
+def test_greedy_matches_transformers_for_64_tokens(default_bundle, prompt, as_chat):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_slm import runtime
+    from edge_slm.load import load
+
+    model = runtime.load(default_bundle, verify=False)
+    ids = model.encode(model.render_chat([{"role": "user", "content": prompt}]) if as_chat else prompt)
+    reference = AutoModelForCausalLM.from_pretrained(load(None).path, dtype="float32").eval()
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)
+    expected = out[0, len(ids):].tolist()
+    model.eos_ids = set()  # 64 tokens on both sides, past any end-of-turn
+    got = model.generate(ids, max_new_tokens=64)
+    assert got.token_ids == expected
+    if prompt.startswith("What is the capital"):
+        assert "Paris" in model.decode(expected)

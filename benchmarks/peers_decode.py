@@ -1,0 +1,169 @@
+"""Decode speed of an edge-slm bundle side by side with transformers eager and llama.cpp, in one run.
+
+    .venv/bin/python benchmarks/peers_decode.py export/x86-laptop \
+        [--llama-python /path/to/venv/bin/python --gguf model-f32.gguf] [--rounds 3] [--reps 3]
+
+The machine is shared and noisy, so the systems take turns: each round runs every system once in
+a fresh process (1 warm-up + `reps` measured generations), and the report gives mean ± stdev over
+all measured generations plus each peer's ratio to edge-slm. Every system decodes the same prompt
+ids greedily for exactly `--tokens` new tokens (end-of-turn ignored) on `--threads` threads.
+Decode throughput excludes the first token, as in PEERS.md. For edge-slm it also reports the share
+of each decode step spent outside onnxruntime (sampling, bookkeeping, binding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUESTION = "What is the capital of France?"
+
+
+def worker_edge(args) -> dict:
+    from edge_slm import runtime
+
+    model = runtime.load(args.bundle, threads=args.threads, verify=False)
+    model.eos_ids = set()
+    session = model.session.session
+    inside = []
+    real_run = session.run_with_iobinding
+
+    def timed_run(binding, *a):
+        t = time.perf_counter()
+        real_run(binding, *a)
+        inside.append(time.perf_counter() - t)
+
+    session.run_with_iobinding = timed_run
+    samples = []
+    for rep in range(args.reps + 1):
+        inside.clear()
+        t = time.perf_counter()
+        result = model.generate(args.ids, max_new_tokens=args.tokens)
+        total = time.perf_counter() - t
+        if rep == 0:
+            continue  # warm-up
+        decode_total = total - result.ttft_ms / 1e3
+        samples.append({"ttft_ms": result.ttft_ms, "decode_tok_s": result.decode_tokens_per_s,
+                        "outside_ort_share": 1 - sum(inside[1:]) / decode_total, "text": result.text})
+    return {"samples": samples}
+
+
+def worker_torch(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_slm.load import load
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(load(None).path, dtype="float32", attn_implementation="eager").eval()
+    samples = []
+    for rep in range(args.reps + 1):
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = model(torch.tensor([args.ids]), use_cache=True)
+            token = int(out.logits[0, -1].argmax())
+            first = time.perf_counter()
+            cache = out.past_key_values
+            for _ in range(args.tokens - 1):
+                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            end = time.perf_counter()
+        if rep:
+            samples.append({"ttft_ms": (first - t) * 1e3, "decode_tok_s": (args.tokens - 1) / (end - first)})
+    return {"samples": samples}
+
+
+def worker_llama(args) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.gguf, n_threads=args.threads, n_ctx=512, n_batch=512, verbose=False)
+    samples = []
+    for rep in range(args.reps + 1):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(args.ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter()
+        for _ in range(args.tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        end = time.perf_counter()
+        if rep:
+            samples.append({"ttft_ms": (first - t) * 1e3, "decode_tok_s": (args.tokens - 1) / (end - first)})
+    return {"samples": samples}
+
+
+WORKERS = {"edge-slm": worker_edge, "transformers": worker_torch, "llama.cpp": worker_llama}
+
+
+def summarize(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):7.1f} ± {spread:5.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--llama-python", default=None, help="A python with llama-cpp-python installed.")
+    parser.add_argument("--gguf", default=None, help="The GGUF llama.cpp runs (e.g. an F32 conversion).")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", dest="json_out", default=None, help="Write all samples here.")
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--ids", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+
+    from edge_slm import runtime
+
+    model = runtime.load(args.bundle, verify=False)
+    ids = model.encode(model.render_chat([{"role": "user", "content": QUESTION}]))
+    del model
+    systems = {"edge-slm": sys.executable, "transformers": sys.executable}
+    if args.llama_python and args.gguf:
+        systems["llama.cpp"] = args.llama_python
+    results = {name: [] for name in systems}
+    for round_ in range(args.rounds):
+        for name, python in systems.items():
+            cmd = [python, __file__, args.bundle, "--worker", name, "--ids", json.dumps(ids),
+                   "--reps", str(args.reps), "--tokens", str(args.tokens), "--threads", str(args.threads)]
+            if args.gguf:
+                cmd += ["--gguf", args.gguf]
+            env = None
+            if name == "llama.cpp":  # the llama venv imports only llama_cpp and numpy
+                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ""}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
+            results[name] += json.loads(out.stdout.strip().splitlines()[-1])["samples"]
+            print(f"round {round_ + 1}/{args.rounds}: {name} done", file=sys.stderr)
+
+    base = statistics.mean(s["decode_tok_s"] for s in results["edge-slm"])
+    print(f"\n{len(ids)}-token chat prompt, {args.tokens} greedy tokens, {args.threads} threads, "
+          f"{args.rounds} rounds x {args.reps} runs each")
+    print(f"{'system':<14} {'decode tok/s':>16} {'first token ms':>17} {'edge-slm / system':>18}")
+    for name, samples in results.items():
+        rate = [s["decode_tok_s"] for s in samples]
+        print(f"{name:<14} {summarize(rate):>16} {summarize([s['ttft_ms'] for s in samples]):>17} "
+              f"{base / statistics.mean(rate):>17.2f}x")
+    outside = [s["outside_ort_share"] for s in results["edge-slm"]]
+    print(f"edge-slm decode step time outside onnxruntime: {100 * statistics.mean(outside):.1f}% "
+          f"(max {100 * max(outside):.1f}%)")
+    print(f"edge-slm text: {results['edge-slm'][0]['text'][:80]!r}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"prompt_ids": ids, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Block-wise weight-only quantization of an exported graph: ONNX in, ONNX out.
+
+Every constant weight matrix becomes onnxruntime's `MatMulNBits` (8 or 4 bits, a scale per block
+of `block_size` input channels, zero points when asymmetric): the decoder's projections, the MLP,
+and the LM head. The embedding table becomes `GatherBlockQuantized`; when it is tied to the LM
+head both read the same quantized bytes, so the table is stored once. Activations stay float:
+per-tensor dynamic activation quantization (onnxruntime's `quantize_dynamic`) cost this model +55%
+perplexity (PEERS.md), block-wise weight-only 8-bit about +1%.
+Run by `edge-slm build` when the profile (or `--precision`) asks for int8 or int4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+from .export import DATA_FILE, MODEL_FILE, MS_DOMAIN
+from .targets import Quantize
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    data: np.ndarray        # uint8 [N, blocks, block_size * bits / 8], two 4-bit values a byte
+    scales: np.ndarray      # float32 [N, blocks]
+    zero_points: np.ndarray | None  # float32 [N, blocks] when asymmetric; None when symmetric
+    bits: int
+    block_size: int
+    k: int                  # input channels before padding
+
+
+def quantize_rows(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """Quantize each row of `weight` [N, K] in blocks of `block_size` along K.
+
+    Symmetric: scale = max|w| / (2^(bits-1) - 1), zero point fixed at 2^(bits-1) (the kernels'
+    default). Asymmetric: scale = (max - min) / (2^bits - 1) and a float zero point, so that each
+    block's minimum and maximum are exact; on weights that came from a GGUF Q4_1 file (min + k*d
+    in blocks of 32) 4-bit asymmetric blocks of 32 reproduce them exactly.
+    """
+    n, k = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((n, blocks * block_size), np.float32)
+    padded[:, :k] = weight
+    w = padded.reshape(n, blocks, block_size).astype(np.float64)
+    levels = (1 << bits) - 1
+    if symmetric:
+        middle = 1 << (bits - 1)
+        scales = np.abs(w).max(axis=-1) / (middle - 1)
+        scales[scales == 0] = 1.0
+        q = np.clip(np.rint(w / scales[..., None]) + middle, 0, levels)
+        zero = None
+    else:
+        lo, hi = w.min(axis=-1), w.max(axis=-1)
+        scales = (hi - lo) / levels
+        scales[scales == 0] = 1.0
+        q = np.clip(np.rint((w - lo[..., None]) / scales[..., None]), 0, levels)
+        zero = (-lo / scales).astype(np.float32)  # dequantized value = (q - zero) * scale
+    q = q.astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return QuantizedWeight(q, scales.astype(np.float32), zero, bits, block_size, k)
+
+
+def dequantize_rows(qw: QuantizedWeight) -> np.ndarray:
+    """The float matrix [N, K] the kernels compute with (used by tests and error reports)."""
+    q = qw.data
+    if qw.bits == 4:
+        q = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(q.shape[0], q.shape[1], -1)
+    zero = qw.zero_points if qw.zero_points is not None else np.full(qw.scales.shape, 1 << (qw.bits - 1), np.float32)
+    w = (q.astype(np.float32) - zero[..., None]) * qw.scales[..., None]
+    return w.reshape(q.shape[0], -1)[:, :qw.k]
+
+
+def quantize(onnx_path: Path, recipe: Quantize, out_dir: Path, progress=lambda msg: None) -> dict:
+    """Write the quantized graph to `out_dir/model.onnx`; return the counts for the manifest."""
+    import onnx
+
+    bits = {"int8": 8, "int4": 4}.get(recipe.precision)
+    if bits is None:
+        raise ExportError(f"quantize() handles int8 and int4, not {recipe.precision}")
+    model = onnx.load(str(onnx_path))
+    rewriter = _Rewriter(model.graph, recipe, bits)
+    progress(f"quantizing {rewriter.weight_matrices()} weight matrices to {bits} bits "
+             f"({'symmetric' if recipe.symmetric else 'asymmetric'}, blocks of {recipe.block_size})")
+    counts = rewriter.run()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (out_dir / MODEL_FILE, out_dir / DATA_FILE):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    return counts
+
+
+class _Rewriter:
+    """Replaces float weight consumers node by node; each source initializer is quantized once."""
+
+    def __init__(self, graph, recipe: Quantize, bits: int):
+        self.graph, self.recipe, self.bits = graph, recipe, bits
+        self.weights = {init.name: init for init in graph.initializer}
+        self.cache: dict[str, tuple[str, str, str | None, QuantizedWeight]] = {}
+        self.new_inits: list = []
+        self.nodes: list = []
+        self.counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0, "dequantized_gathers": 0,
+                       "float_matmuls_left": 0, "bits": bits, "embedding_bits": self._embedding_bits()}
+
+    def _embedding_bits(self) -> int:
+        return self.recipe.embedding_bits or self.bits
+
+    def weight_matrices(self) -> int:
+        return sum(1 for n in self.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in self.weights)
+
+    def _const(self, array: np.ndarray, name: str) -> str:
+        from onnx import numpy_helper
+
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def _node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output + "/" + op, domain=domain, **attrs))
+        return output
+
+    def _quantized(self, name: str, rows: np.ndarray, bits: int):
+        if name not in self.cache:
+            qw = quantize_rows(rows, bits, self.recipe.block_size, self.recipe.symmetric)
+            base = name.removesuffix(".weight") + f".q{bits}"
+            data = self._const(qw.data, base + ".data")
+            scales = self._const(qw.scales, base + ".scales")
+            zp = None if qw.zero_points is None else self._const(qw.zero_points.reshape(-1), base + ".zero_points")
+            self.cache[name] = (data, scales, zp, qw)
+        return self.cache[name]
+
+    def _array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.weights[name])
+
+    def _matmul_nbits(self, a: str, out: str, name: str, rows: np.ndarray, bits: int) -> None:
+        data, scales, zp, qw = self._quantized(name, rows, bits)
+        self._node("MatMulNBits", [a, data, scales] + ([zp] if zp else []), out, domain=MS_DOMAIN,
+                   K=qw.k, N=rows.shape[0], bits=bits, block_size=self.recipe.block_size,
+                   accuracy_level=self.recipe.accuracy_level)
+        self.counts["MatMulNBits"] += 1
+
+    def _tied_table(self, node) -> bool:
+        return any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in self.graph.node)
+
+    def run(self) -> dict:
+        for node in self.graph.node:
+            weight = node.input[1] if len(node.input) > 1 and node.input[1] in self.weights else None
+            if node.op_type == "MatMul" and weight and len(self.weights[weight].dims) == 2:
+                self._matmul_nbits(node.input[0], node.output[0], weight, self._array(weight).T, self.bits)
+            elif node.op_type == "Gemm" and weight and len(node.input) == 2 and _attr(node, "transB", 0) == 1:
+                # The tied LM head: its bits follow the embedding's, since both read one table.
+                bits = self._embedding_bits() if self._tied_table(node) else self.bits
+                self._matmul_nbits(node.input[0], node.output[0], weight, self._array(weight), bits)
+            elif (node.op_type == "Gather" and node.input[0] in self.weights and self.recipe.quantize_embedding
+                  and _attr(node, "axis", 0) == 0):
+                self._gather(node)
+            else:
+                if node.op_type in ("MatMul", "Gemm") and weight:
+                    self.counts["float_matmuls_left"] += 1
+                self.nodes.append(node)
+        used = {i for n in self.nodes for i in n.input}
+        kept = [init for init in self.graph.initializer if init.name in used]
+        del self.graph.node[:]
+        self.graph.node.extend(self.nodes)
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept + self.new_inits)
+        self.counts["shared_tied_embedding"] = any(
+            n.op_type in ("GatherBlockQuantized", "Gather") and any(
+                m.op_type == "MatMulNBits" and m.input[1] == n.input[0] for m in self.nodes)
+            for n in self.nodes)
+        return self.counts
+
+    def _gather(self, node) -> None:
+        table, ids, out = node.input[0], node.input[1], node.output[0]
+        bits = self._embedding_bits()
+        data, scales, zp, qw = self._quantized(table, self._array(table), bits)
+        if qw.k % self.recipe.block_size:
+            raise ExportError(f"embedding width {qw.k} is not a multiple of block_size {self.recipe.block_size}")
+        rows, blocks = qw.scales.shape
+        if zp is None:
+            # GatherBlockQuantized reads the same bytes as the LM head's MatMulNBits; it wants
+            # scales of the data's rank, a [V, blocks, 1] view folded by onnxruntime at load.
+            scales3d = self._node("Reshape", [scales, self._const(np.array([rows, blocks, 1], np.int64), out + ".s3")],
+                                  out + ".scales3d")
+            picked = self._node("GatherBlockQuantized", [data, ids, scales3d], out + ".blocks", domain=MS_DOMAIN,
+                                bits=bits, block_size=self.recipe.block_size, gather_axis=0, quantize_axis=2)
+            self.counts["GatherBlockQuantized"] += 1
+        else:
+            # GatherBlockQuantized takes integer zero points only: gather the rows and
+            # dequantize them with plain operators (a few rows a step, so cheap).
+            picked = self._node("Gather", [data, ids], out + ".rows")
+            if bits == 4:
+                four = self._const(np.array(4, np.uint8), out + ".four")
+                high = self._node("BitShift", [picked, four], out + ".high", direction="RIGHT")
+                low = self._node("Sub", [picked, self._node("BitShift", [high, four], out + ".high_up", direction="LEFT")],
+                                 out + ".low")
+                last = self._const(np.array([-1], np.int64), out + ".last")
+                pairs = self._node("Concat", [self._node("Unsqueeze", [low, last], out + ".low1"),
+                                              self._node("Unsqueeze", [high, last], out + ".high1")], out + ".pairs", axis=-1)
+                picked = self._node("Reshape", [pairs, self._const(np.array([0, 0, blocks, self.recipe.block_size], np.int64),
+                                                                  out + ".qshape")], out + ".q")
+            values = self._node("Cast", [picked], out + ".qf", to=1)
+            last = self._const(np.array([-1], np.int64), out + ".axis")
+            zero2d = self._node("Reshape", [zp, self._const(np.array([rows, blocks], np.int64), out + ".zshape")], out + ".zp2d")
+            zero = self._node("Unsqueeze", [self._node("Gather", [zero2d, ids], out + ".zrows"), last], out + ".z")
+            scale = self._node("Unsqueeze", [self._node("Gather", [scales, ids], out + ".srows"), last], out + ".s")
+            picked = self._node("Mul", [self._node("Sub", [values, zero], out + ".centred"), scale], out + ".blocks")
+            self.counts["dequantized_gathers"] += 1
+        self._node("Reshape", [picked, self._const(np.array([0, 0, qw.k], np.int64), out + ".flat")], out)
+
+
+def _attr(node, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            from onnx import helper
+
+            return helper.get_attribute_value(attribute)
+    return default

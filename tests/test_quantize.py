@@ -1,0 +1,147 @@
+"""Weight-only quantization: block math, node counts, the tied table stored once, numerics of the
+quantized graph, the accuracy gate and the manifest's quantization section."""
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edge_slm.errors import AccuracyBudgetError
+from edge_slm.export import export, load_torch_model
+from edge_slm.quantize import dequantize_rows, quantize, quantize_rows
+from edge_slm.targets import AccuracyBudget, Quantize, load_profile
+
+LAYERS = 2
+
+
+def q4_1_like(shape, seed=0, block=32):
+    """Weights as a GGUF Q4_1 file stores them: per block of 32, min + k * d with k in 0..15."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape
+    mins = rng.standard_normal((rows, cols // block, 1)) * 0.1
+    steps = np.abs(rng.standard_normal((rows, cols // block, 1))) * 0.02 + 1e-3
+    k = rng.integers(0, 16, (rows, cols // block, block))
+    k[..., 0], k[..., -1] = 0, 15
+    return (mins + k * steps).reshape(rows, cols).astype(np.float32)
+
+
+def test_symmetric_int8_error_is_half_a_step():
+    w = np.random.default_rng(1).standard_normal((48, 100)).astype(np.float32)  # K not a block multiple
+    qw = quantize_rows(w, bits=8, block_size=32, symmetric=True)
+    assert qw.data.shape == (48, 4, 32) and qw.scales.shape == (48, 4) and qw.zero_points is None
+    error = np.abs(dequantize_rows(qw) - w).reshape(48, -1)
+    step = np.repeat(qw.scales, 32, axis=1)[:, :100]
+    assert np.all(error <= step / 2 + 1e-7)
+
+
+def test_asymmetric_int4_reproduces_q4_1_exactly():
+    w = q4_1_like((64, 128))
+    qw = quantize_rows(w, bits=4, block_size=32, symmetric=False)
+    assert qw.data.shape == (64, 4, 16)  # two 4-bit values a byte
+    assert np.abs(dequantize_rows(qw) - w).max() < 1e-6
+    sym = quantize_rows(w, bits=4, block_size=32, symmetric=True)
+    assert np.abs(dequantize_rows(sym) - w).max() > 1e-3  # a symmetric grid cannot
+
+
+def _ops(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return graph, ops
+
+
+def _logits(path, ids):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids))[None]}
+    for inp in session.get_inputs()[3:]:
+        feed[inp.name] = np.zeros((1, 2, 0, 16), np.float32)
+    return session.run(["logits"], feed)[0][0]
+
+
+@pytest.fixture(scope="module")
+def fp32_graph(tiny_llama, tmp_path_factory):
+    return export(load_torch_model(tiny_llama), load_profile("x86-laptop"), tmp_path_factory.mktemp("fp32")).onnx_path
+
+
+def test_int8_quantizes_every_matrix_and_stores_the_tied_table_once(fp32_graph, tmp_path):
+    counts = quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path)
+    graph, ops = _ops(tmp_path / "model.onnx")
+    assert ops["MatMulNBits"] == 5 * LAYERS + 1  # qkv, o, gate, up, down per layer + LM head
+    assert ops["GatherBlockQuantized"] == 1
+    assert "MatMul" not in ops and "Gemm" not in ops
+    assert counts == {"MatMulNBits": 11, "GatherBlockQuantized": 1, "dequantized_gathers": 0, "float_matmuls_left": 0,
+                      "bits": 8, "embedding_bits": 8, "shared_tied_embedding": True}
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits_2d")
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert head.input[1] == gather.input[0]  # one table, read by both
+    names = [i.name for i in graph.initializer]
+    assert "model.embed_tokens.weight" not in names and len(names) == len(set(names))
+    ids = [1, 40, 41, 42, 43, 44, 45]
+    ref, got = _logits(fp32_graph, ids), _logits(tmp_path / "model.onnx", ids)
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 6 / 7
+
+
+def test_int4_asymmetric_is_lossless_on_q4_1_weights(tiny_llama, tmp_path):
+    model = load_torch_model(tiny_llama)
+    with torch.no_grad():  # make every matrix Q4_1-representable, as the default model's are
+        for i, (name, param) in enumerate(model.named_parameters()):
+            if param.dim() == 2:
+                param.copy_(torch.from_numpy(q4_1_like(tuple(param.shape), seed=i)))
+    fp32 = export(model, load_profile("x86-laptop"), tmp_path / "fp32").onnx_path
+    counts = quantize(fp32, Quantize("int4", block_size=32, symmetric=False, accuracy_level=0), tmp_path / "q")
+    assert counts["dequantized_gathers"] == 1 and counts["MatMulNBits"] == 11 and counts["shared_tied_embedding"]
+    ids = [1, 40, 41, 42, 43, 44, 45]
+    assert np.abs(_logits(tmp_path / "q" / "model.onnx", ids) - _logits(fp32, ids)).max() < 1e-4
+    assert (tmp_path / "q" / "model.onnx.data").stat().st_size < 0.2 * (tmp_path / "fp32" / "model.onnx.data").stat().st_size
+
+
+def test_embedding_bits_override(fp32_graph, tmp_path):
+    counts = quantize(fp32_graph, Quantize("int4", block_size=32, symmetric=True, embedding_bits=8), tmp_path)
+    graph, _ = _ops(tmp_path / "model.onnx")
+    bits = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits["logits_2d"] == 8 and set(v for k, v in bits.items() if k != "logits_2d") == {4}
+    assert counts["embedding_bits"] == 8
+
+
+def _tight_profile(tiny_profile):
+    profile = load_profile(str(tiny_profile))
+    budget = dataclasses.replace(profile.budget, int4=AccuracyBudget(max_ppl_increase=0.0001, min_top1=0.999))
+    quant = dataclasses.replace(profile.quantize, symmetric=True)
+    return dataclasses.replace(profile, budget=budget, quantize=quant)
+
+
+def test_gate_fails_an_over_quantized_model(tiny_llama, tiny_profile, tmp_path):
+    from edge_slm.pipeline import build
+
+    out = tmp_path / "bundle"
+    with pytest.raises(AccuracyBudgetError, match=r"the int4 model is outside its accuracy budget: perplexity \+[0-9.]+% "
+                                                  r"\(budget \+0.01%\); top-1 agreement [0-9.]+% \(budget at least 99.9%\), "
+                                                  r"measured against fp32 on \d+ tokens of eval.txt"):
+        build(str(tiny_llama), _tight_profile(tiny_profile), out, echo=lambda m: None, precision="int4")
+    assert not out.exists()
+    manifest = build(str(tiny_llama), _tight_profile(tiny_profile), out, echo=lambda m: None, precision="int4",
+                     allow_accuracy_loss=True)
+    acc = manifest["accuracy"]
+    assert acc["passed"] is False and acc["loss_allowed_by_user"] is True and acc["ppl_increase"] > 0.0001
+    assert manifest["precision"] == "int4" and manifest["quantization"]["recipe"]["precision"] == "int4"
+
+
+def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
+    from edge_slm import runtime
+    from edge_slm.pipeline import build
+
+    manifest = build(str(tiny_llama), load_profile(str(tiny_profile)), tmp_path / "b", echo=lambda m: None, precision="int8")
+    q, acc = manifest["quantization"], manifest["accuracy"]
+    assert q["recipe"]["block_size"] == load_profile(str(tiny_profile)).quantize.block_size
+    assert q["counts"]["MatMulNBits"] == 11 and q["counts"]["float_matmuls_left"] == 0
+    assert manifest["graph"]["op_counts"]["MatMulNBits"] == 11 and "Gemm" not in manifest["graph"]["op_counts"]
+    assert acc["passed"] is True and acc["budget"] == {"max_ppl_increase": 0.015, "min_top1": 0.96}
+    assert acc["tokens"] > 2000 and 0 <= acc["top1_agreement"] <= 1
+    model = runtime.load(tmp_path / "b", threads=1)
+    assert len(model.generate("The capital", max_new_tokens=5).token_ids) <= 5
