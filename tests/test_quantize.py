@@ -98,7 +98,11 @@ def test_int4_asymmetric_is_lossless_on_q4_1_weights(tiny_llama, tmp_path):
     assert counts["dequantized_gathers"] == 1 and counts["MatMulNBits"] == 11 and counts["shared_tied_embedding"]
     ids = [1, 40, 41, 42, 43, 44, 45]
     assert np.abs(_logits(tmp_path / "q" / "model.onnx", ids) - _logits(fp32, ids)).max() < 1e-4
-    assert (tmp_path / "q" / "model.onnx.data").stat().st_size < 0.2 * (tmp_path / "fp32" / "model.onnx.data").stat().st_size
+    # 4 bits plus a float scale and zero point per 32 weights: 0.75 bytes a weight instead of 4.
+    def matrix_bytes(path):
+        graph = onnx.load(str(path)).graph
+        return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer if not i.name.startswith(("rotary", "const")))
+    assert matrix_bytes(tmp_path / "q" / "model.onnx") < 0.2 * matrix_bytes(fp32)
 
 
 def test_embedding_bits_override(fp32_graph, tmp_path):
@@ -120,15 +124,14 @@ def test_gate_fails_an_over_quantized_model(tiny_llama, tiny_profile, tmp_path):
     from edge_slm.pipeline import build
 
     out = tmp_path / "bundle"
-    with pytest.raises(AccuracyBudgetError, match=r"the int4 model is outside its accuracy budget: perplexity \+[0-9.]+% "
-                                                  r"\(budget \+0.01%\); top-1 agreement [0-9.]+% \(budget at least 99.9%\), "
+    with pytest.raises(AccuracyBudgetError, match=r"the int4 model is outside its accuracy budget: .*top-1 agreement [0-9.]+% \(budget at least 99.9%\), "
                                                   r"measured against fp32 on \d+ tokens of eval.txt"):
         build(str(tiny_llama), _tight_profile(tiny_profile), out, echo=lambda m: None, precision="int4")
     assert not out.exists()
     manifest = build(str(tiny_llama), _tight_profile(tiny_profile), out, echo=lambda m: None, precision="int4",
                      allow_accuracy_loss=True)
     acc = manifest["accuracy"]
-    assert acc["passed"] is False and acc["loss_allowed_by_user"] is True and acc["ppl_increase"] > 0.0001
+    assert acc["passed"] is False and acc["loss_allowed_by_user"] is True and acc["top1_agreement"] < 0.999
     assert manifest["precision"] == "int4" and manifest["quantization"]["recipe"]["precision"] == "int4"
 
 
