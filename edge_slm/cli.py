@@ -118,7 +118,9 @@ def _quantization_lines(manifest: dict) -> list[str]:
     r, c = quant["recipe"], quant["counts"]
     lines = [
         f"quantize     {r['precision']} weight-only, {'symmetric' if r['symmetric'] else 'asymmetric'}, blocks of "
-        f"{r['block_size']}, accuracy_level {r['accuracy_level']}, embedding {c['embedding_bits']} bits",
+        f"{r['block_size']}{' (' + ', '.join(r['block_size_overrides']) + ')' if r.get('block_size_overrides') else ''}, "
+        f"accuracy_level {r['accuracy_level']}, embedding {c['embedding_bits']} bits"
+        f"{', fp16 scales' if r.get('fp16_scales') else ''}",
         f"quantized    {c['MatMulNBits']} MatMulNBits, {c['GatherBlockQuantized'] + c['dequantized_gathers']} embedding "
         f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}",
     ]

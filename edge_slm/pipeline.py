@@ -44,8 +44,11 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
           allow_accuracy_loss: bool = False) -> dict:
     """Build the bundle for `profile` at `out`; return its manifest. `precision` overrides the
     profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway."""
-    if precision:
-        profile = dataclasses.replace(profile, quantize=dataclasses.replace(profile.quantize, precision=precision))
+    if precision and precision != profile.quantize.precision:
+        from .quantize import PRESETS
+
+        recipe = PRESETS.get(precision, dataclasses.replace(profile.quantize, precision=precision))
+        profile = dataclasses.replace(profile, quantize=recipe)
     precision = profile.quantize.precision
     if precision not in SUPPORTED_PRECISIONS:
         raise ProfileError(

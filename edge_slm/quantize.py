@@ -21,6 +21,21 @@ from .export import DATA_FILE, MODEL_FILE, MS_DOMAIN
 from .targets import Quantize
 
 
+# Recipes used when `--precision` asks for a precision other than the profile's own.
+PRESETS = {
+    # 8-bit, symmetric, int8 activations per block (accuracy_level 4: the only fast CPU path in
+    # onnxruntime 1.32; levels 0-1 dequantize on every call, 20x slower). Blocks of 16 where the
+    # activations have outliers (MLP down projection, QKV) keep top-1 agreement above 96%; fp16
+    # scales on disk keep the default model under 150 MB, as llama.cpp's Q8_0 does.
+    "int8": Quantize("int8", block_size=32, symmetric=True, accuracy_level=4, fp16_scales=True,
+                     block_size_overrides=("mlp.down_proj:16", "qkv_proj:16")),
+    # 4-bit with a float minimum per block of 32 (GGUF Q4_1's own layout): on weights that came from
+    # a Q4_1 file it is exact. The embedding and tied head stay 8-bit (the source's are Q8_0).
+    "int4": Quantize("int4", block_size=32, symmetric=False, accuracy_level=4, fp16_scales=True,
+                     embedding_bits=8),
+}
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     data: np.ndarray        # uint8 [N, blocks, block_size * bits / 8], two 4-bit values a byte
@@ -125,13 +140,23 @@ class _Rewriter:
 
     def _quantized(self, name: str, rows: np.ndarray, bits: int):
         if name not in self.cache:
-            qw = quantize_rows(rows, bits, self.recipe.block_size, self.recipe.symmetric)
+            # Zero points are for 4 bits only: onnxruntime's CPU kernel takes 8-bit weights with
+            # float zero points nowhere, and the default model's 8-bit source (Q8_0) is symmetric.
+            qw = quantize_rows(rows, bits, self.recipe.block_size_for(name), self.recipe.symmetric or bits == 8)
             base = name.removesuffix(".weight") + f".q{bits}"
             data = self._const(qw.data, base + ".data")
-            scales = self._const(qw.scales, base + ".scales")
-            zp = None if qw.zero_points is None else self._const(qw.zero_points.reshape(-1), base + ".zero_points")
+            scales = self._half_stored(qw.scales, base + ".scales")
+            zp = None if qw.zero_points is None else self._half_stored(qw.zero_points.reshape(-1), base + ".zero_points")
             self.cache[name] = (data, scales, zp, qw)
         return self.cache[name]
+
+    def _half_stored(self, array: np.ndarray, name: str) -> str:
+        """Scales and zero points on disk in fp16 when the recipe says so (as llama.cpp's Q8_0
+        does: it halves their overhead); a Cast that onnxruntime folds at load gives the kernels
+        the float32 they take."""
+        if not self.recipe.fp16_scales:
+            return self._const(array, name)
+        return self._node("Cast", [self._const(array.astype(np.float16), name + ".fp16")], name, to=1)
 
     def _array(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
@@ -141,7 +166,7 @@ class _Rewriter:
     def _matmul_nbits(self, a: str, out: str, name: str, rows: np.ndarray, bits: int) -> None:
         data, scales, zp, qw = self._quantized(name, rows, bits)
         self._node("MatMulNBits", [a, data, scales] + ([zp] if zp else []), out, domain=MS_DOMAIN,
-                   K=qw.k, N=rows.shape[0], bits=bits, block_size=self.recipe.block_size,
+                   K=qw.k, N=rows.shape[0], bits=bits, block_size=qw.block_size,
                    accuracy_level=self.recipe.accuracy_level)
         self.counts["MatMulNBits"] += 1
 
@@ -180,8 +205,8 @@ class _Rewriter:
         table, ids, out = node.input[0], node.input[1], node.output[0]
         bits = self._embedding_bits()
         data, scales, zp, qw = self._quantized(table, self._array(table), bits)
-        if qw.k % self.recipe.block_size:
-            raise ExportError(f"embedding width {qw.k} is not a multiple of block_size {self.recipe.block_size}")
+        if qw.k % qw.block_size:
+            raise ExportError(f"embedding width {qw.k} is not a multiple of block_size {qw.block_size}")
         rows, blocks = qw.scales.shape
         if zp is None:
             # GatherBlockQuantized reads the same bytes as the LM head's MatMulNBits; it wants
@@ -189,7 +214,7 @@ class _Rewriter:
             scales3d = self._node("Reshape", [scales, self._const(np.array([rows, blocks, 1], np.int64), out + ".s3")],
                                   out + ".scales3d")
             picked = self._node("GatherBlockQuantized", [data, ids, scales3d], out + ".blocks", domain=MS_DOMAIN,
-                                bits=bits, block_size=self.recipe.block_size, gather_axis=0, quantize_axis=2)
+                                bits=bits, block_size=qw.block_size, gather_axis=0, quantize_axis=2)
             self.counts["GatherBlockQuantized"] += 1
         else:
             # GatherBlockQuantized takes integer zero points only: gather the rows and
@@ -203,7 +228,7 @@ class _Rewriter:
                 last = self._const(np.array([-1], np.int64), out + ".last")
                 pairs = self._node("Concat", [self._node("Unsqueeze", [low, last], out + ".low1"),
                                               self._node("Unsqueeze", [high, last], out + ".high1")], out + ".pairs", axis=-1)
-                picked = self._node("Reshape", [pairs, self._const(np.array([0, 0, blocks, self.recipe.block_size], np.int64),
+                picked = self._node("Reshape", [pairs, self._const(np.array([0, 0, blocks, qw.block_size], np.int64),
                                                                   out + ".qshape")], out + ".q")
             values = self._node("Cast", [picked], out + ".qf", to=1)
             last = self._const(np.array([-1], np.int64), out + ".axis")

@@ -55,10 +55,19 @@ class Export:
 class Quantize:
     precision: Precision
     block_size: int = 32            # input channels sharing one scale (int8 / int4)
-    symmetric: bool = True          # False keeps a zero point per block
+    symmetric: bool = True          # False keeps a float zero point per block (4-bit weights only)
     accuracy_level: int = 4         # MatMulNBits compute type: 0/1 float, 4 int8 activations per block
     quantize_embedding: bool = True  # GatherBlockQuantized for the embedding table
     embedding_bits: int = 0         # bits for the embedding and a tied LM head; 0: as the precision
+    fp16_scales: bool = False       # store scales / zero points in fp16 on disk (cast at load)
+    block_size_overrides: tuple[str, ...] = ()  # "name-part:block", e.g. "mlp.down_proj:16"
+
+    def block_size_for(self, weight_name: str) -> int:
+        for rule in self.block_size_overrides:
+            part, size = rule.rsplit(":", 1)
+            if part in weight_name:
+                return int(size)
+        return self.block_size
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,11 @@ def _check_values(profile: Profile, where: str) -> None:
     q = profile.quantize
     if q.block_size < 16 or q.block_size & (q.block_size - 1):
         raise ProfileError(f"{where}: 'quantize.block_size' is {q.block_size}; use a power of two from 16 (16, 32, 64, 128)")
+    for rule in q.block_size_overrides:
+        part, _, size = rule.rpartition(":")
+        if not part or not size.isdigit() or int(size) < 16 or int(size) & (int(size) - 1):
+            raise ProfileError(f"{where}: 'quantize.block_size_overrides' entry {rule!r}; write \"name-part:block\" "
+                               "with a power-of-two block from 16, e.g. \"mlp.down_proj:16\"")
     if q.embedding_bits not in (0, 4, 8):
         raise ProfileError(f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8")
     if q.accuracy_level not in (0, 1, 2, 3, 4):

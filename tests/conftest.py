@@ -83,6 +83,7 @@ def tiny_profile(tmp_path_factory) -> Path:
     text = (REPO / "targets" / "x86-laptop.toml").read_text()
     text = text.replace('name = "x86-laptop"', 'name = "tiny-laptop"')
     text = text.replace("context_length = 2048", "context_length = 128")
+    text = text.replace('precision = "int8"', 'precision = "fp32"')  # the reference; tests ask for int8 by --precision
     path = tmp_path_factory.mktemp("profiles") / "tiny-laptop.toml"
     path.write_text(text)
     return path

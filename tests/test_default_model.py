@@ -16,9 +16,33 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def default_bundle(tmp_path_factory):
+    """The fp32 reference bundle (`--precision fp32`)."""
+    out = tmp_path_factory.mktemp("default") / "x86-laptop-fp32"
+    build(None, load_profile("x86-laptop"), out, echo=print, precision="fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    """The x86-laptop profile as shipped: int8."""
     out = tmp_path_factory.mktemp("default") / "x86-laptop"
     build(None, load_profile("x86-laptop"), out, echo=print)
     return out
+
+
+def test_default_int8_bundle_size_nodes_and_accuracy(int8_bundle):
+    manifest = verify_bundle(int8_bundle)
+    assert manifest["precision"] == "int8"
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    assert total <= 150_000_000  # llama.cpp's Q8_0 file is 145 MB
+    ops = manifest["graph"]["op_counts"]
+    assert ops["MatMulNBits"] == 5 * 30 + 1 and ops["GatherBlockQuantized"] == 1
+    assert "MatMul" not in ops and "Gemm" not in ops
+    assert manifest["quantization"]["counts"]["shared_tied_embedding"] is True
+    acc = manifest["accuracy"]
+    assert acc["passed"] and acc["tokens"] > 2000
+    assert acc["ppl_increase"] <= 0.015 and acc["top1_agreement"] >= 0.96
+    assert acc["reference_perplexity"] == pytest.approx(22.70, abs=0.05)
 
 
 def test_default_bundle_validates(default_bundle):
