@@ -1,7 +1,7 @@
 """Decode speed of an edge-slm bundle side by side with transformers eager and llama.cpp, in one run.
 
-    .venv/bin/python benchmarks/peers_decode.py export/x86-laptop \
-        [--llama-python /path/to/venv/bin/python --gguf model-f32.gguf] [--rounds 3] [--reps 3]
+    .venv/bin/python benchmarks/peers_decode.py export/x86-laptop [--also export/x86-laptop-fp32] \
+        [--llama-python /path/to/venv/bin/python --gguf model-f32.gguf] [--no-transformers] [--rounds 3] [--reps 3]
 
 The machine is shared and noisy, so the systems take turns: each round runs every system once in
 a fresh process (1 warm-up + `reps` measured generations), and the report gives mean ± stdev over
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("bundle")
     parser.add_argument("--llama-python", default=None, help="A python with llama-cpp-python installed.")
     parser.add_argument("--gguf", default=None, help="The GGUF llama.cpp runs (e.g. an F32 conversion).")
+    parser.add_argument("--also", action="append", default=[], help="Another bundle to measure (repeatable).")
+    parser.add_argument("--no-transformers", action="store_true", help="Skip transformers eager.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
@@ -130,18 +132,25 @@ def main() -> None:
     model = runtime.load(args.bundle, verify=False)
     ids = model.encode(model.render_chat([{"role": "user", "content": QUESTION}]))
     del model
-    systems = {"edge-slm": sys.executable, "transformers": sys.executable}
+    def label(bundle):
+        return f"edge-slm {json.loads((Path(bundle) / 'manifest.json').read_text())['precision']}"
+
+    systems = {label(args.bundle): (sys.executable, "edge-slm", args.bundle)}
+    for bundle in args.also:
+        systems[label(bundle)] = (sys.executable, "edge-slm", bundle)
+    if not args.no_transformers:
+        systems["transformers fp32"] = (sys.executable, "transformers", args.bundle)
     if args.llama_python and args.gguf:
-        systems["llama.cpp"] = args.llama_python
+        systems[f"llama.cpp {Path(args.gguf).stem.rsplit('-', 1)[-1]}"] = (args.llama_python, "llama.cpp", args.bundle)
     results = {name: [] for name in systems}
     for round_ in range(args.rounds):
-        for name, python in systems.items():
-            cmd = [python, __file__, args.bundle, "--worker", name, "--ids", json.dumps(ids),
+        for name, (python, worker, bundle) in systems.items():
+            cmd = [python, __file__, bundle, "--worker", worker, "--ids", json.dumps(ids),
                    "--reps", str(args.reps), "--tokens", str(args.tokens), "--threads", str(args.threads)]
             if args.gguf:
                 cmd += ["--gguf", args.gguf]
             env = None
-            if name == "llama.cpp":  # the llama venv imports only llama_cpp and numpy
+            if worker == "llama.cpp":  # the llama venv imports only llama_cpp and numpy
                 env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ""}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
@@ -149,18 +158,20 @@ def main() -> None:
             results[name] += json.loads(out.stdout.strip().splitlines()[-1])["samples"]
             print(f"round {round_ + 1}/{args.rounds}: {name} done", file=sys.stderr)
 
-    base = statistics.mean(s["decode_tok_s"] for s in results["edge-slm"])
+    first = next(iter(results))
+    base = statistics.mean(s["decode_tok_s"] for s in results[first])
     print(f"\n{len(ids)}-token chat prompt, {args.tokens} greedy tokens, {args.threads} threads, "
           f"{args.rounds} rounds x {args.reps} runs each")
-    print(f"{'system':<14} {'decode tok/s':>16} {'first token ms':>17} {'edge-slm / system':>18}")
+    print(f"{'system':<18} {'decode tok/s':>16} {'first token ms':>17} {'system / ' + first:>24}")
     for name, samples in results.items():
         rate = [s["decode_tok_s"] for s in samples]
-        print(f"{name:<14} {summarize(rate):>16} {summarize([s['ttft_ms'] for s in samples]):>17} "
-              f"{base / statistics.mean(rate):>17.2f}x")
-    outside = [s["outside_ort_share"] for s in results["edge-slm"]]
-    print(f"edge-slm decode step time outside onnxruntime: {100 * statistics.mean(outside):.1f}% "
-          f"(max {100 * max(outside):.1f}%)")
-    print(f"edge-slm text: {results['edge-slm'][0]['text'][:80]!r}")
+        print(f"{name:<18} {summarize(rate):>16} {summarize([s['ttft_ms'] for s in samples]):>17} "
+              f"{statistics.mean(rate) / base:>23.2f}x")
+    for name, samples in results.items():
+        if "outside_ort_share" in samples[0]:
+            outside = [s["outside_ort_share"] for s in samples]
+            print(f"{name}: decode step time outside onnxruntime {100 * statistics.mean(outside):.1f}% "
+                  f"(max {100 * max(outside):.1f}%); text {samples[0]['text'][:60]!r}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"prompt_ids": ids, "results": results}, indent=1))
 
