@@ -211,3 +211,22 @@ def test_bad_bundles(tiny_bundle, tmp_path):
     assert proc.returncode == 2 and "bundle schema version 99, this edge-slm reads version 1" in proc.stderr
     with pytest.raises(BundleError):
         runtime.load(copy)
+
+
+def test_missing_provider_falls_back_with_one_warning(tiny_bundle, caplog):
+    from edge_slm.runtime import session as session_module
+
+    session_module._warned.discard("CUDAExecutionProvider")
+    with caplog.at_level("WARNING", logger="edge_slm.runtime"):
+        first = runtime.load(tiny_bundle, providers=["CUDAExecutionProvider"], verify=False)
+        runtime.load(tiny_bundle, providers=["CUDAExecutionProvider"], verify=False)
+    warnings = [r.getMessage() for r in caplog.records if "CUDAExecutionProvider" in r.getMessage()]
+    assert warnings == ["CUDAExecutionProvider is not available in this onnxruntime build; using CPUExecutionProvider instead"]
+    assert first.session.providers == ["CPUExecutionProvider"]
+
+
+def test_threads_and_providers_default_to_the_profile(tiny_bundle):
+    model = runtime.load(tiny_bundle, verify=False)
+    assert model.session.session.get_session_options().intra_op_num_threads == 2  # x86-laptop: threads = 2
+    with pytest.raises(EdgeSlmError, match="threads is 0; use 1 or more"):
+        runtime.load(tiny_bundle, threads=0)
