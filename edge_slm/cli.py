@@ -6,6 +6,8 @@
     edge-slm generate BUNDLE PROMPT [--chat] [--max-new-tokens N] [--temperature T] ... [--json]
     edge-slm chat BUNDLE
     edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]
+    edge-slm bench BUNDLE [--threads 1,2] [--prompt-tokens 128] [--gen-tokens 64] [--out FILE.jsonl]
+    edge-slm report RESULTS.jsonl... --out DIR
 
 Errors are one line on stderr and exit code 2; `edge-slm --debug ...` shows the traceback.
 """
@@ -252,6 +254,59 @@ def eval_command(bundle: Path, text_file: Path, reference: Path | None, window: 
     if ref_model:
         line += f"; top-1 agreement {result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.4f}"
     click.echo(line)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--gen-tokens", type=int, default=64, show_default=True)
+@click.option("--repetitions", "-r", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--threads", default=None, help="Thread counts to sweep, e.g. 1,2 [the bundle's profile].")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, help="fp32 bundle for top-1 agreement.")
+@click.option("--no-accuracy", is_flag=True, help="Skip the perplexity run.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Append the records to this JSONL file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
+def bench(bundle: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, warmup: int, threads: str | None,
+          reference: Path | None, no_accuracy: bool, out: Path | None, as_json: bool) -> None:
+    """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
+    from .bench import run, table
+    from .bundle import read_manifest
+
+    if threads is None:
+        counts = [int(read_manifest(bundle)["profile"]["runtime"]["threads"])]
+    else:
+        try:
+            counts = [int(t) for t in threads.split(",")]
+        except ValueError:
+            raise click.UsageError(f"--threads {threads!r}: give counts like 1,2,4") from None
+    if min(counts) < 1 or repetitions < 1 or warmup < 0 or prompt_tokens < 1 or gen_tokens < 2:
+        raise click.UsageError("--threads and --repetitions must be at least 1, --gen-tokens at least 2, --warmup 0 or more")
+    records = run(bundle, counts, prompt_tokens, gen_tokens, repetitions, warmup, reference,
+                  accuracy=not no_accuracy, progress=_echo_err)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        _echo_err(f"appended {len(records)} records to {out}")
+    if as_json:
+        for record in records:
+            click.echo(json.dumps(record))
+    else:
+        click.echo(table(records))
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for report.md, report.html, PNGs.")
+def report(results: tuple[Path, ...], out: Path) -> None:
+    """Markdown and HTML reports with plots from benchmark records (JSONL)."""
+    from .report import write_report
+
+    paths = write_report(list(results), out)
+    for path in paths:
+        click.echo(str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
