@@ -30,13 +30,7 @@ class GraphScorer:
         self.path = onnx_path
 
     def logprobs(self, token_ids):
-        import numpy as np
-
-        self.session.reset()
-        logits = self.session.forward(token_ids, all_logits=True)[:-1].astype(np.float64)
-        self.session.reset()
-        logits -= logits.max(axis=-1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        return self.session.logprobs(token_ids)
 
 
 def measure(candidate: Path, reference: Path, model_info: dict, encode, threads: int = 2,

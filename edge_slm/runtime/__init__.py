@@ -207,9 +207,5 @@ class Model:
         """log p(token[t+1] | tokens[..t]) over the whole vocabulary: [len-1, V], one pass."""
         if len(token_ids) > self.context_length:
             raise EdgeSlmError(f"{len(token_ids)} tokens exceed the context of {self.context_length}")
-        self.session.reset()
         self._cached_ids = []
-        logits = self.session.forward(token_ids, all_logits=True)[:-1].astype(np.float64)
-        self.session.reset()
-        logits -= logits.max(axis=-1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        return self.session.logprobs(token_ids)

@@ -87,6 +87,14 @@ class DecoderSession:
             self._past = [p[:, :, :length] for p in self._past]
         self.length = length
 
+    def logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """log p(token[t+1] | tokens[..t]) over the vocabulary, [len-1, V], in one uncached pass."""
+        self.reset()
+        logits = self.forward(token_ids, all_logits=True)[:-1].astype(np.float64)
+        self.reset()
+        logits -= logits.max(axis=-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
     def forward(self, token_ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Run new tokens through the model after the cached ones; returns the logits of the last
         token [V] (or of every new token [S, V] with `all_logits`)."""
