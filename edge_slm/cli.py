@@ -8,6 +8,7 @@
     edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]
     edge-slm bench BUNDLE [--threads 1,2] [--prompt-tokens 128] [--gen-tokens 64] [--out FILE.jsonl]
     edge-slm report RESULTS.jsonl... --out DIR
+    edge-slm verify BUNDLE --emulate cortex-a72|cortex-a76 [--onnxruntime VERSION]
 
 Errors are one line on stderr and exit code 2; `edge-slm --debug ...` shows the traceback.
 """
@@ -335,6 +336,32 @@ def report(results: tuple[Path, ...], out: Path) -> None:
     paths = write_report(list(results), out)
     for path in paths:
         click.echo(str(path))
+
+
+@cli.command(name="verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--emulate", required=True, type=click.Choice(["cortex-a72", "cortex-a76"]),
+              help="cortex-a72 is the Raspberry Pi 4, cortex-a76 the Raspberry Pi 5.")
+@click.option("--onnxruntime", "ort_version", default=None, help="aarch64 onnxruntime to use [newest in the profile].")
+@click.option("--tokens", type=int, default=8, show_default=True, help="Greedy tokens to compare.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_command(bundle: Path, emulate: str, ort_version: str | None, tokens: int, as_json: bool) -> None:
+    """Run the bundle on an emulated Raspberry Pi CPU (qemu) and compare it with this machine."""
+    from .verify import verify
+
+    result = verify(bundle, emulate, ort_version, tokens, progress=_echo_err)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{'PASSED' if result['passed'] else 'FAILED'}: {result['device']} ({result['cpu']}, emulated), "
+                   f"onnxruntime {result['onnxruntime']} aarch64 vs host {result['host_onnxruntime']}")
+        click.echo(f"  prompt ids identical: {result['same_prompt_ids']}; greedy tokens agreeing: "
+                   f"{result['tokens_agreeing']}/{result['tokens']}; max logit difference "
+                   f"{100 * result['max_relative_logit_diff']:.3f}% of the largest logit (tolerance {100 * result['tolerance']:.1f}%)")
+        click.echo(f"  emulated text: {result['text']!r}; first token {result['emulated_first_token_s']:.1f} s, "
+                   f"{result['emulated_seconds']:.0f} s in all under emulation")
+    if not result["passed"]:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

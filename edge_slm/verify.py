@@ -1,0 +1,170 @@
+"""Run a bundle on an emulated Raspberry Pi CPU and compare it with this machine.
+
+    edge-slm verify BUNDLE --emulate cortex-a72|cortex-a76 [--onnxruntime 1.27.0] [--tokens 8]
+    make verify-rpi4 | verify-rpi5
+
+Prepares, once, an aarch64 sysroot (Debian's arm64 Python 3.11 unpacked from its .deb files, and
+PyPI's aarch64 wheels of onnxruntime, numpy, tokenizers, jinja2, click), cached in
+~/.cache/edge-slm/aarch64/<recipe hash>/ and rebuilt when the recipe changes. Then runs the
+torch-free runtime on the bundle under `qemu-aarch64-static -cpu <cpu>` and checks that it gives
+the same prompt ids and greedy tokens as the host, and next-token logits within a tolerance.
+Needs Debian's qemu-user-static, apt-get (arm64 packages) and pip.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import read_manifest
+from .errors import EdgeSlmError
+from .load import cache_root
+
+CPUS = {"cortex-a72": "Raspberry Pi 4", "cortex-a76": "Raspberry Pi 5"}
+DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libstdc++6", "libgcc-s1",
+        "zlib1g", "libexpat1", "libffi8", "libssl3", "libbz2-1.0", "liblzma5", "libuuid1", "libcrypt1"]
+WHEELS = ["numpy==2.2.6", "tokenizers==0.22.2", "jinja2==3.1.6", "markupsafe==3.0.2", "click==8.1.8"]
+PLATFORMS = ["manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64", "any"]
+# ARM's int8 kernels (MLAS NEON, with or without sdot) quantize activations and accumulate in
+# another order than x86's: logits move by a few hundredths on logits of magnitude ~20-30, and a
+# greedy token may flip only where two candidates are that close. Relative to the largest logit.
+LOGIT_TOLERANCE = {"fp32": 1e-3, "int8": 0.02, "int4": 0.02, "fp16": 0.01}
+QUESTION = "What is the capital of France?"
+
+
+class SetupError(EdgeSlmError):
+    """The emulator or its sysroot cannot be prepared here."""
+
+
+def _run(cmd: list[str], what: str, fix: str, **kw) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    except FileNotFoundError:
+        raise SetupError(f"{what}: `{cmd[0]}` is not installed; {fix}") from None
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SetupError(f"{what} failed: {tail}; {fix}")
+    return proc
+
+
+def prepare_sysroot(onnxruntime: str, progress=lambda msg: None) -> Path:
+    recipe = json.dumps({"debs": DEBS, "wheels": WHEELS + [f"onnxruntime=={onnxruntime}"], "python": "3.11"})
+    root = cache_root() / "aarch64" / hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    if (root / "ready").is_file():
+        return root
+    if not shutil.which("qemu-aarch64-static"):
+        raise SetupError("qemu-aarch64-static is not installed: `apt-get install qemu-user-static` (Debian/Ubuntu)")
+    progress(f"preparing the aarch64 sysroot (once) in {root}")
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "debs").mkdir(parents=True)
+    arches = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout.split()
+    if "arm64" not in arches:
+        _run(["dpkg", "--add-architecture", "arm64"], "adding the arm64 architecture", "run as root, or run "
+             "`dpkg --add-architecture arm64 && apt-get update` yourself")
+        _run(["apt-get", "update", "-qq"], "apt-get update", "check that the Debian mirrors are reachable")
+    _run(["apt-get", "download", *[f"{d}:arm64" for d in DEBS]], "downloading Debian's arm64 Python",
+         "run `apt-get update` (as root) and retry", cwd=tmp / "debs")
+    for deb in (tmp / "debs").glob("*.deb"):
+        _run(["dpkg", "-x", str(deb), str(tmp / "root")], f"unpacking {deb.name}", "check the download")
+    wheels = tmp / "wheels"
+    for spec in WHEELS + [f"onnxruntime=={onnxruntime}"]:
+        platform_args = [a for p in PLATFORMS for a in ("--platform", p)]
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", *platform_args,
+              "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+              "-d", str(wheels), spec], f"downloading the aarch64 wheel of {spec}",
+             "check that PyPI has an aarch64 wheel of that version")
+    for wheel in wheels.glob("*.whl"):
+        import zipfile
+
+        zipfile.ZipFile(wheel).extractall(tmp / "site")
+    shutil.rmtree(tmp / "debs")
+    (tmp / "ready").write_text(recipe)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
+
+
+def greedy_trace(bundle: Path, tokens: int, threads: int) -> dict:
+    """Prompt ids, greedy tokens and every step's logits: the same code on both sides."""
+    import onnxruntime
+
+    from . import runtime
+
+    model = runtime.load(bundle, threads=threads, verify=False)
+    text = model.render_chat([{"role": "user", "content": QUESTION}]) if model.generation.get("chat_template") else QUESTION
+    ids = model.encode(text)
+    start = time.perf_counter()
+    logits = model.session.forward(ids)
+    first = time.perf_counter() - start
+    steps, out = [logits], []
+    for _ in range(tokens):
+        out.append(int(np.argmax(steps[-1])))
+        if len(out) < tokens:
+            steps.append(model.session.forward([out[-1]]))
+    return {"prompt_ids": ids, "tokens": out, "text": model.decode(out), "onnxruntime": onnxruntime.__version__,
+            "first_token_s": first, "seconds": time.perf_counter() - start,
+            "logits": [base64.b64encode(np.asarray(s, np.float32).tobytes()).decode() for s in steps]}
+
+
+def verify(bundle: Path, cpu: str, onnxruntime: str | None = None, tokens: int = 8, threads: int = 2,
+           progress=lambda msg: None) -> dict:
+    if cpu not in CPUS:
+        raise EdgeSlmError(f"--emulate {cpu!r}: choose one of {', '.join(CPUS)}")
+    manifest = read_manifest(bundle)
+    versions = manifest["profile"]["runtime"].get("onnxruntime_versions") or ["1.27.0"]
+    onnxruntime = onnxruntime or max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+    root = prepare_sysroot(onnxruntime, progress)
+    progress(f"host: {tokens} greedy tokens")
+    host = greedy_trace(Path(bundle), tokens, threads)
+    progress(f"emulated {cpu} ({CPUS[cpu]}), onnxruntime {onnxruntime} aarch64: {tokens} greedy tokens (slow: minutes)")
+    env = {"QEMU_LD_PREFIX": str(root / "root"), "PYTHONPATH": f"{root / 'site'}:{Path(__file__).resolve().parent.parent}",
+           "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    started = time.perf_counter()
+    proc = subprocess.run(["qemu-aarch64-static", "-cpu", cpu, str(root / "root" / "usr" / "bin" / "python3.11"),
+                           "-m", "edge_slm.verify", json.dumps({"bundle": str(Path(bundle).resolve()), "tokens": tokens,
+                                                                 "threads": threads})],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise EdgeSlmError(f"the bundle failed under emulated {cpu} with onnxruntime {onnxruntime}: {tail}")
+    arm = json.loads(proc.stdout.strip().splitlines()[-1])
+    wall = time.perf_counter() - started
+    return compare(host, arm, manifest["precision"]) | {"cpu": cpu, "device": CPUS[cpu], "onnxruntime": arm["onnxruntime"],
+                                                        "host_onnxruntime": host["onnxruntime"], "emulated_seconds": wall,
+                                                        "emulated_first_token_s": arm["first_token_s"]}
+
+
+def compare(host: dict, arm: dict, precision: str) -> dict:
+    tolerance = LOGIT_TOLERANCE[precision]
+    same_prompt = host["prompt_ids"] == arm["prompt_ids"]
+    agree = 0
+    for a, b in zip(host["tokens"], arm["tokens"]):
+        if a != b:
+            break
+        agree += 1
+    # Compare logits only where both sides saw the same tokens.
+    diffs = []
+    for step in range(min(agree + 1, len(host["logits"]), len(arm["logits"]))):
+        h = np.frombuffer(base64.b64decode(host["logits"][step]), np.float32)
+        a = np.frombuffer(base64.b64decode(arm["logits"][step]), np.float32)
+        diffs.append(float(np.abs(h - a).max() / np.abs(h).max()))
+    worst = max(diffs) if diffs else float("inf")
+    passed = same_prompt and agree == len(host["tokens"]) and worst <= tolerance
+    return {"passed": passed, "same_prompt_ids": same_prompt, "tokens_agreeing": agree, "tokens": len(host["tokens"]),
+            "host_tokens": host["tokens"], "emulated_tokens": arm["tokens"], "text": arm["text"],
+            "max_relative_logit_diff": worst, "tolerance": tolerance}
+
+
+if __name__ == "__main__":  # the emulated side
+    config = json.loads(sys.argv[1])
+    print(json.dumps(greedy_trace(Path(config["bundle"]), config["tokens"], config["threads"])))
