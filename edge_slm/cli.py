@@ -98,7 +98,8 @@ def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
         f"model        {model['architecture']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
         f"heads {model['num_heads']}/{model['num_kv_heads']} kv, vocab {model['vocab_size']}, "
         f"{model['parameters'] / 1e6:.1f}M params, context {model['context_length']}",
-        f"graph        {graph['kind']}, {graph['nodes']} nodes, opset {graph['opset']}, IR {graph['ir_version']}",
+        f"graph        {graph['kind']}, {graph['nodes']} nodes, opset {graph['opset']}, IR {graph['ir_version']}, "
+        f"needs onnxruntime >= {manifest.get('min_onnxruntime', '?')}",
         f"ops          " + ", ".join(f"{k} {v}" for k, v in graph["op_counts"].items()),
         f"validation   {'passed' if val.get('passed') else 'NOT RUN'}: max |diff| vs torch logits "
         f"{val.get('max_abs_diff', {}).get('logits', float('nan')):.2e} (tol {val.get('tolerance', {}).get('logits')}), "

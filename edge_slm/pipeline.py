@@ -77,10 +77,11 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
         quantization = accuracy = None
         if quantized:
             from . import gate
-            from .quantize import quantize
+            from .quantize import quantize, version_tuple
 
             progress.stage(f"quantizing to {precision}")
-            counts = quantize(exported.onnx_path, profile.quantize, stage, progress=progress.note)
+            counts = quantize(exported.onnx_path, profile.quantize, stage, progress=progress.note,
+                              oldest_onnxruntime=min(profile.runtime.onnxruntime_versions, key=version_tuple, default=None))
             quantization = {"recipe": dataclasses.asdict(profile.quantize), "counts": counts}
             progress.note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
                           f"quantized embedding, {counts['float_matmuls_left']} float matmuls left, "
@@ -107,6 +108,7 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             "source": loaded.source,
             "model": {**exported.shape.__dict__, "context_length": profile.export.context_length},
             "graph": _signature(stage / MODEL_FILE, exported.graph, profile),
+            "min_onnxruntime": min_onnxruntime(stage / MODEL_FILE),
             "generation": {k: generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
             "profile": profile.to_dict(),
             "validation": validation,
@@ -115,6 +117,15 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             "versions": _versions(),
         })
     return manifest
+
+
+def min_onnxruntime(onnx_path: Path) -> str:
+    """The oldest onnxruntime known to run this graph: 1.20 for the fused graph and MatMulNBits
+    (1.20.1 ran them under emulation), 1.27 once GatherBlockQuantized with `bits` is used."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    return "1.27.0" if "GatherBlockQuantized" in ops else "1.20.0"
 
 
 def _load_tokenizer(model_dir: Path, add_bos: bool):

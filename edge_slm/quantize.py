@@ -88,15 +88,27 @@ def dequantize_rows(qw: QuantizedWeight) -> np.ndarray:
     return w.reshape(q.shape[0], -1)[:, :qw.k]
 
 
-def quantize(onnx_path: Path, recipe: Quantize, out_dir: Path, progress=lambda msg: None) -> dict:
-    """Write the quantized graph to `out_dir/model.onnx`; return the counts for the manifest."""
+# GatherBlockQuantized's `bits` attribute (8-bit tables) is unknown to older onnxruntime builds:
+# 1.20.1, 1.22.1 and 1.24.1 refuse it (seen under emulation, aarch64 wheels); 1.27.0 runs it.
+GATHER_BLOCK_QUANTIZED_SINCE = (1, 27)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def quantize(onnx_path: Path, recipe: Quantize, out_dir: Path, progress=lambda msg: None,
+             oldest_onnxruntime: str | None = None) -> dict:
+    """Write the quantized graph to `out_dir/model.onnx`; return the counts for the manifest.
+    `oldest_onnxruntime`: the oldest runtime the device has; operators it lacks are avoided."""
     import onnx
 
     bits = {"int8": 8, "int4": 4}.get(recipe.precision)
     if bits is None:
         raise ExportError(f"quantize() handles int8 and int4, not {recipe.precision}")
     model = onnx.load(str(onnx_path))
-    rewriter = _Rewriter(model.graph, recipe, bits)
+    plain_gather = bool(oldest_onnxruntime) and version_tuple(oldest_onnxruntime) < GATHER_BLOCK_QUANTIZED_SINCE
+    rewriter = _Rewriter(model.graph, recipe, bits, plain_gather)
     progress(f"quantizing {rewriter.weight_matrices()} weight matrices to {bits} bits "
              f"({'symmetric' if recipe.symmetric else 'asymmetric'}, blocks of {recipe.block_size})")
     counts = rewriter.run()
@@ -111,8 +123,8 @@ def quantize(onnx_path: Path, recipe: Quantize, out_dir: Path, progress=lambda m
 class _Rewriter:
     """Replaces float weight consumers node by node; each source initializer is quantized once."""
 
-    def __init__(self, graph, recipe: Quantize, bits: int):
-        self.graph, self.recipe, self.bits = graph, recipe, bits
+    def __init__(self, graph, recipe: Quantize, bits: int, plain_gather: bool = False):
+        self.graph, self.recipe, self.bits, self.plain_gather = graph, recipe, bits, plain_gather
         self.weights = {init.name: init for init in graph.initializer}
         self.cache: dict[str, tuple[str, str, str | None, QuantizedWeight]] = {}
         self.new_inits: list = []
@@ -208,7 +220,7 @@ class _Rewriter:
         if qw.k % qw.block_size:
             raise ExportError(f"embedding width {qw.k} is not a multiple of block_size {qw.block_size}")
         rows, blocks = qw.scales.shape
-        if zp is None:
+        if zp is None and not self.plain_gather:
             # GatherBlockQuantized reads the same bytes as the LM head's MatMulNBits; it wants
             # scales of the data's rank, a [V, blocks, 1] view folded by onnxruntime at load.
             scales3d = self._node("Reshape", [scales, self._const(np.array([rows, blocks, 1], np.int64), out + ".s3")],
@@ -217,8 +229,8 @@ class _Rewriter:
                                 bits=bits, block_size=qw.block_size, gather_axis=0, quantize_axis=2)
             self.counts["GatherBlockQuantized"] += 1
         else:
-            # GatherBlockQuantized takes integer zero points only: gather the rows and
-            # dequantize them with plain operators (a few rows a step, so cheap).
+            # GatherBlockQuantized takes integer zero points only, and older runtimes lack it:
+            # gather the rows and dequantize them with plain operators (a few rows a step, so cheap).
             picked = self._node("Gather", [data, ids], out + ".rows")
             if bits == 4:
                 four = self._const(np.array(4, np.uint8), out + ".four")
@@ -232,8 +244,11 @@ class _Rewriter:
                                                                   out + ".qshape")], out + ".q")
             values = self._node("Cast", [picked], out + ".qf", to=1)
             last = self._const(np.array([-1], np.int64), out + ".axis")
-            zero2d = self._node("Reshape", [zp, self._const(np.array([rows, blocks], np.int64), out + ".zshape")], out + ".zp2d")
-            zero = self._node("Unsqueeze", [self._node("Gather", [zero2d, ids], out + ".zrows"), last], out + ".z")
+            if zp is None:  # symmetric: the kernels' fixed zero point
+                zero = self._const(np.array(1 << (bits - 1), np.float32), out + ".z")
+            else:
+                zero2d = self._node("Reshape", [zp, self._const(np.array([rows, blocks], np.int64), out + ".zshape")], out + ".zp2d")
+                zero = self._node("Unsqueeze", [self._node("Gather", [zero2d, ids], out + ".zrows"), last], out + ".z")
             scale = self._node("Unsqueeze", [self._node("Gather", [scales, ids], out + ".srows"), last], out + ".s")
             picked = self._node("Mul", [self._node("Sub", [values, zero], out + ".centred"), scale], out + ".blocks")
             self.counts["dequantized_gathers"] += 1

@@ -148,3 +148,19 @@ def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
     assert acc["tokens"] > 2000 and 0 <= acc["top1_agreement"] <= 1
     model = runtime.load(tmp_path / "b", threads=1)
     assert len(model.generate("The capital", max_new_tokens=5).token_ids) <= 5
+
+
+def test_old_runtimes_get_plain_operators_with_the_same_numbers(fp32_graph, tmp_path):
+    """onnxruntime before 1.27 lacks GatherBlockQuantized's `bits`: the embedding is gathered and
+    dequantized with standard operators instead, to the same values."""
+    quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "new", oldest_onnxruntime="1.27.0")
+    counts = quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "old", oldest_onnxruntime="1.20.1")
+    assert counts["GatherBlockQuantized"] == 0 and counts["dequantized_gathers"] == 1 and counts["shared_tied_embedding"]
+    _, ops = _ops(tmp_path / "old" / "model.onnx")
+    assert "GatherBlockQuantized" not in ops and ops["MatMulNBits"] == 11
+    ids = [1, 40, 41, 42, 43, 44, 45]
+    assert np.abs(_logits(tmp_path / "old" / "model.onnx", ids) - _logits(tmp_path / "new" / "model.onnx", ids)).max() < 1e-5
+    from edge_slm.pipeline import min_onnxruntime
+
+    assert min_onnxruntime(tmp_path / "new" / "model.onnx") == "1.27.0"
+    assert min_onnxruntime(tmp_path / "old" / "model.onnx") == "1.20.0"

@@ -230,3 +230,16 @@ def test_threads_and_providers_default_to_the_profile(tiny_bundle):
     assert model.session.session.get_session_options().intra_op_num_threads == 2  # x86-laptop: threads = 2
     with pytest.raises(EdgeSlmError, match="threads is 0; use 1 or more"):
         runtime.load(tiny_bundle, threads=0)
+
+
+def test_too_old_onnxruntime_is_refused_naming_both_versions(tiny_bundle, tmp_path):
+    import onnxruntime
+
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["min_onnxruntime"] == "1.20.0"
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["min_onnxruntime"] = "99.0.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"needs onnxruntime >= 99.0.0, this device has {onnxruntime.__version__}"):
+        runtime.load(copy)

@@ -64,6 +64,7 @@ def load(bundle: str | Path, threads: int | None = None, providers: list[str] | 
     for name in ("tokenizer.json", "generation.json", manifest["graph"]["file"]):
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
+    _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))
     profile_runtime = manifest["profile"]["runtime"]
     chosen = pick_providers(providers or profile_runtime["execution_providers"])
     session = DecoderSession(bundle / manifest["graph"]["file"], manifest,
@@ -74,6 +75,17 @@ def load(bundle: str | Path, threads: int | None = None, providers: list[str] | 
         raise BundleError(f"{bundle / 'tokenizer.json'}: cannot be read ({exc})") from None
     generation = json.loads((bundle / "generation.json").read_text())
     return Model(bundle, manifest, session, tokenizer, generation)
+
+
+def _check_onnxruntime(bundle: Path, needed: str | None, have: str | None = None) -> None:
+    """Refuse, in our words, a bundle this onnxruntime is too old for (before onnxruntime's own error)."""
+    import onnxruntime
+
+    have = have or onnxruntime.__version__
+    as_tuple = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:3] if p.isdigit())  # noqa: E731
+    if needed and as_tuple(have) < as_tuple(needed):
+        raise BundleError(f"{bundle}: this bundle needs onnxruntime >= {needed}, this device has {have}: "
+                          f"`pip install 'onnxruntime>={needed}'`, or rebuild for a profile that lists {have}")
 
 
 class Model:
