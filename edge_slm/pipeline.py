@@ -121,11 +121,11 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
 
 def min_onnxruntime(onnx_path: Path) -> str:
     """The oldest onnxruntime known to run this graph: 1.20 for the fused graph and MatMulNBits
-    (1.20.1 ran them under emulation), 1.27 once GatherBlockQuantized with `bits` is used."""
+    (1.20.1 ran them under emulation), 1.24 once GatherBlockQuantized with `bits` is used."""
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-    return "1.27.0" if "GatherBlockQuantized" in ops else "1.20.0"
+    return "1.24.0" if "GatherBlockQuantized" in ops else "1.20.0"
 
 
 def _load_tokenizer(model_dir: Path, add_bos: bool):

@@ -89,8 +89,9 @@ def dequantize_rows(qw: QuantizedWeight) -> np.ndarray:
 
 
 # GatherBlockQuantized's `bits` attribute (8-bit tables) is unknown to older onnxruntime builds:
-# 1.20.1, 1.22.1 and 1.24.1 refuse it (seen under emulation, aarch64 wheels); 1.27.0 runs it.
-GATHER_BLOCK_QUANTIZED_SINCE = (1, 27)
+# 1.20.1 and 1.22.1 refuse it, 1.24.1 and 1.27.0 run it (seen under emulation, aarch64 wheels;
+# 1.23 not tried, so it counts as too old).
+GATHER_BLOCK_QUANTIZED_SINCE = (1, 24)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
