@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from ..bundle import verify_bundle
 from ..errors import BundleError, EdgeSlmError
+from .cpu import warn_if_mismatched
 from .sampling import Sampler, SamplingConfig
 from .session import ContextFullError, DecoderSession, pick_providers
 from .textstream import TextStream
@@ -65,6 +66,7 @@ def load(bundle: str | Path, threads: int | None = None, providers: list[str] | 
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
     _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))
+    warn_if_mismatched(manifest["profile"])
     profile_runtime = manifest["profile"]["runtime"]
     chosen = pick_providers(providers or profile_runtime["execution_providers"])
     session = DecoderSession(bundle / manifest["graph"]["file"], manifest,

@@ -1,0 +1,49 @@
+"""What this CPU can do, against what a bundle's profile was built for: one warning, once."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+log = logging.getLogger("edge_slm.runtime")
+_NOT_CPU_FLAGS = {"neon", "cuda"}  # neon is "asimd" in /proc/cpuinfo; cuda is a GPU
+_warned: set[str] = set()
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    return flags
+
+
+def missing_features(device: dict, machine: str | None = None, flags: set[str] | None = None) -> list[str]:
+    """What the bundle's device section expects that this CPU lacks (arch first)."""
+    machine = machine or platform.machine()
+    arch = {"arm64": "aarch64", "AMD64": "x86_64"}.get(machine, machine)
+    if device.get("arch") and device["arch"] != arch:
+        return [f"arch {device['arch']} (this is {arch})"]
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return []  # no /proc/cpuinfo (macOS, Windows): nothing to say
+    return [f for f in device.get("features", []) if f not in _NOT_CPU_FLAGS and f not in flags]
+
+
+def warn_if_mismatched(profile: dict, machine: str | None = None, flags: set[str] | None = None) -> list[str]:
+    missing = missing_features(profile.get("device", {}), machine, flags)
+    key = profile.get("name", "") + ",".join(missing)
+    if missing and key not in _warned:
+        _warned.add(key)
+        hint = " (an rpi5 bundle on a Pi 4: build for rpi4)" if "asimddp" in missing else ""
+        log.warning("this bundle was built for %s, but this CPU lacks %s: it will run, slower than planned%s; "
+                    "build one for this device with `edge-slm build --target <its profile>`",
+                    profile.get("name", "another device"), ", ".join(missing), hint)
+    return missing
