@@ -92,6 +92,9 @@ def dequantize_rows(qw: QuantizedWeight) -> np.ndarray:
 # 1.20.1 and 1.22.1 refuse it, 1.24.1 and 1.27.0 run it (seen under emulation, aarch64 wheels;
 # 1.23 not tried, so it counts as too old).
 GATHER_BLOCK_QUANTIZED_SINCE = (1, 24)
+# MatMulNBits with 8-bit weights: onnxruntime 1.20.1 accepts 4 bits only ("Only 4b quantization is
+# supported"); 1.24.1 and 1.27.0 run 8-bit bundles under emulation (1.21-1.23 not tried).
+MATMUL_NBITS_8BIT_SINCE = (1, 24)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -108,7 +111,13 @@ def quantize(onnx_path: Path, recipe: Quantize, out_dir: Path, progress=lambda m
     if bits is None:
         raise ExportError(f"quantize() handles int8 and int4, not {recipe.precision}")
     model = onnx.load(str(onnx_path))
-    plain_gather = bool(oldest_onnxruntime) and version_tuple(oldest_onnxruntime) < GATHER_BLOCK_QUANTIZED_SINCE
+    oldest = version_tuple(oldest_onnxruntime) if oldest_onnxruntime else None
+    if oldest and oldest < MATMUL_NBITS_8BIT_SINCE and 8 in (bits, recipe.embedding_bits):
+        raise ExportError(
+            f"8-bit MatMulNBits needs onnxruntime >= {'.'.join(map(str, MATMUL_NBITS_8BIT_SINCE))}, but the profile "
+            f"lists onnxruntime {oldest_onnxruntime} (it runs 4-bit weights only): drop that version from "
+            "[runtime] onnxruntime_versions, or build with --precision fp32")
+    plain_gather = bool(oldest) and oldest < GATHER_BLOCK_QUANTIZED_SINCE
     rewriter = _Rewriter(model.graph, recipe, bits, plain_gather)
     progress(f"quantizing {rewriter.weight_matrices()} weight matrices to {bits} bits "
              f"({'symmetric' if recipe.symmetric else 'asymmetric'}, blocks of {recipe.block_size})")

@@ -151,16 +151,22 @@ def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
 
 
 def test_old_runtimes_get_plain_operators_with_the_same_numbers(fp32_graph, tmp_path):
-    """onnxruntime before 1.24 lacks GatherBlockQuantized's `bits`: the embedding is gathered and
-    dequantized with standard operators instead, to the same values."""
-    quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "new", oldest_onnxruntime="1.27.0")
-    counts = quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "old", oldest_onnxruntime="1.20.1")
+    """onnxruntime before 1.24 lacks GatherBlockQuantized's `bits` and 8-bit MatMulNBits: a 4-bit
+    bundle for it gathers and dequantizes the embedding with standard operators, to the same
+    values; an 8-bit one is refused with the reason."""
+    recipe = Quantize("int4", block_size=32, symmetric=True)
+    quantize(fp32_graph, recipe, tmp_path / "new", oldest_onnxruntime="1.27.0")
+    counts = quantize(fp32_graph, recipe, tmp_path / "old", oldest_onnxruntime="1.20.1")
     assert counts["GatherBlockQuantized"] == 0 and counts["dequantized_gathers"] == 1 and counts["shared_tied_embedding"]
     _, ops = _ops(tmp_path / "old" / "model.onnx")
     assert "GatherBlockQuantized" not in ops and ops["MatMulNBits"] == 11
     ids = [1, 40, 41, 42, 43, 44, 45]
     assert np.abs(_logits(tmp_path / "old" / "model.onnx", ids) - _logits(tmp_path / "new" / "model.onnx", ids)).max() < 1e-5
+    from edge_slm.errors import ExportError
     from edge_slm.pipeline import min_onnxruntime
 
     assert min_onnxruntime(tmp_path / "new" / "model.onnx") == "1.24.0"
     assert min_onnxruntime(tmp_path / "old" / "model.onnx") == "1.20.0"
+    assert min_onnxruntime(fp32_graph) == "1.20.0"
+    with pytest.raises(ExportError, match=r"8-bit MatMulNBits needs onnxruntime >= 1.24, but the profile lists onnxruntime 1.20.1"):
+        quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "int8", oldest_onnxruntime="1.20.1")
