@@ -27,6 +27,11 @@ from .targets import Profile
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MS_DOMAIN = "com.microsoft"
+GQA_POSITION_IDS_SINCE = (1, 24)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,12 @@ def build_fused_graph(model, shape: ModelShape, profile: Profile):
     node("Cast", ["total_len_64"], ["total_seq_len"], to=TensorProto.INT32)
 
     node("Gather", [embed, "input_ids"], ["embeddings"])
+    # GroupQueryAttention takes position_ids (and so can apply the rotary embedding itself) from
+    # onnxruntime 1.24 on (1.20.1 accepts 9 inputs at most; 1.24.1 ran it under emulation).
+    oldest = min((_version(v) for v in profile.runtime.onnxruntime_versions), default=(0,))
+    rotary_in_attention = oldest >= GQA_POSITION_IDS_SINCE
+    qkv_split = None if rotary_in_attention else const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
     hidden, residual = "embeddings", None
-    qkv_split = const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         ln_in = const(p + "input_layernorm.weight", weights[p + "input_layernorm.weight"])
@@ -178,16 +187,26 @@ def build_fused_graph(model, shape: ModelShape, profile: Profile):
             b_qkv = np.concatenate([weights[a + "q_proj.bias"], weights[a + "k_proj.bias"],
                                     weights[a + "v_proj.bias"]])
             qkv = node("Add", [qkv, const(a + "qkv_proj.bias", b_qkv)], [f"l{i}.qkv_bias"])[0]
-        q, k, v = node("Split", [qkv, qkv_split], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
-        q = node("RotaryEmbedding", [q, "position_ids", "rotary.cos", "rotary.sin"], [f"l{i}.q_rot"],
-                 domain=MS_DOMAIN, num_heads=N, interleaved=0)[0]
-        k = node("RotaryEmbedding", [k, "position_ids", "rotary.cos", "rotary.sin"], [f"l{i}.k_rot"],
-                 domain=MS_DOMAIN, num_heads=K, interleaved=0)[0]
-        attn = node("GroupQueryAttention",
-                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                     "seqlens_k", "total_seq_len"],
-                    [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"],
-                    domain=MS_DOMAIN, num_heads=N, kv_num_heads=K, scale=1.0 / math.sqrt(H))[0]
+        if rotary_in_attention:
+            # Packed QKV straight into GroupQueryAttention, which applies the rotary embedding
+            # itself at the graph's position_ids: two RotaryEmbedding and a Split fewer a layer.
+            attn = node("GroupQueryAttention",
+                        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                         "seqlens_k", "total_seq_len", "rotary.cos", "rotary.sin", "position_ids"],
+                        [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"],
+                        domain=MS_DOMAIN, num_heads=N, kv_num_heads=K, scale=1.0 / math.sqrt(H),
+                        do_rotary=1, rotary_interleaved=0)[0]
+        else:
+            q, k, v = node("Split", [qkv, qkv_split], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
+            q = node("RotaryEmbedding", [q, "position_ids", "rotary.cos", "rotary.sin"], [f"l{i}.q_rot"],
+                     domain=MS_DOMAIN, num_heads=N, interleaved=0)[0]
+            k = node("RotaryEmbedding", [k, "position_ids", "rotary.cos", "rotary.sin"], [f"l{i}.k_rot"],
+                     domain=MS_DOMAIN, num_heads=K, interleaved=0)[0]
+            attn = node("GroupQueryAttention",
+                        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                         "seqlens_k", "total_seq_len"],
+                        [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"],
+                        domain=MS_DOMAIN, num_heads=N, kv_num_heads=K, scale=1.0 / math.sqrt(H))[0]
         o = node("MatMul", [attn, const(a + "o_proj.weight", weights[a + "o_proj.weight"].T)],
                  [f"l{i}.attn_out"])[0]
 

@@ -121,13 +121,14 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
 
 def min_onnxruntime(onnx_path: Path) -> str:
     """The oldest onnxruntime known to run this graph: 1.20 for the fused graph and 4-bit
-    MatMulNBits (1.20.1 ran them under emulation); 1.24 for 8-bit MatMulNBits and for
-    GatherBlockQuantized with `bits` (1.20.1 and 1.22.1 refused them, 1.24.1 ran them)."""
+    MatMulNBits (1.20.1 ran them under emulation); 1.24 for 8-bit MatMulNBits, GatherBlockQuantized
+    with `bits` and GroupQueryAttention with position_ids (1.20.1 refused them, 1.24.1 ran them)."""
     import onnx
 
     nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
     newer = any(n.op_type == "GatherBlockQuantized" or (n.op_type == "MatMulNBits" and any(
-        a.name == "bits" and a.i == 8 for a in n.attribute)) for n in nodes)
+        a.name == "bits" and a.i == 8 for a in n.attribute)) or (n.op_type == "GroupQueryAttention" and len(n.input) > 9)
+        for n in nodes)
     return "1.24.0" if newer else "1.20.0"
 
 

@@ -62,9 +62,9 @@ def test_fused_node_counts(tiny_llama, tiny_qwen2, tmp_path):
                       load_external_data=False).graph
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert len(graph.node) == 14 * layers + 13
+    assert len(graph.node) == 11 * layers + 13
     assert ops["GroupQueryAttention"] == layers
-    assert ops["RotaryEmbedding"] == 2 * layers
+    assert "RotaryEmbedding" not in ops and "Split" not in ops  # rotary inside GroupQueryAttention
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers  # 2L-1 inside, plus the final norm
     assert ops["MatMul"] == 5 * layers  # qkv, o, gate, up, down; the tied LM head is a Gemm
     assert ops["Gemm"] == 1
@@ -119,3 +119,22 @@ def test_validation_report_numbers(tiny_llama, tmp_path):
     assert report["passed"] and [s["phase"] for s in report["steps"]] == ["prefill"] + ["decode"] * 3
     assert report["steps"][0]["tokens"] == len(PROMPT)
     assert 0 <= report["max_abs_diff"]["logits"] < 1e-4
+
+
+def test_profiles_with_old_runtimes_get_separate_rotary_nodes(tiny_llama, tmp_path):
+    """onnxruntime 1.20 takes no position_ids in GroupQueryAttention: RotaryEmbedding nodes instead,
+    the same numbers."""
+    from edge_slm.pipeline import min_onnxruntime
+
+    profile = load_profile("jetson-orin")  # lists onnxruntime 1.20.0
+    model = load_torch_model(tiny_llama)
+    exported = export(model, profile, tmp_path)
+    graph, ops = onnx.load(str(exported.onnx_path), load_external_data=False).graph, {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    assert len(graph.node) == 14 * 2 + 13 and ops["RotaryEmbedding"] == 4 and ops["Split"] == 2
+    assert min_onnxruntime(exported.onnx_path) == "1.20.0"
+    for logits_diff, key_diff in _run_steps(exported.onnx_path, model, PROMPT, steps=4):
+        assert logits_diff < FP32_TOL.logits and key_diff < FP32_TOL.present
+    newer = export(model, load_profile("x86-laptop"), tmp_path / "new")
+    assert min_onnxruntime(newer.onnx_path) == "1.24.0"

@@ -150,10 +150,11 @@ def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
     assert len(model.generate("The capital", max_new_tokens=5).token_ids) <= 5
 
 
-def test_old_runtimes_get_plain_operators_with_the_same_numbers(fp32_graph, tmp_path):
+def test_old_runtimes_get_plain_operators_with_the_same_numbers(tiny_llama, tmp_path):
     """onnxruntime before 1.24 lacks GatherBlockQuantized's `bits` and 8-bit MatMulNBits: a 4-bit
     bundle for it gathers and dequantizes the embedding with standard operators, to the same
     values; an 8-bit one is refused with the reason."""
+    fp32_graph = export(load_torch_model(tiny_llama), load_profile("jetson-orin"), tmp_path / "fp32").onnx_path
     recipe = Quantize("int4", block_size=32, symmetric=True)
     quantize(fp32_graph, recipe, tmp_path / "new", oldest_onnxruntime="1.27.0")
     counts = quantize(fp32_graph, recipe, tmp_path / "old", oldest_onnxruntime="1.20.1")
@@ -165,7 +166,7 @@ def test_old_runtimes_get_plain_operators_with_the_same_numbers(fp32_graph, tmp_
     from edge_slm.errors import ExportError
     from edge_slm.pipeline import min_onnxruntime
 
-    assert min_onnxruntime(tmp_path / "new" / "model.onnx") == "1.24.0"
+    assert min_onnxruntime(tmp_path / "new" / "model.onnx") == "1.24.0"  # GatherBlockQuantized
     assert min_onnxruntime(tmp_path / "old" / "model.onnx") == "1.20.0"
     assert min_onnxruntime(fp32_graph) == "1.20.0"
     with pytest.raises(ExportError, match=r"8-bit MatMulNBits needs onnxruntime >= 1.24, but the profile lists onnxruntime 1.20.1"):

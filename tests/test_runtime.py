@@ -235,7 +235,7 @@ def test_threads_and_providers_default_to_the_profile(tiny_bundle):
 def test_too_old_onnxruntime_is_refused_naming_both_versions(tiny_bundle, tmp_path):
     import onnxruntime
 
-    assert json.loads((tiny_bundle / "manifest.json").read_text())["min_onnxruntime"] == "1.20.0"
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["min_onnxruntime"] == "1.24.0"  # GQA with position_ids
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())

@@ -42,8 +42,12 @@ def warn_if_mismatched(profile: dict, machine: str | None = None, flags: set[str
     key = profile.get("name", "") + ",".join(missing)
     if missing and key not in _warned:
         _warned.add(key)
+        if missing[0].startswith("arch "):
+            what = f"this machine is not {missing[0][5:]}"
+        else:
+            what = f"this CPU lacks {', '.join(missing)}"
         hint = " (an rpi5 bundle on a Pi 4: build for rpi4)" if "asimddp" in missing else ""
-        log.warning("this bundle was built for %s, but this CPU lacks %s: it will run, slower than planned%s; "
+        log.warning("this bundle was built for %s, but %s: it will run, slower than planned%s; "
                     "build one for this device with `edge-slm build --target <its profile>`",
-                    profile.get("name", "another device"), ", ".join(missing), hint)
+                    profile.get("name", "another device"), what, hint)
     return missing
