@@ -39,14 +39,13 @@ def measure(candidate: Path, reference: Path, model_info: dict, encode, threads:
     cand = GraphScorer(candidate, model_info, encode, threads)
     ref = GraphScorer(reference, model_info, encode, threads)
     got = evaluate(cand, text, ref, window=WINDOW)
-    base = evaluate(ref, text, None, window=WINDOW)
     return {
         "text": text_path.name,
         "tokens": got["scored_tokens"],
         "window": WINDOW,
         "perplexity": got["perplexity"],
-        "reference_perplexity": base["perplexity"],
-        "ppl_increase": got["perplexity"] / base["perplexity"] - 1,
+        "reference_perplexity": got["reference_perplexity"],
+        "ppl_increase": got["perplexity"] / got["reference_perplexity"] - 1,
         "top1_agreement": got["top1_agreement"],
         "mean_kl": got["mean_kl"],
     }

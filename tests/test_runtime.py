@@ -153,6 +153,7 @@ def test_eval_matches_torch_perplexity(model, hf, tiny_bundle):
     assert result["scored_tokens"] == count
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert result["top1_agreement"] == 1.0 and abs(result["mean_kl"]) < 1e-9
+    assert result["reference_perplexity"] == pytest.approx(result["perplexity"], rel=1e-12)
 
 
 def cli(*args, stdin=None):

@@ -25,7 +25,7 @@ def evaluate(model, text: str, reference=None, window: int | None = None, progre
         raise EdgeSlmError("the reference bundle tokenizes the text differently: compare bundles of the same model")
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
-    nll = scored = agree = 0
+    nll = ref_nll = scored = agree = 0
     kl_sum = 0.0
     for n, chunk in enumerate(windows):
         logp = model.logprobs(chunk)
@@ -34,6 +34,7 @@ def evaluate(model, text: str, reference=None, window: int | None = None, progre
         scored += len(targets)
         if reference is not None:
             ref = reference.logprobs(chunk)
+            ref_nll -= float(ref[np.arange(len(targets)), targets].sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
             kl_sum += float((np.exp(ref) * (ref - logp)).sum())
         progress(n + 1, len(windows))
@@ -41,7 +42,7 @@ def evaluate(model, text: str, reference=None, window: int | None = None, progre
               "perplexity": math.exp(nll / scored), "mean_nll": nll / scored}
     if reference is not None:
         result.update({"reference": str(reference.path), "top1_agreement": agree / scored,
-                       "mean_kl": kl_sum / scored})
+                       "mean_kl": kl_sum / scored, "reference_perplexity": math.exp(ref_nll / scored)})
     return result
 
 
