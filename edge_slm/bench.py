@@ -68,19 +68,6 @@ def git_commit() -> str | None:
         return None
 
 
-def peak_rss_mb() -> float:
-    """The kernel's high-water mark of resident memory for this process."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    from .runtime import peak_rss_mb as from_rusage
-
-    return from_rusage()
-
-
 def prompt_ids(model, count: int) -> list[int]:
     """`count` tokens of the shipped evaluation text: real prose, the same on every device."""
     ids = model.encode((Path(__file__).parent / "data" / "eval.txt").read_text(encoding="utf-8"))
@@ -92,6 +79,7 @@ def prompt_ids(model, count: int) -> list[int]:
 def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int, warmup: int) -> dict:
     """One setting, in this process: the worker side of `run()`."""
     from . import runtime
+    from .runtime import peak_rss_mb
 
     start = time.perf_counter()
     model = runtime.load(bundle, threads=threads, verify=False)

@@ -22,16 +22,12 @@ import numpy as np
 
 from .errors import ExportError
 from .load import check_architecture
-from .targets import Profile
+from .targets import Profile, version_tuple
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MS_DOMAIN = "com.microsoft"
 GQA_POSITION_IDS_SINCE = (1, 24)
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
 @dataclass(frozen=True)
@@ -163,8 +159,8 @@ def build_fused_graph(model, shape: ModelShape, profile: Profile):
     node("Gather", [embed, "input_ids"], ["embeddings"])
     # GroupQueryAttention takes position_ids (and so can apply the rotary embedding itself) from
     # onnxruntime 1.24 on (1.20.1 accepts 9 inputs at most; 1.24.1 ran it under emulation).
-    oldest = min((_version(v) for v in profile.runtime.onnxruntime_versions), default=(0,))
-    rotary_in_attention = oldest >= GQA_POSITION_IDS_SINCE
+    oldest = profile.runtime.oldest_onnxruntime
+    rotary_in_attention = oldest is not None and version_tuple(oldest) >= GQA_POSITION_IDS_SINCE
     qkv_split = None if rotary_in_attention else const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
     hidden, residual = "embeddings", None
     for i in range(shape.num_layers):

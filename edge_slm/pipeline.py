@@ -77,11 +77,11 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
         quantization = accuracy = None
         if quantized:
             from . import gate
-            from .quantize import quantize, version_tuple
+            from .quantize import quantize
 
             progress.stage(f"quantizing to {precision}")
             counts = quantize(exported.onnx_path, profile.quantize, stage, progress=progress.note,
-                              oldest_onnxruntime=min(profile.runtime.onnxruntime_versions, key=version_tuple, default=None))
+                              oldest_onnxruntime=profile.runtime.oldest_onnxruntime)
             quantization = {"recipe": dataclasses.asdict(profile.quantize), "counts": counts}
             progress.note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
                           f"quantized embedding, {counts['float_matmuls_left']} float matmuls left, "

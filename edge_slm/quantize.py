@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ExportError
 from .export import DATA_FILE, MODEL_FILE, MS_DOMAIN
-from .targets import Quantize
+from .targets import Quantize, version_tuple
 
 
 # Recipes used when `--precision` asks for a precision other than the profile's own.
@@ -95,10 +95,6 @@ GATHER_BLOCK_QUANTIZED_SINCE = (1, 24)
 # MatMulNBits with 8-bit weights: onnxruntime 1.20.1 accepts 4 bits only ("Only 4b quantization is
 # supported"); 1.24.1 and 1.27.0 run 8-bit bundles under emulation (1.21-1.23 not tried).
 MATMUL_NBITS_8BIT_SINCE = (1, 24)
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
 
 
 def quantize(onnx_path: Path, recipe: Quantize, out_dir: Path, progress=lambda msg: None,

@@ -35,11 +35,20 @@ class Device:
     cuda_compute_capability: Optional[str] = None
 
 
+def version_tuple(text: str) -> tuple[int, ...]:
+    """"1.24.1" -> (1, 24, 1); local suffixes such as "+cpu" are ignored."""
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
 @dataclass(frozen=True)
 class Runtime:
     execution_providers: tuple[str, ...]
     threads: int
     onnxruntime_versions: tuple[str, ...] = ()
+
+    @property
+    def oldest_onnxruntime(self) -> str | None:
+        return min(self.onnxruntime_versions, key=version_tuple, default=None)
 
 
 @dataclass(frozen=True)

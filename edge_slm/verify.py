@@ -28,6 +28,7 @@ import numpy as np
 from .bundle import read_manifest
 from .errors import EdgeSlmError
 from .load import cache_root
+from .targets import version_tuple
 
 CPUS = {"cortex-a72": "Raspberry Pi 4", "cortex-a76": "Raspberry Pi 5"}
 DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libstdc++6", "libgcc-s1",
@@ -122,7 +123,7 @@ def verify(bundle: Path, cpu: str, onnxruntime: str | None = None, tokens: int =
         raise EdgeSlmError(f"--emulate {cpu!r}: choose one of {', '.join(CPUS)}")
     manifest = read_manifest(bundle)
     versions = manifest["profile"]["runtime"].get("onnxruntime_versions") or ["1.27.0"]
-    onnxruntime = onnxruntime or max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+    onnxruntime = onnxruntime or max(versions, key=version_tuple)
     root = prepare_sysroot(onnxruntime, progress)
     progress(f"host: {tokens} greedy tokens")
     host = greedy_trace(Path(bundle), tokens, threads)

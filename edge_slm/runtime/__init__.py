@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from ..bundle import verify_bundle
 from ..errors import BundleError, EdgeSlmError
+from ..targets import version_tuple
 from .cpu import warn_if_mismatched
 from .sampling import Sampler, SamplingConfig
 from .session import ContextFullError, DecoderSession, pick_providers
@@ -36,7 +37,14 @@ def _raise_template_error(message: str):
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports kB, macOS bytes)."""
+    """Peak resident memory of this process so far: the kernel's high-water mark (VmHWM) where
+    /proc exists, else getrusage (Linux reports kB, macOS bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
@@ -84,8 +92,7 @@ def _check_onnxruntime(bundle: Path, needed: str | None, have: str | None = None
     import onnxruntime
 
     have = have or onnxruntime.__version__
-    as_tuple = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:3] if p.isdigit())  # noqa: E731
-    if needed and as_tuple(have) < as_tuple(needed):
+    if needed and version_tuple(have) < version_tuple(needed):
         raise BundleError(f"{bundle}: this bundle needs onnxruntime >= {needed}, this device has {have}: "
                           f"`pip install 'onnxruntime>={needed}'`, or rebuild for a profile that lists {have}")
 
