@@ -72,27 +72,12 @@ def worker_torch(cfg: dict) -> dict:
 
 
 def _loop(cfg, prefill, step, load_s) -> dict:
-    ttft, pp, tg, steps_ms = [], [], [], []
-    for rep in range(cfg["warmup"] + cfg["repetitions"]):
-        t0 = time.perf_counter()
-        token = prefill(cfg["ids"])
-        t1 = time.perf_counter()
-        steps = []
-        for _ in range(cfg["gen_tokens"] - 1):
-            s = time.perf_counter()
-            token = step(token)
-            steps.append(time.perf_counter() - s)
-        if rep >= cfg["warmup"]:
-            ttft.append((t1 - t0) * 1e3)
-            pp.append(len(cfg["ids"]) / (t1 - t0))
-            tg.append(len(steps) / sum(steps))
-            steps_ms.extend(x * 1e3 for x in steps)
-    peak = 0.0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) / 1024
-    return {"load_s": load_s, "ttft_ms": ttft, "prefill_tok_s": pp, "decode_tok_s": tg,
-            "decode_latency_ms": steps_ms, "peak_rss_mb": peak}
+    # The same loop and statistics as `edge-slm bench`, imported from the repository's package
+    # (its bench module needs only the standard library, so the llama.cpp venv can import it).
+    from edge_slm.bench import peak_rss_mb, timed_runs
+
+    timings = timed_runs(prefill, step, cfg["ids"], cfg["gen_tokens"], cfg["repetitions"], cfg["warmup"])
+    return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -117,14 +102,16 @@ def main() -> None:
         return
 
     from edge_slm import __version__, runtime
-    from edge_slm.bench import git_commit, machine, prompt_ids, stats
+    from edge_slm.bench import git_commit, machine, prompt_ids
 
     ids = prompt_ids(runtime.load(args.bundle, verify=False), args.prompt_tokens)
     size = Path(args.gguf).stat().st_size if args.gguf else None
     for threads in [int(t) for t in args.threads.split(",")]:
         cfg = {"system": args.system, "gguf": args.gguf, "threads": threads, "ids": ids, "prompt_tokens": args.prompt_tokens,
                "gen_tokens": args.gen_tokens, "repetitions": args.repetitions, "warmup": args.warmup}
-        env = {"PATH": "/usr/bin:/bin"} if args.system == "llama.cpp" else None
+        # The llama.cpp venv imports llama_cpp, numpy and this repository's edge_slm package only.
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)} \
+            if args.system == "llama.cpp" else None
         proc = subprocess.run([args.python, __file__, "--system", args.system, "--out", args.out, "--worker", json.dumps(cfg)],
                               capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -140,8 +127,7 @@ def main() -> None:
                          "repetitions": args.repetitions, "warmup": args.warmup, "provider": args.system, "cpu_arena": None},
             "machine": machine(),
             "versions": {"edge_slm": __version__, "git_commit": git_commit()},
-            "results": {"load_s": raw["load_s"], "peak_rss_mb": raw["peak_rss_mb"],
-                        **{k: stats(raw[k]) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_latency_ms")}},
+            "results": raw,
             "accuracy": None,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

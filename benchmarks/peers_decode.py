@@ -53,50 +53,24 @@ def worker_edge(args) -> dict:
     return {"samples": samples}
 
 
+def _peer(system: str, args) -> dict:
+    """llama.cpp and transformers through benchmarks/peers.py's workers: the same loop."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
+
+    cfg = {"system": system, "gguf": args.gguf, "threads": args.threads, "ids": args.ids, "prompt_tokens": len(args.ids),
+           "gen_tokens": args.tokens, "repetitions": args.reps, "warmup": 1}
+    raw = (peers.worker_llama if system == "llama.cpp" else peers.worker_torch)(cfg)
+    return {"samples": [{"ttft_ms": t, "decode_tok_s": d}
+                        for t, d in zip(raw["ttft_ms"]["samples"], raw["decode_tok_s"]["samples"])]}
+
+
 def worker_torch(args) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from edge_slm.load import load
-
-    torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(load(None).path, dtype="float32", attn_implementation="eager").eval()
-    samples = []
-    for rep in range(args.reps + 1):
-        with torch.no_grad():
-            t = time.perf_counter()
-            out = model(torch.tensor([args.ids]), use_cache=True)
-            token = int(out.logits[0, -1].argmax())
-            first = time.perf_counter()
-            cache = out.past_key_values
-            for _ in range(args.tokens - 1):
-                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
-            end = time.perf_counter()
-        if rep:
-            samples.append({"ttft_ms": (first - t) * 1e3, "decode_tok_s": (args.tokens - 1) / (end - first)})
-    return {"samples": samples}
+    return _peer("transformers", args)
 
 
 def worker_llama(args) -> dict:
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=args.gguf, n_threads=args.threads, n_ctx=512, n_batch=512, verbose=False)
-    samples = []
-    for rep in range(args.reps + 1):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(args.ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        first = time.perf_counter()
-        for _ in range(args.tokens - 1):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        end = time.perf_counter()
-        if rep:
-            samples.append({"ttft_ms": (first - t) * 1e3, "decode_tok_s": (args.tokens - 1) / (end - first)})
-    return {"samples": samples}
+    return _peer("llama.cpp", args)
 
 
 WORKERS = {"edge-slm": worker_edge, "transformers": worker_torch, "llama.cpp": worker_llama}
@@ -150,8 +124,8 @@ def main() -> None:
             if args.gguf:
                 cmd += ["--gguf", args.gguf]
             env = None
-            if worker == "llama.cpp":  # the llama venv imports only llama_cpp and numpy
-                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ""}
+            if worker == "llama.cpp":  # the llama venv imports llama_cpp, numpy and this repository's edge_slm
+                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")

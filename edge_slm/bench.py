@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def git_commit() -> str | None:
         return None
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far: the kernel's high-water mark (VmHWM) where
+    /proc exists, else getrusage (Linux reports kB, macOS bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
 def prompt_ids(model, count: int) -> list[int]:
     """`count` tokens of the shipped evaluation text: real prose, the same on every device."""
     ids = model.encode((Path(__file__).parent / "data" / "eval.txt").read_text(encoding="utf-8"))
@@ -76,10 +90,32 @@ def prompt_ids(model, count: int) -> list[int]:
     return ids[:count]
 
 
+def timed_runs(prefill, step, prompt: list[int], gen_tokens: int, repetitions: int, warmup: int) -> dict:
+    """The timing loop every system shares (edge-slm here, the peers in benchmarks/peers.py):
+    `prefill(ids)` and `step(token)` each return the next greedy token. Warm-up runs dropped."""
+    ttft, prefill_rate, decode, step_ms = [], [], [], []
+    for rep in range(warmup + repetitions):
+        t0 = time.perf_counter()
+        token = prefill(prompt)
+        t1 = time.perf_counter()
+        steps = []
+        for _ in range(gen_tokens - 1):
+            s0 = time.perf_counter()
+            token = step(token)
+            steps.append(time.perf_counter() - s0)
+        if rep < warmup:
+            continue
+        ttft.append((t1 - t0) * 1e3)
+        prefill_rate.append(len(prompt) / (t1 - t0))
+        decode.append(len(steps) / sum(steps))
+        step_ms.extend(s * 1e3 for s in steps)
+    return {"ttft_ms": stats(ttft), "prefill_tok_s": stats(prefill_rate), "decode_tok_s": stats(decode),
+            "decode_latency_ms": stats(step_ms)}
+
+
 def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int, warmup: int) -> dict:
     """One setting, in this process: the worker side of `run()`."""
     from . import runtime
-    from .runtime import peak_rss_mb
 
     start = time.perf_counter()
     model = runtime.load(bundle, threads=threads, verify=False)
@@ -88,27 +124,16 @@ def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, rep
         raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed the bundle's context of {model.context_length}")
     ids = prompt_ids(model, prompt_tokens)
     session = model.session
-    ttft, prefill, decode, step_ms = [], [], [], []
-    for rep in range(warmup + repetitions):
+
+    def prefill(prompt):
         session.reset()
-        t0 = time.perf_counter()
-        logits = session.forward(ids)
-        token = int(logits.argmax())
-        t1 = time.perf_counter()
-        steps = []
-        for _ in range(gen_tokens - 1):
-            s0 = time.perf_counter()
-            token = int(session.forward([token]).argmax())
-            steps.append(time.perf_counter() - s0)
-        if rep < warmup:
-            continue
-        ttft.append((t1 - t0) * 1e3)
-        prefill.append(prompt_tokens / (t1 - t0))
-        decode.append(len(steps) / sum(steps))
-        step_ms.extend(s * 1e3 for s in steps)
-    return {"load_s": load_s, "ttft_ms": stats(ttft), "prefill_tok_s": stats(prefill),
-            "decode_tok_s": stats(decode), "decode_latency_ms": stats(step_ms),
-            "peak_rss_mb": peak_rss_mb(), "providers": session.providers}
+        return int(session.forward(prompt).argmax())
+
+    def step(token):
+        return int(session.forward([token]).argmax())
+
+    timings = timed_runs(prefill, step, ids, gen_tokens, repetitions, warmup)
+    return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb(), "providers": session.providers}
 
 
 def run(bundle: Path, threads: list[int], prompt_tokens: int = 128, gen_tokens: int = 64, repetitions: int = 5,

@@ -10,8 +10,6 @@ Never imports torch (a test proves it). Used by `edge-slm generate | chat | eval
 from __future__ import annotations
 
 import json
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..bench import peak_rss_mb
 from ..bundle import verify_bundle
 from ..errors import BundleError, EdgeSlmError
 from ..targets import version_tuple
@@ -34,19 +33,6 @@ ROLES = ("system", "user", "assistant")
 
 def _raise_template_error(message: str):
     raise EdgeSlmError(f"the chat template refused the messages: {message}")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far: the kernel's high-water mark (VmHWM) where
-    /proc exists, else getrusage (Linux reports kB, macOS bytes)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 @dataclass
