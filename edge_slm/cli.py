@@ -59,16 +59,21 @@ def targets(as_json: bool) -> None:
 @click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Override the profile's precision.")
 @click.option("--allow-accuracy-loss", is_flag=True, help="Publish the bundle even if it misses its accuracy budget.")
-def build(target: str, model: str | None, out: Path | None, precision: str | None, allow_accuracy_loss: bool) -> None:
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Calibration text for static int8 (QDQ) [edge_slm/data/calibration.txt].")
+def build(target: str, model: str | None, out: Path | None, precision: str | None, allow_accuracy_loss: bool,
+          calibration: Path | None) -> None:
     """Build, validate and bundle a model for one target."""
     from .targets import load_profile
 
     profile = load_profile(target)  # fail fast, before the heavy imports
+    if calibration is not None and not calibration.is_file():
+        raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
     from .pipeline import build as run_build
 
     out = out or Path("export") / profile.name
     manifest = run_build(model, profile, out, echo=_echo_err, precision=precision,
-                         allow_accuracy_loss=allow_accuracy_loss)
+                         allow_accuracy_loss=allow_accuracy_loss, calibration=calibration)
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
     checked = "validated against torch" + (", accuracy gate passed" if (manifest.get("accuracy") or {}).get("passed") else "")
     click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, {checked})")
@@ -120,7 +125,27 @@ def _quantization_lines(manifest: dict) -> list[str]:
     if not quant:
         return ["quantize     none (fp32 reference)"]
     r, c = quant["recipe"], quant["counts"]
-    lines = [
+    method = quant.get("method", "weight-only-blockwise")
+    if method == "fp16":
+        lines = [f"quantize     fp16: {c['float16_initializers']} weight tensors float16, KV cache "
+                 f"{c['kv_cache_dtype']}, logits {c['logits_dtype']}"]
+    elif method == "qdq-s8s8-static":
+        lines = [
+            f"quantize     int8 S8S8 QDQ (TensorRT), static activation scales from {quant['calibration']['file']} "
+            f"({c['calibration_tokens']} tokens, percentile {c['percentile']}), SmoothQuant on "
+            f"{c['smoothed_activations']} activations",
+            f"quantized    {c['quantized_matmuls']} matmuls with int8 per-channel weights, {c['QuantizeLinear']} int8 "
+            f"activations, {c['activations_kept_float']} kept float (int8 product error > "
+            f"{100 * c['max_error']:.0f}%: {len(c['kept_float_by_error'])}; keep_float: {', '.join(r['keep_float']) or 'none'}), "
+            f"tied table stored once: {c['shared_embedding_gathers'] == 1}",
+        ]
+    else:
+        lines = _weight_only_lines(r, c)
+    return lines + _accuracy_lines(acc)
+
+
+def _weight_only_lines(r: dict, c: dict) -> list[str]:
+    return [
         f"quantize     {r['precision']} weight-only, {'symmetric' if r['symmetric'] else 'asymmetric'}, blocks of "
         f"{r['block_size']}{' (' + ', '.join(r['block_size_overrides']) + ')' if r.get('block_size_overrides') else ''}, "
         f"accuracy_level {r['accuracy_level']}, embedding {c['embedding_bits']} bits"
@@ -128,6 +153,10 @@ def _quantization_lines(manifest: dict) -> list[str]:
         f"quantized    {c['MatMulNBits']} MatMulNBits, {c['GatherBlockQuantized'] + c['dequantized_gathers']} embedding "
         f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}",
     ]
+
+
+def _accuracy_lines(acc: dict | None) -> list[str]:
+    lines = []
     if acc:
         budget = acc.get("budget") or {}
         verdict = {True: "within budget", False: "OUTSIDE budget (built with --allow-accuracy-loss)", None: "no budget"}[acc["passed"]]

@@ -17,12 +17,13 @@ from pathlib import Path
 from . import __version__
 from .bundle import staging_dir, write_manifest
 from .errors import ProfileError
+from .hashing import sha256_file
 from .export import DATA_FILE, MODEL_FILE, export, load_torch_model
 from .load import load
 from .targets import Profile
 from .validate import validate
 
-SUPPORTED_PRECISIONS = ("fp32", "int8", "int4")  # fp16 (Jetson) is not built yet
+SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VALIDATION_QUESTION = "What is the capital of France?"
 
 
@@ -41,13 +42,19 @@ class Progress:
 
 
 def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precision: str | None = None,
-          allow_accuracy_loss: bool = False) -> dict:
+          allow_accuracy_loss: bool = False, calibration: Path | None = None) -> dict:
     """Build the bundle for `profile` at `out`; return its manifest. `precision` overrides the
-    profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway."""
+    profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway;
+    `calibration` replaces the shipped calibration text for static (QDQ) int8."""
     if precision and precision != profile.quantize.precision:
         from .quantize import PRESETS
 
-        recipe = PRESETS.get(precision, dataclasses.replace(profile.quantize, precision=precision))
+        own = profile.quantize
+        recipe = PRESETS.get(precision, dataclasses.replace(own, precision=precision))
+        # How this device runs int8 (weight-only or TensorRT's QDQ) stays the profile's choice.
+        recipe = dataclasses.replace(recipe, int8_format=own.int8_format, smooth_alphas=own.smooth_alphas,
+                                     max_product_error=own.max_product_error, keep_float=own.keep_float,
+                                     calibration_percentile=own.calibration_percentile)
         profile = dataclasses.replace(profile, quantize=recipe)
     precision = profile.quantize.precision
     if precision not in SUPPORTED_PRECISIONS:
@@ -55,7 +62,7 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             f"{profile.name}: precision '{precision}' is not built yet (supported now: "
             f"{', '.join(SUPPORTED_PRECISIONS)}); pass --precision with one of those"
         )
-    quantized = precision in ("int8", "int4")
+    quantized = precision != "fp32"
     progress = Progress(total=7 if quantized else 5, echo=echo)
     progress.stage(f"loading model {model_ref or 'smollm2-135m (default)'}")
     loaded = load(model_ref, progress=progress.note)
@@ -77,19 +84,16 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
         quantization = accuracy = None
         if quantized:
             from . import gate
-            from .quantize import quantize
 
-            progress.stage(f"quantizing to {precision}")
-            counts = quantize(exported.onnx_path, profile.quantize, stage, progress=progress.note,
-                              oldest_onnxruntime=profile.runtime.oldest_onnxruntime)
-            quantization = {"recipe": dataclasses.asdict(profile.quantize), "counts": counts}
-            progress.note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
-                          f"quantized embedding, {counts['float_matmuls_left']} float matmuls left, "
-                          f"{_mb(stage / MODEL_FILE, stage / DATA_FILE)} MB")
-            progress.stage(f"accuracy gate: {precision} against fp32 on {gate.EVAL_TEXT.name}")
             model_info = {**exported.shape.__dict__, "context_length": profile.export.context_length}
+            encode = lambda text: tokenizer(text, add_special_tokens=loaded.add_bos).input_ids  # noqa: E731
+            progress.stage(f"converting to {precision}")
+            quantization = _reduce_precision(exported.onnx_path, profile, stage, model_info, encode, calibration,
+                                             progress.note)
+            progress.note(f"{_mb(stage / MODEL_FILE, stage / DATA_FILE)} MB")
+            progress.stage(f"accuracy gate: {precision} against fp32 on {gate.EVAL_TEXT.name}")
             measured = gate.measure(stage / MODEL_FILE, exported.onnx_path, model_info,
-                                    lambda text: tokenizer(text, add_special_tokens=loaded.add_bos).input_ids)
+                                    encode)
             accuracy = gate.check(measured, getattr(profile.budget, precision), precision, allow_accuracy_loss)
             verdict = {True: "within budget", False: "OUTSIDE budget (allowed by --allow-accuracy-loss)",
                        None: "no budget"}[accuracy["passed"]]
@@ -117,6 +121,50 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             "versions": _versions(),
         })
     return manifest
+
+
+def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info: dict, encode,
+                      calibration: Path | None, note) -> dict:
+    """fp16, TensorRT's QDQ int8 or weight-only int8 / int4, as the recipe says; returns the
+    manifest's quantization section."""
+    recipe = profile.quantize
+    section = {"recipe": dataclasses.asdict(recipe)}
+    if recipe.precision == "fp16":
+        from .fp16 import convert_fp16
+
+        section["method"] = "fp16"
+        section["counts"] = convert_fp16(fp32_path, stage, progress=note)
+    elif recipe.precision == "int8" and recipe.int8_format == "qdq":
+        from .qdq import CALIBRATION_TEXT, quantize_qdq
+
+        text_path = Path(calibration) if calibration else CALIBRATION_TEXT
+        section["method"] = "qdq-s8s8-static"
+        section["calibration"] = {"file": text_path.name, "sha256": sha256_file(text_path)}
+        counts = quantize_qdq(fp32_path, stage, encode(_read_text(text_path)), model_info,
+                              smooth_alphas=recipe.smooth_alphas, percentile=recipe.calibration_percentile,
+                              keep_float=recipe.keep_float, max_error=recipe.max_product_error,
+                              progress=lambda m: None if "pass" in m else note(m))
+        section["counts"] = counts
+        note(f"{counts['quantized_matmuls']} matmuls with int8 weights, {counts['QuantizeLinear']} int8 activations "
+             f"(static, from {counts['calibration_tokens']} calibration tokens), "
+             f"{counts['activations_kept_float']} activations kept float")
+    else:
+        from .quantize import quantize
+
+        section["method"] = "weight-only-blockwise"
+        counts = quantize(fp32_path, recipe, stage, progress=note, oldest_onnxruntime=profile.runtime.oldest_onnxruntime)
+        section["counts"] = counts
+        note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
+             f"quantized embedding, {counts['float_matmuls_left']} float matmuls left")
+    return section
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read the calibration text ({exc}); pass a UTF-8 text file") from None
+    return text
 
 
 def min_onnxruntime(onnx_path: Path) -> str:

@@ -41,10 +41,20 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class TensorRT:
+    """Options for onnxruntime's TensorRT execution provider (the shape profiles come from the bundle)."""
+    fp16_enable: bool = True
+    int8_enable: bool = False        # applied to int8 (QDQ) bundles only
+    engine_cache_path: str = "~/.cache/edge-slm/tensorrt"
+    max_prompt_tokens: int = 512     # largest prefill the shape profile allows
+
+
+@dataclass(frozen=True)
 class Runtime:
     execution_providers: tuple[str, ...]
     threads: int
     onnxruntime_versions: tuple[str, ...] = ()
+    tensorrt: Optional[TensorRT] = None
 
     @property
     def oldest_onnxruntime(self) -> str | None:
@@ -70,6 +80,11 @@ class Quantize:
     embedding_bits: int = 0         # bits for the embedding and a tied LM head; 0: as the precision
     fp16_scales: bool = False       # store scales / zero points in fp16 on disk (cast at load)
     block_size_overrides: tuple[str, ...] = ()  # "name-part:block", e.g. "mlp.down_proj:16"
+    int8_format: Literal["weight_only", "qdq"] = "weight_only"  # qdq: static S8S8 for TensorRT
+    smooth_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # qdq: SmoothQuant strengths tried per activation
+    max_product_error: float = 0.02  # qdq: activations whose int8 product errs more stay float
+    keep_float: tuple[str, ...] = ()  # qdq: activations left unquantized (glob on tensor names)
+    calibration_percentile: float = 100.0  # qdq: |x| percentile that sets an activation's scale
 
     def block_size_for(self, weight_name: str) -> int:
         for rule in self.block_size_overrides:
@@ -208,5 +223,11 @@ def _check_values(profile: Profile, where: str) -> None:
         raise ProfileError(f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise ProfileError(f"{where}: 'quantize.accuracy_level' is {q.accuracy_level}; use 0-4 (see onnxruntime MatMulNBits)")
+    if not q.smooth_alphas or any(not 0 <= a <= 1 for a in q.smooth_alphas):
+        raise ProfileError(f"{where}: 'quantize.smooth_alphas' is {list(q.smooth_alphas)}; list strengths from 0 (off) to 1")
+    if not 0 < q.max_product_error <= 1:
+        raise ProfileError(f"{where}: 'quantize.max_product_error' is {q.max_product_error}; use a share above 0, up to 1")
+    if not 90 <= q.calibration_percentile <= 100:
+        raise ProfileError(f"{where}: 'quantize.calibration_percentile' is {q.calibration_percentile}; use 90-100")
     if not profile.runtime.execution_providers:
         raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")

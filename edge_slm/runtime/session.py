@@ -37,13 +37,54 @@ def pick_providers(requested: tuple[str, ...] | list[str]) -> list[str]:
     return chosen
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def provider_options(providers: list[str], manifest: dict) -> list[dict]:
+    """Per-provider options: TensorRT's come from the profile's [runtime.tensorrt] table, with
+    shape profiles spanning one decode token to the largest prefill, over the bundle's KV cache."""
+    trt = manifest.get("profile", {}).get("runtime", {}).get("tensorrt") or {}
+    model = manifest["model"]
+    options = []
+    for provider in providers:
+        if provider != "TensorrtExecutionProvider":
+            options.append({})
+            continue
+        cache = Path(trt.get("engine_cache_path", "~/.cache/edge-slm/tensorrt")).expanduser()
+        cache = cache / manifest.get("files", {}).get("model.onnx", {}).get("sha256", "bundle")[:16]
+        kv = f"1x{model['num_kv_heads']}x{model['context_length']}x{model['head_dim']}"
+
+        def shapes(tokens: int, total: int) -> str:
+            dims = [f"input_ids:1x{tokens}", f"position_ids:1x{tokens}", f"attention_mask:1x{total}"]
+            dims += [f"past_key_values.{i}.{kind}:{kv}" for i in range(int(model["num_layers"])) for kind in ("key", "value")]
+            return ",".join(dims)
+
+        longest = int(trt.get("max_prompt_tokens", 512))
+        options.append({
+            "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
+            # Explicit QDQ graphs need the int8 flag; fp16 and fp32 bundles must not set it.
+            "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_profile_min_shapes": shapes(1, 1),
+            "trt_profile_opt_shapes": shapes(1, model["context_length"] // 2),
+            "trt_profile_max_shapes": shapes(longest, model["context_length"]),
+        })
+    return options
+
+
 class DecoderSession:
     def __init__(self, model_path: Path, manifest: dict, threads: int, providers: list[str]):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        per_provider = provider_options(providers, manifest)
+        for opts in per_provider:
+            if "trt_engine_cache_path" in opts:
+                Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        self.session = ort.InferenceSession(str(model_path), options, providers=providers,
+                                            provider_options=per_provider)
         self.providers = self.session.get_providers()
         model = manifest["model"]
         self.context_length = int(model["context_length"])
@@ -57,8 +98,13 @@ class DecoderSession:
         self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
         self.length = 0  # tokens in the cache
+        # fp16 bundles (Jetson) keep the cache in fp16; logits are fp32 in every bundle.
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        # On a GPU the cache lives in device memory: a decode step then moves only the new token.
+        self.kv_device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         if self.shared:
-            self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, np.float32, "cpu", 0)
+            self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, self.kv_dtype, self.kv_device, 0)
                              for _ in self.past_names]
             self._binding = self.session.io_binding()
             for past, present, buf in zip(self.past_names, self.present_names, self._buffers):
@@ -74,7 +120,7 @@ class DecoderSession:
 
     def _empty_past(self) -> list[np.ndarray]:
         shape = (1, self.kv_shape[1], 0, self.kv_shape[3])
-        return [np.zeros(shape, np.float32) for _ in self.past_names]
+        return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
 
     def reset(self) -> None:
         self.rollback(0)
