@@ -2,6 +2,8 @@
 
     edge-slm targets [--json]
     edge-slm build --target NAME|FILE [--model REF] [--out DIR] [--precision P] [--allow-accuracy-loss]
+                   [--calibration FILE]
+    edge-slm prune --model M --out DIR [--ffn R] [--head-groups N] [--layers N] [--recover-steps N]
     edge-slm inspect BUNDLE [--json] [--no-checksums]
     edge-slm generate BUNDLE PROMPT [--chat] [--max-new-tokens N] [--temperature T] ... [--json]
     edge-slm chat BUNDLE
@@ -79,6 +81,39 @@ def build(target: str, model: str | None, out: Path | None, precision: str | Non
     click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, {checked})")
     click.echo(f"inspect it:   edge-slm inspect {out}")
     click.echo(f"run it:       edge-slm generate {out} \"What is the capital of France?\" --chat")
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help="smollm2-135m (default), a .gguf file or a HF model dir.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--ffn", type=float, default=0.0, help="Share of FFN channels to remove in every layer (0.25 keeps 75%).")
+@click.option("--head-groups", type=int, default=0, help="Whole GQA groups (a key/value head and its query heads) to remove per layer.")
+@click.option("--layers", type=int, default=0, help="Whole decoder layers to remove (those that change their input least).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Text that importance scores and recovery use [edge_slm/data/calibration.txt].")
+@click.option("--recover-steps", type=int, default=0, help="Knowledge-distillation steps from the unpruned model (0: none).")
+@click.option("--recover-minutes", type=float, default=0.0, help="Stop recovery after this many minutes (0: no limit).")
+@click.option("--no-compensate", is_flag=True, help="Do not refit the output projections on the remaining channels.")
+def prune(model: str | None, out: Path, ffn: float, head_groups: int, layers: int, calibration: Path | None,
+          recover_steps: int, recover_minutes: float, no_compensate: bool) -> None:
+    """Remove layers, attention groups and FFN channels; optionally distil back; write a HF model dir."""
+    from .prune import PruneSettings, prune_directory
+    from .recover import RecoverySettings
+
+    if calibration is not None and not calibration.is_file():
+        raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
+    if recover_steps < 0 or recover_minutes < 0:
+        raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more")
+    settings = PruneSettings(ffn=ffn, head_groups=head_groups, layers=layers, compensate=not no_compensate)
+    if settings == PruneSettings(compensate=settings.compensate):
+        raise EdgeSlmError("nothing to prune: pass --ffn, --head-groups and/or --layers")
+    recovery = RecoverySettings(steps=recover_steps, time_budget_s=60 * recover_minutes) if recover_steps else None
+    record = prune_directory(model, settings, out, calibration, recovery, progress=_echo_err)
+    ppl = record["perplexity"]
+    click.echo(f"pruned model: {out}  ({record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M "
+               f"parameters; perplexity {ppl['before']:.2f} -> {ppl['pruned']:.2f}"
+               + (f" -> {ppl['recovered']:.2f} after recovery" if "recovered" in ppl else "") + ")")
+    click.echo(f"build it:     edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-pruned")
 
 
 @cli.command()

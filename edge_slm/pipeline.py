@@ -7,6 +7,7 @@ load -> export (fp32) -> validate against torch -> quantize -> accuracy gate -> 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import tempfile
@@ -63,9 +64,13 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             f"{', '.join(SUPPORTED_PRECISIONS)}); pass --precision with one of those"
         )
     quantized = precision != "fp32"
-    progress = Progress(total=7 if quantized else 5, echo=echo)
+    progress = Progress(total=(7 if quantized else 5) + bool(profile.prune), echo=echo)
     progress.stage(f"loading model {model_ref or 'smollm2-135m (default)'}")
     loaded = load(model_ref, progress=progress.note)
+    pruning = None
+    if profile.prune:
+        progress.stage(f"pruning for {profile.name}")
+        loaded, pruning = _pruned(loaded, model_ref, profile, calibration, progress.note)
     model = load_torch_model(loaded.path)
     tokenizer = _load_tokenizer(loaded.path, loaded.add_bos)
 
@@ -116,11 +121,44 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             "generation": {k: generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
             "profile": profile.to_dict(),
             "validation": validation,
+            "pruning": pruning,
             "quantization": quantization,
             "accuracy": accuracy,
             "versions": _versions(),
         })
     return manifest
+
+
+def _pruned(loaded, model_ref: str | None, profile: Profile, calibration: Path | None, note):
+    """The profile's pruned (and recovered) model, cached by everything that decides it: pruning
+    with recovery takes many minutes, a rebuild of the same target should not repeat it."""
+    from .load import cache_root
+    from .prune import CALIBRATION_TEXT, PruneSettings, prune_directory
+    from .recover import RecoverySettings
+
+    spec = profile.prune
+    settings = PruneSettings(ffn=spec.ffn, head_groups=spec.head_groups, layers=spec.layers)
+    recovery = (RecoverySettings(steps=spec.recover_steps, time_budget_s=60 * spec.recover_minutes)
+                if spec.recover_steps else None)
+    calibration_path = Path(calibration) if calibration else CALIBRATION_TEXT
+    key = json.dumps({"source": loaded.source.get("sha256"), "settings": dataclasses.asdict(settings),
+                      "recovery": dataclasses.asdict(recovery) if recovery else None,
+                      "calibration": sha256_file(calibration_path), "edge_slm": __version__}, sort_keys=True)
+    target = cache_root() / "pruned" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (target / "edge_slm_prune.json").is_file():
+        note(f"using the cached pruned model {target}")
+    else:
+        note(f"{settings.describe()}" + (f", then {spec.recover_steps} recovery steps" if recovery else ""))
+        prune_directory(model_ref, settings, target, calibration_path, recovery, progress=note)
+    record = json.loads((target / "edge_slm_prune.json").read_text())
+    summary = {k: record[k] for k in ("settings", "removed_layers", "parameters_before", "parameters_after",
+                                      "perplexity", "top1_agreement", "ppl_increase") if k in record}
+    summary["recovery"] = {k: v for k, v in (record.get("recovery") or {}).items() if k != "settings"} or None
+    note(f"{record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M parameters, perplexity "
+         f"{record['perplexity']['before']:.2f} -> {record['ppl_increase'] * 100:+.1f}% against the unpruned model")
+    pruned = load(str(target))
+    source = {**pruned.source, "pruned_from": loaded.source}
+    return dataclasses.replace(pruned, source=source), summary
 
 
 def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info: dict, encode,

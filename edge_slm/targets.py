@@ -95,6 +95,16 @@ class Quantize:
 
 
 @dataclass(frozen=True)
+class Prune:
+    """Structured pruning before export (`edge-slm prune`'s options)."""
+    ffn: float = 0.0                # share of FFN channels removed in every layer
+    head_groups: int = 0            # whole GQA groups removed in every layer
+    layers: int = 0                 # whole decoder layers removed
+    recover_steps: int = 0          # distillation steps from the unpruned model
+    recover_minutes: float = 0.0    # time budget for them (0: none)
+
+
+@dataclass(frozen=True)
 class AccuracyBudget:
     max_ppl_increase: float         # relative: 0.015 is +1.5% perplexity against fp32
     min_top1: float = 0.0           # share of next tokens that agree with fp32
@@ -117,6 +127,7 @@ class Profile:
     export: Export
     quantize: Quantize
     budget: Budget
+    prune: Optional[Prune] = None
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
