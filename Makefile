@@ -53,10 +53,10 @@ $(addprefix bench-,$(TARGETS)): bench-%: $(VENV)/.build-installed
 
 # Emulated Raspberry Pi CPUs (qemu-user-static, Debian's arm64 Python, PyPI's aarch64 wheels).
 verify-rpi4: $(VENV)/.build-installed qemu
-	$(BIN)/edge-slm verify export/rpi4 --emulate cortex-a72
+	$(BIN)/edge-slm verify export/rpi4 --emulate cortex-a72 --eval-tokens 256
 
 verify-rpi5: $(VENV)/.build-installed qemu
-	$(BIN)/edge-slm verify export/rpi5 --emulate cortex-a76
+	$(BIN)/edge-slm verify export/rpi5 --emulate cortex-a76 --eval-tokens 256
 
 report: $(VENV)/.test-installed
 	$(BIN)/edge-slm report $(wildcard benchmarks/results/*/*.jsonl) --out benchmarks/report
