@@ -129,26 +129,40 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
     return manifest
 
 
-def _pruned(loaded, model_ref: str | None, profile: Profile, calibration: Path | None, note):
-    """The profile's pruned (and recovered) model, cached by everything that decides it: pruning
-    with recovery takes many minutes, a rebuild of the same target should not repeat it."""
-    from .load import cache_root
-    from .prune import CALIBRATION_TEXT, PruneSettings, prune_directory
+def pruning_requests(profile: Profile):
+    """The profile's [prune] section as `edge-slm prune` settings and recovery settings."""
+    from .prune import PruneSettings
     from .recover import RecoverySettings
 
     spec = profile.prune
     settings = PruneSettings(ffn=spec.ffn, head_groups=spec.head_groups, layers=spec.layers)
     recovery = (RecoverySettings(steps=spec.recover_steps, time_budget_s=60 * spec.recover_minutes)
                 if spec.recover_steps else None)
-    calibration_path = Path(calibration) if calibration else CALIBRATION_TEXT
-    key = json.dumps({"source": loaded.source.get("sha256"), "settings": dataclasses.asdict(settings),
+    return settings, recovery
+
+
+def pruned_cache_dir(source: dict, settings, recovery, calibration_path: Path) -> Path:
+    """Where the pruned model of these inputs is cached: pruning with recovery takes many
+    minutes, and a rebuild of the same target should not repeat it."""
+    from .load import cache_root
+
+    key = json.dumps({"source": source.get("sha256"), "settings": dataclasses.asdict(settings),
                       "recovery": dataclasses.asdict(recovery) if recovery else None,
                       "calibration": sha256_file(calibration_path), "edge_slm": __version__}, sort_keys=True)
-    target = cache_root() / "pruned" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "pruned" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _pruned(loaded, model_ref: str | None, profile: Profile, calibration: Path | None, note):
+    """The profile's pruned (and recovered) model, from the cache or made now, and its summary."""
+    from .prune import CALIBRATION_TEXT, prune_directory
+
+    settings, recovery = pruning_requests(profile)
+    calibration_path = Path(calibration) if calibration else CALIBRATION_TEXT
+    target = pruned_cache_dir(loaded.source, settings, recovery, calibration_path)
     if (target / "edge_slm_prune.json").is_file():
         note(f"using the cached pruned model {target}")
     else:
-        note(f"{settings.describe()}" + (f", then {spec.recover_steps} recovery steps" if recovery else ""))
+        note(f"{settings.describe()}" + (f", then up to {recovery.steps} recovery steps" if recovery else ""))
         prune_directory(model_ref, settings, target, calibration_path, recovery, progress=note)
     record = json.loads((target / "edge_slm_prune.json").read_text())
     summary = {k: record[k] for k in ("settings", "removed_layers", "parameters_before", "parameters_after",
