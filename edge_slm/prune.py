@@ -37,10 +37,13 @@ class PruneSettings:
     head_groups: int = 0    # whole GQA groups removed in every layer
     layers: int = 0         # whole decoder layers removed
     compensate: bool = True  # refit the down / output projections on the remaining channels
+    sparsity: float = 0.0   # unstructured zeros per matrix row, for compression only (no speed)
+    sparsity_pattern: str = "unstructured"  # or "2:4": two zeros in every four inputs
 
     def describe(self) -> str:
         parts = [f"ffn -{100 * self.ffn:.0f}%" if self.ffn else "", f"-{self.head_groups} head groups" if self.head_groups else "",
-                 f"-{self.layers} layers" if self.layers else ""]
+                 f"-{self.layers} layers" if self.layers else "",
+                 f"{self.sparsity_pattern} sparsity {100 * self.sparsity:.0f}%" if self.sparsity else ""]
         return ", ".join(p for p in parts if p) or "nothing"
 
 
@@ -52,6 +55,9 @@ def check_settings(settings: PruneSettings, config) -> None:
     if not 0 <= settings.head_groups < groups:
         raise ModelError(f"--head-groups {settings.head_groups}: this model has {groups} key/value groups a layer; "
                          f"remove 0 to {groups - 1}")
+    if not 0 <= settings.sparsity < 1 or settings.sparsity_pattern not in ("unstructured", "2:4"):
+        raise ModelError(f"--sparsity {settings.sparsity} --sparsity-pattern {settings.sparsity_pattern}: give a share "
+                         "from 0 up to 1 and the pattern unstructured or 2:4")
     if not 0 <= settings.layers < config.num_hidden_layers:
         raise ModelError(f"--layers {settings.layers}: this model has {config.num_hidden_layers} layers; "
                          f"remove 0 to {config.num_hidden_layers - 1}")
@@ -207,9 +213,19 @@ def prune_model(model, tokenizer, settings: PruneSettings, calibration_text: str
             model.config.head_dim = head_dim  # no longer hidden_size / heads
             model.config.num_key_value_heads -= settings.head_groups
             model.config.num_attention_heads -= settings.head_groups * ratio
+    sparsity = None
+    if settings.sparsity:
+        from .sparsify import sparsify
+
+        progress(f"zeroing weights ({settings.sparsity_pattern}, {100 * settings.sparsity:.0f}%) by Wanda scores: "
+                 "compression only, no speed on dense kernels")
+        sparsity = sparsify(model, batches, settings.sparsity, settings.sparsity_pattern)
+        progress(f"{100 * sparsity['sparsity']:.1f}% of decoder weights are zero; compressed (zlib) "
+                 f"{sparsity['zlib_bytes_dense'] / 1e6:.0f} MB -> {sparsity['zlib_bytes_sparse'] / 1e6:.0f} MB")
     after = parameter_count(model)
     progress(f"{before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters ({100 * (1 - after / before):.1f}% fewer)")
     return {"settings": asdict(settings), "removed_layers": removed_layers, "removed_groups_per_layer": removed_groups,
+            "sparsity": sparsity,
             "parameters_before": before, "parameters_after": after,
             "config": {k: getattr(model.config, k) for k in ("num_hidden_layers", "num_attention_heads",
                                                              "num_key_value_heads", "intermediate_size")}}
@@ -291,7 +307,6 @@ def top1_against(model, reference, tokenizer, text: str, window: int = 512) -> d
 
 def save_pruned(model, tokenizer, out: Path, record: dict) -> None:
     """Write a standard Hugging Face directory plus `edge_slm_prune.json` (what was done, measured)."""
-    model.config.torch_dtype = "float32"
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "edge_slm_prune.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")

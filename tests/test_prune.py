@@ -186,3 +186,19 @@ def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, 
         bad = tmp_path / "bad.toml"
         bad.write_text(tiny_profile.read_text() + "\n[prune]\nhead_group = 1\n")
         load_profile(str(bad))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsity_is_compression_only(three_layers, pattern):
+    from edge_slm.sparsify import zero_share
+
+    model, tokenizer = load_torch_model(three_layers), _tokenizer(three_layers)
+    before = sum(p.numel() for p in model.parameters())
+    record = prune_model(model, tokenizer, PruneSettings(sparsity=0.5, sparsity_pattern=pattern), CALIBRATION)
+    sp = record["sparsity"]
+    assert sp["sparsity"] == pytest.approx(0.5) and zero_share(model) == pytest.approx(0.5, abs=1e-3)
+    assert record["parameters_after"] == before  # same shapes: dense kernels run exactly as before
+    assert sp["zlib_bytes_sparse"] < 0.75 * sp["zlib_bytes_dense"] and sp["speed"].startswith("none")
+    if pattern == "2:4":
+        weight = model.model.layers[0].mlp.up_proj.weight.detach().reshape(128, 16, 4)  # [ffn 128, hidden 64]
+        assert ((weight == 0).sum(-1) == 2).all()  # exactly two zeros in every four inputs
