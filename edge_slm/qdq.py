@@ -5,13 +5,16 @@ signed 8-bit values and zero points of 0 (symmetric) on both inputs of every mat
 static scales, since TensorRT does not quantize activations at run time. So:
 - each weight matrix is stored as int8, one scale per output channel, behind a DequantizeLinear;
 - each activation entering a MatMul / Gemm gets a QuantizeLinear -> DequantizeLinear pair whose
-  scale is max|x| / 127 measured by running the fp32 graph over the calibration text (the shipped
-  `edge_slm/data/calibration.txt`, or `--calibration FILE`), clipped at a high percentile so one
-  outlier token does not waste the whole range.
+  scale is max|x| / 127 (or a percentile of |x|) measured by running the fp32 graph over the
+  calibration text (the shipped `edge_slm/data/calibration.txt`, or `--calibration FILE`);
+- SmoothQuant moves activation outliers into the weights first (folded into the producer: a
+  norm's gain, the up projection, the value projection), its strength chosen per activation by
+  the least error of the int8 product on calibration tokens; activations whose int8 product
+  still errs by more than `max_error` stay float (TensorRT runs them in fp16).
 The tied embedding is quantized once: the Gather and the LM head read the same DequantizeLinear.
 ONNX Runtime's CPU provider runs the result (it fuses the pairs into integer kernels), which is
 how the accuracy gate measures it here without a GPU. Run by `edge-slm build --precision int8`
-for profiles whose `[quantize] format = "qdq"` (jetson-orin).
+for profiles whose `[quantize] int8_format = "qdq"` (jetson-orin).
 """
 
 from __future__ import annotations
