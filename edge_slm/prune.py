@@ -76,6 +76,20 @@ def calibration_batches(tokenizer, text: str, chunk: int = CHUNK) -> list:
     return [torch.tensor([ids[i:i + chunk]]) for i in range(0, len(ids), chunk) if len(ids[i:i + chunk]) >= 16]
 
 
+def calibration_pass(model, batches, hooks: list) -> None:
+    """Run the calibration batches through `model` with `hooks` (handles of registered torch
+    hooks) collecting what they need, then remove the hooks whatever happens."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def layer_influence(model, batches) -> list[float]:
     """1 - cos(input, output) of each decoder layer, averaged over calibration tokens."""
     import torch
@@ -91,13 +105,7 @@ def layer_influence(model, batches) -> list[float]:
             sums[index] += float((1 - cos).sum())
             counts[index] += cos.numel()
         hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_pass(model, batches, hooks)
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
@@ -124,13 +132,7 @@ def channel_scores(model, batches) -> tuple[list[np.ndarray], list[np.ndarray], 
 
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(ffn_hook))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_pass(model, batches, hooks)
     groups = config.num_key_value_heads
     per_group = config.num_attention_heads // groups * head_dim
     ffn_scores, group_scores = [], []

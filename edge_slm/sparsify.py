@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import zlib
 
+from .prune import calibration_pass
+
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -25,13 +27,7 @@ def input_norms(model, batches) -> dict[str, "object"]:
                 a = args[0].reshape(-1, args[0].shape[-1]).double()
                 sums[name] = sums.get(name, 0) + (a * a).sum(0)
             hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_pass(model, batches, hooks)
     return {name: s.sqrt().float() for name, s in sums.items()}
 
 
