@@ -21,6 +21,7 @@ from .errors import ProfileError
 from .hashing import sha256_file
 from .export import DATA_FILE, MODEL_FILE, export, load_torch_model
 from .load import load
+from .smooth import CALIBRATION_TEXT
 from .targets import Profile
 from .validate import validate
 
@@ -52,10 +53,11 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
 
         own = profile.quantize
         recipe = PRESETS.get(precision, dataclasses.replace(own, precision=precision))
-        # How this device runs int8 (weight-only or TensorRT's QDQ) stays the profile's choice.
-        recipe = dataclasses.replace(recipe, int8_format=own.int8_format, smooth_alphas=own.smooth_alphas,
-                                     max_product_error=own.max_product_error, keep_float=own.keep_float,
-                                     calibration_percentile=own.calibration_percentile)
+        if own.int8_format == "qdq":
+            # How this device runs int8 (TensorRT's static QDQ) stays the profile's choice.
+            recipe = dataclasses.replace(recipe, int8_format=own.int8_format, smooth_alphas=own.smooth_alphas,
+                                         max_product_error=own.max_product_error, keep_float=own.keep_float,
+                                         calibration_percentile=own.calibration_percentile)
         profile = dataclasses.replace(profile, quantize=recipe)
     precision = profile.quantize.precision
     if precision not in SUPPORTED_PRECISIONS:
@@ -154,7 +156,7 @@ def pruned_cache_dir(source: dict, settings, recovery, calibration_path: Path) -
 
 def _pruned(loaded, model_ref: str | None, profile: Profile, calibration: Path | None, note):
     """The profile's pruned (and recovered) model, from the cache or made now, and its summary."""
-    from .prune import CALIBRATION_TEXT, prune_directory
+    from .prune import prune_directory
 
     settings, recovery = pruning_requests(profile)
     calibration_path = Path(calibration) if calibration else CALIBRATION_TEXT
@@ -187,7 +189,7 @@ def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info
         section["method"] = "fp16"
         section["counts"] = convert_fp16(fp32_path, stage, progress=note)
     elif recipe.precision == "int8" and recipe.int8_format == "qdq":
-        from .qdq import CALIBRATION_TEXT, quantize_qdq
+        from .qdq import quantize_qdq
 
         text_path = Path(calibration) if calibration else CALIBRATION_TEXT
         section["method"] = "qdq-s8s8-static"
@@ -204,7 +206,13 @@ def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info
         from .quantize import quantize
 
         section["method"] = "weight-only-blockwise"
-        counts = quantize(fp32_path, recipe, stage, progress=note, oldest_onnxruntime=profile.runtime.oldest_onnxruntime)
+        calibration_ids = None
+        if recipe.smooth_alphas:
+            text_path = Path(calibration) if calibration else CALIBRATION_TEXT
+            section["calibration"] = {"file": text_path.name, "sha256": sha256_file(text_path)}
+            calibration_ids = encode(_read_text(text_path))
+        counts = quantize(fp32_path, recipe, stage, progress=note, oldest_onnxruntime=profile.runtime.oldest_onnxruntime,
+                          calibration_ids=calibration_ids, model_info=model_info)
         section["counts"] = counts
         note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
              f"quantized embedding, {counts['float_matmuls_left']} float matmuls left")

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
+from .smooth import CALIBRATION_TEXT
 
-CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 CHUNK = 256  # calibration tokens per forward pass
 
 

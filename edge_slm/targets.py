@@ -81,7 +81,7 @@ class Quantize:
     fp16_scales: bool = False       # store scales / zero points in fp16 on disk (cast at load)
     block_size_overrides: tuple[str, ...] = ()  # "name-part:block", e.g. "mlp.down_proj:16"
     int8_format: Literal["weight_only", "qdq"] = "weight_only"  # qdq: static S8S8 for TensorRT
-    smooth_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # qdq: SmoothQuant strengths tried per activation
+    smooth_alphas: tuple[float, ...] = ()  # SmoothQuant strengths tried per activation; () does not smooth
     max_product_error: float = 0.02  # qdq: activations whose int8 product errs more stay float
     keep_float: tuple[str, ...] = ()  # qdq: activations left unquantized (glob on tensor names)
     calibration_percentile: float = 100.0  # qdq: |x| percentile that sets an activation's scale
@@ -234,8 +234,9 @@ def _check_values(profile: Profile, where: str) -> None:
         raise ProfileError(f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise ProfileError(f"{where}: 'quantize.accuracy_level' is {q.accuracy_level}; use 0-4 (see onnxruntime MatMulNBits)")
-    if not q.smooth_alphas or any(not 0 <= a <= 1 for a in q.smooth_alphas):
-        raise ProfileError(f"{where}: 'quantize.smooth_alphas' is {list(q.smooth_alphas)}; list strengths from 0 (off) to 1")
+    if any(not 0 <= a <= 1 for a in q.smooth_alphas) or (q.int8_format == "qdq" and not q.smooth_alphas):
+        raise ProfileError(f"{where}: 'quantize.smooth_alphas' is {list(q.smooth_alphas)}; list strengths from 0 (off) to 1"
+                           + (" (static int8 needs at least one, e.g. [0.0])" if q.int8_format == "qdq" else ""))
     if not 0 < q.max_product_error <= 1:
         raise ProfileError(f"{where}: 'quantize.max_product_error' is {q.max_product_error}; use a share above 0, up to 1")
     if not 90 <= q.calibration_percentile <= 100:

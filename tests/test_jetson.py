@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from conftest import REPO
 from edge_slm.export import export, load_torch_model
 from edge_slm.hashing import sha256_file
-from edge_slm.qdq import CALIBRATION_TEXT, Smoothing, quantize_qdq
+from edge_slm.qdq import quantize_qdq
+from edge_slm.smooth import CALIBRATION_TEXT, Smoothing
 from edge_slm.runtime.session import provider_options
 from edge_slm.targets import load_profile
 
@@ -123,7 +124,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(fp32_graph, tiny_
 def test_smoothing_folds_leave_the_function_unchanged(fp32_graph, tiny_llama, tmp_path):
     """Dividing activations by s and multiplying weights by s must not change the float model:
     norm gains, the up projection (MLP product) and the grouped value projection (attention output)."""
-    from edge_slm.qdq import capture_activations, calibration_chunks
+    from edge_slm.smooth import capture_activations, calibration_chunks
 
     info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
     proto = onnx.load(str(fp32_graph))

@@ -14,7 +14,8 @@ import torch
 from conftest import REPO, make_model
 from edge_slm.errors import ModelError
 from edge_slm.export import load_torch_model
-from edge_slm.prune import (CALIBRATION_TEXT, PruneSettings, calibration_batches, channel_scores, layer_influence,
+from edge_slm.smooth import CALIBRATION_TEXT
+from edge_slm.prune import (PruneSettings, calibration_batches, channel_scores, layer_influence,
                             prune_model, save_pruned)
 from edge_slm.recover import RecoverySettings, recover
 
