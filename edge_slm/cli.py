@@ -192,12 +192,14 @@ def _quantization_lines(manifest: dict) -> list[str]:
 
 def _weight_only_lines(r: dict, c: dict) -> list[str]:
     return [
-        f"quantize     {r['precision']} weight-only, {'symmetric' if r['symmetric'] else 'asymmetric'}, blocks of "
+        f"quantize     {r['precision']} weight-only, "
+        f"{'symmetric' if r['symmetric'] else 'asymmetric (block minimum as ' + r.get('block_minimum', 'zero_points') + ')'}, blocks of "
         f"{r['block_size']}{' (' + ', '.join(r['block_size_overrides']) + ')' if r.get('block_size_overrides') else ''}, "
         f"accuracy_level {r['accuracy_level']}, embedding {c['embedding_bits']} bits"
         f"{', fp16 scales' if r.get('fp16_scales') else ''}",
         f"quantized    {c['MatMulNBits']} MatMulNBits, {c['GatherBlockQuantized'] + c['dequantized_gathers']} embedding "
-        f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}",
+        f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}"
+        + (f", {c['block_offset_products']} block-offset products" if c.get("block_offset_products") else ""),
     ]
 
 

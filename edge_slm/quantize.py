@@ -32,7 +32,9 @@ PRESETS = {
                      block_size_overrides=("embed_tokens:32",),
                      smooth_alphas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
     # 4-bit with a float minimum per block of 32 (GGUF Q4_1's own layout): on weights that came from
-    # a Q4_1 file it is exact. The embedding and tied head stay 8-bit (the source's are Q8_0).
+    # a Q4_1 file it is exact. The minimum runs as a separate small product (block_minimum
+    # "offsets"), so the kernel takes its symmetric fast path. The embedding and tied head stay
+    # 8-bit (the source's are Q8_0).
     "int4": Quantize("int4", block_size=32, symmetric=False, accuracy_level=4, fp16_scales=True,
                      embedding_bits=8),
 }
@@ -48,13 +50,16 @@ class QuantizedWeight:
     k: int                  # input channels before padding
 
 
-def quantize_rows(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+def quantize_rows(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                  fp16_scales: bool = False) -> QuantizedWeight:
     """Quantize each row of `weight` [N, K] in blocks of `block_size` along K.
 
     Symmetric: scale = max|w| / (2^(bits-1) - 1), zero point fixed at 2^(bits-1) (the kernels'
     default). Asymmetric: scale = (max - min) / (2^bits - 1) and a float zero point, so that each
     block's minimum and maximum are exact; on weights that came from a GGUF Q4_1 file (min + k*d
-    in blocks of 32) 4-bit asymmetric blocks of 32 reproduce them exactly.
+    in blocks of 32) 4-bit asymmetric blocks of 32 reproduce them exactly. `fp16_scales`
+    (asymmetric): round the scales to fp16 before the weights, so that they stay exact with the
+    scales the kernel reads (GGUF's own are fp16).
     """
     n, k = weight.shape
     blocks = -(-k // block_size)
@@ -71,6 +76,8 @@ def quantize_rows(weight: np.ndarray, bits: int, block_size: int, symmetric: boo
     else:
         lo, hi = w.min(axis=-1), w.max(axis=-1)
         scales = (hi - lo) / levels
+        if fp16_scales:
+            scales = scales.astype(np.float16).astype(np.float64)
         scales[scales == 0] = 1.0
         q = np.clip(np.rint((w - lo[..., None]) / scales[..., None]), 0, levels)
         zero = (-lo / scales).astype(np.float32)  # dequantized value = (q - zero) * scale
@@ -158,8 +165,11 @@ class _Rewriter:
         self.cache: dict[str, tuple[str, str, str | None, QuantizedWeight]] = {}
         self.new_inits: list = []
         self.nodes: list = []
+        self.block_sums: dict[tuple[str, int], str] = {}
         self.counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0, "dequantized_gathers": 0,
                        "float_matmuls_left": 0, "bits": bits, "embedding_bits": self._embedding_bits()}
+        if bits == 4 and not recipe.symmetric and recipe.block_minimum == "offsets":
+            self.counts["block_offset_products"] = 0
 
     def _embedding_bits(self) -> int:
         return self.recipe.embedding_bits or self.bits
@@ -180,14 +190,20 @@ class _Rewriter:
         return output
 
     def _quantized(self, name: str, rows: np.ndarray, bits: int):
+        """(data, scales, zero points or None, the weight) for `name`, quantized once. Zero points
+        are for 4 bits only (onnxruntime's CPU kernel takes 8-bit weights with float zero points
+        nowhere, and the default model's 8-bit source, Q8_0, is symmetric), and only when the
+        recipe passes them to the kernel (`block_minimum = "zero_points"`); with "offsets" the
+        caller adds the blocks' minimum as a separate product."""
         if name not in self.cache:
-            # Zero points are for 4 bits only: onnxruntime's CPU kernel takes 8-bit weights with
-            # float zero points nowhere, and the default model's 8-bit source (Q8_0) is symmetric.
-            qw = quantize_rows(rows, bits, self.recipe.block_size_for(name), self.recipe.symmetric or bits == 8)
+            qw = quantize_rows(rows, bits, self.recipe.block_size_for(name), self.recipe.symmetric or bits == 8,
+                               fp16_scales=self.recipe.fp16_scales)
             base = name.removesuffix(".weight") + f".q{bits}"
             data = self._const(qw.data, base + ".data")
             scales = self._half_stored(qw.scales, base + ".scales")
-            zp = None if qw.zero_points is None else self._half_stored(qw.zero_points.reshape(-1), base + ".zero_points")
+            zp = None
+            if qw.zero_points is not None and self.recipe.block_minimum == "zero_points":
+                zp = self._half_stored(qw.zero_points.reshape(-1), base + ".zero_points")
             self.cache[name] = (data, scales, zp, qw)
         return self.cache[name]
 
@@ -204,12 +220,38 @@ class _Rewriter:
 
         return numpy_helper.to_array(self.weights[name])
 
-    def _matmul_nbits(self, a: str, out: str, name: str, rows: np.ndarray, bits: int) -> None:
+    def _matmul_nbits(self, a: str, out: str, name: str, rows: np.ndarray, bits: int, rank: int) -> None:
         data, scales, zp, qw = self._quantized(name, rows, bits)
-        self._node("MatMulNBits", [a, data, scales] + ([zp] if zp else []), out, domain=MS_DOMAIN,
+        offsets = zp is None and qw.zero_points is not None  # asymmetric, run as symmetric + offsets
+        product = out + ".symmetric" if offsets else out
+        self._node("MatMulNBits", [a, data, scales] + ([zp] if zp else []), product, domain=MS_DOMAIN,
                    K=qw.k, N=rows.shape[0], bits=bits, block_size=qw.block_size,
                    accuracy_level=self.recipe.accuracy_level)
         self.counts["MatMulNBits"] += 1
+        if offsets:
+            # w = scale * (q - zero) = scale * (q - 8) + scale * (8 - zero): the symmetric kernel
+            # computes the first term; the second is constant over a block, so it contributes
+            # (sum of the block's inputs) x offset: one small float product [K / block, N].
+            offset = (qw.scales * ((1 << (bits - 1)) - qw.zero_points)).T.astype(np.float32)
+            base = name.removesuffix(".weight") + f".q{bits}"
+            correction = self._node("MatMul", [self._block_sums(a, qw, rank), self._const(offset, base + ".offsets")],
+                                    out + ".offset")
+            self._node("Add", [product, correction], out)
+            self.counts["block_offset_products"] += 1
+
+    def _block_sums(self, a: str, qw: QuantizedWeight, rank: int) -> str:
+        """Sum of `a` over each block of input channels, [..., K / block]; once per activation."""
+        key = (a, qw.block_size)
+        if key not in self.block_sums:
+            if qw.k % qw.block_size:
+                raise ExportError(f"input width {qw.k} is not a multiple of block_size {qw.block_size}: "
+                                  "set [quantize] block_minimum = \"zero_points\" for this model")
+            shape = [0] * (rank - 1) + [qw.k // qw.block_size, qw.block_size]
+            blocks = self._node("Reshape", [a, self._const(np.array(shape, np.int64), f"{a}.blocks{qw.block_size}.shape")],
+                                f"{a}.blocks{qw.block_size}")
+            self.block_sums[key] = self._node("ReduceSum", [blocks, self._const(np.array([-1], np.int64), f"{a}.last_axis")],
+                                              f"{a}.block_sums{qw.block_size}", keepdims=0)
+        return self.block_sums[key]
 
     def _tied_table(self, node) -> bool:
         return any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in self.graph.node)
@@ -218,11 +260,11 @@ class _Rewriter:
         for node in self.graph.node:
             weight = node.input[1] if len(node.input) > 1 and node.input[1] in self.weights else None
             if node.op_type == "MatMul" and weight and len(self.weights[weight].dims) == 2:
-                self._matmul_nbits(node.input[0], node.output[0], weight, self._array(weight).T, self.bits)
+                self._matmul_nbits(node.input[0], node.output[0], weight, self._array(weight).T, self.bits, rank=3)
             elif node.op_type == "Gemm" and weight and len(node.input) == 2 and _attr(node, "transB", 0) == 1:
                 # The tied LM head: its bits follow the embedding's, since both read one table.
                 bits = self._embedding_bits() if self._tied_table(node) else self.bits
-                self._matmul_nbits(node.input[0], node.output[0], weight, self._array(weight), bits)
+                self._matmul_nbits(node.input[0], node.output[0], weight, self._array(weight), bits, rank=2)
             elif (node.op_type == "Gather" and node.input[0] in self.weights and self.recipe.quantize_embedding
                   and _attr(node, "axis", 0) == 0):
                 self._gather(node)
@@ -249,6 +291,8 @@ class _Rewriter:
         if qw.k % qw.block_size:
             raise ExportError(f"embedding width {qw.k} is not a multiple of block_size {qw.block_size}")
         rows, blocks = qw.scales.shape
+        if zp is None and qw.zero_points is not None:  # an asymmetric table whose LM head runs on offsets
+            zp = self._half_stored(qw.zero_points.reshape(-1), table.removesuffix(".weight") + f".q{bits}.zero_points")
         if zp is None and not self.plain_gather:
             # GatherBlockQuantized reads the same bytes as the LM head's MatMulNBits; it wants
             # scales of the data's rank, a [V, blocks, 1] view folded by onnxruntime at load.

@@ -74,7 +74,11 @@ class Export:
 class Quantize:
     precision: Precision
     block_size: int = 32            # input channels sharing one scale (int8 / int4)
-    symmetric: bool = True          # False keeps a float zero point per block (4-bit weights only)
+    symmetric: bool = True          # False keeps a float minimum per block (4-bit weights only)
+    # How an asymmetric block's minimum reaches the kernel: "offsets" runs onnxruntime's symmetric
+    # fast path plus one small float product of per-block input sums; "zero_points" passes float
+    # zero points (exact too, but the CPU kernel has no fast path for them: 15x slower).
+    block_minimum: Literal["offsets", "zero_points"] = "offsets"
     accuracy_level: int = 4         # MatMulNBits compute type: 0/1 float, 4 int8 activations per block
     quantize_embedding: bool = True  # GatherBlockQuantized for the embedding table
     embedding_bits: int = 0         # bits for the embedding and a tied LM head; 0: as the precision
@@ -230,6 +234,8 @@ def _check_values(profile: Profile, where: str) -> None:
         if not part or not size.isdigit() or int(size) < 16 or int(size) & (int(size) - 1):
             raise ProfileError(f"{where}: 'quantize.block_size_overrides' entry {rule!r}; write \"name-part:block\" "
                                "with a power-of-two block from 16, e.g. \"mlp.down_proj:16\"")
+    if q.block_minimum not in ("offsets", "zero_points"):
+        raise ProfileError(f"{where}: 'quantize.block_minimum' is {q.block_minimum!r}; use \"offsets\" or \"zero_points\"")
     if q.embedding_bits not in (0, 4, 8):
         raise ProfileError(f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8")
     if q.accuracy_level not in (0, 1, 2, 3, 4):

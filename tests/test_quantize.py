@@ -87,18 +87,29 @@ def test_int8_quantizes_every_matrix_and_stores_the_tied_table_once(fp32_graph, 
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 6 / 7
 
 
-def test_int4_asymmetric_is_lossless_on_q4_1_weights(tiny_llama, tmp_path):
+@pytest.mark.parametrize("block_minimum", ["offsets", "zero_points"])
+def test_int4_asymmetric_is_lossless_on_q4_1_weights(tiny_llama, tmp_path, block_minimum):
     model = load_torch_model(tiny_llama)
     with torch.no_grad():  # make every matrix Q4_1-representable, as the default model's are
         for i, (name, param) in enumerate(model.named_parameters()):
             if param.dim() == 2:
                 param.copy_(torch.from_numpy(q4_1_like(tuple(param.shape), seed=i)))
     fp32 = export(model, load_profile("x86-laptop"), tmp_path / "fp32").onnx_path
-    counts = quantize(fp32, Quantize("int4", block_size=32, symmetric=False, accuracy_level=0), tmp_path / "q")
+    recipe = Quantize("int4", block_size=32, symmetric=False, accuracy_level=0, block_minimum=block_minimum)
+    counts = quantize(fp32, recipe, tmp_path / "q")
     assert counts["dequantized_gathers"] == 1 and counts["MatMulNBits"] == 11 and counts["shared_tied_embedding"]
+    graph, ops = _ops(tmp_path / "q" / "model.onnx")
+    inputs = {len(n.input) for n in graph.node if n.op_type == "MatMulNBits"}
+    if block_minimum == "offsets":
+        # The symmetric kernel (no zero-point input) plus one offset product per matrix, the block
+        # sums computed once per activation: attention and MLP norms, attention output, gate*up, final norm.
+        assert inputs == {3} and counts["block_offset_products"] == 11
+        assert ops["ReduceSum"] == 1 + 4 * LAYERS + 1 and ops["MatMul"] == 11 and ops["Add"] == 11
+    else:
+        assert inputs == {4} and "block_offset_products" not in counts
     ids = [1, 40, 41, 42, 43, 44, 45]
     assert np.abs(_logits(tmp_path / "q" / "model.onnx", ids) - _logits(fp32, ids)).max() < 1e-4
-    # 4 bits plus a float scale and zero point per 32 weights: 0.75 bytes a weight instead of 4.
+    # 4 bits plus a float scale and minimum per 32 weights: 0.75 bytes a weight instead of 4.
     def matrix_bytes(path):
         graph = onnx.load(str(path)).graph
         return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer if not i.name.startswith(("rotary", "const")))
