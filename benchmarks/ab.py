@@ -1,7 +1,7 @@
 """Interleaved A/B speed of two bundles in one process: the ratio, robust to a noisy machine.
 
     .venv/bin/python benchmarks/ab.py export/x86-laptop export/x86-laptop-fp32 --pairs 12 --threads 2 \
-        --out benchmarks/results/x86-laptop/ab.jsonl
+        --out benchmarks/ab/x86-laptop.jsonl
 
 `edge-slm bench` measures one bundle per fresh process; on a shared machine the speed drifts by
 10% between minutes, which is as large as the differences being judged. Here both bundles are
