@@ -118,7 +118,9 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             "precision": precision,
             "source": loaded.source,
             "model": {**exported.shape.__dict__, "context_length": profile.export.context_length},
-            "graph": _signature(stage / MODEL_FILE, exported.graph, profile),
+            "graph": {**_signature(stage / MODEL_FILE, exported.graph, profile),
+                      **({"prefill_file": quantization["counts"]["prefill_graph"]}
+                         if quantization and "prefill_graph" in quantization.get("counts", {}) else {})},
             "min_onnxruntime": min_onnxruntime(stage / MODEL_FILE),
             "generation": {k: generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
             "profile": profile.to_dict(),

@@ -80,6 +80,7 @@ class Quantize:
     # zero points (exact too, but the CPU kernel has no fast path for them: 15x slower).
     block_minimum: Literal["offsets", "zero_points"] = "offsets"
     accuracy_level: int = 4         # MatMulNBits compute type: 0/1 float, 4 int8 activations per block
+    prefill_accuracy_level: int = -1  # >= 0: a second graph for prompts (prefill.onnx, same weights) at this level
     quantize_embedding: bool = True  # GatherBlockQuantized for the embedding table
     embedding_bits: int = 0         # bits for the embedding and a tied LM head; 0: as the precision
     fp16_scales: bool = False       # store scales / zero points in fp16 on disk (cast at load)
@@ -238,6 +239,8 @@ def _check_values(profile: Profile, where: str) -> None:
         raise ProfileError(f"{where}: 'quantize.block_minimum' is {q.block_minimum!r}; use \"offsets\" or \"zero_points\"")
     if q.embedding_bits not in (0, 4, 8):
         raise ProfileError(f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8")
+    if q.prefill_accuracy_level not in (-1, 0, 1, 2, 3, 4):
+        raise ProfileError(f"{where}: 'quantize.prefill_accuracy_level' is {q.prefill_accuracy_level}; use -1 (no prefill graph) or 0-4")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise ProfileError(f"{where}: 'quantize.accuracy_level' is {q.accuracy_level}; use 0-4 (see onnxruntime MatMulNBits)")
     if any(not 0 <= a <= 1 for a in q.smooth_alphas) or (q.int8_format == "qdq" and not q.smooth_alphas):

@@ -11,7 +11,7 @@ import torch
 
 from edge_slm.errors import AccuracyBudgetError
 from edge_slm.export import export, load_torch_model
-from edge_slm.quantize import dequantize_rows, quantize, quantize_rows
+from edge_slm.quantize import PRESETS, dequantize_rows, quantize, quantize_rows
 from edge_slm.targets import AccuracyBudget, Quantize, load_profile
 
 LAYERS = 2
@@ -224,3 +224,40 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
     assert smooth_error < 0.5 * plain_error, (smooth_error, plain_error)
     with pytest.raises(Exception, match="no calibration text"):
         quantize(fp32, smoothed, tmp_path / "none")
+
+
+def test_prefill_graph_runs_prompts_and_shares_the_cache(tiny_llama, tiny_profile, tmp_path):
+    """`prefill_accuracy_level`: a second graph over the same weight file; the runtime runs prompts
+    through it and decode steps through the main graph, on one KV cache; scoring stays on the
+    main graph."""
+    from edge_slm import runtime
+    from edge_slm.pipeline import build
+
+    profile = load_profile(str(tiny_profile))
+    recipe = dataclasses.replace(PRESETS["int8"], prefill_accuracy_level=0)
+    profile = dataclasses.replace(profile, quantize=recipe)
+    manifest = build(str(tiny_llama), profile, tmp_path / "b", echo=lambda m: None)
+    assert manifest["graph"]["prefill_file"] == "prefill.onnx" and "prefill.onnx" in manifest["files"]
+    levels = {}
+    for name in ("model.onnx", "prefill.onnx"):
+        graph, _ = _ops(tmp_path / "b" / name)
+        levels[name] = {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in graph.node
+                        if n.op_type == "MatMulNBits"}
+        assert {i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}  # shared data
+    assert levels == {"model.onnx": {4}, "prefill.onnx": {0}}
+    assert not list((tmp_path / "b").glob("prefill.onnx.data"))  # the weights are on disk once
+
+    model = runtime.load(tmp_path / "b", threads=1)
+    session = model.session
+    prompt, step = [1, 40, 41, 42, 43, 44, 45], 46
+    first = session.forward(prompt)
+    assert np.abs(first - _logits(tmp_path / "b" / "prefill.onnx", prompt)[-1]).max() < 1e-5
+    after = session.forward([step])  # the decode graph, reading the cache the prefill graph wrote
+    full = _logits(tmp_path / "b" / "prefill.onnx", prompt + [step])[-1]  # float kernels end to end
+    assert np.abs(after - full).max() < 0.02 * np.abs(full).max() and after.argmax() == full.argmax()
+    scored = session.logprobs(prompt)  # scoring: the main graph, as the accuracy gate measured it
+    main = _logits(tmp_path / "b" / "model.onnx", prompt)[:-1]
+    main = main - main.max(-1, keepdims=True)
+    main = main - np.log(np.exp(main).sum(-1, keepdims=True))
+    assert np.abs(scored - main).max() < 1e-4
+    assert len(model.generate("The capital", max_new_tokens=4).token_ids) <= 4

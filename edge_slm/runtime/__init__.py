@@ -56,7 +56,8 @@ def load(bundle: str | Path, threads: int | None = None, providers: list[str] | 
     manifest = verify_bundle(bundle, checksums=verify)
     if threads is not None and threads < 1:
         raise EdgeSlmError(f"threads is {threads}; use 1 or more (or leave it to the profile)")
-    for name in ("tokenizer.json", "generation.json", manifest["graph"]["file"]):
+    for name in ("tokenizer.json", "generation.json", manifest["graph"]["file"], *(
+            [manifest["graph"]["prefill_file"]] if manifest["graph"].get("prefill_file") else [])):
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
     _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))

@@ -85,6 +85,15 @@ class DecoderSession:
                 Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         self.session = ort.InferenceSession(str(model_path), options, providers=providers,
                                             provider_options=per_provider)
+        # Int8 bundles may carry a second graph for prompts (the same weights at another kernel
+        # accuracy level: onnxruntime's fast one-token path is slow for many rows).
+        prefill_file = manifest["graph"].get("prefill_file")
+        self.prefill_session = None
+        if prefill_file:
+            # Its threads must not spin after a prompt: they would steal the decode steps' cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.prefill_session = ort.InferenceSession(str(Path(model_path).parent / prefill_file), options,
+                                                        providers=providers, provider_options=per_provider)
         self.providers = self.session.get_providers()
         model = manifest["model"]
         self.context_length = int(model["context_length"])
@@ -106,13 +115,19 @@ class DecoderSession:
         if self.shared:
             self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, self.kv_dtype, self.kv_device, 0)
                              for _ in self.past_names]
-            self._binding = self.session.io_binding()
-            for past, present, buf in zip(self.past_names, self.present_names, self._buffers):
-                self._binding.bind_ortvalue_input(past, buf)
-                self._binding.bind_ortvalue_output(present, buf)
+            self._binding = self._bind(self.session)
+            self._prefill_binding = self._bind(self.prefill_session) if self.prefill_session else None
             self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab_size), np.float32, "cpu", 0)
         else:
             self._past = self._empty_past()
+
+    def _bind(self, session):
+        """An IO binding whose past and present are the shared per-layer cache buffers."""
+        binding = session.io_binding()
+        for past, present, buf in zip(self.past_names, self.present_names, self._buffers):
+            binding.bind_ortvalue_input(past, buf)
+            binding.bind_ortvalue_output(present, buf)
+        return binding
 
     def _bound_logits(self, binding) -> np.ndarray:
         # get_outputs() lists bound outputs in binding order; the logits are the only 3-D one.
@@ -153,8 +168,11 @@ class DecoderSession:
             raise ContextFullError(f"{total} tokens do not fit the context of {self.context_length}")
         positions = self._positions[:, self.length:total]
         mask = self._ones[:, :total]
+        # Prompts go through the prefill graph when there is one; scoring (all_logits) keeps the
+        # decode graph, so that perplexity and agreement measure what decoding computes.
+        prefill = seq > 1 and not all_logits and self.prefill_session is not None
         if self.shared:
-            binding = self._binding
+            binding = self._prefill_binding if prefill else self._binding
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask)
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
@@ -162,13 +180,13 @@ class DecoderSession:
                 binding.bind_ortvalue_output("logits", self._step_logits)
             else:
                 binding.bind_output("logits", "cpu")
-            self.session.run_with_iobinding(binding)
+            (self.prefill_session if prefill else self.session).run_with_iobinding(binding)
             # A copy: the bound buffer is overwritten by the next step (196 kB, ~10 us for 49k vocab).
             logits = self._step_logits.numpy().copy() if seq == 1 else self._bound_logits(binding)
         else:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
             feed.update(zip(self.past_names, self._past))
-            outputs = self.session.run(None, feed)
+            outputs = (self.prefill_session if prefill else self.session).run(None, feed)
             logits, self._past = outputs[0], outputs[1:]
         self.length = total
         return logits[0] if all_logits else logits[0, -1]
