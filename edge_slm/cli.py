@@ -199,7 +199,12 @@ def _weight_only_lines(r: dict, c: dict) -> list[str]:
         f"{', fp16 scales' if r.get('fp16_scales') else ''}",
         f"quantized    {c['MatMulNBits']} MatMulNBits, {c['GatherBlockQuantized'] + c['dequantized_gathers']} embedding "
         f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}"
-        + (f", {c['block_offset_products']} block-offset products" if c.get("block_offset_products") else ""),
+        + (f", {c['block_offset_products']} block-offset products" if c.get("block_offset_products") else "")
+        + (f", prompts via {c['prefill_graph']} (accuracy_level {r.get('prefill_accuracy_level')})"
+           if c.get("prefill_graph") else ""),
+        *([f"smoothing    SmoothQuant on {c['smoothing']['smoothed_activations']} of {c['smoothing']['activations']} "
+           f"activations, strengths {r['smooth_alphas']}, {c['smoothing']['calibration_tokens']} calibration tokens"]
+          if c.get("smoothing") else []),
     ]
 
 

@@ -154,6 +154,9 @@ def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
     q, acc = manifest["quantization"], manifest["accuracy"]
     assert q["recipe"]["block_size"] == load_profile(str(tiny_profile)).quantize.block_size
     assert q["counts"]["MatMulNBits"] == 11 and q["counts"]["float_matmuls_left"] == 0
+    # The int8 preset smooths on the shipped calibration text, recorded with its checksum.
+    assert q["counts"]["smoothing"]["activations"] == 4 * 2 + 1 and q["calibration"]["file"] == "calibration.txt"
+    assert len(q["calibration"]["sha256"]) == 64
     assert manifest["graph"]["op_counts"]["MatMulNBits"] == 11 and "Gemm" not in manifest["graph"]["op_counts"]
     assert acc["passed"] is True and acc["budget"] == {"max_ppl_increase": 0.015, "min_top1": 0.96}
     assert acc["tokens"] > 2000 and 0 <= acc["top1_agreement"] <= 1
