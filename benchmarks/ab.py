@@ -22,20 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_slm import runtime  # noqa: E402
-from edge_slm.bench import machine, prompt_ids, timed_runs  # noqa: E402
+from edge_slm.bench import greedy_steps, machine, prompt_ids, timed_runs  # noqa: E402
 
 
 def one_run(model, ids: list[int], gen_tokens: int) -> dict:
-    session = model.session
-
-    def prefill(prompt):
-        session.reset()
-        return int(session.forward(prompt).argmax())
-
-    def step(token):
-        return int(session.forward([token]).argmax())
-
-    timings = timed_runs(prefill, step, ids, gen_tokens, repetitions=1, warmup=0)
+    timings = timed_runs(*greedy_steps(model.session), ids, gen_tokens, repetitions=1, warmup=0)
     return {"decode_tok_s": timings["decode_tok_s"]["mean"], "prefill_tok_s": timings["prefill_tok_s"]["mean"]}
 
 

@@ -122,8 +122,12 @@ def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, rep
     load_s = time.perf_counter() - start
     if prompt_tokens + gen_tokens > model.context_length:
         raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed the bundle's context of {model.context_length}")
-    ids = prompt_ids(model, prompt_tokens)
-    session = model.session
+    timings = timed_runs(*greedy_steps(model.session), prompt_ids(model, prompt_tokens), gen_tokens, repetitions, warmup)
+    return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb(), "providers": model.session.providers}
+
+
+def greedy_steps(session):
+    """`timed_runs`' prefill(ids) and step(token) for a runtime DecoderSession, greedy."""
 
     def prefill(prompt):
         session.reset()
@@ -132,8 +136,7 @@ def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, rep
     def step(token):
         return int(session.forward([token]).argmax())
 
-    timings = timed_runs(prefill, step, ids, gen_tokens, repetitions, warmup)
-    return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb(), "providers": session.providers}
+    return prefill, step
 
 
 def run(bundle: Path, threads: list[int], prompt_tokens: int = 128, gen_tokens: int = 64, repetitions: int = 5,

@@ -118,9 +118,8 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             "precision": precision,
             "source": loaded.source,
             "model": {**exported.shape.__dict__, "context_length": profile.export.context_length},
-            "graph": {**_signature(stage / MODEL_FILE, exported.graph, profile),
-                      **({"prefill_file": quantization["counts"]["prefill_graph"]}
-                         if quantization and "prefill_graph" in quantization.get("counts", {}) else {})},
+            "graph": _signature(stage / MODEL_FILE, exported.graph, profile,
+                                prefill_file=((quantization or {}).get("counts") or {}).get("prefill_graph")),
             "min_onnxruntime": min_onnxruntime(stage / MODEL_FILE),
             "generation": {k: generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
             "profile": profile.to_dict(),
@@ -193,10 +192,8 @@ def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info
     elif recipe.precision == "int8" and recipe.int8_format == "qdq":
         from .qdq import quantize_qdq
 
-        text_path = Path(calibration) if calibration else CALIBRATION_TEXT
         section["method"] = "qdq-s8s8-static"
-        section["calibration"] = {"file": text_path.name, "sha256": sha256_file(text_path)}
-        counts = quantize_qdq(fp32_path, stage, encode(_read_text(text_path)), model_info,
+        counts = quantize_qdq(fp32_path, stage, _calibration_ids(calibration, encode, section), model_info,
                               smooth_alphas=recipe.smooth_alphas, percentile=recipe.calibration_percentile,
                               keep_float=recipe.keep_float, max_error=recipe.max_product_error,
                               progress=lambda m: None if "pass" in m else note(m))
@@ -208,17 +205,21 @@ def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info
         from .quantize import quantize
 
         section["method"] = "weight-only-blockwise"
-        calibration_ids = None
-        if recipe.smooth_alphas:
-            text_path = Path(calibration) if calibration else CALIBRATION_TEXT
-            section["calibration"] = {"file": text_path.name, "sha256": sha256_file(text_path)}
-            calibration_ids = encode(_read_text(text_path))
+        calibration_ids = _calibration_ids(calibration, encode, section) if recipe.smooth_alphas else None
         counts = quantize(fp32_path, recipe, stage, progress=note, oldest_onnxruntime=profile.runtime.oldest_onnxruntime,
                           calibration_ids=calibration_ids, model_info=model_info)
         section["counts"] = counts
         note(f"{counts['MatMulNBits']} MatMulNBits, {counts['GatherBlockQuantized'] + counts['dequantized_gathers']} "
              f"quantized embedding, {counts['float_matmuls_left']} float matmuls left")
     return section
+
+
+def _calibration_ids(calibration: Path | None, encode, section: dict) -> list[int]:
+    """The calibration text's token ids (the user's file or the shipped one), recorded in the
+    manifest's quantization `section` by name and sha256."""
+    text_path = Path(calibration) if calibration else CALIBRATION_TEXT
+    section["calibration"] = {"file": text_path.name, "sha256": sha256_file(text_path)}
+    return encode(_read_text(text_path))
 
 
 def _read_text(path: Path) -> str:
@@ -277,7 +278,7 @@ def _write_tokenizer(tokenizer, model, add_bos: bool, stage: Path) -> dict:
     return generation
 
 
-def _signature(onnx_path: Path, graph_kind: str, profile: Profile) -> dict:
+def _signature(onnx_path: Path, graph_kind: str, profile: Profile, prefill_file: str | None = None) -> dict:
     import onnx
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -304,6 +305,8 @@ def _signature(onnx_path: Path, graph_kind: str, profile: Profile) -> dict:
                      "shared_buffer": graph_kind == "fused"},
         "inputs": describe(proto.graph.input),
         "outputs": describe(proto.graph.output),
+        # A second graph for prompts over the same weights ([quantize] prefill_accuracy_level).
+        **({"prefill_file": prefill_file} if prefill_file else {}),
     }
 
 

@@ -41,9 +41,7 @@ def quantize_qdq(onnx_path: Path, out_dir: Path, calibration_ids: list[int], mod
     graph = proto.graph
     smoothed = smooth_graph(onnx_path, proto, calibration_ids, model_info, smooth_alphas, per_tensor_error,
                             threads, progress)
-    captured, errors = smoothed["captured"], smoothed["errors"]
-    weights = {init.name: numpy_helper.to_array(init).astype(np.float32) for init in graph.initializer
-               if init.data_type == onnx.TensorProto.FLOAT}
+    captured, errors, weights = smoothed["captured"], smoothed["errors"], smoothed["weights"]
     products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     activations = sorted(captured)
     ranges = {name: float(np.percentile(np.abs(captured[name] / smoothed["scales"][name]), percentile))

@@ -223,7 +223,7 @@ class _Rewriter:
         if name not in self.cache:
             qw = quantize_rows(rows, bits, self.recipe.block_size_for(name), self.recipe.symmetric or bits == 8,
                                fp16_scales=self.recipe.fp16_scales)
-            base = name.removesuffix(".weight") + f".q{bits}"
+            base = _stored_name(name, bits)
             data = self._const(qw.data, base + ".data")
             scales = self._half_stored(qw.scales, base + ".scales")
             zp = None
@@ -258,8 +258,8 @@ class _Rewriter:
             # computes the first term; the second is constant over a block, so it contributes
             # (sum of the block's inputs) x offset: one small float product [K / block, N].
             offset = (qw.scales * ((1 << (bits - 1)) - qw.zero_points)).T.astype(np.float32)
-            base = name.removesuffix(".weight") + f".q{bits}"
-            correction = self._node("MatMul", [self._block_sums(a, qw, rank), self._const(offset, base + ".offsets")],
+            correction = self._node("MatMul", [self._block_sums(a, qw, rank),
+                                               self._const(offset, _stored_name(name, bits) + ".offsets")],
                                     out + ".offset")
             self._node("Add", [product, correction], out)
             self.counts["block_offset_products"] += 1
@@ -317,7 +317,7 @@ class _Rewriter:
             raise ExportError(f"embedding width {qw.k} is not a multiple of block_size {qw.block_size}")
         rows, blocks = qw.scales.shape
         if zp is None and qw.zero_points is not None:  # an asymmetric table whose LM head runs on offsets
-            zp = self._half_stored(qw.zero_points.reshape(-1), table.removesuffix(".weight") + f".q{bits}.zero_points")
+            zp = self._half_stored(qw.zero_points.reshape(-1), _stored_name(table, bits) + ".zero_points")
         if zp is None and not self.plain_gather:
             # GatherBlockQuantized reads the same bytes as the LM head's MatMulNBits; it wants
             # scales of the data's rank, a [V, blocks, 1] view folded by onnxruntime at load.
@@ -351,6 +351,11 @@ class _Rewriter:
             picked = self._node("Mul", [self._node("Sub", [values, zero], out + ".centred"), scale], out + ".blocks")
             self.counts["dequantized_gathers"] += 1
         self._node("Reshape", [picked, self._const(np.array([0, 0, qw.k], np.int64), out + ".flat")], out)
+
+
+def _stored_name(weight: str, bits: int) -> str:
+    """Prefix of the quantized tensors of `weight`: model.layers.0.mlp.up_proj.q4(.data, .scales, ...)."""
+    return weight.removesuffix(".weight") + f".q{bits}"
 
 
 def _attr(node, name: str, default):

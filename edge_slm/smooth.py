@@ -27,8 +27,9 @@ from .errors import ExportError
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 CHUNK = 128  # tokens per calibration forward pass: prefill-sized activations, like the device sees
 
-# (activation sample [T, K], weight [K, N], weight name) -> relative error of the quantized product
-ProductError = Callable[[np.ndarray, np.ndarray, str], float]
+# (activation sample [T, K], weight [K, N], their float product [T, N], weight name)
+#   -> relative error of the quantized product
+ProductError = Callable[[np.ndarray, np.ndarray, np.ndarray, str], float]
 def calibration_chunks(token_ids: list[int], chunk: int = CHUNK) -> list[list[int]]:
     if len(token_ids) < 16:
         raise ExportError(f"the calibration text has {len(token_ids)} tokens; static int8 needs at least "
@@ -77,7 +78,8 @@ def smooth_graph(onnx_path: Path, proto, calibration_ids: list[int], model_info:
                  product_error: ProductError, threads: int = 2, progress=lambda msg: None) -> dict:
     """Fold the best SmoothQuant scales into `proto`'s float weights (in place, the function of
     the graph unchanged) and return, per activation of a weight product: its calibration values
-    (`captured`, before smoothing), the scale s it is now divided by, alpha and product error."""
+    (`captured`, before smoothing), the scale s it is now divided by, alpha and product error; and
+    the float weights as they now are (`weights`)."""
     import onnx
     from onnx import numpy_helper
 
@@ -97,13 +99,12 @@ def smooth_graph(onnx_path: Path, proto, calibration_ids: list[int], model_info:
     for i, init in enumerate(graph.initializer):
         if init.name in smoothing.changed:
             graph.initializer[i].CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
-    return {"captured": captured, "scales": scales, "alphas": chosen, "errors": errors,
+    return {"captured": captured, "scales": scales, "alphas": chosen, "errors": errors, "weights": weights,
             "smoothed": sum(a > 0 for a in chosen.values()), "activations": len(activations)}
 
 
-def per_tensor_error(x: np.ndarray, w: np.ndarray, weight_name: str) -> float:
+def per_tensor_error(x: np.ndarray, w: np.ndarray, ref: np.ndarray, weight_name: str) -> float:
     """Int8 product error with one scale for the activation, one per weight output channel."""
-    ref = x @ w
     return float(np.linalg.norm(fake_int8(x, axis=None) @ fake_int8(w, axis=0) - ref) / np.linalg.norm(ref))
 
 
@@ -115,9 +116,8 @@ class BlockwiseError:
     def __init__(self, block_size_for: Callable[[str], int], quantize_activations: bool = True):
         self.block_size_for, self.quantize_activations = block_size_for, quantize_activations
 
-    def __call__(self, x: np.ndarray, w: np.ndarray, weight_name: str) -> float:
+    def __call__(self, x: np.ndarray, w: np.ndarray, ref: np.ndarray, weight_name: str) -> float:
         block = self.block_size_for(weight_name)
-        ref = x @ w
         xq = fake_int8_blocks(x, block) if self.quantize_activations else x
         wq = fake_int8_blocks(w.T, block).T
         return float(np.linalg.norm(xq @ wq - ref) / np.linalg.norm(ref))
@@ -141,15 +141,17 @@ class Smoothing:
         fold = self._fold_for(name) if all(n.op_type == "MatMul" for n in consumers) else None
         mats = [self._as_kn(n) for n in consumers]
         sample = x[:: max(1, len(x) // 256)]
+        exact = [sample @ w for w in mats]  # the float product, the same for every strength
         act_max = fold.group(np.abs(x).max(axis=0)) if fold else None
+        w_max = fold.group(np.max([np.abs(w).max(axis=1) for w in mats], axis=0)) if fold else None
         best = (np.ones(x.shape[1], np.float32), 0.0, np.inf)
         for alpha in (self.alphas if fold else (0.0,)):
             s = np.ones(x.shape[1], np.float32)
             if alpha > 0:
-                w_max = fold.group(np.max([np.abs(w).max(axis=1) for w in mats], axis=0))
                 s = fold.ungroup(np.clip(np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha),
                                          1e-3, 1e3)).astype(np.float32)
-            error = max(self.error(sample / s, w * s[:, None], n.input[1]) for w, n in zip(mats, consumers))
+            error = max(self.error(sample / s, w * s[:, None], ref, n.input[1])
+                        for w, ref, n in zip(mats, exact, consumers))
             if error < best[2]:
                 best = (s, alpha, float(error))
         s, alpha, error = best
