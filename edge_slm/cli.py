@@ -180,9 +180,9 @@ def _quantization_lines(manifest: dict) -> list[str]:
             f"quantize     int8 S8S8 QDQ (TensorRT), static activation scales from {quant['calibration']['file']} "
             f"({c['calibration_tokens']} tokens, percentile {c['percentile']}), SmoothQuant on "
             f"{c['smoothed_activations']} activations",
-            f"quantized    {c['quantized_matmuls']} matmuls with int8 per-channel weights, {c['QuantizeLinear']} int8 "
-            f"activations, {c['activations_kept_float']} kept float (int8 product error > "
-            f"{100 * c['max_error']:.0f}%: {len(c['kept_float_by_error'])}; keep_float: {', '.join(r['keep_float']) or 'none'}), "
+            f"quantized    {c['quantized_matmuls']} matmuls int8 (per-channel weights, static activations), "
+            f"{c.get('float_matmuls', 0)} fp16 (int8 product error > {100 * c['max_error']:g}%: "
+            f"{len(c['kept_float_by_error'])} activations; keep_float: {', '.join(r['keep_float']) or 'none'}), "
             f"tied table stored once: {c['shared_embedding_gathers'] == 1}",
         ]
     else:

@@ -198,9 +198,8 @@ def _reduce_precision(fp32_path: Path, profile: Profile, stage: Path, model_info
                               keep_float=recipe.keep_float, max_error=recipe.max_product_error,
                               progress=lambda m: None if "pass" in m else note(m))
         section["counts"] = counts
-        note(f"{counts['quantized_matmuls']} matmuls with int8 weights, {counts['QuantizeLinear']} int8 activations "
-             f"(static, from {counts['calibration_tokens']} calibration tokens), "
-             f"{counts['activations_kept_float']} activations kept float")
+        note(f"{counts['quantized_matmuls']} matmuls int8 (static activation scales from {counts['calibration_tokens']} "
+             f"calibration tokens), {counts['float_matmuls']} kept fp16")
     else:
         from .quantize import quantize
 

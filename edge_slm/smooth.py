@@ -104,8 +104,12 @@ def smooth_graph(onnx_path: Path, proto, calibration_ids: list[int], model_info:
 
 
 def per_tensor_error(x: np.ndarray, w: np.ndarray, ref: np.ndarray, weight_name: str) -> float:
-    """Int8 product error with one scale for the activation, one per weight output channel."""
-    return float(np.linalg.norm(fake_int8(x, axis=None) @ fake_int8(w, axis=0) - ref) / np.linalg.norm(ref))
+    """Int8 product error with one static scale for the activation (its max over `x`), one per
+    weight output channel."""
+    return token_error(fake_int8(x, axis=None) @ fake_int8(w, axis=0), ref)
+
+
+per_tensor_error.static_scale = True  # Smoothing scores it on samples holding each channel's peak
 
 
 class BlockwiseError:
@@ -120,6 +124,9 @@ class BlockwiseError:
         block = self.block_size_for(weight_name)
         xq = fake_int8_blocks(x, block) if self.quantize_activations else x
         wq = fake_int8_blocks(w.T, block).T
+        # One norm over all tokens, not per token as for static scales: each token has its own
+        # scales here, so a massive token cannot wipe the others (per token, and with peak tokens
+        # in the sample, the default model's x86 bundle measured 97.2% and 96.8% top-1, not 97.6%).
         return float(np.linalg.norm(xq @ wq - ref) / np.linalg.norm(ref))
 
 
@@ -140,7 +147,12 @@ class Smoothing:
         calibration tokens, fold it, and return (s, alpha, error)."""
         fold = self._fold_for(name) if all(n.op_type == "MatMul" for n in consumers) else None
         mats = [self._as_kn(n) for n in consumers]
-        sample = x[:: max(1, len(x) // 256)]
+        rows = np.arange(0, len(x), max(1, len(x) // 256))
+        if getattr(self.error, "static_scale", False):
+            # Plus, per channel, the token where it peaks: the per-tensor scale is then the
+            # calibration-wide one whatever s is, and the rare outlier tokens are scored.
+            rows = np.union1d(rows, np.abs(x).argmax(axis=0))
+        sample = x[rows]
         exact = [sample @ w for w in mats]  # the float product, the same for every strength
         act_max = fold.group(np.abs(x).max(axis=0)) if fold else None
         w_max = fold.group(np.max([np.abs(w).max(axis=1) for w in mats], axis=0)) if fold else None
@@ -239,6 +251,14 @@ class _Fold:
             else:
                 w /= s[None, :]
             self.owner.changed.add(name)
+
+
+def token_error(product: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over tokens of each token's relative product error. Not one norm over all tokens: a
+    massive activation (thousands, on a sequence's first token, in some layers) would outweigh
+    every other token, and a per-tensor scale that rounds all the others to zero would look fine."""
+    per_token = np.linalg.norm(product - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+    return float(per_token.mean())
 
 
 def fake_int8(values: np.ndarray, axis: int | None) -> np.ndarray:
