@@ -21,7 +21,7 @@ from .hashing import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-_STAGING_MARK = ".partial-"
+STAGING_MARK = ".partial-"
 
 
 @contextmanager
@@ -33,10 +33,10 @@ def staging_dir(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{out.name}{_STAGING_MARK}*"):
+    for stale in out.parent.glob(f"{out.name}{STAGING_MARK}*"):
         if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f"{out.name}{_STAGING_MARK}{os.getpid()}"
+    tmp = out.parent / f"{out.name}{STAGING_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

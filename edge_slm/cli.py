@@ -18,6 +18,7 @@ Errors are one line on stderr and exit code 2; `edge-slm --debug ...` shows the 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -457,9 +458,19 @@ def verify_command(bundle: Path, emulate: str, ort_version: str | None, tokens: 
         sys.exit(1)
 
 
+def _interrupt(signum, frame) -> None:
+    # SIGTERM / SIGHUP (a closed terminal, `kill`, a CI timeout) unwind like Ctrl-C, so that a
+    # build removes its staging and scratch directories instead of leaving hundreds of MB behind.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if argv is None:  # the command itself, not a caller's process
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None:
+                signal.signal(signum, _interrupt)
     try:
         cli.main(args=args, prog_name="edge-slm", standalone_mode=False)
     except EdgeSlmError as exc:
@@ -467,15 +478,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _echo_err(f"error: {exc}")
         sys.exit(2)
-    except click.exceptions.Abort:
-        _echo_err("aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        _echo_err("interrupted: nothing was published (the previous bundle, if any, is intact)"
+                  if {"build", "prune"} & set(args) else "interrupted")
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        _echo_err("interrupted: nothing was published (the previous bundle, if any, is intact)")
-        sys.exit(130)
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if debug:
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import tempfile
 import time
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .bundle import staging_dir, write_manifest
+from .bundle import STAGING_MARK, staging_dir, write_manifest
 from .errors import ProfileError
 from .hashing import sha256_file
 from .export import DATA_FILE, MODEL_FILE, export, load_torch_model
@@ -76,7 +77,10 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
     model = load_torch_model(loaded.path)
     tokenizer = _load_tokenizer(loaded.path, loaded.add_bos)
 
-    with staging_dir(Path(out)) as stage, tempfile.TemporaryDirectory(dir=Path(out).parent) as scratch:
+    # The fp32 intermediate goes beside the staging directory, named like it, so that the next
+    # build sweeps it up too if this one is killed.
+    with staging_dir(Path(out)) as stage, tempfile.TemporaryDirectory(
+            dir=Path(out).parent, prefix=f"{Path(out).name}{STAGING_MARK}scratch-", suffix=f"-{os.getpid()}") as scratch:
         fp32_dir = Path(scratch) if quantized else stage
         progress.stage(f"exporting the {profile.export.graph} ONNX graph for {profile.name}")
         exported = export(model, profile, fp32_dir, progress=progress.note)

@@ -136,5 +136,30 @@ def test_killed_build_leaves_no_complete_looking_bundle(bundle_copy, tiny_llama,
         read_manifest(partial[0])  # whatever it holds, it is not a bundle
     with staging_dir(bundle_copy) as stage:  # the next build sweeps the dead build's leftovers
         assert not partial[0].exists()
+        # its fp32 scratch directory too (hundreds of MB for a real model)
+        assert [p.name for p in bundle_copy.parent.iterdir()] == [stage.name] or \
+            sorted(p.name for p in bundle_copy.parent.iterdir()) == sorted([stage.name, bundle_copy.name])
         write_manifest(stage, {"target": "rebuilt"})
     assert read_manifest(bundle_copy)["target"] == "rebuilt"
+
+
+def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_profile):
+    """SIGTERM (a closed terminal, `kill`, a CI timeout) unwinds like Ctrl-C: the staging and
+    scratch directories are removed, the old bundle is untouched, one line says so."""
+    before = verify_bundle(bundle_copy)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "build", "--target", str(tiny_profile),
+                             "--model", str(tiny_llama), "--out", str(bundle_copy)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(bundle_copy.parent.glob("bundle.partial-scratch-*")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "interrupted: nothing was published (the previous bundle, if any, is intact)"
+    assert "Traceback" not in stderr
+    assert [p.name for p in bundle_copy.parent.iterdir()] == [bundle_copy.name]
+    assert verify_bundle(bundle_copy) == before
