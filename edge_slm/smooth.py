@@ -9,7 +9,8 @@ projection's columns (the output projection's input: attention is linear in V). 
 alpha is chosen per activation by the least error of the quantized product on calibration tokens,
 under the quantizer the target runs:
 - `per_tensor_error`: one static scale per activation, one per weight output channel (TensorRT's
-  S8S8 QDQ, `edge_slm.qdq`);
+  S8S8 QDQ, `edge_slm.qdq`), scored per token so that a massive first-token activation cannot
+  hide what its scale does to every other token;
 - `BlockwiseError`: activations in blocks along K per token, as onnxruntime's MatMulNBits does at
   accuracy_level 4, weights in blocks of the same size (`edge_slm.quantize`).
 Used by `edge-slm build` when the profile's `[quantize] smooth_alphas` lists strengths.
