@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ExportError
 from .export import DATA_FILE, MODEL_FILE
-from .smooth import per_tensor_error, smooth_graph
+from .smooth import per_tensor_error, smooth_graph, transposed
 
 
 def quantize_qdq(onnx_path: Path, out_dir: Path, calibration_ids: list[int], model_info: dict,
@@ -48,8 +48,7 @@ def quantize_qdq(onnx_path: Path, out_dir: Path, calibration_ids: list[int], mod
     graph = proto.graph
     smoothed = smooth_graph(onnx_path, proto, calibration_ids, model_info, smooth_alphas, per_tensor_error,
                             threads, progress)
-    captured, errors, weights = smoothed["captured"], smoothed["errors"], smoothed["weights"]
-    products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    captured, errors, weights, products = (smoothed[k] for k in ("captured", "errors", "weights", "products"))
     activations = sorted(captured)
     ranges = {name: float(np.percentile(np.abs(captured[name] / smoothed["scales"][name]), percentile))
               for name in activations}
@@ -94,9 +93,8 @@ def quantize_qdq(onnx_path: Path, out_dir: Path, calibration_ids: list[int], mod
     int8_products = [n for n in products if activation_qdq[n.input[0]] != n.input[0]]
     float_products = [n for n in products if activation_qdq[n.input[0]] == n.input[0]]
     for node in int8_products:
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
         # Output channels: columns of a [K, N] MatMul weight, rows of a transposed Gemm weight.
-        weight_dq = dequantized_weight(node.input[1], channel_axis=0 if trans_b else 1)
+        weight_dq = dequantized_weight(node.input[1], channel_axis=0 if transposed(node) else 1)
         node.input[0], node.input[1] = activation_qdq[node.input[0]], weight_dq
     for node in graph.node:
         if node.op_type == "Gather" and node.input[0] in dequantized:

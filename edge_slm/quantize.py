@@ -167,8 +167,8 @@ def write_prefill_graph(out_dir: Path, accuracy_level: int) -> str:
     """`prefill.onnx`: the quantized graph with another MatMulNBits accuracy_level, reading the same
     weight file. onnxruntime's int8-activation kernels (level 4) are the fast path for one token
     but slow for a prompt's many rows, where dequantizing to float and running a GEMM wins (here:
-    174 against 108 tok/s at level 0 for 128 tokens); the runtime runs prompts through this graph
-    and decode steps through the main one, sharing the KV cache."""
+    129 against 107 tok/s at level 0 for 128 tokens, interleaved in one process); the runtime runs
+    prompts through this graph and decode steps through the main one, sharing the KV cache."""
     import onnx
 
     proto = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)

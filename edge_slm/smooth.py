@@ -79,8 +79,8 @@ def smooth_graph(onnx_path: Path, proto, calibration_ids: list[int], model_info:
                  product_error: ProductError, threads: int = 2, progress=lambda msg: None) -> dict:
     """Fold the best SmoothQuant scales into `proto`'s float weights (in place, the function of
     the graph unchanged) and return, per activation of a weight product: its calibration values
-    (`captured`, before smoothing), the scale s it is now divided by, alpha and product error; and
-    the float weights as they now are (`weights`)."""
+    (`captured`, before smoothing), the scale s it is now divided by, alpha and product error; the
+    float weights as they now are (`weights`) and the MatMul / Gemm nodes reading them (`products`)."""
     import onnx
     from onnx import numpy_helper
 
@@ -101,7 +101,7 @@ def smooth_graph(onnx_path: Path, proto, calibration_ids: list[int], model_info:
         if init.name in smoothing.changed:
             graph.initializer[i].CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
     return {"captured": captured, "scales": scales, "alphas": chosen, "errors": errors, "weights": weights,
-            "smoothed": sum(a > 0 for a in chosen.values()), "activations": len(activations)}
+            "products": products, "smoothed": sum(a > 0 for a in chosen.values()), "activations": len(activations)}
 
 
 def per_tensor_error(x: np.ndarray, w: np.ndarray, ref: np.ndarray, weight_name: str) -> float:
@@ -177,7 +177,7 @@ class Smoothing:
 
     def _as_kn(self, node) -> np.ndarray:
         w = self.weights[node.input[1]]
-        return w.T if any(a.name == "transB" and a.i for a in node.attribute) else w
+        return w.T if transposed(node) else w
 
     def _fold_for(self, name: str):
         node = self.producer.get(name)
@@ -252,6 +252,11 @@ class _Fold:
             else:
                 w /= s[None, :]
             self.owner.changed.add(name)
+
+
+def transposed(node) -> bool:
+    """A Gemm with transB: its weight is stored [N, K] (the tied LM head)."""
+    return any(a.name == "transB" and a.i for a in node.attribute)
 
 
 def token_error(product: np.ndarray, ref: np.ndarray) -> float:
