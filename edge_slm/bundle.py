@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,14 +31,15 @@ def staging_dir(out: Path) -> Iterator[Path]:
 
     An interrupted or failed build leaves only a `.partial-*` directory with no manifest (never
     something that looks like a bundle) and never touches the previous good bundle at `out`.
+    `out` must be free or an edge-slm bundle (`check_output_dir`): anything else is refused
+    before the staging directory is made, and again just before it is replaced.
     """
     out = Path(out)
+    check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{out.name}{STAGING_MARK}*"):
-        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
+    sweep_stale_staging(out)
     tmp = out.parent / f"{out.name}{STAGING_MARK}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # ours: a name only this process uses
     tmp.mkdir()
     try:
         yield tmp
@@ -49,19 +51,81 @@ def staging_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def _pid_alive(text: str) -> bool:
+def staging_name_pid(out: Path, name: str) -> int | None:
+    """The process id in a staging or scratch directory name of `out`, or None if `name` is not
+    one that edge-slm makes (`<out>.partial-<pid>` or `<out>.partial-scratch-<random>-<pid>`)."""
+    match = re.fullmatch(re.escape(out.name) + re.escape(STAGING_MARK) + r"(?:scratch-[A-Za-z0-9_]+-)?(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def sweep_stale_staging(out: Path) -> None:
+    """Remove the staging and scratch directories of builds of `out` that were killed: only
+    directories named as edge-slm names them, whose process is gone."""
+    for stale in out.parent.glob(f"{out.name}{STAGING_MARK}*"):
+        pid = staging_name_pid(out, stale.name)
+        if pid is not None and stale.is_dir() and not stale.is_symlink() and not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(int(text), 0)
-    except (ValueError, ProcessLookupError):
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
     return True
 
 
+def check_output_dir(out: Path, source: Path | None = None) -> None:
+    """Refuse an output directory that a build must not replace, before any work starts.
+
+    A build may write to a path that does not exist, an empty directory, or an edge-slm bundle
+    (`is_bundle_dir`); never to a file, a symlink, a directory with anything else in it, a
+    directory it cannot write, or a place inside the model it is building from.
+    """
+    out = Path(out)
+    if out.is_symlink():
+        raise BundleError(f"--out {out} is a symbolic link: give the real directory or a new path")
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file, not a directory: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_bundle_dir(out):
+        raise BundleError(f"--out {out} exists and is not an edge-slm bundle (it holds files the build did not "
+                          "make): edge-slm replaces only its own bundles; choose another --out or empty it yourself")
+    if source is not None:
+        source = Path(source).resolve()
+        where = out.resolve()
+        if where == source or source in where.parents or (source.is_file() and source.parent == where):
+            raise BundleError(f"--out {out} is inside the model being built ({source}): choose a directory elsewhere")
+    parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if parent is not None and not os.access(parent if parent.is_dir() else parent.parent, os.W_OK | os.X_OK):
+        raise BundleError(f"--out {out}: {parent} is not writable by this user: choose another --out")
+
+
+def is_bundle_dir(directory: Path) -> bool:
+    """True if `directory` is provably an edge-slm bundle: its manifest parses as an edge-slm
+    manifest of this schema, and it holds nothing but the files that manifest lists (plus the
+    manifest's own temporary file). Anything else may be a user's and is never replaced."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(manifest, dict) and manifest.get("schema_version") == SCHEMA_VERSION
+            and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("target"), str)
+            and isinstance(manifest.get("precision"), str)):
+        return False
+    allowed = {MANIFEST, MANIFEST + ".tmp", *manifest["files"]}
+    for entry in directory.iterdir():
+        if entry.name not in allowed or entry.is_symlink() or not entry.is_file():
+            return False
+    return True
+
+
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise BundleError(f"{out} exists and is not a bundle: delete it or choose another --out")
+    check_output_dir(out)  # again: the directory may have changed while the build ran
     old = out.parent / f"{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)

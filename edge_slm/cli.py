@@ -72,9 +72,12 @@ def build(target: str, model: str | None, out: Path | None, precision: str | Non
     profile = load_profile(target)  # fail fast, before the heavy imports
     if calibration is not None and not calibration.is_file():
         raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
-    from .pipeline import build as run_build
+    from .bundle import check_output_dir
 
     out = out or Path("export") / profile.name
+    check_output_dir(out, source=Path(model) if model and Path(model).exists() else None)
+    from .pipeline import build as run_build
+
     manifest = run_build(model, profile, out, echo=_echo_err, precision=precision,
                          allow_accuracy_loss=allow_accuracy_loss, calibration=calibration)
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .bundle import STAGING_MARK, staging_dir, write_manifest
+from .bundle import STAGING_MARK, check_output_dir, staging_dir, write_manifest
 from .errors import ProfileError
 from .hashing import sha256_file
 from .export import DATA_FILE, MODEL_FILE, export, load_torch_model
@@ -67,6 +67,8 @@ def build(model_ref: str | None, profile: Profile, out: Path, echo=print, precis
             f"{', '.join(SUPPORTED_PRECISIONS)}); pass --precision with one of those"
         )
     quantized = precision != "fp32"
+    source_path = Path(model_ref) if model_ref and Path(model_ref).exists() else None
+    check_output_dir(Path(out), source=source_path)  # before minutes of work, not after
     progress = Progress(total=(7 if quantized else 5) + bool(profile.prune), echo=echo)
     progress.stage(f"loading model {model_ref or 'smollm2-135m (default)'}")
     loaded = load(model_ref, progress=progress.note)

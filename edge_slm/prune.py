@@ -337,6 +337,7 @@ def prune_directory(model_ref: str | None, settings: PruneSettings, out: Path, c
     from .gate import EVAL_TEXT
     from .load import load
 
+    check_prune_output(Path(out))
     loaded = load(model_ref, progress=progress)
     tokenizer = AutoTokenizer.from_pretrained(loaded.path)
     if hasattr(tokenizer, "add_bos_token"):
@@ -382,8 +383,24 @@ def prune_directory(model_ref: str | None, settings: PruneSettings, out: Path, c
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_pruned(student, tokenizer, staging, record)
+    check_prune_output(out)  # again: the directory may have changed while pruning ran
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
-        shutil.rmtree(out)
+        os.replace(out, old)
     os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.recovery", ignore_errors=True)
     return record
+
+
+PRUNE_RECORD = "edge_slm_prune.json"
+
+
+def check_prune_output(out: Path) -> None:
+    """Refuse an output that is a file, or a directory that is neither empty nor a model that
+    `edge-slm prune` wrote (it holds edge_slm_prune.json): edge-slm replaces only its own."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ModelError(f"--out {out} is a file or a link, not a directory: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_RECORD).is_file():
+        raise ModelError(f"--out {out} exists and is not a model edge-slm pruned: choose another --out "
+                         "or empty it yourself")

@@ -163,3 +163,103 @@ def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_pr
     assert "Traceback" not in stderr
     assert [p.name for p in bundle_copy.parent.iterdir()] == [bundle_copy.name]
     assert verify_bundle(bundle_copy) == before
+
+
+# -- edge-slm replaces only what it made ---------------------------------------------------------
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "edge_slm.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _tree(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("contents", [
+    {"manifest.json": '{"name": "my-web-app", "version": "1.0"}', "index.html": "<h1>mine</h1>"},
+    {"manifest.json": "not even json", "notes.txt": "keep me"},
+])
+def test_build_refuses_a_user_folder_that_has_a_manifest(tmp_path, tiny_llama, tiny_profile, contents):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    for name, text in contents.items():
+        (folder / name).write_text(text)
+    before = _tree(folder)
+    started = time.monotonic()
+    proc = _cli("build", "--target", tiny_profile, "--model", tiny_llama, "--out", folder)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --out {folder} exists and is not an edge-slm bundle (it holds files the build did not make): "
+        "edge-slm replaces only its own bundles; choose another --out or empty it yourself"]
+    assert time.monotonic() - started < 30  # refused before the build's minutes of work
+    assert _tree(folder) == before
+
+
+def test_build_refuses_a_bundle_with_a_foreign_file_in_it(bundle_copy, tiny_llama, tiny_profile):
+    (bundle_copy / "my-notes.txt").write_text("not edge-slm's")
+    before = _tree(bundle_copy)
+    proc = _cli("build", "--target", tiny_profile, "--model", tiny_llama, "--out", bundle_copy)
+    assert proc.returncode == 2 and "is not an edge-slm bundle" in proc.stderr
+    assert _tree(bundle_copy) == before
+
+
+def test_build_refuses_a_file_a_link_and_the_source_folder(tmp_path, tiny_llama, tiny_profile):
+    a_file = tmp_path / "out.bin"
+    a_file.write_bytes(b"precious")
+    proc = _cli("build", "--target", tiny_profile, "--model", tiny_llama, "--out", a_file)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: --out {a_file} is a file, not a directory: choose another --out"
+    assert a_file.read_bytes() == b"precious"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    proc = _cli("build", "--target", tiny_profile, "--model", tiny_llama, "--out", link)
+    assert proc.returncode == 2 and "is a symbolic link" in proc.stderr
+    inside = tiny_llama / "bundle"
+    proc = _cli("build", "--target", tiny_profile, "--model", tiny_llama, "--out", inside)
+    assert proc.returncode == 2 and "is inside the model being built" in proc.stderr
+    assert not inside.exists()
+
+
+def test_is_bundle_dir_needs_exactly_the_listed_files(bundle_copy, tmp_path):
+    from edge_slm.bundle import check_output_dir, is_bundle_dir
+
+    assert is_bundle_dir(bundle_copy)
+    check_output_dir(bundle_copy)  # a bundle may be rebuilt in place
+    check_output_dir(tmp_path / "new" / "dir")  # a new path too
+    (bundle_copy / "sub").mkdir()
+    assert not is_bundle_dir(bundle_copy)
+    (bundle_copy / "sub").rmdir()
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["schema_version"] = 99
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    assert not is_bundle_dir(bundle_copy)
+    with pytest.raises(BundleError, match="is not an edge-slm bundle"):
+        check_output_dir(bundle_copy)
+
+
+def test_staging_sweeps_only_its_own_dead_directories(tmp_path):
+    out = tmp_path / "b"
+    mine = tmp_path / "b.partial-notes"          # a user's folder that merely looks alike
+    dead = tmp_path / "b.partial-999999999"      # a killed build's staging (no such pid)
+    dead_scratch = tmp_path / "b.partial-scratch-ab12_cd-999999999"
+    for d in (mine, dead, dead_scratch):
+        d.mkdir()
+        (d / "f").write_text("x")
+    with staging_dir(out) as stage:
+        write_manifest(stage, {"target": "t", "precision": "fp32"})
+    assert mine.is_dir() and (mine / "f").read_text() == "x"
+    assert not dead.exists() and not dead_scratch.exists()
+    from edge_slm.bundle import is_bundle_dir
+
+    assert is_bundle_dir(out)
+
+
+def test_prune_refuses_a_user_folder(tmp_path, tiny_llama):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    proc = _cli("prune", "--model", tiny_llama, "--out", folder, "--ffn", "0.25")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: --out {folder} exists and is not a model edge-slm pruned: "
+                                   "choose another --out or empty it yourself")
+    assert (folder / "config.json").read_text() == "{}"
