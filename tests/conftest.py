@@ -32,11 +32,20 @@ def make_tokenizer(directory: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return fast
@@ -48,11 +57,21 @@ def make_model(directory: Path, architecture: str = "llama", seed: int = 0, **ov
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  tie_word_embeddings=True)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
     common.update(overrides)
     torch.manual_seed(seed)
     if architecture == "llama":
@@ -77,22 +96,42 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_profile(tmp_path_factory) -> Path:
-    """The x86-laptop profile with a short context, as a user's own profile file."""
-    text = (REPO / "targets" / "x86-laptop.toml").read_text()
-    text = text.replace('name = "x86-laptop"', 'name = "tiny-laptop"')
-    text = text.replace("context_length = 2048", "context_length = 128")
-    text = text.replace('precision = "int8"', 'precision = "fp32"')  # the reference; tests ask for int8 by --precision
-    path = tmp_path_factory.mktemp("profiles") / "tiny-laptop.toml"
-    path.write_text(text)
+def write_profile(path: Path, base: str, name: str, **sections) -> Path:
+    """A shipped profile changed with `dataclasses.replace` (section -> {field: value}), written as
+    a user's own TOML file: a changed or renamed field fails here instead of doing nothing."""
+    import dataclasses
+
+    import tomli_w
+
+    from edge_slm.core.targets import load_profile
+
+    profile = dataclasses.replace(load_profile(base), name=name)
+    for section, fields in sections.items():
+        profile = dataclasses.replace(profile, **{section: dataclasses.replace(getattr(profile, section), **fields)})
+
+    def without_none(value):
+        if isinstance(value, dict):
+            return {k: without_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    path.write_bytes(tomli_w.dumps(without_none(profile.to_dict())).encode())
     return path
 
 
 @pytest.fixture(scope="session")
+def tiny_profile(tmp_path_factory) -> Path:
+    """The x86-laptop profile with a short context, as a user's own profile file; its precision is
+    fp32 (the reference): tests ask for int8 with --precision."""
+    path = tmp_path_factory.mktemp("profiles") / "tiny-laptop.toml"
+    return write_profile(
+        path, "x86-laptop", "tiny-laptop", export={"context_length": 128}, quantize={"precision": "fp32"}
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_llama, tiny_profile) -> Path:
-    from edge_slm.pipeline import build
-    from edge_slm.targets import load_profile
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build(str(tiny_llama), load_profile(str(tiny_profile)), out, echo=lambda m: None)

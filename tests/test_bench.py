@@ -7,15 +7,16 @@ import sys
 
 import pytest
 
-from edge_slm.bench import SCHEMA, run, stats, table
-from edge_slm.errors import EdgeSlmError
-from edge_slm.report import read_records, write_report
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.harness.bench import SCHEMA, run, stats, table
+from edge_slm.harness.report import read_records, write_report
 
 
 @pytest.fixture(scope="module")
 def records(tiny_bundle):
-    return run(tiny_bundle, threads=[1, 2], prompt_tokens=16, gen_tokens=8, repetitions=3, warmup=1,
-               reference=tiny_bundle)
+    return run(
+        tiny_bundle, threads=[1, 2], prompt_tokens=16, gen_tokens=8, repetitions=3, warmup=1, reference=tiny_bundle
+    )
 
 
 def test_one_complete_record_per_setting(records, tiny_bundle):
@@ -23,9 +24,18 @@ def test_one_complete_record_per_setting(records, tiny_bundle):
     for r in records:
         assert r["schema"] == SCHEMA and r["system"] == "edge-slm" and r["test"] == "pp16+tg8"
         assert r["bundle"]["precision"] == "fp32" and len(r["bundle"]["manifest_sha256"]) == 64
-        assert r["bundle"]["size_bytes"] == sum(f["bytes"] for f in json.loads((tiny_bundle / "manifest.json").read_text())["files"].values())
-        assert r["settings"] == {"threads": r["settings"]["threads"], "prompt_tokens": 16, "gen_tokens": 8,
-                                 "repetitions": 3, "warmup": 1, "provider": "CPUExecutionProvider", "cpu_arena": True}
+        assert r["bundle"]["size_bytes"] == sum(
+            f["bytes"] for f in json.loads((tiny_bundle / "manifest.json").read_text())["files"].values()
+        )
+        assert r["settings"] == {
+            "threads": r["settings"]["threads"],
+            "prompt_tokens": 16,
+            "gen_tokens": 8,
+            "repetitions": 3,
+            "warmup": 1,
+            "provider": "CPUExecutionProvider",
+            "cpu_arena": True,
+        }
         assert r["machine"]["cores"] >= 1 and r["machine"]["arch"] and r["versions"]["onnxruntime"]
         res = r["results"]
         for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s"):
@@ -34,7 +44,7 @@ def test_one_complete_record_per_setting(records, tiny_bundle):
         latency = res["decode_latency_ms"]
         assert latency["n"] == 3 * 7 and latency["p50"] <= latency["p90"] <= latency["p99"]
         # Consistency: 7 decode steps at the mean step latency take 7 / decode rate.
-        per_run_ms = [sum(latency["samples"][i * 7:(i + 1) * 7]) for i in range(3)]
+        per_run_ms = [sum(latency["samples"][i * 7 : (i + 1) * 7]) for i in range(3)]
         for run_ms, rate in zip(per_run_ms, res["decode_tok_s"]["samples"]):
             assert run_ms == pytest.approx(7 / rate * 1e3, rel=1e-6)
         for ttft, rate in zip(res["ttft_ms"]["samples"], res["prefill_tok_s"]["samples"]):
@@ -79,6 +89,9 @@ def test_bad_inputs(tiny_bundle, tmp_path):
         read_records([bad])
     with pytest.raises(EdgeSlmError, match="exceed the bundle's context of 128"):
         run(tiny_bundle, threads=[1], prompt_tokens=120, gen_tokens=64, repetitions=1, warmup=0, accuracy=False)
-    proc = subprocess.run([sys.executable, "-m", "edge_slm.cli", "bench", str(tiny_bundle), "--threads", "0"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "bench", str(tiny_bundle), "--threads", "0"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "--threads" in proc.stderr and "Traceback" not in proc.stderr

@@ -13,9 +13,9 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from edge_slm.bundle import MANIFEST, SCHEMA_VERSION, read_manifest, staging_dir, verify_bundle, write_manifest
-from edge_slm.errors import BundleError
-from edge_slm.hashing import sha256_file
+from edge_slm.core.bundle import MANIFEST, SCHEMA_VERSION, read_manifest, staging_dir, verify_bundle, write_manifest
+from edge_slm.core.errors import BundleError
+from edge_slm.core.hashing import sha256_file
 
 
 def test_manifest_round_trip(tiny_bundle, tiny_llama):
@@ -41,8 +41,9 @@ def test_manifest_round_trip(tiny_bundle, tiny_llama):
 def test_tokenizer_fidelity(tiny_bundle, tiny_llama):
     reference = AutoTokenizer.from_pretrained(tiny_llama)
     bundled = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
-    chat = reference.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)
+    chat = reference.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     for text in ["The capital of France is Paris.", "Ünïcödé 東京 1234 %&*", chat, ""]:
         assert bundled.encode(text).ids == reference(text).input_ids
     ids = bundled.encode(chat).ids
@@ -82,7 +83,9 @@ def test_schema_version_and_bad_manifest(bundle_copy, tmp_path):
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
     (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=rf"bundle schema version {SCHEMA_VERSION + 1}, this edge-slm reads version {SCHEMA_VERSION}"):
+    with pytest.raises(
+        BundleError, match=rf"bundle schema version {SCHEMA_VERSION + 1}, this edge-slm reads version {SCHEMA_VERSION}"
+    ):
         read_manifest(bundle_copy)
     (bundle_copy / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
@@ -117,9 +120,22 @@ def test_killed_build_leaves_no_complete_looking_bundle(bundle_copy, tiny_llama,
     """SIGKILL a real `edge-slm build` while it writes: the old bundle survives untouched, and the
     partial directory has no manifest; the next build cleans it up."""
     before = verify_bundle(bundle_copy)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "build", "--target", str(tiny_profile),
-                             "--model", str(tiny_llama), "--out", str(bundle_copy)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_slm.cli",
+            "build",
+            "--target",
+            str(tiny_profile),
+            "--model",
+            str(tiny_llama),
+            "--out",
+            str(bundle_copy),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     partial = []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -137,8 +153,9 @@ def test_killed_build_leaves_no_complete_looking_bundle(bundle_copy, tiny_llama,
     with staging_dir(bundle_copy) as stage:  # the next build sweeps the dead build's leftovers
         assert not partial[0].exists()
         # its fp32 scratch directory too (hundreds of MB for a real model)
-        assert [p.name for p in bundle_copy.parent.iterdir()] == [stage.name] or \
-            sorted(p.name for p in bundle_copy.parent.iterdir()) == sorted([stage.name, bundle_copy.name])
+        assert [p.name for p in bundle_copy.parent.iterdir()] == [stage.name] or sorted(
+            p.name for p in bundle_copy.parent.iterdir()
+        ) == sorted([stage.name, bundle_copy.name])
         write_manifest(stage, {"target": "rebuilt"})
     assert read_manifest(bundle_copy)["target"] == "rebuilt"
 
@@ -147,9 +164,23 @@ def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_pr
     """SIGTERM (a closed terminal, `kill`, a CI timeout) unwinds like Ctrl-C: the staging and
     scratch directories are removed, the old bundle is untouched, one line says so."""
     before = verify_bundle(bundle_copy)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "build", "--target", str(tiny_profile),
-                             "--model", str(tiny_llama), "--out", str(bundle_copy)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_slm.cli",
+            "build",
+            "--target",
+            str(tiny_profile),
+            "--model",
+            str(tiny_llama),
+            "--out",
+            str(bundle_copy),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if list(bundle_copy.parent.glob("bundle.partial-scratch-*")):
@@ -159,7 +190,9 @@ def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_pr
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "interrupted: nothing was published (the previous bundle, if any, is intact)"
+    assert (
+        stderr.strip().splitlines()[-1] == "interrupted: nothing was published (the previous bundle, if any, is intact)"
+    )
     assert "Traceback" not in stderr
     assert [p.name for p in bundle_copy.parent.iterdir()] == [bundle_copy.name]
     assert verify_bundle(bundle_copy) == before
@@ -167,18 +200,22 @@ def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_pr
 
 # -- edge-slm replaces only what it made ---------------------------------------------------------
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "edge_slm.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _tree(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("contents", [
-    {"manifest.json": '{"name": "my-web-app", "version": "1.0"}', "index.html": "<h1>mine</h1>"},
-    {"manifest.json": "not even json", "notes.txt": "keep me"},
-])
+@pytest.mark.parametrize(
+    "contents",
+    [
+        {"manifest.json": '{"name": "my-web-app", "version": "1.0"}', "index.html": "<h1>mine</h1>"},
+        {"manifest.json": "not even json", "notes.txt": "keep me"},
+    ],
+)
 def test_build_refuses_a_user_folder_that_has_a_manifest(tmp_path, tiny_llama, tiny_profile, contents):
     folder = tmp_path / "project"
     folder.mkdir()
@@ -190,7 +227,8 @@ def test_build_refuses_a_user_folder_that_has_a_manifest(tmp_path, tiny_llama, t
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: --out {folder} exists and is not an edge-slm bundle (it holds files the build did not make): "
-        "edge-slm replaces only its own bundles; choose another --out or empty it yourself"]
+        "edge-slm replaces only its own bundles; choose another --out or empty it yourself"
+    ]
     assert time.monotonic() - started < 30  # refused before the build's minutes of work
     assert _tree(folder) == before
 
@@ -221,7 +259,7 @@ def test_build_refuses_a_file_a_link_and_the_source_folder(tmp_path, tiny_llama,
 
 
 def test_is_bundle_dir_needs_exactly_the_listed_files(bundle_copy, tmp_path):
-    from edge_slm.bundle import check_output_dir, is_bundle_dir
+    from edge_slm.core.bundle import check_output_dir, is_bundle_dir
 
     assert is_bundle_dir(bundle_copy)
     check_output_dir(bundle_copy)  # a bundle may be rebuilt in place
@@ -239,8 +277,8 @@ def test_is_bundle_dir_needs_exactly_the_listed_files(bundle_copy, tmp_path):
 
 def test_staging_sweeps_only_its_own_dead_directories(tmp_path):
     out = tmp_path / "b"
-    mine = tmp_path / "b.partial-notes"          # a user's folder that merely looks alike
-    dead = tmp_path / "b.partial-999999999"      # a killed build's staging (no such pid)
+    mine = tmp_path / "b.partial-notes"  # a user's folder that merely looks alike
+    dead = tmp_path / "b.partial-999999999"  # a killed build's staging (no such pid)
     dead_scratch = tmp_path / "b.partial-scratch-ab12_cd-999999999"
     for d in (mine, dead, dead_scratch):
         d.mkdir()
@@ -249,7 +287,7 @@ def test_staging_sweeps_only_its_own_dead_directories(tmp_path):
         write_manifest(stage, {"target": "t", "precision": "fp32"})
     assert mine.is_dir() and (mine / "f").read_text() == "x"
     assert not dead.exists() and not dead_scratch.exists()
-    from edge_slm.bundle import is_bundle_dir
+    from edge_slm.core.bundle import is_bundle_dir
 
     assert is_bundle_dir(out)
 
@@ -260,6 +298,7 @@ def test_prune_refuses_a_user_folder(tmp_path, tiny_llama):
     (folder / "config.json").write_text("{}")
     proc = _cli("prune", "--model", tiny_llama, "--out", folder, "--ffn", "0.25")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: --out {folder} exists and is not a model edge-slm pruned: "
-                                   "choose another --out or empty it yourself")
+    assert proc.stderr.strip() == (
+        f"error: --out {folder} exists and is not a model edge-slm pruned: choose another --out or empty it yourself"
+    )
     assert (folder / "config.json").read_text() == "{}"

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from edge_slm.load import load
-from edge_slm.errors import ModelError
+from edge_slm.build.load import load
+from edge_slm.core.errors import ModelError
 
 
 def run(*args, check_rc=None):
@@ -30,15 +30,18 @@ def test_unknown_target_is_one_line():
     proc = run("build", "--target", "nosuch", check_rc=2)
     assert proc.stderr.strip().splitlines() == [
         "error: unknown target 'nosuch': known targets are jetson-orin, rpi4, rpi4-pruned, rpi5, x86-laptop "
-        "(or pass a path to your own .toml profile)"]
+        "(or pass a path to your own .toml profile)"
+    ]
     assert "Traceback" not in proc.stderr
 
 
 def test_misspelt_profile_key(tmp_path):
-    from edge_slm.targets import TARGETS_DIR
+    from edge_slm.core.targets import TARGETS_DIR
 
     bad = tmp_path / "board.toml"
-    bad.write_text((TARGETS_DIR / "rpi4.toml").read_text().replace("context_length", "context_lenght"))
+    text = (TARGETS_DIR / "rpi4.toml").read_text()
+    assert "context_length" in text
+    bad.write_text(text.replace("context_length", "context_lenght"))
     proc = run("build", "--target", str(bad), check_rc=2)
     assert "unknown key 'export.context_lenght'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     debug = run("--debug", "build", "--target", str(bad))
@@ -55,7 +58,10 @@ def test_inspect_verifies_and_names_corrupt_file(tiny_bundle, tmp_path):
     raw[50] ^= 0xFF
     data.write_bytes(bytes(raw))
     proc = run("inspect", str(copy), check_rc=2)
-    assert proc.stderr.strip() == f"error: {copy}/model.onnx: checksum mismatch (the file is corrupt): copy it again or rebuild"
+    assert (
+        proc.stderr.strip()
+        == f"error: {copy}/model.onnx: checksum mismatch (the file is corrupt): copy it again or rebuild"
+    )
 
 
 def test_build_then_inspect_json(tiny_llama, tiny_profile, tmp_path):
@@ -70,7 +76,9 @@ def test_bad_model_references(tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ModelError, match=r"architecture 'gpt2' is not supported; supported: llama \(Llama, SmolLM, TinyLlama\); qwen2"):
+    with pytest.raises(
+        ModelError, match=r"architecture 'gpt2' is not supported; supported: llama \(Llama, SmolLM, TinyLlama\); qwen2"
+    ):
         load(str(gpt2))
     proc = run("build", "--target", "x86-laptop", "--model", str(gpt2), "--out", str(tmp_path / "o"), check_rc=2)
     assert "architecture 'gpt2' is not supported" in proc.stderr and not (tmp_path / "o").exists()

@@ -7,9 +7,9 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from edge_slm.bundle import verify_bundle
-from edge_slm.pipeline import build
-from edge_slm.targets import load_profile
+from edge_slm.build.pipeline import build
+from edge_slm.core.bundle import verify_bundle
+from edge_slm.core.targets import load_profile
 
 pytestmark = pytest.mark.e2e
 
@@ -65,8 +65,10 @@ def test_default_tokenizer_matches_llama_cpp(default_bundle):
     assert tok.encode("Hello world").ids == [19556, 905]
     generation = json.loads((default_bundle / "generation.json").read_text())
     assert generation["bos_token_id"] == 1 and generation["eos_token_ids"] == [2] and generation["add_bos"] is False
-    chat = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    chat = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tok.encode(chat).ids
     assert ids[:6] == [1, 9690, 198, 2683, 359, 253]  # one <|im_start|>, not [1, 1, ...]
     assert ids[-4:] == [1, 520, 9531, 198] and ids.count(2) == 2  # special tokens are single ids
@@ -86,15 +88,21 @@ def test_greedy_matches_transformers_for_64_tokens(default_bundle, prompt, as_ch
     from transformers import AutoModelForCausalLM
 
     from edge_slm import runtime
-    from edge_slm.load import load
+    from edge_slm.build.load import load
 
     model = runtime.load(default_bundle, verify=False)
     ids = model.encode(model.render_chat([{"role": "user", "content": prompt}]) if as_chat else prompt)
     reference = AutoModelForCausalLM.from_pretrained(load(None).path, dtype="float32").eval()
     with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)
-    expected = out[0, len(ids):].tolist()
+        out = reference.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+    expected = out[0, len(ids) :].tolist()
     model.eos_ids = set()  # 64 tokens on both sides, past any end-of-turn
     got = model.generate(ids, max_new_tokens=64)
     assert got.token_ids == expected

@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge_slm.errors import ParityError
-from edge_slm.export import export, load_torch_model
-from edge_slm.targets import load_profile
-from edge_slm.validate import Tolerance, validate
+from edge_slm.build.export import export, load_torch_model
+from edge_slm.build.validate import Tolerance, validate
+from edge_slm.core.errors import ParityError
+from edge_slm.core.targets import load_profile
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
 FP32_TOL = Tolerance.for_precision("fp32")
@@ -26,8 +26,12 @@ def _run_steps(onnx_path, model, prompt, steps):
     past = [np.zeros((1, cfg.num_key_value_heads, 0, head_dim), np.float32)] * len(past_names)
     ids, total, cache, diffs = np.array([prompt]), 0, None, []
     for _ in range(steps + 1):
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, total + ids.shape[1]), np.int64),
-                "position_ids": np.arange(total, total + ids.shape[1])[None], **dict(zip(past_names, past))}
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, total + ids.shape[1]), np.int64),
+            "position_ids": np.arange(total, total + ids.shape[1])[None],
+            **dict(zip(past_names, past)),
+        }
         out = session.run(None, feed)
         with torch.no_grad():
             ref = model(torch.from_numpy(ids), past_key_values=cache, use_cache=True)
@@ -35,8 +39,12 @@ def _run_steps(onnx_path, model, prompt, steps):
         assert out[0].shape == tuple(ref.logits.shape)
         assert float(ref.logits.std()) > 0.1  # parity on near-zero logits would prove nothing
         keys = [layer.keys.numpy() for layer in cache.layers]
-        diffs.append((float(np.abs(out[0] - ref.logits.numpy()).max()),
-                      max(float(np.abs(out[1 + 2 * i] - k).max()) for i, k in enumerate(keys))))
+        diffs.append(
+            (
+                float(np.abs(out[0] - ref.logits.numpy()).max()),
+                max(float(np.abs(out[1 + 2 * i] - k).max()) for i, k in enumerate(keys)),
+            )
+        )
         total += ids.shape[1]
         past = out[1:]
         ids = np.array([[int(ref.logits[0, -1].argmax())]])
@@ -58,8 +66,10 @@ def test_fused_graph_matches_torch_prefill_and_decode(fixture, request, tmp_path
 def test_fused_node_counts(tiny_llama, tiny_qwen2, tmp_path):
     layers = 2
     ops = {}
-    graph = onnx.load(str(export(load_torch_model(tiny_llama), load_profile("x86-laptop"), tmp_path / "l").onnx_path),
-                      load_external_data=False).graph
+    graph = onnx.load(
+        str(export(load_torch_model(tiny_llama), load_profile("x86-laptop"), tmp_path / "l").onnx_path),
+        load_external_data=False,
+    ).graph
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     assert len(graph.node) == 11 * layers + 13
@@ -71,8 +81,10 @@ def test_fused_node_counts(tiny_llama, tiny_qwen2, tmp_path):
     # The tied embedding is stored once and read by both the Gather and the LM head Gemm.
     embed = [i for i in graph.initializer if i.dims == [graph.output[0].type.tensor_type.shape.dim[2].dim_value, 64]]
     assert len(embed) == 1
-    qwen = onnx.load(str(export(load_torch_model(tiny_qwen2), load_profile("x86-laptop"), tmp_path / "q").onnx_path),
-                     load_external_data=False).graph
+    qwen = onnx.load(
+        str(export(load_torch_model(tiny_qwen2), load_profile("x86-laptop"), tmp_path / "q").onnx_path),
+        load_external_data=False,
+    ).graph
     assert sum(n.op_type == "Add" for n in qwen.node) == layers  # q/k/v biases, one packed Add a layer
     assert sum(n.op_type == "Gemm" for n in qwen.node) == 0  # untied head: a plain MatMul
 
@@ -85,14 +97,18 @@ def test_external_data_and_signature(tiny_llama, tmp_path):
     assert {o.domain: o.version for o in proto.opset_import}[""] == 17
     names = [i.name for i in proto.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:7] == ["past_key_values.0.key", "past_key_values.0.value",
-                          "past_key_values.1.key", "past_key_values.1.value"]
+    assert names[3:7] == [
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
     dims = [d.dim_param for d in proto.graph.input[3].type.tensor_type.shape.dim]
     assert dims[0] == "batch" and dims[2] == "past_sequence"
 
 
 def test_generic_fallback_matches_torch(tiny_llama, tmp_path):
-    from edge_slm.targets import profile_from_dict
+    from edge_slm.core.targets import profile_from_dict
 
     raw = load_profile("x86-laptop").to_dict()
     raw["export"]["graph"] = "generic"
@@ -108,7 +124,9 @@ def test_parity_miss_names_output_and_difference(tiny_llama, tmp_path):
     exported = export(model, load_profile("x86-laptop"), tmp_path)
     with torch.no_grad():  # the graph now disagrees with the model it is checked against
         model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
-    with pytest.raises(ParityError, match=r"output 'logits' differs from torch by [0-9.e+-]+ at prefill \(tolerance 0.001 for fp32\)"):
+    with pytest.raises(
+        ParityError, match=r"output 'logits' differs from torch by [0-9.e+-]+ at prefill \(tolerance 0.001 for fp32\)"
+    ):
         validate(exported.onnx_path, model, PROMPT)
 
 
@@ -124,7 +142,7 @@ def test_validation_report_numbers(tiny_llama, tmp_path):
 def test_profiles_with_old_runtimes_get_separate_rotary_nodes(tiny_llama, tmp_path):
     """onnxruntime 1.20 takes no position_ids in GroupQueryAttention: RotaryEmbedding nodes instead,
     the same numbers."""
-    from edge_slm.pipeline import min_onnxruntime
+    from edge_slm.build.pipeline import min_onnxruntime
 
     profile = load_profile("jetson-orin")  # lists onnxruntime 1.20.0
     model = load_torch_model(tiny_llama)

@@ -10,15 +10,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import write_profile
 from onnx import numpy_helper
 
-from conftest import REPO
-from edge_slm.export import export, load_torch_model
-from edge_slm.hashing import sha256_file
-from edge_slm.qdq import quantize_qdq
-from edge_slm.smooth import CALIBRATION_TEXT, Smoothing, fake_int8, per_tensor_error
+from edge_slm.build.export import export, load_torch_model
+from edge_slm.build.quantize.qdq import quantize_qdq
+from edge_slm.build.quantize.smooth import Smoothing, fake_int8, per_tensor_error
+from edge_slm.core.data import CALIBRATION_TEXT
+from edge_slm.core.hashing import sha256_file
+from edge_slm.core.targets import load_profile
 from edge_slm.runtime.session import provider_options
-from edge_slm.targets import load_profile
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
@@ -26,22 +27,24 @@ IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
 
 @pytest.fixture(scope="module")
 def jetson_profile(tmp_path_factory):
-    text = (REPO / "targets" / "jetson-orin.toml").read_text()
-    text = text.replace('name = "jetson-orin"', 'name = "tiny-jetson"').replace("context_length = 4096", "context_length = 128")
     path = tmp_path_factory.mktemp("profiles") / "tiny-jetson.toml"
-    path.write_text(text)
-    return path
+    return write_profile(path, "jetson-orin", "tiny-jetson", export={"context_length": 128})
 
 
 @pytest.fixture(scope="module")
 def fp32_graph(tiny_llama, jetson_profile, tmp_path_factory):
-    return export(load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path_factory.mktemp("fp32")).onnx_path
+    return export(
+        load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path_factory.mktemp("fp32")
+    ).onnx_path
 
 
 def _run(path, ids=IDS, dtype=np.float32):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-            "position_ids": np.arange(len(ids))[None]}
+    feed = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
     for inp in session.get_inputs()[3:]:
         feed[inp.name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), dtype)
     return session.run(["logits"], feed)[0][0]
@@ -56,7 +59,7 @@ def _tokens(tokenizer_dir):
 
 def test_fp16_bundle_types_accuracy_and_runtime(tiny_llama, jetson_profile, tmp_path):
     from edge_slm import runtime
-    from edge_slm.pipeline import build
+    from edge_slm.build.pipeline import build
 
     manifest = build(str(tiny_llama), load_profile(str(jetson_profile)), tmp_path / "b", echo=lambda m: None)
     assert manifest["precision"] == "fp16" and manifest["quantization"]["method"] == "fp16"
@@ -118,7 +121,9 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(fp32_graph, tiny_
     assert error < 0.2 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 
     # Products kept float stay float whole: fp16 weights behind a Cast, no Q/DQ on either input.
-    mixed = quantize_qdq(fp32_graph, tmp_path / "mixed", _tokens(tiny_llama), info, keep_float=("*.gate_up",), max_error=1.0)
+    mixed = quantize_qdq(
+        fp32_graph, tmp_path / "mixed", _tokens(tiny_llama), info, keep_float=("*.gate_up",), max_error=1.0
+    )
     assert mixed["quantized_matmuls"] == 4 * LAYERS + 1 and mixed["float_matmuls"] == mixed["fp16_weights"] == LAYERS
     assert mixed["QuantizeLinear"] == 3 * LAYERS + 1 and mixed["shared_embedding_gathers"] == 1
     graph = onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph
@@ -157,18 +162,22 @@ def test_product_error_is_per_token_so_a_massive_activation_cannot_hide_the_othe
 def test_smoothing_folds_leave_the_function_unchanged(fp32_graph, tiny_llama, tmp_path):
     """Dividing activations by s and multiplying weights by s must not change the float model:
     norm gains, the up projection (MLP product) and the grouped value projection (attention output)."""
-    from edge_slm.smooth import capture_activations, calibration_chunks
+    from edge_slm.build.quantize.smooth import calibration_chunks, capture_activations
 
     info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
     proto = onnx.load(str(fp32_graph))
-    weights = {i.name: numpy_helper.to_array(i).astype(np.float32) for i in proto.graph.initializer
-               if i.data_type == onnx.TensorProto.FLOAT}
+    weights = {
+        i.name: numpy_helper.to_array(i).astype(np.float32)
+        for i in proto.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT
+    }
     products = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     names = sorted({n.input[0] for n in products})
     captured = capture_activations(fp32_graph, names, calibration_chunks(_tokens(tiny_llama)[:200]), info)
     smoothing = Smoothing(proto.graph, weights, info, alphas=(0.75,))
-    folded = {name: smoothing.apply(name, captured[name], [n for n in products if n.input[0] == name])[1]
-              for name in names}
+    folded = {
+        name: smoothing.apply(name, captured[name], [n for n in products if n.input[0] == name])[1] for name in names
+    }
     assert folded == {name: 0.75 for name in names}  # every kind of producer could take its s
     assert any(n.endswith(".attn") for n in names) and any(n.endswith(".gate_up") for n in names)
     for init in proto.graph.initializer:
@@ -182,9 +191,12 @@ def test_smoothing_folds_leave_the_function_unchanged(fp32_graph, tiny_llama, tm
 
 def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
     profile = load_profile(str(jetson_profile))
-    manifest = {"precision": "int8", "profile": profile.to_dict(),
-                "model": {"num_layers": 2, "num_kv_heads": 3, "head_dim": 64, "context_length": 128},
-                "files": {"model.onnx": {"sha256": "ab" * 32}}}
+    manifest = {
+        "precision": "int8",
+        "profile": profile.to_dict(),
+        "model": {"num_layers": 2, "num_kv_heads": 3, "head_dim": 64, "context_length": 128},
+        "files": {"model.onnx": {"sha256": "ab" * 32}},
+    }
     trt, cpu = provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], manifest)
     assert cpu == {}
     assert trt["trt_fp16_enable"] == "True" and trt["trt_int8_enable"] == "True"
@@ -198,20 +210,43 @@ def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
 
 
 def test_calibration_option(tiny_llama, jetson_profile, tmp_path):
-    cli = [sys.executable, "-m", "edge_slm.cli", "build", "--target", str(jetson_profile), "--model", str(tiny_llama),
-           "--precision", "int8", "--allow-accuracy-loss"]
-    missing = subprocess.run(cli + ["--calibration", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")],
-                             capture_output=True, text=True)
+    cli = [
+        sys.executable,
+        "-m",
+        "edge_slm.cli",
+        "build",
+        "--target",
+        str(jetson_profile),
+        "--model",
+        str(tiny_llama),
+        "--precision",
+        "int8",
+        "--allow-accuracy-loss",
+    ]
+    missing = subprocess.run(
+        cli + ["--calibration", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert missing.stderr.strip().splitlines()[-1].startswith("error: --calibration ") and "no such file" in missing.stderr
+    assert (
+        missing.stderr.strip().splitlines()[-1].startswith("error: --calibration ") and "no such file" in missing.stderr
+    )
     own = tmp_path / "mine.txt"
     own.write_text(CALIBRATION_TEXT.read_text()[:1500] + "\nMy own notes about sensors and batteries.\n" * 5)
-    done = subprocess.run(cli + ["--calibration", str(own), "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    done = subprocess.run(
+        cli + ["--calibration", str(own), "--out", str(tmp_path / "b")], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     quant = manifest["quantization"]
-    assert quant["method"] == "qdq-s8s8-static" and quant["calibration"] == {"file": "mine.txt", "sha256": sha256_file(own)}
+    assert quant["method"] == "qdq-s8s8-static" and quant["calibration"] == {
+        "file": "mine.txt",
+        "sha256": sha256_file(own),
+    }
     assert manifest["graph"]["op_counts"]["QuantizeLinear"] == quant["counts"]["QuantizeLinear"] > 0
     assert "MatMulNBits" not in manifest["graph"]["op_counts"]  # TensorRT gets QDQ, not onnxruntime's contrib op
-    shown = subprocess.run([sys.executable, "-m", "edge_slm.cli", "inspect", str(tmp_path / "b")], capture_output=True, text=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "inspect", str(tmp_path / "b")], capture_output=True, text=True
+    )
     assert "int8 S8S8 QDQ (TensorRT), static activation scales from mine.txt" in shown.stdout

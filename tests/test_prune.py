@@ -3,21 +3,26 @@ scores follow activations (not weight size), compensation lowers the reconstruct
 recovery lowers the KL and resumes from its checkpoint, and a profile's [prune] section reaches
 the bundle's manifest."""
 
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 
-from conftest import REPO, make_model
-from edge_slm.errors import ModelError
-from edge_slm.export import load_torch_model
-from edge_slm.smooth import CALIBRATION_TEXT
-from edge_slm.prune import (PruneSettings, calibration_batches, channel_scores, layer_influence,
-                            prune_model, save_pruned)
-from edge_slm.recover import RecoverySettings, recover
+from edge_slm.build.export import load_torch_model
+from edge_slm.build.prune.recover import RecoverySettings, recover
+from edge_slm.build.prune.structured import (
+    PruneSettings,
+    calibration_batches,
+    channel_scores,
+    layer_influence,
+    prune_model,
+    save_pruned,
+)
+from edge_slm.core.data import CALIBRATION_TEXT
+from edge_slm.core.errors import ModelError
 
 CALIBRATION = CALIBRATION_TEXT.read_text()
 
@@ -36,15 +41,20 @@ def _tokenizer(path):
 def test_pruned_model_is_a_valid_smaller_model_that_builds(three_layers, tiny_profile, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from edge_slm.pipeline import build
-    from edge_slm.targets import load_profile
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
 
     model, tokenizer = load_torch_model(three_layers), _tokenizer(three_layers)
     before = sum(p.numel() for p in model.parameters())
     record = prune_model(model, tokenizer, PruneSettings(ffn=0.25, head_groups=1, layers=1), CALIBRATION)
     config = model.config
-    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.head_dim) == (2, 2, 1, 96, 16)
+    assert (
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.head_dim,
+    ) == (2, 2, 1, 96, 16)
     # per layer: q 64x32, k and v 64x16, o 32x64, three MLP matrices 64x96, two norms of 64
     per_layer = 64 * 32 + 2 * 64 * 16 + 32 * 64 + 3 * 64 * 96 + 2 * 64
     assert record["parameters_after"] == 300 * 64 + 64 + 2 * per_layer == sum(p.numel() for p in model.parameters())
@@ -54,14 +64,16 @@ def test_pruned_model_is_a_valid_smaller_model_that_builds(three_layers, tiny_pr
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model.eval()(ids).logits, atol=1e-5)
-    manifest = build(str(tmp_path / "pruned"), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None)
+    manifest = build(
+        str(tmp_path / "pruned"), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None
+    )
     assert manifest["model"]["num_layers"] == 2 and manifest["model"]["num_heads"] == 2
     assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_diff"]["logits"] < 1e-3
 
 
 def test_qwen2_biases_follow_the_removed_group(tiny_qwen2, tiny_profile, tmp_path):
-    from edge_slm.pipeline import build
-    from edge_slm.targets import load_profile
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
 
     model, tokenizer = load_torch_model(tiny_qwen2), _tokenizer(tiny_qwen2)
     prune_model(model, tokenizer, PruneSettings(head_groups=1), CALIBRATION)
@@ -76,10 +88,10 @@ def test_scores_follow_activations_not_weight_size(three_layers):
     model, tokenizer = load_torch_model(three_layers), _tokenizer(three_layers)
     with torch.no_grad():
         layer = model.model.layers[0]
-        layer.mlp.gate_proj.weight[:32] = 0      # silu(0) * up = 0: channels 0-31 never fire ...
+        layer.mlp.gate_proj.weight[:32] = 0  # silu(0) * up = 0: channels 0-31 never fire ...
         layer.mlp.down_proj.weight[:, :32] *= 100  # ... however large their output weights
         middle = model.model.layers[1]
-        middle.self_attn.o_proj.weight.zero_()   # layer 1 now adds nothing to its input
+        middle.self_attn.o_proj.weight.zero_()  # layer 1 now adds nothing to its input
         middle.mlp.down_proj.weight.zero_()
     batches = calibration_batches(tokenizer, CALIBRATION)
     influence = layer_influence(model, batches)
@@ -115,8 +127,22 @@ def test_impossible_settings_are_refused(three_layers):
         prune_model(model, tokenizer, PruneSettings(head_groups=2), CALIBRATION)
     with pytest.raises(ModelError, match=r"--layers 3: this model has 3 layers; remove 0 to 2"):
         prune_model(model, tokenizer, PruneSettings(layers=3), CALIBRATION)
-    result = subprocess.run([sys.executable, "-m", "edge_slm.cli", "prune", "--model", str(three_layers), "--out",
-                             "/tmp/never", "--ffn", "1.5"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_slm.cli",
+            "prune",
+            "--model",
+            str(three_layers),
+            "--out",
+            "/tmp/never",
+            "--ffn",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --ffn 1.5: give the share of FFN channels")
 
@@ -139,8 +165,9 @@ def test_recovery_lowers_kl_and_resumes_after_an_interruption(three_layers, tmp_
     prune_model(student, tokenizer, PruneSettings(ffn=0.5, compensate=False), CALIBRATION)
     held_out = torch.tensor([tokenizer("The harbour market opens at seven on Saturday mornings.").input_ids])
     kl_pruned = _kl(student, teacher, held_out)
-    settings = RecoverySettings(steps=12, sequence_length=32, batch_size=4, learning_rate=1e-3,
-                                generated_sequences=8, checkpoint_every=5)
+    settings = RecoverySettings(
+        steps=12, sequence_length=32, batch_size=4, learning_rate=1e-3, generated_sequences=8, checkpoint_every=5
+    )
 
     messages = []
 
@@ -165,8 +192,8 @@ def test_recovery_lowers_kl_and_resumes_after_an_interruption(three_layers, tmp_
 
 
 def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, tmp_path, monkeypatch):
-    from edge_slm.pipeline import build
-    from edge_slm.targets import load_profile
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
 
     monkeypatch.setenv("EDGE_SLM_CACHE", str(tmp_path / "cache"))
     text = tiny_profile.read_text() + "\n[prune]\nlayers = 1\nffn = 0.25\n"
@@ -191,7 +218,7 @@ def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsity_is_compression_only(three_layers, pattern):
-    from edge_slm.sparsify import zero_share
+    from edge_slm.build.prune.sparsify import zero_share
 
     model, tokenizer = load_torch_model(three_layers), _tokenizer(three_layers)
     before = sum(p.numel() for p in model.parameters())

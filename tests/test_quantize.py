@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge_slm.errors import AccuracyBudgetError
-from edge_slm.export import export, load_torch_model
-from edge_slm.quantize import PRESETS, dequantize_rows, quantize, quantize_rows
-from edge_slm.targets import AccuracyBudget, Quantize, load_profile
+from edge_slm.build.export import export, load_torch_model
+from edge_slm.build.quantize.blockwise import PRESETS, dequantize_rows, quantize, quantize_rows
+from edge_slm.core.errors import AccuracyBudgetError
+from edge_slm.core.targets import AccuracyBudget, Quantize, load_profile
 
 LAYERS = 2
 
@@ -56,8 +56,11 @@ def _ops(path):
 
 def _logits(path, ids):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-            "position_ids": np.arange(len(ids))[None]}
+    feed = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
     for inp in session.get_inputs()[3:]:
         feed[inp.name] = np.zeros((1, 2, 0, 16), np.float32)
     return session.run(["logits"], feed)[0][0]
@@ -74,8 +77,15 @@ def test_int8_quantizes_every_matrix_and_stores_the_tied_table_once(fp32_graph, 
     assert ops["MatMulNBits"] == 5 * LAYERS + 1  # qkv, o, gate, up, down per layer + LM head
     assert ops["GatherBlockQuantized"] == 1
     assert "MatMul" not in ops and "Gemm" not in ops
-    assert counts == {"MatMulNBits": 11, "GatherBlockQuantized": 1, "dequantized_gathers": 0, "float_matmuls_left": 0,
-                      "bits": 8, "embedding_bits": 8, "shared_tied_embedding": True}
+    assert counts == {
+        "MatMulNBits": 11,
+        "GatherBlockQuantized": 1,
+        "dequantized_gathers": 0,
+        "float_matmuls_left": 0,
+        "bits": 8,
+        "embedding_bits": 8,
+        "shared_tied_embedding": True,
+    }
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits_2d")
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     assert head.input[1] == gather.input[0]  # one table, read by both
@@ -109,17 +119,27 @@ def test_int4_asymmetric_is_lossless_on_q4_1_weights(tiny_llama, tmp_path, block
         assert inputs == {4} and "block_offset_products" not in counts
     ids = [1, 40, 41, 42, 43, 44, 45]
     assert np.abs(_logits(tmp_path / "q" / "model.onnx", ids) - _logits(fp32, ids)).max() < 1e-4
+
     # 4 bits plus a float scale and minimum per 32 weights: 0.75 bytes a weight instead of 4.
     def matrix_bytes(path):
         graph = onnx.load(str(path)).graph
-        return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer if not i.name.startswith(("rotary", "const")))
+        return sum(
+            onnx.numpy_helper.to_array(i).nbytes
+            for i in graph.initializer
+            if not i.name.startswith(("rotary", "const"))
+        )
+
     assert matrix_bytes(tmp_path / "q" / "model.onnx") < 0.2 * matrix_bytes(fp32)
 
 
 def test_embedding_bits_override(fp32_graph, tmp_path):
     counts = quantize(fp32_graph, Quantize("int4", block_size=32, symmetric=True, embedding_bits=8), tmp_path)
     graph, _ = _ops(tmp_path / "model.onnx")
-    bits = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    bits = {
+        n.output[0]: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
     assert bits["logits_2d"] == 8 and set(v for k, v in bits.items() if k != "logits_2d") == {4}
     assert counts["embedding_bits"] == 8
 
@@ -132,15 +152,24 @@ def _tight_profile(tiny_profile):
 
 
 def test_gate_fails_an_over_quantized_model(tiny_llama, tiny_profile, tmp_path):
-    from edge_slm.pipeline import build
+    from edge_slm.build.pipeline import build
 
     out = tmp_path / "bundle"
-    with pytest.raises(AccuracyBudgetError, match=r"the int4 model is outside its accuracy budget: .*top-1 agreement [0-9.]+% \(budget at least 99.9%\), "
-                                                  r"measured against fp32 on \d+ tokens of eval.txt"):
+    with pytest.raises(
+        AccuracyBudgetError,
+        match=r"the int4 model is outside its accuracy budget: .*top-1 agreement [0-9.]+% \(budget at least 99.9%\), "
+        r"measured against fp32 on \d+ tokens of eval.txt",
+    ):
         build(str(tiny_llama), _tight_profile(tiny_profile), out, echo=lambda m: None, precision="int4")
     assert not out.exists()
-    manifest = build(str(tiny_llama), _tight_profile(tiny_profile), out, echo=lambda m: None, precision="int4",
-                     allow_accuracy_loss=True)
+    manifest = build(
+        str(tiny_llama),
+        _tight_profile(tiny_profile),
+        out,
+        echo=lambda m: None,
+        precision="int4",
+        allow_accuracy_loss=True,
+    )
     acc = manifest["accuracy"]
     assert acc["passed"] is False and acc["loss_allowed_by_user"] is True and acc["top1_agreement"] < 0.999
     assert manifest["precision"] == "int4" and manifest["quantization"]["recipe"]["precision"] == "int4"
@@ -148,9 +177,11 @@ def test_gate_fails_an_over_quantized_model(tiny_llama, tiny_profile, tmp_path):
 
 def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
     from edge_slm import runtime
-    from edge_slm.pipeline import build
+    from edge_slm.build.pipeline import build
 
-    manifest = build(str(tiny_llama), load_profile(str(tiny_profile)), tmp_path / "b", echo=lambda m: None, precision="int8")
+    manifest = build(
+        str(tiny_llama), load_profile(str(tiny_profile)), tmp_path / "b", echo=lambda m: None, precision="int8"
+    )
     q, acc = manifest["quantization"], manifest["accuracy"]
     assert q["recipe"]["block_size"] == load_profile(str(tiny_profile)).quantize.block_size
     assert q["counts"]["MatMulNBits"] == 11 and q["counts"]["float_matmuls_left"] == 0
@@ -172,18 +203,25 @@ def test_old_runtimes_get_plain_operators_with_the_same_numbers(tiny_llama, tmp_
     recipe = Quantize("int4", block_size=32, symmetric=True)
     quantize(fp32_graph, recipe, tmp_path / "new", oldest_onnxruntime="1.27.0")
     counts = quantize(fp32_graph, recipe, tmp_path / "old", oldest_onnxruntime="1.20.1")
-    assert counts["GatherBlockQuantized"] == 0 and counts["dequantized_gathers"] == 1 and counts["shared_tied_embedding"]
+    assert (
+        counts["GatherBlockQuantized"] == 0 and counts["dequantized_gathers"] == 1 and counts["shared_tied_embedding"]
+    )
     _, ops = _ops(tmp_path / "old" / "model.onnx")
     assert "GatherBlockQuantized" not in ops and ops["MatMulNBits"] == 11
     ids = [1, 40, 41, 42, 43, 44, 45]
-    assert np.abs(_logits(tmp_path / "old" / "model.onnx", ids) - _logits(tmp_path / "new" / "model.onnx", ids)).max() < 1e-5
-    from edge_slm.errors import ExportError
-    from edge_slm.pipeline import min_onnxruntime
+    assert (
+        np.abs(_logits(tmp_path / "old" / "model.onnx", ids) - _logits(tmp_path / "new" / "model.onnx", ids)).max()
+        < 1e-5
+    )
+    from edge_slm.build.manifest import min_onnxruntime
+    from edge_slm.core.errors import ExportError
 
     assert min_onnxruntime(tmp_path / "new" / "model.onnx") == "1.24.0"  # GatherBlockQuantized
     assert min_onnxruntime(tmp_path / "old" / "model.onnx") == "1.20.0"
     assert min_onnxruntime(fp32_graph) == "1.20.0"
-    with pytest.raises(ExportError, match=r"8-bit MatMulNBits needs onnxruntime >= 1.24, but the profile lists onnxruntime 1.20.1"):
+    with pytest.raises(
+        ExportError, match=r"8-bit MatMulNBits needs onnxruntime >= 1.24, but the profile lists onnxruntime 1.20.1"
+    ):
         quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "int8", oldest_onnxruntime="1.20.1")
 
 
@@ -193,7 +231,8 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
     float graph computes the same logits, and its int8 bundle errs less than the unsmoothed one."""
     from transformers import AutoTokenizer
 
-    from edge_slm.smooth import CALIBRATION_TEXT, BlockwiseError, smooth_graph
+    from edge_slm.build.quantize.smooth import BlockwiseError, smooth_graph
+    from edge_slm.core.data import CALIBRATION_TEXT
 
     model = load_torch_model(tiny_llama)
     with torch.no_grad():
@@ -219,8 +258,11 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
     assert counts["MatMulNBits"] == 5 * LAYERS + 1 and counts["smoothing"]["smoothed_activations"] >= 4
     assert counts["smoothing"]["calibration_tokens"] == 400
     graph, _ = _ops(tmp_path / "smooth" / "model.onnx")
-    blocks = {n.output[0]: next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node
-              if n.op_type == "MatMulNBits"}
+    blocks = {
+        n.output[0]: next(a.i for a in n.attribute if a.name == "block_size")
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
     assert blocks.pop("logits_2d") == 32 and set(blocks.values()) == {64}
     plain_error = np.abs(_logits(tmp_path / "plain" / "model.onnx", ids) - ref).mean()
     smooth_error = np.abs(_logits(tmp_path / "smooth" / "model.onnx", ids) - ref).mean()
@@ -234,7 +276,7 @@ def test_prefill_graph_runs_prompts_and_shares_the_cache(tiny_llama, tiny_profil
     through it and decode steps through the main graph, on one KV cache; scoring stays on the
     main graph."""
     from edge_slm import runtime
-    from edge_slm.pipeline import build
+    from edge_slm.build.pipeline import build
 
     profile = load_profile(str(tiny_profile))
     recipe = dataclasses.replace(PRESETS["int8"], prefill_accuracy_level=0)
@@ -244,8 +286,11 @@ def test_prefill_graph_runs_prompts_and_shares_the_cache(tiny_llama, tiny_profil
     levels = {}
     for name in ("model.onnx", "prefill.onnx"):
         graph, _ = _ops(tmp_path / "b" / name)
-        levels[name] = {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in graph.node
-                        if n.op_type == "MatMulNBits"}
+        levels[name] = {
+            next(a.i for a in n.attribute if a.name == "accuracy_level")
+            for n in graph.node
+            if n.op_type == "MatMulNBits"
+        }
         assert {i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}  # shared data
     assert levels == {"model.onnx": {4}, "prefill.onnx": {0}}
     assert not list((tmp_path / "b").glob("prefill.onnx.data"))  # the weights are on disk once

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_slm.remote import Device, RemoteError, bench_inventory, bench_remote
+from edge_slm.harness.remote import Device, RemoteError, bench_remote
 
 SSHD = "/usr/sbin/sshd"
 BENCH = ["--prompt-tokens", "8", "--gen-tokens", "4", "-r", "2", "--warmup", "1", "--threads", "1", "--no-accuracy"]
@@ -35,9 +35,9 @@ def sshd(tmp_path_factory):
     port = _free_port()
     (d / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
-HostKey {d / 'host_key'}
-AuthorizedKeysFile {d / 'authorized_keys'}
-PidFile {d / 'sshd.pid'}
+HostKey {d / "host_key"}
+AuthorizedKeysFile {d / "authorized_keys"}
+PidFile {d / "sshd.pid"}
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
@@ -56,8 +56,13 @@ Subsystem sftp internal-sftp
             assert server.poll() is None, server.stderr.read().decode()
             time.sleep(0.1)
     user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
-    device = Device(f"{user}@127.0.0.1", port=port, identity=str(d / "client_key"), python=sys.executable,
-                    known_hosts=str(d / "known_hosts"))
+    device = Device(
+        f"{user}@127.0.0.1",
+        port=port,
+        identity=str(d / "client_key"),
+        python=sys.executable,
+        known_hosts=str(d / "known_hosts"),
+    )
     yield device, d
     server.terminate()
     server.wait(timeout=10)
@@ -77,7 +82,11 @@ def test_bench_over_ssh_copies_once_and_returns_records(sshd, tiny_bundle):
         assert len(records) == 1
         r = records[0]
         assert r["remote"] == {"host": device.host, "port": device.port, "bundle": str(tiny_bundle)}
-        assert r["bundle"]["precision"] == "fp32" and r["settings"]["threads"] == 1 and r["results"]["decode_tok_s"]["n"] == 2
+        assert (
+            r["bundle"]["precision"] == "fp32"
+            and r["settings"]["threads"] == 1
+            and r["results"]["decode_tok_s"]["n"] == 2
+        )
         assert "/.cache/edge-slm/bundles/" in r["bundle"]["path"]
         assert any("copying 5 of 5 bundle files" in m for m in messages)
         again = []
@@ -96,8 +105,13 @@ def test_unreachable_wrong_key_and_no_python(sshd, tiny_bundle):
     wrong_key = Device(device.host, port=device.port, identity=str(d / "other_key"), known_hosts=device.known_hosts)
     with pytest.raises(RemoteError, match=r"ssh failed: the key was refused"):
         bench_remote(wrong_key, tiny_bundle, BENCH)
-    no_python = Device(device.host, port=device.port, identity=device.identity, python="/nonexistent/python3",
-                       known_hosts=device.known_hosts)
+    no_python = Device(
+        device.host,
+        port=device.port,
+        identity=device.identity,
+        python="/nonexistent/python3",
+        known_hosts=device.known_hosts,
+    )
     with pytest.raises(RemoteError, match=r"no usable Python 3.10\+ at '/nonexistent/python3'"):
         bench_remote(no_python, tiny_bundle, BENCH)
 
@@ -124,8 +138,12 @@ known_hosts = "{device.known_hosts}"
 bundle = "{tiny_bundle}"
 """)
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "edge_slm.cli", "bench", "--inventory", str(inventory), *BENCH,
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "bench", "--inventory", str(inventory), *BENCH, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     try:
         assert proc.returncode == 2

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edge_slm import runtime
-from edge_slm.errors import BundleError, EdgeSlmError
+from edge_slm.core.errors import BundleError, EdgeSlmError
 from edge_slm.runtime.evaluate import evaluate
 from edge_slm.runtime.textstream import TextStream
 
@@ -27,12 +27,16 @@ def model(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def hf(tiny_llama):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="float32").eval(), AutoTokenizer.from_pretrained(tiny_llama)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="float32").eval(), AutoTokenizer.from_pretrained(
+        tiny_llama
+    )
 
 
 def test_runtime_imports_no_torch(tiny_bundle):
-    code = ("import sys; from edge_slm import runtime; m = runtime.load(sys.argv[1]); m.generate('The capital', max_new_tokens=4); "
-            "print(','.join(x for x in ('torch', 'transformers', 'optimum', 'onnx') if x in sys.modules))")
+    code = (
+        "import sys; from edge_slm import runtime; m = runtime.load(sys.argv[1]); m.generate('The capital', max_new_tokens=4); "
+        "print(','.join(x for x in ('torch', 'transformers', 'optimum', 'onnx') if x in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(tiny_bundle)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -43,9 +47,15 @@ def test_greedy_equals_transformers(model, hf, prompt):
     ids = hf_tok(prompt).input_ids
     assert model.encode(prompt) == ids
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                                pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    expected = out[0, len(ids):].tolist()
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    expected = out[0, len(ids) :].tolist()
     model.eos_ids = set()  # compare all 40 tokens, whatever the random model emits
     try:
         got = model.generate(prompt, max_new_tokens=40)
@@ -66,7 +76,7 @@ def test_cached_decode_equals_recomputation(model):
     model.session.reset()
     full = model.session.forward(seq, all_logits=True)
     model.session.reset()
-    recomputed = full[len(ids) - 1:]
+    recomputed = full[len(ids) - 1 :]
     assert recomputed.shape == (33, model.session.vocab_size)
     assert np.abs(np.stack(cached) - recomputed).max() < 1e-4
 
@@ -77,7 +87,9 @@ def test_sampling_is_reproducible(model):
     c = model.generate("The capital", max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=8)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     greedy = model.generate("The capital", max_new_tokens=24)
-    assert model.generate("The capital", max_new_tokens=24, temperature=0.7, top_k=1, seed=3).token_ids == greedy.token_ids
+    assert (
+        model.generate("The capital", max_new_tokens=24, temperature=0.7, top_k=1, seed=3).token_ids == greedy.token_ids
+    )
     penalised = model.generate("The capital", max_new_tokens=24, repetition_penalty=10.0)
     assert len(set(penalised.token_ids)) >= len(set(greedy.token_ids))
 
@@ -143,7 +155,7 @@ def test_eval_matches_torch_perplexity(model, hf, tiny_bundle):
     ids = model.encode(text)
     nll, count = 0.0, 0
     for start in range(0, len(ids), 64):
-        chunk = ids[start:start + 64]
+        chunk = ids[start : start + 64]
         if len(chunk) < 2:
             continue
         with torch.no_grad():
@@ -157,8 +169,9 @@ def test_eval_matches_torch_perplexity(model, hf, tiny_bundle):
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "edge_slm.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_generate_json(tiny_bundle):
@@ -171,7 +184,9 @@ def test_cli_generate_json(tiny_bundle):
 
 
 def test_cli_chat_two_turns(tiny_bundle):
-    proc = cli("chat", str(tiny_bundle), "-n", "6", stdin="What is the capital of France?\nAnd of Italy?\n/reset\nHi\n/exit\n")
+    proc = cli(
+        "chat", str(tiny_bundle), "-n", "6", stdin="What is the capital of France?\nAnd of Italy?\n/reset\nHi\n/exit\n"
+    )
     assert proc.returncode == 0, proc.stderr
     stats = [line for line in proc.stderr.splitlines() if "prompt tokens" in line]
     assert len(stats) == 3
@@ -187,12 +202,15 @@ def test_cli_eval(tiny_bundle, tmp_path):
     assert json.loads(proc.stdout)["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["generate", "{b}", ""], "error: the prompt is empty"),
-    (["generate", "{b}", "hi", "--threads", "0"], "--threads is 0; use 1 or more"),
-    (["generate", "{b}", "hi", "--temperature", "-1"], "error: --temperature is -1.0"),
-    (["eval", "{b}", "--text", "/nonexistent.txt"], "error: /nonexistent.txt: no such text file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "{b}", ""], "error: the prompt is empty"),
+        (["generate", "{b}", "hi", "--threads", "0"], "--threads is 0; use 1 or more"),
+        (["generate", "{b}", "hi", "--temperature", "-1"], "error: --temperature is -1.0"),
+        (["eval", "{b}", "--text", "/nonexistent.txt"], "error: /nonexistent.txt: no such text file"),
+    ],
+)
 def test_cli_bad_input_is_one_line(tiny_bundle, args, message):
     proc = cli(*[a.format(b=tiny_bundle) for a in args])
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -222,7 +240,9 @@ def test_missing_provider_falls_back_with_one_warning(tiny_bundle, caplog):
         first = runtime.load(tiny_bundle, providers=["CUDAExecutionProvider"], verify=False)
         runtime.load(tiny_bundle, providers=["CUDAExecutionProvider"], verify=False)
     warnings = [r.getMessage() for r in caplog.records if "CUDAExecutionProvider" in r.getMessage()]
-    assert warnings == ["CUDAExecutionProvider is not available in this onnxruntime build; using CPUExecutionProvider instead"]
+    assert warnings == [
+        "CUDAExecutionProvider is not available in this onnxruntime build; using CPUExecutionProvider instead"
+    ]
     assert first.session.providers == ["CPUExecutionProvider"]
 
 
@@ -236,7 +256,9 @@ def test_threads_and_providers_default_to_the_profile(tiny_bundle):
 def test_too_old_onnxruntime_is_refused_naming_both_versions(tiny_bundle, tmp_path):
     import onnxruntime
 
-    assert json.loads((tiny_bundle / "manifest.json").read_text())["min_onnxruntime"] == "1.24.0"  # GQA with position_ids
+    assert (
+        json.loads((tiny_bundle / "manifest.json").read_text())["min_onnxruntime"] == "1.24.0"
+    )  # GQA with position_ids
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -247,7 +269,8 @@ def test_too_old_onnxruntime_is_refused_naming_both_versions(tiny_bundle, tmp_pa
 
 
 def test_cpu_feature_mismatch_warns_once(caplog):
-    from edge_slm.runtime.cpu import cpu_flags, missing_features, warn_if_mismatched
+    from edge_slm.core.system import cpu_flags
+    from edge_slm.runtime.cpu import missing_features, warn_if_mismatched
 
     pi4 = "processor : 0\nFeatures : fp asimd evtstrm crc32 cpuid\nCPU part : 0xd08\n"
     rpi5 = {"name": "rpi5", "device": {"arch": "aarch64", "features": ["neon", "asimd", "asimddp", "fphp"]}}

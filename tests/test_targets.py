@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_slm.errors import ProfileError
-from edge_slm.targets import TARGETS_DIR, known_targets, load_profile
+from edge_slm.core.errors import ProfileError
+from edge_slm.core.targets import TARGETS_DIR, known_targets, load_profile
 
 REQUIRED = {"rpi4", "rpi5", "x86-laptop", "jetson-orin"}
 
@@ -35,8 +35,16 @@ def test_every_hardware_choice_has_a_reason():
                 section = line.strip("[]")
             elif "=" in line and section in ("device", "runtime", "export") and "#" in line:
                 reasons[f"{section}.{line.split('=')[0].strip()}"] = 1
-    for key in ("device.features", "device.cores", "runtime.threads", "runtime.onnxruntime_versions",
-                "export.graph", "export.opset", "export.ir_version", "export.context_length"):
+    for key in (
+        "device.features",
+        "device.cores",
+        "runtime.threads",
+        "runtime.onnxruntime_versions",
+        "export.graph",
+        "export.opset",
+        "export.ir_version",
+        "export.context_length",
+    ):
         assert key in reasons, f"no profile gives a reason for {key}"
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edge_slm.verify import compare, greedy_trace, verify
+from edge_slm.harness.emulate import compare, greedy_trace, verify
 
 
 def test_tiny_bundle_agrees_under_emulated_cortex_a72(tiny_bundle):
@@ -28,8 +28,11 @@ def test_disagreement_is_reported(tiny_bundle):
 
 
 def test_cli_rejects_unknown_cpu(tiny_bundle):
-    proc = subprocess.run([sys.executable, "-m", "edge_slm.cli", "verify", str(tiny_bundle), "--emulate", "cortex-m4"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "verify", str(tiny_bundle), "--emulate", "cortex-m4"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "cortex-a72" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -54,8 +57,8 @@ def test_near_tie_is_recognised(tiny_bundle):
 def test_int8_statistics_under_emulated_cortex_a76(tiny_llama, tiny_profile, tmp_path):
     """The int8 check that decides on ARM: next-token agreement and perplexity against the host
     over the evaluation text, within the profile's int8 budget."""
-    from edge_slm.pipeline import build
-    from edge_slm.targets import load_profile
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
 
     build(str(tiny_llama), load_profile(str(tiny_profile)), tmp_path / "int8", echo=lambda m: None, precision="int8")
     result = verify(tmp_path / "int8", "cortex-a76", onnxruntime="1.27.0", tokens=4, threads=1, eval_tokens=64)
@@ -64,7 +67,9 @@ def test_int8_statistics_under_emulated_cortex_a76(tiny_llama, tiny_profile, tmp
     assert stats["top1_agreement"] >= 0.96 and abs(stats["ppl_difference"]) <= 0.015 and result["passed"]
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("EDGE_SLM_SLOW"), reason="slow: set EDGE_SLM_SLOW=1 (make test-slow)")
+@pytest.mark.skipif(
+    not __import__("os").environ.get("EDGE_SLM_SLOW"), reason="slow: set EDGE_SLM_SLOW=1 (make test-slow)"
+)
 @pytest.mark.parametrize("target,cpu", [("rpi4", "cortex-a72"), ("rpi5", "cortex-a76")])
 def test_default_model_pi_bundles_agree_under_emulation(target, cpu):
     """The real default-model bundles (`make rpi4 rpi5` first), 8 greedy tokens and 256 tokens of

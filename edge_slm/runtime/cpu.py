@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import logging
 import platform
-from pathlib import Path
+
+from edge_slm.core.system import cpu_flags
 
 log = logging.getLogger("edge_slm.runtime")
 _NOT_CPU_FLAGS = {"neon", "cuda"}  # neon is "asimd" in /proc/cpuinfo; cuda is a GPU
 _warned: set[str] = set()
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags |= set(value.split())
-    return flags
 
 
 def missing_features(device: dict, machine: str | None = None, flags: set[str] | None = None) -> list[str]:
@@ -47,7 +34,11 @@ def warn_if_mismatched(profile: dict, machine: str | None = None, flags: set[str
         else:
             what = f"this CPU lacks {', '.join(missing)}"
         hint = " (an rpi5 bundle on a Pi 4: build for rpi4)" if "asimddp" in missing else ""
-        log.warning("this bundle was built for %s, but %s: it will run, slower than planned%s; "
-                    "build one for this device with `edge-slm build --target <its profile>`",
-                    profile.get("name", "another device"), what, hint)
+        log.warning(
+            "this bundle was built for %s, but %s: it will run, slower than planned%s; "
+            "build one for this device with `edge-slm build --target <its profile>`",
+            profile.get("name", "another device"),
+            what,
+            hint,
+        )
     return missing

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeSlmError
+from edge_slm.core.errors import EdgeSlmError
 
 
 def evaluate(model, text: str, reference=None, window: int | None = None, progress=lambda done, total: None) -> dict:
@@ -23,7 +23,7 @@ def evaluate(model, text: str, reference=None, window: int | None = None, progre
         raise EdgeSlmError("the window must be at least 2 tokens")
     if reference is not None and reference.encode(text) != ids:
         raise EdgeSlmError("the reference bundle tokenizes the text differently: compare bundles of the same model")
-    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
     nll = ref_nll = scored = agree = 0
     kl_sum = 0.0
@@ -38,11 +38,23 @@ def evaluate(model, text: str, reference=None, window: int | None = None, progre
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
             kl_sum += float((np.exp(ref) * (ref - logp)).sum())
         progress(n + 1, len(windows))
-    result = {"tokens": len(ids), "scored_tokens": scored, "windows": len(windows), "window": window,
-              "perplexity": math.exp(nll / scored), "mean_nll": nll / scored}
+    result = {
+        "tokens": len(ids),
+        "scored_tokens": scored,
+        "windows": len(windows),
+        "window": window,
+        "perplexity": math.exp(nll / scored),
+        "mean_nll": nll / scored,
+    }
     if reference is not None:
-        result.update({"reference": str(reference.path), "top1_agreement": agree / scored,
-                       "mean_kl": kl_sum / scored, "reference_perplexity": math.exp(ref_nll / scored)})
+        result.update(
+            {
+                "reference": str(reference.path),
+                "top1_agreement": agree / scored,
+                "mean_kl": kl_sum / scored,
+                "reference_perplexity": math.exp(ref_nll / scored),
+            }
+        )
     return result
 
 

@@ -9,14 +9,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0        # 0 means greedy
-    top_k: int = 0                  # 0 means no limit
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no limit
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
 
     def check(self) -> None:
-        from ..errors import EdgeSlmError
+        from edge_slm.core.errors import EdgeSlmError
 
         if self.temperature < 0:
             raise EdgeSlmError(f"--temperature is {self.temperature}; use 0 (greedy) or a positive value")

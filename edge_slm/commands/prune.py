@@ -1,0 +1,94 @@
+"""`edge-slm prune --model M --out DIR [--ffn R] [--head-groups N] [--layers N] [--sparsity R]
+[--recover-steps N]`: a smaller Hugging Face model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edge_slm.commands.options import echo_err
+from edge_slm.core.errors import EdgeSlmError
+
+
+@click.command()
+@click.option("--model", "-m", default=None, help="smollm2-135m (default), a .gguf file or a HF model dir.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--ffn", type=float, default=0.0, help="Share of FFN channels to remove in every layer (0.25 keeps 75%).")
+@click.option(
+    "--head-groups",
+    type=int,
+    default=0,
+    help="Whole GQA groups (a key/value head and its query heads) to remove per layer.",
+)
+@click.option(
+    "--layers", type=int, default=0, help="Whole decoder layers to remove (those that change their input least)."
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Text that importance scores and recovery use [edge_slm/data/calibration.txt].",
+)
+@click.option(
+    "--recover-steps", type=int, default=0, help="Knowledge-distillation steps from the unpruned model (0: none)."
+)
+@click.option("--recover-minutes", type=float, default=0.0, help="Stop recovery after this many minutes (0: no limit).")
+@click.option("--no-compensate", is_flag=True, help="Do not refit the output projections on the remaining channels.")
+@click.option(
+    "--sparsity",
+    type=float,
+    default=0.0,
+    help="Zero this share of each matrix's weights (Wanda scores): smaller compressed files, no speed.",
+)
+@click.option("--sparsity-pattern", type=click.Choice(["unstructured", "2:4"]), default="unstructured")
+def prune(
+    model: str | None,
+    out: Path,
+    ffn: float,
+    head_groups: int,
+    layers: int,
+    calibration: Path | None,
+    recover_steps: int,
+    recover_minutes: float,
+    no_compensate: bool,
+    sparsity: float,
+    sparsity_pattern: str,
+) -> None:
+    """Remove layers, attention groups and FFN channels; optionally distil back; write a HF model dir."""
+    from edge_slm.build.prune.recover import RecoverySettings
+    from edge_slm.build.prune.structured import PruneSettings, prune_directory
+
+    if calibration is not None and not calibration.is_file():
+        raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
+    if recover_steps < 0 or recover_minutes < 0:
+        raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more")
+    if sparsity_pattern == "2:4" and not sparsity:
+        sparsity = 0.5
+    settings = PruneSettings(
+        ffn=ffn,
+        head_groups=head_groups,
+        layers=layers,
+        compensate=not no_compensate,
+        sparsity=sparsity,
+        sparsity_pattern=sparsity_pattern,
+    )
+    if not (ffn or head_groups or layers or sparsity):
+        raise EdgeSlmError("nothing to prune: pass --ffn, --head-groups, --layers and/or --sparsity")
+    recovery = RecoverySettings(steps=recover_steps, time_budget_s=60 * recover_minutes) if recover_steps else None
+    record = prune_directory(model, settings, out, calibration, recovery, progress=echo_err)
+    ppl = record["perplexity"]
+    click.echo(
+        f"pruned model: {out}  ({record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M "
+        f"parameters; perplexity {ppl['before']:.2f} -> {ppl['pruned']:.2f}"
+        + (f" -> {ppl['recovered']:.2f} after recovery" if "recovered" in ppl else "")
+        + ")"
+    )
+    if record.get("sparsity"):
+        sp = record["sparsity"]
+        click.echo(
+            f"sparsity:     {100 * sp['sparsity']:.1f}% zeros ({sp['pattern']}); decoder weights compressed "
+            f"{sp['zlib_bytes_dense'] / 1e6:.0f} MB -> {sp['zlib_bytes_sparse'] / 1e6:.0f} MB (zlib); "
+            "no speed: the runtimes' CPU kernels are dense"
+        )
+    click.echo(f"build it:     edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-pruned")

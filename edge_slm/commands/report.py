@@ -1,0 +1,21 @@
+"""`edge-slm report RESULTS.jsonl... --out DIR`: Markdown and HTML reports with plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Directory for report.md, report.html, PNGs."
+)
+def report(results: tuple[Path, ...], out: Path) -> None:
+    """Markdown and HTML reports with plots from benchmark records (JSONL)."""
+    from edge_slm.harness.report import write_report
+
+    paths = write_report(list(results), out)
+    for path in paths:
+        click.echo(str(path))

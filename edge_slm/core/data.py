@@ -1,0 +1,11 @@
+"""The texts that ship with edge-slm, from one place: the evaluation text (accuracy gates,
+`edge-slm bench`'s prompts and perplexity) and the calibration text (smoothing, static int8,
+pruning scores). Neither is read at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+EVAL_TEXT = DATA_DIR / "eval.txt"
+CALIBRATION_TEXT = DATA_DIR / "calibration.txt"

@@ -1,0 +1,139 @@
+"""The manifest's schema, checked as a whole before anything uses a bundle.
+
+A bundle comes from another machine, so its manifest is untrusted input: every key that the
+runtime, `inspect` and `bench` read is checked here for presence and type, and every file name it
+gives must be a plain name inside the bundle. The first problem is one error naming the key. A
+small hand-written checker, because the device set has no schema library and the rules are few.
+"""
+
+from __future__ import annotations
+
+import re
+
+from edge_slm.core.errors import BundleError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_VERSION = re.compile(r"\d+(\.\d+){0,2}([+.-][0-9A-Za-z.]+)?")
+
+
+class _Rule:
+    def __init__(self, what: str, test, optional: bool = False):
+        self.what, self.test, self.optional = what, test, optional
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 31
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 53
+
+
+def is_plain_name(name) -> bool:
+    """A file name the bundle may hold: no directory part, not hidden-special, printable."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and name.isprintable()
+    )
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _optional_dict(v) -> bool:
+    return v is None or isinstance(v, dict)
+
+
+RULES = {
+    "schema_version": _Rule("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "target": _Rule("a string", lambda v: isinstance(v, str) and v != ""),
+    "precision": _Rule(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
+    "source": _Rule("an object", lambda v: isinstance(v, dict)),
+    "model": _Rule("an object", lambda v: isinstance(v, dict)),
+    "model.architecture": _Rule("a string", lambda v: isinstance(v, str)),
+    "model.parameters": _Rule("a count", _count),
+    "min_onnxruntime": _Rule("a version such as 1.24.0", lambda v: isinstance(v, str) and _VERSION.fullmatch(v), True),
+    "graph": _Rule("an object", lambda v: isinstance(v, dict)),
+    "graph.kind": _Rule("fused or generic", lambda v: v in ("fused", "generic")),
+    "graph.file": _Rule("a plain file name in the bundle", is_plain_name),
+    "graph.prefill_file": _Rule("a plain file name in the bundle", is_plain_name, True),
+    "graph.opset": _Rule("an object", lambda v: isinstance(v, dict)),
+    "graph.ir_version": _Rule("a count", _count),
+    "graph.nodes": _Rule("a count", _count),
+    "graph.op_counts": _Rule("an object", lambda v: isinstance(v, dict)),
+    "graph.kv_cache": _Rule("an object", lambda v: isinstance(v, dict)),
+    "graph.kv_cache.shared_buffer": _Rule("true or false", lambda v: isinstance(v, bool)),
+    "profile": _Rule("an object", lambda v: isinstance(v, dict)),
+    "profile.device": _Rule("an object", lambda v: isinstance(v, dict)),
+    "profile.device.features": _Rule("a list of strings", _str_list, True),
+    "profile.runtime": _Rule("an object", lambda v: isinstance(v, dict)),
+    "profile.runtime.execution_providers": _Rule("a non-empty list of provider names", lambda v: _str_list(v) and v),
+    "profile.runtime.threads": _Rule("a positive integer", _pos_int),
+    "profile.runtime.tensorrt": _Rule("an object or null", _optional_dict, True),
+    "files": _Rule("a non-empty object of file name -> {sha256, bytes}", lambda v: isinstance(v, dict) and v),
+    "validation": _Rule("an object or null", _optional_dict, True),
+    "quantization": _Rule("an object or null", _optional_dict, True),
+    "accuracy": _Rule("an object or null", _optional_dict, True),
+    "pruning": _Rule("an object or null", _optional_dict, True),
+    "versions": _Rule("an object or null", _optional_dict, True),
+}
+for _key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "context_length"):
+    RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
+
+_MISSING = object()
+
+
+def _lookup(manifest: dict, key: str):
+    value = manifest
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def check_manifest(manifest, where: str) -> dict:
+    """Raise BundleError naming the first key that is missing or of the wrong type or value."""
+    if not isinstance(manifest, dict):
+        raise BundleError(
+            f"{where}: the manifest must be a JSON object, got {type(manifest).__name__}: rebuild the bundle"
+        )
+    for key, rule in RULES.items():
+        value = _lookup(manifest, key)
+        if value is _MISSING:
+            if rule.optional:
+                continue
+            raise BundleError(f"{where}: the manifest has no '{key}' ({rule.what}): rebuild the bundle")
+        if not rule.test(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise BundleError(f"{where}: manifest key '{key}' must be {rule.what}, got {shown}: rebuild the bundle")
+    for name, info in manifest["files"].items():
+        if not is_plain_name(name) or name == "manifest.json":
+            raise BundleError(
+                f"{where}: the manifest lists the file {name!r}, which is not a plain file name inside the bundle: "
+                "a bundle names only its own files; rebuild it"
+            )
+        if not (isinstance(info, dict) and _count(info.get("bytes")) and _SHA256.fullmatch(str(info.get("sha256")))):
+            raise BundleError(
+                f"{where}: manifest entry files.{name} needs a 'sha256' (64 hex digits) and 'bytes': rebuild the bundle"
+            )
+    model = manifest["model"]
+    if model["num_heads"] % model["num_kv_heads"]:
+        raise BundleError(
+            f"{where}: model.num_heads {model['num_heads']} is not a multiple of num_kv_heads {model['num_kv_heads']}"
+        )
+    for key in ("graph.file", "graph.prefill_file"):
+        name = _lookup(manifest, key)
+        if name is not _MISSING and name not in manifest["files"]:
+            raise BundleError(
+                f"{where}: '{key}' names {name!r}, which the manifest's files do not list: rebuild the bundle"
+            )
+    return manifest

@@ -1,0 +1,298 @@
+"""Target profiles: `targets/*.toml` loaded into frozen dataclasses that reject unknown keys.
+
+A profile is all the hardware knowledge of one device (what it is, how to run on it, how to build
+for it, what it must fit in). `edge-slm targets` lists them; `--target NAME|FILE` picks one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 devices only
+    import tomli as tomllib
+
+from edge_slm.core.capabilities import version_tuple
+from edge_slm.core.errors import ProfileError
+
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+GraphKind = Literal["fused", "generic"]
+
+
+@dataclass(frozen=True)
+class Device:
+    arch: Literal["aarch64", "x86_64"]
+    cpu: str
+    cores: int
+    ram_mb: int
+    features: tuple[str, ...] = ()
+    cuda_compute_capability: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """Options for onnxruntime's TensorRT execution provider (the shape profiles come from the bundle)."""
+
+    fp16_enable: bool = True
+    int8_enable: bool = False  # applied to int8 (QDQ) bundles only
+    engine_cache_path: str = "~/.cache/edge-slm/tensorrt"
+    max_prompt_tokens: int = 512  # largest prefill the shape profile allows
+
+
+@dataclass(frozen=True)
+class Runtime:
+    execution_providers: tuple[str, ...]
+    threads: int
+    onnxruntime_versions: tuple[str, ...] = ()
+    tensorrt: TensorRT | None = None
+
+    @property
+    def oldest_onnxruntime(self) -> str | None:
+        return min(self.onnxruntime_versions, key=version_tuple, default=None)
+
+
+@dataclass(frozen=True)
+class Export:
+    graph: GraphKind
+    opset: int
+    ir_version: int
+    context_length: int
+    external_data: bool = True
+
+
+@dataclass(frozen=True)
+class Quantize:
+    precision: Precision
+    block_size: int = 32  # input channels sharing one scale (int8 / int4)
+    symmetric: bool = True  # False keeps a float minimum per block (4-bit weights only)
+    # How an asymmetric block's minimum reaches the kernel: "offsets" runs onnxruntime's symmetric
+    # fast path plus one small float product of per-block input sums; "zero_points" passes float
+    # zero points (exact too, but the CPU kernel has no fast path for them: 15x slower).
+    block_minimum: Literal["offsets", "zero_points"] = "offsets"
+    accuracy_level: int = 4  # MatMulNBits compute type: 0/1 float, 4 int8 activations per block
+    prefill_accuracy_level: int = -1  # >= 0: a second graph for prompts (prefill.onnx, same weights) at this level
+    quantize_embedding: bool = True  # GatherBlockQuantized for the embedding table
+    embedding_bits: int = 0  # bits for the embedding and a tied LM head; 0: as the precision
+    fp16_scales: bool = False  # store scales / zero points in fp16 on disk (cast at load)
+    block_size_overrides: tuple[str, ...] = ()  # "name-part:block", e.g. "mlp.down_proj:16"
+    int8_format: Literal["weight_only", "qdq"] = "weight_only"  # qdq: static S8S8 for TensorRT
+    smooth_alphas: tuple[float, ...] = ()  # SmoothQuant strengths tried per activation; () does not smooth
+    max_product_error: float = 0.02  # qdq: activations whose int8 product errs more stay float
+    keep_float: tuple[str, ...] = ()  # qdq: activations left unquantized (glob on tensor names)
+    calibration_percentile: float = 100.0  # qdq: |x| percentile that sets an activation's scale
+
+    def block_size_for(self, weight_name: str) -> int:
+        for rule in self.block_size_overrides:
+            part, size = rule.rsplit(":", 1)
+            if part in weight_name:
+                return int(size)
+        return self.block_size
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Structured pruning before export (`edge-slm prune`'s options)."""
+
+    ffn: float = 0.0  # share of FFN channels removed in every layer
+    head_groups: int = 0  # whole GQA groups removed in every layer
+    layers: int = 0  # whole decoder layers removed
+    recover_steps: int = 0  # distillation steps from the unpruned model
+    recover_minutes: float = 0.0  # time budget for them (0: none)
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    max_ppl_increase: float  # relative: 0.015 is +1.5% perplexity against fp32
+    min_top1: float = 0.0  # share of next tokens that agree with fp32
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_peak_rss_mb: int
+    fp16: AccuracyBudget | None = None
+    int8: AccuracyBudget | None = None
+    int4: AccuracyBudget | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: Device
+    runtime: Runtime
+    export: Export
+    quantize: Quantize
+    budget: Budget
+    prune: Prune | None = None
+    source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+# In a checkout the profiles are the repository's targets/ folder; an installed wheel carries the
+# same files as package data (edge_slm/profiles/, mapped from targets/ in pyproject.toml).
+_CHECKOUT_TARGETS = Path(__file__).resolve().parents[2] / "targets"
+_PACKAGED_TARGETS = Path(__file__).resolve().parents[1] / "profiles"
+TARGETS_DIR = _CHECKOUT_TARGETS if _CHECKOUT_TARGETS.is_dir() else _PACKAGED_TARGETS
+
+
+def known_targets(directory: Path = TARGETS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.toml"))
+
+
+def load_profile(name_or_path: str, directory: Path = TARGETS_DIR) -> Profile:
+    """Load a profile by name (`rpi5`) or by path (`boards/mine.toml`)."""
+    path = _profile_path(name_or_path, directory)
+    raw = _read_raw(path, directory, seen=())
+    profile = profile_from_dict(raw, where=str(path))
+    return dataclasses.replace(profile, source=str(path))
+
+
+def _profile_path(name_or_path: str, directory: Path) -> Path:
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" or path.exists()):
+        path = directory / f"{name_or_path}.toml"
+        if not path.exists():
+            known = ", ".join(known_targets(directory)) or "none"
+            raise ProfileError(
+                f"unknown target '{name_or_path}': known targets are {known} (or pass a path to your own .toml profile)"
+            )
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    return path
+
+
+def _read_raw(path: Path, directory: Path, seen: tuple[Path, ...]) -> dict:
+    """The profile's TOML as a dict; `extends = "rpi4"` starts from that profile, and the tables
+    given here replace or add keys, so that a variant cannot drift from its base."""
+    if path.resolve() in seen:
+        raise ProfileError(f"{path}: 'extends' loops back to itself")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot be read ({exc})") from None
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ProfileError(f"{path}: 'extends' must name a target, got {base_name!r}")
+    base = _read_raw(_profile_path(base_name, directory), directory, (*seen, path.resolve()))
+    return _merge(base, raw)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def profile_from_dict(raw: dict, where: str = "profile") -> Profile:
+    profile = _build(Profile, {k: v for k, v in raw.items() if k != "source"}, where, "")
+    _check_values(profile, where)
+    return profile
+
+
+def _build(cls, raw, where: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: [{prefix.rstrip('.')}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields)
+        raise ProfileError(f"{where}: unknown key '{prefix}{unknown[0]}' (allowed here: {allowed})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProfileError(f"{where}: missing required key '{key}'")
+            continue
+        values[name] = _convert(hints[name], raw[name], where, key)
+    return cls(**values)
+
+
+def _convert(tp, value, where: str, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where, key)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ProfileError(f"{where}: '{key}' is {value!r}; allowed values: {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ProfileError(f"{where}: '{key}' must be a list, got {type(value).__name__}")
+        return tuple(_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ProfileError(f"{where}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_values(profile: Profile, where: str) -> None:
+    if profile.runtime.threads < 1:
+        raise ProfileError(f"{where}: 'runtime.threads' is {profile.runtime.threads}; it must be at least 1")
+    if profile.export.context_length < 16:
+        raise ProfileError(f"{where}: 'export.context_length' must be at least 16")
+    q = profile.quantize
+    if q.block_size < 16 or q.block_size & (q.block_size - 1):
+        raise ProfileError(
+            f"{where}: 'quantize.block_size' is {q.block_size}; use a power of two from 16 (16, 32, 64, 128)"
+        )
+    for rule in q.block_size_overrides:
+        part, _, size = rule.rpartition(":")
+        if not part or not size.isdigit() or int(size) < 16 or int(size) & (int(size) - 1):
+            raise ProfileError(
+                f"{where}: 'quantize.block_size_overrides' entry {rule!r}; write \"name-part:block\" "
+                'with a power-of-two block from 16, e.g. "mlp.down_proj:16"'
+            )
+    if q.block_minimum not in ("offsets", "zero_points"):
+        raise ProfileError(
+            f'{where}: \'quantize.block_minimum\' is {q.block_minimum!r}; use "offsets" or "zero_points"'
+        )
+    if q.embedding_bits not in (0, 4, 8):
+        raise ProfileError(
+            f"{where}: 'quantize.embedding_bits' is {q.embedding_bits}; use 0 (as the precision), 4 or 8"
+        )
+    if q.prefill_accuracy_level not in (-1, 0, 1, 2, 3, 4):
+        raise ProfileError(
+            f"{where}: 'quantize.prefill_accuracy_level' is {q.prefill_accuracy_level}; use -1 (no prefill graph) or 0-4"
+        )
+    if q.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ProfileError(
+            f"{where}: 'quantize.accuracy_level' is {q.accuracy_level}; use 0-4 (see onnxruntime MatMulNBits)"
+        )
+    if any(not 0 <= a <= 1 for a in q.smooth_alphas) or (q.int8_format == "qdq" and not q.smooth_alphas):
+        raise ProfileError(
+            f"{where}: 'quantize.smooth_alphas' is {list(q.smooth_alphas)}; list strengths from 0 (off) to 1"
+            + (" (static int8 needs at least one, e.g. [0.0])" if q.int8_format == "qdq" else "")
+        )
+    if not 0 < q.max_product_error <= 1:
+        raise ProfileError(
+            f"{where}: 'quantize.max_product_error' is {q.max_product_error}; use a share above 0, up to 1"
+        )
+    if not 90 <= q.calibration_percentile <= 100:
+        raise ProfileError(f"{where}: 'quantize.calibration_percentile' is {q.calibration_percentile}; use 90-100")
+    if not profile.runtime.execution_providers:
+        raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")

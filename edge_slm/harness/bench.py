@@ -1,0 +1,306 @@
+"""Benchmark a bundle: load time, time to first token, prefill and decode throughput, per-token
+latency percentiles, peak memory of a fresh process, accuracy; one JSON record per setting.
+
+    edge-slm bench BUNDLE [--prompt-tokens 128] [--gen-tokens 64] [--repetitions 5] [--warmup 1]
+                          [--threads 1,2] [--reference FP32_BUNDLE] [--out results.jsonl] [--json]
+
+Each setting (thread count) runs in a fresh Python process, so its peak RSS is its own: the
+kernel's high-water mark (VmHWM) read at the end. Warm-up runs are excluded; every figure has
+its mean, standard deviation and raw samples. Names follow llama-bench: pp128 is a 128-token
+prompt, tg64 is 64 generated tokens. Torch-free: runs on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edge_slm import __version__
+from edge_slm.core.data import EVAL_TEXT
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.system import machine, peak_rss_mb
+
+SCHEMA = "edge-slm-bench/1"
+
+
+def stats(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+    return {
+        "mean": statistics.mean(samples),
+        "std": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "n": len(samples),
+        "samples": samples,
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def prompt_ids(model, count: int) -> list[int]:
+    """`count` tokens of the shipped evaluation text: real prose, the same on every device."""
+    ids = model.encode(EVAL_TEXT.read_text(encoding="utf-8"))
+    while len(ids) < count:
+        ids = ids + ids
+    return ids[:count]
+
+
+def timed_runs(prefill, step, prompt: list[int], gen_tokens: int, repetitions: int, warmup: int) -> dict:
+    """The timing loop every system shares (edge-slm here, the peers in benchmarks/peers.py):
+    `prefill(ids)` and `step(token)` each return the next greedy token. Warm-up runs dropped."""
+    ttft, prefill_rate, decode, step_ms = [], [], [], []
+    for rep in range(warmup + repetitions):
+        t0 = time.perf_counter()
+        token = prefill(prompt)
+        t1 = time.perf_counter()
+        steps = []
+        for _ in range(gen_tokens - 1):
+            s0 = time.perf_counter()
+            token = step(token)
+            steps.append(time.perf_counter() - s0)
+        if rep < warmup:
+            continue
+        ttft.append((t1 - t0) * 1e3)
+        prefill_rate.append(len(prompt) / (t1 - t0))
+        decode.append(len(steps) / sum(steps))
+        step_ms.extend(s * 1e3 for s in steps)
+    return {
+        "ttft_ms": stats(ttft),
+        "prefill_tok_s": stats(prefill_rate),
+        "decode_tok_s": stats(decode),
+        "decode_latency_ms": stats(step_ms),
+    }
+
+
+def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int, warmup: int) -> dict:
+    """One setting, in this process: the worker side of `run()`."""
+    from edge_slm import runtime
+
+    start = time.perf_counter()
+    model = runtime.load(bundle, threads=threads, verify=False)
+    load_s = time.perf_counter() - start
+    if prompt_tokens + gen_tokens > model.context_length:
+        raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed the bundle's context of {model.context_length}")
+    timings = timed_runs(
+        *greedy_steps(model.session), prompt_ids(model, prompt_tokens), gen_tokens, repetitions, warmup
+    )
+    return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb(), "providers": model.session.providers}
+
+
+def greedy_steps(session):
+    """`timed_runs`' prefill(ids) and step(token) for a runtime DecoderSession, greedy."""
+
+    def prefill(prompt):
+        session.reset()
+        return int(session.forward(prompt).argmax())
+
+    def step(token):
+        return int(session.forward([token]).argmax())
+
+    return prefill, step
+
+
+def run(
+    bundle: Path,
+    threads: list[int],
+    prompt_tokens: int = 128,
+    gen_tokens: int = 64,
+    repetitions: int = 5,
+    warmup: int = 1,
+    reference: Path | None = None,
+    accuracy: bool = True,
+    progress=lambda msg: None,
+) -> list[dict]:
+    """Benchmark `bundle` once per thread count, each in a fresh process; return the records."""
+    from edge_slm.core.bundle import MANIFEST, verify_bundle
+
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle)
+    if any(t < 1 for t in threads):
+        raise EdgeSlmError(f"--threads {','.join(map(str, threads))}: every count must be 1 or more")
+    if accuracy:
+        progress("accuracy: perplexity on eval.txt" + (f", top-1 against {reference}" if reference else ""))
+        accuracy = _accuracy(bundle, reference, threads[0])
+    else:
+        accuracy = None
+    records = []
+    for n, count in enumerate(threads):
+        progress(
+            f"[{n + 1}/{len(threads)}] pp{prompt_tokens} + tg{gen_tokens}, {count} threads, "
+            f"{warmup} warm-up + {repetitions} runs in a fresh process"
+        )
+        config = {
+            "bundle": str(bundle),
+            "threads": count,
+            "prompt_tokens": prompt_tokens,
+            "gen_tokens": gen_tokens,
+            "repetitions": repetitions,
+            "warmup": warmup,
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_slm.harness.bench", json.dumps(config)], capture_output=True, text=True
+        )
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgeSlmError(f"the benchmark process failed: {last}")
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        records.append(
+            _record(
+                bundle,
+                manifest,
+                config,
+                results,
+                accuracy,
+                hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest(),
+            )
+        )
+        progress(
+            f"      tg{gen_tokens} {results['decode_tok_s']['mean']:.1f} ± {results['decode_tok_s']['std']:.1f} tok/s, "
+            f"first token {results['ttft_ms']['mean']:.0f} ms, peak RSS {results['peak_rss_mb']:.0f} MB"
+        )
+    return records
+
+
+def _accuracy(bundle: Path, reference: Path | None, threads: int) -> dict:
+    from edge_slm import runtime
+    from edge_slm.runtime.evaluate import evaluate
+
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    ref = runtime.load(reference, threads=threads) if reference else None
+    result = evaluate(runtime.load(bundle, threads=threads), text, ref, window=512)
+    return {**result, "text": "eval.txt", "reference": str(reference) if reference else None}
+
+
+def _record(
+    bundle: Path, manifest: dict, config: dict, results: dict, accuracy: dict | None, manifest_sha: str
+) -> dict:
+    return {
+        "schema": SCHEMA,
+        "system": "edge-slm",
+        "test": f"pp{config['prompt_tokens']}+tg{config['gen_tokens']}",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "bundle": {
+            "path": str(bundle),
+            "manifest_sha256": manifest_sha,
+            "target": manifest["target"],
+            "precision": manifest["precision"],
+            "graph": manifest["graph"]["kind"],
+            "size_bytes": sum(f["bytes"] for f in manifest["files"].values()),
+            "parameters": manifest["model"]["parameters"],
+        },
+        "settings": {
+            **{k: config[k] for k in ("threads", "prompt_tokens", "gen_tokens", "repetitions", "warmup")},
+            "provider": results["providers"][0],
+            "cpu_arena": True,
+        },
+        "machine": machine(),
+        "versions": _versions(),
+        "results": {k: v for k, v in results.items() if k != "providers"},
+        "accuracy": accuracy,
+    }
+
+
+def _versions() -> dict:
+    import numpy
+    import onnxruntime
+
+    return {
+        "edge_slm": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "git_commit": git_commit(),
+    }
+
+
+def table(records: list[dict]) -> str:
+    """A terminal table in llama-bench's spirit: the columns that vary, then the measurements."""
+    if not records:
+        return ""
+    candidates = {
+        "system": lambda r: r["system"],
+        "target": lambda r: r["bundle"]["target"],
+        "precision": lambda r: r["bundle"]["precision"],
+        "threads": lambda r: str(r["settings"]["threads"]),
+        "host": lambda r: r["host"],
+    }
+    shown = [name for name, get in candidates.items() if len({get(r) for r in records}) > 1] or ["precision"]
+    rows = [
+        [candidates[c](r) for c in shown]
+        + [
+            r["test"],
+            f"{r['results']['prefill_tok_s']['mean']:.1f} ± {r['results']['prefill_tok_s']['std']:.1f}",
+            f"{r['results']['decode_tok_s']['mean']:.1f} ± {r['results']['decode_tok_s']['std']:.1f}",
+            f"{r['results']['ttft_ms']['mean']:.0f}",
+            f"{r['results']['decode_latency_ms']['p50']:.1f}/{r['results']['decode_latency_ms']['p90']:.1f}/"
+            f"{r['results']['decode_latency_ms']['p99']:.1f}",
+            f"{r['results']['peak_rss_mb']:.0f}",
+            f"{r['bundle']['size_bytes'] / 1e6:.0f}",
+            f"{r['accuracy']['perplexity']:.2f}" if r.get("accuracy") else "-",
+        ]
+        for r in records
+    ]
+    header = shown + ["test", "pp tok/s", "tg tok/s", "ttft ms", "step ms p50/p90/p99", "peak RSS MB", "size MB", "ppl"]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+if __name__ == "__main__":  # the worker: one setting, in a fresh process
+    settings = json.loads(sys.argv[1])
+    print(json.dumps(measure(Path(settings.pop("bundle")), **settings)))
+
+
+def record_problem(record) -> str | None:
+    """What is wrong with a benchmark record (one from a device, or a line of a results file), or
+    None: the keys the report and the tables read, with their types."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    if not str(record.get("schema", "")).startswith("edge-slm-bench/"):
+        return "not an edge-slm benchmark record (no 'schema': 'edge-slm-bench/...')"
+    number = (int, float)
+    checks = {
+        "system": str,
+        "test": str,
+        "host": str,
+        "bundle.target": str,
+        "bundle.precision": str,
+        "bundle.size_bytes": number,
+        "settings.threads": int,
+        "results.peak_rss_mb": number,
+        "results.decode_tok_s.mean": number,
+        "results.decode_tok_s.std": number,
+        "results.ttft_ms.mean": number,
+        "results.prefill_tok_s.mean": number,
+    }
+    for key, kind in checks.items():
+        value = record
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"'{key}' is missing or not a {'number' if kind is number else kind.__name__}"
+    return None

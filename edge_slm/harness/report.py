@@ -1,0 +1,282 @@
+"""Reports from benchmark records: Markdown plus a self-contained HTML page with PNG plots.
+
+    edge-slm report benchmarks/results/*/*.jsonl --out benchmarks/report     (or `make report`)
+
+Reports are pure functions of the records (JSONL, `edge_slm.harness.bench` schema). Plots: decode
+throughput and time to first token per target and precision, peak memory against bundle size,
+accuracy against speed, thread sweeps. The comparison table gives each run's ratio to the
+fastest fp32 edge-slm run of the same target and host.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.harness.bench import record_problem
+
+
+def read_records(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise EdgeSlmError(f"{path}: no such results file (run `edge-slm bench ... --out {path}` first)") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                raise EdgeSlmError(f"{path}:{number}: not a JSON record") from None
+            problem = record_problem(record)
+            if problem:
+                raise EdgeSlmError(f"{path}:{number}: {problem}: fix or remove that line")
+            records.append(record)
+    if not records:
+        raise EdgeSlmError("no records in " + ", ".join(map(str, paths)))
+    return records
+
+
+def label(record: dict) -> str:
+    b = record["bundle"]
+    return f"{record['system']} {b['precision']} {b['target']} ({record['settings']['threads']}t, {record['host']})"
+
+
+def latest_per_setting(records: list[dict]) -> list[dict]:
+    """One record per (system, target, precision, threads, host, test): the newest."""
+    newest: dict = {}
+    for r in records:
+        key = (
+            r["system"],
+            r["bundle"]["target"],
+            r["bundle"]["precision"],
+            r["settings"]["threads"],
+            r["host"],
+            r["test"],
+        )
+        if key not in newest or r["timestamp"] > newest[key]["timestamp"]:
+            newest[key] = r
+    return sorted(
+        newest.values(),
+        key=lambda r: (
+            r["bundle"]["target"],
+            r["host"],
+            r["system"] != "edge-slm",
+            r["bundle"]["precision"],
+            r["settings"]["threads"],
+        ),
+    )
+
+
+def comparison_rows(records: list[dict]) -> list[dict]:
+    baselines = {}
+    for r in records:
+        if r["system"] == "edge-slm" and r["bundle"]["precision"] == "fp32":
+            key = (r["bundle"]["target"], r["host"])
+            if (
+                key not in baselines
+                or r["results"]["decode_tok_s"]["mean"] > baselines[key]["results"]["decode_tok_s"]["mean"]
+            ):
+                baselines[key] = r
+    rows = []
+    for r in records:
+        base = baselines.get((r["bundle"]["target"], r["host"]))
+        res = r["results"]
+        rows.append(
+            {
+                "run": label(r),
+                "test": r["test"],
+                "decode": f"{res['decode_tok_s']['mean']:.1f} ± {res['decode_tok_s']['std']:.1f}",
+                "prefill": f"{res['prefill_tok_s']['mean']:.0f} ± {res['prefill_tok_s']['std']:.0f}",
+                "ttft": f"{res['ttft_ms']['mean']:.0f} ± {res['ttft_ms']['std']:.0f}",
+                "p50/p99": f"{res['decode_latency_ms']['p50']:.1f} / {res['decode_latency_ms']['p99']:.1f}",
+                "rss": f"{res['peak_rss_mb']:.0f}",
+                "size": f"{r['bundle']['size_bytes'] / 1e6:.0f}",
+                "ppl": f"{r['accuracy']['perplexity']:.2f}" if r.get("accuracy") else "-",
+                "top1": f"{100 * r['accuracy']['top1_agreement']:.1f}%"
+                if (r.get("accuracy") or {}).get("top1_agreement") is not None
+                else "-",
+                "vs fp32": f"{res['decode_tok_s']['mean'] / base['results']['decode_tok_s']['mean']:.2f}x"
+                if base
+                else "-",
+            }
+        )
+    return rows
+
+
+COLUMNS = [
+    ("run", "run"),
+    ("test", "test"),
+    ("decode", "decode tok/s"),
+    ("prefill", "prefill tok/s"),
+    ("ttft", "first token ms"),
+    ("p50/p99", "step ms p50 / p99"),
+    ("rss", "peak RSS MB"),
+    ("size", "bundle MB"),
+    ("ppl", "perplexity"),
+    ("top1", "top-1 vs fp32"),
+    ("vs fp32", "decode vs fp32"),
+]
+
+
+def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    best = {}
+    for r in records:  # the best thread count per run for the bar charts
+        key = (r["system"], r["bundle"]["target"], r["bundle"]["precision"], r["host"])
+        if key not in best or r["results"]["decode_tok_s"]["mean"] > best[key]["results"]["decode_tok_s"]["mean"]:
+            best[key] = r
+    runs = list(best.values())
+    names = [f"{r['system']}\n{r['bundle']['precision']} {r['bundle']['target']}" for r in runs]
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(runs) + 4), 4.2))
+    for ax, metric, title in (
+        (axes[0], "decode_tok_s", "decode throughput (tok/s, higher is better)"),
+        (axes[1], "ttft_ms", "time to first token (ms, lower is better)"),
+    ):
+        means = [r["results"][metric]["mean"] for r in runs]
+        errs = [r["results"][metric]["std"] for r in runs]
+        bars = ax.bar(
+            range(len(runs)),
+            means,
+            yerr=errs,
+            capsize=4,
+            color=["#3b7dd8" if r["system"] == "edge-slm" else "#999999" for r in runs],
+        )
+        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+        ax.set_xticks(range(len(runs)), names, fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{runs[0]['test']}, best thread count per run", fontsize=10)
+    fig.tight_layout()
+    made.append(("Speed per target and precision", _save(fig, out / "speed.png")))
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for r in runs:
+        ax.scatter(r["bundle"]["size_bytes"] / 1e6, r["results"]["peak_rss_mb"], s=60)
+        ax.annotate(
+            f"{r['system']} {r['bundle']['precision']}",
+            (r["bundle"]["size_bytes"] / 1e6, r["results"]["peak_rss_mb"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    lim = max(max(r["bundle"]["size_bytes"] / 1e6, r["results"]["peak_rss_mb"]) for r in runs) * 1.15
+    ax.plot([0, lim], [0, lim], ls=":", color="grey", label="RSS = bundle size")
+    ax.set_xlim(0, lim), ax.set_ylim(0, lim)
+    ax.set_xlabel("bundle size on disk (MB)"), ax.set_ylabel("peak RSS of the process (MB)")
+    ax.set_title("memory against bundle size", fontsize=10), ax.legend(fontsize=8)
+    fig.tight_layout()
+    made.append(("Peak memory against bundle size", _save(fig, out / "memory.png")))
+
+    with_acc = [r for r in runs if r.get("accuracy")]
+    if with_acc:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for r in with_acc:
+            ax.scatter(r["results"]["decode_tok_s"]["mean"], r["accuracy"]["perplexity"], s=60)
+            ax.annotate(
+                f"{r['bundle']['precision']} {r['bundle']['target']}",
+                (r["results"]["decode_tok_s"]["mean"], r["accuracy"]["perplexity"]),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        ax.set_xlabel("decode tok/s (higher is better)"), ax.set_ylabel("perplexity on eval.txt (lower is better)")
+        ax.set_title("accuracy against speed", fontsize=10)
+        fig.tight_layout()
+        made.append(("Accuracy against speed", _save(fig, out / "accuracy.png")))
+
+    sweeps = defaultdict(list)
+    for r in records:
+        sweeps[(r["system"], r["bundle"]["target"], r["bundle"]["precision"], r["host"])].append(r)
+    sweeps = {k: sorted(v, key=lambda r: r["settings"]["threads"]) for k, v in sweeps.items() if len(v) > 1}
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for (system, target, precision, host), rs in sweeps.items():
+            ax.errorbar(
+                [r["settings"]["threads"] for r in rs],
+                [r["results"]["decode_tok_s"]["mean"] for r in rs],
+                yerr=[r["results"]["decode_tok_s"]["std"] for r in rs],
+                marker="o",
+                capsize=3,
+                label=f"{system} {precision} {target}",
+            )
+        ax.set_xlabel("threads"), ax.set_ylabel("decode tok/s")
+        ax.set_title("thread sweep", fontsize=10), ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(("Thread sweep", _save(fig, out / "threads.png")))
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(paths: list[Path], out: Path) -> list[Path]:
+    records = latest_per_setting(read_records(paths))
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plots(records, out)
+    rows = comparison_rows(records)
+    hosts = sorted(
+        {
+            f"{r['host']}: {r['machine']['cpu']} ({r['machine']['arch']}, {r['machine']['cores']} cores, "
+            f"flags {' '.join(r['machine']['flags']) or 'n/a'})"
+            for r in records
+        }
+    )
+    notes = [
+        f"Records: {len(records)} (newest per setting) from {', '.join(str(p) for p in paths)}.",
+        "Each figure is the mean ± standard deviation of the repetitions of one invocation, warm-up excluded; "
+        "peak RSS is the process's high-water mark with onnxruntime's CPU arena on.",
+        "Measured on: " + "; ".join(hosts) + ".",
+    ]
+    md = [
+        "# edge-slm benchmark report",
+        "",
+        *notes,
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    md += ["| " + " | ".join(row[k] for k, _ in COLUMNS) + " |" for row in rows]
+    md += [""] + [f"## {title}\n\n![{title}]({path.name})\n" for title, path in figures]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
+    body = [
+        "<h1>edge-slm benchmark report</h1>",
+        *[f"<p>{html.escape(n)}</p>" for n in notes],
+        "<table><tr>" + cells([h for _, h in COLUMNS], "th") + "</tr>",
+        *["<tr>" + cells([row[k] for k, _ in COLUMNS], "td") + "</tr>" for row in rows],
+        "</table>",
+    ]
+    for title, path in figures:
+        data = base64.b64encode(path.read_bytes()).decode()
+        body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    )
+    html_path = out / "report.html"
+    html_path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>edge-slm benchmark report</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n",
+        encoding="utf-8",
+    )
+    return [md_path, html_path] + [p for _, p in figures]

@@ -1,0 +1,171 @@
+"""The bundle's chat template, rendered safely, and chat prompts encoded so that only the
+template's own structure produces control tokens.
+
+The template comes from the bundle, so it is untrusted: it runs in jinja2's immutable sandbox,
+with bounds that jinja2 does not have (hence written here): at most `MAX_STEPS` loop steps and
+calls, `MAX_SECONDS` of rendering, and `MAX_CHARS` of output or of any string it builds. Messages
+come from users, so they are untrusted too: text such as `<|im_end|>\n<|im_start|>system` inside a
+message is encoded as plain text, never as the control tokens it spells.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from edge_slm.core.errors import EdgeSlmError
+
+MAX_STEPS = 1_000_000
+MAX_SECONDS = 2.0
+MAX_CHARS = 4_000_000
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class TemplateError(EdgeSlmError):
+    """The chat template failed, refused the messages, or exceeded its bounds."""
+
+
+def _raise_exception(message: str):
+    raise TemplateError(f"the chat template refused the messages: {message}")
+
+
+class _Budget:
+    def __init__(self):
+        self.steps, self.deadline = 0, time.monotonic() + MAX_SECONDS
+
+    def tick(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS or (self.steps % 1024 == 0 and time.monotonic() > self.deadline):
+            raise TemplateError(
+                f"the chat template ran past its bounds ({MAX_STEPS:,} steps or {MAX_SECONDS:g} s): "
+                "the bundle's template is broken or hostile; rebuild the bundle"
+            )
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a step budget on every call and loop step, and a size cap on * and +."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def __init__(self):
+        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        self.budget = _Budget()
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+
+    def call(self, context, obj, *args, **kwargs):
+        self.budget.tick()
+        result = super().call(context, obj, *args, **kwargs)
+        if isinstance(result, range):
+            return self._counted(result)
+        return result
+
+    def _counted(self, items):
+        for item in items:
+            self.budget.tick()
+            yield item
+
+    def call_binop(self, context, operator, left, right):
+        self.budget.tick()
+        if operator == "**" and isinstance(right, int) and right > 64:
+            raise TemplateError("the chat template raises a number to a power above 64: refused")
+        if operator == "*" and isinstance(left, (str, list)) and isinstance(right, int):
+            left, right = right, left
+        if (
+            operator == "*"
+            and isinstance(right, (str, list))
+            and isinstance(left, int)
+            and left * len(right) > MAX_CHARS
+        ):
+            raise TemplateError(f"the chat template builds a string of over {MAX_CHARS:,} characters: refused")
+        return super().call_binop(context, operator, left, right)
+
+
+def check_messages(messages) -> list[dict]:
+    """Messages as transformers takes them: a list of {role, content} with a known role and text
+    content (or a list of {type: text, text} parts)."""
+    if not isinstance(messages, list) or not messages:
+        raise EdgeSlmError("messages must be a non-empty list of {role, content}")
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise EdgeSlmError(f"message {n}: unknown chat role {role!r}; use one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise EdgeSlmError(f"message {n}: list content must be parts of {{'type': 'text', 'text': ...}}")
+        elif not isinstance(content, str):
+            raise EdgeSlmError(f"message {n}: every chat message needs a text 'content'")
+    return messages
+
+
+def render(template: str, messages: list[dict], **variables) -> str:
+    """Render `template` over `messages` within the bounds; the output is capped too."""
+    env = _BoundedEnvironment()
+    try:
+        compiled = env.from_string(template)
+        pieces, size = [], 0
+        for piece in compiled.generate(messages=messages, **variables):
+            size += len(piece)
+            env.budget.tick()
+            if size > MAX_CHARS:
+                raise TemplateError(f"the chat template wrote over {MAX_CHARS:,} characters: refused")
+            pieces.append(piece)
+    except TemplateError:
+        raise
+    except Exception as exc:  # jinja2's own errors: syntax, undefined, sandbox security
+        raise TemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+    return "".join(pieces)
+
+
+def _sentinel(n: int) -> str:
+    return f"\ue000edge-slm-message-{n}\ue001"
+
+
+def encode_chat(tokenizer, template: str, messages: list[dict], special_ids: set[int], **variables) -> list[int]:
+    """Token ids of the rendered conversation in which only the template's structure can yield
+    control tokens. The whole text is encoded at once (so ids equal transformers' for ordinary
+    messages); if a control token came out of a message's own text, the messages are encoded as
+    plain text piece by piece instead."""
+    check_messages(messages)
+    marked = [{**m, "content": _sentinel(n)} if isinstance(m["content"], str) else m for n, m in enumerate(messages)]
+    skeleton = render(template, marked, **variables)
+    segments, at = [], 0  # (text, is_user_text)
+    for n, message in enumerate(messages):
+        if not isinstance(message["content"], str):
+            continue
+        mark = _sentinel(n)
+        where = skeleton.find(mark, at)
+        if where < 0:  # the template dropped or changed this message
+            continue
+        segments += [(skeleton[at:where], False), (message["content"], True)]
+        at = where + len(mark)
+    segments.append((skeleton[at:], False))
+    if any(_sentinel(n) in text for text, _ in segments for n in range(len(messages))):
+        raise TemplateError("the chat template repeats or reorders message contents in a way edge-slm cannot follow")
+    text = "".join(t for t, _ in segments)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    spans, start = [], 0
+    for piece, is_user in segments:
+        if is_user:
+            spans.append((start, start + len(piece)))
+        start += len(piece)
+    injected = any(
+        token in special_ids and any(a <= lo < b for a, b in spans)
+        for token, (lo, _) in zip(encoding.ids, encoding.offsets)
+    )
+    if not injected:
+        return list(encoding.ids)
+    ids = []
+    for piece, is_user in segments:
+        if not piece:
+            continue
+        tokenizer.encode_special_tokens = is_user
+        try:
+            ids += tokenizer.encode(piece, add_special_tokens=False).ids
+        finally:
+            tokenizer.encode_special_tokens = False
+    return ids

@@ -1,0 +1,267 @@
+"""A loaded decoder bundle: its session, tokenizer and chat template, and generation on top of them
+(streaming, stop strings, prompt-prefix reuse across chat turns, scoring)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_slm.core.bundle import verify_bundle
+from edge_slm.core.capabilities import version_tuple
+from edge_slm.core.errors import BundleError, EdgeSlmError
+from edge_slm.core.system import peak_rss_mb
+from edge_slm.runtime import chat_template
+from edge_slm.runtime.cpu import warn_if_mismatched
+from edge_slm.runtime.sampling import Sampler, SamplingConfig
+from edge_slm.runtime.session import DecoderSession, pick_providers
+from edge_slm.runtime.textstream import TextStream
+
+log = logging.getLogger("edge_slm.runtime")
+
+
+@dataclass
+class Generation:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reused_tokens: int = 0  # prompt tokens whose keys/values were already cached
+    stop_reason: str = ""  # "eos", "stop_string", "max_new_tokens" or "context_full"
+    ttft_ms: float = 0.0  # prompt in -> first new token out
+    decode_tokens_per_s: float = 0.0  # tokens after the first, over their time
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def load(
+    bundle: str | Path, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+) -> Model:
+    """Open a bundle: check schema and checksums, then start an onnxruntime session."""
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle, checksums=verify)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise EdgeSlmError(f"threads is {threads}; use 1 or more (or leave it to the profile)")
+    threads = capped_threads(threads or int(manifest["profile"]["runtime"]["threads"]))
+    for name in (
+        "tokenizer.json",
+        "generation.json",
+        manifest["graph"]["file"],
+        *([manifest["graph"]["prefill_file"]] if manifest["graph"].get("prefill_file") else []),
+    ):
+        if not (bundle / name).is_file():
+            raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
+    _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))
+    warn_if_mismatched(manifest["profile"])
+    profile_runtime = manifest["profile"]["runtime"]
+    chosen = pick_providers(providers or profile_runtime["execution_providers"])
+    session = DecoderSession(bundle / manifest["graph"]["file"], manifest, threads, chosen)
+    try:
+        tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    except Exception as exc:
+        raise BundleError(f"{bundle / 'tokenizer.json'}: cannot be read ({exc})") from None
+    generation = json.loads((bundle / "generation.json").read_text())
+    return Model(bundle, manifest, session, tokenizer, generation)
+
+
+def capped_threads(threads: int) -> int:
+    """More threads than this machine has cores only slows onnxruntime down (and thousands of them
+    stall the process): cap at the core count, with a warning."""
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        log.warning("%d threads asked for, this machine has %d cores: using %d", threads, cores, cores)
+        return cores
+    return threads
+
+
+def _check_onnxruntime(bundle: Path, needed: str | None, have: str | None = None) -> None:
+    """Refuse, in our words, a bundle this onnxruntime is too old for (before onnxruntime's own error)."""
+    import onnxruntime
+
+    have = have or onnxruntime.__version__
+    if needed and version_tuple(have) < version_tuple(needed):
+        raise BundleError(
+            f"{bundle}: this bundle needs onnxruntime >= {needed}, this device has {have}: "
+            f"`pip install 'onnxruntime>={needed}'`, or rebuild for a profile that lists {have}"
+        )
+
+
+class Model:
+    def __init__(self, path: Path, manifest: dict, session: DecoderSession, tokenizer: Tokenizer, generation: dict):
+        self.path, self.manifest, self.session = path, manifest, session
+        self.tokenizer, self.generation = tokenizer, generation
+        self.eos_ids = set(generation["eos_token_ids"])
+        self.context_length = session.context_length
+        # Every control token: those the tokenizer marks special, and those generation.json names.
+        added = tokenizer.get_added_tokens_decoder() if hasattr(tokenizer, "get_added_tokens_decoder") else {}
+        self._special_ids = {int(i) for i, token in added.items() if token.special}
+        self._special_ids |= {int(i) for i in generation.get("special_tokens", {}).values()}
+        self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache
+
+    # -- text <-> ids ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EdgeSlmError("the text is not valid UTF-8 (undecodable bytes): pass UTF-8 text") from None
+        return self._checked_ids(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the bundle's chat template writes it (bounded, sandboxed)."""
+        return chat_template.render(
+            self._chat_template(),
+            chat_template.check_messages(messages),
+            **self._template_variables(add_generation_prompt),
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the conversation; message text never becomes control tokens."""
+        ids = chat_template.encode_chat(
+            self.tokenizer,
+            self._chat_template(),
+            messages,
+            self._special_ids,
+            **self._template_variables(add_generation_prompt),
+        )
+        return self._checked_ids(ids)
+
+    def _chat_template(self) -> str:
+        template = self.generation.get("chat_template")
+        if not template:
+            raise EdgeSlmError(f"{self.path}: this bundle has no chat template; use plain generation")
+        return template
+
+    def _template_variables(self, add_generation_prompt: bool) -> dict:
+        specials = self.generation.get("special_tokens", {})
+        bos = next((t for t, i in specials.items() if i == self.generation.get("bos_token_id")), "")
+        return {"add_generation_prompt": add_generation_prompt, "bos_token": bos, "eos_token": ""}
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.session.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise EdgeSlmError(
+                f"token id {bad} is outside the model's vocabulary of {vocab}: "
+                "pass ids from this bundle's tokenizer (a tokenizer that makes it is broken: rebuild)"
+            )
+        return ids
+
+    def _prompt_ids(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise EdgeSlmError("the prompt is empty: give some text to continue")
+            ids = self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.encode(prompt)
+        else:
+            try:
+                ids = [int(i) for i in prompt]
+            except (TypeError, ValueError):
+                raise EdgeSlmError("a prompt is text or a list of token ids") from None
+            self._checked_ids(ids)
+        if not ids:
+            raise EdgeSlmError("the prompt is empty: give some text to continue")
+        return ids
+
+    # -- generation -----------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        chat: bool = False,
+        stop: tuple[str, ...] = (),
+        truncate: bool = False,
+        result: Generation | None = None,
+        keep_cache: bool = False,
+        **sampling,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are generated. `result`, when given, is filled in as it goes."""
+        ids = self._prompt_ids(prompt, chat)
+        if len(ids) >= self.context_length:
+            if not truncate:
+                raise EdgeSlmError(
+                    f"the prompt has {len(ids)} tokens; the bundle's context is {self.context_length}: "
+                    "shorten it or pass truncate=True (--truncate) to keep its end"
+                )
+            ids = ids[-(self.context_length // 2) :]
+        result = result if result is not None else Generation(prompt_token_ids=ids)
+        result.prompt_token_ids = ids
+        sampler = Sampler(SamplingConfig(**sampling))
+        text = TextStream(self.tokenizer, stop)
+        history = list(ids)
+
+        start = time.perf_counter()
+        new = self._prefill(ids, keep_cache)
+        result.reused_tokens = len(ids) - len(new)
+        logits = self.session.forward(new)
+        first_at = None
+        result.stop_reason = "max_new_tokens"
+        for step in range(max_new_tokens):
+            token = sampler(logits, history)
+            if step == 0:
+                first_at = time.perf_counter()
+                result.ttft_ms = (first_at - start) * 1e3
+            if token in self.eos_ids:
+                result.stop_reason = "eos"
+                break
+            result.token_ids.append(token)
+            history.append(token)
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                result.stop_reason = "stop_string"
+                break
+            if step + 1 == max_new_tokens:
+                break
+            if self.session.length >= self.context_length:
+                result.stop_reason = "context_full"
+                break
+            logits = self.session.forward([token])
+            self._cached_ids.append(token)
+        tail = text.flush()
+        if tail:
+            yield tail
+        result.text = text.text
+        if first_at is not None and len(result.token_ids) > 1:
+            result.decode_tokens_per_s = (len(result.token_ids) - 1) / (time.perf_counter() - first_at)
+
+    def _prefill(self, ids: list[int], keep_cache: bool) -> list[int]:
+        """The tokens still to run: with `keep_cache`, the cache keeps its longest common prefix
+        with `ids` (a chat's earlier turns) and only the rest is processed."""
+        cached = self._cached_ids if keep_cache else []
+        common = 0
+        for a, b in zip(cached, ids[:-1]):  # always run at least the last prompt token
+            if a != b:
+                break
+            common += 1
+        self.session.rollback(min(common, self.session.length))
+        self._cached_ids = list(ids)
+        return ids[self.session.length :]
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
+        result = Generation(prompt_token_ids=[])
+        for _ in self.stream(prompt, max_new_tokens=max_new_tokens, result=result, **kwargs):
+            pass
+        return result
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, keep_cache: bool = True, **kwargs) -> Generation:
+        """Answer the last user message; earlier turns already in the cache are not run again."""
+        ids = self.encode_chat(messages)
+        return self.generate(ids, max_new_tokens=max_new_tokens, keep_cache=keep_cache, **kwargs)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """log p(token[t+1] | tokens[..t]) over the whole vocabulary: [len-1, V], one pass."""
+        if len(token_ids) > self.context_length:
+            raise EdgeSlmError(f"{len(token_ids)} tokens exceed the context of {self.context_length}")
+        self._cached_ids = []
+        return self.session.logprobs(token_ids)

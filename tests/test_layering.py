@@ -1,0 +1,75 @@
+"""The host/device split, kept by a test: the device half (core, runtime, the commands' modules and
+the benchmark worker) never imports the build half or the host-side harness, at import time or
+inside functions, and importing the runtime loads no torch, transformers, optimum or onnx."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_slm.harness.remote import DEVICE_PARTS
+
+PACKAGE = Path(__file__).resolve().parent.parent / "edge_slm"
+HOST_ONLY = ("edge_slm.build", "edge_slm.harness.remote", "edge_slm.harness.report", "edge_slm.harness.emulate")
+HEAVY = ("torch", "transformers", "optimum", "onnx", "gguf", "matplotlib")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("part", ["core", "runtime"])
+def test_core_and_runtime_import_nothing_from_the_host_half(part):
+    offences = []
+    for path in sorted((PACKAGE / part).rglob("*.py")):
+        for name in imported_modules(path):
+            if name.startswith(HOST_ONLY) or name.startswith("edge_slm.harness") or name.split(".")[0] in HEAVY:
+                offences.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert offences == []
+
+
+def test_core_imports_no_other_half():
+    for path in sorted((PACKAGE / "core").rglob("*.py")):
+        for name in imported_modules(path):
+            if name.startswith("edge_slm."):
+                assert name.startswith(("edge_slm.core", "edge_slm.__version__")), f"{path.name} imports {name}"
+
+
+def test_the_device_parts_shipped_to_a_device_import_no_host_module_at_import_time():
+    """What `bench --host` copies to a device: every module imports in a fresh interpreter in
+    which torch, onnx and the build half are made unimportable."""
+    modules = []
+    for part in DEVICE_PARTS:
+        paths = [PACKAGE / part] if part.endswith(".py") else sorted((PACKAGE / part).rglob("*.py"))
+        for path in paths:
+            rel = path.relative_to(PACKAGE.parent).with_suffix("")
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            modules.append(".".join(parts))
+    code = (
+        "import sys\n"
+        f"for name in {HEAVY + ('edge_slm.build',)!r}: sys.modules[name] = None\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        "print(len(sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(modules) >= 20
+
+
+def test_runtime_import_loads_no_heavy_module():
+    code = (
+        "import sys, edge_slm.runtime, edge_slm.cli\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m.startswith('edge_slm.build')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
