@@ -256,11 +256,11 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_bundle):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--temperature", "nan"], "nan is not a finite number at least 0"),
-        (["--temperature", "inf"], "inf is not a finite number at least 0"),
-        (["--seed", "-1"], "-1 is not in the range"),
+        (["--temperature", "nan"], "error: --temperature is nan; give a finite number"),
+        (["--temperature", "inf"], "error: --temperature is inf; give a finite number"),
+        (["--seed", "-1"], "error: --seed is -1; use 0 or a positive integer"),
         (["-n", "-1"], "-1 is not in the range x>=1"),
-        (["--top-p", "0"], "0 is not a finite number above 0 and at most 1"),
+        (["--top-p", "0"], "error: --top-p is 0.0; it must be in (0, 1]"),
     ],
 )
 def test_bad_numbers_are_usage_errors(tiny_bundle, args, message):

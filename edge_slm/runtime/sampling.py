@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,15 @@ class SamplingConfig:
     def check(self) -> None:
         from edge_slm.core.errors import EdgeSlmError
 
+        for name, value in (
+            ("temperature", self.temperature),
+            ("top-p", self.top_p),
+            ("repetition-penalty", self.repetition_penalty),
+        ):
+            if not math.isfinite(value):
+                raise EdgeSlmError(f"--{name} is {value}; give a finite number")
+        if self.seed is not None and self.seed < 0:
+            raise EdgeSlmError(f"--seed is {self.seed}; use 0 or a positive integer")
         if self.temperature < 0:
             raise EdgeSlmError(f"--temperature is {self.temperature}; use 0 (greedy) or a positive value")
         if self.top_k < 0:
