@@ -7,7 +7,7 @@ The machine is shared and noisy, so the systems take turns: each round runs ever
 a fresh process (1 warm-up + `reps` measured generations), and the report gives mean ± stdev over
 all measured generations plus each peer's ratio to edge-slm. Every system decodes the same prompt
 ids greedily for exactly `--tokens` new tokens (end-of-turn ignored) on `--threads` threads.
-Decode throughput excludes the first token, as in PEERS.md. For edge-slm it also reports the share
+Decode throughput excludes the first token. For edge-slm it also reports the share
 of each decode step spent outside onnxruntime (sampling, bookkeeping, binding).
 """
 

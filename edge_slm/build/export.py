@@ -2,7 +2,7 @@
 
 The fused graph is written node by node from the weights, using onnxruntime's contrib operators
 (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization): at one token per decode
-step the cost is the graph's node count, not the Python loop (see PEERS.md). The generic graph is
+step the cost is the graph's node count, not the Python loop (docs/export.md). The generic graph is
 optimum's trace, kept as a fallback (`[export] graph = "generic"`). Both have the same signature:
 
   inputs   input_ids [B,S] int64, attention_mask [B,T] int64, position_ids [B,S] int64,

@@ -5,7 +5,7 @@ of `block_size` input channels, zero points when asymmetric): the decoder's proj
 and the LM head. The embedding table becomes `GatherBlockQuantized`; when it is tied to the LM
 head both read the same quantized bytes, so the table is stored once. Activations stay float:
 per-tensor dynamic activation quantization (onnxruntime's `quantize_dynamic`) cost this model +55%
-perplexity (PEERS.md), block-wise weight-only 8-bit about +1%.
+perplexity (docs/quantization.md), block-wise weight-only 8-bit about +1%.
 Run by `edge-slm build` when the profile (or `--precision`) asks for int8 or int4.
 """
 
