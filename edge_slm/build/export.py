@@ -97,18 +97,26 @@ def export(model, profile: Profile, out_dir: Path, progress=lambda msg: None) ->
     return ExportedModel(out_dir / MODEL_FILE, shape, profile.export.graph, len(graph.node))
 
 
+def save_with_external_data(proto, out_dir: Path) -> None:
+    """`model.onnx` with every tensor over 1 kB in one `model.onnx.data` beside it: the layout
+    every bundle has, whichever stage wrote the graph."""
+    import onnx
+
+    onnx.save_model(
+        proto,
+        str(out_dir / MODEL_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+
+
 def _save(proto, out_dir: Path, external_data: bool) -> None:
     import onnx
 
     if external_data:
-        onnx.save_model(
-            proto,
-            str(out_dir / MODEL_FILE),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
+        save_with_external_data(proto, out_dir)
     else:
         onnx.save_model(proto, str(out_dir / MODEL_FILE))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import DATA_FILE, MODEL_FILE, MS_DOMAIN
+from edge_slm.build.export import DATA_FILE, MODEL_FILE, MS_DOMAIN, save_with_external_data
 from edge_slm.core.capabilities import SINCE, supports
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Quantize
@@ -168,14 +168,7 @@ def quantize(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (out_dir / MODEL_FILE, out_dir / DATA_FILE):
         stale.unlink(missing_ok=True)
-    onnx.save_model(
-        model,
-        str(out_dir / MODEL_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    save_with_external_data(model, out_dir)
     if recipe.prefill_accuracy_level >= 0:
         counts["prefill_graph"] = write_prefill_graph(out_dir, recipe.prefill_accuracy_level)
         progress(

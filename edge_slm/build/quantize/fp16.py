@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import DATA_FILE, MODEL_FILE
+from edge_slm.build.export import save_with_external_data
 from edge_slm.core.errors import ExportError
 
 
@@ -48,12 +48,5 @@ def convert_fp16(onnx_path: Path, out_dir: Path, progress=lambda msg: None) -> d
     next(o for o in graph.output if o.name == "logits").type.tensor_type.elem_type = TensorProto.FLOAT
     progress(f"{converted} weight tensors to float16; KV cache float16, logits float32")
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(
-        proto,
-        str(out_dir / MODEL_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    save_with_external_data(proto, out_dir)
     return {"float16_initializers": converted, "kv_cache_dtype": "float16", "logits_dtype": "float32"}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import DATA_FILE, MODEL_FILE
+from edge_slm.build.export import save_with_external_data
 from edge_slm.build.quantize.smooth import per_tensor_error, smooth_graph, transposed
 from edge_slm.core.errors import ExportError
 
@@ -152,14 +152,7 @@ def quantize_qdq(
     if proto.opset_import[0].version < 13:
         raise ExportError("per-channel DequantizeLinear needs opset 13 or newer: raise [export] opset")
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(
-        proto,
-        str(out_dir / MODEL_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    save_with_external_data(proto, out_dir)
     quantized_activations = sum(name != qdq_name for name, qdq_name in activation_qdq.items())
     return {
         "QuantizeLinear": quantized_activations,
