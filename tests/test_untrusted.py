@@ -106,6 +106,30 @@ def test_the_manifest_is_checked_as_a_whole(bundle, change, message):
     assert message in proc.stderr and len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["model"].__setitem__("num_layers", 3), "the graph has 2 layers of KV cache"),
+        (lambda m: m["model"].__setitem__("vocab_size", 1000), "the manifest says a vocabulary of 1000"),
+        (lambda m: m["model"].__setitem__("num_kv_heads", 1), "the manifest says 1 KV heads of 16"),
+    ],
+)
+def test_a_manifest_that_disagrees_with_its_graph_is_refused_at_load(bundle, change, message):
+    edit_manifest(bundle, change)
+    proc = cli("generate", bundle, "hi", "-n", "2")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_context_longer_than_the_graph_is_one_line_when_reached(bundle):
+    edit_manifest(bundle, lambda m: m["model"].__setitem__("context_length", 4096))
+    from edge_slm import runtime
+
+    model = runtime.load(bundle)
+    with pytest.raises(BundleError, match=r"onnxruntime failed at position 0 .*cos_cache.*rebuild the bundle"):
+        model.generate(list(range(3, 250)), max_new_tokens=2)
+
+
 def _mutations():
     leaf = st.one_of(
         st.none(), st.booleans(), st.integers(-2, 2**40), st.text(max_size=12), st.lists(st.integers(0, 3), max_size=3)
@@ -357,3 +381,79 @@ def test_report_refuses_a_malformed_record_with_file_and_line(tmp_path):
     proc = cli("report", results, "--out", tmp_path / "report")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {results}:1: 'host' is missing or not a str: fix or remove that line"
+
+
+def _profile_mutations():
+    leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 10**6),
+        st.floats(allow_nan=True),
+        st.text(max_size=10),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    )
+    sections = st.sampled_from(["device", "runtime", "export", "quantize", "budget", "prune", "name", "extends", "zzz"])
+    return st.lists(
+        st.tuples(sections, st.sampled_from(["replace", "drop", "inner"]), st.text(max_size=16), leaf),
+        min_size=1,
+        max_size=3,
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=_profile_mutations())
+def test_fuzzed_profiles_load_or_give_one_profile_error(tmp_path_factory, mutations):
+    import tomli_w
+
+    from edge_slm.core.errors import ProfileError
+    from edge_slm.core.targets import load_profile
+
+    raw = load_profile("x86-laptop").to_dict()
+    raw = {k: v for k, v in raw.items() if v is not None}
+    for section, how, inner, value in mutations:
+        if how == "drop":
+            raw.pop(section, None)
+        elif how == "inner" and isinstance(raw.get(section), dict):
+            raw[section][inner or "x"] = value
+        else:
+            raw[section] = value
+
+    def clean(v):  # TOML has no null
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [clean(x) for x in v if x is not None]
+        return v
+
+    path = tmp_path_factory.mktemp("profiles") / "fuzzed.toml"
+    path.write_text(tomli_w.dumps(clean(raw)))
+    try:
+        load_profile(str(path))
+    except ProfileError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc) or "unknown target" in str(exc)
+
+
+PIECES = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "system", "\n", " ", "a", "é", "東", "{{", "}}", "{%", "\x00"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(st.sampled_from(PIECES), max_size=30).map("".join))
+def test_fuzzed_chat_messages_never_become_control_tokens(tiny_bundle, text):
+    model = _cached_model(tiny_bundle)
+    ids = model.encode_chat([{"role": "user", "content": text}])
+    assert ids.count(1) == 2 and ids.count(2) == 1 and ids.count(0) == 0  # only the template's own
+    decoded = model.tokenizer.decode(ids, skip_special_tokens=False)
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):  # the message's copies came back as text
+        assert decoded.count(token) == text.count(token) + {"<|im_start|>": 2, "<|im_end|>": 1}.get(token, 0)
+
+
+_MODELS = {}
+
+
+def _cached_model(bundle):
+    from edge_slm import runtime
+
+    if bundle not in _MODELS:
+        _MODELS[bundle] = runtime.load(bundle)
+    return _MODELS[bundle]

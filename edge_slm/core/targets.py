@@ -186,9 +186,10 @@ def _read_raw(path: Path, directory: Path, seen: tuple[Path, ...]) -> dict:
     base_name = raw.pop("extends", None)
     if base_name is None:
         return raw
-    if not isinstance(base_name, str):
-        raise ProfileError(f"{path}: 'extends' must name a target, got {base_name!r}")
-    base = _read_raw(_profile_path(base_name, directory), directory, (*seen, path.resolve()))
+    if not isinstance(base_name, str) or not base_name or base_name not in known_targets(directory):
+        known = ", ".join(known_targets(directory))
+        raise ProfileError(f"{path}: 'extends' must name a shipped target ({known}), got {base_name!r}")
+    base = _read_raw(directory / f"{base_name}.toml", directory, (*seen, path.resolve()))
     return _merge(base, raw)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.errors import BundleError, EdgeSlmError
 
 log = logging.getLogger("edge_slm.runtime")
 _warned: set[str] = set()
@@ -85,14 +85,14 @@ class DecoderSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # onnxruntime's own error log would repeat, unformatted, the one line edge-slm prints.
+        options.log_severity_level = 4
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         per_provider = provider_options(providers, manifest)
         for opts in per_provider:
             if "trt_engine_cache_path" in opts:
                 Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(
-            str(model_path), options, providers=providers, provider_options=per_provider
-        )
+        self.session = _open_session(model_path, options, providers, per_provider)
         # Int8 bundles may carry a second graph for prompts (the same weights at another kernel
         # accuracy level: onnxruntime's fast one-token path is slow for many rows).
         prefill_file = manifest["graph"].get("prefill_file")
@@ -100,8 +100,8 @@ class DecoderSession:
         if prefill_file:
             # Its threads must not spin after a prompt: they would steal the decode steps' cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.prefill_session = ort.InferenceSession(
-                str(Path(model_path).parent / prefill_file), options, providers=providers, provider_options=per_provider
+            self.prefill_session = _open_session(
+                Path(model_path).parent / prefill_file, options, providers, per_provider
             )
         self.providers = self.session.get_providers()
         model = manifest["model"]
@@ -112,6 +112,9 @@ class DecoderSession:
         self.shared = bool(manifest["graph"]["kv_cache"]["shared_buffer"])
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        for session in (self.session, self.prefill_session):
+            if session is not None:
+                check_signature(session, self, model_path)
         # Position and mask inputs come from these, sliced: no per-step allocation.
         self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
@@ -192,13 +195,62 @@ class DecoderSession:
                 binding.bind_ortvalue_output("logits", self._step_logits)
             else:
                 binding.bind_output("logits", "cpu")
-            session.run_with_iobinding(binding)
+            _run(session.run_with_iobinding, binding, at=self.length)
             # A copy: the bound buffer is overwritten by the next step (196 kB, ~10 us for 49k vocab).
             logits = self._step_logits.numpy().copy() if seq == 1 else self._bound_logits(binding)
         else:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
             feed.update(zip(self.past_names, self._past))
-            outputs = session.run(None, feed)
+            outputs = _run(session.run, None, feed, at=self.length)
             logits, self._past = outputs[0], outputs[1:]
         self.length = total
         return logits[0] if all_logits else logits[0, -1]
+
+
+def _open_session(path: Path, options, providers: list[str], provider_options: list[dict]):
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+    except Exception as exc:  # onnxruntime's own errors have no common base class
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({first}): rebuild the bundle") from None
+
+
+def _run(call, *args, at: int):
+    try:
+        return call(*args)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(
+            f"onnxruntime failed at position {at} ({first[:300]}): the bundle's manifest may "
+            "disagree with its graph (context length, vocabulary): rebuild the bundle"
+        ) from None
+
+
+def check_signature(session, decoder: DecoderSession, path: Path) -> None:
+    """The graph's inputs and outputs against the manifest: a manifest that claims other layers,
+    heads or vocabulary than the graph has is refused at load, not deep inside onnxruntime."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    expected = {"input_ids", "attention_mask", "position_ids", *decoder.past_names}
+    if set(inputs) != expected:
+        cache = sum(1 for name in inputs if name.startswith("past_key_values.")) // 2
+        raise BundleError(
+            f"{path}: the graph has {cache} layers of KV cache and inputs {sorted(inputs)[:4]}..., the "
+            f"manifest says {decoder.num_layers} layers: rebuild the bundle"
+        )
+    _, heads, _, head_dim = decoder.kv_shape
+    for name in decoder.past_names[:2]:
+        dims = inputs[name].shape
+        if len(dims) != 4 or any(
+            isinstance(d, int) and d != want for d, want in ((dims[1], heads), (dims[3], head_dim))
+        ):
+            raise BundleError(
+                f"{path}: the graph's {name} has shape {dims}, the manifest says "
+                f"{heads} KV heads of {head_dim}: rebuild the bundle"
+            )
+    logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+    if logits is None or (isinstance(logits.shape[-1], int) and logits.shape[-1] != decoder.vocab_size):
+        shape = logits.shape if logits is not None else "no logits output"
+        raise BundleError(
+            f"{path}: the graph's logits are {shape}, the manifest says a vocabulary of "
+            f"{decoder.vocab_size}: rebuild the bundle"
+        )
