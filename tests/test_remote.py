@@ -151,3 +151,61 @@ bundle = "{tiny_bundle}"
         assert len(records) == 1 and records[0]["remote"]["port"] == device.port
     finally:
         _cleanup_remote(records)
+
+
+def test_a_device_that_replies_garbage_fails_alone(sshd, tiny_bundle, tmp_path):
+    """A real sshd; the device's `python` answers the benchmark with `{garbage`. That host fails
+    with one line naming it; the good host's records are kept."""
+    device, _ = sshd
+    liar = tmp_path / "python-liar"
+    liar.write_text(
+        f'#!/bin/sh\ncase "$*" in *"edge_slm.cli bench"*) echo "{{garbage";; *) exec {sys.executable} "$@";; esac\n'
+    )
+    liar.chmod(0o755)
+    inventory = tmp_path / "devices.toml"
+    entry = (
+        f'host = "{device.host}"\nport = {device.port}\nidentity = "{device.identity}"\n'
+        f'known_hosts = "{device.known_hosts}"\nbundle = "{tiny_bundle}"\n'
+    )
+    inventory.write_text(f'[[device]]\n{entry}python = "{sys.executable}"\n\n[[device]]\n{entry}python = "{liar}"\n')
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "bench", "--inventory", str(inventory), "--out", str(out), *BENCH],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    try:
+        assert proc.returncode == 2
+        assert f"error: {device.host}: line 1 of its reply is not JSON ('{{garbage')" in proc.stderr
+        assert len(records) == 1 and records[0]["remote"]["host"] == device.host
+    finally:
+        _cleanup_remote(records)
+
+
+def test_runtime_code_on_the_device_is_verified_file_by_file(sshd, tiny_bundle):
+    device, _ = sshd
+    records = bench_remote(device, tiny_bundle, BENCH)
+    try:
+        code = next((Path.home() / ".cache" / "edge-slm" / "runtime").glob("*/edge_slm/core/bundle.py"))
+        original = code.read_bytes()
+        code.write_bytes(original + b"\nraise SystemExit('tampered')\n")  # not the first file, not __init__.py
+        records += bench_remote(device, tiny_bundle, BENCH)  # would fail if the tampered copy ran
+        assert code.read_bytes() == original
+    finally:
+        _cleanup_remote(records)
+
+
+def test_strict_host_keys_refuse_an_unknown_host(sshd, tiny_bundle, tmp_path):
+    device, _ = sshd
+    strict = Device(
+        device.host,
+        port=device.port,
+        identity=device.identity,
+        python=device.python,
+        known_hosts=str(tmp_path / "empty_known_hosts"),
+        strict_host_keys=True,
+    )
+    with pytest.raises(RemoteError, match=r"ssh failed: Host key verification failed"):
+        bench_remote(strict, tiny_bundle, BENCH)
