@@ -27,6 +27,7 @@ def test_manifest_round_trip(tiny_bundle, tiny_llama):
         assert info["sha256"] == sha256_file(tiny_bundle / name)
         assert info["bytes"] == (tiny_bundle / name).stat().st_size
     assert manifest["target"] == "tiny-laptop" and manifest["precision"] == "fp32"
+    assert manifest["stages"] == ["load", "export", "validate", "tokenizer", "manifest"]
     assert manifest["profile"]["export"]["context_length"] == 128
     assert manifest["source"]["kind"] == "hf-dir" and len(manifest["source"]["sha256"]) == 64
     assert manifest["model"]["num_layers"] == 2 and manifest["model"]["num_kv_heads"] == 2

@@ -22,7 +22,7 @@ from edge_slm.build.prune.structured import (
     save_pruned,
 )
 from edge_slm.core.data import CALIBRATION_TEXT
-from edge_slm.core.errors import ModelError
+from edge_slm.core.errors import ModelError, ProfileError
 
 CALIBRATION = CALIBRATION_TEXT.read_text()
 
@@ -210,7 +210,7 @@ def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, 
     again = []
     build(str(three_layers), load_profile(str(profile_path)), tmp_path / "b2", echo=again.append)
     assert any("using the cached pruned model" in line for line in again)
-    with pytest.raises(Exception, match="unknown key 'prune.head_group'"):
+    with pytest.raises(ProfileError, match="unknown key 'prune.head_group'"):
         bad = tmp_path / "bad.toml"
         bad.write_text(tiny_profile.read_text() + "\n[prune]\nhead_group = 1\n")
         load_profile(str(bad))
