@@ -89,7 +89,7 @@ test: lint $(VENV)/.test-installed sshd qemu
 
 # The default model's Pi bundles under emulation: 8 greedy tokens and 256 tokens of statistics each.
 test-slow: $(VENV)/.test-installed qemu rpi4 rpi5
-	EDGE_SLM_SLOW=1 $(BIN)/python -m pytest -q -s tests/test_verify.py -k default_model
+	EDGE_SLM_SLOW=1 $(BIN)/python -m pytest -q -s tests/test_emulate.py -k default_model
 
 test-fast: $(VENV)/.test-installed sshd qemu
 	$(BIN)/python -m pytest -q -m "not e2e"

@@ -136,3 +136,21 @@ def tiny_bundle(tmp_path_factory, tiny_llama, tiny_profile) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build(str(tiny_llama), load_profile(str(tiny_profile)), out, echo=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def jetson_profile(tmp_path_factory):
+    """The jetson-orin profile with a short context."""
+    path = tmp_path_factory.mktemp("profiles") / "tiny-jetson.toml"
+    return write_profile(path, "jetson-orin", "tiny-jetson", export={"context_length": 128})
+
+
+@pytest.fixture(scope="session")
+def jetson_fp32_graph(tiny_llama, jetson_profile, tmp_path_factory):
+    """The tiny model's fp32 graph, exported for the Jetson profile (separate RotaryEmbedding)."""
+    from edge_slm.build.export import export, load_torch_model
+    from edge_slm.core.targets import load_profile
+
+    return export(
+        load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path_factory.mktemp("fp32")
+    ).onnx_path

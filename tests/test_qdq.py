@@ -1,6 +1,6 @@
-"""The Jetson's two builds on tiny models: fp16 for the CUDA provider and S8S8 QDQ int8 with static
-calibration for TensorRT (graph shape, SmoothQuant folding, numerics on the CPU provider), and the
-TensorRT provider options the runtime derives from the profile and the bundle."""
+"""build/quantize/qdq.py and smooth.py: S8S8 QDQ int8 with static calibration for TensorRT on tiny
+models: graph shape, per-token product error, SmoothQuant folding, numerics on the CPU provider,
+and the --calibration option."""
 
 import json
 import subprocess
@@ -9,33 +9,15 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
-from conftest import write_profile
 from onnx import numpy_helper
 
-from edge_slm.build.export import export, load_torch_model
 from edge_slm.build.quantize.qdq import quantize_qdq
 from edge_slm.build.quantize.smooth import Smoothing, fake_int8, per_tensor_error
 from edge_slm.core.data import CALIBRATION_TEXT
 from edge_slm.core.hashing import sha256_file
-from edge_slm.core.targets import load_profile
-from edge_slm.runtime.session import provider_options
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
-
-
-@pytest.fixture(scope="module")
-def jetson_profile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("profiles") / "tiny-jetson.toml"
-    return write_profile(path, "jetson-orin", "tiny-jetson", export={"context_length": 128})
-
-
-@pytest.fixture(scope="module")
-def fp32_graph(tiny_llama, jetson_profile, tmp_path_factory):
-    return export(
-        load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path_factory.mktemp("fp32")
-    ).onnx_path
 
 
 def _run(path, ids=IDS, dtype=np.float32):
@@ -57,36 +39,9 @@ def _tokens(tokenizer_dir):
     return tokenizer(CALIBRATION_TEXT.read_text()).input_ids
 
 
-def test_fp16_bundle_types_accuracy_and_runtime(tiny_llama, jetson_profile, tmp_path):
-    from edge_slm import runtime
-    from edge_slm.build.pipeline import build
-
-    manifest = build(str(tiny_llama), load_profile(str(jetson_profile)), tmp_path / "b", echo=lambda m: None)
-    assert manifest["precision"] == "fp16" and manifest["quantization"]["method"] == "fp16"
-    graph = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph
-    types = {i.data_type for i in graph.initializer} - {onnx.TensorProto.INT64}
-    assert types == {onnx.TensorProto.FLOAT16}  # no float32 weight left
-    signature = {v["name"]: v["dtype"] for v in manifest["graph"]["inputs"] + manifest["graph"]["outputs"]}
-    assert signature["past_key_values.0.key"] == "float16" and signature["present.1.value"] == "float16"
-    assert signature["logits"] == "float32"
-    assert manifest["graph"]["op_counts"]["Cast"] == 2 + 1  # the graph's two int casts + logits to float32
-    acc = manifest["accuracy"]
-    assert acc["passed"] is True and acc["budget"]["max_ppl_increase"] == 0.001 and acc["ppl_increase"] < 0.001
-    assert acc["top1_agreement"] > 0.97
-    # Numerics against the fp32 graph on the CPU provider: fp16 rounding only.
-    got = _run(tmp_path / "b" / "model.onnx", dtype=np.float16)
-    ref = _run(export(load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path / "ref").onnx_path)
-    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
-    model = runtime.load(tmp_path / "b", threads=1)
-    assert model.session.kv_dtype == np.float16
-    cached = model.generate("The capital", max_new_tokens=8)
-    assert len(cached.token_ids) == 8 or cached.stop_reason == "eos"
-
-
-def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(fp32_graph, tiny_llama, tmp_path):
+def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph, tiny_llama, tmp_path):
     info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
-    counts = quantize_qdq(fp32_graph, tmp_path, _tokens(tiny_llama), info, max_error=1.0)
+    counts = quantize_qdq(jetson_fp32_graph, tmp_path, _tokens(tiny_llama), info, max_error=1.0)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     ops = {}
     for node in graph.node:
@@ -114,7 +69,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(fp32_graph, tiny_
     float_bytes = sum(v.nbytes for k, v in inits.items() if v.dtype == np.float32 and v.ndim == 2 and "rotary" not in k)
     assert float_bytes == 0
     ids = _tokens(tiny_llama)[300:364]  # text like the calibration's, not the calibration tokens themselves
-    ref, got = _run(fp32_graph, ids), _run(tmp_path / "model.onnx", ids)
+    ref, got = _run(jetson_fp32_graph, ids), _run(tmp_path / "model.onnx", ids)
     error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     # Measured 0.126 and 84% on this random model (its x4 weights amplify noise through the layers);
     # the same graph with every activation left float is within 3%: the rest is int8 activations.
@@ -122,7 +77,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(fp32_graph, tiny_
 
     # Products kept float stay float whole: fp16 weights behind a Cast, no Q/DQ on either input.
     mixed = quantize_qdq(
-        fp32_graph, tmp_path / "mixed", _tokens(tiny_llama), info, keep_float=("*.gate_up",), max_error=1.0
+        jetson_fp32_graph, tmp_path / "mixed", _tokens(tiny_llama), info, keep_float=("*.gate_up",), max_error=1.0
     )
     assert mixed["quantized_matmuls"] == 4 * LAYERS + 1 and mixed["float_matmuls"] == mixed["fp16_weights"] == LAYERS
     assert mixed["QuantizeLinear"] == 3 * LAYERS + 1 and mixed["shared_embedding_gathers"] == 1
@@ -137,7 +92,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(fp32_graph, tiny_
     assert not any(i.endswith("down_proj.weight") for i in inits)  # no fp32 copy left behind
     float_too = _run(tmp_path / "mixed" / "model.onnx", ids)
     assert np.linalg.norm(float_too - ref) / np.linalg.norm(ref) < error  # fewer int8 products, less error
-    quantize_qdq(fp32_graph, tmp_path / "float", _tokens(tiny_llama), info, keep_float=("*",))
+    quantize_qdq(jetson_fp32_graph, tmp_path / "float", _tokens(tiny_llama), info, keep_float=("*",))
     all_float = _run(tmp_path / "float" / "model.onnx", ids)
     assert np.linalg.norm(all_float - ref) / np.linalg.norm(ref) < 1e-3  # fp16 weights only
 
@@ -159,13 +114,13 @@ def test_product_error_is_per_token_so_a_massive_activation_cannot_hide_the_othe
     assert per_tensor_error(x, w, x @ w, "w") < 0.05
 
 
-def test_smoothing_folds_leave_the_function_unchanged(fp32_graph, tiny_llama, tmp_path):
+def test_smoothing_folds_leave_the_function_unchanged(jetson_fp32_graph, tiny_llama, tmp_path):
     """Dividing activations by s and multiplying weights by s must not change the float model:
     norm gains, the up projection (MLP product) and the grouped value projection (attention output)."""
     from edge_slm.build.quantize.smooth import calibration_chunks, capture_activations
 
     info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
-    proto = onnx.load(str(fp32_graph))
+    proto = onnx.load(str(jetson_fp32_graph))
     weights = {
         i.name: numpy_helper.to_array(i).astype(np.float32)
         for i in proto.graph.initializer
@@ -173,7 +128,7 @@ def test_smoothing_folds_leave_the_function_unchanged(fp32_graph, tiny_llama, tm
     }
     products = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     names = sorted({n.input[0] for n in products})
-    captured = capture_activations(fp32_graph, names, calibration_chunks(_tokens(tiny_llama)[:200]), info)
+    captured = capture_activations(jetson_fp32_graph, names, calibration_chunks(_tokens(tiny_llama)[:200]), info)
     smoothing = Smoothing(proto.graph, weights, info, alphas=(0.75,))
     folded = {
         name: smoothing.apply(name, captured[name], [n for n in products if n.input[0] == name])[1] for name in names
@@ -185,28 +140,8 @@ def test_smoothing_folds_leave_the_function_unchanged(fp32_graph, tiny_llama, tm
             init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
     assert len(smoothing.changed) == (2 + 5) * LAYERS  # two norm gains and five matrices a layer (up, qkv fold too)
     onnx.save_model(proto, str(tmp_path / "smoothed.onnx"), save_as_external_data=True, location="w.data")
-    ref, got = _run(fp32_graph), _run(tmp_path / "smoothed.onnx")
+    ref, got = _run(jetson_fp32_graph), _run(tmp_path / "smoothed.onnx")
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
-
-
-def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
-    profile = load_profile(str(jetson_profile))
-    manifest = {
-        "precision": "int8",
-        "profile": profile.to_dict(),
-        "model": {"num_layers": 2, "num_kv_heads": 3, "head_dim": 64, "context_length": 128},
-        "files": {"model.onnx": {"sha256": "ab" * 32}},
-    }
-    trt, cpu = provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], manifest)
-    assert cpu == {}
-    assert trt["trt_fp16_enable"] == "True" and trt["trt_int8_enable"] == "True"
-    assert trt["trt_engine_cache_enable"] == "True" and trt["trt_engine_cache_path"].endswith("/tensorrt/" + "ab" * 8)
-    assert trt["trt_profile_min_shapes"].startswith("input_ids:1x1,position_ids:1x1,attention_mask:1x1,")
-    assert trt["trt_profile_max_shapes"].startswith("input_ids:1x512,position_ids:1x512,attention_mask:1x128,")
-    assert trt["trt_profile_max_shapes"].endswith("past_key_values.1.value:1x3x128x64")
-    assert trt["trt_profile_max_shapes"].count("past_key_values") == 4
-    fp16 = provider_options(["TensorrtExecutionProvider"], {**manifest, "precision": "fp16"})[0]
-    assert fp16["trt_int8_enable"] == "False"  # an fp16 bundle must not ask TensorRT for int8
 
 
 def test_calibration_option(tiny_llama, jetson_profile, tmp_path):
