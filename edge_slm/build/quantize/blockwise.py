@@ -3,9 +3,9 @@
 Every constant weight matrix becomes onnxruntime's `MatMulNBits` (8 or 4 bits, a scale per block
 of `block_size` input channels, zero points when asymmetric): the decoder's projections, the MLP,
 and the LM head. The embedding table becomes `GatherBlockQuantized`; when it is tied to the LM
-head both read the same quantized bytes, so the table is stored once. Activations stay float:
-per-tensor dynamic activation quantization (onnxruntime's `quantize_dynamic`) cost this model +55%
-perplexity (docs/quantization.md), block-wise weight-only 8-bit about +1%.
+head both read the same quantized bytes, so the table is stored once. Activations stay float in
+the graph (per-tensor dynamic activation quantization loses far more accuracy on these models:
+docs/quantization.md).
 Run by `edge-slm build` when the profile (or `--precision`) asks for int8 or int4.
 """
 
@@ -23,10 +23,10 @@ from edge_slm.core.targets import Quantize
 
 # Recipes used when `--precision` asks for a precision other than the profile's own.
 PRESETS = {
-    # 8-bit, symmetric, int8 activations per block (accuracy_level 4: the only fast CPU path in
-    # onnxruntime 1.32; levels 0-1 dequantize on every call, 20x slower), blocks of 64 (faster than
-    # 32 on AVX2) with SmoothQuant folded in first so that the activation blocks keep top-1
-    # agreement above 96%; the tied LM head, whose input cannot be smoothed, keeps blocks of 32.
+    # 8-bit, symmetric, int8 activations per block (accuracy_level 4: onnxruntime's fast CPU path;
+    # levels 0-1 dequantize on every call), blocks of 64 (faster than 32 on AVX2) with SmoothQuant
+    # folded in first so that the int8 activation blocks stay within the int8 budget; the tied LM
+    # head, whose input cannot be smoothed, keeps blocks of 32.
     # fp16 scales on disk, as llama.cpp's Q8_0 does. The x86-laptop profile's recipe.
     "int8": Quantize(
         "int8",
@@ -184,8 +184,8 @@ PREFILL_FILE = "prefill.onnx"
 def write_prefill_graph(out_dir: Path, accuracy_level: int) -> str:
     """`prefill.onnx`: the quantized graph with another MatMulNBits accuracy_level, reading the same
     weight file. onnxruntime's int8-activation kernels (level 4) are the fast path for one token
-    but slow for a prompt's many rows, where dequantizing to float and running a GEMM wins (here:
-    129 against 107 tok/s at level 0 for 128 tokens, interleaved in one process); the runtime runs
+    but slow for a prompt's many rows, where dequantizing to float and running a GEMM wins
+    (docs/quantization.md has the trade-off: faster prompts, more memory); the runtime runs
     prompts through this graph and decode steps through the main one, sharing the KV cache."""
     import onnx
 
