@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -108,10 +106,16 @@ def main() -> None:
         return
 
     from edge_slm import __version__, runtime
-    from edge_slm.harness.bench import git_commit, machine, prompt_ids
+    from edge_slm.build.load import load
+    from edge_slm.harness.bench import BenchRecord, BundleInfo, Settings, git_commit, prompt_ids, test_name
 
-    ids = prompt_ids(runtime.load(args.bundle, verify=False), args.prompt_tokens)
-    size = Path(args.gguf).stat().st_size if args.gguf else None
+    model = runtime.load(args.bundle)
+    ids = prompt_ids(model, args.prompt_tokens)
+    parameters = model.manifest["model"]["parameters"]  # the same model as the peer runs
+    fp32_dir = load(None).path
+    size = (
+        Path(args.gguf).stat().st_size if args.gguf else sum(p.stat().st_size for p in fp32_dir.glob("*.safetensors"))
+    )
     for threads in [int(t) for t in args.threads.split(",")]:
         cfg = {
             "system": args.system,
@@ -138,35 +142,30 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"{args.system} failed: {proc.stderr[-1500:]}")
         raw = json.loads(proc.stdout.strip().splitlines()[-1])
-        record = {
-            "schema": "edge-slm-bench/1",
-            "system": args.system,
-            "test": f"pp{args.prompt_tokens}+tg{args.gen_tokens}",
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "bundle": {
-                "path": args.gguf or "transformers fp32",
-                "manifest_sha256": None,
-                "target": args.target,
-                "precision": args.precision,
-                "graph": args.system,
-                "size_bytes": size or 538_000_000,
-                "parameters": 134_515_008,
-            },
-            "settings": {
-                "threads": threads,
-                "prompt_tokens": args.prompt_tokens,
-                "gen_tokens": args.gen_tokens,
-                "repetitions": args.repetitions,
-                "warmup": args.warmup,
-                "provider": args.system,
-                "cpu_arena": None,
-            },
-            "machine": machine(),
-            "versions": {"edge_slm": __version__, "git_commit": git_commit()},
-            "results": raw,
-            "accuracy": None,
-        }
+        record = BenchRecord(
+            system=args.system,
+            test=test_name(args.prompt_tokens, args.gen_tokens),
+            bundle=BundleInfo(
+                path=args.gguf or str(fp32_dir),
+                manifest_sha256=None,
+                target=args.target,
+                precision=args.precision,
+                graph=args.system,
+                size_bytes=size,
+                parameters=parameters,
+            ),
+            settings=Settings(
+                threads=threads,
+                prompt_tokens=args.prompt_tokens,
+                gen_tokens=args.gen_tokens,
+                repetitions=args.repetitions,
+                warmup=args.warmup,
+                provider=args.system,
+                cpu_arena=None,
+            ),
+            versions={"edge_slm": __version__, "git_commit": git_commit()},
+            results=raw,
+        ).to_dict()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -188,7 +188,9 @@ def test_runtime_code_on_the_device_is_verified_file_by_file(sshd, tiny_bundle):
     device, _ = sshd
     records = bench_remote(device, tiny_bundle, BENCH)
     try:
-        code = next((Path.home() / ".cache" / "edge-slm" / "runtime").glob("*/edge_slm/core/bundle.py"))
+        from edge_slm.harness.remote import _runtime_tarball
+
+        code = Path.home() / ".cache" / "edge-slm" / "runtime" / _runtime_tarball()[1] / "edge_slm/core/bundle.py"
         original = code.read_bytes()
         code.write_bytes(original + b"\nraise SystemExit('tampered')\n")  # not the first file, not __init__.py
         records += bench_remote(device, tiny_bundle, BENCH)  # would fail if the tampered copy ran

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -195,34 +196,77 @@ def _accuracy(bundle: Path, reference: Path | None, threads: int) -> dict:
     return {**result, "text": "eval.txt", "reference": str(reference) if reference else None}
 
 
+@dataclass(frozen=True, kw_only=True)
+class BundleInfo:
+    path: str
+    manifest_sha256: str | None  # None for a peer's model file
+    target: str
+    precision: str
+    graph: str  # fused / generic for a bundle; the peer's name otherwise
+    size_bytes: int
+    parameters: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    repetitions: int
+    warmup: int
+    provider: str
+    cpu_arena: bool | None  # onnxruntime's CPU arena (on in edge-slm); None for peers
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchRecord:
+    """One benchmark record, the one shape that `edge-slm bench`, benchmarks/peers.py and the
+    report share (as a JSON line: `to_dict`)."""
+
+    schema: str = SCHEMA
+    system: str
+    test: str  # llama-bench's naming: pp128+tg64
+    timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    host: str = field(default_factory=platform.node)
+    bundle: BundleInfo
+    settings: Settings
+    machine: dict = field(default_factory=machine)
+    versions: dict
+    results: dict
+    accuracy: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def test_name(prompt_tokens: int, gen_tokens: int) -> str:
+    return f"pp{prompt_tokens}+tg{gen_tokens}"
+
+
 def _record(
     bundle: Path, manifest: dict, config: dict, results: dict, accuracy: dict | None, manifest_sha: str
 ) -> dict:
-    return {
-        "schema": SCHEMA,
-        "system": "edge-slm",
-        "test": f"pp{config['prompt_tokens']}+tg{config['gen_tokens']}",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "bundle": {
-            "path": str(bundle),
-            "manifest_sha256": manifest_sha,
-            "target": manifest["target"],
-            "precision": manifest["precision"],
-            "graph": manifest["graph"]["kind"],
-            "size_bytes": sum(f["bytes"] for f in manifest["files"].values()),
-            "parameters": manifest["model"]["parameters"],
-        },
-        "settings": {
+    return BenchRecord(
+        system="edge-slm",
+        test=test_name(config["prompt_tokens"], config["gen_tokens"]),
+        bundle=BundleInfo(
+            path=str(bundle),
+            manifest_sha256=manifest_sha,
+            target=manifest["target"],
+            precision=manifest["precision"],
+            graph=manifest["graph"]["kind"],
+            size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
+            parameters=manifest["model"]["parameters"],
+        ),
+        settings=Settings(
             **{k: config[k] for k in ("threads", "prompt_tokens", "gen_tokens", "repetitions", "warmup")},
-            "provider": results["providers"][0],
-            "cpu_arena": True,
-        },
-        "machine": machine(),
-        "versions": _versions(),
-        "results": {k: v for k, v in results.items() if k != "providers"},
-        "accuracy": accuracy,
-    }
+            provider=results["providers"][0],
+            cpu_arena=True,
+        ),
+        versions=_versions(),
+        results={k: v for k, v in results.items() if k != "providers"},
+        accuracy=accuracy,
+    ).to_dict()
 
 
 def _versions() -> dict:
