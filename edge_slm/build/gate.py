@@ -14,7 +14,7 @@ from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import AccuracyBudgetError
 from edge_slm.core.targets import AccuracyBudget
 from edge_slm.runtime.evaluate import evaluate
-from edge_slm.runtime.session import DecoderSession
+from edge_slm.runtime.session import CacheShape, DecoderSession
 
 WINDOW = 512  # tokens per scored window: long enough for context, short enough to run in seconds
 
@@ -23,8 +23,7 @@ class GraphScorer:
     """Just enough of `runtime.Model` for `evaluate()`: an ONNX file and the tokenizer's ids."""
 
     def __init__(self, onnx_path: Path, model_info: dict, encode, threads: int):
-        manifest = {"model": model_info, "graph": {"kv_cache": {"shared_buffer": True}}}
-        self.session = DecoderSession(onnx_path, manifest, threads, ["CPUExecutionProvider"])
+        self.session = DecoderSession(onnx_path, CacheShape.of(model_info), threads, ["CPUExecutionProvider"])
         self.context_length = self.session.context_length
         self.encode = encode
         self.path = onnx_path

@@ -62,7 +62,7 @@ def load(
     warn_if_mismatched(manifest["profile"])
     profile_runtime = manifest["profile"]["runtime"]
     chosen = pick_providers(providers or profile_runtime["execution_providers"])
-    session = DecoderSession(bundle / manifest["graph"]["file"], manifest, threads, chosen)
+    session = DecoderSession.for_bundle(bundle / manifest["graph"]["file"], manifest, threads, chosen)
     try:
         tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     except Exception as exc:

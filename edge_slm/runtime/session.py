@@ -8,6 +8,7 @@ decode step copies nothing. Generic graphs fall back to feeding `present` back a
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +81,45 @@ def provider_options(providers: list[str], manifest: dict) -> list[dict]:
     return options
 
 
+@dataclass(frozen=True)
+class CacheShape:
+    """What the session needs to know of the model: its KV cache and its vocabulary."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    context_length: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, model: dict) -> CacheShape:
+        """From a manifest's `model` section (or the build's model info)."""
+        return cls(*(int(model[f.name]) for f in fields(cls)))
+
+
 class DecoderSession:
-    def __init__(self, model_path: Path, manifest: dict, threads: int, providers: list[str]):
+    """A decoder graph in onnxruntime with its KV cache; `for_bundle` opens a bundle's."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        shape: CacheShape,
+        threads: int,
+        providers: list[str],
+        shared_buffer: bool = True,
+        prefill_file: str | None = None,
+        per_provider: list[dict] | None = None,
+    ):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # onnxruntime's own error log would repeat, unformatted, the one line edge-slm prints.
         options.log_severity_level = 4
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        per_provider = provider_options(providers, manifest)
-        for opts in per_provider:
-            if "trt_engine_cache_path" in opts:
-                Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        per_provider = per_provider or [{} for _ in providers]
         self.session = _open_session(model_path, options, providers, per_provider)
         # Int8 bundles may carry a second graph for prompts (the same weights at another kernel
         # accuracy level: onnxruntime's fast one-token path is slow for many rows).
-        prefill_file = manifest["graph"].get("prefill_file")
         self.prefill_session = None
         if prefill_file:
             # Its threads must not spin after a prompt: they would steal the decode steps' cores.
@@ -104,12 +128,11 @@ class DecoderSession:
                 Path(model_path).parent / prefill_file, options, providers, per_provider
             )
         self.providers = self.session.get_providers()
-        model = manifest["model"]
-        self.context_length = int(model["context_length"])
-        self.num_layers = int(model["num_layers"])
-        self.kv_shape = (1, int(model["num_kv_heads"]), self.context_length, int(model["head_dim"]))
-        self.vocab_size = int(model["vocab_size"])
-        self.shared = bool(manifest["graph"]["kv_cache"]["shared_buffer"])
+        self.context_length = shape.context_length
+        self.num_layers = shape.num_layers
+        self.kv_shape = (1, shape.num_kv_heads, self.context_length, shape.head_dim)
+        self.vocab_size = shape.vocab_size
+        self.shared = shared_buffer
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         for session in (self.session, self.prefill_session):
@@ -134,6 +157,24 @@ class DecoderSession:
             self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab_size), np.float32, "cpu", 0)
         else:
             self._past = self._empty_past()
+
+    @classmethod
+    def for_bundle(cls, model_path: Path, manifest: dict, threads: int, providers: list[str]) -> DecoderSession:
+        """The session of a (verified) bundle: shape, cache layout, prefill graph and provider
+        options from its manifest."""
+        per_provider = provider_options(providers, manifest)
+        for opts in per_provider:
+            if "trt_engine_cache_path" in opts:
+                Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        return cls(
+            model_path,
+            CacheShape.of(manifest["model"]),
+            threads,
+            providers,
+            shared_buffer=bool(manifest["graph"]["kv_cache"]["shared_buffer"]),
+            prefill_file=manifest["graph"].get("prefill_file"),
+            per_provider=per_provider,
+        )
 
     def _bind(self, session):
         """An IO binding whose past and present are the shared per-layer cache buffers."""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import DATA_FILE, MODEL_FILE, MS_DOMAIN, save_with_external_data
+from edge_slm.build.export import DATA_FILE, MODEL_FILE, save_with_external_data
+from edge_slm.build.fused_graph import MS_DOMAIN
 from edge_slm.core.capabilities import SINCE, supports
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Quantize
