@@ -2,6 +2,7 @@
 models: graph shape, per-token product error, SmoothQuant folding, numerics on the CPU provider,
 and the --calibration option."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from edge_slm.build.quantize.qdq import quantize_qdq
 from edge_slm.build.quantize.smooth import Smoothing, fake_int8, per_tensor_error
 from edge_slm.core.data import CALIBRATION_TEXT
 from edge_slm.core.hashing import sha256_file
+from edge_slm.core.targets import Quantize
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
@@ -39,9 +41,15 @@ def _tokens(tokenizer_dir):
     return tokenizer(CALIBRATION_TEXT.read_text()).input_ids
 
 
+def _recipe(**changes) -> Quantize:
+    """Static S8S8 int8 with every product quantized unless a test says otherwise."""
+    base = Quantize("int8", int8_format="qdq", smooth_alphas=(0.0, 0.25, 0.5, 0.75), max_product_error=1.0)
+    return dataclasses.replace(base, **changes)
+
+
 def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph, tiny_llama, tmp_path):
     info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
-    counts = quantize_qdq(jetson_fp32_graph, tmp_path, _tokens(tiny_llama), info, max_error=1.0)
+    counts = quantize_qdq(jetson_fp32_graph, _recipe(), tmp_path, _tokens(tiny_llama), info)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     ops = {}
     for node in graph.node:
@@ -77,7 +85,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph
 
     # Products kept float stay float whole: fp16 weights behind a Cast, no Q/DQ on either input.
     mixed = quantize_qdq(
-        jetson_fp32_graph, tmp_path / "mixed", _tokens(tiny_llama), info, keep_float=("*.gate_up",), max_error=1.0
+        jetson_fp32_graph, _recipe(keep_float=("*.gate_up",)), tmp_path / "mixed", _tokens(tiny_llama), info
     )
     assert mixed["quantized_matmuls"] == 4 * LAYERS + 1 and mixed["float_matmuls"] == mixed["fp16_weights"] == LAYERS
     assert mixed["QuantizeLinear"] == 3 * LAYERS + 1 and mixed["shared_embedding_gathers"] == 1
@@ -92,7 +100,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph
     assert not any(i.endswith("down_proj.weight") for i in inits)  # no fp32 copy left behind
     float_too = _run(tmp_path / "mixed" / "model.onnx", ids)
     assert np.linalg.norm(float_too - ref) / np.linalg.norm(ref) < error  # fewer int8 products, less error
-    quantize_qdq(jetson_fp32_graph, tmp_path / "float", _tokens(tiny_llama), info, keep_float=("*",))
+    quantize_qdq(jetson_fp32_graph, _recipe(keep_float=("*",)), tmp_path / "float", _tokens(tiny_llama), info)
     all_float = _run(tmp_path / "float" / "model.onnx", ids)
     assert np.linalg.norm(all_float - ref) / np.linalg.norm(ref) < 1e-3  # fp16 weights only
 

@@ -252,13 +252,10 @@ def _reduce_precision(
         section["method"] = "qdq-s8s8-static"
         counts = quantize_qdq(
             fp32_path,
+            recipe,
             stage,
             _calibration_ids(calibration, encode, section),
             model_info,
-            smooth_alphas=recipe.smooth_alphas,
-            percentile=recipe.calibration_percentile,
-            keep_float=recipe.keep_float,
-            max_error=recipe.max_product_error,
             progress=lambda m: None if "pass" in m else note(m),
         )
         section["counts"] = counts

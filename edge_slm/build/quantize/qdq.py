@@ -33,22 +33,24 @@ import numpy as np
 from edge_slm.build.export import save_with_external_data
 from edge_slm.build.quantize.smooth import per_tensor_error, smooth_graph, transposed
 from edge_slm.core.errors import ExportError
+from edge_slm.core.targets import Quantize
 
 
 def quantize_qdq(
     onnx_path: Path,
+    recipe: Quantize,
     out_dir: Path,
     calibration_ids: list[int],
     model_info: dict,
-    smooth_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75),
-    percentile: float = 100.0,
-    keep_float: tuple[str, ...] = (),
-    max_error: float = 1.0,
     threads: int = 2,
     progress=lambda msg: None,
 ) -> dict:
     """Write `out_dir/model.onnx` with S8S8 QDQ around every MatMul / Gemm whose int8 product errs
-    at most `max_error` on the calibration tokens (the rest fp16); return node counts."""
+    at most the recipe's `max_product_error` on the calibration tokens (the rest fp16); return node
+    counts. The recipe also gives the SmoothQuant strengths, the calibration percentile and the
+    `keep_float` names."""
+    smooth_alphas, percentile = recipe.smooth_alphas, recipe.calibration_percentile
+    keep_float, max_error = recipe.keep_float, recipe.max_product_error
     import onnx
     from onnx import helper, numpy_helper
 
