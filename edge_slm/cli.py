@@ -22,7 +22,7 @@ import sys
 
 import click
 
-from edge_slm.commands import bench, build, evaluate, generate, inspect, prune, report, targets, verify
+from edge_slm.commands import bench, build, evaluate, generate, inspect, prune, report, serve, targets, verify
 from edge_slm.commands.options import echo_err
 from edge_slm.core.errors import EdgeSlmError
 
@@ -47,6 +47,7 @@ for command in (
     bench.bench,
     report.report,
     verify.verify_command,
+    serve.serve,
 ):
     cli.add_command(command)
 

@@ -10,8 +10,12 @@ message is encoded as plain text, never as the control tokens it spells.
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import datetime
 
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_slm.core.errors import EdgeSlmError
@@ -43,16 +47,35 @@ class _Budget:
             )
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox, plus a step budget on every call and loop step, and a size cap on * and +."""
 
     intercepted_binops = frozenset({"*", "+", "**"})
 
     def __init__(self):
-        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        # The environment transformers' apply_chat_template uses: loop controls, a tojson that does
+        # not escape HTML, raise_exception and strftime_now; `{% generation %}` blocks render as
+        # their contents.
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock])
         self.budget = _Budget()
+        self.filters["tojson"] = _tojson
         self.globals["raise_exception"] = _raise_exception
-        self.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        self.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
 
     def call(self, context, obj, *args, **kwargs):
         self.budget.tick()

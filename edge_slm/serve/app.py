@@ -1,0 +1,231 @@
+"""The OpenAI-compatible routes over one bundle.
+
+    POST /v1/chat/completions   messages -> reply (stream: server-sent events, then `data: [DONE]`)
+    POST /v1/completions        prompt -> continuation
+    GET  /v1/models             the bundle, its target and precision
+    GET  /health                503 {"status": "loading"} until the model is loaded, then 200
+    GET  /metrics               Prometheus text
+
+Errors come in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) with the right
+status: 400 for a bad body or a prompt longer than the context, 404 for an unknown model, 429
+when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.serve import requests as req
+from edge_slm.serve.engine import Engine, Job, QueueFull
+from edge_slm.serve.metrics import Metrics
+
+FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
+
+
+class Service:
+    """The loaded model (once it is), its engine, and what the routes need to answer."""
+
+    def __init__(self, bundle: Path, threads: int | None, max_queue: int):
+        self.bundle, self.threads, self.max_queue = Path(bundle), threads, max_queue
+        self.model = self.engine = None
+        self.load_error: str | None = None
+        self.metrics = Metrics()
+        self.model_id = self.bundle.resolve().name
+
+    def load(self) -> None:
+        from edge_slm import runtime
+
+        try:
+            self.model = runtime.load(self.bundle, threads=self.threads)
+        except EdgeSlmError as exc:
+            self.load_error = str(exc)
+            return
+        self.engine = Engine(self.model, self.max_queue, self.metrics)
+
+
+def create_app(bundle: Path, threads: int | None = None, max_queue: int = 8, load_in_background: bool = True):
+    service = Service(bundle, threads, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if load_in_background:  # /health answers "loading" meanwhile
+            threading.Thread(target=service.load, daemon=True).start()
+        else:
+            service.load()
+        yield
+
+    async def health_route(request: Request) -> JSONResponse:
+        return await health(service)
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def models_route(request: Request) -> JSONResponse:
+        return await models(service)
+
+    async def chat_route(request: Request):
+        return await completion(service, request, chat=True)
+
+    async def completions_route(request: Request):
+        return await completion(service, request, chat=False)
+
+    routes = [
+        Route("/health", health_route, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/v1/models", models_route, methods=["GET"]),
+        Route("/v1/chat/completions", chat_route, methods=["POST"]),
+        Route("/v1/completions", completions_route, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.service = service
+    return app
+
+
+async def health(service: Service) -> JSONResponse:
+    if service.load_error:
+        return JSONResponse({"status": "error", "error": service.load_error}, status_code=500)
+    if service.engine is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok", "model": service.model_id})
+
+
+async def models(service: Service) -> JSONResponse:
+    manifest = service.model.manifest if service.model else {}
+    entry = {
+        "id": service.model_id,
+        "object": "model",
+        "created": int(service.bundle.stat().st_mtime),
+        "owned_by": "edge-slm",
+        "target": manifest.get("target"),
+        "precision": manifest.get("precision"),
+    }
+    return JSONResponse({"object": "list", "data": [entry]})
+
+
+def _error(service: Service, route: str, exc: req.ApiError) -> JSONResponse:
+    service.metrics.requests.labels(route, str(exc.status)).inc()
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def completion(service: Service, request: Request, chat: bool):
+    route = "chat" if chat else "completions"
+    try:
+        job, sampling = await _job(service, request, chat)
+        queue = service.engine.submit(job)
+    except req.ApiError as exc:
+        return _error(service, route, exc)
+    except QueueFull as exc:
+        return _error(service, route, req.ApiError(429, str(exc), code="queue_full"))
+    service.metrics.requests.labels(route, "200").inc()
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if sampling.stream:
+        return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling), sep="\n")
+    pieces = []
+    while True:
+        kind, value = await queue.get()
+        if kind == "piece":
+            pieces.append(value)
+        elif kind == "error":
+            return _error(service, route, req.ApiError(500, f"generation failed: {value}"))
+        else:
+            break
+    result = job.result
+    finish = FINISH.get(result.stop_reason, "stop")
+    usage = _usage(result)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
+        body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id}
+    else:
+        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        body = {"id": ident, "object": "text_completion", "created": created, "model": service.model_id}
+    return JSONResponse({**body, "choices": [choice], "usage": usage})
+
+
+def _usage(result) -> dict:
+    prompt, completion_tokens = len(result.prompt_token_ids), len(result.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+async def _job(service: Service, request: Request, chat: bool):
+    if service.engine is None:
+        raise req.ApiError(503, service.load_error or "the model is still loading: retry when /health says ok")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise req.ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise req.ApiError(400, "the request body must be a JSON object")
+    if body.get("model") not in (None, service.model_id):
+        raise req.ApiError(
+            404,
+            f"the model {body.get('model')!r} does not exist; this server has {service.model_id!r}",
+            "model",
+            "model_not_found",
+        )
+    sampling = req.sampling(body)
+    model = service.model
+    try:
+        ids = model.encode_chat(req.messages(body)) if chat else model.encode(req.prompt(body))
+    except EdgeSlmError as exc:
+        raise req.ApiError(400, str(exc), "messages" if chat else "prompt") from None
+    room = model.context_length - len(ids)
+    if room < 1:
+        raise req.ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens; the model's context is {model.context_length}: shorten it",
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
+    max_tokens = min(sampling.max_tokens or room, room)
+    params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+    return Job(ids, max_tokens, sampling.stop, params), sampling
+
+
+async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling):
+    head = {
+        "id": ident,
+        "created": created,
+        "model": service.model_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+    }
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return json.dumps({**head, "choices": [choice]})
+
+    try:
+        if chat:
+            yield {"data": chunk(None, None, first=True)}
+        while True:
+            kind, value = await queue.get()
+            if kind == "piece":
+                yield {"data": chunk(value, None)}
+            elif kind == "error":
+                yield {"data": json.dumps(req.ApiError(500, f"generation failed: {value}").body())}
+                return
+            else:
+                break
+        yield {"data": chunk(None if chat else "", FINISH.get(job.result.stop_reason, "stop"))}
+        if sampling.include_usage:
+            yield {"data": json.dumps({**head, "choices": [], "usage": _usage(job.result)})}
+        yield {"data": "[DONE]"}
+    finally:
+        job.cancelled.set()  # the client left (or the stream ended): free the model

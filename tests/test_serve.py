@@ -1,0 +1,269 @@
+"""`edge-slm serve`: a real uvicorn server on a loopback port, driven by the real `openai` client
+(chat, streaming, completions, stop strings, seeds) and by raw HTTP for the error cases; answers
+checked token for token against the runtime's own greedy generation."""
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from edge_slm import runtime
+
+QUESTIONS = ["What is the capital of France?", "Name a small device.", "Why quantize weights?", "Count to three."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(bundle, max_queue=8):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_slm.cli",
+            "serve",
+            str(bundle),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--max-queue",
+            str(max_queue),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    proc, base = _start(tiny_bundle)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return runtime.load(tiny_bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+def _expected(model, messages, max_tokens):
+    return model.chat(messages, max_new_tokens=max_tokens, keep_cache=False, temperature=0.0)
+
+
+def test_models_lists_the_bundle(client, tiny_bundle):
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [tiny_bundle.name]
+    assert listed[0].model_extra["target"] == "tiny-laptop" and listed[0].model_extra["precision"] == "fp32"
+
+
+def test_chat_matches_the_runtime_token_for_token(client, model, model_id):
+    for question in QUESTIONS:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+        want = _expected(model, messages, 12)
+        got = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=0)
+        assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert got.usage.completion_tokens == len(want.token_ids)
+        assert got.choices[0].finish_reason == ("length" if want.stop_reason == "max_new_tokens" else "stop")
+
+
+def test_streaming_equals_the_whole_answer(client, model, model_id):
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    want = _expected(model, messages, 16)
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length" if want.stop_reason == "max_new_tokens" else "stop"]
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_completions_plain_and_streamed(client, model, model_id):
+    want = model.generate("The capital of France is", max_new_tokens=10, temperature=0.0)
+    got = client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=10, temperature=0)
+    assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(want.prompt_token_ids)
+    streamed = client.completions.create(
+        model=model_id, prompt="The capital of France is", max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+
+
+def test_stop_strings_and_seeds(client, model, model_id):
+    messages = [{"role": "user", "content": QUESTIONS[2]}]
+    full = _expected(model, messages, 20).text
+    assert len(full) > 4
+    stop = full[3:5]
+    got = client.chat.completions.create(model=model_id, messages=messages, max_tokens=20, temperature=0, stop=[stop])
+    assert got.choices[0].message.content == full[: full.index(stop)] and got.choices[0].finish_reason == "stop"
+    sampled = [
+        client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=1.0, seed=7)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode(),
+            400,
+            "'temperature' must be a number",
+        ),
+        (json.dumps({"messages": "hi"}).encode(), 400, "'messages' must be a non-empty list"),
+        (
+            json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            404,
+            "does not exist",
+        ),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 400, "one choice per request"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(),
+            400,
+            "the model's context is 128",
+        ),
+    ],
+)
+def test_errors_in_openai_shape(server, body, status, fragment):
+    response = httpx.post(server + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_eight_clients_get_their_own_answers(server, model, model_id):
+    """8 clients x 5 requests at once: every answer complete and the one its own prompt gives."""
+    expected = {q: _expected(model, [{"role": "user", "content": q}], 10).text for q in QUESTIONS}
+
+    async def client_loop(n: int, http: httpx.AsyncClient):
+        got = []
+        for r in range(5):
+            question = QUESTIONS[(n + r) % len(QUESTIONS)]
+            body = {
+                "model": model_id,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 10,
+                "temperature": 0,
+            }
+            response = await http.post(server + "/v1/chat/completions", json=body, timeout=120)
+            got.append((question, response.status_code, response.json()))
+        return got
+
+    async def main():
+        async with httpx.AsyncClient() as http:
+            return await asyncio.gather(*(client_loop(n, http) for n in range(8)))
+
+    results = [item for client in asyncio.run(main()) for item in client]
+    assert len(results) == 40
+    for question, status, body in results:
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == expected[question]
+
+
+def test_queue_overflow_is_429_at_once_and_a_disconnect_frees_the_model(tiny_bundle, model):
+    proc, base = _start(tiny_bundle, max_queue=1)
+    try:
+        body = {
+            "messages": [{"role": "user", "content": "Tell a story."}],
+            "max_tokens": 100,
+            "temperature": 0,
+            "stream": True,
+        }
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as http:
+                started = time.monotonic()
+                responses = await asyncio.gather(
+                    *(http.post(base + "/v1/chat/completions", json=body) for _ in range(6))
+                )
+                return [(r.status_code, time.monotonic() - started, r) for r in responses]
+
+        answers = asyncio.run(main())
+        refused = [a for a in answers if a[0] == 429]
+        assert len(refused) >= 4 and all(a[2].json()["error"]["code"] == "queue_full" for a in refused)
+        # A client that leaves mid-stream: the model is free for the next request right after.
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    break
+        started = time.monotonic()
+        done = httpx.post(
+            base + "/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 5, "temperature": 0},
+        )
+        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        assert time.monotonic() - started < 30
+        metrics = httpx.get(base + "/metrics").text
+        assert 'edge_slm_requests_total{route="chat",status="429"}' in metrics
+        assert "edge_slm_time_to_first_token_seconds_count" in metrics and "edge_slm_peak_rss_megabytes" in metrics
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_health_says_loading_until_the_model_is_loaded(tiny_bundle):
+    from edge_slm.serve.app import create_app
+
+    app = create_app(tiny_bundle, threads=1)
+    service = app.state.service
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            before = await http.get("/health")
+            refused = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            service.load()
+            after = await http.get("/health")
+            return before, refused, after
+
+    before, refused, after = asyncio.run(ask())
+    assert before.status_code == 503 and before.json() == {"status": "loading"}
+    assert refused.status_code == 503 and "still loading" in refused.json()["error"]["message"]
+    assert after.status_code == 200 and after.json()["status"] == "ok"
