@@ -457,3 +457,50 @@ def _cached_model(bundle):
     if bundle not in _MODELS:
         _MODELS[bundle] = runtime.load(bundle)
     return _MODELS[bundle]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}],
+    [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Bleu."},
+        {"role": "user", "content": "Another, with ünïcödé and 東京?"},
+    ],
+    [
+        {"role": "user", "content": "What is 2+2? Use the tool."},
+        {"role": "assistant", "content": '{"name": "calc", "arguments": {"x": "2+2"}}'},
+        {"role": "tool", "content": "4"},
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["user", "system", "multi-turn", "tool"])
+def test_chat_prompts_equal_transformers_on_the_default_model(messages):
+    """The bundle's rendering and encoding give exactly the ids transformers' apply_chat_template
+    gives, on the default model's own tokenizer and template."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from edge_slm.build.load import load
+    from edge_slm.runtime.chat_template import encode_chat
+
+    loaded = load(None)
+    reference = AutoTokenizer.from_pretrained(loaded.path)
+    reference.add_bos_token = loaded.add_bos
+    want = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(want, dict):
+        want = want["input_ids"]
+    ours = Tokenizer.from_file(str(_default_tokenizer()))
+    specials = set(reference.all_special_ids)
+    got = encode_chat(
+        ours,
+        reference.chat_template,
+        messages,
+        specials,
+        add_generation_prompt=True,
+        bos_token=reference.bos_token or "",
+        eos_token=reference.eos_token or "",
+    )
+    assert got == list(want)

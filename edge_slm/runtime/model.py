@@ -144,7 +144,10 @@ class Model:
     def _template_variables(self, add_generation_prompt: bool) -> dict:
         specials = self.generation.get("special_tokens", {})
         bos = next((t for t, i in specials.items() if i == self.generation.get("bos_token_id")), "")
-        return {"add_generation_prompt": add_generation_prompt, "bos_token": bos, "eos_token": ""}
+        eos_ids = self.generation.get("eos_token_ids") or []
+        eos = next((t for t, i in specials.items() if eos_ids and i == eos_ids[0]), "")
+        # As transformers passes them: templates that write the BOS or EOS text themselves need them.
+        return {"add_generation_prompt": add_generation_prompt, "bos_token": bos, "eos_token": eos}
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         vocab = self.session.vocab_size
