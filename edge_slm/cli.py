@@ -22,7 +22,7 @@ import sys
 
 import click
 
-from edge_slm.commands import bench, build, evaluate, generate, inspect, prune, report, serve, targets, verify
+from edge_slm.commands import bench, build, deploy, evaluate, generate, inspect, prune, report, serve, targets, verify
 from edge_slm.commands.options import echo_err
 from edge_slm.core.errors import EdgeSlmError
 
@@ -48,6 +48,7 @@ for command in (
     report.report,
     verify.verify_command,
     serve.serve,
+    deploy.deploy,
 ):
     cli.add_command(command)
 

@@ -4,6 +4,10 @@ template, built with a fixed seed in seconds. No test touches the network."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +158,60 @@ def jetson_fp32_graph(tiny_llama, jetson_profile, tmp_path_factory):
     return export(
         load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path_factory.mktemp("fp32")
     ).onnx_path
+
+
+# -- a real OpenSSH server on a loopback port, with throwaway keys (the "device" of the SSH tests) --
+SSHD = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    assert Path(SSHD).exists(), "openssh-server is not installed: run `make test`, which installs it"
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key", "other_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = free_port()
+    (d / "sshd_config").write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d / "host_key"}
+AuthorizedKeysFile {d / "authorized_keys"}
+PidFile {d / "sshd.pid"}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+Subsystem sftp internal-sftp
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert server.poll() is None, server.stderr.read().decode()
+            time.sleep(0.1)
+    from edge_slm.harness.ssh import Device
+
+    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    device = Device(
+        f"{user}@127.0.0.1",
+        port=port,
+        identity=str(d / "client_key"),
+        # The machine's own Debian Python (externally managed, as on a Pi) when it has one.
+        python="/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable,
+        known_hosts=str(d / "known_hosts"),
+    )
+    yield device, d
+    server.terminate()
+    server.wait(timeout=10)

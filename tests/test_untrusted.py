@@ -342,7 +342,7 @@ def test_hosts_that_are_not_addresses_are_refused(tiny_bundle, host):
 
 
 def test_good_host_forms_pass():
-    from edge_slm.harness.remote import check_host
+    from edge_slm.harness.ssh import check_host
 
     for host in ("pi@raspberrypi.local", "raspberrypi", "pi@[::1]", "root@127.0.0.1", "my_user@host-1"):
         assert check_host(host) == host
@@ -369,7 +369,8 @@ def test_inventory_with_a_wrong_type_is_one_line(tmp_path, tiny_bundle):
     ],
 )
 def test_device_replies_are_checked(reply, message):
-    from edge_slm.harness.remote import Device, RemoteError, device_records
+    from edge_slm.harness.remote import device_records
+    from edge_slm.harness.ssh import Device, RemoteError
 
     with pytest.raises(RemoteError, match=message):
         device_records(Device("pi@device"), reply)

@@ -1,0 +1,93 @@
+"""`edge-slm deploy` against a real OpenSSH server on loopback whose Python is this machine's
+system /usr/bin/python3: Debian 12's, externally managed (PEP 668) exactly as Raspberry Pi OS
+Bookworm's is. The venv is made there, onnxruntime pinned from the profile is installed from the
+package index, the bundle is copied and verified, smoke-tested, served and stopped."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+VENV = Path.home() / ".local/share/edge-slm/venv"
+
+
+@pytest.fixture(scope="module")
+def system_device(sshd):
+    import dataclasses
+
+    device, _ = sshd
+    externally_managed = list(Path("/usr/lib").glob("python3*/EXTERNALLY-MANAGED"))
+    assert externally_managed, "this test wants Debian's externally managed system Python"
+    return dataclasses.replace(device, python=SYSTEM_PYTHON)
+
+
+def test_deploy_serve_status_stop_with_the_system_python(system_device, tiny_bundle):
+    from edge_slm.harness.deploy import deploy, service_status, stop_service
+
+    port = free_port()
+    messages = []
+    result = deploy(
+        system_device, tiny_bundle, serve=True, listen=f"127.0.0.1:{port}", threads=1, progress=messages.append
+    )
+    try:
+        smoke = result["smoke"]
+        assert smoke["passed"] and smoke["tokens_agreeing"] == smoke["tokens"] == 8, smoke
+        assert smoke["decode_tokens_per_s"] > 0 and smoke["peak_rss_mb"] > 0
+        config = (VENV / "pyvenv.cfg").read_text()
+        assert "home = /usr/bin" in config  # the venv is the device's system Python's
+        installed = subprocess.run(
+            [str(VENV / "bin/python"), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        assert installed.startswith("1.32."), installed  # the newest version the profile lists
+        assert any("copying 5 of 5 bundle files" in m for m in messages)
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert "detached" in result["service"] or "systemd" in result["service"]
+        assert service_status(system_device).startswith(("detached pid", "systemd active"))
+        again = []
+        deploy(system_device, tiny_bundle, progress=again.append)  # the same bundle: nothing to copy or install
+        assert any("already there (checksums match)" in m for m in again)
+        assert any("is installed (every file verified)" in m for m in again)
+        assert not any("copying" in m or "installing edge-slm" in m for m in again)
+    finally:
+        assert stop_service(system_device) == "stopped"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    assert service_status(system_device) == "stopped"
+
+
+def test_deploy_failures_are_one_line(sshd, tiny_bundle, tmp_path):
+    device, _ = sshd
+    no_python = _cli(
+        "deploy",
+        tiny_bundle,
+        "--host",
+        device.host,
+        "--port",
+        device.port,
+        "--identity",
+        device.identity,
+        "--remote-python",
+        "/nonexistent/python3",
+    )
+    assert no_python.returncode == 2
+    assert no_python.stderr.strip().splitlines()[-1] == (
+        f"error: {device.host}: no usable Python 3.10+ at '/nonexistent/python3' "
+        "(install python3 there or pass --remote-python PATH)"
+    )
+    closed = _cli("deploy", tiny_bundle, "--host", device.host, "--port", free_port(), "--identity", device.identity)
+    assert closed.returncode == 2 and "ssh failed" in closed.stderr
+    bad_listen = _cli("deploy", tiny_bundle, "--host", device.host, "--serve", "--listen", "8080")
+    assert bad_listen.returncode == 2 and "--listen '8080': write HOST:PORT" in bad_listen.stderr
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
