@@ -22,7 +22,13 @@ def test_manifest_round_trip(tiny_bundle, tiny_llama):
     manifest = verify_bundle(tiny_bundle)
     assert manifest == json.loads((tiny_bundle / MANIFEST).read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "generation.json"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "generation.json",
+        "genai_config.json",
+    }
     for name, info in manifest["files"].items():
         assert info["sha256"] == sha256_file(tiny_bundle / name)
         assert info["bytes"] == (tiny_bundle / name).stat().st_size

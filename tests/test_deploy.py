@@ -45,7 +45,7 @@ def test_deploy_serve_status_stop_with_the_system_python(system_device, tiny_bun
             text=True,
         ).stdout.strip()
         assert installed.startswith("1.32."), installed  # the newest version the profile lists
-        assert any("copying 5 of 5 bundle files" in m for m in messages)
+        assert any("copying 6 of 6 bundle files" in m for m in messages)
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         assert health.status_code == 200 and health.json()["status"] == "ok"
         assert "detached" in result["service"] or "systemd" in result["service"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_slm import __version__
 from edge_slm.build.export import DATA_FILE, MODEL_FILE, export, load_torch_model
+from edge_slm.build.genai_config import GENAI_CONFIG, genai_config
 from edge_slm.build.load import load
 from edge_slm.build.manifest import graph_signature, min_onnxruntime, tool_versions
 from edge_slm.build.validate import validate
@@ -120,6 +121,8 @@ def _gate(state: BuildState, note) -> None:
 
 def _tokenizer(state: BuildState, note) -> None:
     state.generation = _write_tokenizer(state.tokenizer, state.model, state.loaded.add_bos, state.out_dir)
+    config = genai_config(state.model_info, state.generation, state.exported.graph)
+    (state.out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _manifest(state: BuildState, note) -> None:
@@ -161,7 +164,7 @@ PRECISION = Stage("precision", lambda st: f"converting to {st.profile.quantize.p
 GATE = Stage(
     "gate", lambda st: f"accuracy gate: {st.profile.quantize.precision} against fp32 on {EVAL_TEXT.name}", _gate
 )
-TOKENIZER = Stage("tokenizer", lambda st: "writing tokenizer and generation settings", _tokenizer)
+TOKENIZER = Stage("tokenizer", lambda st: f"writing tokenizer, generation settings and {GENAI_CONFIG}", _tokenizer)
 MANIFEST = Stage("manifest", lambda st: "writing the manifest and checksums", _manifest)
 
 
