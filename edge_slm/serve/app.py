@@ -53,6 +53,7 @@ class Service:
         except EdgeSlmError as exc:
             self.load_error = str(exc)
             return
+        self.model_id = self.model.manifest["target"]  # what clients send as "model"
         self.engine = Engine(self.model, self.max_queue, self.metrics)
 
 

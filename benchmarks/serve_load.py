@@ -1,0 +1,261 @@
+"""Load on `edge-slm serve`, against `edge-slm generate` on the same bundle, in one run.
+
+    .venv/bin/python benchmarks/serve_load.py export/x86-laptop [--clients 8] [--requests 20] [--threads 2]
+        [--out benchmarks/results/serve/<host>.jsonl]
+
+Three measurements, all on loopback:
+1. single client: decode tok/s of a streamed chat reply (first content chunk to last) against the
+   runtime's own `generate` in this process, same prompt and greedy settings, alternating;
+2. prefix reuse: time to first token of a request with a fresh ~200-token system prompt, then of
+   one sharing it (the server keeps the common prefix's KV cache);
+3. N clients x M requests at once: failed, truncated and mixed-up answers (each compared with the
+   greedy answer to its own question), request latency p50 / p99, tokens/s across clients, and the
+   server's peak RSS from /metrics.
+One record in the bench schema is appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_slm import runtime  # noqa: E402
+from edge_slm.core.data import EVAL_TEXT  # noqa: E402
+from edge_slm.harness.bench import BenchRecord, BundleInfo, Settings, stats  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Why is the sky blue?",
+    "What is a CPU?",
+    "Give me a short greeting.",
+    "What do bees make?",
+    "Name a planet.",
+    "What is two plus two?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stream_chat(http, base, messages, max_tokens):
+    """(seconds to first content, decode tok/s after it, text, completion tokens)."""
+    body = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start, first, last, pieces, usage = time.perf_counter(), None, None, [], None
+    async with http.stream("POST", base + "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    pieces.append(choice["delta"]["content"])
+    tokens = usage["completion_tokens"] if usage else len(pieces)
+    rate = (tokens - 1) / (last - first) if first and last and last > first and tokens > 1 else 0.0
+    return (first - start) if first else float("nan"), rate, "".join(pieces), tokens
+
+
+async def single_client(base, model, reps: int, max_tokens: int):
+    messages = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
+    served, direct = [], []
+    async with httpx.AsyncClient(timeout=300) as http:
+        await stream_chat(http, base, messages, 8)  # warm-up
+        model.chat(messages, max_new_tokens=8, keep_cache=False, temperature=0.0)
+        for _ in range(reps):
+            served.append((await stream_chat(http, base, messages, max_tokens))[1])
+            direct.append(
+                model.chat(messages, max_new_tokens=max_tokens, keep_cache=False, temperature=0.0).decode_tokens_per_s
+            )
+    return served, direct
+
+
+async def prefix_reuse(base, model, reps: int):
+    text = EVAL_TEXT.read_text(encoding="utf-8").split()
+    first, second = [], []
+    async with httpx.AsyncClient(timeout=300) as http:
+        for rep in range(reps):
+            words = text[rep * 150 : rep * 150 + 150]  # a fresh system prompt of ~200 tokens each time
+            system = {"role": "system", "content": " ".join(words)}
+            ttft1, *_ = await stream_chat(http, base, [system, {"role": "user", "content": QUESTIONS[0]}], 4)
+            ttft2, *_ = await stream_chat(http, base, [system, {"role": "user", "content": QUESTIONS[1]}], 4)
+            first.append(ttft1 * 1e3)
+            second.append(ttft2 * 1e3)
+    prompt_tokens = len(model.encode_chat([system, {"role": "user", "content": QUESTIONS[0]}]))
+    return first, second, prompt_tokens
+
+
+async def many_clients(base, model, clients: int, requests: int, max_tokens: int):
+    expected = {
+        q: model.chat([{"role": "user", "content": q}], max_new_tokens=max_tokens, keep_cache=False, temperature=0.0)
+        for q in QUESTIONS
+    }
+    latencies, failed, truncated, mixed, tokens = [], 0, 0, 0, 0
+
+    async def one_client(n, http):
+        nonlocal failed, truncated, mixed, tokens
+        for r in range(requests):
+            q = QUESTIONS[(n + r) % len(QUESTIONS)]
+            body = {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0}
+            t0 = time.perf_counter()
+            try:
+                response = await http.post(base + "/v1/chat/completions", json=body)
+            except httpx.HTTPError:
+                failed += 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            if response.status_code != 200:
+                failed += 1
+                continue
+            answer = response.json()
+            choice = answer["choices"][0]
+            want = expected[q]
+            if choice["message"]["content"] != want.text:
+                mixed += 1
+            if answer["usage"]["completion_tokens"] != len(want.token_ids):
+                truncated += 1
+            tokens += answer["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+        await asyncio.gather(*(one_client(n, http) for n in range(clients)))
+    seconds = time.perf_counter() - started
+    return {
+        "latency_ms": stats(latencies),
+        "failed": failed,
+        "truncated": truncated,
+        "mixed_up": mixed,
+        "requests": clients * requests,
+        "tokens_per_s_all_clients": tokens / seconds,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_slm.cli",
+            "serve",
+            str(args.bundle),
+            "--port",
+            str(port),
+            "--threads",
+            str(args.threads),
+            "--max-queue",
+            str(args.clients),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        model = runtime.load(args.bundle, threads=args.threads)
+        served, direct = asyncio.run(single_client(base, model, args.reps, 64))
+        first, second, prompt_tokens = asyncio.run(prefix_reuse(base, model, args.reps))
+        load = asyncio.run(many_clients(base, model, args.clients, args.requests, 16))
+        metrics = httpx.get(base + "/metrics").text
+        rss = next(
+            float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("edge_slm_peak_rss_megabytes")
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    ratio = statistics.median(s / d for s, d in zip(served, direct))
+    ttft_ratio = statistics.median(b / a for a, b in zip(first, second))
+    manifest = model.manifest
+    record = BenchRecord(
+        system="edge-slm serve",
+        test=f"serve-c{args.clients}x{args.requests}",
+        bundle=BundleInfo(
+            path=str(args.bundle),
+            manifest_sha256=None,
+            target=manifest["target"],
+            precision=manifest["precision"],
+            graph=manifest["graph"]["kind"],
+            size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
+            parameters=manifest["model"]["parameters"],
+        ),
+        settings=Settings(
+            threads=args.threads,
+            prompt_tokens=prompt_tokens,
+            gen_tokens=64,
+            repetitions=args.reps,
+            warmup=1,
+            provider="CPUExecutionProvider",
+            cpu_arena=True,
+        ),
+        versions={},
+        results={
+            "decode_tok_s": stats(served),
+            "generate_decode_tok_s": stats(direct),
+            "server_vs_generate": ratio,
+            "ttft_ms": stats(first),
+            "ttft_shared_prefix_ms": stats(second),
+            "shared_prefix_ttft_ratio": ttft_ratio,
+            "prefill_tok_s": stats([prompt_tokens / (t / 1e3) for t in first]),
+            "peak_rss_mb": rss,
+            **load,
+        },
+    ).to_dict()
+    print(
+        f"single client: server {statistics.mean(served):.1f} tok/s, generate {statistics.mean(direct):.1f} tok/s "
+        f"(server/generate median {ratio:.3f})"
+    )
+    print(
+        f"prefix reuse: first {statistics.median(first):.0f} ms, shared {statistics.median(second):.0f} ms "
+        f"(ratio {ttft_ratio:.2f}) for a {prompt_tokens}-token prompt"
+    )
+    print(
+        f"{args.clients} clients x {args.requests}: {load['failed']} failed, {load['truncated']} truncated, "
+        f"{load['mixed_up']} mixed up; latency p50 {load['latency_ms']['p50']:.0f} ms p99 "
+        f"{load['latency_ms']['p99']:.0f} ms; {load['tokens_per_s_all_clients']:.1f} tok/s across clients; "
+        f"peak RSS {rss:.0f} MB"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
