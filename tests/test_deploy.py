@@ -46,6 +46,17 @@ def test_deploy_serve_status_stop_with_the_system_python(system_device, tiny_bun
         ).stdout.strip()
         assert installed.startswith("1.32."), installed  # the newest version the profile lists
         assert any("copying 6 of 6 bundle files" in m for m in messages)
+        # The wheel works alone: the device's venv has no torch, and the runtime commands run there.
+        edge = str(VENV / "bin/edge-slm")
+        no_torch = subprocess.run([str(VENV / "bin/python"), "-c", "import torch"], capture_output=True, text=True)
+        assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+        listed = subprocess.run([edge, "targets"], capture_output=True, text=True).stdout
+        assert all(name in listed for name in ("rpi4", "rpi5", "x86-laptop", "jetson-orin"))
+        refused = subprocess.run([edge, "build", "--target", "x86-laptop"], capture_output=True, text=True)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            "error: edge-slm build needs the build set (torch is not installed): pip install 'edge-slm[build]' "
+            "on a build host; a device needs only the runtime"
+        )
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         assert health.status_code == 200 and health.json()["status"] == "ok"
         assert "detached" in result["service"] or "systemd" in result["service"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import echo_err
+from edge_slm.commands.options import echo_err, require_build_set
 from edge_slm.core.errors import EdgeSlmError
 
 
@@ -38,6 +38,7 @@ def build(
     calibration: Path | None,
 ) -> None:
     """Build, validate and bundle a model for one target."""
+    require_build_set("build")
     from edge_slm.core.targets import load_profile
 
     profile = load_profile(target)  # fail fast, before the heavy imports

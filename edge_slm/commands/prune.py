@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import echo_err
+from edge_slm.commands.options import echo_err, require_build_set
 from edge_slm.core.errors import EdgeSlmError
 
 
@@ -56,6 +56,7 @@ def prune(
     sparsity_pattern: str,
 ) -> None:
     """Remove layers, attention groups and FFN channels; optionally distil back; write a HF model dir."""
+    require_build_set("prune")
     from edge_slm.build.prune.recover import RecoverySettings
     from edge_slm.build.prune.structured import PruneSettings, prune_directory
 
