@@ -206,6 +206,11 @@ def profile_from_dict(raw: dict, where: str = "profile") -> Profile:
     return profile
 
 
+def _printable(text: str) -> str:
+    """A key as it can stand in a one-line message (control characters escaped)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _build(cls, raw, where: str, prefix: str):
     if not isinstance(raw, dict):
         raise ProfileError(f"{where}: [{prefix.rstrip('.')}] must be a table, got {type(raw).__name__}")
@@ -214,7 +219,7 @@ def _build(cls, raw, where: str, prefix: str):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         allowed = ", ".join(fields)
-        raise ProfileError(f"{where}: unknown key '{prefix}{unknown[0]}' (allowed here: {allowed})")
+        raise ProfileError(f"{where}: unknown key '{_printable(prefix + unknown[0])}' (allowed here: {allowed})")
     values = {}
     for name, f in fields.items():
         key = f"{prefix}{name}"

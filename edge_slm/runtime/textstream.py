@@ -3,6 +3,11 @@ holds back text that may be the start of a stop string."""
 
 from __future__ import annotations
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers before 0.21
+    DecodeStream = None
+
 
 class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
@@ -14,10 +19,17 @@ class TextStream:
         self._prefix = 0  # token offsets as in text-generation-inference's decoder
         self._read = 0
         self.stopped = False
+        # tokenizers' own incremental decoder where the installed version has it (0.21 and newer);
+        # the prefix/read offsets below otherwise.
+        self._decoder = DecodeStream(skip_special_tokens=True) if DecodeStream is not None else None
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to show (maybe empty)."""
         self.ids.append(token_id)
+        if self._decoder is not None:
+            self.text += self._decoder.step(self.tokenizer, token_id) or ""
+            self._read = len(self.ids)
+            return self._release()
         before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -44,7 +56,12 @@ class TextStream:
     def flush(self) -> str:
         """At the end: whatever is held back (a partial stop string that never completed, or bytes
         that never became a whole character)."""
-        if not self.stopped and self._read < len(self.ids):
+        if self._decoder is not None and not self.stopped:
+            # Bytes the decoder still holds (a character cut off by the end): as decode() shows them.
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if full.startswith(self.text):
+                self.text = full
+        elif not self.stopped and self._read < len(self.ids):
             before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
             after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
             self.text += after[len(before) :]
