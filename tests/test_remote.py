@@ -36,7 +36,8 @@ def test_bench_over_ssh_copies_once_and_returns_records(sshd, tiny_bundle):
             and r["results"]["decode_tok_s"]["n"] == 2
         )
         assert "edge-slm/bundles/" in r["bundle"]["path"]
-        assert any("copying 6 of 6 bundle files" in m for m in messages)
+        # copied now, or already there from an earlier test (test_deploy copies the same bundle)
+        assert any("copying 6 of 6 bundle files" in m or "already there" in m for m in messages)
         again = []
         bench_remote(device, tiny_bundle, BENCH, progress=again.append)
         assert any("already there (checksums match)" in m for m in again)
