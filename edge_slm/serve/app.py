@@ -153,7 +153,18 @@ async def completion(service: Service, request: Request, chat: bool):
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
         body = {"id": ident, "object": "text_completion", "created": created, "model": service.model_id}
-    return JSONResponse({**body, "choices": [choice], "usage": usage})
+    return JSONResponse({**body, "choices": [choice], "usage": usage, "timings": _timings(result)})
+
+
+def _timings(result) -> dict:
+    """The server's own view of the request, as llama.cpp's server reports it."""
+    return {
+        "prompt_n": len(result.prompt_token_ids),
+        "prompt_reused": result.reused_tokens,
+        "ttft_ms": round(result.ttft_ms, 2),
+        "predicted_n": len(result.token_ids),
+        "predicted_per_second": round(result.decode_tokens_per_s, 2),
+    }
 
 
 def _usage(result) -> dict:
@@ -226,7 +237,11 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
                 break
         yield {"data": chunk(None if chat else "", FINISH.get(job.result.stop_reason, "stop"))}
         if sampling.include_usage:
-            yield {"data": json.dumps({**head, "choices": [], "usage": _usage(job.result)})}
+            yield {
+                "data": json.dumps(
+                    {**head, "choices": [], "usage": _usage(job.result), "timings": _timings(job.result)}
+                )
+            }
         yield {"data": "[DONE]"}
     finally:
         job.cancelled.set()  # the client left (or the stream ended): free the model
