@@ -3,6 +3,7 @@ system /usr/bin/python3: Debian 12's, externally managed (PEP 668) exactly as Ra
 Bookworm's is. The venv is made there, onnxruntime pinned from the profile is installed from the
 package index, the bundle is copied and verified, smoke-tested, served and stopped."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,31 @@ def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "edge_slm.cli", *map(str, args)], capture_output=True, text=True, timeout=300
     )
+
+
+def test_the_no_deps_install_keeps_a_device_s_own_onnxruntime(tmp_path, tiny_bundle):
+    """A Jetson has NVIDIA's onnxruntime-gpu, which pip must not shadow with PyPI's CPU onnxruntime:
+    the documented path installs the wheel with --no-deps plus the other runtime packages. Here a
+    pinned onnxruntime stands in for the device's own build; the wheel must leave it as it is."""
+    from edge_slm.harness.deploy import build_wheel
+
+    venv = tmp_path / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "onnxruntime==1.32.0"], check=True, timeout=900)
+    wheel = build_wheel()
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=300)
+    subprocess.run([*pip, "numpy", "tokenizers", "click", "jinja2"], check=True, timeout=900)
+    listed = subprocess.run([str(venv / "bin/pip"), "list", "--format=freeze"], capture_output=True, text=True).stdout
+    assert [line for line in listed.splitlines() if line.lower().startswith("onnxruntime")] == ["onnxruntime==1.32.0"]
+    out = subprocess.run(
+        [str(venv / "bin/edge-slm"), "generate", str(tiny_bundle), "The capital", "-n", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    from edge_slm import runtime
+
+    want = runtime.load(tiny_bundle).generate("The capital", max_new_tokens=3, temperature=0.0).token_ids
+    assert json.loads(out.stdout)["token_ids"] == want
