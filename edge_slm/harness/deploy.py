@@ -183,22 +183,27 @@ def ensure_venv(device: Device, manifest: dict, wheel: Path, serve: bool = False
 
 
 def copy(device: Device, files: list[Path], remote_dir: str) -> None:
-    proc = subprocess.run(
-        [
-            "scp",
-            "-q",
-            *device.ssh_args(),
-            "-P",
-            str(device.port),
-            "--",
-            *map(str, files),
-            f"{device.destination_scp}:{remote_dir}",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode:
-        raise RemoteError(f"{device.host}: copying failed: {proc.stderr.strip()[-300:]}")
+    """scp the files into `remote_dir` on the device; devices without the SFTP subsystem (which
+    scp uses by default since OpenSSH 9) get the legacy protocol (-O)."""
+    for legacy in ([], ["-O"]):
+        proc = subprocess.run(
+            [
+                "scp",
+                "-q",
+                *legacy,
+                *device.ssh_args(),
+                "-P",
+                str(device.port),
+                "--",
+                *map(str, files),
+                f"{device.destination_scp}:{remote_dir}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode == 0:
+            return
+    raise RemoteError(f"{device.host}: copying failed: {proc.stderr.strip()[-300:]}")
 
 
 def copy_bundle(device: Device, bundle: Path, manifest: dict, progress=lambda msg: None) -> str:
