@@ -52,9 +52,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def stream_chat(http, base, messages, max_tokens):
+async def stream_chat(http, base, messages, max_tokens, model=None):
     """(seconds to first content, decode tok/s after it, text, completion tokens)."""
     body = {
+        "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -98,15 +99,15 @@ async def single_client(base, model, reps: int, max_tokens: int):
     return streamed, served, direct
 
 
-async def prefix_reuse(base, model, reps: int):
+async def prefix_reuse(base, model, reps: int, name=None):
     text = EVAL_TEXT.read_text(encoding="utf-8").split()
     first, second = [], []
     async with httpx.AsyncClient(timeout=300) as http:
         for rep in range(reps):
             words = text[rep * 150 : rep * 150 + 150]  # a fresh system prompt of ~200 tokens each time
             system = {"role": "system", "content": " ".join(words)}
-            ttft1, *_ = await stream_chat(http, base, [system, {"role": "user", "content": QUESTIONS[0]}], 4)
-            ttft2, *_ = await stream_chat(http, base, [system, {"role": "user", "content": QUESTIONS[1]}], 4)
+            ttft1, *_ = await stream_chat(http, base, [system, {"role": "user", "content": QUESTIONS[0]}], 4, name)
+            ttft2, *_ = await stream_chat(http, base, [system, {"role": "user", "content": QUESTIONS[1]}], 4, name)
             first.append(ttft1 * 1e3)
             second.append(ttft2 * 1e3)
     prompt_tokens = len(model.encode_chat([system, {"role": "user", "content": QUESTIONS[0]}]))
