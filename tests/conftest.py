@@ -215,3 +215,20 @@ Subsystem sftp internal-sftp
     yield device, d
     server.terminate()
     server.wait(timeout=10)
+
+
+def prompt_logits(path, ids, dtype=None):
+    """Logits of one prompt through an ONNX decoder graph of the tiny models (2 KV heads of 16),
+    from an empty cache, on the CPU provider."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
+    for inp in session.get_inputs()[3:]:
+        feed[inp.name] = np.zeros((1, 2, 0, 16), dtype or np.float32)
+    return session.run(["logits"], feed)[0][0]

@@ -3,33 +3,13 @@ accuracy against fp32 and the runtime on the CPU provider."""
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from conftest import prompt_logits
 
 from edge_slm.build.export import export, load_torch_model
-from edge_slm.core.data import CALIBRATION_TEXT
 from edge_slm.core.targets import load_profile
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
-
-
-def _run(path, ids=IDS, dtype=np.float32):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {
-        "input_ids": np.array([ids]),
-        "attention_mask": np.ones((1, len(ids)), np.int64),
-        "position_ids": np.arange(len(ids))[None],
-    }
-    for inp in session.get_inputs()[3:]:
-        feed[inp.name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), dtype)
-    return session.run(["logits"], feed)[0][0]
-
-
-def _tokens(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return tokenizer(CALIBRATION_TEXT.read_text()).input_ids
 
 
 def test_fp16_bundle_types_accuracy_and_runtime(tiny_llama, jetson_profile, tmp_path):
@@ -49,8 +29,10 @@ def test_fp16_bundle_types_accuracy_and_runtime(tiny_llama, jetson_profile, tmp_
     assert acc["passed"] is True and acc["budget"]["max_ppl_increase"] == 0.001 and acc["ppl_increase"] < 0.001
     assert acc["top1_agreement"] > 0.97
     # Numerics against the fp32 graph on the CPU provider: fp16 rounding only.
-    got = _run(tmp_path / "b" / "model.onnx", dtype=np.float16)
-    ref = _run(export(load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path / "ref").onnx_path)
+    got = prompt_logits(tmp_path / "b" / "model.onnx", IDS, dtype=np.float16)
+    ref = prompt_logits(
+        export(load_torch_model(tiny_llama), load_profile(str(jetson_profile)), tmp_path / "ref").onnx_path, IDS
+    )
     assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     model = runtime.load(tmp_path / "b", threads=1)

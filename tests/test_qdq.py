@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from conftest import prompt_logits
 from onnx import numpy_helper
 
 from edge_slm.build.quantize.qdq import quantize_qdq
@@ -20,18 +20,6 @@ from edge_slm.core.targets import Quantize
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
-
-
-def _run(path, ids=IDS, dtype=np.float32):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {
-        "input_ids": np.array([ids]),
-        "attention_mask": np.ones((1, len(ids)), np.int64),
-        "position_ids": np.arange(len(ids))[None],
-    }
-    for inp in session.get_inputs()[3:]:
-        feed[inp.name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), dtype)
-    return session.run(["logits"], feed)[0][0]
 
 
 def _tokens(tokenizer_dir):
@@ -77,7 +65,7 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph
     float_bytes = sum(v.nbytes for k, v in inits.items() if v.dtype == np.float32 and v.ndim == 2 and "rotary" not in k)
     assert float_bytes == 0
     ids = _tokens(tiny_llama)[300:364]  # text like the calibration's, not the calibration tokens themselves
-    ref, got = _run(jetson_fp32_graph, ids), _run(tmp_path / "model.onnx", ids)
+    ref, got = prompt_logits(jetson_fp32_graph, ids), prompt_logits(tmp_path / "model.onnx", ids)
     error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     # Measured 0.126 and 84% on this random model (its x4 weights amplify noise through the layers);
     # the same graph with every activation left float is within 3%: the rest is int8 activations.
@@ -98,10 +86,10 @@ def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph
         cast = producer[node.input[1]]
         assert cast.op_type == "Cast" and inits[cast.input[0]].dtype == np.float16
     assert not any(i.endswith("down_proj.weight") for i in inits)  # no fp32 copy left behind
-    float_too = _run(tmp_path / "mixed" / "model.onnx", ids)
+    float_too = prompt_logits(tmp_path / "mixed" / "model.onnx", ids)
     assert np.linalg.norm(float_too - ref) / np.linalg.norm(ref) < error  # fewer int8 products, less error
     quantize_qdq(jetson_fp32_graph, _recipe(keep_float=("*",)), tmp_path / "float", _tokens(tiny_llama), info)
-    all_float = _run(tmp_path / "float" / "model.onnx", ids)
+    all_float = prompt_logits(tmp_path / "float" / "model.onnx", ids)
     assert np.linalg.norm(all_float - ref) / np.linalg.norm(ref) < 1e-3  # fp16 weights only
 
 
@@ -148,7 +136,7 @@ def test_smoothing_folds_leave_the_function_unchanged(jetson_fp32_graph, tiny_ll
             init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
     assert len(smoothing.changed) == (2 + 5) * LAYERS  # two norm gains and five matrices a layer (up, qkv fold too)
     onnx.save_model(proto, str(tmp_path / "smoothed.onnx"), save_as_external_data=True, location="w.data")
-    ref, got = _run(jetson_fp32_graph), _run(tmp_path / "smoothed.onnx")
+    ref, got = prompt_logits(jetson_fp32_graph, IDS), prompt_logits(tmp_path / "smoothed.onnx", IDS)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
 
 

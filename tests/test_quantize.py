@@ -5,9 +5,9 @@ import dataclasses
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from conftest import prompt_logits
 
 from edge_slm.build.export import export, load_torch_model
 from edge_slm.build.quantize.blockwise import PRESETS, dequantize_rows, quantize, quantize_rows
@@ -54,18 +54,6 @@ def _ops(path):
     return graph, ops
 
 
-def _logits(path, ids):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {
-        "input_ids": np.array([ids]),
-        "attention_mask": np.ones((1, len(ids)), np.int64),
-        "position_ids": np.arange(len(ids))[None],
-    }
-    for inp in session.get_inputs()[3:]:
-        feed[inp.name] = np.zeros((1, 2, 0, 16), np.float32)
-    return session.run(["logits"], feed)[0][0]
-
-
 @pytest.fixture(scope="module")
 def fp32_graph(tiny_llama, tmp_path_factory):
     return export(load_torch_model(tiny_llama), load_profile("x86-laptop"), tmp_path_factory.mktemp("fp32")).onnx_path
@@ -92,7 +80,7 @@ def test_int8_quantizes_every_matrix_and_stores_the_tied_table_once(fp32_graph, 
     names = [i.name for i in graph.initializer]
     assert "model.embed_tokens.weight" not in names and len(names) == len(set(names))
     ids = [1, 40, 41, 42, 43, 44, 45]
-    ref, got = _logits(fp32_graph, ids), _logits(tmp_path / "model.onnx", ids)
+    ref, got = prompt_logits(fp32_graph, ids), prompt_logits(tmp_path / "model.onnx", ids)
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 6 / 7
 
@@ -118,7 +106,7 @@ def test_int4_asymmetric_is_lossless_on_q4_1_weights(tiny_llama, tmp_path, block
     else:
         assert inputs == {4} and "block_offset_products" not in counts
     ids = [1, 40, 41, 42, 43, 44, 45]
-    assert np.abs(_logits(tmp_path / "q" / "model.onnx", ids) - _logits(fp32, ids)).max() < 1e-4
+    assert np.abs(prompt_logits(tmp_path / "q" / "model.onnx", ids) - prompt_logits(fp32, ids)).max() < 1e-4
 
     # 4 bits plus a float scale and minimum per 32 weights: 0.75 bytes a weight instead of 4.
     def matrix_bytes(path):
@@ -245,7 +233,9 @@ def test_old_runtimes_get_plain_operators_with_the_same_numbers(tiny_llama, tmp_
     assert "GatherBlockQuantized" not in ops and ops["MatMulNBits"] == 11
     ids = [1, 40, 41, 42, 43, 44, 45]
     assert (
-        np.abs(_logits(tmp_path / "old" / "model.onnx", ids) - _logits(tmp_path / "new" / "model.onnx", ids)).max()
+        np.abs(
+            prompt_logits(tmp_path / "old" / "model.onnx", ids) - prompt_logits(tmp_path / "new" / "model.onnx", ids)
+        ).max()
         < 1e-5
     )
     from edge_slm.build.manifest import min_onnxruntime
@@ -278,13 +268,13 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
     info = {"num_layers": LAYERS, "num_kv_heads": 2, "head_dim": 16, "num_heads": 4}
     calibration = AutoTokenizer.from_pretrained(tiny_llama)(CALIBRATION_TEXT.read_text()).input_ids[:400]
     ids = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
-    ref = _logits(fp32, ids)
+    ref = prompt_logits(fp32, ids)
 
     proto = onnx.load(str(fp32))
     stats = smooth_graph(fp32, proto, calibration, info, (0.5,), BlockwiseError(lambda name: 64))
     assert stats["smoothed"] == stats["activations"] - 1  # all but the LM head's (the tied table)
     onnx.save_model(proto, str(tmp_path / "smoothed.onnx"), save_as_external_data=True, location="w.data")
-    assert np.abs(_logits(tmp_path / "smoothed.onnx", ids) - ref).max() < 1e-4 * np.abs(ref).max()
+    assert np.abs(prompt_logits(tmp_path / "smoothed.onnx", ids) - ref).max() < 1e-4 * np.abs(ref).max()
 
     plain = Quantize("int8", block_size=64, block_size_overrides=("embed_tokens:32",))
     smoothed = dataclasses.replace(plain, smooth_alphas=(0.0, 0.25, 0.5, 0.75))
@@ -299,8 +289,8 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
         if n.op_type == "MatMulNBits"
     }
     assert blocks.pop("logits_2d") == 32 and set(blocks.values()) == {64}
-    plain_error = np.abs(_logits(tmp_path / "plain" / "model.onnx", ids) - ref).mean()
-    smooth_error = np.abs(_logits(tmp_path / "smooth" / "model.onnx", ids) - ref).mean()
+    plain_error = np.abs(prompt_logits(tmp_path / "plain" / "model.onnx", ids) - ref).mean()
+    smooth_error = np.abs(prompt_logits(tmp_path / "smooth" / "model.onnx", ids) - ref).mean()
     assert smooth_error < 0.5 * plain_error, (smooth_error, plain_error)
     with pytest.raises(ExportError, match="no calibration text"):
         quantize(fp32, smoothed, tmp_path / "none")
@@ -334,12 +324,12 @@ def test_prefill_graph_runs_prompts_and_shares_the_cache(tiny_llama, tiny_profil
     session = model.session
     prompt, step = [1, 40, 41, 42, 43, 44, 45], 46
     first = session.forward(prompt)
-    assert np.abs(first - _logits(tmp_path / "b" / "prefill.onnx", prompt)[-1]).max() < 1e-5
+    assert np.abs(first - prompt_logits(tmp_path / "b" / "prefill.onnx", prompt)[-1]).max() < 1e-5
     after = session.forward([step])  # the decode graph, reading the cache the prefill graph wrote
-    full = _logits(tmp_path / "b" / "prefill.onnx", prompt + [step])[-1]  # float kernels end to end
+    full = prompt_logits(tmp_path / "b" / "prefill.onnx", prompt + [step])[-1]  # float kernels end to end
     assert np.abs(after - full).max() < 0.02 * np.abs(full).max() and after.argmax() == full.argmax()
     scored = session.logprobs(prompt)  # scoring: the main graph, as the accuracy gate measured it
-    main = _logits(tmp_path / "b" / "model.onnx", prompt)[:-1]
+    main = prompt_logits(tmp_path / "b" / "model.onnx", prompt)[:-1]
     main = main - main.max(-1, keepdims=True)
     main = main - np.log(np.exp(main).sum(-1, keepdims=True))
     assert np.abs(scored - main).max() < 1e-4

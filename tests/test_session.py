@@ -1,33 +1,7 @@
 """runtime/session.py: the TensorRT provider options the runtime derives from the profile and the bundle."""
 
-import numpy as np
-import onnxruntime as ort
-
-from edge_slm.core.data import CALIBRATION_TEXT
 from edge_slm.core.targets import load_profile
 from edge_slm.runtime.session import provider_options
-
-LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
-IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
-
-
-def _run(path, ids=IDS, dtype=np.float32):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {
-        "input_ids": np.array([ids]),
-        "attention_mask": np.ones((1, len(ids)), np.int64),
-        "position_ids": np.arange(len(ids))[None],
-    }
-    for inp in session.get_inputs()[3:]:
-        feed[inp.name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), dtype)
-    return session.run(["logits"], feed)[0][0]
-
-
-def _tokens(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return tokenizer(CALIBRATION_TEXT.read_text()).input_ids
 
 
 def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
