@@ -26,6 +26,11 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
+def head_dim_of(config) -> int:
+    """Attention head width: the config's own `head_dim` where it has one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class ModelShape:
     architecture: str
@@ -43,7 +48,7 @@ class ModelShape:
     @classmethod
     def of(cls, model) -> ModelShape:
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         return cls(
             architecture=config.model_type,
             num_layers=config.num_hidden_layers,

@@ -173,3 +173,14 @@ def _load_gguf(path: Path, ref: str, progress) -> LoadedModel:
         tokenizer.save_pretrained(tmp)
         (tmp / "edge_slm_source.json").write_text(json.dumps(source, indent=2))
     return LoadedModel(path=target, source=source, add_bos=add_bos)
+
+
+def load_tokenizer(model_dir: Path, add_bos: bool):
+    """The model's transformers tokenizer with the BOS behaviour its source asks for (a GGUF's
+    own add_bos_token flag: a chat prompt must not become [<|im_start|>, <|im_start|>, ...])."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = add_bos
+    return tokenizer

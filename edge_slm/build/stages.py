@@ -16,7 +16,7 @@ from pathlib import Path
 from edge_slm import __version__
 from edge_slm.build.export import DATA_FILE, MODEL_FILE, export, load_torch_model
 from edge_slm.build.genai_config import GENAI_CONFIG, genai_config
-from edge_slm.build.load import load
+from edge_slm.build.load import load, load_tokenizer
 from edge_slm.build.manifest import graph_signature, min_onnxruntime, tool_versions
 from edge_slm.build.validate import validate
 from edge_slm.core.bundle import write_manifest
@@ -80,7 +80,7 @@ def _prune(state: BuildState, note) -> None:
 def _export(state: BuildState, note) -> None:
     # The torch model of what was loaded (and pruned): the export's input and the validation's reference.
     state.model = load_torch_model(state.loaded.path)
-    state.tokenizer = _load_tokenizer(state.loaded.path, state.loaded.add_bos)
+    state.tokenizer = load_tokenizer(state.loaded.path, state.loaded.add_bos)
     fp32_dir = state.scratch_dir if state.quantized else state.out_dir
     state.exported = export(state.model, state.profile, fp32_dir, progress=note)
     note(f"{state.exported.node_count} nodes, {_mb(fp32_dir / MODEL_FILE, fp32_dir / DATA_FILE)} MB")
@@ -302,15 +302,6 @@ def _read_text(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot read the calibration text ({exc}); pass a UTF-8 text file") from None
     return text
-
-
-def _load_tokenizer(model_dir: Path, add_bos: bool):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if hasattr(tokenizer, "add_bos_token"):
-        tokenizer.add_bos_token = add_bos
-    return tokenizer
 
 
 def _validation_prompt(tokenizer) -> list[int]:

@@ -8,20 +8,16 @@ tolerances per precision live in `edge_slm/parity.toml`.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from edge_slm.build.export import head_dim_of
 from edge_slm.core.errors import ParityError
+from edge_slm.core.tomlfile import read_toml
 
-_TOLERANCES = tomllib.loads((Path(__file__).parent / "parity.toml").read_text())
+_TOLERANCES = read_toml(Path(__file__).parent / "parity.toml")
 
 
 @dataclass(frozen=True)
@@ -53,7 +49,7 @@ def validate(onnx_path: Path, model, prompt_ids: list[int], precision: str = "fp
     past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     output_names = [o.name for o in session.get_outputs()]
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32)
     onnx_past = [empty for _ in past_names]
 

@@ -7,20 +7,15 @@ for it, what it must fit in). `edge-slm targets` lists them; `--target NAME|FILE
 from __future__ import annotations
 
 import dataclasses
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 devices only
-    import tomli as tomllib
-
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.errors import ProfileError
+from edge_slm.core.tomlfile import TOMLDecodeError, read_toml
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 GraphKind = Literal["fused", "generic"]
@@ -178,8 +173,8 @@ def _read_raw(path: Path, directory: Path, seen: tuple[Path, ...]) -> dict:
     if path.resolve() in seen:
         raise ProfileError(f"{path}: 'extends' loops back to itself")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+        raw = read_toml(path)
+    except TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot be read ({exc})") from None

@@ -15,20 +15,15 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.tomlfile import TOMLDecodeError, read_toml
 from edge_slm.harness.bench import record_problem
 from edge_slm.harness.deploy import build_wheel, copy_bundle, ensure_venv
 from edge_slm.harness.ssh import Device, RemoteError, ssh
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def bench_remote(device: Device, bundle: Path, bench_args: list[str], progress=lambda msg: None) -> list[dict]:
@@ -70,10 +65,10 @@ def device_records(device: Device, output: str) -> list[dict]:
 
 def read_inventory(path: Path) -> list[Device]:
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = read_toml(path)
     except FileNotFoundError:
         raise EdgeSlmError(f"{path}: no such inventory file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except TOMLDecodeError as exc:
         raise EdgeSlmError(f"{path}: not valid TOML: {exc}") from None
     devices = []
     allowed = {"host", "port", "identity", "python", "bundle", "target", "known_hosts", "strict_host_keys"}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_slm.build.export import head_dim_of
 from edge_slm.build.prune.calibration import calibration_batches, calibration_pass
 from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
@@ -108,7 +109,7 @@ def channel_scores(model, batches) -> tuple[list[np.ndarray], list[np.ndarray], 
     ffn_gram = [
         torch.zeros(config.intermediate_size, config.intermediate_size, dtype=torch.float64) for _ in model.model.layers
     ]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     attn_out = [
         torch.zeros(config.num_attention_heads * head_dim, config.num_attention_heads * head_dim, dtype=torch.float64)
         for _ in model.model.layers
@@ -191,9 +192,7 @@ def prune_model(model, tokenizer, settings: PruneSettings, calibration_text: str
         ffn_scores, group_scores, ffn_grams, attn_grams = channel_scores(model, batches)
         keep_ffn = model.config.intermediate_size - int(round(settings.ffn * model.config.intermediate_size))
         keep_ffn -= keep_ffn % 8  # multiples of 8 suit every kernel's tiling
-        head_dim = (
-            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        )
+        head_dim = head_dim_of(model.config)
         for index, layer in enumerate(model.model.layers):
             if settings.ffn:
                 kept = torch.from_numpy(np.sort(np.argsort(-ffn_scores[index])[:keep_ffn]))
@@ -356,16 +355,13 @@ def prune_directory(
     import shutil
 
     import torch
-    from transformers import AutoTokenizer
 
     from edge_slm.build.export import load_torch_model
-    from edge_slm.build.load import load
+    from edge_slm.build.load import load, load_tokenizer
 
     check_prune_output(Path(out))
     loaded = load(model_ref, progress=progress)
-    tokenizer = AutoTokenizer.from_pretrained(loaded.path)
-    if hasattr(tokenizer, "add_bos_token"):
-        tokenizer.add_bos_token = loaded.add_bos
+    tokenizer = load_tokenizer(loaded.path, loaded.add_bos)
     model = load_torch_model(loaded.path)
     check_settings(settings, model.config)
     calibration_path = Path(calibration) if calibration else CALIBRATION_TEXT
