@@ -49,108 +49,34 @@ def quantize_qdq(
     at most the recipe's `max_product_error` on the calibration tokens (the rest fp16); return node
     counts. The recipe also gives the SmoothQuant strengths, the calibration percentile and the
     `keep_float` names."""
-    smooth_alphas, percentile = recipe.smooth_alphas, recipe.calibration_percentile
-    keep_float, max_error = recipe.keep_float, recipe.max_product_error
     import onnx
-    from onnx import helper, numpy_helper
 
     proto = onnx.load(str(onnx_path))
-    graph = proto.graph
     smoothed = smooth_graph(
-        onnx_path, proto, calibration_ids, model_info, smooth_alphas, per_tensor_error, threads, progress
+        onnx_path, proto, calibration_ids, model_info, recipe.smooth_alphas, per_tensor_error, threads, progress
     )
-    captured, errors, weights, products = (smoothed[k] for k in ("captured", "errors", "weights", "products"))
+    captured, errors, products = smoothed["captured"], smoothed["errors"], smoothed["products"]
     activations = sorted(captured)
-    ranges = {
-        name: float(np.percentile(np.abs(captured[name] / smoothed["scales"][name]), percentile))
-        for name in activations
-    }
-    too_lossy = {name for name, error in errors.items() if error > max_error}
+    too_lossy = {name for name, error in errors.items() if error > recipe.max_product_error}
     progress(
         f"smoothed {smoothed['smoothed']} of {len(activations)} activations into the weights; "
-        f"{len(too_lossy)} lose more than {100 * max_error:g}% of their product in int8 and stay fp16"
+        f"{len(too_lossy)} lose more than {100 * recipe.max_product_error:g}% of their product in int8 and stay fp16"
     )
-
-    new_inits, new_nodes, dequantized = [], [], {}
-    zero_i8 = "qdq.zero_int8"
-    new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zero_i8))
-
-    def dequantized_weight(name: str, channel_axis: int) -> str:
-        # A weight shared by Gather and Gemm (the tied embedding) is quantized once.
-        if name in dequantized:
-            return dequantized[name]
-        w = weights[name]
-        reduce_axes = tuple(a for a in range(w.ndim) if a != channel_axis)
-        scale = np.abs(w).max(axis=reduce_axes) / 127.0
-        scale[scale == 0] = 1.0
-        shape = [1] * w.ndim
-        shape[channel_axis] = -1
-        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-        new_inits.append(numpy_helper.from_array(q, name + ".int8"))
-        new_inits.append(numpy_helper.from_array(scale.astype(np.float32), name + ".scale"))
-        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), name + ".zero"))
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [name + ".int8", name + ".scale", name + ".zero"],
-                [name + ".dq"],
-                name=name + "/DequantizeLinear",
-                axis=channel_axis,
-            )
-        )
-        dequantized[name] = name + ".dq"
-        return dequantized[name]
-
-    def fake_quantized(name: str) -> str:
-        scale = name + ".act_scale"
-        new_inits.append(numpy_helper.from_array(np.array(max(ranges[name], 1e-8) / 127.0, np.float32), scale))
-        new_nodes.append(
-            helper.make_node("QuantizeLinear", [name, scale, zero_i8], [name + ".q"], name=name + "/QuantizeLinear")
-        )
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear", [name + ".q", scale, zero_i8], [name + ".qdq"], name=name + "/DequantizeLinear"
-            )
-        )
-        return name + ".qdq"
-
+    writer = _QdqWriter(smoothed["weights"], _activation_ranges(smoothed, recipe.calibration_percentile))
     activation_qdq = {
-        name: name if name in too_lossy or any(fnmatch(name, k) for k in keep_float) else fake_quantized(name)
+        name: name
+        if name in too_lossy or any(fnmatch(name, k) for k in recipe.keep_float)
+        else writer.fake_quantized(name)
         for name in activations
     }
     int8_products = [n for n in products if activation_qdq[n.input[0]] != n.input[0]]
     float_products = [n for n in products if activation_qdq[n.input[0]] == n.input[0]]
-    for node in int8_products:
-        # Output channels: columns of a [K, N] MatMul weight, rows of a transposed Gemm weight.
-        weight_dq = dequantized_weight(node.input[1], channel_axis=0 if transposed(node) else 1)
-        node.input[0], node.input[1] = activation_qdq[node.input[0]], weight_dq
-    for node in graph.node:
-        if node.op_type == "Gather" and node.input[0] in dequantized:
-            node.input[0] = dequantized[node.input[0]]
-
-    float_weights = {n.input[1] for n in float_products} - set(dequantized)
-    for name in sorted(float_weights):
-        # fp16 storage: what TensorRT computes them in anyway, at half the bytes; the CPU provider
-        # folds the Cast away at load.
-        new_inits.append(numpy_helper.from_array(weights[name].astype(np.float16), name + ".fp16"))
-        new_nodes.append(
-            helper.make_node(
-                "Cast", [name + ".fp16"], [name + ".float"], name=name + "/Cast", to=onnx.TensorProto.FLOAT
-            )
-        )
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in float_weights:
-                node.input[i] = name + ".float"
-    kept = [init for init in graph.initializer if init.name not in dequantized and init.name not in float_weights]
+    graph = proto.graph
+    writer.quantize_products(graph, int8_products, activation_qdq)
+    float_weights = writer.fp16_weights(graph, {n.input[1] for n in float_products} - set(writer.dequantized))
     product_weights = {n.input[1] for n in products}
     tied_gathers = sum(n.op_type == "Gather" and n.input[0] in product_weights for n in graph.node)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(new_nodes + nodes)  # Q/DQ of weights first; activations' Q/DQ read their producers
-    _topological_sort(graph)
+    writer.install(graph, drop=set(writer.dequantized) | float_weights)
     if proto.opset_import[0].version < 13:
         raise ExportError("per-channel DequantizeLinear needs opset 13 or newer: raise [export] opset")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,21 +85,127 @@ def quantize_qdq(
     return {
         "QuantizeLinear": quantized_activations,
         "activations_kept_float": len(activations) - quantized_activations,
-        "DequantizeLinear": quantized_activations + len(dequantized),
+        "DequantizeLinear": quantized_activations + len(writer.dequantized),
         "quantized_matmuls": len(int8_products),
         "float_matmuls": len(float_products),
-        "quantized_weights": len(dequantized),
+        "quantized_weights": len(writer.dequantized),
         "fp16_weights": len(float_weights),
         "shared_embedding_gathers": tied_gathers,
         "float_matmuls_left": sum(n.op_type in ("MatMul", "Gemm") for n in graph.node) - len(int8_products),
         "smoothed_activations": smoothed["smoothed"],
-        "smooth_alphas": list(smooth_alphas),
+        "smooth_alphas": list(recipe.smooth_alphas),
         "kept_float_by_error": sorted(too_lossy),
-        "max_error": max_error,
+        "max_error": recipe.max_product_error,
         "median_product_error": float(np.median(list(errors.values()))),
         "calibration_tokens": len(calibration_ids),
-        "percentile": percentile,
+        "percentile": recipe.calibration_percentile,
     }
+
+
+def _activation_ranges(smoothed: dict, percentile: float) -> dict[str, float]:
+    """Each activation's static range: a percentile of |x| over the calibration tokens, after the
+    SmoothQuant division."""
+    return {
+        name: float(np.percentile(np.abs(values / smoothed["scales"][name]), percentile))
+        for name, values in sorted(smoothed["captured"].items())
+    }
+
+
+class _QdqWriter:
+    """Collects the new initializers and Q/DQ nodes, in the order they are made."""
+
+    ZERO = "qdq.zero_int8"
+
+    def __init__(self, weights: dict, ranges: dict[str, float]):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.weights, self.ranges = weights, ranges
+        self.inits = [numpy_helper.from_array(np.array(0, np.int8), self.ZERO)]
+        self.nodes: list = []
+        self.dequantized: dict[str, str] = {}
+
+    def dequantized_weight(self, name: str, channel_axis: int) -> str:
+        """Per-output-channel symmetric int8 weight and its DequantizeLinear; a weight shared by
+        Gather and Gemm (the tied embedding) is quantized once."""
+        if name in self.dequantized:
+            return self.dequantized[name]
+        w = self.weights[name]
+        reduce_axes = tuple(a for a in range(w.ndim) if a != channel_axis)
+        scale = np.abs(w).max(axis=reduce_axes) / 127.0
+        scale[scale == 0] = 1.0
+        shape = [1] * w.ndim
+        shape[channel_axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        self.inits.append(self.numpy_helper.from_array(q, name + ".int8"))
+        self.inits.append(self.numpy_helper.from_array(scale.astype(np.float32), name + ".scale"))
+        self.inits.append(self.numpy_helper.from_array(np.zeros(scale.shape, np.int8), name + ".zero"))
+        self.nodes.append(
+            self.helper.make_node(
+                "DequantizeLinear",
+                [name + ".int8", name + ".scale", name + ".zero"],
+                [name + ".dq"],
+                name=name + "/DequantizeLinear",
+                axis=channel_axis,
+            )
+        )
+        self.dequantized[name] = name + ".dq"
+        return self.dequantized[name]
+
+    def fake_quantized(self, name: str) -> str:
+        """QuantizeLinear + DequantizeLinear of an activation with its static scale."""
+        scale = name + ".act_scale"
+        self.inits.append(
+            self.numpy_helper.from_array(np.array(max(self.ranges[name], 1e-8) / 127.0, np.float32), scale)
+        )
+        self.nodes.append(
+            self.helper.make_node(
+                "QuantizeLinear", [name, scale, self.ZERO], [name + ".q"], name=name + "/QuantizeLinear"
+            )
+        )
+        self.nodes.append(
+            self.helper.make_node(
+                "DequantizeLinear", [name + ".q", scale, self.ZERO], [name + ".qdq"], name=name + "/DequantizeLinear"
+            )
+        )
+        return name + ".qdq"
+
+    def quantize_products(self, graph, products: list, activation_qdq: dict[str, str]) -> None:
+        for node in products:
+            # Output channels: columns of a [K, N] MatMul weight, rows of a transposed Gemm weight.
+            weight_dq = self.dequantized_weight(node.input[1], channel_axis=0 if transposed(node) else 1)
+            node.input[0], node.input[1] = activation_qdq[node.input[0]], weight_dq
+        for node in graph.node:
+            if node.op_type == "Gather" and node.input[0] in self.dequantized:
+                node.input[0] = self.dequantized[node.input[0]]
+
+    def fp16_weights(self, graph, names: set[str]) -> set[str]:
+        """Weights of products kept float, stored fp16 behind a Cast: what TensorRT computes them
+        in anyway, at half the bytes; the CPU provider folds the Cast away at load."""
+        import onnx
+
+        for name in sorted(names):
+            self.inits.append(self.numpy_helper.from_array(self.weights[name].astype(np.float16), name + ".fp16"))
+            self.nodes.append(
+                self.helper.make_node(
+                    "Cast", [name + ".fp16"], [name + ".float"], name=name + "/Cast", to=onnx.TensorProto.FLOAT
+                )
+            )
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in names:
+                    node.input[i] = name + ".float"
+        return names
+
+    def install(self, graph, drop: set[str]) -> None:
+        """Replace the float initializers in `drop` with the new ones, put the new nodes in, sort."""
+        kept = [init for init in graph.initializer if init.name not in drop]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + self.inits)
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(self.nodes + nodes)  # Q/DQ of weights first; activations' Q/DQ read their producers
+        _topological_sort(graph)
 
 
 def _topological_sort(graph) -> None:
