@@ -59,11 +59,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start(command: list[str], base: str) -> subprocess.Popen:
+def start(command: list[str], ready: str) -> subprocess.Popen:
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1200):
         try:
-            if httpx.get(base + "/v1/models", timeout=1).status_code == 200:
+            if httpx.get(ready, timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -165,11 +165,10 @@ def main() -> None:
                     str(context),
                     "--chat_format",
                     "chatml",
-                    "--cache",
-                    "true",
                 ]
                 name = str(gguf)
-            proc = start(command, base)
+            # edge-slm says when its model is loaded; llama.cpp's server answers once it is.
+            proc = start(command, base + ("/health" if system == "edge-slm" else "/v1/models"))
             try:
                 row = asyncio.run(measure(base, name, model, args.reps))
                 row.update(asyncio.run(load(base, name, 8, 10)))
