@@ -177,6 +177,14 @@ def test_errors_in_openai_shape(server, body, status, fragment):
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
+def test_a_route_the_bundle_cannot_serve_is_400(server, model_id):
+    response = httpx.post(server + "/v1/embeddings", json={"model": model_id, "input": "hello"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        f"the bundle {model_id!r} is a decoder (text generation); embeddings needs an encoder bundle"
+    )
+
+
 def test_eight_clients_get_their_own_answers(server, model, model_id):
     """8 clients x 5 requests at once: every answer complete and the one its own prompt gives."""
     expected = {q: _expected(model, [{"role": "user", "content": q}], 10).text for q in QUESTIONS}

@@ -83,7 +83,21 @@ def create_app(bundle: Path, threads: int | None = None, max_queue: int = 8, loa
     async def completions_route(request: Request):
         return await completion(service, request, chat=False)
 
+    async def unsupported_route(request: Request) -> JSONResponse:
+        what = "embeddings" if request.url.path.endswith("embeddings") else "classification"
+        return _error(
+            service,
+            what,
+            req.ApiError(
+                400,
+                f"the bundle {service.model_id!r} is a decoder (text generation); {what} needs an encoder bundle",
+                code="unsupported_route",
+            ),
+        )
+
     routes = [
+        Route("/v1/embeddings", unsupported_route, methods=["POST"]),
+        Route("/v1/classifications", unsupported_route, methods=["POST"]),
         Route("/health", health_route, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/v1/models", models_route, methods=["GET"]),
