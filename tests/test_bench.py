@@ -95,3 +95,20 @@ def test_bad_inputs(tiny_bundle, tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "--threads" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_peak_memory_comes_with_its_parts_and_the_context_is_recorded(tiny_bundle):
+    from edge_slm.harness.bench import run
+
+    (record,) = run(
+        tiny_bundle, threads=[1], prompt_tokens=8, gen_tokens=4, repetitions=1, warmup=0, accuracy=False, context=64
+    )
+    parts = record["results"]["memory_breakdown"]
+    assert record["settings"]["context"] == 64 and record["results"]["context"] == 64
+    # 2 x 2 layers x (1 x 2 kv heads x 64 positions x 16) x 4 bytes
+    assert parts["kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 64 * 16 * 4 / 2**20)
+    assert parts["libraries_mb"] > 10 and parts["python_mb"] > 5
+    total = (
+        parts["python_mb"] + parts["libraries_mb"] + parts["session_mb"] + parts["tokenizer_mb"] + parts["requests_mb"]
+    )
+    assert total == pytest.approx(record["results"]["peak_rss_mb"], abs=0.5)

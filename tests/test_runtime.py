@@ -285,3 +285,18 @@ def test_cpu_feature_mismatch_warns_once(caplog):
     assert "build for rpi4" in messages[0]
     laptop = {"name": "x86-laptop", "device": {"arch": "x86_64", "features": ["avx2", "fma"]}}
     assert missing_features(laptop["device"], "x86_64", {"avx2", "fma", "sse4_2"}) == []
+
+
+def test_a_smaller_kv_cache_gives_the_same_greedy_tokens(tiny_bundle):
+    """`context` sizes the KV cache below the bundle's context: the same tokens while they fit,
+    a full context past it, and a bad size refused."""
+    full = runtime.load(tiny_bundle, threads=1)
+    small = runtime.load(tiny_bundle, threads=1, context=32)
+    assert small.context_length == 32 and small.session.kv_shape[2] == 32 and full.session.kv_shape[2] == 128
+    ids = full.encode("The capital of France is")
+    want = full.generate(ids, max_new_tokens=64, temperature=0.0)
+    got = small.generate(ids, max_new_tokens=64, temperature=0.0)
+    assert got.token_ids == want.token_ids[: len(got.token_ids)] and len(got.token_ids) >= 32 - len(ids)
+    assert got.stop_reason == ("eos" if len(got.token_ids) == len(want.token_ids) else "context_full")
+    with pytest.raises(EdgeSlmError, match=r"context is 500; use 2 to 128 tokens"):
+        runtime.load(tiny_bundle, context=500)

@@ -37,6 +37,12 @@ from edge_slm.commands.options import echo_err
 )
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Append the records to this JSONL file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
+@click.option(
+    "--context",
+    type=click.IntRange(min=2),
+    default=None,
+    help="KV cache capacity in tokens [the bundle's context length]; compare runtimes at equal capacity.",
+)
 def bench(
     bundle: Path | None,
     prompt_tokens: int,
@@ -54,6 +60,7 @@ def bench(
     inventory: Path | None,
     out: Path | None,
     as_json: bool,
+    context: int | None,
 ) -> None:
     """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
     from edge_slm.harness.bench import run, table
@@ -90,6 +97,7 @@ def bench(
             ]
             + (["--threads", threads] if threads else [])
             + (["--no-accuracy"] if no_accuracy else [])
+            + (["--context", str(context)] if context else [])
         )
         if inventory:
             records, failures = bench_inventory(read_inventory(inventory), args, progress=echo_err)
@@ -114,6 +122,7 @@ def bench(
             reference,
             accuracy=not no_accuracy,
             progress=echo_err,
+            context=context,
         )
     if out and records:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,16 @@ from edge_slm.core.errors import EdgeSlmError
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [the bundle's profile].")
 @click.option(
+    "--context", type=click.IntRange(min=2), default=None, help="KV cache capacity in tokens [the bundle's context]."
+)
+@click.option(
     "--max-queue",
     type=click.IntRange(min=0),
     default=8,
     show_default=True,
     help="Requests that may wait; more get 429.",
 )
-def serve(bundle: Path, host: str, port: int, threads: int | None, max_queue: int) -> None:
+def serve(bundle: Path, host: str, port: int, threads: int | None, context: int | None, max_queue: int) -> None:
     """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     try:
         import uvicorn
@@ -37,4 +40,4 @@ def serve(bundle: Path, host: str, port: int, threads: int | None, max_queue: in
 
     verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
     echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics)")
-    uvicorn.run(create_app(bundle, threads, max_queue), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(bundle, threads, max_queue, context=context), host=host, port=port, log_level="warning")

@@ -40,6 +40,17 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now (VmRSS); 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

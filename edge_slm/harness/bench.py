@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 from edge_slm import __version__
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
-from edge_slm.core.system import machine, peak_rss_mb
+from edge_slm.core.system import current_rss_mb, machine, peak_rss_mb
 
 SCHEMA = "edge-slm-bench/1"
 
@@ -97,19 +98,53 @@ def timed_runs(prefill, step, prompt: list[int], gen_tokens: int, repetitions: i
     }
 
 
-def measure(bundle: Path, threads: int, prompt_tokens: int, gen_tokens: int, repetitions: int, warmup: int) -> dict:
-    """One setting, in this process: the worker side of `run()`."""
+def measure(
+    bundle: Path,
+    threads: int,
+    prompt_tokens: int,
+    gen_tokens: int,
+    repetitions: int,
+    warmup: int,
+    context: int | None = None,
+) -> dict:
+    """One setting, in this process: the worker side of `run()`. Peak memory comes with its
+    parts: the interpreter, the libraries, the onnxruntime session (weights as loaded and packed,
+    and the KV cache, whose share is computed), the tokenizer, and what the requests added."""
+    memory = {"python": current_rss_mb()}
+    import numpy  # noqa: F401  (imported here so that their share is measured)
+    import onnxruntime  # noqa: F401
+    import tokenizers  # noqa: F401
+
     from edge_slm import runtime
 
+    memory["libraries"] = current_rss_mb()
     start = time.perf_counter()
-    model = runtime.load(bundle, threads=threads, verify=False)
+    model = runtime.load(bundle, threads=threads, verify=False, context=context, memory=memory)
     load_s = time.perf_counter() - start
     if prompt_tokens + gen_tokens > model.context_length:
-        raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed the bundle's context of {model.context_length}")
+        raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed the context of {model.context_length}")
     timings = timed_runs(
         *greedy_steps(model.session), prompt_ids(model, prompt_tokens), gen_tokens, repetitions, warmup
     )
-    return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb(), "providers": model.session.providers}
+    peak = peak_rss_mb()
+    session = model.session
+    kv_bytes = 2 * session.num_layers * math.prod(session.kv_shape) * numpy.dtype(session.kv_dtype).itemsize
+    breakdown = {
+        "python_mb": memory["python"],
+        "libraries_mb": memory["libraries"] - memory["python"],
+        "session_mb": memory["session"] - memory["libraries"],
+        "kv_cache_mb": kv_bytes / 2**20,
+        "tokenizer_mb": memory["tokenizer"] - memory["session"],
+        "requests_mb": peak - memory["tokenizer"],
+    }
+    return {
+        "load_s": load_s,
+        **timings,
+        "peak_rss_mb": peak,
+        "memory_breakdown": breakdown,
+        "context": model.context_length,
+        "providers": model.session.providers,
+    }
 
 
 def greedy_steps(session):
@@ -135,6 +170,7 @@ def run(
     reference: Path | None = None,
     accuracy: bool = True,
     progress=lambda msg: None,
+    context: int | None = None,
 ) -> list[dict]:
     """Benchmark `bundle` once per thread count, each in a fresh process; return the records."""
     from edge_slm.core.bundle import MANIFEST, verify_bundle
@@ -161,6 +197,7 @@ def run(
             "gen_tokens": gen_tokens,
             "repetitions": repetitions,
             "warmup": warmup,
+            "context": context,
         }
         proc = subprocess.run(
             [sys.executable, "-m", "edge_slm.harness.bench", json.dumps(config)], capture_output=True, text=True
@@ -216,6 +253,7 @@ class Settings:
     warmup: int
     provider: str
     cpu_arena: bool | None  # onnxruntime's CPU arena (on in edge-slm); None for peers
+    context: int | None = None  # KV cache capacity in tokens; None: the model's full context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,6 +300,7 @@ def _record(
             **{k: config[k] for k in ("threads", "prompt_tokens", "gen_tokens", "repetitions", "warmup")},
             provider=results["providers"][0],
             cpu_arena=True,
+            context=results.get("context"),
         ),
         versions=_versions(),
         results={k: v for k, v in results.items() if k != "providers"},
@@ -314,11 +353,6 @@ def table(records: list[dict]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-if __name__ == "__main__":  # the worker: one setting, in a fresh process
-    settings = json.loads(sys.argv[1])
-    print(json.dumps(measure(Path(settings.pop("bundle")), **settings)))
-
-
 def record_problem(record) -> str | None:
     """What is wrong with a benchmark record (one from a device, or a line of a results file), or
     None: the keys the report and the tables read, with their types."""
@@ -348,3 +382,8 @@ def record_problem(record) -> str | None:
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"'{key}' is missing or not a {'number' if kind is number else kind.__name__}"
     return None
+
+
+if __name__ == "__main__":  # the worker: one setting, in a fresh process
+    settings = json.loads(sys.argv[1])
+    print(json.dumps(measure(Path(settings.pop("bundle")), **settings)))

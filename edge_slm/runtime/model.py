@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.errors import BundleError, EdgeSlmError
-from edge_slm.core.system import peak_rss_mb
+from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.sampling import Sampler, SamplingConfig
@@ -42,7 +42,12 @@ class Generation:
 
 
 def load(
-    bundle: str | Path, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+    bundle: str | Path,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    verify: bool = True,
+    context: int | None = None,
+    memory: dict | None = None,
 ) -> Model:
     """Open a bundle: check schema and checksums, then start an onnxruntime session."""
     bundle = Path(bundle)
@@ -50,6 +55,9 @@ def load(
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise EdgeSlmError(f"threads is {threads}; use 1 or more (or leave it to the profile)")
     threads = capped_threads(threads or int(manifest["profile"]["runtime"]["threads"]))
+    limit = int(manifest["model"]["context_length"])
+    if context is not None and (not isinstance(context, int) or not 2 <= context <= limit):
+        raise EdgeSlmError(f"context is {context}; use 2 to {limit} tokens (the bundle's context length)")
     for name in (
         "tokenizer.json",
         "generation.json",
@@ -62,12 +70,16 @@ def load(
     warn_if_mismatched(manifest["profile"])
     profile_runtime = manifest["profile"]["runtime"]
     chosen = pick_providers(providers or profile_runtime["execution_providers"])
-    session = DecoderSession.for_bundle(bundle / manifest["graph"]["file"], manifest, threads, chosen)
+    session = DecoderSession.for_bundle(bundle / manifest["graph"]["file"], manifest, threads, chosen, context)
+    if memory is not None:  # what `edge-slm bench` breaks peak memory into
+        memory["session"] = current_rss_mb()
     try:
         tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     except Exception as exc:
         raise BundleError(f"{bundle / 'tokenizer.json'}: cannot be read ({exc})") from None
     generation = json.loads((bundle / "generation.json").read_text())
+    if memory is not None:
+        memory["tokenizer"] = current_rss_mb()
     return Model(bundle, manifest, session, tokenizer, generation)
 
 

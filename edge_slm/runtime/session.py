@@ -8,7 +8,7 @@ decode step copies nothing. Generic graphs fall back to feeding `present` back a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +159,22 @@ class DecoderSession:
             self._past = self._empty_past()
 
     @classmethod
-    def for_bundle(cls, model_path: Path, manifest: dict, threads: int, providers: list[str]) -> DecoderSession:
+    def for_bundle(
+        cls, model_path: Path, manifest: dict, threads: int, providers: list[str], context: int | None = None
+    ) -> DecoderSession:
         """The session of a (verified) bundle: shape, cache layout, prefill graph and provider
-        options from its manifest."""
+        options from its manifest. `context` sizes the KV cache below the bundle's context length
+        (memory is 2 x layers x kv_heads x context x head_dim x 4 bytes, allocated up front)."""
         per_provider = provider_options(providers, manifest)
         for opts in per_provider:
             if "trt_engine_cache_path" in opts:
                 Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        shape = CacheShape.of(manifest["model"])
+        if context is not None:
+            shape = replace(shape, context_length=context)
         return cls(
             model_path,
-            CacheShape.of(manifest["model"]),
+            shape,
             threads,
             providers,
             shared_buffer=bool(manifest["graph"]["kv_cache"]["shared_buffer"]),

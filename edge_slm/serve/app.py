@@ -38,8 +38,8 @@ FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "con
 class Service:
     """The loaded model (once it is), its engine, and what the routes need to answer."""
 
-    def __init__(self, bundle: Path, threads: int | None, max_queue: int):
-        self.bundle, self.threads, self.max_queue = Path(bundle), threads, max_queue
+    def __init__(self, bundle: Path, threads: int | None, max_queue: int, context: int | None = None):
+        self.bundle, self.threads, self.max_queue, self.context = Path(bundle), threads, max_queue, context
         self.model = self.engine = None
         self.load_error: str | None = None
         self.metrics = Metrics()
@@ -49,7 +49,7 @@ class Service:
         from edge_slm import runtime
 
         try:
-            self.model = runtime.load(self.bundle, threads=self.threads)
+            self.model = runtime.load(self.bundle, threads=self.threads, context=self.context)
         except EdgeSlmError as exc:
             self.load_error = str(exc)
             return
@@ -57,8 +57,14 @@ class Service:
         self.engine = Engine(self.model, self.max_queue, self.metrics)
 
 
-def create_app(bundle: Path, threads: int | None = None, max_queue: int = 8, load_in_background: bool = True):
-    service = Service(bundle, threads, max_queue)
+def create_app(
+    bundle: Path,
+    threads: int | None = None,
+    max_queue: int = 8,
+    load_in_background: bool = True,
+    context: int | None = None,
+):
+    service = Service(bundle, threads, max_queue, context)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
