@@ -30,7 +30,8 @@ def worker_llama(cfg: dict) -> dict:
         model_path=cfg["gguf"],
         n_threads=cfg["threads"],
         n_threads_batch=cfg["threads"],
-        n_ctx=cfg["prompt_tokens"] + cfg["gen_tokens"] + 8,
+        # The same KV capacity as the edge-slm run it is compared with (`--context`).
+        n_ctx=cfg["context"] or cfg["prompt_tokens"] + cfg["gen_tokens"] + 8,
         n_batch=512,
         verbose=False,
     )
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", default="2")
+    parser.add_argument("--context", type=int, default=None, help="llama.cpp's n_ctx [prompt + generated tokens].")
     parser.add_argument("--out", required=True)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,6 +128,7 @@ def main() -> None:
             "gen_tokens": args.gen_tokens,
             "repetitions": args.repetitions,
             "warmup": args.warmup,
+            "context": args.context,
         }
         # The llama.cpp venv imports llama_cpp, numpy and this repository's edge_slm package only.
         env = (
@@ -162,6 +165,7 @@ def main() -> None:
                 warmup=args.warmup,
                 provider=args.system,
                 cpu_arena=None,
+                context=args.context,
             ),
             versions={"edge_slm": __version__, "git_commit": git_commit()},
             results=raw,

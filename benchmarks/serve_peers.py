@@ -2,7 +2,7 @@
 in one run, measured by the same client code (benchmarks/serve_load.py).
 
     .venv/bin/python benchmarks/serve_peers.py export/x86-laptop --llama-python /tmp/llama-venv/bin/python \
-        [--rounds 2] [--threads 2] [--out benchmarks/results/serve/<host>-peers.jsonl]
+        [--rounds 2] [--threads 2] [--out benchmarks/serve/<host>-peers.jsonl]
 
 llama.cpp runs the default model's own GGUF requantized to Q8_0 (llama.cpp's quantizer, as close
 to the int8 bundle as llama.cpp gets), with the bundle's context length. Per server: one client's

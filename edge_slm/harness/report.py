@@ -95,7 +95,9 @@ def comparison_rows(records: list[dict]) -> list[dict]:
                 "decode": f"{res['decode_tok_s']['mean']:.1f} ± {res['decode_tok_s']['std']:.1f}",
                 "prefill": f"{res['prefill_tok_s']['mean']:.0f} ± {res['prefill_tok_s']['std']:.0f}",
                 "ttft": f"{res['ttft_ms']['mean']:.0f} ± {res['ttft_ms']['std']:.0f}",
-                "p50/p99": f"{res['decode_latency_ms']['p50']:.1f} / {res['decode_latency_ms']['p99']:.1f}",
+                "p50/p99": f"{res['decode_latency_ms']['p50']:.1f} / {res['decode_latency_ms']['p99']:.1f}"
+                if "decode_latency_ms" in res
+                else "-",
                 "rss": f"{res['peak_rss_mb']:.0f}",
                 "size": f"{r['bundle']['size_bytes'] / 1e6:.0f}",
                 "ppl": f"{r['accuracy']['perplexity']:.2f}" if r.get("accuracy") else "-",
