@@ -212,15 +212,7 @@ def main() -> None:
     record = BenchRecord(
         system="edge-slm serve",
         test=f"serve-c{args.clients}x{args.requests}",
-        bundle=BundleInfo(
-            path=str(args.bundle),
-            manifest_sha256=None,
-            target=manifest["target"],
-            precision=manifest["precision"],
-            graph=manifest["graph"]["kind"],
-            size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
-            parameters=manifest["model"]["parameters"],
-        ),
+        bundle=BundleInfo.of(args.bundle, manifest, None),
         settings=Settings(
             threads=args.threads,
             prompt_tokens=prompt_tokens,

@@ -35,6 +35,7 @@ def test_one_complete_record_per_setting(records, tiny_bundle):
             "warmup": 1,
             "provider": "CPUExecutionProvider",
             "cpu_arena": True,
+            "context": 128,  # the KV cache's capacity: the bundle's context when --context is not given
         }
         assert r["machine"]["cores"] >= 1 and r["machine"]["arch"] and r["versions"]["onnxruntime"]
         res = r["results"]

@@ -27,28 +27,30 @@ FLAGS_OF_INTEREST = (
 )
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far: the kernel's high-water mark (VmHWM) where
-    /proc exists, else getrusage (Linux reports kB, macOS bytes)."""
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (kB) in MB; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far: the kernel's high-water mark (VmHWM) where
+    /proc exists, else getrusage (Linux reports kB, macOS bytes)."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def current_rss_mb() -> float:
     """Resident memory of this process now (VmRSS); 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mb("VmRSS") or 0.0
 
 
 def _cpuinfo() -> str:

@@ -122,7 +122,8 @@ def measure(
     model = runtime.load(bundle, threads=threads, verify=False, context=context, memory=memory)
     load_s = time.perf_counter() - start
     if prompt_tokens + gen_tokens > model.context_length:
-        raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed the context of {model.context_length}")
+        where = "the bundle's context" if context is None else "the KV cache (--context)"
+        raise EdgeSlmError(f"pp{prompt_tokens} + tg{gen_tokens} exceed {where} of {model.context_length}")
     timings = timed_runs(
         *greedy_steps(model.session), prompt_ids(model, prompt_tokens), gen_tokens, repetitions, warmup
     )
@@ -243,6 +244,19 @@ class BundleInfo:
     size_bytes: int
     parameters: int
 
+    @classmethod
+    def of(cls, path: Path, manifest: dict, manifest_sha256: str | None) -> BundleInfo:
+        """What a record says about an edge-slm bundle, from its manifest."""
+        return cls(
+            path=str(path),
+            manifest_sha256=manifest_sha256,
+            target=manifest["target"],
+            precision=manifest["precision"],
+            graph=manifest["graph"]["kind"],
+            size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
+            parameters=manifest["model"]["parameters"],
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -287,15 +301,7 @@ def _record(
     return BenchRecord(
         system="edge-slm",
         test=test_name(config["prompt_tokens"], config["gen_tokens"]),
-        bundle=BundleInfo(
-            path=str(bundle),
-            manifest_sha256=manifest_sha,
-            target=manifest["target"],
-            precision=manifest["precision"],
-            graph=manifest["graph"]["kind"],
-            size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
-            parameters=manifest["model"]["parameters"],
-        ),
+        bundle=BundleInfo.of(bundle, manifest, manifest_sha),
         settings=Settings(
             **{k: config[k] for k in ("threads", "prompt_tokens", "gen_tokens", "repetitions", "warmup")},
             provider=results["providers"][0],
