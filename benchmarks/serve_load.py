@@ -46,6 +46,35 @@ QUESTIONS = [
 ]
 
 
+def serve_command(bundle: Path, port: int, threads: int, max_queue: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "edge_slm.cli",
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--max-queue",
+        str(max_queue),
+    ]
+
+
+def start_server(command: list[str], ready_url: str) -> subprocess.Popen:
+    """Start a server and wait (up to two minutes) until `ready_url` answers 200."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{command[0]} {' '.join(command[1:4])} did not become ready")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,30 +199,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_slm.cli",
-            "serve",
-            str(args.bundle),
-            "--port",
-            str(port),
-            "--threads",
-            str(args.threads),
-            "--max-queue",
-            str(args.clients),
-        ],
-        stderr=subprocess.DEVNULL,
-    )
     base = f"http://127.0.0.1:{port}"
+    server = start_server(serve_command(args.bundle, port, args.threads, args.clients), base + "/health")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         model = runtime.load(args.bundle, threads=args.threads)
         streamed, served, direct = asyncio.run(single_client(base, model, args.reps, 64))
         first, second, prompt_tokens = asyncio.run(prefix_reuse(base, model, args.reps))

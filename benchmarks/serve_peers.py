@@ -26,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_load import QUESTIONS, free_port, prefix_reuse, stream_chat  # noqa: E402
+from serve_load import QUESTIONS, free_port, prefix_reuse, serve_command, start_server, stream_chat  # noqa: E402
 
 from edge_slm import runtime  # noqa: E402
 from edge_slm.build.load import cache_root, default_gguf_path  # noqa: E402
@@ -57,18 +57,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start(command: list[str], ready: str) -> subprocess.Popen:
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        try:
-            if httpx.get(ready, timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"{command[0]} did not start")
 
 
 async def load(base: str, model: str, clients: int, requests: int) -> dict:
@@ -136,19 +124,7 @@ def main() -> None:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             if system == "edge-slm":
-                command = [
-                    sys.executable,
-                    "-m",
-                    "edge_slm.cli",
-                    "serve",
-                    str(args.bundle),
-                    "--port",
-                    str(port),
-                    "--threads",
-                    str(args.threads),
-                    "--max-queue",
-                    "8",
-                ]
+                command = serve_command(args.bundle, port, args.threads, 8)
                 name = model.manifest["target"]
             else:
                 command = [
@@ -168,7 +144,7 @@ def main() -> None:
                 ]
                 name = str(gguf)
             # edge-slm says when its model is loaded; llama.cpp's server answers once it is.
-            proc = start(command, base + ("/health" if system == "edge-slm" else "/v1/models"))
+            proc = start_server(command, base + ("/health" if system == "edge-slm" else "/v1/models"))
             try:
                 row = asyncio.run(measure(base, name, model, args.reps))
                 row.update(asyncio.run(load(base, name, 8, 10)))

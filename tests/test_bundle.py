@@ -123,26 +123,17 @@ def test_staging_without_manifest_publishes_nothing(tmp_path):
     assert not out.exists()
 
 
+def _start_build(profile, model, out, stderr):
+    """A real `edge-slm build` of the tiny model into `out`, running in the background."""
+    command = [sys.executable, "-m", "edge_slm.cli", "build", "--target", str(profile), "--model", str(model)]
+    return subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
 def test_killed_build_leaves_no_complete_looking_bundle(bundle_copy, tiny_llama, tiny_profile):
     """SIGKILL a real `edge-slm build` while it writes: the old bundle survives untouched, and the
     partial directory has no manifest; the next build cleans it up."""
     before = verify_bundle(bundle_copy)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_slm.cli",
-            "build",
-            "--target",
-            str(tiny_profile),
-            "--model",
-            str(tiny_llama),
-            "--out",
-            str(bundle_copy),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _start_build(tiny_profile, tiny_llama, bundle_copy, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     partial = []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -171,23 +162,7 @@ def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_pr
     """SIGTERM (a closed terminal, `kill`, a CI timeout) unwinds like Ctrl-C: the staging and
     scratch directories are removed, the old bundle is untouched, one line says so."""
     before = verify_bundle(bundle_copy)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_slm.cli",
-            "build",
-            "--target",
-            str(tiny_profile),
-            "--model",
-            str(tiny_llama),
-            "--out",
-            str(bundle_copy),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_build(tiny_profile, tiny_llama, bundle_copy, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if list(bundle_copy.parent.glob("bundle.partial-scratch-*")):
