@@ -325,12 +325,16 @@ def service_status(device: Device) -> str:
 
 
 def stop_service(device: Device, quiet: bool = False) -> str:
-    """Stop the server deploy started; only a process whose command line is edge-slm serve is
-    signalled, so a reused pid is never another program."""
+    """Stop the server deploy started and wait until it has exited (SIGTERM, then SIGKILL after
+    15 s), so "stopped" means the port is free; only a process whose command line is edge-slm
+    serve is signalled, so a reused pid is never another program."""
     script = (
         f"(systemctl --user disable --now {SERVICE}.service >/dev/null 2>&1 || true); "
         f"if [ -f {HOME_DIR}/serve.pid ]; then pid=$(cat {HOME_DIR}/serve.pid); "
-        f"if tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -q 'edge-slm serve'; then kill $pid; fi; "
+        f"if tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -q 'edge-slm serve'; then kill $pid; "
+        # An exited process that nobody reaped has an empty command line: that counts as gone.
+        "for _ in $(seq 150); do [ -s /proc/$pid/cmdline ] || break; sleep 0.1; done; "
+        "kill -9 $pid 2>/dev/null; fi; "
         f"rm -f {HOME_DIR}/serve.pid; fi; echo stopped"
     )
     return ssh(device, script, timeout=60).strip()
