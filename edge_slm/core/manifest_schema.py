@@ -13,6 +13,8 @@ import re
 from edge_slm.core.errors import BundleError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+FAMILIES = ("decoder", "encoder")
+TASKS = ("classification", "embedding")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"\d+(\.\d+){0,2}([+.-][0-9A-Za-z.]+)?")
 
@@ -51,25 +53,22 @@ def _optional_dict(v) -> bool:
     return v is None or isinstance(v, dict)
 
 
-RULES = {
+COMMON_RULES = {
     "schema_version": _Rule("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
     "target": _Rule("a string", lambda v: isinstance(v, str) and v != ""),
     "precision": _Rule(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
     "source": _Rule("an object", lambda v: isinstance(v, dict)),
     "model": _Rule("an object", lambda v: isinstance(v, dict)),
+    "family": _Rule("decoder or encoder", lambda v: v in FAMILIES, True),
     "model.architecture": _Rule("a string", lambda v: isinstance(v, str)),
     "model.parameters": _Rule("a count", _count),
     "min_onnxruntime": _Rule("a version such as 1.24.0", lambda v: isinstance(v, str) and _VERSION.fullmatch(v), True),
     "graph": _Rule("an object", lambda v: isinstance(v, dict)),
-    "graph.kind": _Rule("fused or generic", lambda v: v in ("fused", "generic")),
     "graph.file": _Rule("a plain file name in the bundle", is_plain_name),
-    "graph.prefill_file": _Rule("a plain file name in the bundle", is_plain_name, True),
     "graph.opset": _Rule("an object", lambda v: isinstance(v, dict)),
     "graph.ir_version": _Rule("a count", _count),
     "graph.nodes": _Rule("a count", _count),
     "graph.op_counts": _Rule("an object", lambda v: isinstance(v, dict)),
-    "graph.kv_cache": _Rule("an object", lambda v: isinstance(v, dict)),
-    "graph.kv_cache.shared_buffer": _Rule("true or false", lambda v: isinstance(v, bool)),
     "profile": _Rule("an object", lambda v: isinstance(v, dict)),
     "profile.device": _Rule("an object", lambda v: isinstance(v, dict)),
     "profile.device.features": _Rule("a list of strings", _str_list, True),
@@ -84,8 +83,34 @@ RULES = {
     "pruning": _Rule("an object or null", _optional_dict, True),
     "versions": _Rule("an object or null", _optional_dict, True),
 }
+# A decoder (the family of bundles without a "family" key) has a KV cache and a context length.
+DECODER_RULES = {
+    **COMMON_RULES,
+    "graph.kind": _Rule("fused or generic", lambda v: v in ("fused", "generic")),
+    "graph.prefill_file": _Rule("a plain file name in the bundle", is_plain_name, True),
+    "graph.kv_cache": _Rule("an object", lambda v: isinstance(v, dict)),
+    "graph.kv_cache.shared_buffer": _Rule("true or false", lambda v: isinstance(v, bool)),
+}
 for _key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "context_length"):
-    RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
+    DECODER_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
+RULES = DECODER_RULES
+
+# An encoder maps a batch of texts to one vector (embedding) or one set of label scores each.
+ENCODER_RULES = {
+    **COMMON_RULES,
+    "graph.kind": _Rule("encoder", lambda v: v == "encoder"),
+    "graph.inputs": _Rule("a list of input names", lambda v: _str_list(v) and v),
+    "graph.output": _Rule("an output name", lambda v: isinstance(v, str) and v != ""),
+    "model.task": _Rule("classification or embedding", lambda v: v in TASKS),
+    "model.normalize": _Rule("true or false", lambda v: isinstance(v, bool)),
+    "model.pooling": _Rule("cls or mean", lambda v: v in ("cls", "mean")),
+    "model.labels": _Rule("a list of at least 2 label names", lambda v: _str_list(v) and len(v) >= 2, True),
+    "tokenizer": _Rule("an object", lambda v: isinstance(v, dict)),
+    "tokenizer.pad_token_id": _Rule("a count", _count),
+    "tokenizer.lowercase": _Rule("true or false", lambda v: isinstance(v, bool), True),
+}
+for _key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_sequence_length", "output_dim"):
+    ENCODER_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
 
 _MISSING = object()
 
@@ -105,7 +130,10 @@ def check_manifest(manifest, where: str) -> dict:
         raise BundleError(
             f"{where}: the manifest must be a JSON object, got {type(manifest).__name__}: rebuild the bundle"
         )
-    for key, rule in RULES.items():
+    family = manifest.get("family", "decoder")
+    if family not in FAMILIES:
+        raise BundleError(f"{where}: manifest key 'family' must be decoder or encoder, got {family!r}: rebuild the bundle")
+    for key, rule in (ENCODER_RULES if family == "encoder" else DECODER_RULES).items():
         value = _lookup(manifest, key)
         if value is _MISSING:
             if rule.optional:
@@ -126,7 +154,12 @@ def check_manifest(manifest, where: str) -> dict:
                 f"{where}: manifest entry files.{name} needs a 'sha256' (64 hex digits) and 'bytes': rebuild the bundle"
             )
     model = manifest["model"]
-    if model["num_heads"] % model["num_kv_heads"]:
+    if family == "encoder":
+        if model["task"] == "classification" and len(model.get("labels") or []) != model["output_dim"]:
+            raise BundleError(
+                f"{where}: a classifier's model.labels must name its {model['output_dim']} outputs: rebuild the bundle"
+            )
+    elif model["num_heads"] % model["num_kv_heads"]:
         raise BundleError(
             f"{where}: model.num_heads {model['num_heads']} is not a multiple of num_kv_heads {model['num_kv_heads']}"
         )
