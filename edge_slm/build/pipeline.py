@@ -62,12 +62,23 @@ def build(
     precision: str | None = None,
     allow_accuracy_loss: bool = False,
     calibration: Path | None = None,
+    eval_data: Path | None = None,
 ) -> dict:
     """Build the bundle for `profile` at `out`; return its manifest. `precision` overrides the
     profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway;
-    `calibration` replaces the shipped calibration text for static (QDQ) int8."""
-    profile = with_precision(profile, precision)
+    `calibration` replaces the shipped calibration text for static (QDQ) int8; `eval_data` is a
+    classifier's labelled test split for its gate. An encoder `model_ref` takes the encoder build."""
+    from edge_slm.build.encoder.source import is_encoder
+
     source_path = Path(model_ref) if model_ref and Path(model_ref).exists() else None
+    if is_encoder(model_ref):
+        from edge_slm.build.encoder.pipeline import build_encoder, with_encoder_precision
+
+        profile = with_encoder_precision(profile, precision)
+        check_output_dir(Path(out), source=source_path)
+        staging = staging_dir(Path(out))
+        return build_encoder(model_ref, profile, out, Progress(0, echo), staging, allow_accuracy_loss, eval_data)
+    profile = with_precision(profile, precision)
     check_output_dir(Path(out), source=source_path)  # before minutes of work, not after
     plan = stages(profile)
     progress = Progress(total=len(plan), echo=echo)

@@ -132,7 +132,9 @@ def check_manifest(manifest, where: str) -> dict:
         )
     family = manifest.get("family", "decoder")
     if family not in FAMILIES:
-        raise BundleError(f"{where}: manifest key 'family' must be decoder or encoder, got {family!r}: rebuild the bundle")
+        raise BundleError(
+            f"{where}: manifest key 'family' must be decoder or encoder, got {family!r}: rebuild the bundle"
+        )
     for key, rule in (ENCODER_RULES if family == "encoder" else DECODER_RULES).items():
         value = _lookup(manifest, key)
         if value is _MISSING:

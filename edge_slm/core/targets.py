@@ -103,6 +103,23 @@ class Prune:
 
 
 @dataclass(frozen=True)
+class Encoder:
+    """How BERT-family encoders (classifiers, sentence embedders) are built for this device, and
+    the accuracy their reduced precision must keep against fp32."""
+
+    precision: Literal["fp32", "fp16", "int8"] = "int8"
+    int8_format: Literal["dynamic", "qdq"] = "dynamic"  # dynamic: int8 MatMul with per-call activation scales (CPUs)
+    per_channel: bool = True  # one weight scale per output channel
+    reduce_range: bool = False  # 7-bit weights, for int8 kernels that could saturate (u8s8 without VNNI)
+    quantize_embeddings: bool = False  # int8 word/position tables (QEmbedLayerNormalization)
+    max_sequence_length: int = 256  # longer inputs are truncated (or refused) at run time
+    min_label_agreement: float = 0.99  # classifier: share of test labels equal to fp32's
+    max_accuracy_drop: float = 0.005  # classifier: test accuracy at most 0.5 points below fp32
+    min_cosine: float = 0.99  # embedder: mean cosine similarity to fp32's embeddings
+    min_retrieval_agreement: float = 0.98  # embedder: queries whose top-1 passage is fp32's
+
+
+@dataclass(frozen=True)
 class AccuracyBudget:
     max_ppl_increase: float  # relative: 0.015 is +1.5% perplexity against fp32
     min_top1: float = 0.0  # share of next tokens that agree with fp32
@@ -126,6 +143,7 @@ class Profile:
     quantize: Quantize
     budget: Budget
     prune: Prune | None = None
+    encoder: Encoder = Encoder()
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
@@ -295,5 +313,11 @@ def _check_values(profile: Profile, where: str) -> None:
         )
     if not 90 <= q.calibration_percentile <= 100:
         raise ProfileError(f"{where}: 'quantize.calibration_percentile' is {q.calibration_percentile}; use 90-100")
+    e = profile.encoder
+    if not 8 <= e.max_sequence_length <= 8192:
+        raise ProfileError(f"{where}: 'encoder.max_sequence_length' is {e.max_sequence_length}; use 8 to 8192")
+    for key in ("min_label_agreement", "max_accuracy_drop", "min_cosine", "min_retrieval_agreement"):
+        if not 0 <= getattr(e, key) <= 1:
+            raise ProfileError(f"{where}: 'encoder.{key}' is {getattr(e, key)}; use a share from 0 to 1")
     if not profile.runtime.execution_providers:
         raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")

@@ -20,6 +20,7 @@ from edge_slm.core.errors import BundleError, EdgeSlmError
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
+from edge_slm.runtime.encoder import Encoder, open_encoder
 from edge_slm.runtime.sampling import Sampler, SamplingConfig
 from edge_slm.runtime.session import DecoderSession, pick_providers
 from edge_slm.runtime.textstream import TextStream
@@ -48,13 +49,19 @@ def load(
     verify: bool = True,
     context: int | None = None,
     memory: dict | None = None,
-) -> Model:
-    """Open a bundle: check schema and checksums, then start an onnxruntime session."""
+) -> Model | Encoder:
+    """Open a bundle: check schema and checksums, then start an onnxruntime session. A decoder
+    bundle gives a `Model` (generate, chat), an encoder bundle an `Encoder` (classify, embed)."""
     bundle = Path(bundle)
     manifest = verify_bundle(bundle, checksums=verify)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise EdgeSlmError(f"threads is {threads}; use 1 or more (or leave it to the profile)")
     threads = capped_threads(threads or int(manifest["profile"]["runtime"]["threads"]))
+    if manifest.get("family") == "encoder":
+        if context is not None:
+            raise EdgeSlmError(f"{bundle} is an encoder bundle: it has no context (KV cache) to size")
+        _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))
+        return open_encoder(bundle, manifest, threads, providers)
     limit = int(manifest["model"]["context_length"])
     if context is not None and (not isinstance(context, int) or not 2 <= context <= limit):
         raise EdgeSlmError(f"context is {context}; use 2 to {limit} tokens (the bundle's context length)")
