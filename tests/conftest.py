@@ -100,6 +100,83 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=False)
 
 
+def make_encoder(directory: Path, task: str = "embedding", labels=("lights", "music"), seed: int = 0) -> Path:
+    """A random 2-layer BERT (hidden 32) with a WordPiece tokenizer learned from the shipped intents:
+    a plain encoder with sentence-transformers' mean pooling + normalize files, or a classifier."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    from edge_slm.core.labelled import INTENTS_TRAIN, read_examples
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        [e.text for e in read_examples(INTENTS_TRAIN)],
+        trainers.WordPieceTrainer(vocab_size=400, special_tokens=special, show_progress=False),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        # Wide weights: with BERT's 0.02 a random classifier gives every text the same label.
+        initializer_range=0.5 if task == "classification" else 0.02,
+    )
+    torch.manual_seed(seed)
+    model = (BertForSequenceClassification if task == "classification" else BertModel)(config)
+    model.save_pretrained(directory)
+    if task == "embedding":
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (directory / "modules.json").write_text(json.dumps(modules))
+        (directory / "1_Pooling").mkdir()
+        (directory / "1_Pooling" / "config.json").write_text(
+            json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+        )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory) -> Path:
+    return make_encoder(tmp_path_factory.mktemp("tiny-embedder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return make_encoder(tmp_path_factory.mktemp("tiny-classifier"), "classification", seed=1)
+
+
+@pytest.fixture(scope="session")
+def encoder_profile(tmp_path_factory) -> Path:
+    """The x86-laptop profile with a short encoder input limit (the tiny BERT has 64 positions)."""
+    path = tmp_path_factory.mktemp("profiles") / "tiny-encoder-laptop.toml"
+    return write_profile(path, "x86-laptop", "tiny-encoder-laptop", encoder={"max_sequence_length": 32})
+
+
 def write_profile(path: Path, base: str, name: str, **sections) -> Path:
     """A shipped profile changed with `dataclasses.replace` (section -> {field: value}), written as
     a user's own TOML file: a changed or renamed field fails here instead of doing nothing."""

@@ -29,6 +29,12 @@ from edge_slm.core.errors import EdgeSlmError
     default=None,
     help="Calibration text for static int8 (QDQ) [edge_slm/data/calibration.txt].",
 )
+@click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="A classifier's labelled test split for its accuracy gate [the model's eval.jsonl, else the shipped intents].",
+)
 def build(
     target: str,
     model: str | None,
@@ -36,14 +42,16 @@ def build(
     precision: str | None,
     allow_accuracy_loss: bool,
     calibration: Path | None,
+    eval_data: Path | None,
 ) -> None:
     """Build, validate and bundle a model for one target."""
     require_build_set("build")
     from edge_slm.core.targets import load_profile
 
     profile = load_profile(target)  # fail fast, before the heavy imports
-    if calibration is not None and not calibration.is_file():
-        raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
+    for option, path in (("--calibration", calibration), ("--eval-data", eval_data)):
+        if path is not None and not path.is_file():
+            raise EdgeSlmError(f"{option} {path}: no such file")
     from edge_slm.core.bundle import check_output_dir
 
     out = out or Path("export") / profile.name
@@ -58,6 +66,7 @@ def build(
         precision=precision,
         allow_accuracy_loss=allow_accuracy_loss,
         calibration=calibration,
+        eval_data=eval_data,
     )
     size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
     checked = "validated against torch" + (
@@ -65,4 +74,9 @@ def build(
     )
     click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, {checked})")
     click.echo(f"inspect it:   edge-slm inspect {out}")
-    click.echo(f'run it:       edge-slm generate {out} "What is the capital of France?" --chat')
+    if manifest.get("family") == "encoder":
+        task = manifest["model"]["task"]
+        command = "classify" if task == "classification" else "embed"
+        click.echo(f'run it:       edge-slm {command} {out} "turn off the kitchen lights"')
+    else:
+        click.echo(f'run it:       edge-slm generate {out} "What is the capital of France?" --chat')

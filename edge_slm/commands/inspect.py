@@ -21,6 +21,10 @@ def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
+    if manifest.get("family") == "encoder":
+        lines = _encoder_lines(bundle, manifest)
+        _print_files(lines, manifest, no_checksums)
+        return
     model, graph, val = manifest["model"], manifest["graph"], manifest.get("validation", {})
     src = manifest["source"]
     lines = [
@@ -39,8 +43,12 @@ def inspect(bundle: Path, as_json: bool, no_checksums: bool) -> None:
         f"present {val.get('max_abs_diff', {}).get('present', float('nan')):.2e}",
         *_quantization_lines(manifest),
         "versions     " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
-        "files",
     ]
+    _print_files(lines, manifest, no_checksums)
+
+
+def _print_files(lines: list[str], manifest: dict, no_checksums: bool) -> None:
+    lines.append("files")
     for name, info in manifest["files"].items():
         lines.append(
             f"  {name:<22} {info['bytes'] / 1e6:>9.2f} MB  sha256 {info['sha256'][:16]}…  "
@@ -117,4 +125,41 @@ def _accuracy_lines(acc: dict | None) -> list[str]:
             f"top-1 {100 * acc['top1_agreement']:.1f}% (budget {100 * budget.get('min_top1', 0):.0f}%), "
             f"KL {acc['mean_kl']:.4f} on {acc['tokens']} tokens: {verdict}"
         )
+    return lines
+
+
+def _encoder_lines(bundle: Path, manifest: dict) -> list[str]:
+    model, graph, src = manifest["model"], manifest["graph"], manifest["source"]
+    val, quant, acc = manifest.get("validation") or {}, manifest.get("quantization"), manifest.get("accuracy")
+    labels = f", labels {', '.join(model['labels'])}" if model.get("labels") else ""
+    lines = [
+        f"bundle       {bundle}",
+        f"schema       {manifest['schema_version']}   created {manifest.get('created', '?')}",
+        f"target       {manifest['target']}   precision {manifest['precision']}",
+        f"source       {src.get('ref')} ({src.get('kind')}, sha256 {str(src.get('sha256', ''))[:16]}…)",
+        f"model        {model['architecture']} encoder, {model['task']}: {model['num_layers']} layers, hidden "
+        f"{model['hidden_size']}, heads {model['num_heads']}, vocab {model['vocab_size']}, "
+        f"{model['parameters'] / 1e6:.1f}M params, up to {model['max_sequence_length']} tokens",
+        f"output       {graph['output']} [batch, {model['output_dim']}] ({model['pooling']} pooling"
+        f"{', L2-normalized' if model['normalize'] else ''}{labels})",
+        f"graph        {graph['nodes']} nodes, opset {graph['opset']}, IR {graph['ir_version']}, "
+        f"needs onnxruntime >= {manifest.get('min_onnxruntime', '?')}",
+        "ops          " + ", ".join(f"{k} {v}" for k, v in graph["op_counts"].items()),
+        f"validation   max |diff| vs torch {val.get('max_abs_diff', float('nan')):.2e} "
+        f"(tol {val.get('tolerance')}) on padded batches",
+        f"quantize     {quant['method']}" if quant else "quantize     none (fp32 reference)",
+    ]
+    if acc:
+        verdict = "within budget" if acc["passed"] else "OUTSIDE budget (built with --allow-accuracy-loss)"
+        if model["task"] == "classification":
+            measured = f"labels agree with fp32 on {100 * acc['label_agreement']:.1f}% of {acc['texts']} texts"
+            if "accuracy" in acc:
+                measured += f", accuracy {100 * acc['accuracy']:.1f}% vs fp32 {100 * acc['reference_accuracy']:.1f}%"
+        else:
+            measured = (
+                f"mean cosine to fp32 {acc['mean_cosine']:.4f}, same top-1 passage "
+                f"{100 * acc['retrieval_agreement']:.1f}%, recall@1 {100 * acc['recall_at_1']:.1f}%"
+            )
+        lines.append(f"accuracy     {measured}: {verdict}")
+    lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()))
     return lines

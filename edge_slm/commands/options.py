@@ -44,10 +44,20 @@ def sampling_options(func):
     return func
 
 
-def open_bundle(bundle: Path, threads: int | None):
+def open_bundle(bundle: Path, threads: int | None, need: str = "decoder", task: str | None = None):
+    """The loaded bundle, refused in one line when it is not the family (or encoder task) the
+    command works with."""
     from edge_slm import runtime
 
-    return runtime.load(bundle, threads=threads)
+    model = runtime.load(bundle, threads=threads)
+    family = getattr(model, "kind", "decoder")
+    if family != need:
+        command = {"decoder": "generate, chat or serve it", "encoder": "classify or embed with it"}[family]
+        raise EdgeSlmError(f"{bundle} is {'an encoder' if family == 'encoder' else 'a decoder'} bundle: {command}")
+    if task and model.task != task:
+        other = "classify" if model.task == "classification" else "embed"
+        raise EdgeSlmError(f"{bundle} is a {model.task} bundle, not a {task} one: use `edge-slm {other}` with it")
+    return model
 
 
 def sampling(kw: dict) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 from edge_slm.core.errors import AccuracyBudgetError
 from edge_slm.core.labelled import Example, RetrievalCheck
 from edge_slm.core.targets import Encoder as EncoderSpec
+from edge_slm.runtime.encoder_eval import best_passages, unit
 
 
 def measure_classifier(candidate, reference, examples: list[Example], labels: list[str]) -> dict:
@@ -33,13 +34,12 @@ def measure_classifier(candidate, reference, examples: list[Example], labels: li
 
 def retrieval_top1(graph, check: RetrievalCheck) -> np.ndarray:
     """Each query's best passage by cosine similarity."""
-    queries, passages = _unit(graph.run(check.queries)), _unit(graph.run(check.passages))
-    return (queries @ passages.T).argmax(axis=1)
+    return best_passages(graph.run(check.queries), graph.run(check.passages))[:, 0]
 
 
 def measure_embedder(candidate, reference, check: RetrievalCheck, extra_texts: list[str]) -> dict:
     texts = check.queries + check.passages + extra_texts
-    cosine = (_unit(candidate.run(texts)) * _unit(reference.run(texts))).sum(axis=1)
+    cosine = (unit(candidate.run(texts)) * unit(reference.run(texts))).sum(axis=1)
     got, want = retrieval_top1(candidate, check), retrieval_top1(reference, check)
     truth = np.arange(len(check.queries))
     return {
@@ -80,7 +80,3 @@ def check(measured: dict, task: str, spec: EncoderSpec, precision: str, allow: b
             "(--precision fp32) or recipe in the profile's [encoder] table, or pass --allow-accuracy-loss"
         )
     return {**measured, "passed": not problems, "problems": problems}
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -36,14 +36,15 @@ def graph_of(exported, tokenizer, providers=("CPUExecutionProvider",), path=None
     )
 
 
-def torch_outputs(head, tokenizer, texts, names) -> np.ndarray:
-    """The torch module's output for each text on its own (batch of one, no padding)."""
+def torch_outputs(head, tokenizer, texts, names, max_length: int) -> np.ndarray:
+    """The torch module's output for each text on its own (batch of one, no padding, truncated
+    to the bundle's limit as the device truncates it)."""
     import torch
 
     rows = []
     with torch.no_grad():
         for text in texts:
-            batch = tokenizer([text], return_tensors="pt")
+            batch = tokenizer([text], return_tensors="pt", truncation=True, max_length=max_length)
             rows.append(head(*(batch[name] for name in names))[0].numpy())
     return np.stack(rows)
 
@@ -51,7 +52,7 @@ def torch_outputs(head, tokenizer, texts, names) -> np.ndarray:
 def validate_encoder(exported, head, tokenizer) -> dict:
     """Max |diff| between torch and the fp32 graph in batches of 3; ParityError beyond tolerance."""
     texts = list(VALIDATION_TEXTS)
-    reference = torch_outputs(head, tokenizer, texts, exported.inputs)
+    reference = torch_outputs(head, tokenizer, texts, exported.inputs, exported.shape["max_sequence_length"])
     graph = graph_of(exported, tokenizer)
     got = graph.run(texts, batch_size=3)
     diff = float(np.abs(got - reference).max())
