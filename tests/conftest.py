@@ -177,6 +177,30 @@ def encoder_profile(tmp_path_factory) -> Path:
     return write_profile(path, "x86-laptop", "tiny-encoder-laptop", encoder={"max_sequence_length": 32})
 
 
+@pytest.fixture(scope="session")
+def embedder_bundles(tmp_path_factory, tiny_embedder, encoder_profile):
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
+
+    root = tmp_path_factory.mktemp("encoder-bundles")
+    profile = load_profile(str(encoder_profile))
+    fp32 = root / "fp32"
+    build(str(tiny_embedder), profile, fp32, echo=lambda m: None, precision="fp32")
+    int8 = root / "int8"
+    build(str(tiny_embedder), profile, int8, echo=lambda m: None, allow_accuracy_loss=True)
+    return fp32, int8
+
+
+@pytest.fixture(scope="session")
+def classifier_bundle(tmp_path_factory, tiny_classifier, encoder_profile):
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
+
+    out = tmp_path_factory.mktemp("classifier-bundle") / "fp32"
+    build(str(tiny_classifier), load_profile(str(encoder_profile)), out, echo=lambda m: None, precision="fp32")
+    return out
+
+
 def write_profile(path: Path, base: str, name: str, **sections) -> Path:
     """A shipped profile changed with `dataclasses.replace` (section -> {field: value}), written as
     a user's own TOML file: a changed or renamed field fails here instead of doing nothing."""

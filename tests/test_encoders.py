@@ -50,30 +50,6 @@ def torch_reference(model_dir, texts, task):
     return np.stack(rows)
 
 
-@pytest.fixture(scope="module")
-def embedder_bundles(tmp_path_factory, tiny_embedder, encoder_profile):
-    from edge_slm.build.pipeline import build
-    from edge_slm.core.targets import load_profile
-
-    root = tmp_path_factory.mktemp("encoder-bundles")
-    profile = load_profile(str(encoder_profile))
-    fp32 = root / "fp32"
-    build(str(tiny_embedder), profile, fp32, echo=lambda m: None, precision="fp32")
-    int8 = root / "int8"
-    build(str(tiny_embedder), profile, int8, echo=lambda m: None, allow_accuracy_loss=True)
-    return fp32, int8
-
-
-@pytest.fixture(scope="module")
-def classifier_bundle(tmp_path_factory, tiny_classifier, encoder_profile):
-    from edge_slm.build.pipeline import build
-    from edge_slm.core.targets import load_profile
-
-    out = tmp_path_factory.mktemp("classifier-bundle") / "fp32"
-    build(str(tiny_classifier), load_profile(str(encoder_profile)), out, echo=lambda m: None, precision="fp32")
-    return out
-
-
 def test_embedder_bundle_matches_torch_on_padded_batches(embedder_bundles, tiny_embedder):
     from edge_slm import runtime
 

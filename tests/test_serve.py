@@ -181,8 +181,60 @@ def test_a_route_the_bundle_cannot_serve_is_400(server, model_id):
     response = httpx.post(server + "/v1/embeddings", json={"model": model_id, "input": "hello"})
     assert response.status_code == 400
     assert response.json()["error"]["message"] == (
-        f"the bundle {model_id!r} is a decoder (text generation); embeddings needs an encoder bundle"
+        f"the bundle {model_id!r} serves generation, not embedding: use /v1/chat/completions "
+        "(or serve a embedding bundle)"
     )
+
+
+def test_an_embedder_serves_openai_embeddings(embedder_bundles):
+    """The openai client's embeddings call (base64 on the wire) gives the runtime's vectors."""
+    import numpy as np
+
+    proc, base = _start(embedder_bundles[1])
+    try:
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        texts = ["turn off the kitchen lights", "play some jazz", "what's the weather tomorrow"]
+        reply = client.embeddings.create(model="tiny-encoder-laptop", input=texts)
+        got = np.array([d.embedding for d in reply.data], dtype=np.float32)
+        want = runtime.load(embedder_bundles[1], threads=1).embed(texts)
+        assert got.shape == (3, 32) and np.abs(got - want).max() < 1e-6
+        assert [d.index for d in reply.data] == [0, 1, 2] and reply.usage.prompt_tokens > 6
+        as_floats = httpx.post(base + "/v1/embeddings", json={"input": "hello", "encoding_format": "float"}).json()
+        assert len(as_floats["data"][0]["embedding"]) == 32
+        chat = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and chat.json()["error"]["message"] == (
+            "the bundle 'tiny-encoder-laptop' serves embedding, not generation: use /v1/embeddings "
+            "(or serve a generation bundle)"
+        )
+        for body, message in (
+            ({"input": ""}, "input[0] is empty; give each text some words"),
+            ({"input": [1, 2]}, "input[0] must be a string (token arrays are not accepted)"),
+            ({"input": "word " * 100}, "tokens; this bundle takes at most 32 (shorten it"),
+            ({"input": "hi", "encoding_format": "int8"}, "'encoding_format' is 'int8'; use 'float' or 'base64'"),
+        ):
+            response = httpx.post(base + "/v1/embeddings", json=body)
+            assert response.status_code == 400 and message in response.json()["error"]["message"], body
+        models = client.models.list().data[0].model_extra
+        assert models["family"] == "encoder" and models["task"] == "embedding"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_classifier_serves_classifications(classifier_bundle):
+    proc, base = _start(classifier_bundle)
+    try:
+        texts = ["turn off the kitchen lights", "play some jazz"]
+        reply = httpx.post(base + "/v1/classifications", json={"input": texts}).json()
+        want = runtime.load(classifier_bundle, threads=1).classify(texts)
+        assert [d["label"] for d in reply["data"]] == [r.label for r in want]
+        for d, r in zip(reply["data"], want):
+            assert abs(d["probability"] - r.probability) < 1e-6 and set(d["probabilities"]) == {"lights", "music"}
+        wrong = httpx.post(base + "/v1/embeddings", json={"input": "hi"})
+        assert wrong.status_code == 400 and "serves classification, not embedding" in wrong.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def test_eight_clients_get_their_own_answers(server, model, model_id):

@@ -2,18 +2,21 @@
 
     POST /v1/chat/completions   messages -> reply (stream: server-sent events, then `data: [DONE]`)
     POST /v1/completions        prompt -> continuation
+    POST /v1/embeddings         input -> vectors (an embedding encoder bundle; float or base64)
+    POST /v1/classifications    input -> label and every label's probability (a classifier bundle)
     GET  /v1/models             the bundle, its target and precision
     GET  /health                503 {"status": "loading"} until the model is loaded, then 200
     GET  /metrics               Prometheus text
 
 Errors come in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) with the right
-status: 400 for a bad body or a prompt longer than the context, 404 for an unknown model, 429
-when the queue is full.
+status: 400 for a bad body, a prompt longer than the context or a route the bundle cannot serve,
+404 for an unknown model, 429 when the queue is full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import threading
@@ -29,7 +32,7 @@ from starlette.routing import Route
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.serve import requests as req
-from edge_slm.serve.engine import Engine, Job, QueueFull
+from edge_slm.serve.engine import EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.metrics import Metrics
 
 FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
@@ -54,7 +57,15 @@ class Service:
             self.load_error = str(exc)
             return
         self.model_id = self.model.manifest["target"]  # what clients send as "model"
-        self.engine = Engine(self.model, self.max_queue, self.metrics)
+        if getattr(self.model, "kind", "decoder") == "encoder":
+            self.engine = EncoderEngine(self.model, self.max_queue, self.metrics)
+        else:
+            self.engine = Engine(self.model, self.max_queue, self.metrics)
+
+    @property
+    def serves(self) -> str:
+        """What the loaded bundle does: "generation", "embedding" or "classification"."""
+        return getattr(self.model, "task", "generation")
 
 
 def create_app(
@@ -89,21 +100,15 @@ def create_app(
     async def completions_route(request: Request):
         return await completion(service, request, chat=False)
 
-    async def unsupported_route(request: Request) -> JSONResponse:
-        what = "embeddings" if request.url.path.endswith("embeddings") else "classification"
-        return _error(
-            service,
-            what,
-            req.ApiError(
-                400,
-                f"the bundle {service.model_id!r} is a decoder (text generation); {what} needs an encoder bundle",
-                code="unsupported_route",
-            ),
-        )
+    async def embeddings_route(request: Request) -> JSONResponse:
+        return await encode(service, request, "embedding")
+
+    async def classifications_route(request: Request) -> JSONResponse:
+        return await encode(service, request, "classification")
 
     routes = [
-        Route("/v1/embeddings", unsupported_route, methods=["POST"]),
-        Route("/v1/classifications", unsupported_route, methods=["POST"]),
+        Route("/v1/embeddings", embeddings_route, methods=["POST"]),
+        Route("/v1/classifications", classifications_route, methods=["POST"]),
         Route("/health", health_route, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/v1/models", models_route, methods=["GET"]),
@@ -132,6 +137,8 @@ async def models(service: Service) -> JSONResponse:
         "owned_by": "edge-slm",
         "target": manifest.get("target"),
         "precision": manifest.get("precision"),
+        "family": manifest.get("family", "decoder"),
+        "task": service.serves if service.model else None,
     }
     return JSONResponse({"object": "list", "data": [entry]})
 
@@ -192,9 +199,24 @@ def _usage(result) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-async def _job(service: Service, request: Request, chat: bool):
+ROUTE_OF = {
+    "generation": "/v1/chat/completions",
+    "embedding": "/v1/embeddings",
+    "classification": "/v1/classifications",
+}
+
+
+async def _body(service: Service, request: Request, task: str) -> dict:
+    """The request's JSON object, once the model is loaded, named right and able to do `task`."""
     if service.engine is None:
         raise req.ApiError(503, service.load_error or "the model is still loading: retry when /health says ok")
+    if service.serves != task:
+        raise req.ApiError(
+            400,
+            f"the bundle {service.model_id!r} serves {service.serves}, not {task}: "
+            f"use {ROUTE_OF[service.serves]} (or serve a {task} bundle)",
+            code="unsupported_route",
+        )
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
@@ -208,6 +230,46 @@ async def _job(service: Service, request: Request, chat: bool):
             "model",
             "model_not_found",
         )
+    return body
+
+
+async def encode(service: Service, request: Request, task: str) -> JSONResponse:
+    """/v1/embeddings (OpenAI's shape) and /v1/classifications (the same shape, labels for vectors)."""
+    route = "embeddings" if task == "embedding" else "classifications"
+    try:
+        body = await _body(service, request, task)
+        texts = req.inputs(body)
+        form = req.encoding_format(body) if task == "embedding" else "float"
+        model = service.model
+        tokens = sum(model.graph.token_counts(texts))
+        call = model.embed if task == "embedding" else model.classify
+        started = time.perf_counter()
+        try:
+            results = await service.engine.run(lambda: call(texts, truncate=False))
+        except EdgeSlmError as exc:
+            raise req.ApiError(400, str(exc), "input") from None
+    except req.ApiError as exc:
+        return _error(service, route, exc)
+    except QueueFull as exc:
+        return _error(service, route, req.ApiError(429, str(exc), code="queue_full"))
+    service.metrics.requests.labels(route, "200").inc()
+    service.metrics.prompt_tokens.inc(tokens)
+    if task == "embedding":
+        data = [{"object": "embedding", "index": i, "embedding": _vector(row, form)} for i, row in enumerate(results)]
+    else:
+        data = [{"object": "classification", "index": i, **r.to_dict()} for i, r in enumerate(results)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    timings = {"texts": len(texts), "ms": round(1e3 * (time.perf_counter() - started), 2)}
+    return JSONResponse({"object": "list", "data": data, "model": service.model_id, "usage": usage, "timings": timings})
+
+
+def _vector(row, form: str):
+    # OpenAI's base64 form is the float32 little-endian bytes; its Python client asks for it.
+    return base64.b64encode(row.astype("<f4").tobytes()).decode() if form == "base64" else row.tolist()
+
+
+async def _job(service: Service, request: Request, chat: bool):
+    body = await _body(service, request, "generation")
     sampling = req.sampling(body)
     model = service.model
     try:

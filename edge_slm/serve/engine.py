@@ -87,3 +87,29 @@ class Engine:
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(max(0, self.pending - 1))
+
+
+class EncoderEngine:
+    """An encoder behind the same bounded queue: one batch at a time on the model, in a worker
+    thread; requests beyond `max_queue` waiting are refused at once."""
+
+    def __init__(self, model, max_queue: int, metrics=None):
+        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self._lock = asyncio.Lock()
+        self.pending = 0
+
+    async def run(self, call, *args):
+        if self.pending > self.max_queue:
+            raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
+        self.pending += 1
+        self._gauge()
+        try:
+            async with self._lock:
+                return await asyncio.get_running_loop().run_in_executor(None, call, *args)
+        finally:
+            self.pending -= 1
+            self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(max(0, self.pending - 1))

@@ -120,3 +120,29 @@ def prompt(body: dict) -> str:
     if not isinstance(value, str) or not value:
         raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
     return value
+
+
+MAX_INPUTS = 2048  # texts per embeddings / classification request, as OpenAI's embeddings API allows
+
+
+def inputs(body: dict) -> list[str]:
+    """`input`: one text or a list of texts, each non-empty."""
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(400, "'input' must be a string or a non-empty list of strings", "input")
+    if len(texts) > MAX_INPUTS:
+        raise ApiError(400, f"'input' has {len(texts)} texts; send at most {MAX_INPUTS} per request", "input")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ApiError(400, f"input[{i}] must be a string (token arrays are not accepted)", "input")
+        if not text.strip():
+            raise ApiError(400, f"input[{i}] is empty; give each text some words", "input")
+    return texts
+
+
+def encoding_format(body: dict) -> str:
+    value = body.get("encoding_format", "float")
+    if value not in ("float", "base64"):
+        raise ApiError(400, f"'encoding_format' is {value!r}; use 'float' or 'base64'", "encoding_format")
+    return value
