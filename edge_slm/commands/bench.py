@@ -109,9 +109,15 @@ def bench(
                 progress=echo_err,
             )
     else:
-        from edge_slm.core.bundle import read_manifest
+        from edge_slm.core.bundle import read_manifest, verify_bundle
 
         counts = counts if threads else [int(read_manifest(bundle)["profile"]["runtime"]["threads"])]
+        manifest = verify_bundle(bundle)
+    if not (host or inventory) and manifest.get("family") == "encoder":
+        from edge_slm.harness.bench_encoder import run_encoder
+
+        records = run_encoder(bundle, manifest, counts, repetitions, warmup, not no_accuracy, echo_err)
+    elif not (host or inventory):
         records = run(
             bundle,
             counts,
@@ -134,6 +140,9 @@ def bench(
         for record in records:
             click.echo(json.dumps(record))
     elif records:
+        families = {(r.get("bundle") or {}).get("family", "decoder") for r in records}
+        if families == {"encoder"}:
+            from edge_slm.harness.bench_encoder import encoder_table as table
         click.echo(table(records))
     for where, why in failures.items():
         echo_err(f"error: {why}")

@@ -240,9 +240,10 @@ class BundleInfo:
     manifest_sha256: str | None  # None for a peer's model file
     target: str
     precision: str
-    graph: str  # fused / generic for a bundle; the peer's name otherwise
+    graph: str  # fused / generic / encoder for a bundle; the peer's name otherwise
     size_bytes: int
     parameters: int
+    family: str = "decoder"  # or "encoder": the report gives each family its own table
 
     @classmethod
     def of(cls, path: Path, manifest: dict, manifest_sha256: str | None) -> BundleInfo:
@@ -255,6 +256,7 @@ class BundleInfo:
             graph=manifest["graph"]["kind"],
             size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
             parameters=manifest["model"]["parameters"],
+            family=manifest.get("family", "decoder"),
         )
 
 
@@ -376,11 +378,15 @@ def record_problem(record) -> str | None:
         "bundle.size_bytes": number,
         "settings.threads": int,
         "results.peak_rss_mb": number,
-        "results.decode_tok_s.mean": number,
-        "results.decode_tok_s.std": number,
-        "results.ttft_ms.mean": number,
-        "results.prefill_tok_s.mean": number,
     }
+    if (record.get("bundle") or {}).get("family") == "encoder":
+        for key in ("latency_ms_16.p50", "latency_ms_16.p90", "latency_ms_128.p50", "latency_ms_128.p90"):
+            checks[f"results.{key}"] = number
+        for key in ("texts_per_s_b8.mean", "texts_per_s_b8.std", "texts_per_s_b32.mean", "texts_per_s_b32.std"):
+            checks[f"results.{key}"] = number
+    else:
+        for key in ("decode_tok_s.mean", "decode_tok_s.std", "ttft_ms.mean", "prefill_tok_s.mean"):
+            checks[f"results.{key}"] = number
     for key, kind in checks.items():
         value = record
         for part in key.split("."):

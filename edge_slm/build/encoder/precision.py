@@ -39,9 +39,11 @@ def reduce_precision(fp32_path: Path, spec: EncoderSpec, out_dir: Path, calibrat
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         ops = ["MatMul", "Attention", *(["EmbedLayerNormalization"] if spec.quantize_embeddings else [])]
+        kept = after_gelu(onnx.load(str(fp32_path))) if spec.float_after_gelu else []
         quantize_dynamic(
             str(fp32_path),
             str(out),
+            nodes_to_exclude=kept,
             per_channel=spec.per_channel,
             reduce_range=spec.reduce_range,
             weight_type=QuantType.QInt8,
@@ -53,7 +55,21 @@ def reduce_precision(fp32_path: Path, spec: EncoderSpec, out_dir: Path, calibrat
     counts: dict[str, int] = {}
     for node in onnx.load(str(out)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return {"method": method, "recipe": {k: getattr(spec, k) for k in spec.__dataclass_fields__}, "op_counts": counts}
+    section = {
+        "method": method,
+        "recipe": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+        "op_counts": counts,
+    }
+    if method == "int8-dynamic":
+        section["float_matmuls"] = counts.get("MatMul", 0)
+    return section
+
+
+def after_gelu(model) -> list[str]:
+    """The MatMuls whose input is a GELU's output: its few large values leave a per-tensor int8
+    scale little resolution for the many small ones (the FFN's second half in every layer)."""
+    gelu_outputs = {o for n in model.graph.node if n.op_type in ("Gelu", "BiasGelu", "FastGelu") for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in gelu_outputs]
 
 
 def _quantize_static(fp32_path: Path, out: Path, spec: EncoderSpec, feeds) -> None:

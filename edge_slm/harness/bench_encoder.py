@@ -1,0 +1,210 @@
+"""Benchmark an encoder bundle: latency of one text (p50/p90/p99 at 16 and 128 tokens), throughput
+in texts per second at batch 8 and 32, load time, peak memory of a fresh process, and accuracy
+(a classifier on the shipped intents test split, an embedder on the retrieval check). Records
+have the decoder benchmark's schema and provenance, with `bundle.family` = "encoder".
+
+Every timing is end to end, text in and result out (tokenization included), as an application
+calls it; peers in benchmarks/encoder_peers.py are timed by the same functions on the same texts.
+Torch-free: runs on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edge_slm.core.data import EVAL_TEXT
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.labelled import INTENTS_TEST, read_examples
+from edge_slm.core.system import current_rss_mb, peak_rss_mb
+from edge_slm.harness.bench import BenchRecord, BundleInfo, Settings, _versions, stats
+
+LATENCY_TOKENS = (16, 128)
+BATCH_SIZES = (8, 32)
+TEST = "b1@16,128+b8,32"
+
+
+def text_of_tokens(count_tokens, tokens: int) -> str:
+    """The longest prefix of the shipped evaluation text (in words) that has at most `tokens`
+    tokens, special tokens included: the same input for every system on every device."""
+    words = EVAL_TEXT.read_text(encoding="utf-8").split()
+    low, high = 1, min(len(words), 4 * tokens)
+    while low < high:  # the token count grows with the number of words
+        middle = (low + high + 1) // 2
+        if count_tokens(" ".join(words[:middle])) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(words[:low])
+
+
+def throughput_texts() -> list[str]:
+    return [e.text for e in read_examples(INTENTS_TEST)]
+
+
+def timed(call, repetitions: int, warmup: int) -> list[float]:
+    """Seconds of each of `repetitions` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def encoder_timings(encode, count_tokens, repetitions: int, warmup: int) -> dict:
+    """`encode(texts, batch_size)` timed as `edge-slm bench` reports it (any system)."""
+    results = {}
+    for tokens in LATENCY_TOKENS:
+        text = text_of_tokens(count_tokens, tokens)
+        samples = timed(lambda: encode([text], 1), 10 * repetitions, warmup)
+        results[f"latency_ms_{tokens}"] = {**stats([1e3 * s for s in samples]), "tokens": count_tokens(text)}
+    texts = throughput_texts()
+    for batch in BATCH_SIZES:
+        samples = timed(lambda: encode(texts, batch), repetitions, warmup)
+        results[f"texts_per_s_b{batch}"] = {**stats([len(texts) / s for s in samples]), "texts": len(texts)}
+    return results
+
+
+def measure_encoder(bundle: Path, threads: int, repetitions: int, warmup: int) -> dict:
+    """One setting, in this process: the worker side of `run_encoder()`."""
+    from edge_slm import runtime
+
+    start = time.perf_counter()
+    model = runtime.load(bundle, threads=threads, verify=False)
+    load_s = time.perf_counter() - start
+    loaded = current_rss_mb()
+    encode = model.embed if model.task == "embedding" else model.classify
+    timings = encoder_timings(
+        lambda texts, batch: encode(texts, batch_size=batch),
+        lambda text: model.graph.token_counts([text])[0],
+        repetitions,
+        warmup,
+    )
+    return {
+        "load_s": load_s,
+        **timings,
+        "rss_after_load_mb": loaded,
+        "peak_rss_mb": peak_rss_mb(),
+        "providers": model.graph.session.get_providers(),
+    }
+
+
+def encoder_accuracy(bundle: Path, threads: int) -> dict | None:
+    from edge_slm import runtime
+    from edge_slm.core.labelled import read_retrieval
+    from edge_slm.runtime.encoder_eval import evaluate_classifier, evaluate_retrieval
+
+    model = runtime.load(bundle, threads=threads, verify=False)
+    if model.task == "embedding":
+        return {**evaluate_retrieval(model, read_retrieval()), "data": "retrieval.json"}
+    examples = read_examples(INTENTS_TEST)
+    if {e.label for e in examples} - set(model.labels):
+        return None  # a classifier of other labels: `edge-slm eval --data` with its own test split
+    result = evaluate_classifier(model, examples)
+    return {
+        "task": result["task"],
+        "examples": result["examples"],
+        "accuracy": result["accuracy"],
+        "data": "intents/test.jsonl",
+    }
+
+
+def run_encoder(
+    bundle: Path, manifest: dict, threads: list[int], repetitions: int, warmup: int, accuracy: bool, progress
+) -> list[dict]:
+    """Benchmark an encoder bundle once per thread count, each in a fresh process."""
+    from edge_slm.core.bundle import MANIFEST
+
+    measured = encoder_accuracy(bundle, threads[0]) if accuracy else None
+    records = []
+    for n, count in enumerate(threads):
+        progress(
+            f"[{n + 1}/{len(threads)}] {TEST}, {count} threads, {warmup} warm-up + {repetitions} runs, fresh process"
+        )
+        config = {"bundle": str(bundle), "threads": count, "repetitions": repetitions, "warmup": warmup}
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_slm.harness.bench_encoder", json.dumps(config)], capture_output=True, text=True
+        )
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgeSlmError(f"the benchmark process failed: {last}")
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        sha = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+        records.append(
+            encoder_record(BundleInfo.of(bundle, manifest, sha), count, repetitions, warmup, results, measured)
+        )
+        progress(
+            f"      batch 1: {results['latency_ms_16']['p50']:.1f} ms at 16 tokens, {results['latency_ms_128']['p50']:.1f} ms "
+            f"at 128; batch 32: {results['texts_per_s_b32']['mean']:.0f} texts/s; peak RSS {results['peak_rss_mb']:.0f} MB"
+        )
+    return records
+
+
+def encoder_record(info: BundleInfo, threads, repetitions, warmup, results: dict, accuracy, system="edge-slm") -> dict:
+    return BenchRecord(
+        system=system,
+        test=TEST,
+        bundle=info,
+        settings=Settings(
+            threads=threads,
+            prompt_tokens=0,
+            gen_tokens=0,
+            repetitions=repetitions,
+            warmup=warmup,
+            provider=(results.get("providers") or ["?"])[0],
+            cpu_arena=True if system == "edge-slm" else None,
+        ),
+        versions=_versions(),
+        results={k: v for k, v in results.items() if k != "providers"},
+        accuracy=accuracy,
+    ).to_dict()
+
+
+def encoder_table(records: list[dict]) -> str:
+    header = [
+        "system",
+        "target",
+        "precision",
+        "threads",
+        "b1@16 p50/p90 ms",
+        "b1@128 p50/p90 ms",
+        "b8 texts/s",
+        "b32 texts/s",
+        "peak RSS MB",
+        "size MB",
+        "accuracy",
+    ]
+    rows = []
+    for r in records:
+        res, acc = r["results"], r.get("accuracy") or {}
+        score = acc.get("accuracy", acc.get("recall_at_1"))
+        rows.append(
+            [
+                r["system"],
+                r["bundle"]["target"],
+                r["bundle"]["precision"],
+                str(r["settings"]["threads"]),
+                f"{res['latency_ms_16']['p50']:.1f}/{res['latency_ms_16']['p90']:.1f}",
+                f"{res['latency_ms_128']['p50']:.1f}/{res['latency_ms_128']['p90']:.1f}",
+                f"{res['texts_per_s_b8']['mean']:.0f} ± {res['texts_per_s_b8']['std']:.0f}",
+                f"{res['texts_per_s_b32']['mean']:.0f} ± {res['texts_per_s_b32']['std']:.0f}",
+                f"{res['peak_rss_mb']:.0f}",
+                f"{r['bundle']['size_bytes'] / 1e6:.0f}",
+                "-" if score is None else f"{100 * score:.1f}%",
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+if __name__ == "__main__":  # the worker: one setting, in a fresh process
+    settings = json.loads(sys.argv[1])
+    print(json.dumps(measure_encoder(Path(settings.pop("bundle")), **settings)))
