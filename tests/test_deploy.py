@@ -74,6 +74,23 @@ def test_deploy_serve_status_stop_with_the_system_python(system_device, tiny_bun
     assert service_status(system_device) == "stopped"
 
 
+def test_deploy_and_serve_a_classifier(system_device, classifier_bundle):
+    """An encoder bundle takes the same path; its smoke test compares labels, and the device's
+    server answers /v1/classifications as this machine's runtime does."""
+    from edge_slm import runtime
+    from edge_slm.harness.deploy import SMOKE_TEXTS, deploy, stop_service
+
+    port = free_port()
+    result = deploy(system_device, classifier_bundle, serve=True, listen=f"127.0.0.1:{port}", threads=1)
+    try:
+        want = [r.label for r in runtime.load(classifier_bundle).classify(list(SMOKE_TEXTS))]
+        assert result["smoke"] == {"passed": True, "summary": f"3/3 labels as on this machine ({', '.join(want)})"}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/classifications", json={"input": list(SMOKE_TEXTS)}, timeout=30)
+        assert [d["label"] for d in reply.json()["data"]] == want
+    finally:
+        assert stop_service(system_device) == "stopped"
+
+
 def test_deploy_failures_are_one_line(sshd, tiny_bundle, tmp_path):
     device, _ = sshd
     no_python = _cli(

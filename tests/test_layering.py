@@ -23,6 +23,7 @@ DEVICE_PARTS = (
     "data",
     "harness/__init__.py",
     "harness/bench.py",
+    "harness/bench_encoder.py",
 )
 HEAVY = ("torch", "transformers", "optimum", "onnx", "gguf", "matplotlib")
 

@@ -59,11 +59,7 @@ def deploy(
     result = d.deploy(device, bundle, serve=serve_it, listen=listen, threads=threads, progress=echo_err)
     smoke = result["smoke"]
     click.echo(f"deployed:     {result['bundle']} on {host} (venv {result['venv']})")
-    click.echo(
-        f"smoke test:   {smoke['tokens_agreeing']}/{smoke['tokens']} greedy tokens as on this machine "
-        f"({smoke['text']!r}), {smoke['decode_tokens_per_s'] or 0:.1f} tok/s, peak RSS "
-        f"{smoke['peak_rss_mb'] or 0:.0f} MB on the device"
-    )
+    click.echo(f"smoke test:   {smoke['summary']}")
     if serve_it:
         click.echo(f"serving:      http://{listen}/v1 as {result['service']}")
         click.echo(f"manage it:    edge-slm deploy --host {host} --status | --stop")

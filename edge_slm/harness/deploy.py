@@ -223,6 +223,47 @@ def copy_bundle(device: Device, bundle: Path, manifest: dict, progress=lambda ms
     return remote
 
 
+SMOKE_TEXTS = ("turn off the kitchen lights", "will it rain in Lisbon tomorrow", "add oat milk to the shopping list")
+MIN_SMOKE_COSINE = 0.99  # another CPU's int8 kernels move an embedding a little, never this far
+
+
+def encoder_smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
+    """Three texts on the device against this machine: the same labels (classifier), or vectors
+    pointing the same way (embedder, cosine >= 0.99)."""
+    from edge_slm import runtime
+
+    model = runtime.load(bundle)
+    command = "classify" if model.task == "classification" else "embed"
+    args = [command, remote_bundle, *SMOKE_TEXTS] + (["--json"] if command == "classify" else [])
+    args += ["--threads", str(threads)] if threads else []
+    out = ssh(device, f"cd && {venv}/bin/edge-slm " + " ".join(shlex.quote(a) for a in args), timeout=600)
+    try:
+        rows = [json.loads(line) for line in out.strip().splitlines()[-len(SMOKE_TEXTS) :]]
+        if len(rows) != len(SMOKE_TEXTS):
+            raise ValueError
+        if command == "classify":
+            device_labels = [str(r["label"]) for r in rows]
+        else:
+            device_vectors = np.array(rows, dtype=np.float32)
+    except (ValueError, KeyError, TypeError):
+        raise RemoteError(f"{device.host}: the smoke test printed no result ({out[-120:]!r})") from None
+    if command == "classify":
+        host_labels = [r.label for r in model.classify(list(SMOKE_TEXTS))]
+        agree = sum(a == b for a, b in zip(host_labels, device_labels))
+        summary = f"{agree}/{len(SMOKE_TEXTS)} labels as on this machine ({', '.join(device_labels)})"
+        passed = agree == len(SMOKE_TEXTS)
+    else:
+        host_vectors = model.embed(list(SMOKE_TEXTS))
+        if device_vectors.shape != host_vectors.shape:
+            raise RemoteError(f"{device.host}: the smoke test returned vectors of shape {device_vectors.shape}")
+        cosine = (host_vectors * device_vectors).sum(1) / (
+            np.linalg.norm(host_vectors, axis=1) * np.linalg.norm(device_vectors, axis=1)
+        )
+        summary = f"embeddings' cosine to this machine's >= {cosine.min():.4f} for {len(SMOKE_TEXTS)} texts"
+        passed = bool(cosine.min() >= MIN_SMOKE_COSINE)
+    return {"passed": bool(passed), "summary": summary}
+
+
 def smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
     """8 greedy tokens of a fixed prompt on the device against this machine: identical for fp32;
     for quantized bundles identical up to the first place where this machine's top two logits
@@ -252,6 +293,11 @@ def smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, thre
         passed = bool(top[1] - top[0] < NEAR_TIE_NATS)
     return {
         "passed": bool(passed),
+        "summary": (
+            f"{agree}/{len(host.token_ids)} greedy tokens as on this machine ({remote.get('text', '')!r}), "
+            f"{remote.get('decode_tokens_per_s') or 0:.1f} tok/s, peak RSS {remote.get('peak_rss_mb') or 0:.0f} MB "
+            "on the device"
+        ),
         "tokens_agreeing": agree,
         "tokens": len(host.token_ids),
         "text": remote.get("text", ""),
@@ -355,12 +401,10 @@ def deploy(
     remote_bundle = copy_bundle(device, bundle, manifest, progress)
     progress(f"{device.host}: verifying every checksum on the device")
     ssh(device, f"cd && {venv}/bin/edge-slm inspect {remote_bundle} > /dev/null", timeout=600)
-    smoke = smoke_test(device, venv, remote_bundle, bundle, threads)
+    check = encoder_smoke_test if manifest.get("family") == "encoder" else smoke_test
+    smoke = check(device, venv, remote_bundle, bundle, threads)
     if not smoke["passed"]:
-        raise RemoteError(
-            f"{device.host}: the smoke test failed: {smoke['tokens_agreeing']}/{smoke['tokens']} greedy "
-            f"tokens agree with this machine ({smoke['text']!r})"
-        )
+        raise RemoteError(f"{device.host}: the smoke test failed: {smoke['summary']}")
     result = {"host": device.host, "bundle": f"~/{remote_bundle}", "venv": f"~/{venv}", "smoke": smoke}
     if serve:
         result["service"] = start_service(device, venv, remote_bundle, listen, threads, progress)

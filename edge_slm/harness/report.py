@@ -2,10 +2,12 @@
 
     edge-slm report benchmarks/results/*/*.jsonl --out benchmarks/report     (or `make report`)
 
-Reports are pure functions of the records (JSONL, `edge_slm.harness.bench` schema). Plots: decode
+Reports are pure functions of the records (JSONL, `edge_slm.harness.bench` schema). Decoders: decode
 throughput and time to first token per target and precision, peak memory against bundle size,
-accuracy against speed, thread sweeps. The comparison table gives each run's ratio to the
-fastest fp32 edge-slm run of the same target and host.
+accuracy against speed, thread sweeps; the table gives each run's ratio to the fastest fp32
+edge-slm run of the same target and host. Encoders (records with `bundle.family` "encoder") get
+their own table and plot: latency of one text, texts per second in batches, memory, accuracy, and
+each run's throughput against the fastest peer measured on the same host.
 """
 
 from __future__ import annotations
@@ -228,20 +230,105 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def is_encoder(record: dict) -> bool:
+    return record["bundle"].get("family") == "encoder"
+
+
+ENCODER_COLUMNS = [
+    ("run", "run"),
+    ("b1_16", "1 text, 16 tokens: ms p50 / p90"),
+    ("b1_128", "1 text, 128 tokens: ms p50 / p90"),
+    ("b8", "texts/s, batch 8"),
+    ("b32", "texts/s, batch 32"),
+    ("rss", "peak RSS MB"),
+    ("size", "model MB"),
+    ("accuracy", "accuracy"),
+    ("vs peer", "batch 32 vs fastest peer"),
+]
+
+
+def encoder_rows(records: list[dict]) -> list[dict]:
+    fastest = {}
+    for r in records:
+        if r["system"] != "edge-slm":
+            key = r["host"]
+            if (
+                key not in fastest
+                or r["results"]["texts_per_s_b32"]["mean"] > fastest[key]["results"]["texts_per_s_b32"]["mean"]
+            ):
+                fastest[key] = r
+    rows = []
+    for r in records:
+        res, acc = r["results"], r.get("accuracy") or {}
+        peer = fastest.get(r["host"])
+        if "accuracy" in acc:
+            accuracy = f"{100 * acc['accuracy']:.1f}% (test split)"
+        elif "recall_at_1" in acc:
+            accuracy = f"recall@1 {100 * acc['recall_at_1']:.1f}%"
+        elif "cosine_to_torch_fp32" in acc:
+            accuracy = f"cosine {acc['cosine_to_torch_fp32']:.4f} to torch"
+        else:
+            accuracy = "-"
+        rows.append(
+            {
+                "run": label(r),
+                "b1_16": f"{res['latency_ms_16']['p50']:.1f} / {res['latency_ms_16']['p90']:.1f}",
+                "b1_128": f"{res['latency_ms_128']['p50']:.1f} / {res['latency_ms_128']['p90']:.1f}",
+                "b8": f"{res['texts_per_s_b8']['mean']:.0f} ± {res['texts_per_s_b8']['std']:.0f}",
+                "b32": f"{res['texts_per_s_b32']['mean']:.0f} ± {res['texts_per_s_b32']['std']:.0f}",
+                "rss": f"{res['peak_rss_mb']:.0f}",
+                "size": f"{r['bundle']['size_bytes'] / 1e6:.0f}",
+                "accuracy": accuracy,
+                "vs peer": f"{res['texts_per_s_b32']['mean'] / peer['results']['texts_per_s_b32']['mean']:.2f}x"
+                if peer
+                else "-",
+            }
+        )
+    return rows
+
+
+def encoder_plot(records: list[dict], out: Path) -> tuple[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['system']}\n{r['bundle']['precision']} {r['bundle']['target']}" for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.5 * len(records) + 3), 4.6))
+    for ax, metric, stat, title in (
+        (axes[0], "texts_per_s_b32", "mean", "texts per second, batch 32 (higher is better)"),
+        (axes[1], "latency_ms_128", "p50", "one 128-token text, ms p50 (lower is better)"),
+    ):
+        values = [r["results"][metric][stat] for r in records]
+        bars = ax.bar(
+            range(len(records)), values, color=["#3b7dd8" if r["system"] == "edge-slm" else "#999999" for r in records]
+        )
+        ax.bar_label(bars, fmt="%.0f" if stat == "mean" else "%.1f", padding=2, fontsize=8)
+        ax.set_xticks(range(len(records)), names, fontsize=7, rotation=30, ha="right")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("encoders: edge-slm (blue) and peers (grey), same weights and texts", fontsize=10)
+    fig.tight_layout()
+    return ("Encoders against their peers", _save(fig, out / "encoders.png"))
+
+
 def write_report(paths: list[Path], out: Path) -> list[Path]:
-    records = latest_per_setting(read_records(paths))
+    every = latest_per_setting(read_records(paths))
+    records = [r for r in every if not is_encoder(r)]
+    encoders = [r for r in every if is_encoder(r)]
     out.mkdir(parents=True, exist_ok=True)
-    figures = plots(records, out)
+    figures = plots(records, out) if records else []
+    encoder_figures = [encoder_plot(encoders, out)] if encoders else []
     rows = comparison_rows(records)
+    erows = encoder_rows(encoders)
     hosts = sorted(
         {
             f"{r['host']}: {r['machine']['cpu']} ({r['machine']['arch']}, {r['machine']['cores']} cores, "
             f"flags {' '.join(r['machine']['flags']) or 'n/a'})"
-            for r in records
+            for r in every
         }
     )
     notes = [
-        f"Records: {len(records)} (newest per setting) from {', '.join(str(p) for p in paths)}.",
+        f"Records: {len(every)} (newest per setting) from {', '.join(str(p) for p in paths)}.",
         "Each figure is the mean ± standard deviation of the repetitions of one invocation, warm-up excluded; "
         "peak RSS is the process's high-water mark with onnxruntime's CPU arena on.",
         "Measured on: " + "; ".join(hosts) + ".",
@@ -251,11 +338,20 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
         "",
         *notes,
         "",
-        "| " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
     ]
-    md += ["| " + " | ".join(row[k] for k, _ in COLUMNS) + " |" for row in rows]
+    if rows:
+        md += ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        md += ["| " + " | ".join(row[k] for k, _ in COLUMNS) + " |" for row in rows]
     md += [""] + [f"## {title}\n\n![{title}]({path.name})\n" for title, path in figures]
+    if erows:
+        md += [
+            "## Encoders",
+            "",
+            "| " + " | ".join(h for _, h in ENCODER_COLUMNS) + " |",
+            "|" + "---|" * len(ENCODER_COLUMNS),
+        ]
+        md += ["| " + " | ".join(row[k] for k, _ in ENCODER_COLUMNS) + " |" for row in erows]
+        md += [""] + [f"![{title}]({path.name})\n" for title, path in encoder_figures]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
@@ -263,11 +359,20 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     body = [
         "<h1>edge-slm benchmark report</h1>",
         *[f"<p>{html.escape(n)}</p>" for n in notes],
-        "<table><tr>" + cells([h for _, h in COLUMNS], "th") + "</tr>",
-        *["<tr>" + cells([row[k] for k, _ in COLUMNS], "td") + "</tr>" for row in rows],
-        "</table>",
     ]
-    for title, path in figures:
+    if rows:
+        body += [
+            "<table><tr>" + cells([h for _, h in COLUMNS], "th") + "</tr>",
+            *["<tr>" + cells([row[k] for k, _ in COLUMNS], "td") + "</tr>" for row in rows],
+            "</table>",
+        ]
+    if erows:
+        body += [
+            "<h2>Encoders</h2><table><tr>" + cells([h for _, h in ENCODER_COLUMNS], "th") + "</tr>",
+            *["<tr>" + cells([row[k] for k, _ in ENCODER_COLUMNS], "td") + "</tr>" for row in erows],
+            "</table>",
+        ]
+    for title, path in figures + encoder_figures:
         data = base64.b64encode(path.read_bytes()).decode()
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
     style = (
@@ -281,4 +386,4 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n",
         encoding="utf-8",
     )
-    return [md_path, html_path] + [p for _, p in figures]
+    return [md_path, html_path] + [p for _, p in figures + encoder_figures]
