@@ -43,9 +43,16 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--b-all-logits",
+        action="store_true",
+        help="B computes the LM head for every prompt position (as before logits_to_keep); A and B may be one bundle.",
+    )
     args = parser.parse_args()
 
     models = [runtime.load(args.bundle_a, threads=args.threads), runtime.load(args.bundle_b, threads=args.threads)]
+    if args.b_all_logits:
+        models[1].session.keeps_logits = False
     ids = prompt_ids(models[0], args.prompt_tokens)
     for model in models:  # warm-up: first-run allocations and prepacking stay out of the figures
         one_run(model, ids, args.gen_tokens)
@@ -68,7 +75,7 @@ def main() -> int:
         "schema": "edge-slm-ab/1",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "a": str(args.bundle_a),
-        "b": str(args.bundle_b),
+        "b": str(args.bundle_b) + (" (LM head on every prompt position)" if args.b_all_logits else ""),
         "precision_a": models[0].manifest["precision"],
         "precision_b": models[1].manifest["precision"],
         "threads": args.threads,

@@ -72,7 +72,8 @@ def test_fused_node_counts(tiny_llama, tiny_qwen2, tmp_path):
     ).graph
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert len(graph.node) == 11 * layers + 13
+    assert len(graph.node) == 11 * layers + 15
+    assert ops["Slice"] == 1 and ops["Neg"] == 1  # logits_to_keep: the LM head reads the kept positions only
     assert ops["GroupQueryAttention"] == layers
     assert "RotaryEmbedding" not in ops and "Split" not in ops  # rotary inside GroupQueryAttention
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers  # 2L-1 inside, plus the final norm
@@ -97,11 +98,12 @@ def test_external_data_and_signature(tiny_llama, tmp_path):
     assert {o.domain: o.version for o in proto.opset_import}[""] == 17
     names = [i.name for i in proto.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:7] == [
+    assert names[3:] == [
         "past_key_values.0.key",
         "past_key_values.0.value",
         "past_key_values.1.key",
         "past_key_values.1.value",
+        "logits_to_keep",  # with a default (an initializer of that name): callers may leave it out
     ]
     dims = [d.dim_param for d in proto.graph.input[3].type.tensor_type.shape.dim]
     assert dims[0] == "batch" and dims[2] == "past_sequence"
@@ -150,9 +152,30 @@ def test_profiles_with_old_runtimes_get_separate_rotary_nodes(tiny_llama, tmp_pa
     graph, ops = onnx.load(str(exported.onnx_path), load_external_data=False).graph, {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert len(graph.node) == 14 * 2 + 13 and ops["RotaryEmbedding"] == 4 and ops["Split"] == 2
+    assert len(graph.node) == 14 * 2 + 15 and ops["RotaryEmbedding"] == 4 and ops["Split"] == 2
     assert min_onnxruntime(exported.onnx_path) == "1.20.0"
     for logits_diff, key_diff in _run_steps(exported.onnx_path, model, PROMPT, steps=4):
         assert logits_diff < FP32_TOL.logits and key_diff < FP32_TOL.present
     newer = export(model, load_profile("x86-laptop"), tmp_path / "new")
     assert min_onnxruntime(newer.onnx_path) == "1.24.0"
+
+
+def test_logits_to_keep_gives_the_last_rows_of_the_full_logits(tiny_llama, tmp_path):
+    """Generation asks the LM head for the last position only; it must be the same row as the
+    one computed with every position (the input's default, 0, as other runtimes call it)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    path = export(load_torch_model(tiny_llama), load_profile("x86-laptop"), tmp_path).onnx_path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    ids = np.array([PROMPT], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    for i in range(2):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), np.float32)
+    every = session.run(["logits"], feed)[0]
+    last = session.run(["logits"], {**feed, "logits_to_keep": np.array([1])})[0]
+    three = session.run(["logits"], {**feed, "logits_to_keep": np.array([3])})[0]
+    assert every.shape == (1, len(PROMPT), 300) and last.shape == (1, 1, 300) and three.shape == (1, 3, 300)
+    assert np.abs(last[0, -1] - every[0, -1]).max() < 1e-5 and np.abs(three[0] - every[0, -3:]).max() < 1e-5

@@ -22,3 +22,26 @@ def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
     assert trt["trt_profile_max_shapes"].count("past_key_values") == 4
     fp16 = provider_options(["TensorrtExecutionProvider"], {**manifest, "precision": "fp16"})[0]
     assert fp16["trt_int8_enable"] == "False"  # an fp16 bundle must not ask TensorRT for int8
+
+
+def test_a_prompt_skips_the_lm_head_for_all_but_its_last_position(tiny_bundle):
+    """The first prompt runs with logits_to_keep = 1 (its cache copied into the shared buffers):
+    the same last logits and the same greedy continuation as computing every position's logits."""
+    import numpy as np
+
+    from edge_slm import runtime
+
+    fast, full = runtime.load(tiny_bundle, threads=1), runtime.load(tiny_bundle, threads=1)
+    assert fast.session.keeps_logits
+    full.session.keeps_logits = False  # the path every bundle took before: all positions
+    prompt = fast.encode("The capital of France is Paris. The capital of Italy is")
+    a, b = fast.session.forward(prompt), full.session.forward(prompt)
+    assert a.shape == b.shape == (300,) and np.abs(a - b).max() < 1e-4
+    assert fast.session.length == full.session.length == len(prompt)
+    for _ in range(6):
+        token = int(a.argmax())
+        assert token == int(b.argmax())
+        a, b = fast.session.forward([token]), full.session.forward([token])
+        assert np.abs(a - b).max() < 1e-4
+    greedy = fast.generate(prompt, max_new_tokens=10, temperature=0.0).token_ids
+    assert greedy == full.generate(prompt, max_new_tokens=10, temperature=0.0).token_ids

@@ -79,6 +79,7 @@ def build_fused_graph(model, shape, profile: Profile):
         normed, residual = _norm(g, i, hidden, residual, shape.rms_norm_eps)
         attn = _attention(g, i, normed, shape, qkv_split)
         hidden, residual = _mlp(g, i, attn, residual, shape.rms_norm_eps)
+    g.const(LOGITS_TO_KEEP, np.array([0], dtype=np.int64))  # an input with a default: see _lm_head
     _lm_head(g, hidden, residual, embed, shape)
     inputs, outputs = _signature(shape)
     graph = helper.make_graph(g.nodes, f"edge-slm-{shape.architecture}", inputs, outputs, g.initializers)
@@ -177,23 +178,32 @@ def _mlp(g: _GraphWriter, i: int, attn_out: str, residual: str, eps: float) -> t
     return hidden, residual
 
 
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
 def _lm_head(g: _GraphWriter, hidden: str, residual: str, embed: str, shape) -> None:
     """The final norm and the LM head: with tied embeddings one copy of the table serves the Gather
-    and, transposed by Gemm, the head."""
+    and, transposed by Gemm, the head. The head reads only the last `logits_to_keep` positions (an
+    input whose default, 0, keeps them all): generation asks for 1 and skips the vocabulary
+    product for every other prompt token, scoring and other runtimes get every position."""
     final_norm = g.weight("model.norm.weight")
-    normed = g.node(
+    g.node(
         "SkipSimplifiedLayerNormalization",
         [hidden, residual, final_norm],
         ["final_norm"],
         domain=MS_DOMAIN,
         epsilon=shape.rms_norm_eps,
-    )[0]
+    )
+    g.node("Neg", [LOGITS_TO_KEEP], ["logits_start"])
+    end = g.const("const.int64_max", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+    axis1 = g.const("const.sequence_axis", np.array([1], dtype=np.int64))
+    normed = g.node("Slice", ["final_norm", "logits_start", end, axis1], ["final_norm_kept"])[0]
     if shape.tied_embeddings:
         flat = g.const("const.flat_shape", np.array([-1, shape.hidden_size], dtype=np.int64))
         vocab = g.const("const.vocab", np.array([shape.vocab_size], dtype=np.int64))
         g.node("Reshape", [normed, flat], ["final_norm_2d"])
         g.node("Gemm", ["final_norm_2d", embed], ["logits_2d"], transB=1)
-        g.node("Shape", ["input_ids"], ["batch_seq"])
+        g.node("Shape", [normed], ["batch_seq"], start=0, end=2)
         g.node("Concat", ["batch_seq", vocab], ["logits_shape"], axis=0)
         g.node("Reshape", ["logits_2d", "logits_shape"], ["logits"])
     else:
@@ -209,11 +219,12 @@ def _signature(shape) -> tuple[list, list]:
         helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", shape.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "kept_sequence", shape.vocab_size])]
     for i in range(shape.num_layers):
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, ["batch", K, "past_sequence", H])
             )
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", K, "total_sequence", H]))
+    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, i64, [1]))  # last: it has a default
     return inputs, outputs

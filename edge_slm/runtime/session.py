@@ -20,6 +20,10 @@ log = logging.getLogger("edge_slm.runtime")
 _warned: set[str] = set()
 
 
+# The fused graph's optional input: the LM head runs for the last N positions only (0: all).
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
 class ContextFullError(EdgeSlmError):
     """The KV cache holds `context_length` tokens: nothing more fits."""
 
@@ -138,6 +142,8 @@ class DecoderSession:
         for session in (self.session, self.prefill_session):
             if session is not None:
                 check_signature(session, self, model_path)
+        # Graphs that can skip the LM head for prompt tokens whose logits nobody reads.
+        self.keeps_logits = any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
         # Position and mask inputs come from these, sliced: no per-step allocation.
         self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
@@ -148,14 +154,23 @@ class DecoderSession:
         # On a GPU the cache lives in device memory: a decode step then moves only the new token.
         self.kv_device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         if self.shared:
-            self._buffers = [
-                ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, self.kv_dtype, self.kv_device, 0)
-                for _ in self.past_names
-            ]
+            if self.kv_device == "cpu":
+                # numpy owns the memory and onnxruntime uses it in place, so that a prompt's cache
+                # can be written into it directly (`_prefill_empty`); np.zeros pages become
+                # resident only when written, as onnxruntime's own allocation does.
+                self._arrays = [np.zeros(self.kv_shape, self.kv_dtype) for _ in self.past_names]
+                self._buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+            else:
+                self._arrays = None
+                self._buffers = [
+                    ort.OrtValue.ortvalue_from_shape_and_type(self.kv_shape, self.kv_dtype, self.kv_device, 0)
+                    for _ in self.past_names
+                ]
             self._binding = self._bind(self.session)
             self._prefill_binding = self._bind(self.prefill_session) if self.prefill_session else None
             self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, self.vocab_size), np.float32, "cpu", 0)
         else:
+            self._arrays = None
             self._past = self._empty_past()
 
     @classmethod
@@ -181,6 +196,22 @@ class DecoderSession:
             prefill_file=manifest["graph"].get("prefill_file"),
             per_provider=per_provider,
         )
+
+    def _prefill_empty(self, session, ids, mask, positions, keep) -> np.ndarray:
+        """A prompt into an empty cache with the LM head on its last position only. onnxruntime's
+        IO binding cannot set an input that has a default (logits_to_keep), so this one call
+        goes through `run` with an empty past and its present (the prompt's keys and values, a
+        few MB) is copied into the shared cache; the 128 x vocabulary logits of the other prompt
+        positions are never computed."""
+        empty = self._empty_past()
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
+        feed.update(zip(self.past_names, empty))
+        feed[LOGITS_TO_KEEP] = keep
+        outputs = _run(session.run, ["logits", *self.present_names], feed, at=0)
+        seq = ids.shape[1]
+        for array, present in zip(self._arrays, outputs[1:]):
+            array[:, :, :seq] = present
+        return outputs[0]
 
     def _bind(self, session):
         """An IO binding whose past and present are the shared per-layer cache buffers."""
@@ -233,7 +264,10 @@ class DecoderSession:
         # decode graph, so that perplexity and agreement measure what decoding computes.
         prefill = seq > 1 and not all_logits and self.prefill_session is not None
         session = self.prefill_session if prefill else self.session
-        if self.shared:
+        keep = np.array([seq if all_logits else 1], dtype=np.int64)
+        if self.shared and self.length == 0 and seq > 1 and not all_logits and self.keeps_logits and self._arrays:
+            logits = self._prefill_empty(session, ids, mask, positions, keep)
+        elif self.shared:
             binding = self._prefill_binding if prefill else self._binding
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask)
@@ -248,6 +282,8 @@ class DecoderSession:
         else:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
             feed.update(zip(self.past_names, self._past))
+            if self.keeps_logits:
+                feed[LOGITS_TO_KEEP] = keep
             outputs = _run(session.run, None, feed, at=self.length)
             logits, self._past = outputs[0], outputs[1:]
         self.length = total

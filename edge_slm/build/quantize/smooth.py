@@ -59,6 +59,7 @@ def capture_activations(
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: logits_to_keep is an input with a default, on purpose
     options.intra_op_num_threads = threads
     # Optimizations could fuse away the very tensors being measured.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
