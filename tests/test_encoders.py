@@ -41,6 +41,8 @@ def torch_reference(model_dir, texts, task):
     with torch.no_grad():
         for text in texts:
             batch = tokenizer([text], return_tensors="pt", truncation=True, max_length=32)  # the profile's limit
+            if model.config.model_type != "bert":
+                batch.pop("token_type_ids", None)
             out = model(**batch)
             if task == "classification":
                 rows.append(out.logits[0].numpy())
@@ -278,3 +280,77 @@ def test_classify_and_embed_commands(capsys, classifier_bundle, embedder_bundles
     code, stdout, _ = run_cli(capsys, "eval", str(embedder_bundles[0]), "--json")
     result = json.loads(stdout)
     assert code == 0 and result["queries"] == 60 and 0 <= result["recall_at_1"] <= result["recall_at_5"] <= 1
+
+
+@pytest.mark.parametrize("layout", ["distilbert", "roberta"])
+def test_other_encoder_layouts_build_and_match_torch(layout, tiny_embedder, encoder_profile, tmp_path):
+    """DistilBERT and RoBERTa classifiers take the same path; the optimizer fuses what it
+    recognises (RoBERTa's attention; DistilBERT's stays plain MatMul/Softmax) and parity holds."""
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    from edge_slm import runtime
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
+    from edge_slm.runtime.encoder import softmax
+
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_embedder)
+    labels = {"id2label": {0: "lights", 1: "music"}, "label2id": {"lights": 0, "music": 1}}
+    if layout == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64, **labels
+        )
+        cls = DistilBertForSequenceClassification
+    else:
+        config = RobertaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=66,
+            pad_token_id=0,
+            type_vocab_size=1,
+            **labels,
+        )
+        cls = RobertaForSequenceClassification
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / layout)
+    tokenizer.save_pretrained(tmp_path / layout)
+    manifest = build(
+        str(tmp_path / layout),
+        load_profile(str(encoder_profile)),
+        tmp_path / "out",
+        echo=lambda m: None,
+        precision="fp32",
+    )
+    assert manifest["model"]["model_type"] == layout and manifest["graph"]["inputs"] == ["input_ids", "attention_mask"]
+    assert manifest["graph"]["fused"].get("Attention", 0) == (2 if layout == "roberta" else 0)
+    want = softmax(torch_reference(tmp_path / layout, TEXTS, "classification"))
+    got = [r.probabilities for r in runtime.load(tmp_path / "out").classify(TEXTS, batch_size=2)]
+    assert np.abs(np.array([[p["lights"], p["music"]] for p in got]) - want).max() < 1e-5
+
+
+def test_labelled_data_from_csv_and_its_errors(tmp_path):
+    from edge_slm.core.labelled import DataError, read_examples
+
+    good = tmp_path / "data.csv"
+    good.write_text('text,label\n"turn on the lights, please",lights\nplay jazz,music\n', encoding="utf-8")
+    assert [(e.text, e.label) for e in read_examples(good)] == [
+        ("turn on the lights, please", "lights"),
+        ("play jazz", "music"),
+    ]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nplay jazz,music\nlights on,\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.csv:3: 'label' must be a non-empty string"):
+        read_examples(bad)
+    headless = tmp_path / "headless.csv"
+    headless.write_text("play jazz,music\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"headless.csv:1: the CSV header must name the columns 'text' and 'label'"):
+        read_examples(headless)

@@ -34,12 +34,28 @@ def verify_command(
     bundle: Path, emulate: str, ort_version: str | None, tokens: int, eval_tokens: int | None, as_json: bool
 ) -> None:
     """Run the bundle on an emulated Raspberry Pi CPU (qemu) and compare it with this machine."""
-    from edge_slm.harness.emulate import verify
+    from edge_slm.core.bundle import read_manifest
+    from edge_slm.harness.emulate import verify, verify_encoder
 
+    manifest = read_manifest(bundle)
+    if manifest.get("family") == "encoder":
+        result = verify_encoder(bundle, emulate, ort_version, 2, echo_err)
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            measured = (
+                f"labels agree with this machine on {100 * result['label_agreement']:.1f}%"
+                if "label_agreement" in result
+                else f"embeddings' cosine to this machine's: mean {result['mean_cosine']:.5f}, min {result['min_cosine']:.5f}"
+            )
+            click.echo(
+                f"{'PASSED' if result['passed'] else 'FAILED'}: {result['device']} ({result['cpu']}, emulated), "
+                f"onnxruntime {result['onnxruntime']} aarch64 vs host {result['host_onnxruntime']}: {measured} of "
+                f"{result['texts']} texts (needs {result['needs']}); {result['emulated_seconds']:.0f} s under emulation"
+            )
+        sys.exit(0 if result["passed"] else 1)
     if eval_tokens is None:
-        from edge_slm.core.bundle import read_manifest
-
-        eval_tokens = 0 if read_manifest(bundle)["precision"] == "fp32" else 256
+        eval_tokens = 0 if manifest["precision"] == "fp32" else 256
     result = verify(bundle, emulate, ort_version, tokens, progress=echo_err, eval_tokens=eval_tokens)
     if as_json:
         click.echo(json.dumps(result))

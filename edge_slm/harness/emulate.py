@@ -191,6 +191,71 @@ def eval_trace(bundle: Path, tokens: int, threads: int) -> dict:
     return {"top1": logp.argmax(-1).tolist(), "target_logprobs": logp[np.arange(len(targets)), targets].tolist()}
 
 
+def encoder_trace(bundle: Path, threads: int) -> dict:
+    """A classifier's labels for the shipped intents test texts, or an embedder's vectors for the
+    retrieval check's texts: the same code on both sides."""
+    import onnxruntime
+
+    from edge_slm import runtime
+    from edge_slm.core.labelled import INTENTS_TEST, read_examples, read_retrieval
+
+    model = runtime.load(bundle, threads=threads, verify=False)
+    start = time.perf_counter()
+    if model.task == "classification":
+        texts = [e.text for e in read_examples(INTENTS_TEST)]
+        out = {"labels": [r.label for r in model.classify(texts)]}
+    else:
+        check = read_retrieval()
+        vectors = model.embed(check.queries + check.passages)
+        out = {"vectors": base64.b64encode(vectors.astype(np.float32).tobytes()).decode(), "dim": vectors.shape[1]}
+    return {
+        **out,
+        "texts": len(texts) if model.task == "classification" else len(check.queries) * 2,
+        "seconds": time.perf_counter() - start,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def compare_encoder(host: dict, arm: dict, spec: dict) -> dict:
+    """Labels agreeing, or cosine of the vectors, against the profile's encoder gate."""
+    if "labels" in host:
+        agreement = float(np.mean([a == b for a, b in zip(host["labels"], arm["labels"])]))
+        need = float(spec.get("min_label_agreement", 0.99))
+        return {"label_agreement": agreement, "needs": need, "passed": agreement >= need}
+    h = np.frombuffer(base64.b64decode(host["vectors"]), np.float32).reshape(-1, host["dim"])
+    a = np.frombuffer(base64.b64decode(arm["vectors"]), np.float32).reshape(-1, arm["dim"])
+    cosine = (h * a).sum(1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(a, axis=1))
+    need = float(spec.get("min_cosine", 0.99))
+    return {
+        "mean_cosine": float(cosine.mean()),
+        "min_cosine": float(cosine.min()),
+        "needs": need,
+        "passed": float(cosine.mean()) >= need,
+    }
+
+
+def verify_encoder(bundle: Path, cpu: str, onnxruntime: str | None, threads: int, progress) -> dict:
+    manifest = read_manifest(bundle)
+    versions = manifest["profile"]["runtime"].get("onnxruntime_versions") or ["1.27.0"]
+    onnxruntime = onnxruntime or max(versions, key=version_tuple)
+    root = prepare_sysroot(onnxruntime, progress)
+    progress("host: the shipped texts through the encoder")
+    host = encoder_trace(Path(bundle), threads)
+    progress(f"emulated {cpu} ({CPUS[cpu]}), onnxruntime {onnxruntime} aarch64: the same texts (slow: minutes)")
+    started = time.perf_counter()
+    arm = _emulated(root, cpu, {"bundle": str(Path(bundle).resolve()), "threads": threads, "encoder": True})
+    result = compare_encoder(host, arm, manifest["profile"].get("encoder") or {})
+    return result | {
+        "family": "encoder",
+        "texts": host["texts"],
+        "cpu": cpu,
+        "device": CPUS[cpu],
+        "onnxruntime": arm["onnxruntime"],
+        "host_onnxruntime": host["onnxruntime"],
+        "emulated_seconds": time.perf_counter() - started,
+    }
+
+
 def statistical_agreement(host: dict, arm: dict) -> dict:
     agree = float(np.mean(np.asarray(host["top1"]) == np.asarray(arm["top1"])))
     ppl_host = float(np.exp(-np.mean(host["target_logprobs"])))
@@ -335,7 +400,9 @@ def compare(host: dict, arm: dict, precision: str) -> dict:
 
 if __name__ == "__main__":  # the emulated side
     config = json.loads(sys.argv[1])
-    if config.get("eval_tokens"):
+    if config.get("encoder"):
+        print(json.dumps(encoder_trace(Path(config["bundle"]), config["threads"])))
+    elif config.get("eval_tokens"):
         print(json.dumps(eval_trace(Path(config["bundle"]), config["eval_tokens"], config["threads"])))
     else:
         print(json.dumps(greedy_trace(Path(config["bundle"]), config["tokens"], config["threads"])))
