@@ -37,7 +37,7 @@ def test_manifest_round_trip(tiny_bundle, tiny_llama):
     assert manifest["profile"]["export"]["context_length"] == 128
     assert manifest["source"]["kind"] == "hf-dir" and len(manifest["source"]["sha256"]) == 64
     assert manifest["model"]["num_layers"] == 2 and manifest["model"]["num_kv_heads"] == 2
-    assert manifest["graph"]["kind"] == "fused" and manifest["graph"]["nodes"] == 35
+    assert manifest["graph"]["kind"] == "fused" and manifest["graph"]["nodes"] == 37  # Neg + Slice: logits_to_keep
     assert manifest["graph"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
     assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_diff"]["logits"] < 1e-3
     assert {"edge_slm", "onnx", "onnxruntime", "torch", "transformers"} <= set(manifest["versions"])
