@@ -133,10 +133,10 @@ def measure(
     breakdown = {
         "python_mb": memory["python"],
         "libraries_mb": memory["libraries"] - memory["python"],
-        "session_mb": memory["session"] - memory["libraries"],
+        "tokenizer_mb": memory["tokenizer"] - memory["libraries"],
+        "session_mb": memory["session"] - memory["tokenizer"],
         "kv_cache_mb": kv_bytes / 2**20,
-        "tokenizer_mb": memory["tokenizer"] - memory["session"],
-        "requests_mb": peak - memory["tokenizer"],
+        "requests_mb": peak - memory["session"],
     }
     return {
         "load_s": load_s,

@@ -53,6 +53,12 @@ class EncoderGraph:
         provider_options: list[dict] | None = None,
         vocab_size: int | None = None,
     ):
+        # Tokenizers before the session: what parsing them frees, the session's allocations reuse.
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.truncating = Tokenizer.from_str(self.tokenizer.to_str())
+        self.truncating.enable_truncation(int(max_length))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -69,11 +75,6 @@ class EncoderGraph:
             raise BundleError(f"{path}: the graph's inputs {graph_inputs} are not the manifest's {inputs}: rebuild")
         self.inputs, self.max_length, self.pad_id = list(inputs), int(max_length), int(pad_id)
         self.vocab_size = vocab_size
-        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.truncating = Tokenizer.from_str(self.tokenizer.to_str())
-        self.truncating.enable_truncation(self.max_length)
 
     def token_counts(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self.tokenizer.encode_batch(_checked_texts(texts))]
