@@ -113,3 +113,31 @@ def test_peak_memory_comes_with_its_parts_and_the_context_is_recorded(tiny_bundl
         parts["python_mb"] + parts["libraries_mb"] + parts["session_mb"] + parts["tokenizer_mb"] + parts["requests_mb"]
     )
     assert total == pytest.approx(record["results"]["peak_rss_mb"], abs=0.5)
+
+
+def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classifier_bundle, records, tmp_path, capsys):
+    """`edge-slm bench` on an encoder bundle: latency at 16 and 128 tokens, texts/s in batches of
+    8 and 32, memory, accuracy; records of the bench schema that the report tables apart."""
+    from edge_slm.cli import main
+    from edge_slm.harness.bench import record_problem
+
+    out = tmp_path / "enc.jsonl"
+    for bundle in (embedder_bundles[1], classifier_bundle):
+        main(["bench", str(bundle), "-r", "1", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    table_out = capsys.readouterr().out
+    assert "b1@16 p50/p90 ms" in table_out and "b32 texts/s" in table_out
+    encoder_records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(encoder_records) == 2 and all(record_problem(r) is None for r in encoder_records)
+    embedder, classifier = encoder_records
+    assert embedder["bundle"]["family"] == "encoder" and embedder["test"] == "b1@16,128+b8,32"
+    res = embedder["results"]
+    assert res["latency_ms_16"]["n"] == 10 and res["latency_ms_16"]["tokens"] <= 16 < res["latency_ms_128"]["tokens"]
+    assert res["texts_per_s_b32"]["texts"] == 309 and res["peak_rss_mb"] > 0 and res["load_s"] > 0
+    assert embedder["accuracy"]["queries"] == 60 and 0 <= embedder["accuracy"]["recall_at_1"] <= 1
+    assert classifier["accuracy"] is None  # its labels are not the shipped intents: `eval --data` instead
+    results = tmp_path / "all.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records + encoder_records))
+    paths = write_report([results], tmp_path / "report")
+    assert "encoders.png" in {p.name for p in paths}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Encoders" in md and md.count("| edge-slm int8 tiny-encoder-laptop") == 1 and "recall@1" in md

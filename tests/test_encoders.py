@@ -354,3 +354,13 @@ def test_labelled_data_from_csv_and_its_errors(tmp_path):
     headless.write_text("play jazz,music\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"headless.csv:1: the CSV header must name the columns 'text' and 'label'"):
         read_examples(headless)
+
+
+def test_inspect_describes_an_encoder_bundle(capsys, embedder_bundles):
+    code, stdout, _ = run_cli(capsys, "inspect", str(embedder_bundles[1]))
+    lines = dict(line.split(None, 1) for line in stdout.splitlines() if " " in line and not line.startswith(" "))
+    assert code == 0 and lines["target"].startswith("tiny-encoder-laptop   precision int8")
+    assert lines["model"].startswith("BertModel encoder, embedding: 2 layers, hidden 32, heads 4")
+    assert lines["output"] == "sentence_embedding [batch, 32] (mean pooling, L2-normalized)"
+    assert lines["quantize"] == "int8-dynamic" and lines["accuracy"].startswith("mean cosine to fp32 ")
+    assert stdout.rstrip().endswith("all checksums verified")
