@@ -77,7 +77,9 @@ def build(
         profile = with_encoder_precision(profile, precision)
         check_output_dir(Path(out), source=source_path)
         staging = staging_dir(Path(out))
-        return build_encoder(model_ref, profile, out, Progress(0, echo), staging, allow_accuracy_loss, eval_data)
+        return build_encoder(
+            model_ref, profile, out, Progress(0, echo), staging, allow_accuracy_loss, eval_data, calibration
+        )
     profile = with_precision(profile, precision)
     check_output_dir(Path(out), source=source_path)  # before minutes of work, not after
     plan = stages(profile)

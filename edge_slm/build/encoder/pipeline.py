@@ -38,6 +38,7 @@ class EncoderState:
     profile: Profile
     model_ref: str
     gate_data: Path | None = None
+    calibration: Path | None = None
     allow_accuracy_loss: bool = False
     stages: list[str] = field(default_factory=list)
     out_dir: Path | None = None
@@ -91,9 +92,11 @@ def _validate(state: EncoderState, note) -> None:
 def _precision(state: EncoderState, note) -> None:
     feeds = None
     if state.spec.precision == "int8" and state.spec.int8_format == "qdq":
-        texts = [e.text for e in read_examples(INTENTS_TRAIN)] + read_retrieval().passages
+        texts = _calibration_texts(state.calibration)
         feeds = calibration_feeds(graph_of(state.exported, state.tokenizer), texts)
-        note(f"calibrating static int8 scales on {len(texts)} shipped texts")
+        note(
+            f"calibrating static int8 scales on {len(texts)} {'texts of ' + state.calibration.name if state.calibration else 'shipped texts'}"
+        )
     state.quantization = reduce_precision(state.exported.onnx_path, state.spec, state.out_dir, feeds)
     note(f"{state.quantization['method']}: {_mb(state.out_dir / MODEL_FILE)} MB")
 
@@ -125,6 +128,19 @@ def _gate(state: EncoderState, note) -> None:
     state.accuracy = gate.check(measured, task, state.spec, precision, state.allow_accuracy_loss)
     verdict = "within budget" if state.accuracy["passed"] else "OUTSIDE budget (allowed by --allow-accuracy-loss)"
     note(f"{line}: {verdict}")
+
+
+def _calibration_texts(path: Path | None) -> list[str]:
+    """--calibration's non-empty lines, else the shipped intents and retrieval passages."""
+    if path is None:
+        return [e.text for e in read_examples(INTENTS_TRAIN)] + read_retrieval().passages
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read the calibration text ({exc}); pass a UTF-8 text file") from None
+    if not lines:
+        raise ProfileError(f"{path}: no text to calibrate on (one text per line)")
+    return lines
 
 
 def _classifier_gate_data(state: EncoderState):
@@ -204,13 +220,16 @@ def with_encoder_precision(profile: Profile, precision: str | None) -> Profile:
     return dataclasses.replace(profile, encoder=dataclasses.replace(profile.encoder, precision=precision))
 
 
-def build_encoder(model_ref, profile, out: Path, progress, staging, allow_accuracy_loss=False, gate_data=None) -> dict:
+def build_encoder(
+    model_ref, profile, out: Path, progress, staging, allow_accuracy_loss=False, gate_data=None, calibration=None
+) -> dict:
     """Run the encoder stages into the `staging` context (the decoder build's atomic publish)."""
     plan = encoder_stages(profile)
     state = EncoderState(
         profile=profile,
         model_ref=model_ref,
         gate_data=gate_data,
+        calibration=Path(calibration) if calibration else None,
         allow_accuracy_loss=allow_accuracy_loss,
         stages=[stage.name for stage in plan],
     )
