@@ -364,3 +364,24 @@ def test_inspect_describes_an_encoder_bundle(capsys, embedder_bundles):
     assert lines["output"] == "sentence_embedding [batch, 32] (mean pooling, L2-normalized)"
     assert lines["quantize"] == "int8-dynamic" and lines["accuracy"].startswith("mean cosine to fp32 ")
     assert stdout.rstrip().endswith("all checksums verified")
+
+
+def test_a_manifest_that_disagrees_with_its_encoder_graph_is_refused(classifier_bundle, tmp_path):
+    """A bundle from elsewhere whose manifest claims a third label (files intact, schema valid)."""
+    import shutil
+
+    from edge_slm import runtime
+    from edge_slm.core.errors import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(classifier_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["model"]["labels"] = ["lights", "music", "weather"]
+    manifest["model"]["output_dim"] = 3
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"the graph's output has 2 columns, the manifest says 3 \(labels\)"):
+        runtime.load(bundle)
+    manifest["model"]["output_dim"] = 2  # labels and output_dim disagree: the schema check says so
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"a classifier's model.labels must name its 2 outputs"):
+        runtime.load(bundle)

@@ -73,6 +73,7 @@ class EncoderGraph:
         graph_inputs = [i.name for i in self.session.get_inputs()]
         if sorted(graph_inputs) != sorted(inputs):
             raise BundleError(f"{path}: the graph's inputs {graph_inputs} are not the manifest's {inputs}: rebuild")
+        self.output_width = self.session.get_outputs()[0].shape[-1]
         self.inputs, self.max_length, self.pad_id = list(inputs), int(max_length), int(pad_id)
         self.vocab_size = vocab_size
 
@@ -237,4 +238,10 @@ def open_encoder(bundle: Path, manifest: dict, threads: int, providers: list[str
         encoder_provider_options(chosen, manifest),
         vocab_size=int(manifest["model"]["vocab_size"]),
     )
+    width, want = graph.output_width, int(manifest["model"]["output_dim"])
+    if isinstance(width, int) and width != want:
+        raise BundleError(
+            f"{bundle}: the graph's output has {width} columns, the manifest says {want} "
+            f"({'labels' if manifest['model']['task'] == 'classification' else 'dimensions'}): rebuild the bundle"
+        )
     return Encoder(bundle, manifest, graph)
