@@ -84,8 +84,9 @@ def test_encoder_graph_uses_fused_operators(embedder_bundles):
 def test_int8_embedder_is_dynamic_int8_and_measured(embedder_bundles):
     manifest = json.loads((embedder_bundles[1] / "manifest.json").read_text())
     ops = manifest["graph"]["op_counts"]
-    # Two layers: attention output and FFN input int8, the FFN output (after GELU) float.
-    assert ops.get("MatMulInteger") == 4 and ops.get("MatMul") == 2 and manifest["quantization"]["float_matmuls"] == 2
+    # Every MatMul int8 met the budget, so the FFN outputs were not kept float ("if-needed").
+    assert ops.get("MatMulInteger") == 6 and "MatMul" not in ops and manifest["quantization"]["float_matmuls"] == 0
+    assert manifest["quantization"]["recipe"]["float_after_gelu"] == "if-needed"
     assert ops.get("QAttention") == 2 and ops.get("QEmbedLayerNormalization") == 1
     acc = manifest["accuracy"]
     assert acc["texts"] == 60 + 60 + 309 and 0.5 < acc["mean_cosine"] <= 1.0001
@@ -385,3 +386,24 @@ def test_a_manifest_that_disagrees_with_its_encoder_graph_is_refused(classifier_
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"a classifier's model.labels must name its 2 outputs"):
         runtime.load(bundle)
+
+
+def test_the_ffn_outputs_stay_float_when_all_int8_misses_the_budget(tiny_embedder, tmp_path):
+    """With a budget no int8 graph meets, the build measures all-int8, keeps the MatMuls after
+    GELU float, measures again, and (allowed to) ships that graph with the numbers."""
+    from conftest import write_profile
+
+    from edge_slm.build.pipeline import build
+    from edge_slm.core.targets import load_profile
+
+    profile = write_profile(
+        tmp_path / "strict.toml", "x86-laptop", "strict", encoder={"max_sequence_length": 32, "min_cosine": 0.9999999}
+    )
+    notes = []
+    manifest = build(
+        str(tiny_embedder), load_profile(str(profile)), tmp_path / "out", echo=notes.append, allow_accuracy_loss=True
+    )
+    assert any("outside budget with every MatMul int8; keeping the MatMuls after GELU float" in n for n in notes)
+    assert manifest["quantization"]["recipe"]["float_after_gelu"] == "always"
+    assert manifest["graph"]["op_counts"]["MatMul"] == 2 and manifest["graph"]["op_counts"]["MatMulInteger"] == 4
+    assert manifest["accuracy"]["passed"] is False and "mean cosine to fp32" in manifest["accuracy"]["problems"][0]

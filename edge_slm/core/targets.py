@@ -112,7 +112,9 @@ class Encoder:
     per_channel: bool = True  # one weight scale per output channel
     reduce_range: bool = False  # 7-bit weights, for int8 kernels that could saturate (u8s8 without VNNI)
     quantize_embeddings: bool = False  # int8 word/position tables (QEmbedLayerNormalization)
-    float_after_gelu: bool = False  # keep the MatMuls that read a GELU's output (the FFN's second half) float
+    # The MatMuls that read a GELU's output (the FFN's second half): int8 ("never" float), float
+    # ("always"), or int8 unless that misses the accuracy budget ("if-needed": measured twice).
+    float_after_gelu: Literal["never", "always", "if-needed"] = "never"
     max_sequence_length: int = 256  # longer inputs are truncated (or refused) at run time
     min_label_agreement: float = 0.99  # classifier: share of test labels equal to fp32's
     max_accuracy_drop: float = 0.005  # classifier: test accuracy at most 0.5 points below fp32

@@ -39,7 +39,7 @@ def reduce_precision(fp32_path: Path, spec: EncoderSpec, out_dir: Path, calibrat
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         ops = ["MatMul", "Attention", *(["EmbedLayerNormalization"] if spec.quantize_embeddings else [])]
-        kept = after_gelu(onnx.load(str(fp32_path))) if spec.float_after_gelu else []
+        kept = after_gelu(onnx.load(str(fp32_path))) if spec.float_after_gelu == "always" else []
         quantize_dynamic(
             str(fp32_path),
             str(out),
