@@ -71,7 +71,8 @@ def verify_command(
         )
         click.echo(
             f"  emulated text: {result['text']!r}; first token {result['emulated_first_token_s']:.1f} s, "
-            f"{result['emulated_seconds']:.0f} s in all under emulation"
+            f"{result['emulated_seconds']:.0f} s in all under emulation; peak RSS {result['emulated_peak_rss_mb'] or 0:.0f} MB "
+            f"emulated (qemu included) vs {result['host_peak_rss_mb'] or 0:.0f} MB on this machine"
         )
         if "statistics" in result:
             st = result["statistics"]

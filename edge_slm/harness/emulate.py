@@ -31,6 +31,7 @@ from edge_slm.core.bundle import read_manifest
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.system import peak_rss_mb
 
 CPUS = {"cortex-a72": "Raspberry Pi 4", "cortex-a76": "Raspberry Pi 5"}
 DEBS = [
@@ -176,6 +177,8 @@ def greedy_trace(bundle: Path, tokens: int, threads: int) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "first_token_s": first,
         "seconds": time.perf_counter() - start,
+        # Under qemu-user this is the emulator's process: the guest's memory plus qemu's own.
+        "peak_rss_mb": peak_rss_mb(),
         "logits": [base64.b64encode(np.asarray(s, np.float32).tobytes()).decode() for s in steps],
     }
 
@@ -359,6 +362,8 @@ def verify(
         "host_onnxruntime": host["onnxruntime"],
         "emulated_seconds": wall,
         "emulated_first_token_s": arm["first_token_s"],
+        "emulated_peak_rss_mb": arm.get("peak_rss_mb"),
+        "host_peak_rss_mb": host.get("peak_rss_mb"),
     }
 
 
