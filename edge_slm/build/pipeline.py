@@ -13,31 +13,15 @@ step: `load`, `prune_directory`, `export`, `validate`, a precision converter, `g
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-import time
 from pathlib import Path
 
 from edge_slm.build import stages as s
-from edge_slm.core.bundle import STAGING_MARK, check_output_dir, staging_dir
+from edge_slm.build.progress import run_stages
+from edge_slm.core.bundle import check_output_dir
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.targets import Profile
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8", "int4")
-
-
-class Progress:
-    """Numbered stage lines with elapsed time, on stderr, so long builds show where they are."""
-
-    def __init__(self, total: int, echo=print):
-        self.total, self.step, self.echo, self.start = total, 0, echo, time.monotonic()
-
-    def stage(self, title: str) -> None:
-        self.step += 1
-        self.echo(f"[{self.step}/{self.total}] {title}  ({time.monotonic() - self.start:.0f}s)")
-
-    def note(self, message: str) -> None:
-        self.echo(f"      {message}")
 
 
 def stages(profile: Profile) -> list[s.Stage]:
@@ -76,14 +60,10 @@ def build(
 
         profile = with_encoder_precision(profile, precision)
         check_output_dir(Path(out), source=source_path)
-        staging = staging_dir(Path(out))
-        return build_encoder(
-            model_ref, profile, out, Progress(0, echo), staging, allow_accuracy_loss, eval_data, calibration
-        )
+        return build_encoder(model_ref, profile, out, echo, allow_accuracy_loss, eval_data, calibration)
     profile = with_precision(profile, precision)
     check_output_dir(Path(out), source=source_path)  # before minutes of work, not after
     plan = stages(profile)
-    progress = Progress(total=len(plan), echo=echo)
     state = s.BuildState(
         profile=profile,
         model_ref=model_ref,
@@ -91,18 +71,7 @@ def build(
         allow_accuracy_loss=allow_accuracy_loss,
         stages=[stage.name for stage in plan],
     )
-    # The fp32 intermediate goes beside the staging directory, named like it, so that the next
-    # build sweeps it up too if this one is killed.
-    with (
-        staging_dir(Path(out)) as state.out_dir,
-        tempfile.TemporaryDirectory(
-            dir=Path(out).parent, prefix=f"{Path(out).name}{STAGING_MARK}scratch-", suffix=f"-{os.getpid()}"
-        ) as scratch,
-    ):
-        state.scratch_dir = Path(scratch)
-        for stage in plan:
-            progress.stage(stage.title(state))
-            stage.run(state, progress.note)
+    run_stages(plan, state, Path(out), echo)
     return state.manifest
 
 

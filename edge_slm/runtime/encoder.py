@@ -17,7 +17,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edge_slm.core.errors import BundleError, EdgeSlmError
-from edge_slm.runtime.session import pick_providers
+from edge_slm.runtime.session import pick_providers, tensorrt_options
 
 log = logging.getLogger("edge_slm.runtime")
 TOKENIZER_FILE = "tokenizer.json"
@@ -149,31 +149,13 @@ def _checked_texts(texts) -> list[str]:
 def encoder_provider_options(providers: list[str], manifest: dict) -> list[dict]:
     """TensorRT needs shape profiles for the dynamic axes: one text of one token up to a batch of
     32 of the bundle's longest input."""
-    trt = manifest.get("profile", {}).get("runtime", {}).get("tensorrt") or {}
     longest = int(manifest["model"]["max_sequence_length"])
-    options = []
-    for provider in providers:
-        if provider != "TensorrtExecutionProvider":
-            options.append({})
-            continue
-        cache = Path(trt.get("engine_cache_path", "~/.cache/edge-slm/tensorrt")).expanduser()
-        cache = cache / manifest["files"][manifest["graph"]["file"]]["sha256"][:16]
 
-        def shapes(batch: int, tokens: int) -> str:
-            return ",".join(f"{name}:{batch}x{tokens}" for name in manifest["graph"]["inputs"])
+    def shapes(batch: int, tokens: int) -> str:
+        return ",".join(f"{name}:{batch}x{tokens}" for name in manifest["graph"]["inputs"])
 
-        options.append(
-            {
-                "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
-                "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
-                "trt_engine_cache_enable": "True",
-                "trt_engine_cache_path": str(cache),
-                "trt_profile_min_shapes": shapes(1, 1),
-                "trt_profile_opt_shapes": shapes(8, min(64, longest)),
-                "trt_profile_max_shapes": shapes(32, longest),
-            }
-        )
-    return options
+    profiles = (shapes(1, 1), shapes(8, min(64, longest)), shapes(32, longest))
+    return [tensorrt_options(manifest, *profiles) if p == "TensorrtExecutionProvider" else {} for p in providers]
 
 
 class Encoder:
@@ -227,6 +209,10 @@ def open_encoder(bundle: Path, manifest: dict, threads: int, providers: list[str
     except Exception as exc:
         raise BundleError(f"{bundle / TOKENIZER_FILE}: cannot be read ({exc})") from None
     chosen = pick_providers(providers or manifest["profile"]["runtime"]["execution_providers"])
+    per_provider = encoder_provider_options(chosen, manifest)
+    for options in per_provider:
+        if "trt_engine_cache_path" in options:
+            Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     graph = EncoderGraph(
         bundle / manifest["graph"]["file"],
         tokenizer,
@@ -235,7 +221,7 @@ def open_encoder(bundle: Path, manifest: dict, threads: int, providers: list[str
         manifest["tokenizer"]["pad_token_id"],
         threads,
         chosen,
-        encoder_provider_options(chosen, manifest),
+        per_provider,
         vocab_size=int(manifest["model"]["vocab_size"]),
     )
     width, want = graph.output_width, int(manifest["model"]["output_dim"])

@@ -53,36 +53,37 @@ def provider_options(providers: list[str], manifest: dict) -> list[dict]:
     shape profiles spanning one decode token to the largest prefill, over the bundle's KV cache."""
     trt = manifest.get("profile", {}).get("runtime", {}).get("tensorrt") or {}
     model = manifest["model"]
-    options = []
-    for provider in providers:
-        if provider != "TensorrtExecutionProvider":
-            options.append({})
-            continue
-        cache = Path(trt.get("engine_cache_path", "~/.cache/edge-slm/tensorrt")).expanduser()
-        cache = cache / manifest.get("files", {}).get("model.onnx", {}).get("sha256", "bundle")[:16]
-        kv = f"1x{model['num_kv_heads']}x{model['context_length']}x{model['head_dim']}"
+    kv = f"1x{model['num_kv_heads']}x{model['context_length']}x{model['head_dim']}"
 
-        def shapes(tokens: int, total: int) -> str:
-            dims = [f"input_ids:1x{tokens}", f"position_ids:1x{tokens}", f"attention_mask:1x{total}"]
-            dims += [
-                f"past_key_values.{i}.{kind}:{kv}" for i in range(int(model["num_layers"])) for kind in ("key", "value")
-            ]
-            return ",".join(dims)
+    def shapes(tokens: int, total: int) -> str:
+        dims = [f"input_ids:1x{tokens}", f"position_ids:1x{tokens}", f"attention_mask:1x{total}"]
+        dims += [
+            f"past_key_values.{i}.{kind}:{kv}" for i in range(int(model["num_layers"])) for kind in ("key", "value")
+        ]
+        return ",".join(dims)
 
-        longest = int(trt.get("max_prompt_tokens", 512))
-        options.append(
-            {
-                "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
-                # Explicit QDQ graphs need the int8 flag; fp16 and fp32 bundles must not set it.
-                "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
-                "trt_engine_cache_enable": "True",
-                "trt_engine_cache_path": str(cache),
-                "trt_profile_min_shapes": shapes(1, 1),
-                "trt_profile_opt_shapes": shapes(1, model["context_length"] // 2),
-                "trt_profile_max_shapes": shapes(longest, model["context_length"]),
-            }
-        )
-    return options
+    longest = int(trt.get("max_prompt_tokens", 512))
+    profiles = (shapes(1, 1), shapes(1, model["context_length"] // 2), shapes(longest, model["context_length"]))
+    return [tensorrt_options(manifest, *profiles) if p == "TensorrtExecutionProvider" else {} for p in providers]
+
+
+def tensorrt_options(manifest: dict, min_shapes: str, opt_shapes: str, max_shapes: str) -> dict:
+    """TensorRT's options from the profile's [runtime.tensorrt] table, with the bundle's shape
+    profile and an engine cache per graph (its sha256)."""
+    trt = manifest.get("profile", {}).get("runtime", {}).get("tensorrt") or {}
+    cache = Path(trt.get("engine_cache_path", "~/.cache/edge-slm/tensorrt")).expanduser()
+    graph_file = manifest.get("graph", {}).get("file", "model.onnx")
+    cache = cache / manifest.get("files", {}).get(graph_file, {}).get("sha256", "bundle")[:16]
+    return {
+        "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
+        # Explicit QDQ graphs need the int8 flag; fp16 and fp32 bundles must not set it.
+        "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_profile_min_shapes": min_shapes,
+        "trt_profile_opt_shapes": opt_shapes,
+        "trt_profile_max_shapes": max_shapes,
+    }
 
 
 @dataclass(frozen=True)

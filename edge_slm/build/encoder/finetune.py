@@ -103,14 +103,7 @@ def finetune(
         losses = []
         for step, first in enumerate(range(0, len(order), settings.batch_size)):
             batch = [train[i] for i in order[first : first + settings.batch_size]]
-            inputs = tokenizer(
-                [e.text for e in batch],
-                padding=True,
-                truncation=True,
-                max_length=settings.max_length,
-                return_tensors="pt",
-            )
-            target = torch.tensor([label2id[e.label] for e in batch])
+            inputs, target = _batch(tokenizer, batch, label2id, settings)
             loss = torch.nn.functional.cross_entropy(model(**inputs).logits, target)
             optimizer.zero_grad()
             loss.backward()
@@ -172,19 +165,21 @@ def _evaluate(model, tokenizer, examples, label2id, settings) -> tuple[float, fl
     total_loss, correct = 0.0, 0
     with torch.no_grad():
         for first in range(0, len(examples), 64):
-            batch = examples[first : first + 64]
-            inputs = tokenizer(
-                [e.text for e in batch],
-                padding=True,
-                truncation=True,
-                max_length=settings.max_length,
-                return_tensors="pt",
-            )
-            target = torch.tensor([label2id[e.label] for e in batch])
+            inputs, target = _batch(tokenizer, examples[first : first + 64], label2id, settings)
             logits = model(**inputs).logits
             total_loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(dim=1) == target).sum())
     return total_loss / len(examples), correct / len(examples)
+
+
+def _batch(tokenizer, examples, label2id, settings):
+    """A padded, truncated batch of texts and their class ids."""
+    import torch
+
+    inputs = tokenizer(
+        [e.text for e in examples], padding=True, truncation=True, max_length=settings.max_length, return_tensors="pt"
+    )
+    return inputs, torch.tensor([label2id[e.label] for e in examples])
 
 
 def _run_key(source: dict, train, evaluation, settings: FinetuneSettings) -> str:

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,8 +21,9 @@ from edge_slm.build.encoder.precision import calibration_feeds, reduce_precision
 from edge_slm.build.encoder.source import load_encoder
 from edge_slm.build.encoder.validate import graph_of, validate_encoder
 from edge_slm.build.manifest import tool_versions
+from edge_slm.build.progress import run_stages
 from edge_slm.core import capabilities
-from edge_slm.core.bundle import STAGING_MARK, write_manifest
+from edge_slm.core.bundle import write_manifest
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, read_examples, read_retrieval
 from edge_slm.core.targets import Profile
@@ -235,9 +234,9 @@ def with_encoder_precision(profile: Profile, precision: str | None) -> Profile:
 
 
 def build_encoder(
-    model_ref, profile, out: Path, progress, staging, allow_accuracy_loss=False, gate_data=None, calibration=None
+    model_ref, profile, out: Path, echo, allow_accuracy_loss=False, gate_data=None, calibration=None
 ) -> dict:
-    """Run the encoder stages into the `staging` context (the decoder build's atomic publish)."""
+    """Run the encoder stages into a staging directory published as `out` (as the decoder build does)."""
     plan = encoder_stages(profile)
     state = EncoderState(
         profile=profile,
@@ -247,17 +246,7 @@ def build_encoder(
         allow_accuracy_loss=allow_accuracy_loss,
         stages=[stage.name for stage in plan],
     )
-    progress.total = len(plan)
-    with (
-        staging as state.out_dir,
-        tempfile.TemporaryDirectory(
-            dir=Path(out).parent, prefix=f"{Path(out).name}{STAGING_MARK}scratch-", suffix=f"-{os.getpid()}"
-        ) as scratch,
-    ):
-        state.scratch_dir = Path(scratch)
-        for stage in plan:
-            progress.stage(stage.title(state))
-            stage.run(state, progress.note)
+    run_stages(plan, state, Path(out), echo)
     return state.manifest
 
 
