@@ -198,7 +198,7 @@ class DecoderSession:
             per_provider=per_provider,
         )
 
-    def _prefill_empty(self, session, ids, mask, positions, keep) -> np.ndarray:
+    def _prefill_empty(self, session, ids, mask, positions) -> np.ndarray:
         """A prompt into an empty cache with the LM head on its last position only. onnxruntime's
         IO binding cannot set an input that has a default (logits_to_keep), so this one call
         goes through `run` with an empty past and its present (the prompt's keys and values, a
@@ -207,7 +207,7 @@ class DecoderSession:
         empty = self._empty_past()
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
         feed.update(zip(self.past_names, empty))
-        feed[LOGITS_TO_KEEP] = keep
+        feed[LOGITS_TO_KEEP] = np.array([1], dtype=np.int64)
         outputs = _run(session.run, ["logits", *self.present_names], feed, at=0)
         seq = ids.shape[1]
         for array, present in zip(self._arrays, outputs[1:]):
@@ -265,9 +265,8 @@ class DecoderSession:
         # decode graph, so that perplexity and agreement measure what decoding computes.
         prefill = seq > 1 and not all_logits and self.prefill_session is not None
         session = self.prefill_session if prefill else self.session
-        keep = np.array([seq if all_logits else 1], dtype=np.int64)
         if self.shared and self.length == 0 and seq > 1 and not all_logits and self.keeps_logits and self._arrays:
-            logits = self._prefill_empty(session, ids, mask, positions, keep)
+            logits = self._prefill_empty(session, ids, mask, positions)
         elif self.shared:
             binding = self._prefill_binding if prefill else self._binding
             binding.bind_cpu_input("input_ids", ids)
@@ -284,7 +283,7 @@ class DecoderSession:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
             feed.update(zip(self.past_names, self._past))
             if self.keeps_logits:
-                feed[LOGITS_TO_KEEP] = keep
+                feed[LOGITS_TO_KEEP] = np.array([seq if all_logits else 1], dtype=np.int64)
             outputs = _run(session.run, None, feed, at=self.length)
             logits, self._past = outputs[0], outputs[1:]
         self.length = total
