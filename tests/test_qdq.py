@@ -35,8 +35,10 @@ def _recipe(**changes) -> Quantize:
     return dataclasses.replace(base, **changes)
 
 
-def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(jetson_fp32_graph, tiny_llama, tmp_path):
-    info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
+def test_qdq_graph_is_s8s8_everywhere_with_the_tied_table_once(
+    jetson_fp32_graph, tiny_llama, tiny_llama_shape, tmp_path
+):
+    info = tiny_llama_shape
     counts = quantize_qdq(jetson_fp32_graph, _recipe(), tmp_path, _tokens(tiny_llama), info)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     ops = {}
@@ -110,12 +112,12 @@ def test_product_error_is_per_token_so_a_massive_activation_cannot_hide_the_othe
     assert per_tensor_error(x, w, x @ w, "w") < 0.05
 
 
-def test_smoothing_folds_leave_the_function_unchanged(jetson_fp32_graph, tiny_llama, tmp_path):
+def test_smoothing_folds_leave_the_function_unchanged(jetson_fp32_graph, tiny_llama, tiny_llama_shape, tmp_path):
     """Dividing activations by s and multiplying weights by s must not change the float model:
     norm gains, the up projection (MLP product) and the grouped value projection (attention output)."""
     from edge_slm.build.quantize.smooth import calibration_chunks, capture_activations
 
-    info = {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "num_heads": 4}
+    info = tiny_llama_shape
     proto = onnx.load(str(jetson_fp32_graph))
     weights = {
         i.name: numpy_helper.to_array(i).astype(np.float32)

@@ -250,7 +250,7 @@ def test_old_runtimes_get_plain_operators_with_the_same_numbers(tiny_llama, tmp_
         quantize(fp32_graph, Quantize("int8", block_size=32), tmp_path / "int8", oldest_onnxruntime="1.20.1")
 
 
-def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
+def test_smoothing_for_int8_activation_blocks(tiny_llama, tiny_llama_shape, tmp_path):
     """A few outlier channels in the norm gains (as real models have) ruin int8 activation blocks;
     SmoothQuant folded before weight-only quantization moves them into the weights: the smoothed
     float graph computes the same logits, and its int8 bundle errs less than the unsmoothed one."""
@@ -265,7 +265,7 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 37]] *= 40.0
     fp32 = export(model, load_profile("x86-laptop"), tmp_path / "fp32").onnx_path
-    info = {"num_layers": LAYERS, "num_kv_heads": 2, "head_dim": 16, "num_heads": 4}
+    info = tiny_llama_shape
     calibration = AutoTokenizer.from_pretrained(tiny_llama)(CALIBRATION_TEXT.read_text()).input_ids[:400]
     ids = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
     ref = prompt_logits(fp32, ids)
@@ -279,7 +279,7 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tmp_path):
     plain = Quantize("int8", block_size=64, block_size_overrides=("embed_tokens:32",))
     smoothed = dataclasses.replace(plain, smooth_alphas=(0.0, 0.25, 0.5, 0.75))
     quantize(fp32, plain, tmp_path / "plain")
-    counts = quantize(fp32, smoothed, tmp_path / "smooth", calibration_ids=calibration, model_info=info)
+    counts = quantize(fp32, smoothed, tmp_path / "smooth", calibration_ids=calibration, shape=info)
     assert counts["MatMulNBits"] == 5 * LAYERS + 1 and counts["smoothing"]["smoothed_activations"] >= 4
     assert counts["smoothing"]["calibration_tokens"] == 400
     graph, _ = _ops(tmp_path / "smooth" / "model.onnx")

@@ -14,6 +14,7 @@ where T = P + S. Run by `edge-slm build`; validated against torch by `edge_slm.b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from edge_slm.build.fused_graph import build_fused_graph
 from edge_slm.build.load import check_architecture
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
+from edge_slm.runtime.session import CacheShape
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -44,9 +46,10 @@ class ModelShape:
     tied_embeddings: bool
     rms_norm_eps: float
     parameters: int
+    context_length: int  # positions the graph's rotary tables (and so its KV cache) cover
 
     @classmethod
-    def of(cls, model) -> ModelShape:
+    def of(cls, model, context_length: int) -> ModelShape:
         config = model.config
         head_dim = head_dim_of(config)
         return cls(
@@ -61,7 +64,13 @@ class ModelShape:
             tied_embeddings=bool(config.tie_word_embeddings),
             rms_norm_eps=float(config.rms_norm_eps),
             parameters=sum(p.numel() for p in model.parameters()),
+            context_length=context_length,
         )
+
+    @property
+    def cache(self) -> CacheShape:
+        """What a session over this graph needs to know."""
+        return CacheShape.of(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ def export(model, profile: Profile, out_dir: Path, progress=lambda msg: None) ->
     """Write `out_dir/model.onnx` (+ external data) for `profile` and return what was written."""
     check_architecture(model.config.model_type, "export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    shape = ModelShape.of(model)
+    shape = ModelShape.of(model, profile.export.context_length)
     if profile.export.graph == "fused":
         progress(f"writing the fused graph ({shape.num_layers} layers)")
         proto = build_fused_graph(model, shape, profile)

@@ -22,8 +22,8 @@ WINDOW = 512  # tokens per scored window: long enough for context, short enough 
 class GraphScorer:
     """Just enough of `runtime.Model` for `evaluate()`: an ONNX file and the tokenizer's ids."""
 
-    def __init__(self, onnx_path: Path, model_info: dict, encode, threads: int):
-        self.session = DecoderSession(onnx_path, CacheShape.of(model_info), threads, ["CPUExecutionProvider"])
+    def __init__(self, onnx_path: Path, shape: CacheShape, encode, threads: int):
+        self.session = DecoderSession(onnx_path, shape, threads, ["CPUExecutionProvider"])
         self.context_length = self.session.context_length
         self.encode = encode
         self.path = onnx_path
@@ -33,11 +33,11 @@ class GraphScorer:
 
 
 def measure(
-    candidate: Path, reference: Path, model_info: dict, encode, threads: int = 2, text_path: Path = EVAL_TEXT
+    candidate: Path, reference: Path, shape: CacheShape, encode, threads: int = 2, text_path: Path = EVAL_TEXT
 ) -> dict:
     text = text_path.read_text(encoding="utf-8")
-    cand = GraphScorer(candidate, model_info, encode, threads)
-    ref = GraphScorer(reference, model_info, encode, threads)
+    cand = GraphScorer(candidate, shape, encode, threads)
+    ref = GraphScorer(reference, shape, encode, threads)
     got = evaluate(cand, text, ref, window=WINDOW)
     return {
         "text": text_path.name,

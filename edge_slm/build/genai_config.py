@@ -5,28 +5,30 @@ and gives the model's shape, special ids and greedy search defaults."""
 
 from __future__ import annotations
 
+from edge_slm.build.export import ModelShape
+
 GENAI_CONFIG = "genai_config.json"
 
 
-def genai_config(model_info: dict, generation: dict, graph_kind: str, model_file: str = "model.onnx") -> dict:
+def genai_config(shape: ModelShape, generation: dict, graph_kind: str, model_file: str = "model.onnx") -> dict:
     eos = generation["eos_token_ids"]
-    context = int(model_info["context_length"])
+    context = shape.context_length
     return {
         "model": {
-            "type": model_info["architecture"] if model_info["architecture"] in ("llama", "qwen2") else "llama",
+            "type": shape.architecture if shape.architecture in ("llama", "qwen2") else "llama",
             "bos_token_id": generation.get("bos_token_id") if generation.get("bos_token_id") is not None else eos[0],
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": generation.get("pad_token_id", eos[0]),
             "context_length": context,
-            "vocab_size": int(model_info["vocab_size"]),
+            "vocab_size": shape.vocab_size,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": model_file,
-                "head_size": int(model_info["head_dim"]),
-                "hidden_size": int(model_info["hidden_size"]),
-                "num_attention_heads": int(model_info["num_heads"]),
-                "num_hidden_layers": int(model_info["num_layers"]),
-                "num_key_value_heads": int(model_info["num_kv_heads"]),
+                "head_size": shape.head_dim,
+                "hidden_size": shape.hidden_size,
+                "num_attention_heads": shape.num_heads,
+                "num_hidden_layers": shape.num_layers,
+                "num_key_value_heads": shape.num_kv_heads,
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",

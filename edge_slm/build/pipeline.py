@@ -4,9 +4,9 @@
          -> tokenizer -> manifest
 
 `stages(profile)` is that list for one profile; `build()` runs it in order, numbering the progress
-lines from the list, and the manifest records which stages ran. Each stage is a plain function
-over the build's `BuildState` (`edge_slm.build.stages`) that calls one artifact-in, artifact-out
-step: `load`, `prune_directory`, `export`, `validate`, a precision converter, `gate.measure`.
+lines from the list, and the manifest records which stages ran. Every stage has one shape,
+`run(artifact, section of the profile, out_dir, note) -> artifact` (`edge_slm.build.runner`); the
+artifacts are in `edge_slm.build.stages`.
 `edge-slm build --target NAME [--precision P]` and `make <target>` call `build()`.
 """
 
@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from edge_slm.build import stages as s
-from edge_slm.build.progress import run_stages
+from edge_slm.build.runner import run_stages
 from edge_slm.core.bundle import check_output_dir
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.targets import Profile
@@ -27,10 +27,12 @@ SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 def stages(profile: Profile) -> list[s.Stage]:
     """The ordered stages that build a bundle for `profile`."""
     quantized = profile.quantize.precision != "fp32"
+    # A quantized build's fp32 graph is an intermediate: it goes to the scratch directory.
+    export = dataclasses.replace(s.EXPORT, into="scratch") if quantized else s.EXPORT
     return [
         s.LOAD,
         *([s.PRUNE] if profile.prune else []),
-        s.EXPORT,
+        export,
         s.VALIDATE,
         *([s.PRECISION, s.GATE] if quantized else []),
         s.TOKENIZER,
@@ -64,15 +66,13 @@ def build(
     profile = with_precision(profile, precision)
     check_output_dir(Path(out), source=source_path)  # before minutes of work, not after
     plan = stages(profile)
-    state = s.BuildState(
-        profile=profile,
+    request = s.BuildRequest(
         model_ref=model_ref,
+        stages=tuple(stage.name for stage in plan),
         calibration=calibration,
         allow_accuracy_loss=allow_accuracy_loss,
-        stages=[stage.name for stage in plan],
     )
-    run_stages(plan, state, Path(out), echo)
-    return state.manifest
+    return run_stages(plan, request, profile, Path(out), echo).manifest
 
 
 def with_precision(profile: Profile, precision: str | None) -> Profile:

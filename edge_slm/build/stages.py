@@ -1,6 +1,12 @@
-"""The build's stages: each a plain function over the `BuildState` that calls one artifact-in,
-artifact-out step and keeps its result for the stages after it. `edge_slm.build.pipeline.stages`
-puts them in order for a profile.
+"""The decoder build's stages, each `run(artifact, section, out_dir, note) -> artifact`
+(`edge_slm.build.runner`). The artifacts, in the order the stages hand them on:
+
+    BuildRequest -load-> SourceModel -[prune]-> SourceModel -export-> FloatGraph -validate->
+    FloatGraph -[precision]-> ReducedGraph -[gate]-> ReducedGraph -tokenizer-> TokenizedGraph
+    -manifest-> Bundle
+
+Each artifact keeps the one it came from, so the manifest stage sees everything that ran.
+`edge_slm.build.pipeline.stages` puts the stages in order for a profile.
 """
 
 from __future__ import annotations
@@ -8,172 +14,218 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from edge_slm import __version__
-from edge_slm.build.export import DATA_FILE, MODEL_FILE, export, load_torch_model
+from edge_slm.build.export import DATA_FILE, MODEL_FILE, ExportedModel, export, load_torch_model
 from edge_slm.build.genai_config import GENAI_CONFIG, genai_config
-from edge_slm.build.load import load, load_tokenizer
+from edge_slm.build.load import LoadedModel, load, load_tokenizer
 from edge_slm.build.manifest import graph_signature, min_onnxruntime, tool_versions
+from edge_slm.build.runner import Stage, no_section, whole_profile
 from edge_slm.build.validate import validate
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.hashing import sha256_file
-from edge_slm.core.targets import Profile
+from edge_slm.core.targets import Budget, Profile, Prune
 
 VALIDATION_QUESTION = "What is the capital of France?"
 
 
-@dataclass
-class BuildState:
-    """What the stages hand each other: the inputs, then each stage's artifact."""
+@dataclass(frozen=True)
+class BuildRequest:
+    """What the user asked for beyond the profile: the model and the build's options."""
 
-    profile: Profile
     model_ref: str | None
-    calibration: Path | None = None
-    allow_accuracy_loss: bool = False
-    stages: list[str] = field(default_factory=list)
-    out_dir: Path | None = None  # the staging directory that becomes the bundle
-    scratch_dir: Path | None = None  # the fp32 graph of a quantized build
-    loaded: object = None  # build.load.LoadedModel
-    pruning: dict | None = None
-    model: object = None  # the torch model
-    tokenizer: object = None  # the transformers tokenizer
-    exported: object = None  # build.export.ExportedModel
-    validation: dict | None = None
-    quantization: dict | None = None
-    accuracy: dict | None = None
-    generation: dict | None = None
-    manifest: dict | None = None
-
-    @property
-    def quantized(self) -> bool:
-        return self.profile.quantize.precision != "fp32"
-
-    @property
-    def model_info(self) -> dict:
-        return {**self.exported.shape.__dict__, "context_length": self.profile.export.context_length}
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=self.loaded.add_bos).input_ids
+    stages: tuple[str, ...]  # the names of the stages that will run, for the manifest
+    calibration: Path | None = None  # replaces the shipped calibration text
+    allow_accuracy_loss: bool = False  # publish a bundle outside its accuracy budget anyway
 
 
 @dataclass(frozen=True)
-class Stage:
-    name: str
-    title: Callable[[BuildState], str]  # the progress line
-    run: Callable[[BuildState, Callable[[str], None]], None]
+class SourceModel:
+    """A Hugging Face model directory to export (as loaded, or pruned)."""
+
+    request: BuildRequest
+    loaded: LoadedModel
+    pruning: dict | None = None
 
 
-def _load(state: BuildState, note) -> None:
-    state.loaded = load(state.model_ref, progress=note)
+@dataclass(frozen=True)
+class FloatGraph:
+    """The fp32 ONNX graph, the torch model it came from and its tokenizer."""
+
+    source: SourceModel
+    exported: ExportedModel
+    model: Any  # the torch model: validation's reference
+    tokenizer: Any  # the transformers tokenizer
+    validation: dict | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=self.source.loaded.add_bos).input_ids
 
 
-def _prune(state: BuildState, note) -> None:
-    state.loaded, state.pruning = _pruned(state.loaded, state.model_ref, state.profile, state.calibration, note)
+@dataclass(frozen=True)
+class ReducedGraph:
+    """The graph at the profile's precision, in the bundle's directory."""
+
+    fp32: FloatGraph
+    path: Path
+    quantization: dict
+    accuracy: dict | None = None
 
 
-def _export(state: BuildState, note) -> None:
-    # The torch model of what was loaded (and pruned): the export's input and the validation's reference.
-    state.model = load_torch_model(state.loaded.path)
-    state.tokenizer = load_tokenizer(state.loaded.path, state.loaded.add_bos)
-    fp32_dir = state.scratch_dir if state.quantized else state.out_dir
-    state.exported = export(state.model, state.profile, fp32_dir, progress=note)
-    note(f"{state.exported.node_count} nodes, {_mb(fp32_dir / MODEL_FILE, fp32_dir / DATA_FILE)} MB")
+@dataclass(frozen=True)
+class TokenizedGraph:
+    """The bundle's graph with the tokenizer and generation settings written beside it."""
+
+    graph: FloatGraph | ReducedGraph
+    generation: dict
+
+    @property
+    def fp32(self) -> FloatGraph:
+        return self.graph.fp32 if isinstance(self.graph, ReducedGraph) else self.graph
 
 
-def _validate(state: BuildState, note) -> None:
-    prompt_ids = _validation_prompt(state.tokenizer)
-    state.validation = validate(state.exported.onnx_path, state.model, prompt_ids, precision="fp32")
-    diff = state.validation["max_abs_diff"]
+@dataclass(frozen=True)
+class Bundle:
+    path: Path  # the staging directory, published as the bundle when the build ends
+    manifest: dict
+
+
+def load_stage(request: BuildRequest, _: None, out_dir: Path, note) -> SourceModel:
+    return SourceModel(request, load(request.model_ref, progress=note))
+
+
+def prune_stage(source: SourceModel, spec: Prune, out_dir: Path, note) -> SourceModel:
+    """The pruned (and recovered) model, made under `out_dir` (the cache) or found there."""
+    loaded, pruning = _pruned(source.loaded, source.request, spec, out_dir, note)
+    return SourceModel(source.request, loaded, pruning)
+
+
+def export_stage(source: SourceModel, profile: Profile, out_dir: Path, note) -> FloatGraph:
+    """The fp32 graph ([export], and the oldest onnxruntime of [runtime] for its operators)."""
+    model = load_torch_model(source.loaded.path)
+    tokenizer = load_tokenizer(source.loaded.path, source.loaded.add_bos)
+    exported = export(model, profile, out_dir, progress=note)
+    note(f"{exported.node_count} nodes, {_mb(out_dir / MODEL_FILE, out_dir / DATA_FILE)} MB")
+    return FloatGraph(source, exported, model, tokenizer)
+
+
+def validate_stage(graph: FloatGraph, _: None, out_dir: Path, note) -> FloatGraph:
+    prompt_ids = _validation_prompt(graph.tokenizer)
+    validation = validate(graph.exported.onnx_path, graph.model, prompt_ids, precision="fp32")
+    diff = validation["max_abs_diff"]
     note(f"max |diff| logits {diff['logits']:.2e}, present {diff['present']:.2e}: passed")
+    return dataclasses.replace(graph, validation=validation)
 
 
-def _precision(state: BuildState, note) -> None:
-    state.quantization = _reduce_precision(
-        state.exported.onnx_path, state.profile, state.out_dir, state.model_info, state.encode, state.calibration, note
-    )
-    note(f"{_mb(state.out_dir / MODEL_FILE, state.out_dir / DATA_FILE)} MB")
+def precision_stage(graph: FloatGraph, profile: Profile, out_dir: Path, note) -> ReducedGraph:
+    """The graph at [quantize]'s precision (avoiding operators the oldest [runtime] lacks)."""
+    calibration = graph.source.request.calibration
+    quantization = _reduce_precision(graph, profile, out_dir, calibration, note)
+    note(f"{_mb(out_dir / MODEL_FILE, out_dir / DATA_FILE)} MB")
+    return ReducedGraph(graph, out_dir / MODEL_FILE, quantization)
 
 
-def _gate(state: BuildState, note) -> None:
+def gate_stage(reduced: ReducedGraph, budgets: Budget, out_dir: Path, note) -> ReducedGraph:
     from edge_slm.build import gate
 
-    precision = state.profile.quantize.precision
-    measured = gate.measure(state.out_dir / MODEL_FILE, state.exported.onnx_path, state.model_info, state.encode)
-    budget = getattr(state.profile.budget, precision)
-    state.accuracy = gate.check(measured, budget, precision, state.allow_accuracy_loss)
+    fp32 = reduced.fp32
+    precision = reduced.quantization["recipe"]["precision"]
+    measured = gate.measure(reduced.path, fp32.exported.onnx_path, fp32.exported.shape.cache, fp32.encode)
+    accuracy = gate.check(measured, getattr(budgets, precision), precision, fp32.source.request.allow_accuracy_loss)
     verdict = {
         True: "within budget",
         False: "OUTSIDE budget (allowed by --allow-accuracy-loss)",
         None: "no budget",
-    }[state.accuracy["passed"]]
+    }[accuracy["passed"]]
     note(
         f"perplexity {measured['perplexity']:.3f} vs {measured['reference_perplexity']:.3f} "
         f"({100 * measured['ppl_increase']:+.2f}%), top-1 {100 * measured['top1_agreement']:.1f}%, "
         f"KL {measured['mean_kl']:.4f}: {verdict}"
     )
+    return dataclasses.replace(reduced, accuracy=accuracy)
 
 
-def _tokenizer(state: BuildState, note) -> None:
-    state.generation = _write_tokenizer(state.tokenizer, state.model, state.loaded.add_bos, state.out_dir)
-    config = genai_config(state.model_info, state.generation, state.exported.graph)
-    (state.out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+def tokenizer_stage(graph: FloatGraph | ReducedGraph, _: None, out_dir: Path, note) -> TokenizedGraph:
+    fp32 = graph.fp32 if isinstance(graph, ReducedGraph) else graph
+    generation = _write_tokenizer(fp32.tokenizer, fp32.model, fp32.source.loaded.add_bos, out_dir)
+    config = genai_config(fp32.exported.shape, generation, fp32.exported.graph)
+    (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return TokenizedGraph(graph, generation)
 
 
-def _manifest(state: BuildState, note) -> None:
-    profile, stage = state.profile, state.out_dir
-    state.manifest = write_manifest(
-        stage,
+def manifest_stage(tokenized: TokenizedGraph, profile: Profile, out_dir: Path, note) -> Bundle:
+    """The manifest (the whole profile is recorded in it) and every file's checksum."""
+    fp32, graph = tokenized.fp32, tokenized.graph
+    reduced = graph if isinstance(graph, ReducedGraph) else None
+    quantization = reduced.quantization if reduced else None
+    manifest = write_manifest(
+        out_dir,
         {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": profile.name,
             "precision": profile.quantize.precision,
-            "source": state.loaded.source,
-            "model": state.model_info,
+            "source": fp32.source.loaded.source,
+            "model": dataclasses.asdict(fp32.exported.shape),
             "graph": graph_signature(
-                stage / MODEL_FILE,
-                state.exported.graph,
+                out_dir / MODEL_FILE,
+                fp32.exported.graph,
                 profile,
-                prefill_file=((state.quantization or {}).get("counts") or {}).get("prefill_graph"),
+                prefill_file=((quantization or {}).get("counts") or {}).get("prefill_graph"),
             ),
-            "min_onnxruntime": min_onnxruntime(stage / MODEL_FILE),
-            "generation": {k: state.generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
+            "min_onnxruntime": min_onnxruntime(out_dir / MODEL_FILE),
+            "generation": {k: tokenized.generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
             "profile": profile.to_dict(),
-            "stages": state.stages,
-            "validation": state.validation,
-            "pruning": state.pruning,
-            "quantization": state.quantization,
-            "accuracy": state.accuracy,
+            "stages": list(fp32.source.request.stages),
+            "validation": fp32.validation,
+            "pruning": fp32.source.pruning,
+            "quantization": quantization,
+            "accuracy": reduced.accuracy if reduced else None,
             "versions": tool_versions(),
         },
     )
+    return Bundle(out_dir, manifest)
 
 
-LOAD = Stage("load", lambda st: f"loading model {st.model_ref or 'smollm2-135m (default)'}", _load)
-PRUNE = Stage("prune", lambda st: f"pruning for {st.profile.name}", _prune)
+LOAD = Stage(
+    "load", lambda request, p: f"loading model {request.model_ref or 'smollm2-135m (default)'}", no_section, load_stage
+)
+PRUNE = Stage("prune", lambda source, p: f"pruning for {p.name}", lambda p: p.prune, prune_stage, into="cache")
 EXPORT = Stage(
-    "export", lambda st: f"exporting the {st.profile.export.graph} ONNX graph for {st.profile.name}", _export
+    "export", lambda source, p: f"exporting the {p.export.graph} ONNX graph for {p.name}", whole_profile, export_stage
 )
-VALIDATE = Stage("validate", lambda st: "validating the fp32 graph against torch (prefill + 3 decode steps)", _validate)
-PRECISION = Stage("precision", lambda st: f"converting to {st.profile.quantize.precision}", _precision)
+VALIDATE = Stage(
+    "validate",
+    lambda graph, p: "validating the fp32 graph against torch (prefill + 3 decode steps)",
+    no_section,
+    validate_stage,
+)
+PRECISION = Stage("precision", lambda graph, p: f"converting to {p.quantize.precision}", whole_profile, precision_stage)
 GATE = Stage(
-    "gate", lambda st: f"accuracy gate: {st.profile.quantize.precision} against fp32 on {EVAL_TEXT.name}", _gate
+    "gate",
+    lambda reduced, p: f"accuracy gate: {p.quantize.precision} against fp32 on {EVAL_TEXT.name}",
+    lambda p: p.budget,
+    gate_stage,
 )
-TOKENIZER = Stage("tokenizer", lambda st: f"writing tokenizer, generation settings and {GENAI_CONFIG}", _tokenizer)
-MANIFEST = Stage("manifest", lambda st: "writing the manifest and checksums", _manifest)
+TOKENIZER = Stage(
+    "tokenizer",
+    lambda graph, p: f"writing tokenizer, generation settings and {GENAI_CONFIG}",
+    no_section,
+    tokenizer_stage,
+)
+MANIFEST = Stage("manifest", lambda tokenized, p: "writing the manifest and checksums", whole_profile, manifest_stage)
 
 
-def pruning_requests(profile: Profile):
+def pruning_requests(spec: Prune):
     """The profile's [prune] section as `edge-slm prune` settings and recovery settings."""
     from edge_slm.build.prune.recover import RecoverySettings
     from edge_slm.build.prune.structured import PruneSettings
 
-    spec = profile.prune
     settings = PruneSettings(ffn=spec.ffn, head_groups=spec.head_groups, layers=spec.layers)
     recovery = (
         RecoverySettings(steps=spec.recover_steps, time_budget_s=60 * spec.recover_minutes)
@@ -183,11 +235,9 @@ def pruning_requests(profile: Profile):
     return settings, recovery
 
 
-def pruned_cache_dir(source: dict, settings, recovery, calibration_path: Path) -> Path:
-    """Where the pruned model of these inputs is cached: pruning with recovery takes many
-    minutes, and a rebuild of the same target should not repeat it."""
-    from edge_slm.build.load import cache_root
-
+def pruned_cache_dir(cache: Path, source: dict, settings, recovery, calibration_path: Path) -> Path:
+    """Where under `cache` the pruned model of these inputs is kept: pruning with recovery takes
+    many minutes, and a rebuild of the same target should not repeat it."""
     key = json.dumps(
         {
             "source": source.get("sha256"),
@@ -198,21 +248,21 @@ def pruned_cache_dir(source: dict, settings, recovery, calibration_path: Path) -
         },
         sort_keys=True,
     )
-    return cache_root() / "pruned" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache / "pruned" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _pruned(loaded, model_ref: str | None, profile: Profile, calibration: Path | None, note):
-    """The profile's pruned (and recovered) model, from the cache or made now, and its summary."""
+def _pruned(loaded: LoadedModel, request: BuildRequest, spec: Prune, cache: Path, note):
+    """The pruned (and recovered) model, from the cache or made now, and its summary."""
     from edge_slm.build.prune.structured import prune_directory
 
-    settings, recovery = pruning_requests(profile)
-    calibration_path = Path(calibration) if calibration else CALIBRATION_TEXT
-    target = pruned_cache_dir(loaded.source, settings, recovery, calibration_path)
+    settings, recovery = pruning_requests(spec)
+    calibration_path = Path(request.calibration) if request.calibration else CALIBRATION_TEXT
+    target = pruned_cache_dir(cache, loaded.source, settings, recovery, calibration_path)
     if (target / "edge_slm_prune.json").is_file():
         note(f"using the cached pruned model {target}")
     else:
         note(f"{settings.describe()}" + (f", then up to {recovery.steps} recovery steps" if recovery else ""))
-        prune_directory(model_ref, settings, target, calibration_path, recovery, progress=note)
+        prune_directory(request.model_ref, settings, target, calibration_path, recovery, progress=note)
     record = json.loads((target / "edge_slm_prune.json").read_text())
     summary = {
         k: record[k]
@@ -237,12 +287,10 @@ def _pruned(loaded, model_ref: str | None, profile: Profile, calibration: Path |
     return dataclasses.replace(pruned, source=source), summary
 
 
-def _reduce_precision(
-    fp32_path: Path, profile: Profile, stage: Path, model_info: dict, encode, calibration: Path | None, note
-) -> dict:
+def _reduce_precision(graph: FloatGraph, profile: Profile, stage: Path, calibration: Path | None, note) -> dict:
     """fp16, TensorRT's QDQ int8 or weight-only int8 / int4, as the recipe says; returns the
     manifest's quantization section."""
-    recipe = profile.quantize
+    recipe, fp32_path, shape, encode = profile.quantize, graph.exported.onnx_path, graph.exported.shape, graph.encode
     section = {"recipe": dataclasses.asdict(recipe)}
     if recipe.precision == "fp16":
         from edge_slm.build.quantize.fp16 import convert_fp16
@@ -258,7 +306,7 @@ def _reduce_precision(
             recipe,
             stage,
             _calibration_ids(calibration, encode, section),
-            model_info,
+            shape,
             progress=lambda m: None if "pass" in m else note(m),
         )
         section["counts"] = counts
@@ -278,7 +326,7 @@ def _reduce_precision(
             progress=note,
             oldest_onnxruntime=profile.runtime.oldest_onnxruntime,
             calibration_ids=calibration_ids,
-            model_info=model_info,
+            shape=shape,
         )
         section["counts"] = counts
         note(

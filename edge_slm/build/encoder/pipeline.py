@@ -10,119 +10,135 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from edge_slm.build.encoder import gate
-from edge_slm.build.encoder.export import MODEL_FILE, export_encoder, load_torch_encoder
+from edge_slm.build.encoder.export import MODEL_FILE, ExportedEncoder, export_encoder, load_torch_encoder
 from edge_slm.build.encoder.precision import calibration_feeds, reduce_precision
-from edge_slm.build.encoder.source import load_encoder
+from edge_slm.build.encoder.source import EncoderSource, load_encoder
 from edge_slm.build.encoder.validate import graph_of, validate_encoder
 from edge_slm.build.manifest import tool_versions
-from edge_slm.build.progress import run_stages
+from edge_slm.build.runner import Stage, no_section, run_stages, whole_profile
 from edge_slm.core import capabilities
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, read_examples, read_retrieval
+from edge_slm.core.targets import Encoder as EncoderSpec
 from edge_slm.core.targets import Profile
 
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
 EVAL_FILE = "eval.jsonl"  # the held-out split `edge-slm finetune` leaves beside a classifier
 
 
-@dataclass
-class EncoderState:
-    profile: Profile
+@dataclass(frozen=True)
+class EncoderRequest:
+    """What the user asked for beyond the profile: the model and the build's options."""
+
     model_ref: str
-    gate_data: Path | None = None
-    calibration: Path | None = None
+    stages: tuple[str, ...]  # the names of the stages that will run, for the manifest
+    gate_data: Path | None = None  # a classifier's labelled test split for its gate
+    calibration: Path | None = None  # texts for static (QDQ) int8 scales
     allow_accuracy_loss: bool = False
-    stages: list[str] = field(default_factory=list)
-    out_dir: Path | None = None
-    scratch_dir: Path | None = None
-    source: object = None  # build.encoder.source.EncoderSource
-    head: object = None  # the torch module
-    tokenizer: object = None  # the transformers tokenizer
-    exported: object = None  # build.encoder.export.ExportedEncoder
-    validation: dict | None = None
-    quantization: dict | None = None
-    accuracy: dict | None = None
-    manifest: dict | None = None
-
-    @property
-    def spec(self):
-        return self.profile.encoder
-
-    @property
-    def quantized(self) -> bool:
-        return self.spec.precision != "fp32"
 
 
 @dataclass(frozen=True)
-class Stage:
-    name: str
-    title: Callable[[EncoderState], str]
-    run: Callable[[EncoderState, Callable[[str], None]], None]
+class LoadedEncoder:
+    request: EncoderRequest
+    source: EncoderSource
+    head: Any  # the torch module: export's input and validation's reference
+    tokenizer: Any  # the transformers tokenizer
 
 
-def _load(state: EncoderState, note) -> None:
+@dataclass(frozen=True)
+class EncoderGraph:
+    """The fp32 graph (after validation, with its record)."""
+
+    loaded: LoadedEncoder
+    exported: ExportedEncoder
+    validation: dict | None = None
+
+
+@dataclass(frozen=True)
+class ReducedEncoder:
+    """The graph at the profile's precision, in the bundle's directory."""
+
+    fp32: EncoderGraph
+    path: Path
+    quantization: dict
+    accuracy: dict | None = None
+
+
+@dataclass(frozen=True)
+class EncoderBundle:
+    path: Path
+    manifest: dict
+
+
+def load_stage(request: EncoderRequest, _: None, out_dir: Path, note) -> LoadedEncoder:
     from transformers import AutoTokenizer
 
-    state.source = load_encoder(state.model_ref)
-    state.tokenizer = AutoTokenizer.from_pretrained(str(state.source.path))
-    state.head = load_torch_encoder(state.source)
-    labels = f", labels: {', '.join(state.source.labels)}" if state.source.labels else ""
-    note(f"{state.source.architecture} ({state.source.task}, {state.source.pooling} pooling{labels})")
+    source = load_encoder(request.model_ref)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    loaded = LoadedEncoder(request, source, load_torch_encoder(source), tokenizer)
+    labels = f", labels: {', '.join(source.labels)}" if source.labels else ""
+    note(f"{source.architecture} ({source.task}, {source.pooling} pooling{labels})")
+    return loaded
 
 
-def _export(state: EncoderState, note) -> None:
-    fp32_dir = state.scratch_dir if state.quantized else state.out_dir
-    state.exported = export_encoder(state.head, state.source, state.tokenizer, state.profile, fp32_dir, note)
-    note(f"{state.exported.node_count} nodes, {_mb(state.exported.onnx_path)} MB")
+def export_stage(loaded: LoadedEncoder, profile: Profile, out_dir: Path, note) -> EncoderGraph:
+    """The fused fp32 graph ([export], and [encoder]'s max_sequence_length)."""
+    exported = export_encoder(loaded.head, loaded.source, loaded.tokenizer, profile, out_dir, note)
+    note(f"{exported.node_count} nodes, {_mb(exported.onnx_path)} MB")
+    return EncoderGraph(loaded, exported)
 
 
-def _validate(state: EncoderState, note) -> None:
-    state.validation = validate_encoder(state.exported, state.head, state.tokenizer)
-    note(f"max |diff| {state.validation['max_abs_diff']:.2e} on padded batches: passed")
+def validate_stage(graph: EncoderGraph, _: None, out_dir: Path, note) -> EncoderGraph:
+    validation = validate_encoder(graph.exported, graph.loaded.head, graph.loaded.tokenizer)
+    note(f"max |diff| {validation['max_abs_diff']:.2e} on padded batches: passed")
+    return dataclasses.replace(graph, validation=validation)
 
 
-def _precision(state: EncoderState, note) -> None:
+def precision_stage(graph: EncoderGraph, spec: EncoderSpec, out_dir: Path, note) -> ReducedEncoder:
     feeds = None
-    if state.spec.precision == "int8" and state.spec.int8_format == "qdq":
-        texts = _calibration_texts(state.calibration)
-        feeds = calibration_feeds(graph_of(state.exported, state.tokenizer), texts)
-        note(
-            f"calibrating static int8 scales on {len(texts)} {'texts of ' + state.calibration.name if state.calibration else 'shipped texts'}"
-        )
-    state.quantization = reduce_precision(state.exported.onnx_path, state.spec, state.out_dir, feeds)
-    note(f"{state.quantization['method']}: {_mb(state.out_dir / MODEL_FILE)} MB")
+    calibration = graph.loaded.request.calibration
+    if spec.precision == "int8" and spec.int8_format == "qdq":
+        texts = _calibration_texts(calibration)
+        feeds = calibration_feeds(graph_of(graph.exported, graph.loaded.tokenizer), texts)
+        where = "texts of " + calibration.name if calibration else "shipped texts"
+        note(f"calibrating static int8 scales on {len(texts)} {where}")
+    quantization = reduce_precision(graph.exported.onnx_path, spec, out_dir, feeds)
+    note(f"{quantization['method']}: {_mb(out_dir / MODEL_FILE)} MB")
+    return ReducedEncoder(graph, out_dir / MODEL_FILE, quantization)
 
 
-def _gate(state: EncoderState, note) -> None:
-    measured, line = _measure(state)
-    task, precision, spec = state.source.task, state.spec.precision, state.spec
+def gate_stage(reduced: ReducedEncoder, spec: EncoderSpec, out_dir: Path, note) -> ReducedEncoder:
+    fp32 = reduced.fp32
+    measured, line = _measure(reduced)
+    task, precision = fp32.loaded.source.task, spec.precision
     if spec.float_after_gelu == "if-needed" and gate.check(measured, task, spec, precision, allow=True)["problems"]:
         # The cheaper recipe missed its budget: keep the MatMuls after GELU float and measure again.
         note(f"{line}: outside budget with every MatMul int8; keeping the MatMuls after GELU float")
-        state.quantization = reduce_precision(
-            state.exported.onnx_path, dataclasses.replace(spec, float_after_gelu="always"), state.out_dir
-        )
-        measured, line = _measure(state)
-    state.accuracy = gate.check(measured, task, spec, precision, state.allow_accuracy_loss)
-    verdict = "within budget" if state.accuracy["passed"] else "OUTSIDE budget (allowed by --allow-accuracy-loss)"
+        always = dataclasses.replace(spec, float_after_gelu="always")
+        reduced = dataclasses.replace(reduced, quantization=reduce_precision(fp32.exported.onnx_path, always, out_dir))
+        measured, line = _measure(reduced)
+    accuracy = gate.check(measured, task, spec, precision, fp32.loaded.request.allow_accuracy_loss)
+    verdict = "within budget" if accuracy["passed"] else "OUTSIDE budget (allowed by --allow-accuracy-loss)"
     note(f"{line}: {verdict}")
+    return dataclasses.replace(reduced, accuracy=accuracy)
 
 
-def _measure(state: EncoderState) -> tuple[dict, str]:
+def _measure(reduced: ReducedEncoder) -> tuple[dict, str]:
     """The reduced graph against the fp32 one, and the progress line that says how it did."""
-    reference = graph_of(state.exported, state.tokenizer)
-    candidate = graph_of(state.exported, state.tokenizer, path=state.out_dir / MODEL_FILE)
-    task = state.source.task
+    exported, loaded = reduced.fp32.exported, reduced.fp32.loaded
+    reference = graph_of(exported, loaded.tokenizer)
+    candidate = graph_of(exported, loaded.tokenizer, path=reduced.path)
+    task = loaded.source.task
     if task == "classification":
-        examples, where = _classifier_gate_data(state)
-        measured = gate.measure_classifier(candidate, reference, examples, list(state.source.labels))
+        examples, where = _classifier_gate_data(loaded)
+        measured = gate.measure_classifier(candidate, reference, examples, list(loaded.source.labels))
         measured["data"] = where
         accuracy = (
             f", accuracy {100 * measured['accuracy']:.1f}% vs fp32 {100 * measured['reference_accuracy']:.1f}%"
@@ -156,73 +172,93 @@ def _calibration_texts(path: Path | None) -> list[str]:
     return lines
 
 
-def _classifier_gate_data(state: EncoderState):
+def _classifier_gate_data(loaded: LoadedEncoder):
     """--eval-data, else the held-out split fine-tuning left beside the model, else the shipped
     intents test split (with its labels when they are the model's)."""
-    for path in (state.gate_data, state.source.path / EVAL_FILE):
+    for path in (loaded.request.gate_data, loaded.source.path / EVAL_FILE):
         if path is not None and Path(path).is_file():
             return read_examples(Path(path), min_classes=1), str(path)
     return read_examples(INTENTS_TEST), f"shipped {INTENTS_TEST.parent.name}/{INTENTS_TEST.name}"
 
 
-def _tokenizer(state: EncoderState, note) -> None:
-    state.tokenizer.backend_tokenizer.save(str(state.out_dir / "tokenizer.json"))
+def tokenizer_stage(graph: EncoderGraph | ReducedEncoder, _: None, out_dir: Path, note):
+    """tokenizer.json beside the graph; the graph artifact passes on unchanged."""
+    fp32 = graph.fp32 if isinstance(graph, ReducedEncoder) else graph
+    fp32.loaded.tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    return graph
 
 
-def _manifest(state: EncoderState, note) -> None:
+def manifest_stage(graph: EncoderGraph | ReducedEncoder, profile: Profile, out_dir: Path, note) -> EncoderBundle:
+    """The manifest (the whole profile is recorded in it) and every file's checksum."""
     import onnx
 
-    graph = onnx.load(str(state.out_dir / MODEL_FILE))
+    reduced = graph if isinstance(graph, ReducedEncoder) else None
+    fp32 = reduced.fp32 if reduced else graph
+    loaded, exported = fp32.loaded, fp32.exported
+    proto = onnx.load(str(out_dir / MODEL_FILE))
     ops: dict[str, int] = {}
-    for node in graph.graph.node:
+    for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    state.manifest = write_manifest(
-        state.out_dir,
+    manifest = write_manifest(
+        out_dir,
         {
             "family": "encoder",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "target": state.profile.name,
-            "precision": state.spec.precision,
-            "source": state.source.source,
-            "model": state.exported.shape,
+            "target": profile.name,
+            "precision": profile.encoder.precision,
+            "source": loaded.source.source,
+            "model": exported.shape,
             "graph": {
                 "kind": "encoder",
                 "file": MODEL_FILE,
-                "inputs": list(state.exported.inputs),
-                "output": state.exported.output,
-                "opset": {o.domain or "ai.onnx": o.version for o in graph.opset_import},
-                "ir_version": graph.ir_version,
-                "nodes": len(graph.graph.node),
+                "inputs": list(exported.inputs),
+                "output": exported.output,
+                "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+                "ir_version": proto.ir_version,
+                "nodes": len(proto.graph.node),
                 "op_counts": dict(sorted(ops.items())),
-                "fused": state.exported.fused,
+                "fused": exported.fused,
             },
             "min_onnxruntime": capabilities.min_onnxruntime(set()),
             "tokenizer": {
-                "pad_token_id": int(state.tokenizer.pad_token_id or 0),
-                "lowercase": bool(getattr(state.tokenizer, "do_lower_case", False)),
+                "pad_token_id": int(loaded.tokenizer.pad_token_id or 0),
+                "lowercase": bool(getattr(loaded.tokenizer, "do_lower_case", False)),
             },
-            "profile": state.profile.to_dict(),
-            "stages": state.stages,
-            "validation": state.validation,
-            "quantization": state.quantization,
-            "accuracy": state.accuracy,
+            "profile": profile.to_dict(),
+            "stages": list(loaded.request.stages),
+            "validation": fp32.validation,
+            "quantization": reduced.quantization if reduced else None,
+            "accuracy": reduced.accuracy if reduced else None,
             "versions": tool_versions(),
         },
     )
+    return EncoderBundle(out_dir, manifest)
 
 
-LOAD = Stage("load", lambda st: f"loading encoder {st.model_ref}", _load)
-EXPORT = Stage("export", lambda st: f"exporting the fused encoder graph for {st.profile.name}", _export)
-VALIDATE = Stage("validate", lambda st: "validating the fp32 graph against torch (padded batches)", _validate)
-PRECISION = Stage("precision", lambda st: f"converting to {st.spec.precision}", _precision)
-GATE = Stage("gate", lambda st: f"accuracy gate: {st.spec.precision} against fp32", _gate)
-TOKENIZER = Stage("tokenizer", lambda st: "writing the tokenizer", _tokenizer)
-MANIFEST = Stage("manifest", lambda st: "writing the manifest and checksums", _manifest)
+def _encoder_table(profile: Profile) -> EncoderSpec:
+    return profile.encoder
+
+
+LOAD = Stage("load", lambda request, p: f"loading encoder {request.model_ref}", no_section, load_stage)
+EXPORT = Stage(
+    "export", lambda loaded, p: f"exporting the fused encoder graph for {p.name}", whole_profile, export_stage
+)
+VALIDATE = Stage(
+    "validate", lambda graph, p: "validating the fp32 graph against torch (padded batches)", no_section, validate_stage
+)
+PRECISION = Stage("precision", lambda graph, p: f"converting to {p.encoder.precision}", _encoder_table, precision_stage)
+GATE = Stage(
+    "gate", lambda reduced, p: f"accuracy gate: {p.encoder.precision} against fp32", _encoder_table, gate_stage
+)
+TOKENIZER = Stage("tokenizer", lambda graph, p: "writing the tokenizer", no_section, tokenizer_stage)
+MANIFEST = Stage("manifest", lambda graph, p: "writing the manifest and checksums", whole_profile, manifest_stage)
 
 
 def encoder_stages(profile: Profile) -> list[Stage]:
     quantized = profile.encoder.precision != "fp32"
-    return [LOAD, EXPORT, VALIDATE, *([PRECISION, GATE] if quantized else []), TOKENIZER, MANIFEST]
+    # A quantized build's fp32 graph is an intermediate: it goes to the scratch directory.
+    export = dataclasses.replace(EXPORT, into="scratch") if quantized else EXPORT
+    return [LOAD, export, VALIDATE, *([PRECISION, GATE] if quantized else []), TOKENIZER, MANIFEST]
 
 
 def with_encoder_precision(profile: Profile, precision: str | None) -> Profile:
@@ -238,16 +274,14 @@ def build_encoder(
 ) -> dict:
     """Run the encoder stages into a staging directory published as `out` (as the decoder build does)."""
     plan = encoder_stages(profile)
-    state = EncoderState(
-        profile=profile,
+    request = EncoderRequest(
         model_ref=model_ref,
+        stages=tuple(stage.name for stage in plan),
         gate_data=gate_data,
         calibration=Path(calibration) if calibration else None,
         allow_accuracy_loss=allow_accuracy_loss,
-        stages=[stage.name for stage in plan],
     )
-    run_stages(plan, state, Path(out), echo)
-    return state.manifest
+    return run_stages(plan, request, profile, Path(out), echo).manifest
 
 
 def _mb(*paths: Path) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import DATA_FILE, MODEL_FILE, save_with_external_data
+from edge_slm.build.export import DATA_FILE, MODEL_FILE, ModelShape, save_with_external_data
 from edge_slm.build.fused_graph import MS_DOMAIN
 from edge_slm.core.capabilities import SINCE, supports
 from edge_slm.core.errors import ExportError
@@ -111,11 +111,11 @@ def quantize(
     progress=lambda msg: None,
     oldest_onnxruntime: str | None = None,
     calibration_ids: list[int] | None = None,
-    model_info: dict | None = None,
+    shape: ModelShape | None = None,
 ) -> dict:
     """Write the quantized graph to `out_dir/model.onnx`; return the counts for the manifest.
     `oldest_onnxruntime`: the oldest runtime the device has; operators it lacks are avoided.
-    `calibration_ids` (with `model_info`): tokens to pick SmoothQuant strengths on, when the recipe
+    `calibration_ids` (with the model's `shape`): tokens to pick SmoothQuant strengths on, when the recipe
     lists `smooth_alphas`."""
     import onnx
 
@@ -132,7 +132,7 @@ def quantize(
     plain_gather = not supports("GatherBlockQuantized", oldest_onnxruntime)
     smoothing = None
     if recipe.smooth_alphas:
-        if calibration_ids is None or model_info is None:
+        if calibration_ids is None or shape is None:
             raise ExportError("the recipe smooths activations (smooth_alphas) but no calibration text was given")
         from edge_slm.build.quantize.smooth import BlockwiseError, smooth_graph
 
@@ -143,7 +143,7 @@ def quantize(
             onnx_path,
             model,
             calibration_ids,
-            model_info,
+            shape,
             recipe.smooth_alphas,
             error,
             progress=lambda m: None if "pass" in m else progress(m),

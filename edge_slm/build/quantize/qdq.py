@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import save_with_external_data
+from edge_slm.build.export import ModelShape, save_with_external_data
 from edge_slm.build.quantize.smooth import per_tensor_error, smooth_graph, transposed
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Quantize
@@ -41,7 +41,7 @@ def quantize_qdq(
     recipe: Quantize,
     out_dir: Path,
     calibration_ids: list[int],
-    model_info: dict,
+    shape: ModelShape,
     threads: int = 2,
     progress=lambda msg: None,
 ) -> dict:
@@ -53,7 +53,7 @@ def quantize_qdq(
 
     proto = onnx.load(str(onnx_path))
     smoothed = smooth_graph(
-        onnx_path, proto, calibration_ids, model_info, recipe.smooth_alphas, per_tensor_error, threads, progress
+        onnx_path, proto, calibration_ids, shape, recipe.smooth_alphas, per_tensor_error, threads, progress
     )
     captured, errors, products = smoothed["captured"], smoothed["errors"], smoothed["products"]
     activations = sorted(captured)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_slm.build.export import ModelShape
 from edge_slm.core.errors import ExportError
 
 CHUNK = 128  # tokens per calibration forward pass: prefill-sized activations, like the device sees
@@ -45,7 +46,7 @@ def capture_activations(
     onnx_path: Path,
     tensor_names: list[str],
     chunks: list[list[int]],
-    model_info: dict,
+    shape: ModelShape,
     threads: int = 2,
     progress=lambda msg: None,
 ) -> dict[str, np.ndarray]:
@@ -70,7 +71,7 @@ def capture_activations(
         session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
     finally:
         probe_path.unlink()
-    layers, kv, head_dim = model_info["num_layers"], model_info["num_kv_heads"], model_info["head_dim"]
+    layers, kv, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
     captured: dict[str, list[np.ndarray]] = {name: [] for name in tensor_names}
     for n, chunk in enumerate(chunks, 1):
         ids = np.asarray([chunk], dtype=np.int64)
@@ -89,7 +90,7 @@ def smooth_graph(
     onnx_path: Path,
     proto,
     calibration_ids: list[int],
-    model_info: dict,
+    shape: ModelShape,
     alphas: tuple[float, ...],
     product_error: ProductError,
     threads: int = 2,
@@ -112,9 +113,9 @@ def smooth_graph(
     activations = sorted({n.input[0] for n in products})
     progress(f"measuring {len(activations)} activations on {len(calibration_ids)} calibration tokens")
     captured = capture_activations(
-        onnx_path, activations, calibration_chunks(calibration_ids), model_info, threads, progress
+        onnx_path, activations, calibration_chunks(calibration_ids), shape, threads, progress
     )
-    smoothing = Smoothing(graph, weights, model_info, alphas, product_error)
+    smoothing = Smoothing(graph, weights, shape, alphas, product_error)
     scales, chosen, errors = {}, {}, {}
     for name in activations:
         scales[name], chosen[name], errors[name] = smoothing.apply(
@@ -171,11 +172,11 @@ class Smoothing:
         self,
         graph,
         weights: dict[str, np.ndarray],
-        model_info: dict,
+        shape: ModelShape,
         alphas: tuple[float, ...],
         product_error: ProductError = per_tensor_error,
     ):
-        self.weights, self.alphas, self.info, self.error = weights, tuple(alphas), model_info, product_error
+        self.weights, self.alphas, self.shape, self.error = weights, tuple(alphas), shape, product_error
         self.producer = {o: n for n in graph.node for o in n.output}
         self.changed: set[str] = set()
 
@@ -236,7 +237,7 @@ class Smoothing:
         return None
 
     def _value_fold(self, gqa):
-        n_heads, kv_heads, head_dim = self.info["num_heads"], self.info["num_kv_heads"], self.info["head_dim"]
+        n_heads, kv_heads, head_dim = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
         packed = gqa.input[1] == ""
         source = gqa.input[0] if packed else gqa.input[2]
         node = self.producer.get(source)
