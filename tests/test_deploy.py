@@ -122,18 +122,46 @@ def _cli(*args):
     )
 
 
+def test_the_wheel_holds_every_file_of_the_package_and_leaves_the_checkout_alone():
+    """Every tracked file under edge_slm/ (and the profiles) is in the wheel deploy installs: a
+    subpackage or data file missing from pyproject's lists would break the device (or the build
+    extra) only there. Building it writes nothing into the checkout."""
+    import zipfile
+
+    from edge_slm.harness.deploy import _CHECKOUT, checkout_wheel
+
+    if not (_CHECKOUT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "-C", str(_CHECKOUT), "ls-files", "edge_slm", "targets"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    want = {f.replace("targets/", "edge_slm/profiles/", 1) for f in tracked}
+    before = subprocess.run(
+        ["git", "-C", str(_CHECKOUT), "status", "--porcelain", "--ignored"], capture_output=True, text=True
+    ).stdout
+    with checkout_wheel() as wheel:
+        names = {n for n in zipfile.ZipFile(wheel).namelist() if not n.startswith("edge_slm-")}
+        assert [p.name for p in wheel.parent.iterdir()] == [wheel.name]  # the source copy is gone
+    assert names == want, (sorted(want - names), sorted(names - want))
+    assert not wheel.parent.exists()
+    after = subprocess.run(
+        ["git", "-C", str(_CHECKOUT), "status", "--porcelain", "--ignored"], capture_output=True, text=True
+    ).stdout
+    assert after == before
+
+
 def test_the_no_deps_install_keeps_a_device_s_own_onnxruntime(tmp_path, tiny_bundle):
     """A Jetson has NVIDIA's onnxruntime-gpu, which pip must not shadow with PyPI's CPU onnxruntime:
     the documented path installs the wheel with --no-deps plus the other runtime packages. Here a
     pinned onnxruntime stands in for the device's own build; the wheel must leave it as it is."""
-    from edge_slm.harness.deploy import build_wheel
+    from edge_slm.harness.deploy import checkout_wheel
 
     venv = tmp_path / "venv"
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "onnxruntime==1.32.0"], check=True, timeout=900)
-    wheel = build_wheel()
-    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=300)
+    with checkout_wheel() as wheel:
+        subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=300)
     subprocess.run([*pip, "numpy", "tokenizers", "click", "jinja2"], check=True, timeout=900)
     listed = subprocess.run([str(venv / "bin/pip"), "list", "--format=freeze"], capture_output=True, text=True).stdout
     assert [line for line in listed.splitlines() if line.lower().startswith("onnxruntime")] == ["onnxruntime==1.32.0"]

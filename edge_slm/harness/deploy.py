@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ MARKER = f"{VENV}/.edge-slm-install.json"
 SERVICE = "edge-slm"
 NEAR_TIE_NATS = 1.0
 _CHECKOUT = Path(__file__).resolve().parents[2]
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "edge_slm", "targets")  # what the wheel is built from
 
 
 def build_wheel(progress=lambda msg: None) -> Path:
@@ -50,16 +53,38 @@ def build_wheel(progress=lambda msg: None) -> Path:
         )
     out = Path(tempfile.mkdtemp(prefix="edge-slm-wheel-"))
     progress("building the edge-slm wheel of this checkout")
-    for isolation in (["--no-build-isolation"], []):
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(_CHECKOUT), "-w", str(out)],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(out.glob("edge_slm-*.whl"))
-        if proc.returncode == 0 and wheels:
-            return wheels[0]
+    # Built from a copy of the sources: setuptools writes build/ and *.egg-info into the folder it
+    # builds, which must not be the user's checkout (nor shared by two builds at once).
+    source = out / "source"
+    for name in WHEEL_SOURCES:
+        if (_CHECKOUT / name).is_dir():
+            shutil.copytree(_CHECKOUT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            source.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(_CHECKOUT / name, source / name)
+    try:
+        for isolation in (["--no-build-isolation"], []):
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(source), "-w", str(out)],
+                capture_output=True,
+                text=True,
+            )
+            wheels = list(out.glob("edge_slm-*.whl"))
+            if proc.returncode == 0 and wheels:
+                return wheels[0]
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
     raise RemoteError(f"building the edge-slm wheel failed: {proc.stderr.strip()[-300:]}")
+
+
+@contextmanager
+def checkout_wheel(progress=lambda msg: None):
+    """`build_wheel()` for the length of a `with` block; its temporary folder is removed after."""
+    wheel = build_wheel(progress)
+    try:
+        yield wheel
+    finally:
+        shutil.rmtree(wheel.parent, ignore_errors=True)
 
 
 def wheel_digest(wheel: Path) -> str:
@@ -396,8 +421,8 @@ def deploy(
 ) -> dict:
     """The whole path: wheel, venv, bundle, smoke test, and with `serve` the running service."""
     manifest = verify_bundle(bundle)
-    wheel = build_wheel(progress)
-    venv = ensure_venv(device, manifest, wheel, serve=serve, progress=progress)
+    with checkout_wheel(progress) as wheel:
+        venv = ensure_venv(device, manifest, wheel, serve=serve, progress=progress)
     remote_bundle = copy_bundle(device, bundle, manifest, progress)
     progress(f"{device.host}: verifying every checksum on the device")
     ssh(device, f"cd && {venv}/bin/edge-slm inspect {remote_bundle} > /dev/null", timeout=600)

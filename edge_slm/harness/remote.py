@@ -22,14 +22,15 @@ from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.tomlfile import TOMLDecodeError, read_toml
 from edge_slm.harness.bench import record_problem
-from edge_slm.harness.deploy import build_wheel, copy_bundle, ensure_venv
+from edge_slm.harness.deploy import checkout_wheel, copy_bundle, ensure_venv
 from edge_slm.harness.ssh import Device, RemoteError, ssh
 
 
 def bench_remote(device: Device, bundle: Path, bench_args: list[str], progress=lambda msg: None) -> list[dict]:
     """`edge-slm bench` on the device, through the venv and bundle copy that `edge-slm deploy` uses."""
     manifest = verify_bundle(bundle, checksums=False)
-    venv = ensure_venv(device, manifest, build_wheel(), progress=progress)
+    with checkout_wheel() as wheel:
+        venv = ensure_venv(device, manifest, wheel, progress=progress)
     remote_bundle = copy_bundle(device, Path(bundle), manifest, progress)
     progress(f"{device.host}: running the benchmark")
     command = f"cd && {venv}/bin/edge-slm bench {remote_bundle} --json " + " ".join(shlex.quote(a) for a in bench_args)
