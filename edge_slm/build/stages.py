@@ -64,6 +64,11 @@ class FloatGraph:
     tokenizer: Any  # the transformers tokenizer
     validation: dict | None = None
 
+    @property
+    def fp32(self) -> FloatGraph:
+        """Itself: the fp32 graph (as `ReducedGraph.fp32` is), so later stages take either."""
+        return self
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=self.source.loaded.add_bos).input_ids
 
@@ -87,7 +92,7 @@ class TokenizedGraph:
 
     @property
     def fp32(self) -> FloatGraph:
-        return self.graph.fp32 if isinstance(self.graph, ReducedGraph) else self.graph
+        return self.graph.fp32
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def gate_stage(reduced: ReducedGraph, budgets: Budget, out_dir: Path, note) -> R
 
 
 def tokenizer_stage(graph: FloatGraph | ReducedGraph, _: None, out_dir: Path, note) -> TokenizedGraph:
-    fp32 = graph.fp32 if isinstance(graph, ReducedGraph) else graph
+    fp32 = graph.fp32
     generation = _write_tokenizer(fp32.tokenizer, fp32.model, fp32.source.loaded.add_bos, out_dir)
     config = genai_config(fp32.exported.shape, generation, fp32.exported.graph)
     (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
