@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_slm import runtime  # noqa: E402
-from edge_slm.harness.bench import greedy_steps, machine, prompt_ids, timed_runs  # noqa: E402
+from edge_slm.runtime.bench import greedy_steps, machine, prompt_ids, timed_runs  # noqa: E402
 
 
 def one_run(model, ids: list[int], gen_tokens: int) -> dict:

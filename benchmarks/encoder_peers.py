@@ -7,7 +7,7 @@ the same texts, the same thread count, each run in a fresh process, rounds alter
 Peers: sentence-transformers on torch (fp32) and on its ONNX backend (fp32, and its AVX2 int8
 export), optimum's ORTModelForFeatureExtraction (fp32, and its own AVX2 dynamic int8 quantizer),
 and fastembed pointed at a local ONNX export (it otherwise downloads from a hub). Every system is
-timed by `edge_slm.harness.bench_encoder.encoder_timings` (text in, normalized vector out), and
+timed by `edge_slm.runtime.bench_encoder.encoder_timings` (text in, normalized vector out), and
 written as records of the bench schema, so `edge-slm report` shows them. Needs
 `pip install sentence-transformers fastembed`; not part of the default install or CI.
 """
@@ -43,7 +43,7 @@ SYSTEM = {
 
 def prepare(work: Path) -> dict:
     """Each peer's model files, made once from the packaged model (no hub)."""
-    from edge_slm.build.encoder.source import default_encoder_dir
+    from edge_slm.builder.encoder.source import default_encoder_dir
 
     paths = {
         "st": work / "st",
@@ -76,7 +76,7 @@ def prepare(work: Path) -> dict:
 def worker(cfg: dict) -> dict:
     import numpy as np
 
-    from edge_slm.harness.bench_encoder import encoder_timings, peak_rss_mb
+    from edge_slm.runtime.bench_encoder import encoder_timings, peak_rss_mb
 
     peer, threads, paths = cfg["peer"], cfg["threads"], cfg["paths"]
     start = time.perf_counter()
@@ -161,8 +161,8 @@ def main() -> None:
 
     from edge_slm import runtime
     from edge_slm.core.labelled import read_retrieval
-    from edge_slm.harness.bench import BundleInfo
-    from edge_slm.harness.bench_encoder import encoder_record
+    from edge_slm.runtime.bench import BundleInfo
+    from edge_slm.runtime.bench_encoder import encoder_record
 
     paths = prepare(Path(args.work))
     check = read_retrieval()
@@ -176,7 +176,7 @@ def main() -> None:
                 command = [
                     sys.executable,
                     "-m",
-                    "edge_slm.harness.bench_encoder",
+                    "edge_slm.runtime.bench_encoder",
                     json.dumps({"bundle": bundle, **cfg}),
                 ]
             else:

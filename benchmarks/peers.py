@@ -53,7 +53,7 @@ def worker_torch(cfg: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_slm.build.load import load
+    from edge_slm.builder.decoder.load import load
 
     torch.set_num_threads(cfg["threads"])
     t = time.perf_counter()
@@ -79,7 +79,7 @@ def worker_torch(cfg: dict) -> dict:
 def _loop(cfg, prefill, step, load_s) -> dict:
     # The same loop and statistics as `edge-slm bench`, imported from the repository's package
     # (its bench module needs only the standard library, so the llama.cpp venv can import it).
-    from edge_slm.harness.bench import peak_rss_mb, timed_runs
+    from edge_slm.runtime.bench import peak_rss_mb, timed_runs
 
     timings = timed_runs(prefill, step, cfg["ids"], cfg["gen_tokens"], cfg["repetitions"], cfg["warmup"])
     return {"load_s": load_s, **timings, "peak_rss_mb": peak_rss_mb()}
@@ -108,8 +108,8 @@ def main() -> None:
         return
 
     from edge_slm import __version__, runtime
-    from edge_slm.build.load import load
-    from edge_slm.harness.bench import BenchRecord, BundleInfo, Settings, git_commit, prompt_ids, test_name
+    from edge_slm.builder.decoder.load import load
+    from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, git_commit, prompt_ids, test_name
 
     model = runtime.load(args.bundle)
     ids = prompt_ids(model, args.prompt_tokens)

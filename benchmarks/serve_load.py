@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_slm import runtime  # noqa: E402
 from edge_slm.core.data import EVAL_TEXT  # noqa: E402
-from edge_slm.harness.bench import BenchRecord, BundleInfo, Settings, stats  # noqa: E402
+from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, stats  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",

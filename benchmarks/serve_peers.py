@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_load import QUESTIONS, free_port, prefix_reuse, serve_command, start_server, stream_chat  # noqa: E402
 
 from edge_slm import runtime  # noqa: E402
-from edge_slm.build.load import cache_root, default_gguf_path  # noqa: E402
+from edge_slm.builder.decoder.load import default_gguf_path  # noqa: E402
+from edge_slm.core.cache import cache_root  # noqa: E402
 
 QUANTIZE = """
 import sys, llama_cpp

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_slm.harness.bench import machine  # noqa: E402
+from edge_slm.runtime.bench import machine  # noqa: E402
 
 # Runs in a fresh interpreter so that nothing else has grown the heap; prints one JSON line.
 PROBE = """

@@ -183,7 +183,7 @@ def encoder_profile(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedder_bundles(tmp_path_factory, tiny_embedder, encoder_profile):
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     root = tmp_path_factory.mktemp("encoder-bundles")
@@ -197,7 +197,7 @@ def embedder_bundles(tmp_path_factory, tiny_embedder, encoder_profile):
 
 @pytest.fixture(scope="session")
 def classifier_bundle(tmp_path_factory, tiny_classifier, encoder_profile):
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     out = tmp_path_factory.mktemp("classifier-bundle") / "fp32"
@@ -239,7 +239,7 @@ def tiny_profile(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_llama, tiny_profile) -> Path:
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
@@ -257,7 +257,7 @@ def jetson_profile(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_shape(tiny_llama):
     """The tiny Llama's shape as the build records it (what the quantizers read)."""
-    from edge_slm.build.export import ModelShape, load_torch_model
+    from edge_slm.builder.decoder.export import ModelShape, load_torch_model
 
     return ModelShape.of(load_torch_model(tiny_llama), context_length=64)
 
@@ -265,7 +265,7 @@ def tiny_llama_shape(tiny_llama):
 @pytest.fixture(scope="session")
 def jetson_fp32_graph(tiny_llama, jetson_profile, tmp_path_factory):
     """The tiny model's fp32 graph, exported for the Jetson profile (separate RotaryEmbedding)."""
-    from edge_slm.build.export import export, load_torch_model
+    from edge_slm.builder.decoder.export import export, load_torch_model
     from edge_slm.core.targets import load_profile
 
     return export(

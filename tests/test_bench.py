@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from edge_slm.core.errors import EdgeSlmError
-from edge_slm.harness.bench import SCHEMA, run, stats, table
 from edge_slm.harness.report import read_records, write_report
+from edge_slm.runtime.bench import SCHEMA, run, stats, table
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_bad_inputs(tiny_bundle, tmp_path):
 
 
 def test_peak_memory_comes_with_its_parts_and_the_context_is_recorded(tiny_bundle):
-    from edge_slm.harness.bench import run
+    from edge_slm.runtime.bench import run
 
     (record,) = run(
         tiny_bundle, threads=[1], prompt_tokens=8, gen_tokens=4, repetitions=1, warmup=0, accuracy=False, context=64
@@ -119,7 +119,7 @@ def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classif
     """`edge-slm bench` on an encoder bundle: latency at 16 and 128 tokens, texts/s in batches of
     8 and 32, memory, accuracy; records of the bench schema that the report tables apart."""
     from edge_slm.cli import main
-    from edge_slm.harness.bench import record_problem
+    from edge_slm.runtime.bench import record_problem
 
     out = tmp_path / "enc.jsonl"
     for bundle in (embedder_bundles[1], classifier_bundle):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edge_slm.build.load import load
+from edge_slm.builder.decoder.load import load
 from edge_slm.core.errors import ModelError
 
 

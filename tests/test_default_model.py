@@ -7,7 +7,7 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from edge_slm.build.pipeline import build
+from edge_slm.builder.pipeline import build
 from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.targets import load_profile
 
@@ -88,7 +88,7 @@ def test_greedy_matches_transformers_for_64_tokens(default_bundle, prompt, as_ch
     from transformers import AutoModelForCausalLM
 
     from edge_slm import runtime
-    from edge_slm.build.load import load
+    from edge_slm.builder.decoder.load import load
 
     model = runtime.load(default_bundle, verify=False)
     ids = model.encode(model.render_chat([{"role": "user", "content": prompt}]) if as_chat else prompt)

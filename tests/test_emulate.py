@@ -57,7 +57,7 @@ def test_near_tie_is_recognised(tiny_bundle):
 def test_int8_statistics_under_emulated_cortex_a76(tiny_llama, tiny_profile, tmp_path):
     """The int8 check that decides on ARM: next-token agreement and perplexity against the host
     over the evaluation text, within the profile's int8 budget."""
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     build(str(tiny_llama), load_profile(str(tiny_profile)), tmp_path / "int8", echo=lambda m: None, precision="int8")

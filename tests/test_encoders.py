@@ -112,10 +112,10 @@ def test_gate_fails_a_broken_quantization_with_the_numbers(embedder_bundles, tin
     from onnx import numpy_helper
     from transformers import AutoTokenizer
 
-    from edge_slm.build.encoder import gate
-    from edge_slm.build.encoder.export import export_encoder, load_torch_encoder
-    from edge_slm.build.encoder.precision import reduce_precision
-    from edge_slm.build.encoder.source import load_encoder
+    from edge_slm.builder.encoder import gate
+    from edge_slm.builder.encoder.export import export_encoder, load_torch_encoder
+    from edge_slm.builder.encoder.precision import reduce_precision
+    from edge_slm.builder.encoder.source import load_encoder
     from edge_slm.core.errors import AccuracyBudgetError
     from edge_slm.core.labelled import INTENTS_TEST, read_examples
     from edge_slm.core.targets import Encoder, load_profile
@@ -189,7 +189,7 @@ def test_finetune_lowers_validation_loss_and_writes_a_hf_classifier(tmp_path, ti
 
 
 def test_finetune_resumes_after_an_interruption(tmp_path, tiny_embedder):
-    from edge_slm.build.encoder.finetune import FinetuneSettings, finetune, state_dir
+    from edge_slm.builder.encoder.finetune import FinetuneSettings, finetune, state_dir
     from edge_slm.core.labelled import read_examples
 
     train, evaluation = (read_examples(p) for p in _separable(tmp_path, 48, 16))
@@ -297,7 +297,7 @@ def test_other_encoder_layouts_build_and_match_torch(layout, tiny_embedder, enco
     )
 
     from edge_slm import runtime
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
     from edge_slm.runtime.encoder import softmax
 
@@ -393,7 +393,7 @@ def test_the_ffn_outputs_stay_float_when_all_int8_misses_the_budget(tiny_embedde
     GELU float, measures again, and (allowed to) ships that graph with the numbers."""
     from conftest import write_profile
 
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     profile = write_profile(

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge_slm.build.export import export, load_torch_model
-from edge_slm.build.validate import Tolerance, validate
+from edge_slm.builder.decoder.export import export, load_torch_model
+from edge_slm.builder.decoder.validate import Tolerance, validate
 from edge_slm.core.errors import ParityError
 from edge_slm.core.targets import load_profile
 
@@ -144,7 +144,7 @@ def test_validation_report_numbers(tiny_llama, tmp_path):
 def test_profiles_with_old_runtimes_get_separate_rotary_nodes(tiny_llama, tmp_path):
     """onnxruntime 1.20 takes no position_ids in GroupQueryAttention: RotaryEmbedding nodes instead,
     the same numbers."""
-    from edge_slm.build.manifest import min_onnxruntime
+    from edge_slm.builder.manifest import min_onnxruntime
 
     profile = load_profile("jetson-orin")  # lists onnxruntime 1.20.0
     model = load_torch_model(tiny_llama)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from conftest import prompt_logits
 
-from edge_slm.build.export import export, load_torch_model
+from edge_slm.builder.decoder.export import export, load_torch_model
 from edge_slm.core.targets import load_profile
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
@@ -14,7 +14,7 @@ IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47]
 
 def test_fp16_bundle_types_accuracy_and_runtime(tiny_llama, jetson_profile, tmp_path):
     from edge_slm import runtime
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
 
     manifest = build(str(tiny_llama), load_profile(str(jetson_profile)), tmp_path / "b", echo=lambda m: None)
     assert manifest["precision"] == "fp16" and manifest["quantization"]["method"] == "fp16"

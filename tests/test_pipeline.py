@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_slm.build.encoder.pipeline import encoder_stages
-from edge_slm.build.pipeline import stages
-from edge_slm.build.runner import Stage, no_section, run_stages
+from edge_slm.builder.decoder.pipeline import stages
+from edge_slm.builder.encoder.pipeline import encoder_stages
+from edge_slm.builder.runner import Stage, no_section, run_stages
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.targets import known_targets, load_profile
 

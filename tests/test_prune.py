@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import make_model
 
-from edge_slm.build.export import load_torch_model
-from edge_slm.build.prune.recover import RecoverySettings, recover
-from edge_slm.build.prune.structured import (
+from edge_slm.builder.decoder.export import load_torch_model
+from edge_slm.builder.prune.recover import RecoverySettings, recover
+from edge_slm.builder.prune.structured import (
     PruneSettings,
     calibration_batches,
     channel_scores,
@@ -41,7 +41,7 @@ def _tokenizer(path):
 def test_pruned_model_is_a_valid_smaller_model_that_builds(three_layers, tiny_profile, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     model, tokenizer = load_torch_model(three_layers), _tokenizer(three_layers)
@@ -72,7 +72,7 @@ def test_pruned_model_is_a_valid_smaller_model_that_builds(three_layers, tiny_pr
 
 
 def test_qwen2_biases_follow_the_removed_group(tiny_qwen2, tiny_profile, tmp_path):
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     model, tokenizer = load_torch_model(tiny_qwen2), _tokenizer(tiny_qwen2)
@@ -192,7 +192,7 @@ def test_recovery_lowers_kl_and_resumes_after_an_interruption(three_layers, tmp_
 
 
 def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, tmp_path, monkeypatch):
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
     monkeypatch.setenv("EDGE_SLM_CACHE", str(tmp_path / "cache"))
@@ -218,7 +218,7 @@ def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsity_is_compression_only(three_layers, pattern):
-    from edge_slm.build.prune.sparsify import zero_share
+    from edge_slm.builder.prune.sparsify import zero_share
 
     model, tokenizer = load_torch_model(three_layers), _tokenizer(three_layers)
     before = sum(p.numel() for p in model.parameters())

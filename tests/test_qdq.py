@@ -12,8 +12,8 @@ import onnx
 from conftest import prompt_logits
 from onnx import numpy_helper
 
-from edge_slm.build.quantize.qdq import quantize_qdq
-from edge_slm.build.quantize.smooth import Smoothing, fake_int8, per_tensor_error
+from edge_slm.builder.quantize.qdq import quantize_qdq
+from edge_slm.builder.quantize.smooth import Smoothing, fake_int8, per_tensor_error
 from edge_slm.core.data import CALIBRATION_TEXT
 from edge_slm.core.hashing import sha256_file
 from edge_slm.core.targets import Quantize
@@ -115,7 +115,7 @@ def test_product_error_is_per_token_so_a_massive_activation_cannot_hide_the_othe
 def test_smoothing_folds_leave_the_function_unchanged(jetson_fp32_graph, tiny_llama, tiny_llama_shape, tmp_path):
     """Dividing activations by s and multiplying weights by s must not change the float model:
     norm gains, the up projection (MLP product) and the grouped value projection (attention output)."""
-    from edge_slm.build.quantize.smooth import calibration_chunks, capture_activations
+    from edge_slm.builder.quantize.smooth import calibration_chunks, capture_activations
 
     info = tiny_llama_shape
     proto = onnx.load(str(jetson_fp32_graph))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import prompt_logits
 
-from edge_slm.build.export import export, load_torch_model
-from edge_slm.build.quantize.blockwise import PRESETS, dequantize_rows, quantize, quantize_rows
+from edge_slm.builder.decoder.export import export, load_torch_model
+from edge_slm.builder.quantize.blockwise import PRESETS, dequantize_rows, quantize, quantize_rows
 from edge_slm.core.errors import AccuracyBudgetError, ExportError
 from edge_slm.core.targets import AccuracyBudget, Quantize, load_profile
 
@@ -140,7 +140,7 @@ def _tight_profile(tiny_profile):
 
 
 def test_gate_fails_an_over_quantized_model(tiny_llama, tiny_profile, tmp_path):
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
 
     out = tmp_path / "bundle"
     with pytest.raises(
@@ -165,7 +165,7 @@ def test_gate_fails_an_over_quantized_model(tiny_llama, tiny_profile, tmp_path):
 
 def test_int8_bundle_manifest_and_runtime(tiny_llama, tiny_profile, tmp_path):
     from edge_slm import runtime
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
 
     lines = []
     manifest = build(
@@ -238,7 +238,7 @@ def test_old_runtimes_get_plain_operators_with_the_same_numbers(tiny_llama, tmp_
         ).max()
         < 1e-5
     )
-    from edge_slm.build.manifest import min_onnxruntime
+    from edge_slm.builder.manifest import min_onnxruntime
     from edge_slm.core.errors import ExportError
 
     assert min_onnxruntime(tmp_path / "new" / "model.onnx") == "1.24.0"  # GatherBlockQuantized
@@ -256,7 +256,7 @@ def test_smoothing_for_int8_activation_blocks(tiny_llama, tiny_llama_shape, tmp_
     float graph computes the same logits, and its int8 bundle errs less than the unsmoothed one."""
     from transformers import AutoTokenizer
 
-    from edge_slm.build.quantize.smooth import BlockwiseError, smooth_graph
+    from edge_slm.builder.quantize.smooth import BlockwiseError, smooth_graph
     from edge_slm.core.data import CALIBRATION_TEXT
 
     model = load_torch_model(tiny_llama)
@@ -301,7 +301,7 @@ def test_prefill_graph_runs_prompts_and_shares_the_cache(tiny_llama, tiny_profil
     through it and decode steps through the main graph, on one KV cache; scoring stays on the
     main graph."""
     from edge_slm import runtime
-    from edge_slm.build.pipeline import build
+    from edge_slm.builder.pipeline import build
 
     profile = load_profile(str(tiny_profile))
     recipe = dataclasses.replace(PRESETS["int8"], prefill_accuracy_level=0)

@@ -255,7 +255,7 @@ def test_control_tokens_on_the_default_tokenizer():
 
 
 def _default_tokenizer():
-    from edge_slm.build.load import load
+    from edge_slm.builder.decoder.load import load
 
     loaded = load(None)
     from transformers import AutoTokenizer
@@ -484,7 +484,7 @@ def test_chat_prompts_equal_transformers_on_the_default_model(messages):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from edge_slm.build.load import load
+    from edge_slm.builder.decoder.load import load
     from edge_slm.runtime.chat_template import encode_chat
 
     loaded = load(None)

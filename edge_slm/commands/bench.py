@@ -63,7 +63,7 @@ def bench(
     context: int | None,
 ) -> None:
     """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
-    from edge_slm.harness.bench import run, table
+    from edge_slm.runtime.bench import run, table
 
     if threads is not None:
         try:
@@ -114,7 +114,7 @@ def bench(
         counts = counts if threads else [int(read_manifest(bundle)["profile"]["runtime"]["threads"])]
         manifest = verify_bundle(bundle)
     if not (host or inventory) and manifest.get("family") == "encoder":
-        from edge_slm.harness.bench_encoder import run_encoder
+        from edge_slm.runtime.bench_encoder import run_encoder
 
         records = run_encoder(bundle, manifest, counts, repetitions, warmup, not no_accuracy, echo_err)
     elif not (host or inventory):
@@ -142,7 +142,7 @@ def bench(
     elif records:
         families = {(r.get("bundle") or {}).get("family", "decoder") for r in records}
         if families == {"encoder"}:
-            from edge_slm.harness.bench_encoder import encoder_table as table
+            from edge_slm.runtime.bench_encoder import encoder_table as table
         click.echo(table(records))
     for where, why in failures.items():
         echo_err(f"error: {why}")

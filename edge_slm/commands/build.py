@@ -56,7 +56,7 @@ def build(
 
     out = out or Path("export") / profile.name
     check_output_dir(out, source=Path(model) if model and Path(model).exists() else None)
-    from edge_slm.build.pipeline import build as run_build
+    from edge_slm.builder.pipeline import build as run_build
 
     manifest = run_build(
         model,

@@ -25,8 +25,8 @@ from edge_slm.commands.options import echo_err, require_build_set
 def finetune(model, data, eval_data, out, epochs, lr, batch_size, max_minutes, max_length, seed) -> None:
     """Fine-tune an encoder into a classifier (first-token head, dropout, cross-entropy, Adam)."""
     require_build_set("finetune")
-    from edge_slm.build.encoder.finetune import FinetuneSettings, check_finetune_output
-    from edge_slm.build.encoder.finetune import finetune as run
+    from edge_slm.builder.encoder.finetune import FinetuneSettings, check_finetune_output
+    from edge_slm.builder.encoder.finetune import finetune as run
     from edge_slm.core.labelled import read_examples
 
     check_finetune_output(out)

@@ -57,8 +57,8 @@ def prune(
 ) -> None:
     """Remove layers, attention groups and FFN channels; optionally distil back; write a HF model dir."""
     require_build_set("prune")
-    from edge_slm.build.prune.recover import RecoverySettings
-    from edge_slm.build.prune.structured import PruneSettings, prune_directory
+    from edge_slm.builder.prune.recover import RecoverySettings
+    from edge_slm.builder.prune.structured import PruneSettings, prune_directory
 
     if calibration is not None and not calibration.is_file():
         raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")

@@ -1,3 +1,4 @@
-"""Measuring bundles: benchmark records (`bench`), the same over SSH on devices (`remote`),
-reports from records (`report`) and Raspberry Pi CPUs under qemu emulation (`emulate`).
-Only `bench` runs on a device; it imports the runtime, never the build half."""
+"""The host's tools around bundles: benchmarks over SSH on devices (`remote`), deploying and serving
+on devices (`deploy`, `ssh`), Raspberry Pi CPUs under qemu emulation (`emulate`) and reports from
+benchmark records (`report`). Nothing here runs on a device: the benchmark worker that does is
+`edge_slm.runtime.bench`."""

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.load import cache_root
 from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.bundle import read_manifest
+from edge_slm.core.cache import cache_root
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError

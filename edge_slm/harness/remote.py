@@ -21,9 +21,9 @@ from pathlib import Path
 from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.tomlfile import TOMLDecodeError, read_toml
-from edge_slm.harness.bench import record_problem
 from edge_slm.harness.deploy import checkout_wheel, copy_bundle, ensure_venv
 from edge_slm.harness.ssh import Device, RemoteError, ssh
+from edge_slm.runtime.bench import record_problem
 
 
 def bench_remote(device: Device, bundle: Path, bench_args: list[str], progress=lambda msg: None) -> list[dict]:

@@ -2,7 +2,7 @@
 
     edge-slm report benchmarks/results/*/*.jsonl --out benchmarks/report     (or `make report`)
 
-Reports are pure functions of the records (JSONL, `edge_slm.harness.bench` schema). Decoders: decode
+Reports are pure functions of the records (JSONL, `edge_slm.runtime.bench` schema). Decoders: decode
 throughput and time to first token per target and precision, peak memory against bundle size,
 accuracy against speed, thread sweeps; the table gives each run's ratio to the fastest fp32
 edge-slm run of the same target and host. Encoders (records with `bundle.family` "encoder") get
@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edge_slm.core.errors import EdgeSlmError
-from edge_slm.harness.bench import record_problem
+from edge_slm.runtime.bench import record_problem
 
 
 def read_records(paths: list[Path]) -> list[dict]:

@@ -11,19 +11,24 @@ prove both). Used by `edge-slm generate | chat | eval` and from Python:
     print(classifier.classify(["turn off the kitchen lights"])[0].label)
 """
 
-from edge_slm.core.system import peak_rss_mb
-from edge_slm.runtime.encoder import Classification, Encoder
-from edge_slm.runtime.model import Generation, Model, load
-from edge_slm.runtime.sampling import SamplingConfig
-from edge_slm.runtime.session import ContextFullError
+import importlib
 
-__all__ = [
-    "load",
-    "Model",
-    "Encoder",
-    "Classification",
-    "Generation",
-    "SamplingConfig",
-    "ContextFullError",
-    "peak_rss_mb",
-]
+# Names resolved on first use (PEP 562), so that `python -m edge_slm.runtime.bench` can measure what
+# importing onnxruntime, numpy and tokenizers costs, and `edge-slm --help` stays quick.
+_EXPORTS = {
+    "load": "edge_slm.runtime.model",
+    "Model": "edge_slm.runtime.model",
+    "Generation": "edge_slm.runtime.model",
+    "Encoder": "edge_slm.runtime.encoder",
+    "Classification": "edge_slm.runtime.encoder",
+    "SamplingConfig": "edge_slm.runtime.sampling",
+    "ContextFullError": "edge_slm.runtime.session",
+    "peak_rss_mb": "edge_slm.core.system",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edge_slm.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import head_dim_of
+from edge_slm.builder.decoder.export import head_dim_of
 from edge_slm.core.errors import ParityError
 from edge_slm.core.tomlfile import read_toml
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import DATA_FILE, MODEL_FILE, ModelShape, save_with_external_data
-from edge_slm.build.fused_graph import MS_DOMAIN
+from edge_slm.builder.decoder.export import DATA_FILE, MODEL_FILE, ModelShape, save_with_external_data
+from edge_slm.builder.decoder.fused_graph import MS_DOMAIN
 from edge_slm.core.capabilities import SINCE, supports
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Quantize
@@ -134,7 +134,7 @@ def quantize(
     if recipe.smooth_alphas:
         if calibration_ids is None or shape is None:
             raise ExportError("the recipe smooths activations (smooth_alphas) but no calibration text was given")
-        from edge_slm.build.quantize.smooth import BlockwiseError, smooth_graph
+        from edge_slm.builder.quantize.smooth import BlockwiseError, smooth_graph
 
         # Only int8 activations (accuracy_level 4) gain from smoothing; at lower levels the
         # error model sees float activations and keeps alpha 0 unless the weights gain.

@@ -12,7 +12,7 @@ Importance comes from activations on calibration text, not weight magnitude alon
 the same count is removed in every layer (transformers wants uniform layer sizes), each layer
 choosing its own least important channels and groups.
 Run by `edge-slm prune --model M --out DIR [--ffn R] [--head-groups N] [--layers N]`, and by
-`edge-slm build` for profiles with a [prune] section. `edge_slm.build.prune.recover` then distils the
+`edge-slm build` for profiles with a [prune] section. `edge_slm.builder.prune.recover` then distils the
 pruned model back towards the original.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import head_dim_of
-from edge_slm.build.prune.calibration import calibration_batches, calibration_pass
+from edge_slm.builder.decoder.export import head_dim_of
+from edge_slm.builder.prune.calibration import calibration_batches, calibration_pass
 from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
 from edge_slm.core.errors import ModelError
@@ -218,7 +218,7 @@ def prune_model(model, tokenizer, settings: PruneSettings, calibration_text: str
             model.config.num_attention_heads -= settings.head_groups * ratio
     sparsity = None
     if settings.sparsity:
-        from edge_slm.build.prune.sparsify import sparsify
+        from edge_slm.builder.prune.sparsify import sparsify
 
         progress(
             f"zeroing weights ({settings.sparsity_pattern}, {100 * settings.sparsity:.0f}%) by Wanda scores: "
@@ -356,8 +356,8 @@ def prune_directory(
 
     import torch
 
-    from edge_slm.build.export import load_torch_model
-    from edge_slm.build.load import load, load_tokenizer
+    from edge_slm.builder.decoder.export import load_torch_model
+    from edge_slm.builder.decoder.load import load, load_tokenizer
 
     check_prune_output(Path(out))
     loaded = load(model_ref, progress=progress)
@@ -387,10 +387,10 @@ def prune_directory(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if recovery is not None and recovery.steps > 0:
-        from edge_slm.build.prune.recover import recover
+        from edge_slm.builder.prune.recover import recover
 
         checkpoints = out.parent / f".{out.name}.recovery"
-        from edge_slm.build.load import cache_root
+        from edge_slm.core.cache import cache_root
 
         record["recovery"] = recover(
             student,

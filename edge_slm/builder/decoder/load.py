@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_slm.core.atomic import atomic_directory
+from edge_slm.core.cache import cache_root
 from edge_slm.core.errors import ModelError
 from edge_slm.core.hashing import sha256_file, sha256_tree
 
@@ -34,13 +34,6 @@ class LoadedModel:
     path: Path  # a Hugging Face model directory with fp32 weights and a tokenizer
     source: dict  # ref, kind, sha256, architecture: recorded in the bundle manifest
     add_bos: bool  # whether the reference tokenizer prepends BOS to plain text
-
-
-def cache_root() -> Path:
-    base = os.environ.get("EDGE_SLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edge-slm"
-    )
-    return Path(base)
 
 
 def default_gguf_path() -> Path:

@@ -2,7 +2,7 @@
 onnxruntime's contrib operators. One piece per part of a decoder layer; what differs between
 architectures (Qwen2's q/k/v biases, tied or separate LM head, the rotary embedding inside
 GroupQueryAttention or beside it for older onnxruntime) is decided inside the piece it concerns.
-`edge_slm.build.export.export` calls `build_fused_graph`.
+`edge_slm.builder.decoder.export.export` calls `build_fused_graph`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.labelled import INTENTS_TEST, read_examples
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
-from edge_slm.harness.bench import BenchRecord, BundleInfo, Settings, _versions, stats
+from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, _versions, stats
 
 LATENCY_TOKENS = (16, 128)
 BATCH_SIZES = (8, 32)
@@ -130,7 +130,7 @@ def run_encoder(
         )
         config = {"bundle": str(bundle), "threads": count, "repetitions": repetitions, "warmup": warmup}
         proc = subprocess.run(
-            [sys.executable, "-m", "edge_slm.harness.bench_encoder", json.dumps(config)], capture_output=True, text=True
+            [sys.executable, "-m", "edge_slm.runtime.bench_encoder", json.dumps(config)], capture_output=True, text=True
         )
         if proc.returncode:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -201,7 +201,7 @@ def run(
             "context": context,
         }
         proc = subprocess.run(
-            [sys.executable, "-m", "edge_slm.harness.bench", json.dumps(config)], capture_output=True, text=True
+            [sys.executable, "-m", "edge_slm.runtime.bench", json.dumps(config)], capture_output=True, text=True
         )
         if proc.returncode:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

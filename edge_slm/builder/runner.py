@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_slm.build.load import cache_root
 from edge_slm.core.bundle import STAGING_MARK, staging_dir
+from edge_slm.core.cache import cache_root
 from edge_slm.core.targets import Profile
 
 Note = Callable[[str], None]

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_slm.build.encoder.source import load_encoder
+from edge_slm.builder.encoder.source import load_encoder
 from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.errors import ModelError
 from edge_slm.core.labelled import Example

@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_slm.build.encoder import gate
-from edge_slm.build.encoder.export import MODEL_FILE, ExportedEncoder, export_encoder, load_torch_encoder
-from edge_slm.build.encoder.precision import calibration_feeds, reduce_precision
-from edge_slm.build.encoder.source import EncoderSource, load_encoder
-from edge_slm.build.encoder.validate import graph_of, validate_encoder
-from edge_slm.build.manifest import tool_versions
-from edge_slm.build.runner import Stage, no_section, run_stages, whole_profile
+from edge_slm.builder.encoder import gate
+from edge_slm.builder.encoder.export import MODEL_FILE, ExportedEncoder, export_encoder, load_torch_encoder
+from edge_slm.builder.encoder.precision import calibration_feeds, reduce_precision
+from edge_slm.builder.encoder.source import EncoderSource, load_encoder
+from edge_slm.builder.encoder.validate import graph_of, validate_encoder
+from edge_slm.builder.manifest import tool_versions
+from edge_slm.builder.runner import Stage, no_section, run_stages, whole_profile
 from edge_slm.core import capabilities
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.errors import ProfileError

@@ -3,11 +3,11 @@
     load -> [prune] -> export (fp32) -> validate against torch -> [precision -> accuracy gate]
          -> tokenizer -> manifest
 
-`stages(profile)` is that list for one profile; `build()` runs it in order, numbering the progress
+`stages(profile)` is that list for one profile; `build_decoder()` runs it in order, numbering the progress
 lines from the list, and the manifest records which stages ran. Every stage has one shape,
-`run(artifact, section of the profile, out_dir, note) -> artifact` (`edge_slm.build.runner`); the
-artifacts are in `edge_slm.build.stages`.
-`edge-slm build --target NAME [--precision P]` and `make <target>` call `build()`.
+`run(artifact, section of the profile, out_dir, note) -> artifact` (`edge_slm.builder.runner`); the
+artifacts are in `edge_slm.builder.decoder.stages`.
+`edge_slm.builder.pipeline.build` calls `build_decoder()` for a decoder model.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from edge_slm.build import stages as s
-from edge_slm.build.runner import run_stages
+from edge_slm.builder.decoder import stages as s
+from edge_slm.builder.runner import run_stages
 from edge_slm.core.bundle import check_output_dir
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.targets import Profile
@@ -40,7 +40,7 @@ def stages(profile: Profile) -> list[s.Stage]:
     ]
 
 
-def build(
+def build_decoder(
     model_ref: str | None,
     profile: Profile,
     out: Path,
@@ -50,21 +50,14 @@ def build(
     calibration: Path | None = None,
     eval_data: Path | None = None,
 ) -> dict:
-    """Build the bundle for `profile` at `out`; return its manifest. `precision` overrides the
-    profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway;
-    `calibration` replaces the shipped calibration text for static (QDQ) int8; `eval_data` is a
-    classifier's labelled test split for its gate. An encoder `model_ref` takes the encoder build."""
-    from edge_slm.build.encoder.source import is_encoder
-
-    source_path = Path(model_ref) if model_ref and Path(model_ref).exists() else None
-    if is_encoder(model_ref):
-        from edge_slm.build.encoder.pipeline import build_encoder, with_encoder_precision
-
-        profile = with_encoder_precision(profile, precision)
-        check_output_dir(Path(out), source=source_path)
-        return build_encoder(model_ref, profile, out, echo, allow_accuracy_loss, eval_data, calibration)
+    """Build the decoder bundle for `profile` at `out`; return its manifest. `precision` overrides
+    the profile's; `allow_accuracy_loss` publishes a bundle outside its accuracy budget anyway;
+    `calibration` replaces the shipped calibration text for static (QDQ) int8. Decoders are gated on
+    the shipped text, so `eval_data` (a classifier's labelled split) is refused."""
+    if eval_data is not None:
+        raise ProfileError("--eval-data is a classifier's labelled test split; a decoder is gated on edge-slm's text")
     profile = with_precision(profile, precision)
-    check_output_dir(Path(out), source=source_path)  # before minutes of work, not after
+    check_output_dir(Path(out), source=Path(model_ref) if model_ref and Path(model_ref).exists() else None)
     plan = stages(profile)
     request = s.BuildRequest(
         model_ref=model_ref,
@@ -79,7 +72,7 @@ def with_precision(profile: Profile, precision: str | None) -> Profile:
     """`profile` with another precision's recipe (`--precision`); how the device runs int8
     (TensorRT's static QDQ) stays the profile's choice."""
     if precision and precision != profile.quantize.precision:
-        from edge_slm.build.quantize.blockwise import PRESETS
+        from edge_slm.builder.quantize.blockwise import PRESETS
 
         own = profile.quantize
         recipe = PRESETS.get(precision, dataclasses.replace(own, precision=precision))

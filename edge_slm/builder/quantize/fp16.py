@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import save_with_external_data
+from edge_slm.builder.decoder.export import save_with_external_data
 from edge_slm.core.errors import ExportError
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import ModelShape, save_with_external_data
-from edge_slm.build.quantize.smooth import per_tensor_error, smooth_graph, transposed
+from edge_slm.builder.decoder.export import ModelShape, save_with_external_data
+from edge_slm.builder.quantize.smooth import per_tensor_error, smooth_graph, transposed
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Quantize
 

@@ -1,12 +1,12 @@
 """The decoder build's stages, each `run(artifact, section, out_dir, note) -> artifact`
-(`edge_slm.build.runner`). The artifacts, in the order the stages hand them on:
+(`edge_slm.builder.runner`). The artifacts, in the order the stages hand them on:
 
     BuildRequest -load-> SourceModel -[prune]-> SourceModel -export-> FloatGraph -validate->
     FloatGraph -[precision]-> ReducedGraph -[gate]-> ReducedGraph -tokenizer-> TokenizedGraph
     -manifest-> Bundle
 
 Each artifact keeps the one it came from, so the manifest stage sees everything that ran.
-`edge_slm.build.pipeline.stages` puts the stages in order for a profile.
+`edge_slm.builder.decoder.pipeline.stages` puts the stages in order for a profile.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_slm import __version__
-from edge_slm.build.export import DATA_FILE, MODEL_FILE, ExportedModel, export, load_torch_model
-from edge_slm.build.genai_config import GENAI_CONFIG, genai_config
-from edge_slm.build.load import LoadedModel, load, load_tokenizer
-from edge_slm.build.manifest import graph_signature, min_onnxruntime, tool_versions
-from edge_slm.build.runner import Stage, no_section, whole_profile
-from edge_slm.build.validate import validate
+from edge_slm.builder.decoder.export import DATA_FILE, MODEL_FILE, ExportedModel, export, load_torch_model
+from edge_slm.builder.decoder.genai_config import GENAI_CONFIG, genai_config
+from edge_slm.builder.decoder.load import LoadedModel, load, load_tokenizer
+from edge_slm.builder.decoder.validate import validate
+from edge_slm.builder.manifest import graph_signature, min_onnxruntime, tool_versions
+from edge_slm.builder.runner import Stage, no_section, whole_profile
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
 from edge_slm.core.errors import ProfileError
@@ -137,7 +137,7 @@ def precision_stage(graph: FloatGraph, profile: Profile, out_dir: Path, note) ->
 
 
 def gate_stage(reduced: ReducedGraph, budgets: Budget, out_dir: Path, note) -> ReducedGraph:
-    from edge_slm.build import gate
+    from edge_slm.builder.decoder import gate
 
     fp32 = reduced.fp32
     precision = reduced.quantization["recipe"]["precision"]
@@ -228,8 +228,8 @@ MANIFEST = Stage("manifest", lambda tokenized, p: "writing the manifest and chec
 
 def pruning_requests(spec: Prune):
     """The profile's [prune] section as `edge-slm prune` settings and recovery settings."""
-    from edge_slm.build.prune.recover import RecoverySettings
-    from edge_slm.build.prune.structured import PruneSettings
+    from edge_slm.builder.prune.recover import RecoverySettings
+    from edge_slm.builder.prune.structured import PruneSettings
 
     settings = PruneSettings(ffn=spec.ffn, head_groups=spec.head_groups, layers=spec.layers)
     recovery = (
@@ -258,7 +258,7 @@ def pruned_cache_dir(cache: Path, source: dict, settings, recovery, calibration_
 
 def _pruned(loaded: LoadedModel, request: BuildRequest, spec: Prune, cache: Path, note):
     """The pruned (and recovered) model, from the cache or made now, and its summary."""
-    from edge_slm.build.prune.structured import prune_directory
+    from edge_slm.builder.prune.structured import prune_directory
 
     settings, recovery = pruning_requests(spec)
     calibration_path = Path(request.calibration) if request.calibration else CALIBRATION_TEXT
@@ -298,12 +298,12 @@ def _reduce_precision(graph: FloatGraph, profile: Profile, stage: Path, calibrat
     recipe, fp32_path, shape, encode = profile.quantize, graph.exported.onnx_path, graph.exported.shape, graph.encode
     section = {"recipe": dataclasses.asdict(recipe)}
     if recipe.precision == "fp16":
-        from edge_slm.build.quantize.fp16 import convert_fp16
+        from edge_slm.builder.quantize.fp16 import convert_fp16
 
         section["method"] = "fp16"
         section["counts"] = convert_fp16(fp32_path, stage, progress=note)
     elif recipe.precision == "int8" and recipe.int8_format == "qdq":
-        from edge_slm.build.quantize.qdq import quantize_qdq
+        from edge_slm.builder.quantize.qdq import quantize_qdq
 
         section["method"] = "qdq-s8s8-static"
         counts = quantize_qdq(
@@ -320,7 +320,7 @@ def _reduce_precision(graph: FloatGraph, profile: Profile, stage: Path, calibrat
             f"calibration tokens), {counts['float_matmuls']} kept fp16"
         )
     else:
-        from edge_slm.build.quantize.blockwise import quantize
+        from edge_slm.builder.quantize.blockwise import quantize
 
         section["method"] = "weight-only-blockwise"
         calibration_ids = _calibration_ids(calibration, encode, section) if recipe.smooth_alphas else None

@@ -9,10 +9,10 @@ projection's columns (the output projection's input: attention is linear in V). 
 alpha is chosen per activation by the least error of the quantized product on calibration tokens,
 under the quantizer the target runs:
 - `per_tensor_error`: one static scale per activation, one per weight output channel (TensorRT's
-  S8S8 QDQ, `edge_slm.build.quantize.qdq`), scored per token so that a massive first-token activation cannot
+  S8S8 QDQ, `edge_slm.builder.quantize.qdq`), scored per token so that a massive first-token activation cannot
   hide what its scale does to every other token;
 - `BlockwiseError`: activations in blocks along K per token, as onnxruntime's MatMulNBits does at
-  accuracy_level 4, weights in blocks of the same size (`edge_slm.build.quantize.blockwise`).
+  accuracy_level 4, weights in blocks of the same size (`edge_slm.builder.quantize.blockwise`).
 Used by `edge-slm build` when the profile's `[quantize] smooth_alphas` lists strengths.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_slm.build.export import ModelShape
+from edge_slm.builder.decoder.export import ModelShape
 from edge_slm.core.errors import ExportError
 
 CHUNK = 128  # tokens per calibration forward pass: prefill-sized activations, like the device sees

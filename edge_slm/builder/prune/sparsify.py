@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 
-from edge_slm.build.prune.calibration import calibration_pass
+from edge_slm.builder.prune.calibration import calibration_pass
 
 LINEARS = (
     "self_attn.q_proj",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_slm.build.encoder.source import EncoderSource
+from edge_slm.builder.encoder.source import EncoderSource
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
 

@@ -9,7 +9,7 @@ optimum's trace, kept as a fallback (`[export] graph = "generic"`). Both have th
            past_key_values.{i}.key / .value [B, kv_heads, P, head_dim]
   outputs  logits [B,S,V], present.{i}.key / .value [B, kv_heads, T, head_dim]
 
-where T = P + S. Run by `edge-slm build`; validated against torch by `edge_slm.build.validate`.
+where T = P + S. Run by `edge-slm build`; validated against torch by `edge_slm.builder.decoder.validate`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_slm.build.fused_graph import build_fused_graph
-from edge_slm.build.load import check_architecture
+from edge_slm.builder.decoder.fused_graph import build_fused_graph
+from edge_slm.builder.decoder.load import check_architecture
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
 from edge_slm.runtime.session import CacheShape

@@ -5,7 +5,7 @@ and gives the model's shape, special ids and greedy search defaults."""
 
 from __future__ import annotations
 
-from edge_slm.build.export import ModelShape
+from edge_slm.builder.decoder.export import ModelShape
 
 GENAI_CONFIG = "genai_config.json"
 

@@ -1,0 +1,68 @@
+"""`edge-slm build`: a model reference and a target profile -> a validated bundle, by family.
+
+Each family (`builder/decoder/`, `builder/encoder/`) says which models it claims and builds them
+with its own list of stages (`builder.runner`). The first family that claims a model builds it; the
+decoder comes last, as it takes the default model (`model_ref` None) and GGUF files. A new family
+is a new sub-package and one line in `FAMILIES`.
+`edge-slm build --target NAME [--precision P]` and `make <target>` call `build()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_slm.core.targets import Profile
+
+
+@dataclass(frozen=True)
+class BuildFamily:
+    name: str
+    claims: Callable[[str | None], bool]  # cheap: reads at most the model's config.json
+    build: Callable[
+        ..., dict
+    ]  # (model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data)
+
+
+def _encoder_claims(model_ref: str | None) -> bool:
+    from edge_slm.builder.encoder.source import is_encoder
+
+    return is_encoder(model_ref)
+
+
+def _build_encoder(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data) -> dict:
+    from edge_slm.builder.encoder.pipeline import build_encoder, with_encoder_precision
+    from edge_slm.core.bundle import check_output_dir
+
+    profile = with_encoder_precision(profile, precision)
+    check_output_dir(Path(out), source=Path(model_ref) if model_ref and Path(model_ref).exists() else None)
+    return build_encoder(model_ref, profile, out, echo, allow_accuracy_loss, eval_data, calibration)
+
+
+def _build_decoder(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data) -> dict:
+    from edge_slm.builder.decoder.pipeline import build_decoder
+
+    return build_decoder(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data)
+
+
+FAMILIES = (
+    BuildFamily("encoder", _encoder_claims, _build_encoder),
+    BuildFamily("decoder", lambda model_ref: True, _build_decoder),
+)
+
+
+def build(
+    model_ref: str | None,
+    profile: Profile,
+    out: Path,
+    echo=print,
+    precision: str | None = None,
+    allow_accuracy_loss: bool = False,
+    calibration: Path | None = None,
+    eval_data: Path | None = None,
+) -> dict:
+    """Build the bundle for `profile` at `out` with the family that claims `model_ref`; return its
+    manifest. The output folder is checked before any work starts."""
+    family = next(f for f in FAMILIES if f.claims(model_ref))
+    return family.build(model_ref, profile, Path(out), echo, precision, allow_accuracy_loss, calibration, eval_data)
