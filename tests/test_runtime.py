@@ -115,10 +115,65 @@ def test_stop_strings_are_cut_and_held_back(model):
     assert stream.stopped and "".join(pieces) + stream.flush() == "one two 東"
 
 
-def test_streamed_text_equals_generated_text(model):
-    result = runtime.Generation(prompt_token_ids=[])
-    pieces = list(model.stream("Small language", max_new_tokens=30, result=result))
-    assert "".join(pieces) == result.text == model.decode(result.token_ids)
+def test_streamed_responses_add_up_to_generate(model):
+    """One response per token: texts concatenate to generate()'s text, tokens to its ids, and the
+    counters run; the last (only the last) has a finish reason."""
+    result = model.generate("Small language", max_new_tokens=30)
+    responses = list(model.stream("Small language", max_new_tokens=30))
+    kept = [r for r in responses if r.stop_reason != "eos"]
+    assert "".join(r.text for r in responses) == result.text == model.decode(result.token_ids)
+    assert [r.token for r in kept] == result.token_ids and len(result.token_ids) > 0
+    assert [r.generation_tokens for r in kept] == list(range(1, len(kept) + 1))
+    assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
+    assert responses[-1].stop_reason == result.stop_reason and responses[-1].finish_reason == result.finish_reason
+    assert {r.prompt_tokens for r in responses} == {len(result.prompt_token_ids)}
+    assert responses[0].ttft_ms > 0 and responses[0].prompt_tps > 0 and responses[0].generation_tps == 0
+    assert all(r.ttft_ms == responses[0].ttft_ms for r in responses)
+    if len(kept) > 2:
+        assert responses[-1].generation_tps > 0
+
+
+def test_stream_logprobs_are_the_raw_logits_log_softmax(model):
+    """Each response's logprob is log softmax of the model's logits at that token: checked against
+    an independent uncached scoring pass over prompt + generated ids, also while sampling (the
+    logprob is of the raw logits, not of the tempered distribution)."""
+    prompt = model.encode("The capital of France is")
+    for sampling in ({}, {"temperature": 1.5, "top_k": 5, "seed": 3, "repetition_penalty": 1.3}):
+        responses = list(model.stream(prompt, max_new_tokens=12, **sampling))
+        tokens = [r.token for r in responses]
+        scored = model.logprobs(prompt + tokens)  # row t: log p(token t+1 | tokens ..t)
+        want = [scored[len(prompt) - 1 + i, token] for i, token in enumerate(tokens)]
+        assert [r.logprob for r in responses] == pytest.approx(want, abs=1e-4)
+        assert all(r.logprob <= 0 for r in responses)
+
+
+def test_finish_reasons(model):
+    """ "length" at max_new_tokens, "stop" at a stop string and at the end-of-sequence token."""
+    *_, last = model.stream("The capital", max_new_tokens=5)
+    assert (last.finish_reason, last.stop_reason, last.generation_tokens) == ("length", "max_new_tokens", 5)
+    sampled = {"temperature": 1.0, "seed": 1}  # the tiny random model's greedy text is one repeated byte
+    full = model.generate("The capital", max_new_tokens=20, **sampled)
+    assert " capital" in full.text
+    responses = list(model.stream("The capital", max_new_tokens=20, stop=(" capital",), **sampled))
+    assert (responses[-1].finish_reason, responses[-1].stop_reason) == ("stop", "stop_string")
+    assert "".join(r.text for r in responses) == full.text[: full.text.index(" capital")]
+    # The end-of-sequence token: make a token that greedy decoding reaches the model's EOS.
+    greedy = model.generate("The capital", max_new_tokens=20)
+    eos = greedy.token_ids[-1]
+    at = greedy.token_ids.index(eos)
+    model.eos_ids = {eos}
+    try:
+        responses = list(model.stream("The capital", max_new_tokens=20))
+        result = model.generate("The capital", max_new_tokens=20)
+    finally:
+        model.eos_ids = set(model.generation["eos_token_ids"])
+    assert [r.token for r in responses] == greedy.token_ids[: at + 1]
+    last = responses[-1]
+    assert (last.finish_reason, last.stop_reason, last.generation_tokens) == ("stop", "eos", at)
+    assert result.token_ids == greedy.token_ids[:at] and result.stop_reason == "eos"
+    assert "".join(r.text for r in responses) == result.text == model.decode(greedy.token_ids[:at])
+    with pytest.raises(EdgeSlmError, match="max_new_tokens is 0; generate 1 token or more"):
+        next(model.stream("The capital", max_new_tokens=0))
 
 
 def test_context_limits(model):

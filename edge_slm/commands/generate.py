@@ -20,34 +20,21 @@ from edge_slm.commands.options import echo_err, open_bundle, sampling, sampling_
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
 def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: bool, **kw) -> None:
     """Generate text from PROMPT, streamed to the terminal."""
-    from edge_slm.runtime import Generation
-
     if kw["threads"] is not None and kw["threads"] < 1:
         raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
     model = open_bundle(bundle, kw["threads"])
-    result = Generation(prompt_token_ids=[])
-    pieces = model.stream(
-        prompt,
-        max_new_tokens=kw["max_new_tokens"],
-        chat=as_chat,
-        stop=kw["stop"],
-        truncate=truncate,
-        result=result,
-        **sampling(kw),
-    )
+    options = dict(max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"], truncate=truncate)
     if as_json:
-        for _ in pieces:
-            pass
-        click.echo(json.dumps(result.to_dict()))
+        click.echo(json.dumps(model.generate(prompt, **options, **sampling(kw)).to_dict()))
         return
-    for piece in pieces:
-        click.echo(piece, nl=False)
+    for response in model.stream(prompt, **options, **sampling(kw)):
+        click.echo(response.text, nl=False)
     click.echo()
-    if result.stop_reason == "context_full":
+    if response.stop_reason == "context_full":
         echo_err(f"[stopped: the context of {model.context_length} tokens is full]")
     echo_err(
-        f"[{len(result.token_ids)} tokens, first after {result.ttft_ms:.0f} ms, "
-        f"{result.decode_tokens_per_s:.1f} tok/s, stop: {result.stop_reason}]"
+        f"[{response.generation_tokens} tokens, first after {response.ttft_ms:.0f} ms, "
+        f"{response.generation_tps:.1f} tok/s, stop: {response.stop_reason}]"
     )
 
 
@@ -90,10 +77,11 @@ def chat(bundle: Path, system: str | None, **kw) -> None:
             messages.pop()
             continue
         result = Generation(prompt_token_ids=ids)
-        for piece in model.stream(
-            ids, max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], keep_cache=True, result=result, **sampling(kw)
+        for response in model.stream(
+            ids, max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], keep_cache=True, **sampling(kw)
         ):
-            click.echo(piece, nl=False)
+            result.add(response)
+            click.echo(response.text, nl=False)
         click.echo()
         if result.stop_reason == "context_full":
             echo_err(

@@ -6,6 +6,8 @@ prove both). Used by `edge-slm generate | chat | eval` and from Python:
     from edge_slm import runtime
     model = runtime.load("export/rpi5")
     print(model.generate("What is the capital of France?", chat=True).text)
+    for response in model.stream("Write a haiku about the sea.", chat=True):
+        print(response.text, end="", flush=True)
 
     classifier = runtime.load("export/x86-laptop-classifier")
     print(classifier.classify(["turn off the kitchen lights"])[0].label)
@@ -19,6 +21,7 @@ _EXPORTS = {
     "load": "edge_slm.runtime.model",
     "Model": "edge_slm.runtime.model",
     "Generation": "edge_slm.runtime.model",
+    "GenerationResponse": "edge_slm.runtime.model",
     "Encoder": "edge_slm.runtime.encoder",
     "Classification": "edge_slm.runtime.encoder",
     "SamplingConfig": "edge_slm.runtime.sampling",

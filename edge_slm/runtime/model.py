@@ -21,11 +21,38 @@ from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder, open_encoder
-from edge_slm.runtime.sampling import Sampler, SamplingConfig
+from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
 from edge_slm.runtime.session import DecoderSession, pick_providers
 from edge_slm.runtime.textstream import TextStream
 
 log = logging.getLogger("edge_slm.runtime")
+
+
+# How each way of ending maps onto OpenAI's finish_reason.
+FINISH_REASON = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One generated token as `Model.stream` yields it, with the running counters (mlx-lm's
+    `GenerationResponse`). Every sampled token gives one, so `text` may be "" (a multi-byte
+    character not complete yet, or text held back because it may start a stop string).
+
+    When the model ends the text, the last response carries the end-of-sequence token: its `text`
+    is whatever was held back, and it is not counted in `generation_tokens` nor part of
+    `Generation.token_ids` (`stop_reason` "eos" tells it apart)."""
+
+    text: str  # the new text this token makes safe to show
+    token: int
+    logprob: float  # log softmax of the raw logits at `token`, before penalty/temperature/top-k/top-p
+    finish_reason: str | None  # None until the last response: "stop" or "length" (OpenAI's)
+    stop_reason: str | None  # on the last: "eos", "stop_string", "max_new_tokens" or "context_full"
+    prompt_tokens: int  # the prompt's length, after truncation
+    reused_tokens: int  # prompt tokens whose keys/values were already cached
+    generation_tokens: int  # tokens generated so far, this one included (an end-of-sequence one not)
+    ttft_ms: float  # prompt in -> first new token out
+    prompt_tps: float  # prompt tokens run (the reused ones not) over the time to the first token
+    generation_tps: float  # tokens after the first, over their time; 0 until there are two
 
 
 @dataclass
@@ -37,6 +64,19 @@ class Generation:
     stop_reason: str = ""  # "eos", "stop_string", "max_new_tokens" or "context_full"
     ttft_ms: float = 0.0  # prompt in -> first new token out
     decode_tokens_per_s: float = 0.0  # tokens after the first, over their time
+
+    def add(self, response: GenerationResponse) -> None:
+        """Fold in one response of `Model.stream`."""
+        if response.stop_reason != "eos":
+            self.token_ids.append(response.token)
+        self.text += response.text
+        self.reused_tokens, self.ttft_ms = response.reused_tokens, response.ttft_ms
+        self.decode_tokens_per_s = response.generation_tps
+        self.stop_reason = response.stop_reason or ""
+
+    @property
+    def finish_reason(self) -> str:
+        return FINISH_REASON.get(self.stop_reason, "stop")
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -204,11 +244,63 @@ class Model:
         chat: bool = False,
         stop: tuple[str, ...] = (),
         truncate: bool = False,
-        result: Generation | None = None,
         keep_cache: bool = False,
         **sampling,
-    ) -> Iterator[str]:
-        """Yield text pieces as they are generated. `result`, when given, is filled in as it goes."""
+    ) -> Iterator[GenerationResponse]:
+        """Yield one `GenerationResponse` per sampled token; the last has `finish_reason` set."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise EdgeSlmError(f"max_new_tokens is {max_new_tokens}; generate 1 token or more")
+        ids = self._fitted_prompt(prompt, chat, truncate)
+        sampler = Sampler(SamplingConfig(**sampling))
+        text = TextStream(self.tokenizer, stop)
+        history = list(ids)
+
+        start = time.perf_counter()
+        new = self._prefill(ids, keep_cache)
+        reused = len(ids) - len(new)
+        logits = self.session.forward(new)
+        first_at = ttft_ms = prompt_tps = 0.0
+        for step in range(max_new_tokens):
+            token = sampler(logits, history)
+            now = time.perf_counter()
+            if step == 0:
+                first_at, ttft_ms = now, (now - start) * 1e3
+                prompt_tps = len(new) / (now - start)
+            if token in self.eos_ids:
+                reason, piece, count = "eos", "", step
+            else:
+                history.append(token)
+                piece, count = text.push(token), step + 1
+                if text.stopped:
+                    reason = "stop_string"
+                elif count == max_new_tokens:
+                    reason = "max_new_tokens"
+                elif self.session.length >= self.context_length:
+                    reason = "context_full"
+                else:
+                    reason = None
+            if reason is not None:
+                piece += text.flush()
+            yield GenerationResponse(
+                text=piece,
+                token=token,
+                logprob=token_logprob(logits, token),
+                finish_reason=FINISH_REASON.get(reason),
+                stop_reason=reason,
+                prompt_tokens=len(ids),
+                reused_tokens=reused,
+                generation_tokens=count,
+                ttft_ms=ttft_ms,
+                prompt_tps=prompt_tps,
+                generation_tps=(count - 1) / (now - first_at) if count > 1 else 0.0,
+            )
+            if reason is not None:
+                return
+            logits = self.session.forward([token])
+            self._cached_ids.append(token)
+
+    def _fitted_prompt(self, prompt: str | list[int], chat: bool, truncate: bool) -> list[int]:
+        """The prompt's ids, shortened to the last half of the context with `truncate`."""
         ids = self._prompt_ids(prompt, chat)
         if len(ids) >= self.context_length:
             if not truncate:
@@ -217,47 +309,7 @@ class Model:
                     "shorten it or pass truncate=True (--truncate) to keep its end"
                 )
             ids = ids[-(self.context_length // 2) :]
-        result = result if result is not None else Generation(prompt_token_ids=ids)
-        result.prompt_token_ids = ids
-        sampler = Sampler(SamplingConfig(**sampling))
-        text = TextStream(self.tokenizer, stop)
-        history = list(ids)
-
-        start = time.perf_counter()
-        new = self._prefill(ids, keep_cache)
-        result.reused_tokens = len(ids) - len(new)
-        logits = self.session.forward(new)
-        first_at = None
-        result.stop_reason = "max_new_tokens"
-        for step in range(max_new_tokens):
-            token = sampler(logits, history)
-            if step == 0:
-                first_at = time.perf_counter()
-                result.ttft_ms = (first_at - start) * 1e3
-            if token in self.eos_ids:
-                result.stop_reason = "eos"
-                break
-            result.token_ids.append(token)
-            history.append(token)
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                result.stop_reason = "stop_string"
-                break
-            if step + 1 == max_new_tokens:
-                break
-            if self.session.length >= self.context_length:
-                result.stop_reason = "context_full"
-                break
-            logits = self.session.forward([token])
-            self._cached_ids.append(token)
-        tail = text.flush()
-        if tail:
-            yield tail
-        result.text = text.text
-        if first_at is not None and len(result.token_ids) > 1:
-            result.decode_tokens_per_s = (len(result.token_ids) - 1) / (time.perf_counter() - first_at)
+        return ids
 
     def _prefill(self, ids: list[int], keep_cache: bool) -> list[int]:
         """The tokens still to run: with `keep_cache`, the cache keeps its longest common prefix
@@ -272,10 +324,18 @@ class Model:
         self._cached_ids = list(ids)
         return ids[self.session.length :]
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
-        result = Generation(prompt_token_ids=[])
-        for _ in self.stream(prompt, max_new_tokens=max_new_tokens, result=result, **kwargs):
-            pass
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        chat: bool = False,
+        truncate: bool = False,
+        **kwargs,
+    ) -> Generation:
+        """The whole reply at once: `stream`'s responses collected."""
+        result = Generation(prompt_token_ids=self._fitted_prompt(prompt, chat, truncate))
+        for response in self.stream(result.prompt_token_ids, max_new_tokens=max_new_tokens, **kwargs):
+            result.add(response)
         return result
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, keep_cache: bool = True, **kwargs) -> Generation:

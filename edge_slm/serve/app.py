@@ -35,8 +35,6 @@ from edge_slm.serve import requests as req
 from edge_slm.serve.engine import EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.metrics import Metrics
 
-FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
-
 
 class Service:
     """The loaded model (once it is), its engine, and what the routes need to answer."""
@@ -162,17 +160,14 @@ async def completion(service: Service, request: Request, chat: bool):
     created = int(time.time())
     if sampling.stream:
         return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling), sep="\n")
-    pieces = []
     while True:
         kind, value = await queue.get()
-        if kind == "piece":
-            pieces.append(value)
-        elif kind == "error":
+        if kind == "error":
             return _error(service, route, req.ApiError(500, f"generation failed: {value}"))
-        else:
+        if kind == "done":
             break
     result = job.result
-    finish = FINISH.get(result.stop_reason, "stop")
+    finish = result.finish_reason
     usage = _usage(result)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
@@ -311,13 +306,14 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
         while True:
             kind, value = await queue.get()
             if kind == "piece":
-                yield {"data": chunk(value, None)}
+                if value.text:
+                    yield {"data": chunk(value.text, None)}
             elif kind == "error":
                 yield {"data": json.dumps(req.ApiError(500, f"generation failed: {value}").body())}
                 return
             else:
                 break
-        yield {"data": chunk(None if chat else "", FINISH.get(job.result.stop_reason, "stop"))}
+        yield {"data": chunk(None if chat else "", job.result.finish_reason)}
         if sampling.include_usage:
             yield {
                 "data": json.dumps(
