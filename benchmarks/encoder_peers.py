@@ -163,6 +163,7 @@ def main() -> None:
     from edge_slm.core.labelled import read_retrieval
     from edge_slm.runtime.bench import BundleInfo
     from edge_slm.runtime.bench_encoder import encoder_record
+    from edge_slm.runtime.bench_results import results_of
 
     paths = prepare(Path(args.work))
     check = read_retrieval()
@@ -228,11 +229,11 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            r = record["results"]
+            r = results_of(record)
             print(
-                f"round {round_number + 1} {name} {info.precision}: b1@16 {r['latency_ms_16']['p50']:.1f} ms, "
-                f"b1@128 {r['latency_ms_128']['p50']:.1f} ms, b32 {r['texts_per_s_b32']['mean']:.0f} texts/s, "
-                f"peak RSS {r['peak_rss_mb']:.0f} MB, cosine to torch {cosine:.4f}",
+                f"round {round_number + 1} {name} {info.precision}: b1@16 {r.latency_ms_16.p50:.1f} ms, "
+                f"b1@128 {r.latency_ms_128.p50:.1f} ms, b32 {r.texts_per_s_b32.mean:.0f} texts/s, "
+                f"peak RSS {r.peak_rss_mb:.0f} MB, cosine to torch {cosine:.4f}",
                 file=sys.stderr,
             )
 

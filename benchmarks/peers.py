@@ -110,6 +110,7 @@ def main() -> None:
     from edge_slm import __version__, runtime
     from edge_slm.builder.decoder.load import load
     from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, git_commit, prompt_ids, test_name
+    from edge_slm.runtime.bench_results import DecoderResults
 
     model = runtime.load(args.bundle)
     ids = prompt_ids(model, args.prompt_tokens)
@@ -168,15 +169,15 @@ def main() -> None:
                 context=args.context,
             ),
             versions={"edge_slm": __version__, "git_commit": git_commit()},
-            results=raw,
+            results=DecoderResults.of(raw),
         ).to_dict()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        r = record["results"]
+        r = DecoderResults.of(raw)
         print(
-            f"{args.system} {args.precision} {threads}t: tg {r['decode_tok_s']['mean']:.1f} ± {r['decode_tok_s']['std']:.1f} tok/s, "
-            f"pp {r['prefill_tok_s']['mean']:.0f} tok/s, first token {r['ttft_ms']['mean']:.0f} ms",
+            f"{args.system} {args.precision} {threads}t: tg {r.decode_tok_s.mean:.1f} ± {r.decode_tok_s.std:.1f} tok/s, "
+            f"pp {r.prefill_tok_s.mean:.0f} tok/s, first token {r.ttft_ms.mean:.0f} ms",
             file=sys.stderr,
         )
 

@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+from edge_slm.runtime.bench_results import results_of
+
 
 def rows(results: Path, pruned: dict[str, Path]) -> list[dict]:
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -29,7 +31,7 @@ def rows(results: Path, pruned: dict[str, Path]) -> list[dict]:
     base = by_bundle.get("x86-laptop")
     if not base:
         raise SystemExit("no int8 record of the unpruned bundle export/x86-laptop in the results")
-    base_tg = sum(r["results"]["decode_tok_s"]["mean"] for r in base) / len(base)
+    base_tg = sum(results_of(r).decode_tok_s.mean for r in base) / len(base)
     table = [_row("unpruned", None, base, base_tg)]
     for name, directory in pruned.items():
         runs = by_bundle.get(f"x86-laptop-{name}")
@@ -41,7 +43,7 @@ def rows(results: Path, pruned: dict[str, Path]) -> list[dict]:
 
 
 def _row(name: str, record: dict | None, runs: list[dict], base_tg: float) -> dict:
-    tg = [r["results"]["decode_tok_s"]["mean"] for r in runs]
+    tg = [results_of(r).decode_tok_s.mean for r in runs]
     last = runs[-1]
     acc = last.get("accuracy") or {}
     row = {
@@ -51,7 +53,7 @@ def _row(name: str, record: dict | None, runs: list[dict], base_tg: float) -> di
         "decode_tok_s": sum(tg) / len(tg),
         "decode_runs": tg,
         "decode_vs_unpruned_int8": (sum(tg) / len(tg)) / base_tg,
-        "ttft_ms": last["results"]["ttft_ms"]["mean"],
+        "ttft_ms": results_of(last).ttft_ms.mean,
         "int8_ppl": acc.get("perplexity"),
         "int8_top1_vs_unpruned_fp32": acc.get("top1_agreement"),
     }

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_slm import runtime  # noqa: E402
 from edge_slm.core.data import EVAL_TEXT  # noqa: E402
 from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, stats  # noqa: E402
+from edge_slm.runtime.bench_results import DecoderResults  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -231,19 +232,21 @@ def main() -> None:
             cpu_arena=True,
         ),
         versions={},
-        results={
-            "decode_tok_s": stats(served),
-            "streamed_decode_tok_s": stats(streamed),
-            "streamed_vs_generate": streamed_ratio,
-            "generate_decode_tok_s": stats(direct),
-            "server_vs_generate": ratio,
-            "ttft_ms": stats(first),
-            "ttft_shared_prefix_ms": stats(second),
-            "shared_prefix_ttft_ratio": ttft_ratio,
-            "prefill_tok_s": stats([prompt_tokens / (t / 1e3) for t in first]),
-            "peak_rss_mb": rss,
-            **load,
-        },
+        results=DecoderResults.of(
+            {
+                "decode_tok_s": stats(served),
+                "streamed_decode_tok_s": stats(streamed),
+                "streamed_vs_generate": streamed_ratio,
+                "generate_decode_tok_s": stats(direct),
+                "server_vs_generate": ratio,
+                "ttft_ms": stats(first),
+                "ttft_shared_prefix_ms": stats(second),
+                "shared_prefix_ttft_ratio": ttft_ratio,
+                "prefill_tok_s": stats([prompt_tokens / (t / 1e3) for t in first]),
+                "peak_rss_mb": rss,
+                **load,
+            }
+        ),
     ).to_dict()
     print(
         f"single client: server {statistics.mean(served):.1f} tok/s (its own timing), streamed to the client "

@@ -4,12 +4,13 @@ one record per thread count, and a report with its plots."""
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.harness.report import read_records, write_report
-from edge_slm.runtime.bench import SCHEMA, run, stats, table
+from edge_slm.runtime.bench import SCHEMA, record_problem, run, stats, table
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,78 @@ def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classif
     assert "encoders.png" in {p.name for p in paths}
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Encoders" in md and md.count("| edge-slm int8 tiny-encoder-laptop") == 1 and "recall@1" in md
+
+
+# Lines of benchmarks/results/pruning/vm.jsonl (the oldest shape: no bundle.family, no
+# settings.context) and benchmarks/results/encoders/vm.jsonl, their samples cut to three.
+OLD_DECODER_LINE = '{"schema": "edge-slm-bench/1", "system": "edge-slm", "test": "pp128+tg64", "timestamp": "2026-11-29T09:43:40+00:00", "host": "vm", "bundle": {"path": "export/x86-laptop", "manifest_sha256": "02c5eb3074defb3633ca98bbbbaa5a130b47ddac19b5a80b3577743ec68671c5", "target": "x86-laptop", "precision": "int8", "graph": "fused", "size_bytes": 149912071, "parameters": 134515008}, "settings": {"threads": 2, "prompt_tokens": 128, "gen_tokens": 64, "repetitions": 5, "warmup": 1, "provider": "CPUExecutionProvider", "cpu_arena": true}, "machine": {"os": "Linux 6.18.44-fc-v782", "arch": "x86_64", "python": "3.11.7", "cores": 2, "cpu": "AMD EPYC", "flags": ["avx2", "fma"]}, "versions": {"edge_slm": "0.1.0", "onnxruntime": "1.32.0", "numpy": "2.4.6", "git_commit": "11595cb"}, "results": {"load_s": 0.6248916520016792, "ttft_ms": {"mean": 1337.2976037986518, "std": 32.671475844731184, "p50": 1329.9312249982904, "p90": 1392.720913998346, "p99": 1392.720913998346, "n": 5, "samples": [1329.9312249982904, 1392.720913998346, 1335.1243069992051]}, "prefill_tok_s": {"mean": 95.76006329314365, "std": 2.284535966346291, "p50": 96.24557841339843, "p90": 97.87532085288206, "p99": 97.87532085288206, "n": 5, "samples": [96.24557841339843, 91.90642483606159, 95.87122287338913]}, "decode_tok_s": {"mean": 54.90359782064607, "std": 1.1354700999692653, "p50": 54.765219500671414, "p90": 56.004303370731535, "p99": 56.004303370731535, "n": 5, "samples": [53.18046523689364, 54.706129478114505, 56.004303370731535]}, "decode_latency_ms": {"mean": 18.220043469854218, "std": 2.6372701187619643, "p50": 17.795362997276243, "p90": 19.04398499755189, "p99": 22.116158001153963, "n": 315, "samples": [50.04427899984876, 17.58755300033954, 17.292749998887302]}, "peak_rss_mb": 396.96484375}, "accuracy": {"tokens": 2292, "scored_tokens": 2287, "windows": 5, "window": 512, "perplexity": 22.793754842282297, "mean_nll": 3.1264865880138677, "reference": "export/x86-laptop-fp32", "top1_agreement": 0.9689549628334062, "mean_kl": 0.0030483440994665467, "reference_perplexity": 22.700649760487078, "text": "eval.txt"}}'
+OLD_ENCODER_LINE = '{"schema": "edge-slm-bench/1", "system": "edge-slm", "test": "b1@16,128+b8,32", "timestamp": "2026-12-01T06:19:13+00:00", "host": "vm", "bundle": {"path": "export/x86-laptop-embedder", "manifest_sha256": null, "target": "x86-laptop", "precision": "int8", "graph": "encoder", "size_bytes": 34117620, "parameters": 22713216, "family": "encoder"}, "settings": {"threads": 2, "prompt_tokens": 0, "gen_tokens": 0, "repetitions": 5, "warmup": 2, "provider": "CPUExecutionProvider", "cpu_arena": true, "context": null}, "machine": {"os": "Linux 6.18.44-fc-v1045", "arch": "x86_64", "python": "3.11.7", "cores": 2, "cpu": "AMD EPYC", "flags": ["avx2", "fma"]}, "versions": {"edge_slm": "0.1.0", "onnxruntime": "1.32.0", "numpy": "2.4.6", "git_commit": "ae7640c"}, "results": {"load_s": 0.19387208399894007, "latency_ms_16": {"mean": 5.521008579780755, "std": 1.891362573452952, "p50": 4.893002998869633, "p90": 8.752009000090766, "p99": 11.86416000018653, "n": 50, "samples": [5.373879999751807, 8.782504999544472, 10.24017300005653], "tokens": 16}, "latency_ms_128": {"mean": 23.02223134000087, "std": 1.8840719364521639, "p50": 23.439132999556023, "p90": 24.997258000439615, "p99": 25.967175999539904, "n": 50, "samples": [23.30929999880027, 23.423564000040642, 23.551583000880782], "tokens": 128}, "texts_per_s_b8": {"mean": 598.0813259527882, "std": 70.79027805809054, "p50": 552.8678029458263, "p90": 693.6375265068194, "p99": 693.6375265068194, "n": 5, "samples": [693.6375265068194, 654.4395668004238, 545.4413027366959], "texts": 309}, "texts_per_s_b32": {"mean": 630.553796825525, "std": 32.18407773815736, "p50": 625.1627370438732, "p90": 676.6533859613941, "p99": 676.6533859613941, "n": 5, "samples": [676.6533859613941, 607.7497594101465, 625.1627370438732], "texts": 309}, "rss_after_load_mb": 120.51171875, "peak_rss_mb": 137.16015625}, "accuracy": {"cosine_to_torch_fp32": 0.9963359832763672, "round": 1}}'
+
+
+def test_old_records_parse_and_write_back_the_same(tmp_path):
+    from edge_slm.harness.report import comparison_rows, encoder_rows
+    from edge_slm.runtime.bench_encoder import encoder_table
+    from edge_slm.runtime.bench_results import DecoderResults, EncoderResults, Stats, results_of
+
+    decoder, encoder = json.loads(OLD_DECODER_LINE), json.loads(OLD_ENCODER_LINE)
+    assert record_problem(decoder) is None and record_problem(encoder) is None
+    res = results_of(decoder)
+    assert isinstance(res, DecoderResults) and isinstance(res.decode_latency_ms, Stats)
+    assert (res.decode_tok_s.mean, res.decode_latency_ms.n, res.peak_rss_mb) == (54.90359782064607, 315, 396.96484375)
+    assert res.context is None and res.memory_breakdown is None and res.load_s == 0.6248916520016792
+    assert res.to_dict() == decoder["results"]  # what is read is written back, key for key
+    enc = results_of(encoder)
+    assert isinstance(enc, EncoderResults) and enc.latency_ms_16.extra == {"tokens": 16}
+    assert enc.rss_after_load_mb == 120.51171875 and enc.to_dict() == encoder["results"]
+    (row,) = comparison_rows([decoder])
+    assert (row["decode_tok_s"], row["prefill_tok_s"], row["ttft_ms"]) == ("54.9 ± 1.1", "96 ± 2", "1337 ± 33")
+    assert (row["decode_latency_ms"], row["peak_rss_mb"], row["ppl"]) == ("17.8 / 22.1", "397", "22.79")
+    (erow,) = encoder_rows([encoder])
+    assert (erow["latency_ms_16"], erow["texts_per_s_b32"]) == ("4.9 / 8.8", "631 ± 32")
+    assert " 4.9 / 8.8 |" in encoder_table([encoder]) and " 54.9 ± 1.1 |" in table([decoder])
+    # A record the server benchmark wrote: no step latencies, and figures no field declares.
+    served = json.loads(OLD_DECODER_LINE)
+    del served["results"]["decode_latency_ms"]
+    served["results"]["server_vs_generate"] = 1.004
+    assert record_problem(served) is None and results_of(served).extra == {"server_vs_generate": 1.004}
+    assert comparison_rows([served])[0]["decode_latency_ms"] == "-"
+    assert results_of(served).to_dict() == served["results"]
+
+
+def test_the_checker_follows_the_declaration():
+    record = json.loads(OLD_DECODER_LINE)
+    del record["results"]["ttft_ms"]["std"]  # the report shows mean ± std: a record without it is refused
+    assert record_problem(record) == "'results.ttft_ms.std' is missing or not a number"
+    record = json.loads(OLD_DECODER_LINE)
+    record["results"]["decode_latency_ms"]["samples"] = "many"
+    assert record_problem(record) == "'results.decode_latency_ms.samples' is missing or not a list"
+    record = json.loads(OLD_ENCODER_LINE)
+    del record["results"]["texts_per_s_b8"]
+    assert record_problem(record) == "'results.texts_per_s_b8' is missing or not an object"
+    record["bundle"]["family"] = "seq2seq"
+    assert (
+        record_problem(record)
+        == "'bundle.family' is 'seq2seq'; this edge-slm reads records of decoder and encoder bundles"
+    )
+
+
+def test_a_metric_declared_once_is_a_column_of_the_table_the_report_and_the_checker(records, tmp_path, monkeypatch):
+    """Adding a field to the results' declaration is all it takes to add a metric."""
+    from edge_slm.runtime.bench_results import RESULTS, DecoderResults, Stats, metric
+
+    @dataclass(frozen=True, kw_only=True)
+    class WithEnergy(DecoderResults):
+        energy_j: Stats = metric("energy J per token", "J/tok", "J", digits=2)
+
+    monkeypatch.setitem(RESULTS, "decoder", WithEnergy)
+    measured = [{**r, "results": {**r["results"], "energy_j": stats([0.25, 0.35])}} for r in records]
+    text = table(measured)
+    assert text.splitlines()[0].split("|")[-4].strip() == "J/tok"  # after peak RSS, before size and ppl
+    assert text.count(" 0.30 ± 0.07 |") == len(records)
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in measured))
+    write_report([results], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| peak RSS MB | energy J per token | bundle MB |" in md and md.count("| 0.30 ± 0.07 |") == len(records)
+    assert "<th>energy J per token</th>" in (tmp_path / "report" / "report.html").read_text()
+    assert record_problem(records[0]) == "'results.energy_j' is missing or not an object"

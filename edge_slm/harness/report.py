@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.runtime.bench import record_problem
+from edge_slm.runtime.bench_results import RESULTS, results_of
 
 
 def read_records(paths: list[Path]) -> list[dict]:
@@ -76,57 +77,49 @@ def latest_per_setting(records: list[dict]) -> list[dict]:
     )
 
 
+def decode_rate(record: dict) -> float:
+    return results_of(record).decode_tok_s.mean
+
+
 def comparison_rows(records: list[dict]) -> list[dict]:
+    """Each decoder record's cells: the run, its test, the metrics `DecoderResults` declares, the
+    bundle's size, accuracy, and decode speed against the fastest fp32 edge-slm run of its
+    target and host."""
     baselines = {}
     for r in records:
         if r["system"] == "edge-slm" and r["bundle"]["precision"] == "fp32":
             key = (r["bundle"]["target"], r["host"])
-            if (
-                key not in baselines
-                or r["results"]["decode_tok_s"]["mean"] > baselines[key]["results"]["decode_tok_s"]["mean"]
-            ):
+            if key not in baselines or decode_rate(r) > decode_rate(baselines[key]):
                 baselines[key] = r
     rows = []
     for r in records:
         base = baselines.get((r["bundle"]["target"], r["host"]))
-        res = r["results"]
+        acc = r.get("accuracy") or {}
         rows.append(
             {
                 "run": label(r),
                 "test": r["test"],
-                "decode": f"{res['decode_tok_s']['mean']:.1f} ± {res['decode_tok_s']['std']:.1f}",
-                "prefill": f"{res['prefill_tok_s']['mean']:.0f} ± {res['prefill_tok_s']['std']:.0f}",
-                "ttft": f"{res['ttft_ms']['mean']:.0f} ± {res['ttft_ms']['std']:.0f}",
-                "p50/p99": f"{res['decode_latency_ms']['p50']:.1f} / {res['decode_latency_ms']['p99']:.1f}"
-                if "decode_latency_ms" in res
-                else "-",
-                "rss": f"{res['peak_rss_mb']:.0f}",
+                **results_of(r).cells(),
                 "size": f"{r['bundle']['size_bytes'] / 1e6:.0f}",
-                "ppl": f"{r['accuracy']['perplexity']:.2f}" if r.get("accuracy") else "-",
-                "top1": f"{100 * r['accuracy']['top1_agreement']:.1f}%"
-                if (r.get("accuracy") or {}).get("top1_agreement") is not None
-                else "-",
-                "vs fp32": f"{res['decode_tok_s']['mean'] / base['results']['decode_tok_s']['mean']:.2f}x"
-                if base
-                else "-",
+                "ppl": f"{acc['perplexity']:.2f}" if acc else "-",
+                "top1": f"{100 * acc['top1_agreement']:.1f}%" if acc.get("top1_agreement") is not None else "-",
+                "vs fp32": f"{decode_rate(r) / decode_rate(base):.2f}x" if base else "-",
             }
         )
     return rows
 
 
-COLUMNS = [
-    ("run", "run"),
-    ("test", "test"),
-    ("decode", "decode tok/s"),
-    ("prefill", "prefill tok/s"),
-    ("ttft", "first token ms"),
-    ("p50/p99", "step ms p50 / p99"),
-    ("rss", "peak RSS MB"),
-    ("size", "bundle MB"),
-    ("ppl", "perplexity"),
-    ("top1", "top-1 vs fp32"),
-    ("vs fp32", "decode vs fp32"),
-]
+def decoder_columns() -> list[tuple[str, str]]:
+    """(row key, header) of the decoder table: the declared metrics between the run and the rest."""
+    return [
+        ("run", "run"),
+        ("test", "test"),
+        *[(name, m.label) for name, m in RESULTS["decoder"].columns()],
+        ("size", "bundle MB"),
+        ("ppl", "perplexity"),
+        ("top1", "top-1 vs fp32"),
+        ("vs fp32", "decode vs fp32"),
+    ]
 
 
 def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
@@ -139,7 +132,7 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
     best = {}
     for r in records:  # the best thread count per run for the bar charts
         key = (r["system"], r["bundle"]["target"], r["bundle"]["precision"], r["host"])
-        if key not in best or r["results"]["decode_tok_s"]["mean"] > best[key]["results"]["decode_tok_s"]["mean"]:
+        if key not in best or decode_rate(r) > decode_rate(best[key]):
             best[key] = r
     runs = list(best.values())
     names = [f"{r['system']}\n{r['bundle']['precision']} {r['bundle']['target']}" for r in runs]
@@ -149,8 +142,8 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
         (axes[0], "decode_tok_s", "decode throughput (tok/s, higher is better)"),
         (axes[1], "ttft_ms", "time to first token (ms, lower is better)"),
     ):
-        means = [r["results"][metric]["mean"] for r in runs]
-        errs = [r["results"][metric]["std"] for r in runs]
+        means = [getattr(results_of(r), metric).mean for r in runs]
+        errs = [getattr(results_of(r), metric).std for r in runs]
         bars = ax.bar(
             range(len(runs)),
             means,
@@ -167,15 +160,15 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for r in runs:
-        ax.scatter(r["bundle"]["size_bytes"] / 1e6, r["results"]["peak_rss_mb"], s=60)
+        ax.scatter(r["bundle"]["size_bytes"] / 1e6, results_of(r).peak_rss_mb, s=60)
         ax.annotate(
             f"{r['system']} {r['bundle']['precision']}",
-            (r["bundle"]["size_bytes"] / 1e6, r["results"]["peak_rss_mb"]),
+            (r["bundle"]["size_bytes"] / 1e6, results_of(r).peak_rss_mb),
             fontsize=8,
             xytext=(4, 4),
             textcoords="offset points",
         )
-    lim = max(max(r["bundle"]["size_bytes"] / 1e6, r["results"]["peak_rss_mb"]) for r in runs) * 1.15
+    lim = max(max(r["bundle"]["size_bytes"] / 1e6, results_of(r).peak_rss_mb) for r in runs) * 1.15
     ax.plot([0, lim], [0, lim], ls=":", color="grey", label="RSS = bundle size")
     ax.set_xlim(0, lim), ax.set_ylim(0, lim)
     ax.set_xlabel("bundle size on disk (MB)"), ax.set_ylabel("peak RSS of the process (MB)")
@@ -187,10 +180,10 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
     if with_acc:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for r in with_acc:
-            ax.scatter(r["results"]["decode_tok_s"]["mean"], r["accuracy"]["perplexity"], s=60)
+            ax.scatter(decode_rate(r), r["accuracy"]["perplexity"], s=60)
             ax.annotate(
                 f"{r['bundle']['precision']} {r['bundle']['target']}",
-                (r["results"]["decode_tok_s"]["mean"], r["accuracy"]["perplexity"]),
+                (decode_rate(r), r["accuracy"]["perplexity"]),
                 fontsize=8,
                 xytext=(4, 4),
                 textcoords="offset points",
@@ -209,8 +202,8 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
         for (system, target, precision, host), rs in sweeps.items():
             ax.errorbar(
                 [r["settings"]["threads"] for r in rs],
-                [r["results"]["decode_tok_s"]["mean"] for r in rs],
-                yerr=[r["results"]["decode_tok_s"]["std"] for r in rs],
+                [decode_rate(r) for r in rs],
+                yerr=[results_of(r).decode_tok_s.std for r in rs],
                 marker="o",
                 capsize=3,
                 label=f"{system} {precision} {target}",
@@ -234,17 +227,19 @@ def is_encoder(record: dict) -> bool:
     return record["bundle"].get("family") == "encoder"
 
 
-ENCODER_COLUMNS = [
-    ("run", "run"),
-    ("b1_16", "1 text, 16 tokens: ms p50 / p90"),
-    ("b1_128", "1 text, 128 tokens: ms p50 / p90"),
-    ("b8", "texts/s, batch 8"),
-    ("b32", "texts/s, batch 32"),
-    ("rss", "peak RSS MB"),
-    ("size", "model MB"),
-    ("accuracy", "accuracy"),
-    ("vs peer", "batch 32 vs fastest peer"),
-]
+def encoder_columns() -> list[tuple[str, str]]:
+    """(row key, header) of the encoder table: the declared metrics between the run and the rest."""
+    return [
+        ("run", "run"),
+        *[(name, m.label) for name, m in RESULTS["encoder"].columns()],
+        ("size", "model MB"),
+        ("accuracy", "accuracy"),
+        ("vs peer", "batch 32 vs fastest peer"),
+    ]
+
+
+def batch32_rate(record: dict) -> float:
+    return results_of(record).texts_per_s_b32.mean
 
 
 def encoder_rows(records: list[dict]) -> list[dict]:
@@ -252,14 +247,11 @@ def encoder_rows(records: list[dict]) -> list[dict]:
     for r in records:
         if r["system"] != "edge-slm":
             key = r["host"]
-            if (
-                key not in fastest
-                or r["results"]["texts_per_s_b32"]["mean"] > fastest[key]["results"]["texts_per_s_b32"]["mean"]
-            ):
+            if key not in fastest or batch32_rate(r) > batch32_rate(fastest[key]):
                 fastest[key] = r
     rows = []
     for r in records:
-        res, acc = r["results"], r.get("accuracy") or {}
+        acc = r.get("accuracy") or {}
         peer = fastest.get(r["host"])
         if "accuracy" in acc:
             accuracy = f"{100 * acc['accuracy']:.1f}% (test split)"
@@ -272,16 +264,10 @@ def encoder_rows(records: list[dict]) -> list[dict]:
         rows.append(
             {
                 "run": label(r),
-                "b1_16": f"{res['latency_ms_16']['p50']:.1f} / {res['latency_ms_16']['p90']:.1f}",
-                "b1_128": f"{res['latency_ms_128']['p50']:.1f} / {res['latency_ms_128']['p90']:.1f}",
-                "b8": f"{res['texts_per_s_b8']['mean']:.0f} ± {res['texts_per_s_b8']['std']:.0f}",
-                "b32": f"{res['texts_per_s_b32']['mean']:.0f} ± {res['texts_per_s_b32']['std']:.0f}",
-                "rss": f"{res['peak_rss_mb']:.0f}",
+                **results_of(r).cells(),
                 "size": f"{r['bundle']['size_bytes'] / 1e6:.0f}",
                 "accuracy": accuracy,
-                "vs peer": f"{res['texts_per_s_b32']['mean'] / peer['results']['texts_per_s_b32']['mean']:.2f}x"
-                if peer
-                else "-",
+                "vs peer": f"{batch32_rate(r) / batch32_rate(peer):.2f}x" if peer else "-",
             }
         )
     return rows
@@ -299,7 +285,7 @@ def encoder_plot(records: list[dict], out: Path) -> tuple[str, Path]:
         (axes[0], "texts_per_s_b32", "mean", "texts per second, batch 32 (higher is better)"),
         (axes[1], "latency_ms_128", "p50", "one 128-token text, ms p50 (lower is better)"),
     ):
-        values = [r["results"][metric][stat] for r in records]
+        values = [getattr(getattr(results_of(r), metric), stat) for r in records]
         bars = ax.bar(
             range(len(records)), values, color=["#3b7dd8" if r["system"] == "edge-slm" else "#999999" for r in records]
         )
@@ -320,6 +306,7 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     encoder_figures = [encoder_plot(encoders, out)] if encoders else []
     rows = comparison_rows(records)
     erows = encoder_rows(encoders)
+    columns, ecolumns = decoder_columns(), encoder_columns()
     hosts = sorted(
         {
             f"{r['host']}: {r['machine']['cpu']} ({r['machine']['arch']}, {r['machine']['cores']} cores, "
@@ -340,17 +327,17 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
         "",
     ]
     if rows:
-        md += ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        md += ["| " + " | ".join(row[k] for k, _ in COLUMNS) + " |" for row in rows]
+        md += ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+        md += ["| " + " | ".join(row[k] for k, _ in columns) + " |" for row in rows]
     md += [""] + [f"## {title}\n\n![{title}]({path.name})\n" for title, path in figures]
     if erows:
         md += [
             "## Encoders",
             "",
-            "| " + " | ".join(h for _, h in ENCODER_COLUMNS) + " |",
-            "|" + "---|" * len(ENCODER_COLUMNS),
+            "| " + " | ".join(h for _, h in ecolumns) + " |",
+            "|" + "---|" * len(ecolumns),
         ]
-        md += ["| " + " | ".join(row[k] for k, _ in ENCODER_COLUMNS) + " |" for row in erows]
+        md += ["| " + " | ".join(row[k] for k, _ in ecolumns) + " |" for row in erows]
         md += [""] + [f"![{title}]({path.name})\n" for title, path in encoder_figures]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -362,14 +349,14 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     ]
     if rows:
         body += [
-            "<table><tr>" + cells([h for _, h in COLUMNS], "th") + "</tr>",
-            *["<tr>" + cells([row[k] for k, _ in COLUMNS], "td") + "</tr>" for row in rows],
+            "<table><tr>" + cells([h for _, h in columns], "th") + "</tr>",
+            *["<tr>" + cells([row[k] for k, _ in columns], "td") + "</tr>" for row in rows],
             "</table>",
         ]
     if erows:
         body += [
-            "<h2>Encoders</h2><table><tr>" + cells([h for _, h in ENCODER_COLUMNS], "th") + "</tr>",
-            *["<tr>" + cells([row[k] for k, _ in ENCODER_COLUMNS], "td") + "</tr>" for row in erows],
+            "<h2>Encoders</h2><table><tr>" + cells([h for _, h in ecolumns], "th") + "</tr>",
+            *["<tr>" + cells([row[k] for k, _ in ecolumns], "td") + "</tr>" for row in erows],
             "</table>",
         ]
     for title, path in figures + encoder_figures:

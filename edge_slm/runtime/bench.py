@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from edge_slm import __version__
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.system import current_rss_mb, machine, peak_rss_mb
+from edge_slm.runtime.bench_results import RESULTS, DecoderResults, EncoderResults, results_of, results_problem
 
 SCHEMA = "edge-slm-bench/1"
 
@@ -286,11 +287,17 @@ class BenchRecord:
     settings: Settings
     machine: dict = field(default_factory=machine)
     versions: dict
-    results: dict
+    results: DecoderResults | EncoderResults  # the family's metrics (edge_slm.runtime.bench_results)
     accuracy: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            **record,
+            "bundle": asdict(self.bundle),
+            "settings": asdict(self.settings),
+            "results": self.results.to_dict(),
+        }
 
 
 def test_name(prompt_tokens: int, gen_tokens: int) -> str:
@@ -311,7 +318,7 @@ def _record(
             context=results.get("context"),
         ),
         versions=_versions(),
-        results={k: v for k, v in results.items() if k != "providers"},
+        results=DecoderResults.of({k: v for k, v in results.items() if k != "providers"}),
         accuracy=accuracy,
     ).to_dict()
 
@@ -329,7 +336,8 @@ def _versions() -> dict:
 
 
 def table(records: list[dict]) -> str:
-    """A terminal table in llama-bench's spirit: the columns that vary, then the measurements."""
+    """A terminal table in llama-bench's spirit: the columns that vary, then the measurements (the
+    metrics `DecoderResults` declares, with their compact labels)."""
     if not records:
         return ""
     candidates = {
@@ -340,22 +348,22 @@ def table(records: list[dict]) -> str:
         "host": lambda r: r["host"],
     }
     shown = [name for name, get in candidates.items() if len({get(r) for r in records}) > 1] or ["precision"]
+    metrics = RESULTS["decoder"].columns()
     rows = [
         [candidates[c](r) for c in shown]
+        + [r["test"]]
+        + list(results_of(r).cells().values())
         + [
-            r["test"],
-            f"{r['results']['prefill_tok_s']['mean']:.1f} ± {r['results']['prefill_tok_s']['std']:.1f}",
-            f"{r['results']['decode_tok_s']['mean']:.1f} ± {r['results']['decode_tok_s']['std']:.1f}",
-            f"{r['results']['ttft_ms']['mean']:.0f}",
-            f"{r['results']['decode_latency_ms']['p50']:.1f}/{r['results']['decode_latency_ms']['p90']:.1f}/"
-            f"{r['results']['decode_latency_ms']['p99']:.1f}",
-            f"{r['results']['peak_rss_mb']:.0f}",
             f"{r['bundle']['size_bytes'] / 1e6:.0f}",
             f"{r['accuracy']['perplexity']:.2f}" if r.get("accuracy") else "-",
         ]
         for r in records
     ]
-    header = shown + ["test", "pp tok/s", "tg tok/s", "ttft ms", "step ms p50/p90/p99", "peak RSS MB", "size MB", "ppl"]
+    return text_table(shown + ["test"] + [m.short for _, m in metrics] + ["size MB", "ppl"], rows)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns as wide as their widest cell, in Markdown's table syntax."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
@@ -363,7 +371,8 @@ def table(records: list[dict]) -> str:
 
 def record_problem(record) -> str | None:
     """What is wrong with a benchmark record (one from a device, or a line of a results file), or
-    None: the keys the report and the tables read, with their types."""
+    None: the keys the report and the tables read, with their types; its results' as its family's
+    declaration (`bench_results`) says."""
     if not isinstance(record, dict):
         return f"a record must be a JSON object, got {type(record).__name__}"
     if not str(record.get("schema", "")).startswith("edge-slm-bench/"):
@@ -377,23 +386,17 @@ def record_problem(record) -> str | None:
         "bundle.precision": str,
         "bundle.size_bytes": number,
         "settings.threads": int,
-        "results.peak_rss_mb": number,
     }
-    if (record.get("bundle") or {}).get("family") == "encoder":
-        for key in ("latency_ms_16.p50", "latency_ms_16.p90", "latency_ms_128.p50", "latency_ms_128.p90"):
-            checks[f"results.{key}"] = number
-        for key in ("texts_per_s_b8.mean", "texts_per_s_b8.std", "texts_per_s_b32.mean", "texts_per_s_b32.std"):
-            checks[f"results.{key}"] = number
-    else:
-        for key in ("decode_tok_s.mean", "decode_tok_s.std", "ttft_ms.mean", "prefill_tok_s.mean"):
-            checks[f"results.{key}"] = number
     for key, kind in checks.items():
         value = record
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"'{key}' is missing or not a {'number' if kind is number else kind.__name__}"
-    return None
+    family = record["bundle"].get("family") or "decoder"
+    if family not in RESULTS:
+        return f"'bundle.family' is {family!r}; this edge-slm reads records of {' and '.join(RESULTS)} bundles"
+    return results_problem(record)
 
 
 if __name__ == "__main__":  # the worker: one setting, in a fresh process

@@ -21,7 +21,8 @@ from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.labelled import INTENTS_TEST, read_examples
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
-from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, _versions, stats
+from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, _versions, stats, text_table
+from edge_slm.runtime.bench_results import RESULTS, EncoderResults, results_of
 
 LATENCY_TOKENS = (16, 128)
 BATCH_SIZES = (8, 32)
@@ -162,47 +163,25 @@ def encoder_record(info: BundleInfo, threads, repetitions, warmup, results: dict
             cpu_arena=True if system == "edge-slm" else None,
         ),
         versions=_versions(),
-        results={k: v for k, v in results.items() if k != "providers"},
+        results=EncoderResults.of({k: v for k, v in results.items() if k != "providers"}),
         accuracy=accuracy,
     ).to_dict()
 
 
 def encoder_table(records: list[dict]) -> str:
-    header = [
-        "system",
-        "target",
-        "precision",
-        "threads",
-        "b1@16 p50/p90 ms",
-        "b1@128 p50/p90 ms",
-        "b8 texts/s",
-        "b32 texts/s",
-        "peak RSS MB",
-        "size MB",
-        "accuracy",
-    ]
+    """The terminal table of encoder records: the metrics `EncoderResults` declares, then size and accuracy."""
+    header = ["system", "target", "precision", "threads"]
+    header += [m.short for _, m in RESULTS["encoder"].columns()] + ["size MB", "accuracy"]
     rows = []
     for r in records:
-        res, acc = r["results"], r.get("accuracy") or {}
+        acc = r.get("accuracy") or {}
         score = acc.get("accuracy", acc.get("recall_at_1"))
         rows.append(
-            [
-                r["system"],
-                r["bundle"]["target"],
-                r["bundle"]["precision"],
-                str(r["settings"]["threads"]),
-                f"{res['latency_ms_16']['p50']:.1f}/{res['latency_ms_16']['p90']:.1f}",
-                f"{res['latency_ms_128']['p50']:.1f}/{res['latency_ms_128']['p90']:.1f}",
-                f"{res['texts_per_s_b8']['mean']:.0f} ± {res['texts_per_s_b8']['std']:.0f}",
-                f"{res['texts_per_s_b32']['mean']:.0f} ± {res['texts_per_s_b32']['std']:.0f}",
-                f"{res['peak_rss_mb']:.0f}",
-                f"{r['bundle']['size_bytes'] / 1e6:.0f}",
-                "-" if score is None else f"{100 * score:.1f}%",
-            ]
+            [r["system"], r["bundle"]["target"], r["bundle"]["precision"], str(r["settings"]["threads"])]
+            + list(results_of(r).cells().values())
+            + [f"{r['bundle']['size_bytes'] / 1e6:.0f}", "-" if score is None else f"{100 * score:.1f}%"]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return text_table(header, rows)
 
 
 if __name__ == "__main__":  # the worker: one setting, in a fresh process

@@ -1,0 +1,183 @@
+"""What a benchmark record's `results` holds, as typed fields: one declaration per metric (its key,
+unit, column labels, the statistics a cell shows and their digits), from which `edge-slm bench`'s
+tables, the report's tables and the record checker derive their columns. llama-bench keeps
+`get_fields()` / `get_values()` beside its record for its printers; here the dataclass is the list,
+so adding a metric is adding one field.
+
+The JSON on disk keeps its shape: `of()` reads a record's `results` object (keys no field declares
+are kept in `extra`, as a system wrote them) and `to_dict()` writes the same object back.
+Device-safe: the bench workers run on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stats:
+    """One measured quantity over the repetitions (`bench.stats`), warm-up excluded."""
+
+    mean: float
+    std: float
+    p50: float
+    p90: float
+    p99: float
+    n: int
+    samples: list[float]
+    extra: dict = field(default_factory=dict)  # what a test adds: the input's "tokens", the batch's "texts"
+
+    @classmethod
+    def of(cls, value: dict) -> Stats:
+        known = [f.name for f in fields(cls) if f.name != "extra"]
+        return cls(**{k: value[k] for k in known}, extra={k: v for k, v in value.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}, **self.extra}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a result field is shown: the report's column label, the terminal table's compact one,
+    its unit, which statistics a cell shows ("mean ± std", or others joined by " / ") and digits."""
+
+    label: str
+    short: str
+    unit: str
+    show: tuple[str, ...] = ("mean", "std")
+    digits: int = 1
+
+    def cell(self, value: Stats | float | None) -> str:
+        if value is None:
+            return "-"
+        if not isinstance(value, Stats):
+            return f"{value:.{self.digits}f}"
+        numbers = [f"{getattr(value, s):.{self.digits}f}" for s in self.show]
+        return " ± ".join(numbers) if self.show == ("mean", "std") else " / ".join(numbers)
+
+
+def metric(label: str, short: str, unit: str, show=("mean", "std"), digits: int = 1, optional: bool = False):
+    """A result field shown in the tables; `optional` ones may be missing from a record (a cell "-")."""
+    return field(
+        default=None if optional else MISSING, metadata={"metric": Metric(label, short, unit, tuple(show), digits)}
+    )
+
+
+class Results:
+    """What the families' results share: reading and writing the JSON object, and the columns."""
+
+    extra: dict
+
+    @classmethod
+    def of(cls, value: dict):
+        declared = {f.name: f for f in fields(cls) if f.name != "extra"}
+        parsed = {}
+        for name, f in declared.items():
+            if name in value:
+                parsed[name] = Stats.of(value[name]) if _is_stats(f) and value[name] is not None else value[name]
+        return cls(**parsed, extra={k: v for k, v in value.items() if k not in declared})
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (value is None and f.default is None):
+                continue  # an optional field the system did not measure stays absent, as it was
+            out[f.name] = value.to_dict() if isinstance(value, Stats) else value
+        return {**out, **self.extra}
+
+    @classmethod
+    def columns(cls) -> list[tuple[str, Metric]]:
+        """(field name, how it is shown) of every metric, in declaration order."""
+        return [(f.name, f.metadata["metric"]) for f in fields(cls) if "metric" in f.metadata]
+
+    def cells(self) -> dict[str, str]:
+        return {name: m.cell(getattr(self, name)) for name, m in self.columns()}
+
+
+def _is_stats(f) -> bool:
+    return "Stats" in str(f.type)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderResults(Results):
+    """`edge-slm bench` on a decoder bundle (and the peers measured as it is)."""
+
+    decode_tok_s: Stats = metric("decode tok/s", "tg tok/s", "tok/s")
+    prefill_tok_s: Stats = metric("prefill tok/s", "pp tok/s", "tok/s", digits=0)
+    ttft_ms: Stats = metric("first token ms", "ttft ms", "ms", digits=0)
+    # Not measured through the server (benchmarks/serve_load.py).
+    decode_latency_ms: Stats | None = metric(
+        "step ms p50 / p99", "step ms p50/p99", "ms", show=("p50", "p99"), optional=True
+    )
+    peak_rss_mb: float = metric("peak RSS MB", "peak RSS MB", "MB", digits=0)
+    load_s: float | None = None
+    memory_breakdown: dict | None = None  # MB: python, libraries, tokenizer, session, kv_cache, requests
+    context: int | None = None  # the KV cache's capacity in tokens
+    extra: dict = field(default_factory=dict)  # what a system adds (the server's streamed and load figures)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderResults(Results):
+    """`edge-slm bench` on an encoder bundle (and the peers in benchmarks/encoder_peers.py)."""
+
+    latency_ms_16: Stats = metric("1 text, 16 tokens: ms p50 / p90", "b1@16 p50/p90 ms", "ms", show=("p50", "p90"))
+    latency_ms_128: Stats = metric("1 text, 128 tokens: ms p50 / p90", "b1@128 p50/p90 ms", "ms", show=("p50", "p90"))
+    texts_per_s_b8: Stats = metric("texts/s, batch 8", "b8 texts/s", "texts/s", digits=0)
+    texts_per_s_b32: Stats = metric("texts/s, batch 32", "b32 texts/s", "texts/s", digits=0)
+    peak_rss_mb: float = metric("peak RSS MB", "peak RSS MB", "MB", digits=0)
+    load_s: float | None = None
+    rss_after_load_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# A record's family (`bundle.family`, "decoder" when absent) -> the type of its results.
+RESULTS: dict[str, type[Results]] = {"decoder": DecoderResults, "encoder": EncoderResults}
+
+
+def results_type(record: dict) -> type[Results]:
+    return RESULTS[(record.get("bundle") or {}).get("family") or "decoder"]
+
+
+def results_of(record: dict) -> DecoderResults | EncoderResults:
+    """The typed results of a record read from JSON (checked first by `bench.record_problem`)."""
+    return results_type(record).of(record["results"])
+
+
+def results_problem(record: dict) -> str | None:
+    """What is wrong with a record's `results` for its family's declaration, or None: every field
+    a metric needs, with its type, named as the record's path ('results.ttft_ms.mean')."""
+    kind = results_type(record)
+    results = record.get("results")
+    if not isinstance(results, dict):
+        return "'results' is missing or not an object"
+    for f in fields(kind):
+        if f.name == "extra" or (f.name not in results and f.default is None):
+            continue
+        value = results.get(f.name)
+        if "metric" not in f.metadata and value is None:
+            continue
+        if _is_stats(f):
+            if not isinstance(value, dict):
+                return f"'results.{f.name}' is missing or not an object"
+            for part in fields(Stats):
+                if part.name == "extra":
+                    continue
+                problem = _type_problem(f"results.{f.name}.{part.name}", value.get(part.name), part.type)
+                if problem:
+                    return problem
+        elif "metric" in f.metadata:
+            problem = _type_problem(f"results.{f.name}", value, "float")
+            if problem:
+                return problem
+    return None
+
+
+def _type_problem(path: str, value, declared: str) -> str | None:
+    if declared.startswith("list"):
+        ok, name = isinstance(value, list), "list"
+    elif declared == "int":
+        ok, name = isinstance(value, int) and not isinstance(value, bool), "int"
+    else:
+        ok, name = isinstance(value, (int, float)) and not isinstance(value, bool), "number"
+    return None if ok else f"'{path}' is missing or not a {name}"
