@@ -11,6 +11,8 @@ Device-safe: the bench workers run on the device.
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 
 
@@ -72,9 +74,10 @@ class Results:
     def of(cls, value: dict):
         declared = {f.name: f for f in fields(cls) if f.name != "extra"}
         parsed = {}
-        for name, f in declared.items():
+        for name in declared:
             if name in value:
-                parsed[name] = Stats.of(value[name]) if _is_stats(f) and value[name] is not None else value[name]
+                stats = _is_stats(cls, name) and value[name] is not None
+                parsed[name] = Stats.of(value[name]) if stats else value[name]
         return cls(**parsed, extra={k: v for k, v in value.items() if k not in declared})
 
     def to_dict(self) -> dict:
@@ -95,8 +98,14 @@ class Results:
         return {name: m.cell(getattr(self, name)) for name, m in self.columns()}
 
 
-def _is_stats(f) -> bool:
-    return "Stats" in str(f.type)
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)  # the annotations as types (they are strings in this module)
+
+
+def _is_stats(cls: type, name: str) -> bool:
+    hint = _hints(cls)[name]
+    return hint is Stats or Stats in typing.get_args(hint)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,31 +161,29 @@ def results_problem(record: dict) -> str | None:
     if not isinstance(results, dict):
         return "'results' is missing or not an object"
     for f in fields(kind):
-        if f.name == "extra" or (f.name not in results and f.default is None):
-            continue
         value = results.get(f.name)
-        if "metric" not in f.metadata and value is None:
-            continue
-        if _is_stats(f):
+        if f.name == "extra" or (value is None and f.default is None):
+            continue  # an optional field this system did not measure
+        if _is_stats(kind, f.name):
             if not isinstance(value, dict):
                 return f"'results.{f.name}' is missing or not an object"
-            for part in fields(Stats):
-                if part.name == "extra":
+            for part, hint in _hints(Stats).items():
+                if part == "extra":
                     continue
-                problem = _type_problem(f"results.{f.name}.{part.name}", value.get(part.name), part.type)
+                problem = _type_problem(f"results.{f.name}.{part}", value.get(part), hint)
                 if problem:
                     return problem
         elif "metric" in f.metadata:
-            problem = _type_problem(f"results.{f.name}", value, "float")
+            problem = _type_problem(f"results.{f.name}", value, float)
             if problem:
                 return problem
     return None
 
 
-def _type_problem(path: str, value, declared: str) -> str | None:
-    if declared.startswith("list"):
+def _type_problem(path: str, value, declared) -> str | None:
+    if typing.get_origin(declared) is list:
         ok, name = isinstance(value, list), "list"
-    elif declared == "int":
+    elif declared is int:
         ok, name = isinstance(value, int) and not isinstance(value, bool), "int"
     else:
         ok, name = isinstance(value, (int, float)) and not isinstance(value, bool), "number"
