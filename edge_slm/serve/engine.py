@@ -1,10 +1,11 @@
 """One model, one request at a time, a bounded queue in front of it.
 
 Generation runs in a worker thread (onnxruntime releases the GIL), the model's responses (one per
-token: text piece, id, logprob, counters) are handed to the event loop as they come, and a request whose client has gone is cancelled between two tokens so
-the model is free for the next one. Requests beyond `max_queue` waiting are refused at once.
-Successive requests share the KV cache's longest common prefix (the same system prompt and
-earlier turns are not computed again); everything after it is the request's own.
+token: text piece, id, logprob, counters) are handed to the event loop as they come, and a request
+whose client has gone is cancelled between two tokens so the model is free for the next one.
+Requests beyond `max_queue` waiting are refused at once. Successive requests share the KV cache's longest common
+prefix (the same system prompt and earlier turns are not computed again); everything after it is
+the request's own.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class Engine:
         self.pending = 0  # the running request and those waiting for the model
 
     def submit(self, job: Job) -> asyncio.Queue:
-        """Queue `job` now or refuse it now; its ("piece", GenerationResponse) items, then ("done", result) or ("error", exc),
-        arrive on the returned queue. Setting `job.cancelled` stops it between two tokens."""
+        """Queue `job` now or refuse it now; ("piece", GenerationResponse) per token, then ("done",
+        result) or ("error", exc), arrive on the returned queue. Setting `job.cancelled` stops it
+        between two tokens."""
         if self.pending > self.max_queue:  # one running plus max_queue waiting
             raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
         self.pending += 1
