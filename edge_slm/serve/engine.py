@@ -3,9 +3,9 @@
 Generation runs in a worker thread (onnxruntime releases the GIL), the model's responses (one per
 token: text piece, id, logprob, counters) are handed to the event loop as they come, and a request
 whose client has gone is cancelled between two tokens so the model is free for the next one.
-Requests beyond `max_queue` waiting are refused at once. Successive requests share the KV cache's longest common
-prefix (the same system prompt and earlier turns are not computed again); everything after it is
-the request's own.
+Requests beyond `max_queue` waiting are refused at once. Successive requests share the KV cache's
+longest common prefix (the same system prompt and earlier turns are not computed again);
+everything after it is the request's own.
 """
 
 from __future__ import annotations
