@@ -313,6 +313,12 @@ def test_undecodable_arguments_are_one_line_before_the_model_loads(tiny_bundle, 
         run("classify", missing, "--file", texts),
         f"{texts}:4: byte 0xff at character 5 is not valid UTF-8; pass UTF-8 text",
     )  # line 4 as an editor counts: U+2028 does not end a line
+    story = tmp_path / "story.txt"
+    story.write_bytes(b"once upon\na time \xff\n")
+    refused(
+        run("eval", tiny_bundle, "--text", story),
+        f"{story}:2: byte 0xff at character 8 is not valid UTF-8; pass UTF-8 text",
+    )
 
 
 def test_the_python_api_refuses_lone_surrogates_with_a_typed_error(tiny_bundle, classifier_bundle, embedder_bundles):
