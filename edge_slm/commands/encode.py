@@ -88,6 +88,8 @@ def embed(bundle, texts, file, batch_size, no_truncate, threads, out, overwrite)
         return
     buffer = io.BytesIO()
     np.save(buffer, vectors)
+    _check_vectors_path(out, overwrite)  # again: the path may have changed while the model ran
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
         tmp.write_bytes(buffer.getvalue())
     echo_err(f"{vectors.shape[0]} vectors of {vectors.shape[1]} dimensions -> {out}")
@@ -103,11 +105,13 @@ def _check_vectors_path(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise EdgeSlmError(f"--out {out} is a directory: give a .npy file name")
     if out.exists():
-        try:
-            with out.open("rb") as handle:
-                is_numpy = out.is_file() and handle.read(6) == b"\x93NUMPY"
-        except OSError:
-            is_numpy = False
+        is_numpy = False
+        if out.is_file():  # never open a FIFO or a device: reading one could block or consume it
+            try:
+                with out.open("rb") as handle:
+                    is_numpy = handle.read(6) == b"\x93NUMPY"
+            except OSError:
+                pass
         if not is_numpy:
             raise EdgeSlmError(
                 f"--out {out} exists and is not a NumPy file; edge-slm will not replace it: choose a new name"
@@ -116,6 +120,6 @@ def _check_vectors_path(out: Path, overwrite: bool) -> None:
             raise EdgeSlmError(f"--out {out} is read-only: edge-slm will not replace it; choose a new name")
         if not overwrite:
             raise EdgeSlmError(f"--out {out} already exists: choose a new name, or add --overwrite to replace it")
-    folder = out.absolute().parent
+    folder = next(p for p in out.absolute().parents if p.exists())  # missing folders are made
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise EdgeSlmError(f"--out {out}: {folder} is not a folder this user can write: choose another --out")

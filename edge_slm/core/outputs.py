@@ -23,6 +23,7 @@ from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.hashing import sha256_file
 
 FILES_LIST = ".edge-slm-files.json"
+MAX_LIST_BYTES = 1_000_000  # a list of a few dozen files; anything larger is not one edge-slm wrote
 
 
 class OutputError(EdgeSlmError):
@@ -55,25 +56,27 @@ def check_output_folder(out: Path, option: str = "--out") -> None:
 def foreign_entry(folder: Path) -> str | None:
     """What in `folder` edge-slm did not write, in words, or None if every entry is a file it
     listed, unchanged."""
+    mark = folder / FILES_LIST
+    if not mark.exists() and not mark.is_symlink():
+        return f"files edge-slm did not write (no {FILES_LIST}: it did not make this folder)"
+    not_ours = f"a {FILES_LIST} that is not edge-slm's list of its files"
+    if mark.is_symlink() or not mark.is_file() or mark.stat().st_size > MAX_LIST_BYTES:
+        return not_ours
     try:
-        listed = json.loads((folder / FILES_LIST).read_text(encoding="utf-8"))["files"]
+        listed = json.loads(mark.read_text(encoding="utf-8"))["files"]
         if not isinstance(listed, dict):
             raise TypeError
-    except FileNotFoundError:
-        return f"files edge-slm did not write (no {FILES_LIST}: it did not make this folder)"
     except (OSError, ValueError, RecursionError, KeyError, TypeError):
-        return f"a {FILES_LIST} that is not edge-slm's list of its files"
+        return not_ours
     for entry in sorted(folder.iterdir()):
         if entry.name == FILES_LIST:
-            if entry.is_symlink() or not entry.is_file():
-                return f"{entry.name}, which is not a regular file"
             continue
         if entry.is_symlink():
             return f"{entry.name}, a symbolic link edge-slm did not make"
         if entry.name not in listed:
             return f"{entry.name}, which edge-slm did not write"
         if not entry.is_file():
-            return f"{entry.name}, a folder edge-slm did not make"
+            return f"{entry.name}, which is not a regular file"
         expected = listed[entry.name]
         if not isinstance(expected, dict) or entry.stat().st_size != expected.get("bytes"):
             return f"{entry.name}, changed since edge-slm wrote it"
