@@ -379,6 +379,9 @@ def test_finetune_data_bytes_bom_and_class_count(tmp_path):
         ("turn on the lights", "lights"),
         ("play jazz", "music"),
     ]
+    bom_jsonl = tmp_path / "bom.jsonl"
+    bom_jsonl.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert [e.label for e in read_examples(bom_jsonl)] == ["lights", "music"]
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_bytes(b"text,label\nplay jazz,music\nlights \xff,lights\n")
     with pytest.raises(DataError, match=r"bad\.csv:3: 'text': byte 0xff at character 8 is not valid UTF-8"):
