@@ -70,7 +70,7 @@ def test_report_refuses_a_users_folder_and_leaves_it_byte_identical(results, tmp
     before = snapshot(mine)
     refused(
         run("report", results, "--out", mine),
-        f"--out {mine} holds files edge-slm did not write (no {FILES_LIST}: it did not make this folder): "
+        f"--out {mine} holds files edge-slm did not list as its own (no {FILES_LIST}): "
         "edge-slm replaces only folders it wrote itself; choose another --out or move that away",
     )
     assert snapshot(mine) == before

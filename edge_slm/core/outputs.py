@@ -58,7 +58,7 @@ def foreign_entry(folder: Path) -> str | None:
     listed, unchanged."""
     mark = folder / FILES_LIST
     if not mark.exists() and not mark.is_symlink():
-        return f"files edge-slm did not write (no {FILES_LIST}: it did not make this folder)"
+        return f"files edge-slm did not list as its own (no {FILES_LIST})"
     not_ours = f"a {FILES_LIST} that is not edge-slm's list of its files"
     if mark.is_symlink() or not mark.is_file() or mark.stat().st_size > MAX_LIST_BYTES:
         return not_ours
