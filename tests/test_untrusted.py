@@ -315,7 +315,10 @@ def test_invalid_utf8_prompt_is_one_line(tiny_bundle):
         timeout=60,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: the text is not valid UTF-8 (undecodable bytes): pass UTF-8 text"
+    assert (
+        proc.stderr.strip()
+        == "error: PROMPT (argument 2): byte 0xe9 at character 4 is not valid UTF-8; pass UTF-8 text"
+    )
 
 
 def test_chat_survives_bad_utf8_and_a_full_context(tiny_bundle):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
 import click
 
 from edge_slm.commands.options import echo_err
+from edge_slm.core.errors import EdgeSlmError
 
 
 @click.command()
@@ -35,7 +38,13 @@ from edge_slm.commands.options import echo_err
     default=None,
     help="TOML file of [[device]] host/bundle/target entries, benchmarked in parallel.",
 )
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Append the records to this JSONL file.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Append the records to this JSONL file: a new file, or one holding only bench records "
+    "(anything else is refused before the benchmark runs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.option(
     "--context",
@@ -76,6 +85,8 @@ def bench(
         raise click.UsageError("--repetitions must be at least 1, --gen-tokens at least 2, --warmup 0 or more")
     if bundle is None and inventory is None:
         raise click.UsageError("give a BUNDLE (or --inventory FILE)")
+    if out is not None:
+        check_records_file(out)
     failures = {}
     if host or inventory:
         from edge_slm.harness.remote import Device, bench_inventory, bench_remote, read_inventory
@@ -131,10 +142,7 @@ def bench(
             context=context,
         )
     if out and records:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
+        append_records(out, records)
         echo_err(f"appended {len(records)} records to {out}")
     if as_json:
         for record in records:
@@ -148,3 +156,46 @@ def bench(
         echo_err(f"error: {why}")
     if failures:
         sys.exit(2)
+
+
+def check_records_file(out: Path) -> bool:
+    """Refuse an --out that is not a new file or a file of bench records (every line one, as
+    `record_problem` reads them): a directory, a link, a user's CSV. True if the file's last line
+    lacks its newline (so an append starts a new line)."""
+    from edge_slm.runtime.bench import record_problem
+
+    if out.is_symlink():
+        raise EdgeSlmError(f"--out {out} is a symbolic link: give the results file itself or a new file name")
+    if out.is_dir():
+        raise EdgeSlmError(f"--out {out} is a directory: give a .jsonl file name, e.g. {out / 'results.jsonl'}")
+    if not out.exists():
+        folder = next(p for p in out.absolute().parents if p.exists())
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise EdgeSlmError(f"--out {out}: {folder} is not writable by this user: choose another --out")
+        return False
+    if not out.is_file() or not os.access(out, os.R_OK | os.W_OK) or not out.stat().st_mode & stat.S_IWUSR:
+        raise EdgeSlmError(f"--out {out} is not a file this user can read and write: choose another --out")
+    fix = "bench appends only to its own results files: choose another --out"
+    try:
+        text = out.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise EdgeSlmError(f"--out {out} is not a UTF-8 file of bench records; {fix}") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            problem = record_problem(json.loads(line))
+        except (ValueError, RecursionError):
+            problem = "not a JSON record"
+        if problem:
+            raise EdgeSlmError(f"--out {out}:{number}: {problem}; {fix}")
+    return bool(text) and not text.endswith("\n")
+
+
+def append_records(out: Path, records: list[dict]) -> None:
+    """Append `records` as JSON lines after checking the file again (it may have changed while the
+    benchmark ran), in one write so that a concurrent bench's lines do not interleave with ours."""
+    newline = check_records_file(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as handle:
+        handle.write(("\n" if newline else "") + "".join(json.dumps(record) + "\n" for record in records))

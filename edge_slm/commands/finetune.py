@@ -15,7 +15,14 @@ from edge_slm.commands.options import echo_err, require_build_set
 @click.option("--model", "-m", default="all-minilm-l6-v2", show_default=True, help="An encoder: HF directory or name.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data: .jsonl or .csv.")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Held-out data [10% of --data].")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output model directory.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output model directory: a new or empty folder, or one an earlier `edge-slm finetune` wrote "
+    "(replaced whole; a folder holding anything else is refused).",
+)
 @click.option("--epochs", type=click.IntRange(1, 1000), default=3, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)

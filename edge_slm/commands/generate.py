@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edge_slm.commands.options import echo_err, open_bundle, sampling, sampling_options
+from edge_slm.core.text import check_text
 
 
 @click.command()
@@ -22,6 +23,8 @@ def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: 
     """Generate text from PROMPT, streamed to the terminal."""
     if kw["threads"] is not None and kw["threads"] < 1:
         raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
+    check_text(prompt, "PROMPT (argument 2)")
+    _check_stops(kw["stop"])
     model = open_bundle(bundle, kw["threads"])
     options = dict(max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"], truncate=truncate)
     if as_json:
@@ -48,6 +51,9 @@ def chat(bundle: Path, system: str | None, **kw) -> None:
         raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
     from edge_slm.runtime import Generation
 
+    if system is not None:
+        check_text(system, "--system")
+    _check_stops(kw["stop"])
     model = open_bundle(bundle, kw["threads"])
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -93,6 +99,11 @@ def chat(bundle: Path, system: str | None, **kw) -> None:
             f"{len(result.token_ids)} generated, {result.decode_tokens_per_s:.1f} tok/s]"
         )
         messages.append({"role": "assistant", "content": result.text})
+
+
+def _check_stops(stops: tuple[str, ...]) -> None:
+    for n, stop in enumerate(stops, 1):
+        check_text(stop, f"--stop {n}")
 
 
 def _fit_context(model, messages: list[dict], keep: int, max_new_tokens: int) -> list[int] | None:

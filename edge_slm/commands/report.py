@@ -10,7 +10,11 @@ import click
 @click.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Directory for report.md, report.html, PNGs."
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for report.md, report.html and the PNGs: a new or empty folder, or one an earlier "
+    "`edge-slm report` wrote (regenerated whole; a folder holding anything else is refused).",
 )
 def report(results: tuple[Path, ...], out: Path) -> None:
     """Markdown and HTML reports with plots from benchmark records (JSONL)."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_slm.core.atomic import atomic_directory, write_text
+from edge_slm.core.atomic import atomic_directory, pid_alive, write_text
 from edge_slm.core.errors import BundleError
 from edge_slm.core.hashing import sha256_file
 from edge_slm.core.manifest_schema import check_manifest
@@ -59,18 +59,8 @@ def sweep_stale_staging(out: Path) -> None:
     directories named as edge-slm names them, whose process is gone."""
     for stale in out.parent.glob(f"{out.name}{STAGING_MARK}*"):
         pid = staging_name_pid(out, stale.name)
-        if pid is not None and stale.is_dir() and not stale.is_symlink() and not _pid_alive(pid):
+        if pid is not None and stale.is_dir() and not stale.is_symlink() and not pid_alive(pid):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_output_dir(out: Path, source: Path | None = None) -> None:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.outputs import check_output_folder, output_folder
 from edge_slm.runtime.bench import record_problem
 from edge_slm.runtime.bench_results import RESULTS, results_of
 
@@ -298,10 +299,19 @@ def encoder_plot(records: list[dict], out: Path) -> tuple[str, Path]:
 
 
 def write_report(paths: list[Path], out: Path) -> list[Path]:
+    """Write the report folder `out` whole: a new path, an empty folder, or a report folder
+    edge-slm wrote before (`core.outputs`); anything else is refused before the records are read."""
+    out = Path(out)
+    check_output_folder(out)
     every = latest_per_setting(read_records(paths))
+    with output_folder(out, "edge-slm report") as staging:
+        written = _write_report_files(paths, every, staging)
+    return [out / path.name for path in written]
+
+
+def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list[Path]:
     records = [r for r in every if not is_encoder(r)]
     encoders = [r for r in every if is_encoder(r)]
-    out.mkdir(parents=True, exist_ok=True)
     figures = plots(records, out) if records else []
     encoder_figures = [encoder_plot(encoders, out)] if encoders else []
     rows = comparison_rows(records)

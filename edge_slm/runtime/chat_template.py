@@ -19,6 +19,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.text import check_text
 
 MAX_STEPS = 1_000_000
 MAX_SECONDS = 2.0
@@ -122,6 +123,8 @@ def check_messages(messages) -> list[dict]:
                 raise EdgeSlmError(f"message {n}: list content must be parts of {{'type': 'text', 'text': ...}}")
         elif not isinstance(content, str):
             raise EdgeSlmError(f"message {n}: every chat message needs a text 'content'")
+        for text in [p["text"] for p in content] if isinstance(content, list) else [content]:
+            check_text(text, f"message {n}")
     return messages
 
 

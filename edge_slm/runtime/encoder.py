@@ -17,6 +17,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edge_slm.core.errors import BundleError, EdgeSlmError
+from edge_slm.core.text import check_text
 from edge_slm.runtime.session import pick_providers, tensorrt_options
 
 log = logging.getLogger("edge_slm.runtime")
@@ -143,6 +144,7 @@ def _checked_texts(texts) -> list[str]:
             raise InputError(f"text {i + 1} is {type(text).__name__}, not a string")
         if not text.strip():
             raise InputError(f"text {i + 1} is empty; give each text some words")
+        check_text(text, f"text {i + 1}", InputError)
     return texts
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.text import check_text, decode_lines
 
 
 def evaluate(model, text: str, reference=None, window: int | None = None, progress=lambda done, total: None) -> dict:
@@ -59,9 +60,11 @@ def evaluate(model, text: str, reference=None, window: int | None = None, progre
 
 
 def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`; a byte that is not UTF-8 is one error naming its line."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise EdgeSlmError(f"{path}: no such text file") from None
-    except UnicodeDecodeError:
-        raise EdgeSlmError(f"{path}: not UTF-8 text") from None
+    for number, line in decode_lines(data):
+        check_text(line, f"{path}:{number}")
+    return data.decode("utf-8")

@@ -18,6 +18,7 @@ from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.errors import BundleError, EdgeSlmError
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
+from edge_slm.core.text import check_text
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder, open_encoder
@@ -169,10 +170,7 @@ class Model:
 
     # -- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise EdgeSlmError("the text is not valid UTF-8 (undecodable bytes): pass UTF-8 text") from None
+        check_text(text, "the text")
         return self._checked_ids(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: list[int]) -> str:

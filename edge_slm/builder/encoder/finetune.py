@@ -24,6 +24,7 @@ from edge_slm.builder.encoder.source import load_encoder
 from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.errors import ModelError
 from edge_slm.core.labelled import Example
+from edge_slm.core.outputs import check_output_folder, output_folder
 
 FINETUNE_RECORD = "edge_slm_finetune.json"
 EVAL_FILE = "eval.jsonl"
@@ -41,14 +42,10 @@ class FinetuneSettings:
 
 
 def check_finetune_output(out: Path) -> None:
-    """Refuse an output that is a file, or a directory that is neither empty nor a model that
-    `edge-slm finetune` wrote: edge-slm replaces only its own."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ModelError(f"--out {out} is a file or a link, not a directory: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / FINETUNE_RECORD).is_file():
-        raise ModelError(
-            f"--out {out} exists and is not a model edge-slm fine-tuned: choose another --out or empty it yourself"
-        )
+    """Refuse an output that is a file, a link, or a directory that is neither empty nor a model
+    `edge-slm finetune` wrote and nobody added to or changed (`core.outputs`): edge-slm replaces
+    only its own."""
+    check_output_folder(out)
 
 
 def state_dir(out: Path) -> Path:
@@ -145,7 +142,7 @@ def finetune(
         "best": best,
         "stopped_at_time_budget": stopped_early,
     }
-    with atomic_directory(out, tmp=out.with_name(f".{out.name}.partial-{os.getpid()}")) as staging:
+    with output_folder(out, "edge-slm finetune") as staging:  # checks `out` again: it may have changed meanwhile
         best_model = AutoModelForSequenceClassification.from_pretrained(str(state_dir(out) / "best"))
         best_model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
@@ -153,7 +150,6 @@ def finetune(
             "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in evaluation)
         )
         (staging / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        check_finetune_output(out)  # again: the directory may have changed while training ran
     shutil.rmtree(state_dir(out), ignore_errors=True)
     return record
 
