@@ -431,7 +431,9 @@ def prompt_logits(path, ids, dtype=None):
     import numpy as np
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: logits_to_keep is an input with a default, on purpose
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {
         "input_ids": np.array([ids]),
         "attention_mask": np.ones((1, len(ids)), np.int64),
@@ -440,3 +442,15 @@ def prompt_logits(path, ids, dtype=None):
     for inp in session.get_inputs()[3:]:
         feed[inp.name] = np.zeros((1, 2, 0, 16), dtype or np.float32)
     return session.run(["logits"], feed)[0][0]
+
+
+def greedy_without_cache(path, ids, max_new_tokens, eos_ids, dtype=None) -> tuple[list[int], str]:
+    """Greedy generation by running the whole sequence again for every token (no KV cache, plain
+    onnxruntime): what the runtime's cached loop must reproduce. Returns (new ids, stop reason)."""
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(prompt_logits(path, list(ids) + out, dtype)[-1].argmax())
+        if token in eos_ids:  # the runtime does not return the EOS token itself
+            return out, "eos"
+        out.append(token)
+    return out, "max_new_tokens"

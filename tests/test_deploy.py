@@ -39,7 +39,7 @@ def test_deploy_serve_status_stop_with_the_system_python(sshd, system_device, ti
     try:
         smoke = result["smoke"]
         assert smoke["passed"] and smoke["tokens_agreeing"] == smoke["tokens"] == 8, smoke
-        assert smoke["decode_tokens_per_s"] > 0 and smoke["peak_rss_mb"] > 0
+        assert smoke["decode_tokens_per_s"] > 0 and 30 < smoke["peak_rss_mb"] < 1000  # MB, onnxruntime loaded
         config = (venv / "pyvenv.cfg").read_text()
         assert "home = /usr/bin" in config  # the venv is the device's system Python's
         installed = subprocess.run(
