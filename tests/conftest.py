@@ -293,6 +293,34 @@ def tiny_bundle(tmp_path_factory, tiny_llama, tiny_profile) -> Path:
 
 
 @pytest.fixture(scope="session")
+def perturbed_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama with noise added to its weights: the same tokenizer, other logits (a reference
+    that agrees with the tiny model on most tokens, not all)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("perturbed") / "model"
+    shutil.copytree(tiny_llama, out)
+    model = LlamaForCausalLM.from_pretrained(out)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * param.std() * torch.randn_like(param)) if param.dim() > 1 else None
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def perturbed_bundle(perturbed_llama, tiny_profile, tmp_path_factory) -> Path:
+    from edge_slm.builder.pipeline import build
+    from edge_slm.core.targets import load_profile
+
+    out = tmp_path_factory.mktemp("bundles") / "perturbed"
+    build(str(perturbed_llama), load_profile(str(tiny_profile)), out, echo=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def jetson_profile(tmp_path_factory):
     """The jetson-orin profile with a short context."""
     path = tmp_path_factory.mktemp("profiles") / "tiny-jetson.toml"

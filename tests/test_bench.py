@@ -14,32 +14,7 @@ from edge_slm.runtime.bench import SCHEMA, run, stats, table
 
 
 @pytest.fixture(scope="module")
-def perturbed_reference(tiny_llama, tiny_profile, tmp_path_factory):
-    """A bundle of the tiny Llama with noise added to its weights: the same tokenizer, other logits,
-    so that top-1 agreement with it is a number below 1 that the test can compute itself."""
-    import shutil
-
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from edge_slm.builder.pipeline import build
-    from edge_slm.core.targets import load_profile
-
-    root = tmp_path_factory.mktemp("perturbed")
-    model_dir = root / "model"
-    shutil.copytree(tiny_llama, model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * param.std() * torch.randn_like(param)) if param.dim() > 1 else None
-    model.save_pretrained(model_dir, safe_serialization=True)
-    build(str(model_dir), load_profile(str(tiny_profile)), root / "bundle", echo=lambda m: None)
-    return root / "bundle"
-
-
-@pytest.fixture(scope="module")
-def timed_records(tiny_bundle, perturbed_reference):
+def timed_records(tiny_bundle, perturbed_bundle):
     start = time.perf_counter()
     got = run(
         tiny_bundle,
@@ -48,7 +23,7 @@ def timed_records(tiny_bundle, perturbed_reference):
         gen_tokens=8,
         repetitions=3,
         warmup=1,
-        reference=perturbed_reference,
+        reference=perturbed_bundle,
     )
     return got, time.perf_counter() - start
 
@@ -78,7 +53,7 @@ def _top1_agreement(bundle, reference, window) -> float:
     return agree / scored
 
 
-def test_one_complete_record_per_setting(timed_records, tiny_bundle, perturbed_reference):
+def test_one_complete_record_per_setting(timed_records, tiny_bundle, perturbed_bundle):
     records, wall_s = timed_records
     assert [r["settings"]["threads"] for r in records] == [1, 2]
     for r in records:
@@ -111,7 +86,7 @@ def test_one_complete_record_per_setting(timed_records, tiny_bundle, perturbed_r
         # A Python process with numpy, onnxruntime and tokenizers loaded, in MB (not kB, not bytes).
         assert 30 < res["peak_rss_mb"] < 1000, res["peak_rss_mb"]
         assert res["memory_breakdown"]["libraries_mb"] > 10, res["memory_breakdown"]
-        top1 = _top1_agreement(tiny_bundle, perturbed_reference, window=r["settings"]["context"])
+        top1 = _top1_agreement(tiny_bundle, perturbed_bundle, window=r["settings"]["context"])
         assert 0.2 < top1 < 0.95, top1  # the perturbed model often disagrees, not always
         assert r["accuracy"]["top1_agreement"] == pytest.approx(top1, abs=1e-9) and r["accuracy"]["perplexity"] > 1
 
