@@ -69,3 +69,10 @@ def test_bundle_format_lists_the_files_and_graph_signature_of_a_built_bundle(tin
         for (name, dims), a in zip(documented, actual):
             shape = [d.dim_param or d.dim_value for d in a.type.tensor_type.shape.dim]
             assert _same_dims(dims, shape), (name, dims, shape)
+
+
+def test_bundle_format_lists_the_files_of_an_encoder_bundle(classifier_bundle):
+    section = _section((DOCS / "bundle-format.md").read_text(), "Encoder bundles")
+    holds = section.split("The bundle\nholds", 1)[1].split(";", 1)[0]
+    documented = set(re.findall(r"`([\w.]+\.(?:onnx|data|json))`", holds)) | {"manifest.json"}  # "and the manifest"
+    assert "and the manifest" in holds and sorted(documented) == sorted(p.name for p in classifier_bundle.iterdir())
