@@ -58,7 +58,10 @@ def hermetic_home(tmp_path_factory):
         yield root
     after = snapshot(REAL_STATE)
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
-    assert not changed, f"the tests changed the real home's edge-slm folders: {changed[:5]} ({len(changed)} paths)"
+    assert not changed, (
+        f"the real home's edge-slm folders changed during the tests: {changed[:5]} ({len(changed)} paths); "
+        "a test wrote there, or another edge-slm ran as this user meanwhile"
+    )
 
 
 CHAT_TEMPLATE = (
