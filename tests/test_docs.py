@@ -76,3 +76,15 @@ def test_bundle_format_lists_the_files_of_an_encoder_bundle(classifier_bundle):
     holds = section.split("The bundle\nholds", 1)[1].split(";", 1)[0]
     documented = set(re.findall(r"`([\w.]+\.(?:onnx|data|json))`", holds)) | {"manifest.json"}  # "and the manifest"
     assert "and the manifest" in holds and sorted(documented) == sorted(p.name for p in classifier_bundle.iterdir())
+
+
+def test_every_path_the_docs_name_exists():
+    """A file or folder of the repository named in the README or docs/ (edge_slm/..., tests/...,
+    benchmarks/..., targets/...) is there: a move or rename updates the docs too."""
+    repo = DOCS.parent
+    missing = []
+    for doc in sorted([*DOCS.glob("*.md"), repo / "README.md"]):
+        for path in re.findall(r"(?<![\w/.])((?:edge_slm|tests|benchmarks|targets)/[\w./-]*[\w/])", doc.read_text()):
+            if not (repo / path).exists() and path != "edge_slm/profiles/":  # targets/ as the wheel names it
+                missing.append(f"{doc.name}: {path}")
+    assert missing == []
