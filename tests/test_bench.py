@@ -4,6 +4,7 @@ one record per thread count, and a report with its plots."""
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -14,13 +15,47 @@ from edge_slm.runtime.bench import SCHEMA, record_problem, run, stats, table
 
 
 @pytest.fixture(scope="module")
-def records(tiny_bundle):
-    return run(
-        tiny_bundle, threads=[1, 2], prompt_tokens=16, gen_tokens=8, repetitions=3, warmup=1, reference=tiny_bundle
+def timed_records(tiny_bundle, perturbed_bundle):
+    start = time.perf_counter()
+    got = run(
+        tiny_bundle,
+        threads=[1, 2],
+        prompt_tokens=16,
+        gen_tokens=8,
+        repetitions=3,
+        warmup=1,
+        reference=perturbed_bundle,
     )
+    return got, time.perf_counter() - start
 
 
-def test_one_complete_record_per_setting(records, tiny_bundle):
+@pytest.fixture(scope="module")
+def records(timed_records):
+    return timed_records[0]
+
+
+def _top1_agreement(bundle, reference, window) -> float:
+    """Top-1 agreement over eval.txt in windows, from plain onnxruntime sessions without a cache
+    (not the runtime's loop that the benchmark uses)."""
+    from conftest import prompt_logits
+
+    from edge_slm import runtime
+    from edge_slm.runtime.bench import EVAL_TEXT
+
+    ids = runtime.load(bundle).encode(EVAL_TEXT.read_text(encoding="utf-8"))
+    agree = scored = 0
+    for start in range(0, len(ids), window):
+        chunk = ids[start : start + window]
+        if len(chunk) < 2:
+            continue
+        ours = prompt_logits(bundle / "model.onnx", chunk)[:-1].argmax(-1)
+        theirs = prompt_logits(reference / "model.onnx", chunk)[:-1].argmax(-1)
+        agree, scored = agree + int((ours == theirs).sum()), scored + len(chunk) - 1
+    return agree / scored
+
+
+def test_one_complete_record_per_setting(timed_records, tiny_bundle, perturbed_bundle):
+    records, wall_s = timed_records
     assert [r["settings"]["threads"] for r in records] == [1, 2]
     for r in records:
         assert r["schema"] == SCHEMA and r["system"] == "edge-slm" and r["test"] == "pp16+tg8"
@@ -42,18 +77,19 @@ def test_one_complete_record_per_setting(records, tiny_bundle):
         res = r["results"]
         for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s"):
             assert res[key]["n"] == 3 and len(res[key]["samples"]) == 3  # warm-up excluded
-            assert res[key]["mean"] > 0 and res[key]["std"] >= 0
+            assert 0 < min(res[key]["samples"]) <= res[key]["mean"] <= max(res[key]["samples"])
         latency = res["decode_latency_ms"]
         assert latency["n"] == 3 * 7 and latency["p50"] <= latency["p90"] <= latency["p99"]
-        # Consistency: 7 decode steps at the mean step latency take 7 / decode rate.
-        per_run_ms = [sum(latency["samples"][i * 7 : (i + 1) * 7]) for i in range(3)]
-        for run_ms, rate in zip(per_run_ms, res["decode_tok_s"]["samples"]):
-            assert run_ms == pytest.approx(7 / rate * 1e3, rel=1e-6)
-        for ttft, rate in zip(res["ttft_ms"]["samples"], res["prefill_tok_s"]["samples"]):
-            assert ttft == pytest.approx(16 / rate * 1e3, rel=1e-6)
-        assert res["peak_rss_mb"] * 1e6 > r["bundle"]["size_bytes"]  # the weights are resident
-        assert res["load_s"] > 0
-        assert r["accuracy"]["top1_agreement"] == 1.0 and r["accuracy"]["perplexity"] > 1
+        # The timed spans happened within the benchmark's wall time (a unit slip would break this).
+        timed_ms = sum(res["ttft_ms"]["samples"]) + sum(latency["samples"])
+        assert 0 < timed_ms < sum(x["results"]["load_s"] for x in records) * 1e3 + timed_ms < wall_s * 1e3
+        assert 0 < res["load_s"] < wall_s
+        # A Python process with numpy, onnxruntime and tokenizers loaded, in MB (not kB, not bytes).
+        assert 30 < res["peak_rss_mb"] < 1000, res["peak_rss_mb"]
+        assert res["memory_breakdown"]["libraries_mb"] > 10, res["memory_breakdown"]
+        top1 = _top1_agreement(tiny_bundle, perturbed_bundle, window=r["settings"]["context"])
+        assert 0.2 < top1 < 0.95, top1  # the perturbed model often disagrees, not always
+        assert r["accuracy"]["top1_agreement"] == pytest.approx(top1, abs=1e-9) and r["accuracy"]["perplexity"] > 1
 
 
 def test_table_shows_only_varying_columns(records):
@@ -133,7 +169,7 @@ def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classif
     assert embedder["bundle"]["family"] == "encoder" and embedder["test"] == "b1@16,128+b8,32"
     res = embedder["results"]
     assert res["latency_ms_16"]["n"] == 10 and res["latency_ms_16"]["tokens"] <= 16 < res["latency_ms_128"]["tokens"]
-    assert res["texts_per_s_b32"]["texts"] == 309 and res["peak_rss_mb"] > 0 and res["load_s"] > 0
+    assert res["texts_per_s_b32"]["texts"] == 309 and 30 < res["peak_rss_mb"] < 1000 and res["load_s"] > 0
     assert embedder["accuracy"]["queries"] == 60 and 0 <= embedder["accuracy"]["recall_at_1"] <= 1
     assert classifier["accuracy"] is None  # its labels are not the shipped intents: `eval --data` instead
     results = tmp_path / "all.jsonl"

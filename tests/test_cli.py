@@ -93,3 +93,41 @@ def test_bad_model_references(tmp_path):
     (gpt2 / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelError, match="no weights"):
         load(str(gpt2))
+
+
+def run_without(module: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess where `module` cannot be imported, as on an install without its extra."""
+    code = f"import sys; sys.modules[{module!r}] = None; from edge_slm.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "module, extra, args",
+    [
+        ("matplotlib", "report", ["report", "benchmarks/results/encoders/vm.jsonl", "--out", "{tmp}/r"]),
+        ("uvicorn", "serve", ["serve", "{tmp}/no-bundle"]),
+        ("sse_starlette", "serve", ["serve", "{tmp}/no-bundle"]),
+        ("onnx", "build", ["build", "--target", "x86-laptop", "--out", "{tmp}/b"]),
+        ("torch", "prune", ["prune", "--model", "m", "--out", "{tmp}/p"]),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(module, extra, args, tmp_path):
+    proc = run_without(module, *(a.format(tmp=tmp_path) for a in args))
+    extra = {"prune": "build"}.get(extra, extra)
+    where = " on a build host; a device needs only the runtime" if extra == "build" else ""
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: edge-slm {args[0]} needs the {extra} extra ({module} is not installed): "
+        f"pip install 'edge-slm[{extra}]'{where}"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_module_of_an_extra_found_late_is_the_same_line(tmp_path):
+    """matplotlib is there but a part of it cannot be imported: the import fails inside the report,
+    after the command's own check, and still ends as the one line naming the extra."""
+    proc = run_without("matplotlib.pyplot", "report", "benchmarks/results/encoders/vm.jsonl", "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: edge-slm report needs the report extra (matplotlib is not installed): pip install 'edge-slm[report]'"
+    )

@@ -1,6 +1,9 @@
 """Export parity against torch (prefill and decode with past), node counts of the fused graph,
 the generic fallback, and refusal of unsupported architectures."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,6 +17,19 @@ from edge_slm.core.targets import load_profile
 
 PROMPT = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
 FP32_TOL = Tolerance.for_precision("fp32")
+SMOLLM2_LAYERS = 30
+
+
+def documented_node_counts() -> list[tuple[int, int]]:
+    """docs/export.md's "N nodes (A a layer + B)" for SmolLM2-135M, as (A, B): the fused graph, then
+    the one with separate RotaryEmbedding nodes. Each N must be A * 30 + B; the tests hold the tiny
+    graphs to the same A and B, so the doc's numbers are the tested ones."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    found = [tuple(map(int, m)) for m in re.findall(r"(\d+) nodes\s+\((\d+) a layer \+ (\d+)\)", text)]
+    assert len(found) == 2, f"docs/export.md should state two 'N nodes (A a layer + B)' counts, found {found}"
+    for total, per_layer, fixed in found:
+        assert total == per_layer * SMOLLM2_LAYERS + fixed, f"docs/export.md: {total} != {per_layer} * 30 + {fixed}"
+    return [(per_layer, fixed) for _, per_layer, fixed in found]
 
 
 def _run_steps(onnx_path, model, prompt, steps):
@@ -72,7 +88,8 @@ def test_fused_node_counts(tiny_llama, tiny_qwen2, tmp_path):
     ).graph
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert len(graph.node) == 11 * layers + 15
+    per_layer, fixed = documented_node_counts()[0]
+    assert (per_layer, fixed) == (11, 15) and len(graph.node) == per_layer * layers + fixed
     assert ops["Slice"] == 1 and ops["Neg"] == 1  # logits_to_keep: the LM head reads the kept positions only
     assert ops["GroupQueryAttention"] == layers
     assert "RotaryEmbedding" not in ops and "Split" not in ops  # rotary inside GroupQueryAttention
@@ -152,7 +169,9 @@ def test_profiles_with_old_runtimes_get_separate_rotary_nodes(tiny_llama, tmp_pa
     graph, ops = onnx.load(str(exported.onnx_path), load_external_data=False).graph, {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert len(graph.node) == 14 * 2 + 15 and ops["RotaryEmbedding"] == 4 and ops["Split"] == 2
+    (_, fused_fixed), (per_layer, fixed) = documented_node_counts()
+    assert fixed == fused_fixed  # the rotary nodes are per layer
+    assert len(graph.node) == per_layer * 2 + fixed and ops["RotaryEmbedding"] == 4 and ops["Split"] == 2
     assert min_onnxruntime(exported.onnx_path) == "1.20.0"
     for logits_diff, key_diff in _run_steps(exported.onnx_path, model, PROMPT, steps=4):
         assert logits_diff < FP32_TOL.logits and key_diff < FP32_TOL.present

@@ -3,7 +3,7 @@ accuracy against fp32 and the runtime on the CPU provider."""
 
 import numpy as np
 import onnx
-from conftest import prompt_logits
+from conftest import greedy_without_cache, prompt_logits
 
 from edge_slm.builder.decoder.export import export, load_torch_model
 from edge_slm.core.targets import load_profile
@@ -38,4 +38,7 @@ def test_fp16_bundle_types_accuracy_and_runtime(tiny_llama, jetson_profile, tmp_
     model = runtime.load(tmp_path / "b", threads=1)
     assert model.session.kv_dtype == np.float16
     cached = model.generate("The capital", max_new_tokens=8)
-    assert len(cached.token_ids) == 8 or cached.stop_reason == "eos"
+    want = greedy_without_cache(
+        tmp_path / "b" / "model.onnx", model.encode("The capital"), 8, model.eos_ids, np.float16
+    )
+    assert (cached.token_ids, cached.stop_reason) == want

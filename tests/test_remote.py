@@ -5,25 +5,25 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import free_port
 
+from edge_slm.harness.deploy import BUNDLES, VENV
 from edge_slm.harness.remote import bench_remote
 from edge_slm.harness.ssh import Device, RemoteError
 
 BENCH = ["--prompt-tokens", "8", "--gen-tokens", "4", "-r", "2", "--warmup", "1", "--threads", "1", "--no-accuracy"]
 
 
-def _cleanup_remote(records):
-    home = Path.home() / ".local" / "share" / "edge-slm" / "bundles"
-    for r in records:
-        shutil.rmtree(home / r["bundle"]["path"].rstrip("/").split("/")[-1], ignore_errors=True)
+def _forget_bundles(sshd):
+    """The device without any bundle copy, whichever test (here or in test_deploy) made one."""
+    shutil.rmtree(sshd.home / BUNDLES, ignore_errors=True)
 
 
 def test_bench_over_ssh_copies_once_and_returns_records(sshd, tiny_bundle):
-    device, _ = sshd
+    device = sshd.device
+    _forget_bundles(sshd)
     messages = []
     records = bench_remote(device, tiny_bundle, BENCH, progress=messages.append)
     try:
@@ -36,18 +36,17 @@ def test_bench_over_ssh_copies_once_and_returns_records(sshd, tiny_bundle):
             and r["results"]["decode_tok_s"]["n"] == 2
         )
         assert "edge-slm/bundles/" in r["bundle"]["path"]
-        # copied now, or already there from an earlier test (test_deploy copies the same bundle)
-        assert any("copying 6 of 6 bundle files" in m or "already there" in m for m in messages)
+        assert any("copying 6 of 6 bundle files" in m for m in messages), messages
         again = []
         bench_remote(device, tiny_bundle, BENCH, progress=again.append)
         assert any("already there (checksums match)" in m for m in again)
         assert not any("copying" in m for m in again)
     finally:
-        _cleanup_remote(records)
+        _forget_bundles(sshd)
 
 
 def test_unreachable_wrong_key_and_no_python(sshd, tiny_bundle):
-    device, d = sshd
+    device, d = sshd.device, sshd.keys
     closed = Device(device.host, port=free_port(), identity=device.identity, known_hosts=device.known_hosts)
     with pytest.raises(RemoteError, match=rf"127.0.0.1:{closed.port}: ssh failed: .*(refused|Connection)"):
         bench_remote(closed, tiny_bundle, BENCH)
@@ -66,7 +65,7 @@ def test_unreachable_wrong_key_and_no_python(sshd, tiny_bundle):
 
 
 def test_inventory_keeps_good_hosts_when_one_fails(sshd, tiny_bundle, tmp_path):
-    device, _ = sshd
+    device = sshd.device
     bad_port = free_port()
     inventory = tmp_path / "devices.toml"
     inventory.write_text(f"""
@@ -99,16 +98,16 @@ bundle = "{tiny_bundle}"
         assert f"error: {device.host}:{bad_port}: ssh failed" in proc.stderr
         assert len(records) == 1 and records[0]["remote"]["port"] == device.port
     finally:
-        _cleanup_remote(records)
+        _forget_bundles(sshd)
 
 
 def test_installed_code_on_the_device_is_verified_file_by_file(sshd, tiny_bundle):
     """The device's edge-slm is checked against the sha256 pip recorded from the wheel before every
     use; a changed file is repaired by reinstalling."""
-    device, _ = sshd
+    device = sshd.device
     records = bench_remote(device, tiny_bundle, BENCH)
     try:
-        venv = Path.home() / ".local/share/edge-slm/venv"
+        venv = sshd.home / VENV
         code = next(venv.glob("lib/python3*/site-packages/edge_slm/core/bundle.py"))
         original = code.read_bytes()
         code.write_bytes(original + b"\nraise SystemExit('tampered')\n")
@@ -117,11 +116,11 @@ def test_installed_code_on_the_device_is_verified_file_by_file(sshd, tiny_bundle
         assert code.read_bytes() == original
         assert any("installed edge-slm files differ from the wheel: reinstalling" in m for m in messages)
     finally:
-        _cleanup_remote(records)
+        _forget_bundles(sshd)
 
 
 def test_strict_host_keys_refuse_an_unknown_host(sshd, tiny_bundle, tmp_path):
-    device, _ = sshd
+    device = sshd.device
     strict = Device(
         device.host,
         port=device.port,

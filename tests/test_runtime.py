@@ -203,24 +203,37 @@ def test_chat_reuses_cache_and_matches_fresh_run(model):
         model.chat([{"role": "robot", "content": "hi"}])
 
 
-def test_eval_matches_torch_perplexity(model, hf, tiny_bundle):
+def test_eval_matches_torch_perplexity(model, hf, perturbed_llama, perturbed_bundle):
+    """Perplexity, and against a reference (the tiny model with perturbed weights) top-1 agreement,
+    mean KL and the reference's perplexity, all computed again with torch."""
+    from transformers import LlamaForCausalLM
+
     hf_model, _ = hf
+    reference_model = LlamaForCausalLM.from_pretrained(perturbed_llama).eval()
     text = "The capital of France is Paris. Small language models run on edge devices. " * 6
-    result = evaluate(model, text, reference=runtime.load(tiny_bundle, threads=1), window=64)
+    result = evaluate(model, text, reference=runtime.load(perturbed_bundle, threads=1), window=64)
     ids = model.encode(text)
-    nll, count = 0.0, 0
+    nll = ref_nll = kl = 0.0
+    count = agree = 0
     for start in range(0, len(ids), 64):
         chunk = ids[start : start + 64]
         if len(chunk) < 2:
             continue
         with torch.no_grad():
-            logits = hf_model(torch.tensor([chunk])).logits[0, :-1].double()
-        nll -= torch.log_softmax(logits, -1)[torch.arange(len(chunk) - 1), torch.tensor(chunk[1:])].sum().item()
+            logp = torch.log_softmax(hf_model(torch.tensor([chunk])).logits[0, :-1].double(), -1)
+            ref = torch.log_softmax(reference_model(torch.tensor([chunk])).logits[0, :-1].double(), -1)
+        rows, targets = torch.arange(len(chunk) - 1), torch.tensor(chunk[1:])
+        nll -= logp[rows, targets].sum().item()
+        ref_nll -= ref[rows, targets].sum().item()
+        agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+        kl += (ref.exp() * (ref - logp)).sum().item()
         count += len(chunk) - 1
     assert result["scored_tokens"] == count
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert result["top1_agreement"] == 1.0 and abs(result["mean_kl"]) < 1e-9
-    assert result["reference_perplexity"] == pytest.approx(result["perplexity"], rel=1e-12)
+    assert result["reference_perplexity"] == pytest.approx(math.exp(ref_nll / count), rel=1e-4)
+    assert 0.2 < agree / count < 0.98, agree / count  # the perturbation changes some top-1 tokens
+    assert abs(result["top1_agreement"] - agree / count) <= 1 / count  # one near-tie may go either way
+    assert result["mean_kl"] == pytest.approx(kl / count, rel=1e-3) and kl > 0
 
 
 def cli(*args, stdin=None):
@@ -249,12 +262,14 @@ def test_cli_chat_two_turns(tiny_bundle):
     assert "[conversation reset]" in proc.stderr
 
 
-def test_cli_eval(tiny_bundle, tmp_path):
+def test_cli_eval(tiny_bundle, perturbed_bundle, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("The capital of France is Paris. " * 10)
-    proc = cli("eval", str(tiny_bundle), "--text", str(text), "--reference", str(tiny_bundle), "--json")
+    proc = cli("eval", str(tiny_bundle), "--text", str(text), "--reference", str(perturbed_bundle), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["top1_agreement"] == 1.0
+    want = evaluate(runtime.load(tiny_bundle), text.read_text(), reference=runtime.load(perturbed_bundle))
+    got = json.loads(proc.stdout)
+    assert got["top1_agreement"] == want["top1_agreement"] < 1 and got["mean_kl"] == pytest.approx(want["mean_kl"])
 
 
 @pytest.mark.parametrize(

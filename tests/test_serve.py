@@ -292,13 +292,17 @@ def test_queue_overflow_is_429_at_once_and_a_disconnect_frees_the_model(tiny_bun
             for line in stream.iter_lines():
                 if line.startswith("data: {") and '"content"' in line:
                     break
+        want = _expected(model, [{"role": "user", "content": QUESTIONS[0]}], 5)
         started = time.monotonic()
         done = httpx.post(
             base + "/v1/chat/completions",
             timeout=60,
             json={"messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 5, "temperature": 0},
         )
-        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"] == want.text
+        assert done.json()["choices"][0]["finish_reason"] == (
+            "length" if want.stop_reason == "max_new_tokens" else "stop"
+        )
         assert time.monotonic() - started < 30
         metrics = httpx.get(base + "/metrics").text
         assert 'edge_slm_requests_total{route="chat",status="429"}' in metrics

@@ -480,6 +480,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.e2e  # dequantizes the real default model (into the session's cache)
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["user", "system", "multi-turn", "tool"])
 def test_chat_prompts_equal_transformers_on_the_default_model(messages):
     """The bundle's rendering and encoding give exactly the ids transformers' apply_chat_template

@@ -3,11 +3,11 @@ commands that run a bundle (generate, chat, eval)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import click
 
+from edge_slm.commands.extras import require_extra
 from edge_slm.core.errors import EdgeSlmError
 
 
@@ -17,14 +17,8 @@ def echo_err(message: str) -> None:
 
 
 def require_build_set(command: str) -> None:
-    """The build commands need torch, transformers and onnx; a device's runtime-only install says
-    which extra to add instead of failing inside an import."""
-    for module in ("torch", "transformers", "onnx", "optimum"):
-        if importlib.util.find_spec(module) is None:
-            raise EdgeSlmError(
-                f"edge-slm {command} needs the build set ({module} is not installed): "
-                "pip install 'edge-slm[build]' on a build host; a device needs only the runtime"
-            )
+    """The build commands need torch, transformers and onnx (the build extra)."""
+    require_extra("build", command)
 
 
 def sampling_options(func):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edge_slm.commands.extras import require_extra
+
 
 @click.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -18,6 +20,7 @@ import click
 )
 def report(results: tuple[Path, ...], out: Path) -> None:
     """Markdown and HTML reports with plots from benchmark records (JSONL)."""
+    require_extra("report", "report")
     from edge_slm.harness.report import write_report
 
     paths = write_report(list(results), out)

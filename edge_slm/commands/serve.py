@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from edge_slm.commands.extras import require_extra
 from edge_slm.commands.options import echo_err
-from edge_slm.core.errors import EdgeSlmError
 
 
 @click.command()
@@ -28,15 +28,11 @@ from edge_slm.core.errors import EdgeSlmError
 )
 def serve(bundle: Path, host: str, port: int, threads: int | None, context: int | None, max_queue: int) -> None:
     """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    try:
-        import uvicorn
+    require_extra("serve", "serve")
+    import uvicorn
 
-        from edge_slm.serve.app import create_app
-    except ImportError as exc:
-        raise EdgeSlmError(
-            f"edge-slm serve needs the serve extra ({exc.name} is missing): pip install 'edge-slm[serve]'"
-        ) from None
     from edge_slm.core.bundle import verify_bundle
+    from edge_slm.serve.app import create_app
 
     verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
     echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics)")

@@ -4,10 +4,10 @@ there, bring the records back.
     edge-slm bench BUNDLE --host user@device [--port 22] [--identity KEY] [--remote-python python3]
     edge-slm bench --inventory devices.toml        # several devices in parallel
 
-The bundle goes to `~/.cache/edge-slm/bundles/<manifest hash>/` on the device; files already
-there with the same sha256 are not copied again. The runtime (this package's torch-free code) goes
-beside it; onnxruntime, numpy, tokenizers, jinja2 and click are installed with pip only if the
-device's Python lacks them. Uses the system's `ssh` and `scp` (OpenSSH).
+The venv and the bundle copy are `edge-slm deploy`'s (harness/deploy.py): the wheel of this
+checkout in `~/.local/share/edge-slm/venv/` with onnxruntime pinned from the profile, the bundle
+under `~/.local/share/edge-slm/bundles/<manifest hash>/`, files already there with the same sha256
+not copied again. Uses the system's `ssh` and `scp` (OpenSSH).
 """
 
 from __future__ import annotations
