@@ -188,9 +188,7 @@ def encode_chat(tokenizer, template: str, messages: list[dict], special_ids: set
         i = bisect.bisect_right(starts, offset) - 1
         return i >= 0 and offset < ends[i]
 
-    injected = any(
-        token in special_ids and in_user_text(lo) for token, (lo, _) in zip(encoding.ids, encoding.offsets)
-    )
+    injected = any(token in special_ids and in_user_text(lo) for token, (lo, _) in zip(encoding.ids, encoding.offsets))
     if not injected:
         return list(encoding.ids)
     ids = []

@@ -2,9 +2,12 @@
 
 Generation runs in a worker thread (onnxruntime releases the GIL), text pieces are handed to the
 event loop as they come, and a request whose client has gone is cancelled between two tokens so
-the model is free for the next one. Requests beyond `max_queue` waiting are refused at once.
-Successive requests share the KV cache's longest common prefix (the same system prompt and
-earlier turns are not computed again); everything after it is the request's own.
+the model is free for the next one; so is one past its deadline. Requests beyond `max_queue`
+waiting are refused at once. Successive requests of the same client (the same API key) share the
+KV cache's longest common prefix (the same system prompt and earlier turns are not computed
+again); a request of another client starts from an empty cache, so neither its speed nor its
+`prompt_reused` tells it anything of another client's prompt (unless the server shares the cache
+across clients: `--share-prefix-cache`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ class QueueFull(EdgeSlmError):
     """More requests are waiting than the server was started to queue."""
 
 
-@dataclass
+class Cancelled(EdgeSlmError):
+    """The job was cancelled before it ran: its client left, its time ran out, or the server stops."""
+
+
+@dataclass(eq=False)  # compared (and hashed) by identity: `Engine.jobs` is a set
 class Job:
     prompt_ids: list[int]
     max_tokens: int
@@ -30,13 +37,18 @@ class Job:
     sampling: dict = field(default_factory=dict)
     result: Generation | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float = float("inf")  # time.monotonic() after which it stops (between two tokens)
+    owner: str = ""  # who sent it (a hash of its API key): the KV cache is reused only for its owner
 
 
 class Engine:
-    def __init__(self, model, max_queue: int, metrics=None):
+    def __init__(self, model, max_queue: int, metrics=None, share_prefix_cache: bool = False):
         self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self.share_prefix_cache = share_prefix_cache
         self._lock = asyncio.Lock()
         self.pending = 0  # the running request and those waiting for the model
+        self.jobs: set[Job] = set()  # running and waiting: what `cancel_all` stops
+        self._cache_owner: str | None = None  # whose prompt the KV cache holds
 
     def submit(self, job: Job) -> asyncio.Queue:
         """Queue `job` now or refuse it now; its pieces, then ("done", result) or ("error", exc),
@@ -44,38 +56,52 @@ class Engine:
         if self.pending > self.max_queue:  # one running plus max_queue waiting
             raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
         self.pending += 1
+        self.jobs.add(job)
         self._gauge()
         out: asyncio.Queue = asyncio.Queue()
         asyncio.get_running_loop().create_task(self._serve(job, out))
         return out
 
+    def cancel_all(self) -> None:
+        """Stop the running job between two tokens and every waiting one (the server is stopping)."""
+        for job in list(self.jobs):
+            job.cancelled.set()
+
     async def _serve(self, job: Job, out: asyncio.Queue) -> None:
         try:
             async with self._lock:
-                if job.cancelled.is_set():  # the client left while it waited
-                    out.put_nowait(("error", EdgeSlmError("cancelled")))
+                if job.cancelled.is_set() or time.monotonic() > job.deadline:  # it waited too long, or left
+                    out.put_nowait(("error", Cancelled("the request was cancelled or ran out of time while queued")))
                     return
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, self._run, job, loop, out)
         finally:
             self.pending -= 1
+            self.jobs.discard(job)
             self._gauge()
 
     def _run(self, job: Job, loop, out: asyncio.Queue) -> None:
         job.result = Generation(prompt_token_ids=job.prompt_ids)
         started = time.perf_counter()
+        reuse = self.share_prefix_cache or job.owner == self._cache_owner
+        self._cache_owner = job.owner
+        pieces = []
         try:
             for piece in self.model.stream(
                 job.prompt_ids,
                 max_new_tokens=job.max_tokens,
                 stop=job.stop,
-                keep_cache=True,
+                keep_cache=reuse,
                 result=job.result,
                 **job.sampling,
             ):
                 loop.call_soon_threadsafe(out.put_nowait, ("piece", piece))
-                if job.cancelled.is_set():
-                    job.result.stop_reason = "cancelled"
+                pieces.append(piece)
+                stop = (
+                    "cancelled" if job.cancelled.is_set() else "time_limit" if time.monotonic() > job.deadline else ""
+                )
+                if stop:  # the generator is left unfinished: the text so far is the answer
+                    job.result.stop_reason, job.result.text = stop, "".join(pieces)
                     break
         except Exception as exc:  # handed to the request's coroutine, which answers with it
             loop.call_soon_threadsafe(out.put_nowait, ("error", exc))
@@ -104,7 +130,7 @@ class EncoderEngine:
         self.pending += 1
         self._gauge()
         try:
-            async with self._lock:
+            async with self._lock:  # one batch on the model at a time
                 return await asyncio.get_running_loop().run_in_executor(None, call, *args)
         finally:
             self.pending -= 1
