@@ -53,7 +53,7 @@ from edge_slm.core.errors import EdgeSlmError
     type=click.FloatRange(min=0, min_open=True),
     default=5.0,
     show_default=True,
-    help="An idle connection is closed after this (uvicorn's timeout_keep_alive).",
+    help="A connection idle this long, or without a whole request head this long after opening, is closed.",
 )
 @click.option(
     "--share-prefix-cache",
@@ -80,7 +80,7 @@ def serve(
 
         from edge_slm.serve.app import create_app
         from edge_slm.serve.limits import Limits
-        from edge_slm.serve.server import Server, listen
+        from edge_slm.serve.server import Protocol, Server, listen
     except ImportError as exc:
         raise EdgeSlmError(
             f"edge-slm serve needs the serve extra ({exc.name} is missing): pip install 'edge-slm[serve]'"
@@ -102,6 +102,7 @@ def serve(
     config = uvicorn.Config(
         app,
         log_level="warning",
+        http=Protocol,
         timeout_keep_alive=keep_alive_seconds,
         limit_concurrency=max_connections,
         timeout_graceful_shutdown=3,  # then open connections are dropped: SIGTERM exits within 5 s

@@ -4,6 +4,7 @@ server-side caps on generation (tokens, seconds). docs/security.md lists them wi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ class Limits:
     max_body_bytes: int = 2 * 1024 * 1024  # 2,048 embedding inputs of ~1 kB fit; 200 MB bodies do not
     max_json_depth: int = 16  # OpenAI's bodies nest 4 deep (messages[i].content[j].text)
     max_messages: int = 512
+    body_seconds: float = 30.0  # a body sent a byte at a time holds a connection no longer than this
     max_text_chars: int = 65_536  # one message, prompt or input: ~16k tokens, past any bundle's context
     max_tokens: int | None = None  # None: the bundle's profile (runtime.serve_max_tokens)
     request_seconds: float | None = None  # None: the bundle's profile (runtime.serve_request_seconds)
@@ -58,13 +60,23 @@ async def read_json(request: Request, limits: Limits) -> dict:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise ApiError(413, _too_large(int(declared), limits), code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body without a length is counted as it comes
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise ApiError(413, _too_large(size, limits, at_least=True), code="request_too_large")
-        chunks.append(chunk)
-    return parse(b"".join(chunks), limits)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body without a length is counted as it comes
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise ApiError(413, _too_large(size, limits, at_least=True), code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:  # asyncio.wait_for, not asyncio.timeout: devices run Python 3.10
+        raw = await asyncio.wait_for(read(), limits.body_seconds)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408, f"the request body took over {limits.body_seconds:g} s to arrive", code="request_timeout"
+        ) from None
+    return parse(raw, limits)
 
 
 def _too_large(size: int, limits: Limits, at_least: bool = False) -> str:

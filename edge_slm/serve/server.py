@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_slm.core.errors import EdgeSlmError
 
@@ -37,3 +38,22 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.service.stop()
         super().handle_exit(sig, frame)
+
+
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which closes a connection that has not sent a whole request
+    head within `timeout_keep_alive` seconds of opening (uvicorn times out only idle connections
+    between two requests: a client that connects and stays silent, or sends its head a byte at a
+    time, would otherwise hold one of the `limit_concurrency` places for ever)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._no_request_yet)
+
+    def connection_lost(self, exc) -> None:
+        self._head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _no_request_yet(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
