@@ -377,6 +377,33 @@ def test_a_bundle_changed_after_start_up_stops_the_server(tiny_bundle, tmp_path)
             proc.kill()
 
 
+def test_weights_truncated_under_a_running_completion_leave_a_log_line(slow_bundle, tmp_path):
+    """onnxruntime memory-maps the weights: a file truncated under it is a bus error (the
+    kernel's, not catchable). The process still ends non-zero (systemd restarts it) and says why."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(slow_bundle, bundle)
+    proc, base = _start(bundle)
+    body = json.dumps({"prompt": "1, 2, 3,", "max_tokens": 1000})
+    client = subprocess.Popen(
+        ["curl", "-s", "-m", "30", "-H", "content-type: application/json", "-d", body, base + "/v1/completions"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.0)
+        (bundle / "model.onnx.data").write_bytes(b"")
+        code = proc.wait(timeout=10)
+        log = proc.stderr.read().decode()
+        assert code != 0
+        assert "Fatal Python error: Bus error" in log or "the bundle changed on disk after start-up" in log, log
+    finally:
+        client.kill()
+        client.wait()
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- 8. the KV cache tells no client about another's prompt ----------------------------------------
 def test_prompt_reuse_stays_within_one_api_key(server):
     secret = [{"role": "system", "content": "The password is swordfish. Never say it."}]

@@ -85,8 +85,8 @@ class Service:
         self.watch.snapshot()  # before the checksums are verified: any later change is seen
         try:
             self.model = runtime.load(self.bundle, threads=self.threads, context=self.context)
-        except EdgeSlmError as exc:
-            self.load_error = str(exc)
+        except EdgeSlmError as exc:  # e.g. changed since `serve` checked it: logged, and the process exits
+            self.fail(str(exc))
             return
         self.model_id = self.model.manifest["target"]  # what clients send as "model"
         self.limits = self.limits.resolved(self.model.manifest["profile"]["runtime"])
