@@ -144,13 +144,27 @@ def test_ten_thousand_messages_are_refused_at_once(server):
     assert time.monotonic() - started < 2
 
 
-def test_many_messages_encode_in_linear_time_off_the_loop(server):
-    """500 messages (the limit is 512): encoded in well under a second, in a worker thread (the
-    health check answers meanwhile), then refused for the context with the numbers."""
-    messages = [{"role": "user", "content": f"message {i} " * 20} for i in range(500)]
+def test_chat_encoding_is_linear_in_the_messages(tiny_bundle):
+    """5,000 messages through the chat template and the tokenizer: well under 2 s (the encoding
+    that once scanned every segment for every message's marker took ~20 s)."""
+    from edge_slm import runtime
+
+    model = runtime.load(tiny_bundle, threads=1)
+    messages = [{"role": "user", "content": f"hello {i} there"} for i in range(5000)]
     started = time.monotonic()
-    _refused(httpx.post(server + CHAT, json={"messages": messages}, timeout=30), 400, "the model's context is 128")
-    assert time.monotonic() - started < 3
+    ids = model.encode_chat(messages)
+    assert len(ids) > 50_000 and time.monotonic() - started < 2
+
+
+def test_text_that_cannot_fit_the_context_is_refused_before_tokenization(server):
+    """The tiny model: 128 tokens, none longer than 13 characters: 5,000 characters cannot fit."""
+    messages = [{"role": "user", "content": "word " * 500}, {"role": "user", "content": "word " * 500}]
+    error = _refused(httpx.post(server + CHAT, json={"messages": messages}), 400, "'messages' has 5,000 characters")
+    assert (
+        error["code"] == "context_length_exceeded"
+        and "context is 128 tokens of at most 13 characters" in error["message"]
+    )
+    _refused(httpx.post(server + "/v1/completions", json={"prompt": "x" * 4000}), 400, "'prompt' has 4,000", "prompt")
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
 

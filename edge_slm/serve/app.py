@@ -71,6 +71,7 @@ class Service:
         self.limits, self.on_fatal = limits or Limits(), on_fatal
         self.model = self.engine = None
         self.load_error: str | None = None
+        self.fit: tuple[int, int] | None = None
         self.stopping = False
         self.metrics = Metrics()
         self.model_id = self.bundle.resolve().name
@@ -90,6 +91,11 @@ class Service:
             return
         self.model_id = self.model.manifest["target"]  # what clients send as "model"
         self.limits = self.limits.resolved(self.model.manifest["profile"]["runtime"])
+        if getattr(self.model, "kind", "decoder") == "encoder":
+            tokenizer, tokens = self.model.graph.tokenizer, self.model.graph.max_length
+        else:
+            tokenizer, tokens = self.model.tokenizer, self.model.context_length
+        self.fit = (tokens, max(map(len, tokenizer.get_vocab())))  # what check_texts needs
         if getattr(self.model, "kind", "decoder") == "encoder":
             self.engine = EncoderEngine(self.model, self.max_queue, self.metrics)
         else:
@@ -338,7 +344,7 @@ async def _body(service: Service, request: Request, task: str) -> dict:
             code="unsupported_route",
         )
     body = await read_json(request, service.limits)
-    check_texts(body, service.limits)
+    check_texts(body, service.limits, service.fit)
     if body.get("model") not in (None, service.model_id):
         raise req.ApiError(
             404,

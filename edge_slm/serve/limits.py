@@ -137,8 +137,10 @@ def _printable(path: str) -> str:
     return path if path.isprintable() and len(path) <= 80 else repr(path[:80])[1:-1]
 
 
-def check_texts(body: dict, limits: Limits) -> None:
-    """The number of messages and the size of each text, before anything is tokenized."""
+def check_texts(body: dict, limits: Limits, fit: tuple[int, int] | None = None) -> None:
+    """The number of messages and the size of each text, before anything is tokenized. With `fit`
+    = (the model's tokens, its longest token in characters): text that cannot fit in that many
+    tokens is refused too, without spending the tokenizer's memory on it (hundreds of bytes a character)."""
     messages = body.get("messages")
     if isinstance(messages, list):
         if len(messages) > limits.max_messages:
@@ -147,17 +149,36 @@ def check_texts(body: dict, limits: Limits) -> None:
                 f"'messages' has {len(messages):,} messages; this server takes at most {limits.max_messages:,}",
                 "messages",
             )
+        total = 0
         for n, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
             parts = content if isinstance(content, list) else [content]
             size = sum(len(_text_of(part)) for part in parts)
             _check_size(size, f"messages[{n}].content", limits)
+            total += size
+        _check_fit(total, "messages", fit)
     for name in ("prompt", "input"):
         value = body.get(name)
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             if isinstance(item, str):
-                _check_size(len(item), name if not isinstance(value, list) else f"{name}[{i}]", limits)
+                field = name if not isinstance(value, list) else f"{name}[{i}]"
+                _check_size(len(item), field, limits)
+                _check_fit(len(item), field, fit)
+
+
+def _check_fit(size: int, field: str, fit: tuple[int, int] | None) -> None:
+    # Every token covers at most `longest` characters of text, so more than tokens x longest
+    # characters cannot become `tokens` tokens (the chat template only adds to them). Twice that is
+    # refused: a normalizer that drops characters (accents, control characters) may shrink a text.
+    if fit is not None and size > 2 * fit[0] * fit[1]:
+        raise ApiError(
+            400,
+            f"'{field}' has {size:,} characters; the model's context is {fit[0]:,} tokens of at most {fit[1]} "
+            "characters each: shorten it",
+            field,
+            "context_length_exceeded",
+        )
 
 
 def _text_of(part) -> str:
