@@ -90,8 +90,8 @@ async def client(kind: str, n: int, base: str, until: float, counts: dict, wrong
                                 break
                 elif kind == "abandon" and i % 2:
                     try:
-                        await http.post(base + CHAT, json={**question, "max_tokens": 10_000}, timeout=0.2)
-                        status = "answered"
+                        r = await http.post(base + CHAT, json={**question, "max_tokens": 10_000}, timeout=0.2)
+                        status = f"answered {r.status_code}"
                     except httpx.TimeoutException:
                         status = "hung up"
                 elif kind == "abandon":

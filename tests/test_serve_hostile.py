@@ -107,6 +107,39 @@ def test_abandoned_requests_free_the_model_at_once(slow_bundle):
         _stop(proc)
 
 
+def test_a_client_that_hangs_up_while_queued_frees_its_place_at_once(slow_bundle):
+    """One stream holds the model; five requests queued behind it are abandoned: two more requests
+    still find places in a queue of 2 (not 429), and are answered once the stream ends."""
+    import threading
+
+    proc, base = _start(slow_bundle, "--max-queue", "2")
+    try:
+        long = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 1000}
+        with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}, timeout=60) as held:
+            lines = held.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # the model is busy with it
+            for _ in range(5):
+                with pytest.raises(httpx.TimeoutException):
+                    httpx.post(base + "/v1/completions", json=long, timeout=0.3)
+            answers = []
+            short = {"prompt": "1, 2,", "temperature": 0, "max_tokens": 3}
+            threads = [
+                threading.Thread(
+                    target=lambda: answers.append(httpx.post(base + "/v1/completions", json=short, timeout=60))
+                )
+                for _ in range(2)
+            ]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.5)
+            assert _metric(base, "edge_slm_queue_depth") == 2
+        for thread in threads:  # leaving the stream cancels it
+            thread.join(timeout=30)
+        assert [a.status_code for a in answers] == [200, 200]
+    finally:
+        _stop(proc)
+
+
 def _metric(base: str, name: str) -> float:
     for line in httpx.get(base + "/metrics").text.splitlines():
         if line.startswith(name + " "):

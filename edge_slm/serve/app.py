@@ -260,7 +260,7 @@ async def completion(service: Service, request: Request, chat: bool):
     if sampling.stream:
         return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling), sep="\n")
     # As a stream's end does: a client that hangs up cancels its job, so the model moves on.
-    watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, job))
+    watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, service.engine, job))
     try:
         while True:
             kind, value = await queue.get()
@@ -270,7 +270,7 @@ async def completion(service: Service, request: Request, chat: bool):
                 break
     finally:
         watcher.cancel()
-        job.cancelled.set()  # a no-op once done; frees the model if this coroutine is cancelled
+        service.engine.cancel(job)  # a no-op once done; frees the model if this coroutine is cancelled
     result = job.result
     if result.stop_reason == "cancelled":
         return _error(service, route, _failure(service, Cancelled("cancelled")))
@@ -285,12 +285,12 @@ async def completion(service: Service, request: Request, chat: bool):
     return JSONResponse({**body, "choices": [choice], "usage": usage, "timings": _timings(result)})
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+async def _cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
     """Once the body is read, the next ASGI message is the client's hang-up (uvicorn sends it when
     the connection closes)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancelled.set()
+    engine.cancel(job)
 
 
 def _failure(service: Service, exc: Exception) -> req.ApiError:
@@ -459,4 +459,4 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
             }
         yield {"data": "[DONE]"}
     finally:
-        job.cancelled.set()  # the client left (or the stream ended): free the model
+        service.engine.cancel(job)  # the client left (or the stream ended): free the model

@@ -29,7 +29,7 @@ class Cancelled(EdgeSlmError):
     """The job was cancelled before it ran: its client left, its time ran out, or the server stops."""
 
 
-@dataclass(eq=False)  # compared (and hashed) by identity: `Engine.jobs` is a set
+@dataclass(eq=False)  # compared (and hashed) by identity: `Engine.jobs` is keyed by jobs
 class Job:
     prompt_ids: list[int]
     max_tokens: int
@@ -47,7 +47,9 @@ class Engine:
         self.share_prefix_cache = share_prefix_cache
         self._lock = asyncio.Lock()
         self.pending = 0  # the running request and those waiting for the model
-        self.jobs: set[Job] = set()  # running and waiting: what `cancel_all` stops
+        self.jobs: dict[Job, asyncio.Task] = {}  # running and waiting
+        self._running: Job | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._cache_owner: str | None = None  # whose prompt the KV cache holds
 
     def submit(self, job: Job) -> asyncio.Queue:
@@ -56,16 +58,29 @@ class Engine:
         if self.pending > self.max_queue:  # one running plus max_queue waiting
             raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
         self.pending += 1
-        self.jobs.add(job)
         self._gauge()
         out: asyncio.Queue = asyncio.Queue()
-        asyncio.get_running_loop().create_task(self._serve(job, out))
+        self._loop = asyncio.get_running_loop()
+        self.jobs[job] = self._loop.create_task(self._serve(job, out))
         return out
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`: between two tokens if it runs; at once if it waits, freeing its place in the
+        queue (a client that hangs up while queued does not keep others out). Safe from any thread
+        and from a signal handler."""
+        job.cancelled.set()
+        if self._loop is not None and job is not self._running:
+            self._loop.call_soon_threadsafe(self._drop_waiting, job)
 
     def cancel_all(self) -> None:
         """Stop the running job between two tokens and every waiting one (the server is stopping)."""
         for job in list(self.jobs):
-            job.cancelled.set()
+            self.cancel(job)
+
+    def _drop_waiting(self, job: Job) -> None:
+        task = self.jobs.get(job)
+        if task is not None and job is not self._running:  # never a job on the model: it would run on
+            task.cancel()
 
     async def _serve(self, job: Job, out: asyncio.Queue) -> None:
         try:
@@ -74,10 +89,16 @@ class Engine:
                     out.put_nowait(("error", Cancelled("the request was cancelled or ran out of time while queued")))
                     return
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, self._run, job, loop, out)
+                self._running = job  # no await since the check: a cancel now reaches the model loop
+                try:
+                    await loop.run_in_executor(None, self._run, job, loop, out)
+                finally:
+                    self._running = None
+        except asyncio.CancelledError:  # dropped while waiting (see `cancel`)
+            out.put_nowait(("error", Cancelled("the request was cancelled while queued")))
         finally:
             self.pending -= 1
-            self.jobs.discard(job)
+            self.jobs.pop(job, None)
             self._gauge()
 
     def _run(self, job: Job, loop, out: asyncio.Queue) -> None:
