@@ -93,13 +93,12 @@ class Service:
         self.limits = self.limits.resolved(self.model.manifest["profile"]["runtime"])
         if getattr(self.model, "kind", "decoder") == "encoder":
             tokenizer, tokens = self.model.graph.tokenizer, self.model.graph.max_length
+            engine = EncoderEngine(self.model, self.max_queue, self.metrics)
         else:
             tokenizer, tokens = self.model.tokenizer, self.model.context_length
+            engine = Engine(self.model, self.max_queue, self.metrics, self.limits.share_prefix_cache)
         self.fit = (tokens, max(map(len, tokenizer.get_vocab())))  # what check_texts needs
-        if getattr(self.model, "kind", "decoder") == "encoder":
-            self.engine = EncoderEngine(self.model, self.max_queue, self.metrics)
-        else:
-            self.engine = Engine(self.model, self.max_queue, self.metrics, self.limits.share_prefix_cache)
+        self.engine = engine  # last: requests are taken from here on
 
     async def on_text_worker(self, call, *args):
         return await asyncio.get_running_loop().run_in_executor(self.text_worker, call, *args)
