@@ -11,8 +11,8 @@ Each client loops over one kind of request until the time is up:
   chunk (streamed): the server must free the model at once;
 - large: a 1.5 MB body of 300 messages (taken, encoded, refused for the context), a 3 MB body
   (413), JSON nested 1,000 deep, a lone surrogate (400 each).
-Before and after: the server's RSS (from /proc) and the median latency of 5 probe requests (a
-12-token greedy chat reply) with the server otherwise idle. One JSON line is appended to --out:
+Before and after: the server's RSS (from /proc) and the latency of 10 probe requests (a 12-token
+greedy chat reply; median and fastest) with the server otherwise idle. One JSON line is appended to --out:
 the counts of every (kind, status), the connection errors, and the numbers before and after.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -51,14 +52,21 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def probe_ms(http: httpx.AsyncClient, base: str, reps: int = 5) -> float:
+async def probe(http: httpx.AsyncClient, base: str, pid: int, reps: int = 10) -> dict:
+    """The server idle: its RSS, and the latency of `reps` probe requests (median and fastest: on a
+    shared machine the fastest says more about the server), with the load average beside them."""
     times = []
     for _ in range(reps):
         started = time.perf_counter()
         response = await http.post(base + CHAT, json=PROBE)
         response.raise_for_status()
         times.append((time.perf_counter() - started) * 1e3)
-    return round(statistics.median(times), 1)
+    return {
+        "rss_mb": round(rss_mb(pid), 1),
+        "probe_ms_median": round(statistics.median(times), 1),
+        "probe_ms_min": round(min(times), 1),
+        "load_average_1m": os.getloadavg()[0],
+    }
 
 
 def hostile_bodies() -> list[tuple[bytes, int]]:
@@ -116,14 +124,14 @@ async def client(kind: str, n: int, base: str, until: float, counts: dict, wrong
 
 async def soak(base: str, pid: int, minutes: float, clients: int) -> dict:
     async with httpx.AsyncClient(timeout=120) as http:
-        await probe_ms(http, base, 2)  # warm-up
-        before = {"rss_mb": round(rss_mb(pid), 1), "probe_ms": await probe_ms(http, base)}
+        await probe(http, base, pid, 2)  # warm-up
+        before = await probe(http, base, pid)
         counts: dict[str, int] = {}
         wrong: list[str] = []
         until = time.monotonic() + minutes * 60
         await asyncio.gather(*(client(KINDS[n % len(KINDS)], n, base, until, counts, wrong) for n in range(clients)))
         await asyncio.sleep(1)  # abandoned generations end between two tokens
-        after = {"rss_mb": round(rss_mb(pid), 1), "probe_ms": await probe_ms(http, base)}
+        after = await probe(http, base, pid)
         health = (await http.get(base + "/health")).json()["status"]
         peak = next(
             float(line.split()[1])

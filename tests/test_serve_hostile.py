@@ -275,8 +275,13 @@ def test_large_embedding_inputs_are_refused_before_the_encoder(embedder_bundles)
 def test_deep_nesting_is_400(server):
     deep = b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
     _refused(httpx.post(server + CHAT, content=deep, headers={"content-type": "application/json"}), 400, "nests deeper")
-    nested = {"messages": [{"role": "user", "content": "hi"}], "metadata": {"a": [[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]}}
-    _refused(httpx.post(server + CHAT, json=nested), 400, "nests deeper than 16 levels")
+    value = "x"
+    for _ in range(62):
+        value = [value]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "metadata": {"a": value}}
+    assert httpx.post(server + CHAT, json=body).status_code == 200  # 64 levels: taken
+    body["metadata"]["a"] = [value]
+    _refused(httpx.post(server + CHAT, json=body), 400, "'metadata.a" + "[0]" * 62 + "' nests deeper than 64 levels")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from edge_slm.serve.requests import ApiError
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 2 * 1024 * 1024  # 2,048 embedding inputs of ~1 kB fit; 200 MB bodies do not
-    max_json_depth: int = 16  # OpenAI's bodies nest 4 deep (messages[i].content[j].text)
+    max_json_depth: int = 64  # chat bodies nest 4 deep; tool schemas (JSON Schema) deeper; 1,000 is an attack
     max_messages: int = 512
     body_seconds: float = 30.0  # a body sent a byte at a time holds a connection no longer than this
     max_text_chars: int = 65_536  # one message, prompt or input: ~16k tokens, past any bundle's context
@@ -107,7 +107,7 @@ def check_values(body: dict, limits: Limits) -> None:
     stack = [(body, "", 1)]
     while stack:
         value, path, depth = stack.pop()
-        if depth > limits.max_json_depth:
+        if depth > limits.max_json_depth and isinstance(value, (dict, list)):  # objects and arrays nest
             raise ApiError(400, f"'{path}' nests deeper than {limits.max_json_depth} levels", path or None)
         if isinstance(value, dict):
             for key, item in value.items():
