@@ -162,11 +162,18 @@ def test_max_tokens_and_time_are_capped_by_the_server(slow_bundle):
         _stop(proc)
 
 
-def test_the_profile_caps_max_tokens(tiny_bundle, server):
-    """The tiny profile (x86-laptop's) caps replies at 1,024 tokens; its context (128) is lower
-    still: a client's max_tokens of 10**9 is not an error and gets at most the room left."""
-    reply = httpx.post(server + "/v1/completions", json={"prompt": "The capital", "max_tokens": 10**9})
-    assert reply.status_code == 200 and reply.json()["usage"]["total_tokens"] <= 128
+def test_the_caps_come_from_the_flags_then_the_profile_then_the_defaults():
+    from edge_slm.core.targets import load_profile
+    from edge_slm.serve.limits import Limits
+
+    rpi4 = load_profile("rpi4").runtime
+    assert (Limits().resolved(rpi4).max_tokens, Limits().resolved(rpi4).request_seconds) == (256, 300.0)
+    flagged = Limits(max_tokens=9, request_seconds=2.5).resolved(rpi4)
+    assert (flagged.max_tokens, flagged.request_seconds) == (9, 2.5)
+    as_in_a_manifest = {"serve_max_tokens": 64, "serve_request_seconds": 30}
+    assert Limits().resolved(as_in_a_manifest).max_tokens == 64
+    older_bundle = {"threads": 2, "execution_providers": ["CPUExecutionProvider"]}  # built before the keys
+    assert (Limits().resolved(older_bundle).max_tokens, Limits().resolved(older_bundle).request_seconds) == (512, 120.0)
 
 
 # -- 2. no request freezes the event loop or exhausts memory ---------------------------------------
@@ -454,6 +461,27 @@ def test_weights_truncated_under_a_running_completion_leave_a_log_line(slow_bund
         client.wait()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_bundle_that_fails_to_load_is_logged_and_exits_1(tiny_bundle, tmp_path):
+    """`serve` checks sizes before it starts; the sha256s are checked as the model loads, in the
+    background: a bundle that fails there once stayed up with /health 500 and nothing logged."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    data = bundle / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[7] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    proc, base = _start(bundle, expect_healthy=False)
+    code = proc.wait(timeout=30)
+    lines = [line for line in proc.stderr.read().decode().splitlines() if not line.startswith("serving")]
+    assert (
+        code == 1
+        and len(lines) == 1
+        and lines[0].endswith("model.onnx.data: checksum mismatch (the file is corrupt): copy it again or rebuild")
+    ), lines
 
 
 # -- 8. the KV cache tells no client about another's prompt ----------------------------------------
