@@ -240,6 +240,40 @@ def test_a_message_over_the_text_limit_is_400_naming_it(server):
     )
 
 
+def test_a_body_sent_a_byte_at_a_time_is_408(tiny_bundle):
+    """The body's time limit (30 s by default; 1 s here, on a uvicorn server in this process)."""
+    import threading
+
+    import uvicorn
+
+    from edge_slm.serve.app import create_app
+    from edge_slm.serve.limits import Limits
+    from edge_slm.serve.server import Server, listen
+
+    app = create_app(tiny_bundle, threads=1, load_in_background=False, limits=Limits(body_seconds=1.0))
+    listener = listen("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    server = Server(uvicorn.Config(app, log_level="warning"), app.state.service)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode()
+            )
+            started = time.monotonic()
+            sock.sendall(b'{"mess')  # and nothing more
+            reply = _read_http(sock)
+        assert reply.startswith(b"HTTP/1.1 408") and 1 <= time.monotonic() - started < 3, reply[:100]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def _read_http(sock) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
