@@ -1,8 +1,11 @@
-"""`edge-slm serve BUNDLE [--host 127.0.0.1] [--port 8080] [--threads N] [--max-queue N]`: an
-OpenAI-compatible HTTP server on the device (the `serve` extra: Starlette, uvicorn, sse-starlette)."""
+"""`edge-slm serve BUNDLE [--host 127.0.0.1] [--port 8080] [--threads N] [--max-queue N] ...`: an
+OpenAI-compatible HTTP server on the device (the `serve` extra: Starlette, uvicorn, sse-starlette).
+Its limits on clients (docs/security.md) are flags here or the bundle's profile."""
 
 from __future__ import annotations
 
+import faulthandler
+import sys
 from pathlib import Path
 
 import click
@@ -26,14 +29,82 @@ from edge_slm.commands.options import echo_err
     show_default=True,
     help="Requests that may wait; more get 429.",
 )
-def serve(bundle: Path, host: str, port: int, threads: int | None, context: int | None, max_queue: int) -> None:
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most tokens one reply may have, whatever the client asks [profile runtime.serve_max_tokens].",
+)
+@click.option(
+    "--request-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="A request still running after this is stopped [profile runtime.serve_request_seconds].",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Open connections at once; more get 503 (uvicorn's limit_concurrency).",
+)
+@click.option(
+    "--keep-alive-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="A connection idle this long, or without a whole request head this long after opening, is closed.",
+)
+@click.option(
+    "--share-prefix-cache",
+    is_flag=True,
+    help="Reuse (and report in timings.prompt_reused) the KV cache across clients with different API keys: "
+    "one tenant only (docs/security.md).",
+)
+def serve(
+    bundle: Path,
+    host: str,
+    port: int,
+    threads: int | None,
+    context: int | None,
+    max_queue: int,
+    max_tokens: int | None,
+    request_seconds: float | None,
+    max_connections: int,
+    keep_alive_seconds: float,
+    share_prefix_cache: bool,
+) -> None:
     """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     require_extra("serve", "serve")
     import uvicorn
 
     from edge_slm.core.bundle import verify_bundle
     from edge_slm.serve.app import create_app
+    from edge_slm.serve.limits import Limits
+    from edge_slm.serve.server import Protocol, Server, listen
 
     verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
+    listener = listen(host, port)  # a busy port fails here, before "serving" is printed
+    # A bus error (a weight file truncated under onnxruntime's memory map) leaves a traceback in the log.
+    faulthandler.enable()
+    fatal: list[str] = []
+    limits = Limits(max_tokens=max_tokens, request_seconds=request_seconds, share_prefix_cache=share_prefix_cache)
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        server.should_exit = True
+
+    app = create_app(bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        http=Protocol,
+        timeout_keep_alive=keep_alive_seconds,
+        limit_concurrency=max_connections,
+        timeout_graceful_shutdown=3,  # then open connections are dropped: SIGTERM exits within 5 s
+    )
+    server = Server(config, app.state.service)
     echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics)")
-    uvicorn.run(create_app(bundle, threads, max_queue, context=context), host=host, port=port, log_level="warning")
+    server.run(sockets=[listener])
+    if fatal:
+        sys.exit(1)  # the line is logged; systemd's Restart=on-failure starts a fresh server

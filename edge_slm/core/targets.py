@@ -47,6 +47,10 @@ class Runtime:
     threads: int
     onnxruntime_versions: tuple[str, ...] = ()
     tensorrt: TensorRT | None = None
+    # `edge-slm serve`'s bounds on one request (its flags override them): a client that asks for
+    # more tokens gets at most this many, and a request is stopped after this many seconds.
+    serve_max_tokens: int = 512
+    serve_request_seconds: float = 120.0
 
     @property
     def oldest_onnxruntime(self) -> str | None:
@@ -273,6 +277,10 @@ def _convert(tp, value, where: str, key: str):
 
 
 def _check_values(profile: Profile, where: str) -> None:
+    if profile.runtime.serve_max_tokens < 1 or not profile.runtime.serve_request_seconds > 0:
+        raise ProfileError(
+            f"{where}: 'runtime.serve_max_tokens' must be at least 1 and 'runtime.serve_request_seconds' above 0"
+        )
     if profile.runtime.threads < 1:
         raise ProfileError(f"{where}: 'runtime.threads' is {profile.runtime.threads}; it must be at least 1")
     if profile.export.context_length < 16:

@@ -10,7 +10,9 @@ message is encoded as plain text, never as the control tokens it spells.
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 import time
 from datetime import datetime
 
@@ -151,6 +153,9 @@ def _sentinel(n: int) -> str:
     return f"\ue000edge-slm-message-{n}\ue001"
 
 
+_SENTINEL = re.compile("\ue000edge-slm-message-[0-9]+\ue001")
+
+
 def encode_chat(tokenizer, template: str, messages: list[dict], special_ids: set[int], **variables) -> list[int]:
     """Token ids of the rendered conversation in which only the template's structure can yield
     control tokens. The whole text is encoded at once (so ids equal transformers' for ordinary
@@ -170,19 +175,23 @@ def encode_chat(tokenizer, template: str, messages: list[dict], special_ids: set
         segments += [(skeleton[at:where], False), (message["content"], True)]
         at = where + len(mark)
     segments.append((skeleton[at:], False))
-    if any(_sentinel(n) in text for text, _ in segments for n in range(len(messages))):
+    # One scan for any marker left over (linear in the text, whatever the number of messages).
+    if any(_SENTINEL.search(text) for text, is_user in segments if not is_user):
         raise TemplateError("the chat template repeats or reorders message contents in a way edge-slm cannot follow")
     text = "".join(t for t, _ in segments)
     encoding = tokenizer.encode(text, add_special_tokens=False)
-    spans, start = [], 0
+    starts, ends, start = [], [], 0  # the user texts' spans, in order and disjoint
     for piece, is_user in segments:
         if is_user:
-            spans.append((start, start + len(piece)))
+            starts.append(start)
+            ends.append(start + len(piece))
         start += len(piece)
-    injected = any(
-        token in special_ids and any(a <= lo < b for a, b in spans)
-        for token, (lo, _) in zip(encoding.ids, encoding.offsets)
-    )
+
+    def in_user_text(offset: int) -> bool:  # a binary search: linear overall in the tokens
+        i = bisect.bisect_right(starts, offset) - 1
+        return i >= 0 and offset < ends[i]
+
+    injected = any(token in special_ids and in_user_text(lo) for token, (lo, _) in zip(encoding.ids, encoding.offsets))
     if not injected:
         return list(encoding.ids)
     ids = []

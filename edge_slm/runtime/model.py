@@ -30,7 +30,14 @@ log = logging.getLogger("edge_slm.runtime")
 
 
 # How each way of ending maps onto OpenAI's finish_reason.
-FINISH_REASON = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
+# A server stops a generation at its time limit: like a length cut, the reply is incomplete.
+FINISH_REASON = {
+    "eos": "stop",
+    "stop_string": "stop",
+    "max_new_tokens": "length",
+    "context_full": "length",
+    "time_limit": "length",
+}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@
 
 Errors come in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) with the right
 status: 400 for a bad body, a prompt longer than the context or a route the bundle cannot serve,
-404 for an unknown model, 429 when the queue is full.
+404 for an unknown model or route, 405 for a wrong method, 413 for a body over the limit, 415 for
+a body that is not application/json, 429 when the queue is full, 503 while loading or stopping.
+Every body is checked against `Limits` (limits.py) before anything is tokenized; tokenization and
+the chat template run in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,47 +21,106 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.serve import requests as req
-from edge_slm.serve.engine import EncoderEngine, Engine, Job, QueueFull
+from edge_slm.serve.engine import Cancelled, EncoderEngine, Engine, Job, QueueFull
+from edge_slm.serve.limits import Limits, check_texts, read_json
 from edge_slm.serve.metrics import Metrics
+from edge_slm.serve.watch import BundleWatch
+
+log = logging.getLogger("edge_slm.serve")
 
 
 class Service:
     """The loaded model (once it is), its engine, and what the routes need to answer."""
 
-    def __init__(self, bundle: Path, threads: int | None, max_queue: int, context: int | None = None):
+    def __init__(
+        self,
+        bundle: Path,
+        threads: int | None,
+        max_queue: int,
+        context: int | None = None,
+        limits: Limits | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
         self.bundle, self.threads, self.max_queue, self.context = Path(bundle), threads, max_queue, context
+        self.limits, self.on_fatal = limits or Limits(), on_fatal
         self.model = self.engine = None
         self.load_error: str | None = None
+        self.fit: tuple[int, int] | None = None
+        self.stopping = False
         self.metrics = Metrics()
         self.model_id = self.bundle.resolve().name
+        self.watch = BundleWatch(self.bundle)
+        # Tokenization and chat templates, off the event loop; one at a time (the tokenizer's
+        # special-token switch is per tokenizer, not per call).
+        self.text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-slm-text")
 
     def load(self) -> None:
         from edge_slm import runtime
 
+        self.watch.snapshot()  # before the checksums are verified: any later change is seen
         try:
             self.model = runtime.load(self.bundle, threads=self.threads, context=self.context)
-        except EdgeSlmError as exc:
-            self.load_error = str(exc)
+        except EdgeSlmError as exc:  # e.g. changed since `serve` checked it: logged, and the process exits
+            self.fail(str(exc))
             return
         self.model_id = self.model.manifest["target"]  # what clients send as "model"
+        self.limits = self.limits.resolved(self.model.manifest["profile"]["runtime"])
         if getattr(self.model, "kind", "decoder") == "encoder":
-            self.engine = EncoderEngine(self.model, self.max_queue, self.metrics)
+            tokenizer, tokens = self.model.graph.tokenizer, self.model.graph.max_length
+            engine = EncoderEngine(self.model, self.max_queue, self.metrics)
         else:
-            self.engine = Engine(self.model, self.max_queue, self.metrics)
+            tokenizer, tokens = self.model.tokenizer, self.model.context_length
+            engine = Engine(self.model, self.max_queue, self.metrics, self.limits.share_prefix_cache)
+        self.fit = (tokens, max(map(len, tokenizer.get_vocab())))  # what check_texts needs
+        self.engine = engine  # last: requests are taken from here on
+
+    async def on_text_worker(self, call, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.text_worker, call, *args)
+
+    def stop(self) -> None:
+        """The server is stopping (SIGTERM): cancel the running and the waiting jobs, refuse new ones."""
+        self.stopping = True
+        if isinstance(self.engine, Engine):
+            self.engine.cancel_all()
+
+    def fail(self, message: str) -> None:
+        """The bundle no longer passes its checks: one line logged, jobs cancelled, /health 500, and
+        the process told to exit non-zero (so that systemd restarts it on a bundle that loads)."""
+        log.error("%s", message)
+        self.load_error = message
+        self.stop()
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    async def watch_bundle(self, every: float) -> None:
+        """A stat of the bundle's files every `every` seconds; a change re-verifies every sha256."""
+        while self.load_error is None:
+            await asyncio.sleep(every)
+            if self.model is None or not self.watch.changed():
+                continue
+            problem = await self.on_text_worker(self.watch.verify)
+            if problem:
+                self.fail(f"the bundle changed on disk after start-up and fails its checks: {problem}")
+                return
 
     @property
     def serves(self) -> str:
@@ -72,8 +134,11 @@ def create_app(
     max_queue: int = 8,
     load_in_background: bool = True,
     context: int | None = None,
+    limits: Limits | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    watch_seconds: float = 2.0,
 ):
-    service = Service(bundle, threads, max_queue, context)
+    service = Service(bundle, threads, max_queue, context, limits, on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -81,7 +146,11 @@ def create_app(
             threading.Thread(target=service.load, daemon=True).start()
         else:
             service.load()
+        watcher = asyncio.get_running_loop().create_task(service.watch_bundle(watch_seconds))
         yield
+        watcher.cancel()
+        service.stop()
+        service.text_worker.shutdown(wait=False, cancel_futures=True)
 
     async def health_route(request: Request) -> JSONResponse:
         return await health(service)
@@ -113,9 +182,31 @@ def create_app(
         Route("/v1/chat/completions", chat_route, methods=["POST"]),
         Route("/v1/completions", completions_route, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
     app.state.service = service
     return app
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (unknown route, wrong method) in OpenAI's shape."""
+    if exc.status_code == 404:
+        message = f"there is no route {request.url.path!r}: see GET /v1/models, POST /v1/chat/completions"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"
+    else:
+        message = str(exc.detail)
+    code = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(req.ApiError(exc.status_code, message, code=code).body(), exc.status_code, exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return JSONResponse(req.ApiError(500, f"internal error: {type(exc).__name__}").body(), 500)
 
 
 async def health(service: Service) -> JSONResponse:
@@ -160,13 +251,21 @@ async def completion(service: Service, request: Request, chat: bool):
     created = int(time.time())
     if sampling.stream:
         return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling), sep="\n")
-    while True:
-        kind, value = await queue.get()
-        if kind == "error":
-            return _error(service, route, req.ApiError(500, f"generation failed: {value}"))
-        if kind == "done":
-            break
+    # As a stream's end does: a client that hangs up cancels its job, so the model moves on.
+    watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, service.engine, job))
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "error":
+                return _error(service, route, _failure(service, value))
+            if kind == "done":
+                break
+    finally:
+        watcher.cancel()
+        service.engine.cancel(job)  # a no-op once done; frees the model if this coroutine is cancelled
     result = job.result
+    if result.stop_reason == "cancelled":
+        return _error(service, route, _failure(service, Cancelled("cancelled")))
     finish = result.finish_reason
     usage = _usage(result)
     if chat:
@@ -176,6 +275,22 @@ async def completion(service: Service, request: Request, chat: bool):
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
         body = {"id": ident, "object": "text_completion", "created": created, "model": service.model_id}
     return JSONResponse({**body, "choices": [choice], "usage": usage, "timings": _timings(result)})
+
+
+async def _cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
+    """Once the body is read, the next ASGI message is the client's hang-up (uvicorn sends it when
+    the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    engine.cancel(job)
+
+
+def _failure(service: Service, exc: Exception) -> req.ApiError:
+    if isinstance(exc, Cancelled) and service.stopping:
+        return req.ApiError(503, "the server is stopping; retry with another instance", code="server_stopping")
+    if isinstance(exc, Cancelled):
+        return req.ApiError(503, "the request ran out of time waiting for the model; retry later", code="timeout")
+    return req.ApiError(500, f"generation failed: {exc}")
 
 
 def _timings(result) -> dict:
@@ -203,8 +318,16 @@ ROUTE_OF = {
 
 async def _body(service: Service, request: Request, task: str) -> dict:
     """The request's JSON object, once the model is loaded, named right and able to do `task`."""
-    if service.engine is None:
-        raise req.ApiError(503, service.load_error or "the model is still loading: retry when /health says ok")
+    if service.engine is None or service.load_error or service.stopping:
+        raise req.ApiError(
+            503,
+            service.load_error
+            or (
+                "the server is stopping"
+                if service.stopping
+                else "the model is still loading: retry when /health says ok"
+            ),
+        )
     if service.serves != task:
         raise req.ApiError(
             400,
@@ -212,12 +335,8 @@ async def _body(service: Service, request: Request, task: str) -> dict:
             f"use {ROUTE_OF[service.serves]} (or serve a {task} bundle)",
             code="unsupported_route",
         )
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise req.ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise req.ApiError(400, "the request body must be a JSON object")
+    body = await read_json(request, service.limits)
+    check_texts(body, service.limits, service.fit)
     if body.get("model") not in (None, service.model_id):
         raise req.ApiError(
             404,
@@ -236,7 +355,7 @@ async def encode(service: Service, request: Request, task: str) -> JSONResponse:
         texts = req.inputs(body)
         form = req.encoding_format(body) if task == "embedding" else "float"
         model = service.model
-        tokens = sum(model.graph.token_counts(texts))
+        tokens = sum(await service.on_text_worker(model.graph.token_counts, texts))
         call = model.embed if task == "embedding" else model.classify
         started = time.perf_counter()
         try:
@@ -268,7 +387,10 @@ async def _job(service: Service, request: Request, chat: bool):
     sampling = req.sampling(body)
     model = service.model
     try:
-        ids = model.encode_chat(req.messages(body)) if chat else model.encode(req.prompt(body))
+        if chat:
+            ids = await service.on_text_worker(model.encode_chat, req.messages(body))
+        else:
+            ids = await service.on_text_worker(model.encode, req.prompt(body))
     except EdgeSlmError as exc:
         raise req.ApiError(400, str(exc), "messages" if chat else "prompt") from None
     room = model.context_length - len(ids)
@@ -279,9 +401,17 @@ async def _job(service: Service, request: Request, chat: bool):
             "messages" if chat else "prompt",
             "context_length_exceeded",
         )
-    max_tokens = min(sampling.max_tokens or room, room)
+    limits = service.limits
+    max_tokens = min(sampling.max_tokens or room, room, limits.max_tokens)
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
-    return Job(ids, max_tokens, sampling.stop, params), sampling
+    deadline = time.monotonic() + limits.request_seconds
+    job = Job(ids, max_tokens, sampling.stop, params, deadline=deadline, owner=_client(request))
+    return job, sampling
+
+
+def _client(request: Request) -> str:
+    """Who sent the request, for the KV cache's reuse: its API key (hashed: never kept), or no key."""
+    return hashlib.sha256(request.headers.get("authorization", "").encode("utf-8", "replace")).hexdigest()
 
 
 async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling):
@@ -322,4 +452,4 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
             }
         yield {"data": "[DONE]"}
     finally:
-        job.cancelled.set()  # the client left (or the stream ended): free the model
+        service.engine.cancel(job)  # the client left (or the stream ended): free the model

@@ -14,11 +14,17 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+        kind = (
+            "rate_limit_error"
+            if self.status == 429
+            else "invalid_request_error"
+            if self.status < 500
+            else "server_error"
+        )
         return {
             "error": {
                 "message": self.message,
-                "type": kind.get(self.status, "server_error"),
+                "type": kind,
                 "param": self.param,
                 "code": self.code,
             }
