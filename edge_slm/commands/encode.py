@@ -12,6 +12,7 @@ import click
 from edge_slm.commands.options import echo_err, open_bundle
 from edge_slm.core.atomic import atomic_file
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import EncoderManifest
 
 
 def _texts(texts: tuple[str, ...], file: Path | None) -> list[str]:
@@ -50,7 +51,7 @@ def _common(command):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per text with every label's probability.")
 def classify(bundle, texts, file, batch_size, no_truncate, threads, as_json) -> None:
     """The intent (label) of each text, with its probability."""
-    model = open_bundle(bundle, threads, need="encoder", task="classification")
+    model = open_bundle(bundle, threads, need=EncoderManifest, task="classification")
     items = _texts(texts, file)
     for text, result in zip(items, model.classify(items, batch_size, truncate=not no_truncate)):
         if as_json:
@@ -68,7 +69,7 @@ def embed(bundle, texts, file, batch_size, no_truncate, threads, out) -> None:
 
     if out is not None:
         _check_vectors_path(out)
-    model = open_bundle(bundle, threads, need="encoder", task="embedding")
+    model = open_bundle(bundle, threads, need=EncoderManifest, task="embedding")
     items = _texts(texts, file)
     vectors = model.embed(items, batch_size, truncate=not no_truncate)
     if out is None:

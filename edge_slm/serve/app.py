@@ -31,10 +31,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest
 from edge_slm.serve import requests as req
 from edge_slm.serve.engine import EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.metrics import Metrics
 
+# The bundle's manifest type -> the engine that queues its requests; a new family adds its entry.
+ENGINES = {DecoderManifest: Engine, EncoderManifest: EncoderEngine}
 FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
 
 
@@ -56,16 +59,13 @@ class Service:
         except EdgeSlmError as exc:
             self.load_error = str(exc)
             return
-        self.model_id = self.model.manifest["target"]  # what clients send as "model"
-        if getattr(self.model, "kind", "decoder") == "encoder":
-            self.engine = EncoderEngine(self.model, self.max_queue, self.metrics)
-        else:
-            self.engine = Engine(self.model, self.max_queue, self.metrics)
+        self.model_id = self.model.manifest.target  # what clients send as "model"
+        self.engine = ENGINES[type(self.model.manifest)](self.model, self.max_queue, self.metrics)
 
     @property
     def serves(self) -> str:
         """What the loaded bundle does: "generation", "embedding" or "classification"."""
-        return getattr(self.model, "task", "generation")
+        return self.model.manifest.task
 
 
 def create_app(
@@ -129,16 +129,16 @@ async def health(service: Service) -> JSONResponse:
 
 
 async def models(service: Service) -> JSONResponse:
-    manifest = service.model.manifest if service.model else {}
+    manifest = service.model.manifest if service.model else None
     entry = {
         "id": service.model_id,
         "object": "model",
         "created": int(service.bundle.stat().st_mtime),
         "owned_by": "edge-slm",
-        "target": manifest.get("target"),
-        "precision": manifest.get("precision"),
-        "family": manifest.get("family", "decoder"),
-        "task": service.serves if service.model else None,
+        "target": manifest.target if manifest else None,
+        "precision": manifest.precision if manifest else None,
+        "family": manifest.family if manifest else None,
+        "task": manifest.task if manifest else None,
     }
     return JSONResponse({"object": "list", "data": [entry]})
 
