@@ -53,14 +53,13 @@ def build(
     for option, path in (("--calibration", calibration), ("--eval-data", eval_data)):
         if path is not None and not path.is_file():
             raise EdgeSlmError(f"{option} {path}: no such file")
-    from edge_slm.core.bundle import MANIFEST, check_output_dir
-    from edge_slm.core.manifest_schema import parse_manifest
+    from edge_slm.core.bundle import check_output_dir, read_manifest
 
     out = out or Path("export") / profile.name
     check_output_dir(out, source=Path(model) if model and Path(model).exists() else None)
     from edge_slm.builder.pipeline import build as run_build
 
-    written = run_build(
+    run_build(
         model,
         profile,
         out,
@@ -70,7 +69,7 @@ def build(
         calibration=calibration,
         eval_data=eval_data,
     )
-    manifest = parse_manifest(written, str(out / MANIFEST))  # what a device will read
+    manifest = read_manifest(out)  # as a device will read it
     checked = "validated against torch" + (", accuracy gate passed" if manifest.accuracy_passed else "")
     click.echo(f"bundle ready: {out}  ({manifest.precision}, {manifest.size_bytes / 1e6:.0f} MB, {checked})")
     click.echo(f"inspect it:   edge-slm inspect {out}")
