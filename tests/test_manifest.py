@@ -205,6 +205,19 @@ def test_every_family_has_its_rules_runtime_engine_and_smoke_test():
     assert {cls.family for cls in types} == set(MANIFEST_TYPES)
 
 
+def test_the_build_summary_names_the_command_of_the_family():
+    from edge_slm.commands.build import RUN_IT
+
+    classifier = parse_manifest(copy.deepcopy(ENCODER), "m")
+    embedder = copy.deepcopy(ENCODER)
+    embedder["model"].update(task="embedding", output_dim=384, normalize=True, pooling="mean")
+    embedder = parse_manifest(embedder, "m")
+    decoder = parse_manifest(copy.deepcopy(DECODER), "m")
+    assert RUN_IT[type(classifier)](classifier, "b") == 'edge-slm classify b "turn off the kitchen lights"'
+    assert RUN_IT[type(embedder)](embedder, "b") == 'edge-slm embed b "turn off the kitchen lights"'
+    assert RUN_IT[type(decoder)](decoder, "b") == 'edge-slm generate b "What is the capital of France?" --chat'
+
+
 def test_bundles_built_by_the_fixtures_load_as_their_family(tiny_bundle, classifier_bundle):
     from edge_slm import runtime
     from edge_slm.core.bundle import read_manifest
