@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, Manifest
 
 
 def echo_err(message: str) -> None:
@@ -44,15 +45,14 @@ def sampling_options(func):
     return func
 
 
-def open_bundle(bundle: Path, threads: int | None, need: type | None = None, task: str | None = None):
-    """The loaded bundle, refused in one line when its manifest is not of the family the command
-    works with (`need`: a manifest type, `DecoderManifest` by default) or not the encoder task."""
+def open_bundle(bundle: Path, threads: int | None, need: type[Manifest] = DecoderManifest, task: str | None = None):
+    """The loaded bundle, refused in one line (naming the bundle's own family) when its manifest
+    is not of the type the command works with, or not the encoder task it needs."""
     from edge_slm import runtime
-    from edge_slm.core.manifest import DecoderManifest
 
     model = runtime.load(bundle, threads=threads)
     manifest = model.manifest
-    if not isinstance(manifest, need or DecoderManifest):
+    if not isinstance(manifest, need):
         raise EdgeSlmError(f"{bundle} is {manifest.article} bundle: {manifest.used_with}")
     if task and model.task != task:
         other = "classify" if model.task == "classification" else "embed"

@@ -187,6 +187,20 @@ class GraphSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """What every family's model section says; each family's subclass adds its shape."""
+
+    architecture: str
+    parameters: int
+    recorded: Mapping = _recorded()  # model_type, intermediate_size, ...: what the type does not name
+
+    @classmethod
+    def of(cls, raw: dict) -> ModelSection:
+        named = [f for f in cls.__dataclass_fields__ if f != "recorded"]
+        return cls(**{k: raw[k] for k in named}, recorded=_frozen(raw))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """What every bundle's manifest says, whatever its family."""
 
@@ -208,6 +222,8 @@ class Manifest:
     accuracy: Mapping
     pruning: Mapping
     versions: Mapping
+    model: ModelSection  # each family's subclass narrows these two
+    graph: GraphSection
     raw: dict = field(repr=False)  # the JSON as read: `inspect --json`, equality of two reads
 
     @property
@@ -248,10 +264,8 @@ class Manifest:
 # -- decoder -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DecoderModel:
-    architecture: str
-    parameters: int
+@dataclass(frozen=True, kw_only=True)
+class DecoderModel(ModelSection):
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -259,12 +273,6 @@ class DecoderModel:
     head_dim: int
     vocab_size: int
     context_length: int
-    recorded: Mapping = _recorded()  # model_type, intermediate_size, ...
-
-    @classmethod
-    def of(cls, raw: dict) -> DecoderModel:
-        names = [f for f in cls.__dataclass_fields__ if f != "recorded"]
-        return cls(**{k: raw[k] for k in names}, recorded=_frozen(raw))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,10 +318,8 @@ class DecoderManifest(Manifest):
 # -- encoder -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EncoderModel:
-    architecture: str
-    parameters: int
+@dataclass(frozen=True, kw_only=True)
+class EncoderModel(ModelSection):
     task: str  # classification or embedding
     normalize: bool
     pooling: str
@@ -324,12 +330,10 @@ class EncoderModel:
     vocab_size: int
     max_sequence_length: int
     output_dim: int
-    recorded: Mapping = _recorded()  # model_type, ...
 
     @classmethod
     def of(cls, raw: dict) -> EncoderModel:
-        names = [f for f in cls.__dataclass_fields__ if f not in ("recorded", "labels")]
-        return cls(**{k: raw[k] for k in names}, labels=tuple(raw.get("labels") or ()), recorded=_frozen(raw))
+        return super().of({**raw, "labels": tuple(raw.get("labels") or ())})
 
 
 @dataclass(frozen=True, kw_only=True)
