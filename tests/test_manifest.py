@@ -6,6 +6,8 @@ import hashlib
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_slm.core.errors import BundleError
 from edge_slm.core.manifest import (
@@ -229,3 +231,53 @@ def test_bundles_built_by_the_fixtures_load_as_their_family(tiny_bundle, classif
     assert classifier.manifest.task == "classification" and classifier.labels == ["lights", "music"]
     assert len(decoder.generate("The capital of France is", max_new_tokens=3, temperature=0.0).token_ids) == 3
     assert classifier.classify(["turn off the lights"])[0].label in ("lights", "music")
+
+
+_PATHS = [
+    (),
+    ("model",),
+    ("graph",),
+    ("graph", "kv_cache"),
+    ("profile",),
+    ("profile", "runtime"),
+    ("profile", "device"),
+    ("profile", "budget"),
+    ("profile", "budget", "int8"),
+    ("profile", "encoder"),
+    ("source",),
+    ("tokenizer",),
+    ("files", "model.onnx"),
+]
+_KEYS = ["family", "name", "tensorrt", "threads", "onnxruntime_versions", "features", "arch", "labels", "stages"]
+_KEYS += ["prefill_file", "min_top1", "min_cosine", "lowercase", "created", "ref", "sha256", "bytes", "accuracy"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    base=st.sampled_from([DECODER, ENCODER]),
+    path=st.sampled_from(_PATHS),
+    key=st.sampled_from(_KEYS),
+    value=st.one_of(
+        st.none(), st.booleans(), st.integers(-2, 2**40), st.text(max_size=8), st.lists(st.integers(0, 3), max_size=3)
+    ),
+)
+def test_a_mutated_manifest_is_typed_or_one_bundle_error(base, path, key, value):
+    """Whatever a manifest from elsewhere holds, parsing it gives a typed manifest whose
+    properties answer, or one BundleError line: never another exception."""
+    raw = copy.deepcopy(base)
+    section = raw
+    for part in path:
+        section = section.get(part) if isinstance(section, dict) else None
+    if isinstance(section, dict):
+        section[key] = value
+    try:
+        manifest = parse_manifest(raw, "manifest.json")
+    except BundleError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert manifest.task in ("generation", "classification", "embedding") and manifest.size_bytes > 0
+    assert isinstance(manifest.profile.budget("int8").min_top1, float)
+    assert isinstance(manifest.profile.encoder_gate.min_cosine, float) and isinstance(manifest.profile.name, str)
+    assert all(isinstance(f, str) for f in manifest.profile.device.features)
+    trt = manifest.profile.runtime.tensorrt
+    assert trt is None or (isinstance(trt.max_prompt_tokens, int) and isinstance(trt.engine_cache_path, str))
