@@ -114,7 +114,7 @@ def main() -> None:
 
     model = runtime.load(args.bundle)
     ids = prompt_ids(model, args.prompt_tokens)
-    parameters = model.manifest["model"]["parameters"]  # the same model as the peer runs
+    parameters = model.manifest.model.parameters  # the same model as the peer runs
     fp32_dir = load(None).path
     size = (
         Path(args.gguf).stat().st_size if args.gguf else sum(p.stat().st_size for p in fp32_dir.glob("*.safetensors"))

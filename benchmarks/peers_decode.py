@@ -124,8 +124,10 @@ def main() -> None:
     ids = model.encode(model.render_chat([{"role": "user", "content": QUESTION}]))
     del model
 
+    from edge_slm.core.bundle import read_manifest
+
     def label(bundle):
-        return f"edge-slm {json.loads((Path(bundle) / 'manifest.json').read_text())['precision']}"
+        return f"edge-slm {read_manifest(Path(bundle)).precision}"
 
     systems = {label(args.bundle): (sys.executable, "edge-slm", args.bundle)}
     for bundle in args.also:

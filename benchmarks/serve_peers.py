@@ -126,7 +126,7 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             if system == "edge-slm":
                 command = serve_command(args.bundle, port, args.threads, 8)
-                name = model.manifest["target"]
+                name = model.manifest.target
             else:
                 command = [
                     args.llama_python,

@@ -16,31 +16,38 @@ from transformers import AutoTokenizer
 from edge_slm.core.bundle import MANIFEST, SCHEMA_VERSION, read_manifest, staging_dir, verify_bundle, write_manifest
 from edge_slm.core.errors import BundleError
 from edge_slm.core.hashing import sha256_file
+from edge_slm.core.manifest import DecoderManifest
 
 
 def test_manifest_round_trip(tiny_bundle, tiny_llama):
     manifest = verify_bundle(tiny_bundle)
-    assert manifest == json.loads((tiny_bundle / MANIFEST).read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION
-    assert set(manifest["files"]) == {
+    on_disk = json.loads((tiny_bundle / MANIFEST).read_text())
+    assert "family" not in on_disk and isinstance(manifest, DecoderManifest) and manifest.raw == on_disk
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert set(manifest.files) == {
         "model.onnx",
         "model.onnx.data",
         "tokenizer.json",
         "generation.json",
         "genai_config.json",
     }
-    for name, info in manifest["files"].items():
-        assert info["sha256"] == sha256_file(tiny_bundle / name)
-        assert info["bytes"] == (tiny_bundle / name).stat().st_size
-    assert manifest["target"] == "tiny-laptop" and manifest["precision"] == "fp32"
-    assert manifest["stages"] == ["load", "export", "validate", "tokenizer", "manifest"]
-    assert manifest["profile"]["export"]["context_length"] == 128
-    assert manifest["source"]["kind"] == "hf-dir" and len(manifest["source"]["sha256"]) == 64
-    assert manifest["model"]["num_layers"] == 2 and manifest["model"]["num_kv_heads"] == 2
-    assert manifest["graph"]["kind"] == "fused" and manifest["graph"]["nodes"] == 37  # Neg + Slice: logits_to_keep
-    assert manifest["graph"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
-    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_diff"]["logits"] < 1e-3
-    assert {"edge_slm", "onnx", "onnxruntime", "torch", "transformers"} <= set(manifest["versions"])
+    for name, info in manifest.files.items():
+        assert info.sha256 == sha256_file(tiny_bundle / name)
+        assert info.bytes == (tiny_bundle / name).stat().st_size
+    assert manifest.target == "tiny-laptop" and manifest.precision == "fp32"
+    assert manifest.stages == ("load", "export", "validate", "tokenizer", "manifest")
+    assert manifest.profile.recorded["export"]["context_length"] == 128 == manifest.model.context_length
+    assert manifest.source.kind == "hf-dir" and len(manifest.source.sha256) == 64
+    assert manifest.model.num_layers == 2 and manifest.model.num_kv_heads == 2
+    assert manifest.graph.kind == "fused" and manifest.graph.nodes == 37  # Neg + Slice: logits_to_keep
+    assert manifest.graph.shared_kv_buffer and manifest.graph.prefill_file is None
+    assert manifest.graph.recorded["inputs"][0] == {
+        "name": "input_ids",
+        "dtype": "int64",
+        "shape": ["batch", "sequence"],
+    }
+    assert manifest.validation["passed"] and manifest.validation["max_abs_diff"]["logits"] < 1e-3
+    assert {"edge_slm", "onnx", "onnxruntime", "torch", "transformers"} <= set(manifest.versions)
     generation = json.loads((tiny_bundle / "generation.json").read_text())
     assert generation["eos_token_ids"] == [2] and generation["chat_template"].startswith("{% for message")
 

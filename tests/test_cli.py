@@ -67,9 +67,11 @@ def test_inspect_verifies_and_names_corrupt_file(tiny_bundle, tmp_path):
 def test_build_then_inspect_json(tiny_llama, tiny_profile, tmp_path):
     out = tmp_path / "bundle"
     proc = run("build", "--target", str(tiny_profile), "--model", str(tiny_llama), "--out", str(out), check_rc=0)
-    assert f"bundle ready: {out}" in proc.stdout and "[5/5]" in proc.stderr  # progress on stderr
+    assert f"bundle ready: {out}  (fp32, " in proc.stdout and "[5/5]" in proc.stderr  # progress on stderr
+    assert " MB, validated against torch)\n" in proc.stdout  # no quantization, so no accuracy gate
+    assert f'run it:       edge-slm generate {out} "What is the capital of France?" --chat' in proc.stdout
     manifest = json.loads(run("inspect", str(out), "--json", check_rc=0).stdout)
-    assert manifest["target"] == "tiny-laptop"
+    assert manifest["target"] == "tiny-laptop" and manifest == json.loads((out / "manifest.json").read_text())
 
 
 def test_bad_model_references(tmp_path):

@@ -32,14 +32,13 @@ def int8_bundle(tmp_path_factory):
 
 def test_default_int8_bundle_size_nodes_and_accuracy(int8_bundle):
     manifest = verify_bundle(int8_bundle)
-    assert manifest["precision"] == "int8"
-    total = sum(f["bytes"] for f in manifest["files"].values())
-    assert total <= 150_000_000  # llama.cpp's Q8_0 file is 145 MB
-    ops = manifest["graph"]["op_counts"]
+    assert manifest.precision == "int8"
+    assert manifest.size_bytes <= 150_000_000  # llama.cpp's Q8_0 file is 145 MB
+    ops = manifest.graph.op_counts
     assert ops["MatMulNBits"] == 5 * 30 + 1 and ops["GatherBlockQuantized"] == 1
     assert "MatMul" not in ops and "Gemm" not in ops
-    assert manifest["quantization"]["counts"]["shared_tied_embedding"] is True
-    acc = manifest["accuracy"]
+    assert manifest.quantization["counts"]["shared_tied_embedding"] is True
+    acc = manifest.accuracy
     assert acc["passed"] and acc["tokens"] > 2000
     assert acc["ppl_increase"] <= 0.015 and acc["top1_agreement"] >= 0.96
     assert acc["reference_perplexity"] == pytest.approx(22.70, abs=0.05)
@@ -47,16 +46,16 @@ def test_default_int8_bundle_size_nodes_and_accuracy(int8_bundle):
 
 def test_default_bundle_validates(default_bundle):
     manifest = verify_bundle(default_bundle)
-    assert manifest["source"]["kind"] == "gguf" and manifest["source"]["sha256"].startswith("b179c9523d0e6a0f")
-    model = manifest["model"]
-    assert (model["num_layers"], model["hidden_size"], model["num_heads"], model["num_kv_heads"]) == (30, 576, 9, 3)
-    assert model["parameters"] == 134_515_008
-    assert manifest["graph"]["nodes"] == 11 * 30 + 15 == 345  # as docs/export.md states (tests/test_export.py reads it)
-    validation = manifest["validation"]
+    assert manifest.source.kind == "gguf" and manifest.source.sha256.startswith("b179c9523d0e6a0f")
+    model = manifest.model
+    assert (model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads) == (30, 576, 9, 3)
+    assert model.parameters == 134_515_008
+    assert manifest.graph.nodes == 11 * 30 + 15 == 345  # as docs/export.md states (tests/test_export.py reads it)
+    validation = manifest.validation
     assert validation["passed"] and validation["prompt_tokens"] == 37
     assert validation["max_abs_diff"]["logits"] < 1e-3 and validation["max_abs_diff"]["present"] < 1e-3
     # One fp32 copy of the tied 49152 x 576 embedding plus the rest: 538.6 MB, not 651 MB.
-    assert manifest["files"]["model.onnx.data"]["bytes"] < 540_000_000
+    assert manifest.files["model.onnx.data"].bytes < 540_000_000
 
 
 def test_default_tokenizer_matches_llama_cpp(default_bundle):

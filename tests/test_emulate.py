@@ -81,3 +81,16 @@ def test_default_model_pi_bundles_agree_under_emulation(target, cpu):
     result = verify(bundle, cpu, tokens=8, eval_tokens=256)
     print(target, cpu, {k: v for k, v in result.items() if k not in ("host_tokens", "emulated_tokens")})
     assert result["same_prompt_ids"] and result["statistics"]["passed"] and result["passed"]
+
+
+def test_an_encoder_is_judged_by_the_gate_its_bundle_recorded():
+    from edge_slm.core.manifest import EncoderGate
+    from edge_slm.harness.emulate import compare_encoder
+
+    host, arm = {"labels": ["a", "b", "c", "d"]}, {"labels": ["a", "b", "c", "x"]}
+    assert compare_encoder(host, arm, EncoderGate(min_label_agreement=0.5)) == {
+        "label_agreement": 0.75,
+        "needs": 0.5,
+        "passed": True,
+    }
+    assert compare_encoder(host, arm, EncoderGate())["passed"] is False  # the default gate asks 0.99

@@ -410,12 +410,13 @@ def test_the_ffn_outputs_stay_float_when_all_int8_misses_the_budget(tiny_embedde
 
 
 def test_tensorrt_shape_profiles_span_one_token_to_a_batch_of_the_longest_input(classifier_bundle):
+    from edge_slm.core.bundle import read_manifest
     from edge_slm.runtime.encoder import encoder_provider_options
 
-    manifest = json.loads((classifier_bundle / "manifest.json").read_text())
+    manifest = read_manifest(classifier_bundle)
     trt, cpu = encoder_provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], manifest)
     assert cpu == {} and trt["trt_int8_enable"] == "False"  # an fp32 bundle
     assert trt["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1,token_type_ids:1x1"
     assert trt["trt_profile_opt_shapes"] == "input_ids:8x32,attention_mask:8x32,token_type_ids:8x32"
     assert trt["trt_profile_max_shapes"] == "input_ids:32x32,attention_mask:32x32,token_type_ids:32x32"
-    assert trt["trt_engine_cache_path"].endswith(manifest["files"]["model.onnx"]["sha256"][:16])
+    assert trt["trt_engine_cache_path"].endswith(manifest.files["model.onnx"].sha256[:16])

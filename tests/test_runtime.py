@@ -339,22 +339,24 @@ def test_too_old_onnxruntime_is_refused_naming_both_versions(tiny_bundle, tmp_pa
 
 
 def test_cpu_feature_mismatch_warns_once(caplog):
+    from edge_slm.core.manifest import DeviceRecord, ProfileRecord, RuntimeSettings
     from edge_slm.core.system import cpu_flags
     from edge_slm.runtime.cpu import missing_features, warn_if_mismatched
 
     pi4 = "processor : 0\nFeatures : fp asimd evtstrm crc32 cpuid\nCPU part : 0xd08\n"
-    rpi5 = {"name": "rpi5", "device": {"arch": "aarch64", "features": ["neon", "asimd", "asimddp", "fphp"]}}
+    cpu = RuntimeSettings(("CPUExecutionProvider",), 4)
+    rpi5 = ProfileRecord("rpi5", cpu, DeviceRecord("aarch64", ("neon", "asimd", "asimddp", "fphp")))
     assert cpu_flags(pi4) == {"fp", "asimd", "evtstrm", "crc32", "cpuid"}
-    assert missing_features(rpi5["device"], "aarch64", cpu_flags(pi4)) == ["asimddp", "fphp"]
-    assert missing_features(rpi5["device"], "x86_64", {"avx2"}) == ["arch aarch64 (this is x86_64)"]
+    assert missing_features(rpi5.device, "aarch64", cpu_flags(pi4)) == ["asimddp", "fphp"]
+    assert missing_features(rpi5.device, "x86_64", {"avx2"}) == ["arch aarch64 (this is x86_64)"]
     with caplog.at_level("WARNING", logger="edge_slm.runtime"):
         warn_if_mismatched(rpi5, "aarch64", cpu_flags(pi4))
         warn_if_mismatched(rpi5, "aarch64", cpu_flags(pi4))
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "built for rpi5, but this CPU lacks asimddp, fphp" in messages[0]
     assert "build for rpi4" in messages[0]
-    laptop = {"name": "x86-laptop", "device": {"arch": "x86_64", "features": ["avx2", "fma"]}}
-    assert missing_features(laptop["device"], "x86_64", {"avx2", "fma", "sse4_2"}) == []
+    laptop = DeviceRecord("x86_64", ("avx2", "fma"))
+    assert missing_features(laptop, "x86_64", {"avx2", "fma", "sse4_2"}) == []
 
 
 def test_a_smaller_kv_cache_gives_the_same_greedy_tokens(tiny_bundle):

@@ -1,17 +1,20 @@
 """runtime/session.py: the TensorRT provider options the runtime derives from the profile and the bundle."""
 
+import dataclasses
+import json
+
+from edge_slm.core.bundle import MANIFEST
+from edge_slm.core.manifest_schema import parse_manifest
 from edge_slm.core.targets import load_profile
 from edge_slm.runtime.session import provider_options
 
 
-def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
-    profile = load_profile(str(jetson_profile))
-    manifest = {
-        "precision": "int8",
-        "profile": profile.to_dict(),
-        "model": {"num_layers": 2, "num_kv_heads": 3, "head_dim": 64, "context_length": 128},
-        "files": {"model.onnx": {"sha256": "ab" * 32}},
-    }
+def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile, tiny_bundle):
+    raw = json.loads((tiny_bundle / MANIFEST).read_text())
+    raw["precision"], raw["profile"] = "int8", json.loads(json.dumps(load_profile(str(jetson_profile)).to_dict()))
+    raw["model"].update(num_layers=2, num_heads=3, num_kv_heads=3, head_dim=64, context_length=128)
+    raw["files"]["model.onnx"]["sha256"] = "ab" * 32
+    manifest = parse_manifest(raw, "manifest.json")
     trt, cpu = provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], manifest)
     assert cpu == {}
     assert trt["trt_fp16_enable"] == "True" and trt["trt_int8_enable"] == "True"
@@ -20,7 +23,7 @@ def test_tensorrt_options_come_from_the_profile_and_the_bundle(jetson_profile):
     assert trt["trt_profile_max_shapes"].startswith("input_ids:1x512,position_ids:1x512,attention_mask:1x128,")
     assert trt["trt_profile_max_shapes"].endswith("past_key_values.1.value:1x3x128x64")
     assert trt["trt_profile_max_shapes"].count("past_key_values") == 4
-    fp16 = provider_options(["TensorrtExecutionProvider"], {**manifest, "precision": "fp16"})[0]
+    fp16 = provider_options(["TensorrtExecutionProvider"], dataclasses.replace(manifest, precision="fp16"))[0]
     assert fp16["trt_int8_enable"] == "False"  # an fp16 bundle must not ask TensorRT for int8
 
 

@@ -121,10 +121,11 @@ def bench(
             )
     else:
         from edge_slm.core.bundle import read_manifest, verify_bundle
+        from edge_slm.core.manifest import EncoderManifest
 
-        counts = counts if threads else [int(read_manifest(bundle)["profile"]["runtime"]["threads"])]
+        counts = counts if threads else [read_manifest(bundle).profile.runtime.threads]
         manifest = verify_bundle(bundle)
-    if not (host or inventory) and manifest.get("family") == "encoder":
+    if not (host or inventory) and isinstance(manifest, EncoderManifest):
         from edge_slm.runtime.bench_encoder import run_encoder
 
         records = run_encoder(bundle, manifest, counts, repetitions, warmup, not no_accuracy, echo_err)

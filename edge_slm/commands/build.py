@@ -9,6 +9,7 @@ import click
 
 from edge_slm.commands.options import echo_err, require_build_set
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest
 
 
 @click.command()
@@ -52,13 +53,13 @@ def build(
     for option, path in (("--calibration", calibration), ("--eval-data", eval_data)):
         if path is not None and not path.is_file():
             raise EdgeSlmError(f"{option} {path}: no such file")
-    from edge_slm.core.bundle import check_output_dir
+    from edge_slm.core.bundle import check_output_dir, read_manifest
 
     out = out or Path("export") / profile.name
     check_output_dir(out, source=Path(model) if model and Path(model).exists() else None)
     from edge_slm.builder.pipeline import build as run_build
 
-    manifest = run_build(
+    run_build(
         model,
         profile,
         out,
@@ -68,15 +69,17 @@ def build(
         calibration=calibration,
         eval_data=eval_data,
     )
-    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
-    checked = "validated against torch" + (
-        ", accuracy gate passed" if (manifest.get("accuracy") or {}).get("passed") else ""
-    )
-    click.echo(f"bundle ready: {out}  ({manifest['precision']}, {size:.0f} MB, {checked})")
+    manifest = read_manifest(out)  # as a device will read it
+    checked = "validated against torch" + (", accuracy gate passed" if manifest.accuracy_passed else "")
+    click.echo(f"bundle ready: {out}  ({manifest.precision}, {manifest.size_bytes / 1e6:.0f} MB, {checked})")
     click.echo(f"inspect it:   edge-slm inspect {out}")
-    if manifest.get("family") == "encoder":
-        task = manifest["model"]["task"]
-        command = "classify" if task == "classification" else "embed"
-        click.echo(f'run it:       edge-slm {command} {out} "turn off the kitchen lights"')
-    else:
-        click.echo(f'run it:       edge-slm generate {out} "What is the capital of France?" --chat')
+    click.echo(f"run it:       {RUN_IT[type(manifest)](manifest, out)}")
+
+
+# The manifest's type -> the first command a user runs on it, as printed after a build.
+RUN_IT = {
+    DecoderManifest: lambda m, out: f'edge-slm generate {out} "What is the capital of France?" --chat',
+    EncoderManifest: lambda m, out: (
+        f'edge-slm {"classify" if m.model.task == "classification" else "embed"} {out} "turn off the kitchen lights"'
+    ),
+}

@@ -14,6 +14,7 @@ import click
 from edge_slm.commands.options import echo_err, open_bundle
 from edge_slm.core.atomic import atomic_file
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import EncoderManifest
 from edge_slm.core.text import check_text, decode_lines
 
 
@@ -56,6 +57,7 @@ def _common(command):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per text with every label's probability.")
 def classify(bundle, texts, file, batch_size, no_truncate, threads, as_json) -> None:
     """The intent (label) of each text, with its probability."""
+    model = open_bundle(bundle, threads, need=EncoderManifest, task="classification")
     items = _texts(texts, file)
     model = open_bundle(bundle, threads, need="encoder", task="classification")
     for text, result in zip(items, model.classify(items, batch_size, truncate=not no_truncate)):
@@ -79,6 +81,7 @@ def embed(bundle, texts, file, batch_size, no_truncate, threads, out, overwrite)
 
     if out is not None:
         _check_vectors_path(out, overwrite)
+    model = open_bundle(bundle, threads, need=EncoderManifest, task="embedding")
     items = _texts(texts, file)
     model = open_bundle(bundle, threads, need="encoder", task="embedding")
     vectors = model.embed(items, batch_size, truncate=not no_truncate)

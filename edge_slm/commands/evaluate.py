@@ -35,11 +35,12 @@ def eval_command(
     """Decoders: perplexity over a text (with --reference, top-1 agreement and mean KL).
     Encoders: a classifier's accuracy on --data, an embedder's retrieval check."""
     from edge_slm.core.bundle import read_manifest
+    from edge_slm.core.manifest import EncoderManifest
     from edge_slm.runtime.evaluate import evaluate, read_text
 
     if threads is not None and threads < 1:
         raise click.UsageError(f"--threads is {threads}; use 1 or more")
-    if read_manifest(bundle).get("family") == "encoder":
+    if isinstance(read_manifest(bundle), EncoderManifest):
         _eval_encoder(bundle, data, threads, as_json)
         return
     if text_file is None:
@@ -59,9 +60,10 @@ def eval_command(
 
 def _eval_encoder(bundle: Path, data: Path | None, threads: int | None, as_json: bool) -> None:
     from edge_slm.core.labelled import read_examples, read_retrieval
+    from edge_slm.core.manifest import EncoderManifest
     from edge_slm.runtime.encoder_eval import evaluate_classifier, evaluate_retrieval
 
-    model = open_bundle(bundle, threads, need="encoder")
+    model = open_bundle(bundle, threads, need=EncoderManifest)
     if model.task == "classification":
         if data is None:
             raise click.UsageError("a classifier is scored on labelled texts: give --data test.jsonl")

@@ -57,7 +57,7 @@ def chat(bundle: Path, system: str | None, **kw) -> None:
     model = open_bundle(bundle, kw["threads"])
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    echo_err(f"chatting with {bundle} ({model.manifest['precision']}); /reset to start over, /exit to leave")
+    echo_err(f"chatting with {bundle} ({model.manifest.precision}); /reset to start over, /exit to leave")
     while True:
         try:
             line = input("> ")

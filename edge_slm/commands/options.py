@@ -9,6 +9,7 @@ import click
 
 from edge_slm.commands.extras import require_extra
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, Manifest
 
 
 def echo_err(message: str) -> None:
@@ -38,16 +39,15 @@ def sampling_options(func):
     return func
 
 
-def open_bundle(bundle: Path, threads: int | None, need: str = "decoder", task: str | None = None):
-    """The loaded bundle, refused in one line when it is not the family (or encoder task) the
-    command works with."""
+def open_bundle(bundle: Path, threads: int | None, need: type[Manifest] = DecoderManifest, task: str | None = None):
+    """The loaded bundle, refused in one line (naming the bundle's own family) when its manifest
+    is not of the type the command works with, or not the encoder task it needs."""
     from edge_slm import runtime
 
     model = runtime.load(bundle, threads=threads)
-    family = getattr(model, "kind", "decoder")
-    if family != need:
-        command = {"decoder": "generate, chat or serve it", "encoder": "classify or embed with it"}[family]
-        raise EdgeSlmError(f"{bundle} is {'an encoder' if family == 'encoder' else 'a decoder'} bundle: {command}")
+    manifest = model.manifest
+    if not isinstance(manifest, need):
+        raise EdgeSlmError(f"{bundle} is {manifest.article} bundle: {manifest.used_with}")
     if task and model.task != task:
         other = "classify" if model.task == "classification" else "embed"
         raise EdgeSlmError(f"{bundle} is a {model.task} bundle, not a {task} one: use `edge-slm {other}` with it")

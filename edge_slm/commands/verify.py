@@ -35,10 +35,11 @@ def verify_command(
 ) -> None:
     """Run the bundle on an emulated Raspberry Pi CPU (qemu) and compare it with this machine."""
     from edge_slm.core.bundle import read_manifest
+    from edge_slm.core.manifest import EncoderManifest
     from edge_slm.harness.emulate import verify, verify_encoder
 
     manifest = read_manifest(bundle)
-    if manifest.get("family") == "encoder":
+    if isinstance(manifest, EncoderManifest):
         result = verify_encoder(bundle, emulate, ort_version, 2, echo_err)
         if as_json:
             click.echo(json.dumps(result))
@@ -55,7 +56,7 @@ def verify_command(
             )
         sys.exit(0 if result["passed"] else 1)
     if eval_tokens is None:
-        eval_tokens = 0 if manifest["precision"] == "fp32" else 256
+        eval_tokens = 0 if manifest.precision == "fp32" else 256
     result = verify(bundle, emulate, ort_version, tokens, progress=echo_err, eval_tokens=eval_tokens)
     if as_json:
         click.echo(json.dumps(result))

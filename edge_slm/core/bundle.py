@@ -20,7 +20,8 @@ from pathlib import Path
 from edge_slm.core.atomic import atomic_directory, pid_alive, write_text
 from edge_slm.core.errors import BundleError
 from edge_slm.core.hashing import sha256_file
-from edge_slm.core.manifest_schema import check_manifest
+from edge_slm.core.manifest import Manifest
+from edge_slm.core.manifest_schema import parse_manifest
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -128,7 +129,8 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
-def read_manifest(bundle_dir: Path) -> dict:
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """The bundle's typed manifest (`DecoderManifest`, `EncoderManifest`), checked as a whole."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle directory (build one with `edge-slm build`)")
@@ -145,16 +147,16 @@ def read_manifest(bundle_dir: Path) -> dict:
             f"{bundle_dir}: bundle schema version {version}, this edge-slm reads version "
             f"{SCHEMA_VERSION}: rebuild the bundle with this edge-slm or install the matching one"
         )
-    return check_manifest(manifest, str(path))
+    return parse_manifest(manifest, str(path))
 
 
-def verify_bundle(bundle_dir: Path, checksums: bool = True) -> dict:
+def verify_bundle(bundle_dir: Path, checksums: bool = True) -> Manifest:
     """Check the manifest's schema, that the bundle holds exactly the files it lists (each a plain
     file, no link, no folder: onnxruntime can open nothing unverified), and every file's size (and
-    sha256); return the manifest."""
+    sha256); return the typed manifest."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    listed = manifest["files"]
+    listed = manifest.files
     for entry in sorted(bundle_dir.iterdir()):
         if entry.name == MANIFEST:
             continue
@@ -171,11 +173,11 @@ def verify_bundle(bundle_dir: Path, checksums: bool = True) -> dict:
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle: copy the whole directory again or rebuild")
         size = path.stat().st_size
-        if size != expected["bytes"]:
+        if size != expected.bytes:
             raise BundleError(
-                f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated or replaced): "
+                f"{path}: {size} bytes, the manifest says {expected.bytes} (truncated or replaced): "
                 "copy it again or rebuild"
             )
-        if checksums and sha256_file(path) != expected["sha256"]:
+        if checksums and sha256_file(path) != expected.sha256:
             raise BundleError(f"{path}: checksum mismatch (the file is corrupt): copy it again or rebuild")
     return manifest

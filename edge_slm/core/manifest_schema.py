@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 
 from edge_slm.core.errors import BundleError
+from edge_slm.core.manifest import MANIFEST_TYPES, Manifest, family_of
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-FAMILIES = ("decoder", "encoder")
+FAMILIES = tuple(MANIFEST_TYPES)
 TASKS = ("classification", "embedding")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"\d+(\.\d+){0,2}([+.-][0-9A-Za-z.]+)?")
@@ -76,6 +77,12 @@ COMMON_RULES = {
     "profile.runtime.execution_providers": _Rule("a non-empty list of provider names", lambda v: _str_list(v) and v),
     "profile.runtime.threads": _Rule("a positive integer", _pos_int),
     "profile.runtime.tensorrt": _Rule("an object or null", _optional_dict, True),
+    "profile.runtime.serve_max_tokens": _Rule("a positive integer", _pos_int, True),
+    "profile.runtime.serve_request_seconds": _Rule(
+        "a positive number of seconds",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e9,
+        True,
+    ),
     "files": _Rule("a non-empty object of file name -> {sha256, bytes}", lambda v: isinstance(v, dict) and v),
     "validation": _Rule("an object or null", _optional_dict, True),
     "quantization": _Rule("an object or null", _optional_dict, True),
@@ -112,6 +119,8 @@ ENCODER_RULES = {
 for _key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_sequence_length", "output_dim"):
     ENCODER_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
 
+RULES_OF = {"decoder": DECODER_RULES, "encoder": ENCODER_RULES}  # one entry per MANIFEST_TYPES family
+
 _MISSING = object()
 
 
@@ -124,18 +133,25 @@ def _lookup(manifest: dict, key: str):
     return value
 
 
+def parse_manifest(manifest, where: str) -> Manifest:
+    """The typed manifest of a manifest dict, after `check_manifest`: a BundleError naming the key
+    otherwise. The one place a manifest's JSON becomes a `DecoderManifest`, `EncoderManifest`, ..."""
+    check_manifest(manifest, where)
+    return MANIFEST_TYPES[family_of(manifest)].from_checked(manifest)
+
+
 def check_manifest(manifest, where: str) -> dict:
     """Raise BundleError naming the first key that is missing or of the wrong type or value."""
     if not isinstance(manifest, dict):
         raise BundleError(
             f"{where}: the manifest must be a JSON object, got {type(manifest).__name__}: rebuild the bundle"
         )
-    family = manifest.get("family", "decoder")
+    family = family_of(manifest)
     if family not in FAMILIES:
         raise BundleError(
-            f"{where}: manifest key 'family' must be decoder or encoder, got {family!r}: rebuild the bundle"
+            f"{where}: manifest key 'family' must be {' or '.join(FAMILIES)}, got {family!r}: rebuild the bundle"
         )
-    for key, rule in (ENCODER_RULES if family == "encoder" else DECODER_RULES).items():
+    for key, rule in RULES_OF[family].items():
         value = _lookup(manifest, key)
         if value is _MISSING:
             if rule.optional:

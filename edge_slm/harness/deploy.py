@@ -32,6 +32,7 @@ import numpy as np
 from edge_slm.core.bundle import MANIFEST, verify_bundle
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.hashing import sha256_file
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest
 from edge_slm.harness.ssh import Device, RemoteError, ssh
 
 HOME_DIR = ".local/share/edge-slm"
@@ -97,11 +98,10 @@ def wheel_digest(wheel: Path) -> str:
     return digest.hexdigest()
 
 
-def onnxruntime_specs(manifest: dict) -> list[str]:
+def onnxruntime_specs(manifest: Manifest) -> list[str]:
     """pip requirements for onnxruntime, newest first, from the versions the bundle's profile says
     the device runs ("1.27.0" exactly, "1.32" any 1.32.x); none listed: the newest on the index."""
-    versions = manifest["profile"]["runtime"].get("onnxruntime_versions") or []
-    ordered = sorted((v for v in versions if isinstance(v, str)), key=version_tuple, reverse=True)
+    ordered = sorted(manifest.profile.runtime.onnxruntime_versions, key=version_tuple, reverse=True)
     specs = [f"onnxruntime=={v}" if v.count(".") >= 2 else f"onnxruntime=={v}.*" for v in ordered]
     return specs or ["onnxruntime"]
 
@@ -153,7 +153,7 @@ print(len(bad), " ".join(bad[:3]))
 """
 
 
-def ensure_venv(device: Device, manifest: dict, wheel: Path, serve: bool = False, progress=lambda msg: None) -> str:
+def ensure_venv(device: Device, manifest: Manifest, wheel: Path, serve: bool = False, progress=lambda msg: None) -> str:
     """The device's edge-slm venv with this wheel, the runtime set (and serve extra) and a pinned
     onnxruntime; reinstalls only what changed, repairs files that differ from the wheel."""
     version = check_python(device)
@@ -231,15 +231,15 @@ def copy(device: Device, files: list[Path], remote_dir: str) -> None:
     raise RemoteError(f"{device.host}: copying failed: {proc.stderr.strip()[-300:]}")
 
 
-def copy_bundle(device: Device, bundle: Path, manifest: dict, progress=lambda msg: None) -> str:
+def copy_bundle(device: Device, bundle: Path, manifest: Manifest, progress=lambda msg: None) -> str:
     """The bundle under bundles/<manifest hash>/ on the device, copying only files whose sha256
     differs there; returns its path relative to the device's home."""
     manifest_sha = sha256_file(bundle / MANIFEST)
     remote = f"{BUNDLES}/{manifest_sha[:16]}"
     listing = ssh(device, f"mkdir -p {remote} && cd {remote} && (sha256sum -- * 2>/dev/null || true)")
     present = {line.split()[1]: line.split()[0] for line in listing.splitlines() if len(line.split()) == 2}
-    wanted = dict(manifest["files"], **{MANIFEST: {"sha256": manifest_sha}})
-    missing = [name for name, info in wanted.items() if present.get(name) != info["sha256"]]
+    wanted = {name: info.sha256 for name, info in manifest.files.items()} | {MANIFEST: manifest_sha}
+    missing = [name for name, sha256 in wanted.items() if present.get(name) != sha256]
     if missing:
         progress(f"{device.host}: copying {len(missing)} of {len(wanted)} bundle files")
         copy(device, [bundle / name for name in missing], f"{remote}/")
@@ -311,7 +311,7 @@ def smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, thre
         min(len(host.token_ids), len(device_ids)),
     )
     passed = device_ids == host.token_ids
-    if not passed and model.manifest["precision"] != "fp32" and agree < len(host.token_ids):
+    if not passed and model.manifest.precision != "fp32" and agree < len(host.token_ids):
         logp = model.logprobs(host.prompt_token_ids + host.token_ids)[len(host.prompt_token_ids) - 1 :]
         top = np.sort(logp[agree])[-2:]
         # Another CPU's int8 kernels move logits by about a nat: a closer tie may go either way.
@@ -411,6 +411,10 @@ def stop_service(device: Device, quiet: bool = False) -> str:
     return ssh(device, script, timeout=60).strip()
 
 
+# The bundle's manifest type -> its smoke test on the device; a new family adds its entry.
+SMOKE_TESTS = {DecoderManifest: smoke_test, EncoderManifest: encoder_smoke_test}
+
+
 def deploy(
     device: Device,
     bundle: Path,
@@ -426,8 +430,7 @@ def deploy(
     remote_bundle = copy_bundle(device, bundle, manifest, progress)
     progress(f"{device.host}: verifying every checksum on the device")
     ssh(device, f"cd && {venv}/bin/edge-slm inspect {remote_bundle} > /dev/null", timeout=600)
-    check = encoder_smoke_test if manifest.get("family") == "encoder" else smoke_test
-    smoke = check(device, venv, remote_bundle, bundle, threads)
+    smoke = SMOKE_TESTS[type(manifest)](device, venv, remote_bundle, bundle, threads)
     if not smoke["passed"]:
         raise RemoteError(f"{device.host}: the smoke test failed: {smoke['summary']}")
     result = {"host": device.host, "bundle": f"~/{remote_bundle}", "venv": f"~/{venv}", "smoke": smoke}

@@ -31,6 +31,7 @@ from edge_slm.core.cache import cache_root
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import AccuracyLimits, EncoderGate
 from edge_slm.core.system import peak_rss_mb
 
 CPUS = {"cortex-a72": "Raspberry Pi 4", "cortex-a76": "Raspberry Pi 5"}
@@ -219,16 +220,16 @@ def encoder_trace(bundle: Path, threads: int) -> dict:
     }
 
 
-def compare_encoder(host: dict, arm: dict, spec: dict) -> dict:
+def compare_encoder(host: dict, arm: dict, gate: EncoderGate) -> dict:
     """Labels agreeing, or cosine of the vectors, against the profile's encoder gate."""
     if "labels" in host:
         agreement = float(np.mean([a == b for a, b in zip(host["labels"], arm["labels"])]))
-        need = float(spec.get("min_label_agreement", 0.99))
+        need = gate.min_label_agreement
         return {"label_agreement": agreement, "needs": need, "passed": agreement >= need}
     h = np.frombuffer(base64.b64decode(host["vectors"]), np.float32).reshape(-1, host["dim"])
     a = np.frombuffer(base64.b64decode(arm["vectors"]), np.float32).reshape(-1, arm["dim"])
     cosine = (h * a).sum(1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(a, axis=1))
-    need = float(spec.get("min_cosine", 0.99))
+    need = gate.min_cosine
     return {
         "mean_cosine": float(cosine.mean()),
         "min_cosine": float(cosine.min()),
@@ -239,7 +240,7 @@ def compare_encoder(host: dict, arm: dict, spec: dict) -> dict:
 
 def verify_encoder(bundle: Path, cpu: str, onnxruntime: str | None, threads: int, progress) -> dict:
     manifest = read_manifest(bundle)
-    versions = manifest["profile"]["runtime"].get("onnxruntime_versions") or ["1.27.0"]
+    versions = manifest.profile.runtime.onnxruntime_versions or ("1.27.0",)
     onnxruntime = onnxruntime or max(versions, key=version_tuple)
     root = prepare_sysroot(onnxruntime, progress)
     progress("host: the shipped texts through the encoder")
@@ -247,9 +248,9 @@ def verify_encoder(bundle: Path, cpu: str, onnxruntime: str | None, threads: int
     progress(f"emulated {cpu} ({CPUS[cpu]}), onnxruntime {onnxruntime} aarch64: the same texts (slow: minutes)")
     started = time.perf_counter()
     arm = _emulated(root, cpu, {"bundle": str(Path(bundle).resolve()), "threads": threads, "encoder": True})
-    result = compare_encoder(host, arm, manifest["profile"].get("encoder") or {})
+    result = compare_encoder(host, arm, manifest.profile.encoder_gate)
     return result | {
-        "family": "encoder",
+        "family": manifest.family,
         "texts": host["texts"],
         "cpu": cpu,
         "device": CPUS[cpu],
@@ -316,7 +317,7 @@ def verify(
     if cpu not in CPUS:
         raise EdgeSlmError(f"--emulate {cpu!r}: choose one of {', '.join(CPUS)}")
     manifest = read_manifest(bundle)
-    versions = manifest["profile"]["runtime"].get("onnxruntime_versions") or ["1.27.0"]
+    versions = manifest.profile.runtime.onnxruntime_versions or ("1.27.0",)
     onnxruntime = onnxruntime or max(versions, key=version_tuple)
     root = prepare_sysroot(onnxruntime, progress)
     progress(f"host: {tokens} greedy tokens")
@@ -329,26 +330,21 @@ def verify(
     except EdgeSlmError as exc:
         raise EdgeSlmError(f"{exc} (onnxruntime {onnxruntime})") from None
     wall = time.perf_counter() - started
-    result = compare(host, arm, manifest["precision"])
+    result = compare(host, arm, manifest.precision)
     if eval_tokens:
         progress(f"next-token statistics over {eval_tokens} tokens of the evaluation text, host and emulated")
         stats = statistical_agreement(
             eval_trace(Path(bundle), eval_tokens, threads),
             _emulated(root, cpu, {**payload, "eval_tokens": eval_tokens}),
         )
-        budget = (
-            (manifest["profile"]["budget"].get(manifest["precision"]) or {}) if manifest["precision"] != "fp32" else {}
-        )
-        stats["budget"] = {
-            "min_top1": budget.get("min_top1", 0.0),
-            "max_ppl_difference": budget.get("max_ppl_increase", 0.0),
-        }
+        budget = manifest.profile.budget(manifest.precision) if manifest.precision != "fp32" else AccuracyLimits()
+        stats["budget"] = {"min_top1": budget.min_top1, "max_ppl_difference": budget.max_ppl_increase}
         stats["passed"] = (
             stats["top1_agreement"] >= stats["budget"]["min_top1"]
             and abs(stats["ppl_difference"]) <= stats["budget"]["max_ppl_difference"]
         )
         result["statistics"] = stats
-        if manifest["precision"] != "fp32":
+        if manifest.precision != "fp32":
             # Greedy tokens must agree up to a near-tie; the logit tolerance is reported, not gating.
             result["passed"] = (
                 result["same_prompt_ids"]

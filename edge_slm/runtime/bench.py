@@ -23,12 +23,16 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_slm import __version__
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.system import current_rss_mb, machine, peak_rss_mb
 from edge_slm.runtime.bench_results import RESULTS, DecoderResults, EncoderResults, results_of, results_problem
+
+if TYPE_CHECKING:
+    from edge_slm.core.manifest import Manifest
 
 SCHEMA = "edge-slm-bench/1"
 
@@ -247,17 +251,17 @@ class BundleInfo:
     family: str = "decoder"  # or "encoder": the report gives each family its own table
 
     @classmethod
-    def of(cls, path: Path, manifest: dict, manifest_sha256: str | None) -> BundleInfo:
-        """What a record says about an edge-slm bundle, from its manifest."""
+    def of(cls, path: Path, manifest: Manifest, manifest_sha256: str | None) -> BundleInfo:
+        """What a record says about an edge-slm bundle, from its (typed) manifest."""
         return cls(
             path=str(path),
             manifest_sha256=manifest_sha256,
-            target=manifest["target"],
-            precision=manifest["precision"],
-            graph=manifest["graph"]["kind"],
-            size_bytes=sum(f["bytes"] for f in manifest["files"].values()),
-            parameters=manifest["model"]["parameters"],
-            family=manifest.get("family", "decoder"),
+            target=manifest.target,
+            precision=manifest.precision,
+            graph=manifest.graph.kind,
+            size_bytes=manifest.size_bytes,
+            parameters=manifest.model.parameters,
+            family=manifest.family,
         )
 
 
@@ -305,7 +309,7 @@ def test_name(prompt_tokens: int, gen_tokens: int) -> str:
 
 
 def _record(
-    bundle: Path, manifest: dict, config: dict, results: dict, accuracy: dict | None, manifest_sha: str
+    bundle: Path, manifest: Manifest, config: dict, results: dict, accuracy: dict | None, manifest_sha: str
 ) -> dict:
     return BenchRecord(
         system="edge-slm",

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
@@ -23,6 +24,9 @@ from edge_slm.core.labelled import INTENTS_TEST, read_examples
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, _versions, stats, text_table
 from edge_slm.runtime.bench_results import RESULTS, EncoderResults, results_of
+
+if TYPE_CHECKING:
+    from edge_slm.core.manifest import EncoderManifest
 
 LATENCY_TOKENS = (16, 128)
 BATCH_SIZES = (8, 32)
@@ -118,7 +122,7 @@ def encoder_accuracy(bundle: Path, threads: int) -> dict | None:
 
 
 def run_encoder(
-    bundle: Path, manifest: dict, threads: list[int], repetitions: int, warmup: int, accuracy: bool, progress
+    bundle: Path, manifest: EncoderManifest, threads: list[int], repetitions: int, warmup: int, accuracy: bool, progress
 ) -> list[dict]:
     """Benchmark an encoder bundle once per thread count, each in a fresh process."""
     from edge_slm.core.bundle import MANIFEST

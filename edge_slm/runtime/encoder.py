@@ -17,8 +17,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edge_slm.core.errors import BundleError, EdgeSlmError
+from edge_slm.core.manifest import EncoderManifest
 from edge_slm.core.text import check_text
-from edge_slm.runtime.session import pick_providers, tensorrt_options
+from edge_slm.runtime.session import check_onnxruntime, pick_providers, tensorrt_options
 
 log = logging.getLogger("edge_slm.runtime")
 TOKENIZER_FILE = "tokenizer.json"
@@ -148,13 +149,13 @@ def _checked_texts(texts) -> list[str]:
     return texts
 
 
-def encoder_provider_options(providers: list[str], manifest: dict) -> list[dict]:
+def encoder_provider_options(providers: list[str], manifest: EncoderManifest) -> list[dict]:
     """TensorRT needs shape profiles for the dynamic axes: one text of one token up to a batch of
     32 of the bundle's longest input."""
-    longest = int(manifest["model"]["max_sequence_length"])
+    longest = manifest.model.max_sequence_length
 
     def shapes(batch: int, tokens: int) -> str:
-        return ",".join(f"{name}:{batch}x{tokens}" for name in manifest["graph"]["inputs"])
+        return ",".join(f"{name}:{batch}x{tokens}" for name in manifest.graph.inputs)
 
     profiles = (shapes(1, 1), shapes(8, min(64, longest)), shapes(32, longest))
     return [tensorrt_options(manifest, *profiles) if p == "TensorrtExecutionProvider" else {} for p in providers]
@@ -163,14 +164,28 @@ def encoder_provider_options(providers: list[str], manifest: dict) -> list[dict]
 class Encoder:
     """An encoder bundle: `classify` for a classifier, `embed` for an embedder."""
 
-    kind = "encoder"
-
-    def __init__(self, path: Path, manifest: dict, graph: EncoderGraph):
+    def __init__(self, path: Path, manifest: EncoderManifest, graph: EncoderGraph):
         self.path, self.manifest, self.graph = path, manifest, graph
-        self.task = manifest["model"]["task"]
-        self.labels = list(manifest["model"].get("labels") or [])
-        self.normalize = bool(manifest["model"]["normalize"])
+        self.task = manifest.model.task
+        self.labels = list(manifest.model.labels)
+        self.normalize = manifest.model.normalize
         self.max_length = graph.max_length
+
+    @classmethod
+    def open(
+        cls,
+        bundle: Path,
+        manifest: EncoderManifest,
+        threads: int,
+        providers: list[str] | None,
+        context: int | None = None,
+        memory: dict | None = None,
+    ) -> Encoder:
+        """The Encoder of a verified encoder bundle (`runtime.load` picks it by the manifest's type)."""
+        if context is not None:
+            raise EdgeSlmError(f"{bundle} is an encoder bundle: it has no context (KV cache) to size")
+        check_onnxruntime(bundle, manifest.min_onnxruntime)
+        return open_encoder(bundle, manifest, threads, providers)
 
     def _require(self, task: str, call: str) -> None:
         if self.task != task:
@@ -201,35 +216,36 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def open_encoder(bundle: Path, manifest: dict, threads: int, providers: list[str] | None) -> Encoder:
-    """The Encoder of a verified bundle (`runtime.load` calls this for encoder manifests)."""
-    for name in (TOKENIZER_FILE, manifest["graph"]["file"]):
+def open_encoder(bundle: Path, manifest: EncoderManifest, threads: int, providers: list[str] | None) -> Encoder:
+    """The Encoder of a verified bundle's files, checked against its manifest."""
+    for name in (TOKENIZER_FILE, manifest.graph.file):
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
     try:
         tokenizer = Tokenizer.from_file(str(bundle / TOKENIZER_FILE))
     except Exception as exc:
         raise BundleError(f"{bundle / TOKENIZER_FILE}: cannot be read ({exc})") from None
-    chosen = pick_providers(providers or manifest["profile"]["runtime"]["execution_providers"])
+    chosen = pick_providers(providers or list(manifest.profile.runtime.execution_providers))
     per_provider = encoder_provider_options(chosen, manifest)
     for options in per_provider:
         if "trt_engine_cache_path" in options:
             Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    model = manifest.model
     graph = EncoderGraph(
-        bundle / manifest["graph"]["file"],
+        bundle / manifest.graph.file,
         tokenizer,
-        manifest["graph"]["inputs"],
-        manifest["model"]["max_sequence_length"],
-        manifest["tokenizer"]["pad_token_id"],
+        list(manifest.graph.inputs),
+        model.max_sequence_length,
+        manifest.tokenizer.pad_token_id,
         threads,
         chosen,
         per_provider,
-        vocab_size=int(manifest["model"]["vocab_size"]),
+        vocab_size=model.vocab_size,
     )
-    width, want = graph.output_width, int(manifest["model"]["output_dim"])
+    width, want = graph.output_width, model.output_dim
     if isinstance(width, int) and width != want:
         raise BundleError(
             f"{bundle}: the graph's output has {width} columns, the manifest says {want} "
-            f"({'labels' if manifest['model']['task'] == 'classification' else 'dimensions'}): rebuild the bundle"
+            f"({'labels' if model.task == 'classification' else 'dimensions'}): rebuild the bundle"
         )
     return Encoder(bundle, manifest, graph)

@@ -15,15 +15,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edge_slm.core.bundle import verify_bundle
-from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.errors import BundleError, EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.core.text import check_text
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
-from edge_slm.runtime.encoder import Encoder, open_encoder
+from edge_slm.runtime.encoder import Encoder
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
-from edge_slm.runtime.session import DecoderSession, pick_providers
+from edge_slm.runtime.session import DecoderSession, check_onnxruntime, pick_providers
 from edge_slm.runtime.textstream import TextStream
 
 log = logging.getLogger("edge_slm.runtime")
@@ -98,33 +98,42 @@ def load(
     context: int | None = None,
     memory: dict | None = None,
 ) -> Model | Encoder:
-    """Open a bundle: check schema and checksums, then start an onnxruntime session. A decoder
-    bundle gives a `Model` (generate, chat), an encoder bundle an `Encoder` (classify, embed)."""
+    """Open a bundle: check schema and checksums, then start an onnxruntime session. The
+    manifest's type picks the family's runtime class (`RUNTIMES`): a decoder bundle gives a
+    `Model` (generate, chat), an encoder bundle an `Encoder` (classify, embed)."""
     bundle = Path(bundle)
     manifest = verify_bundle(bundle, checksums=verify)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise EdgeSlmError(f"threads is {threads}; use 1 or more (or leave it to the profile)")
-    threads = capped_threads(threads or int(manifest["profile"]["runtime"]["threads"]))
-    if manifest.get("family") == "encoder":
-        if context is not None:
-            raise EdgeSlmError(f"{bundle} is an encoder bundle: it has no context (KV cache) to size")
-        _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))
-        return open_encoder(bundle, manifest, threads, providers)
-    limit = int(manifest["model"]["context_length"])
+    threads = capped_threads(threads or manifest.profile.runtime.threads)
+    runtime_class = RUNTIMES[type(manifest)]
+    return runtime_class.open(bundle, manifest, threads, providers, context=context, memory=memory)
+
+
+def _open_decoder(
+    bundle: Path,
+    manifest: DecoderManifest,
+    threads: int,
+    providers: list[str] | None,
+    context: int | None = None,
+    memory: dict | None = None,
+) -> Model:
+    """The Model of a verified decoder bundle (`Model.open`)."""
+    limit = manifest.model.context_length
     if context is not None and (not isinstance(context, int) or not 2 <= context <= limit):
         raise EdgeSlmError(f"context is {context}; use 2 to {limit} tokens (the bundle's context length)")
+    graph = manifest.graph
     for name in (
         "tokenizer.json",
         "generation.json",
-        manifest["graph"]["file"],
-        *([manifest["graph"]["prefill_file"]] if manifest["graph"].get("prefill_file") else []),
+        graph.file,
+        *([graph.prefill_file] if graph.prefill_file else []),
     ):
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle / name}: missing from the bundle: copy the whole directory again or rebuild")
-    _check_onnxruntime(bundle, manifest.get("min_onnxruntime"))
-    warn_if_mismatched(manifest["profile"])
-    profile_runtime = manifest["profile"]["runtime"]
-    chosen = pick_providers(providers or profile_runtime["execution_providers"])
+    check_onnxruntime(bundle, manifest.min_onnxruntime)
+    warn_if_mismatched(manifest.profile)
+    chosen = pick_providers(providers or list(manifest.profile.runtime.execution_providers))
     # The tokenizer first: parsing tokenizer.json leaves freed memory behind that the session's
     # allocations then reuse; in the other order it stays on top of the session (25 MB of peak
     # for the default model's 3.5 MB tokenizer.json).
@@ -135,7 +144,7 @@ def load(
     generation = json.loads((bundle / "generation.json").read_text())
     if memory is not None:  # what `edge-slm bench` breaks peak memory into
         memory["tokenizer"] = current_rss_mb()
-    session = DecoderSession.for_bundle(bundle / manifest["graph"]["file"], manifest, threads, chosen, context)
+    session = DecoderSession.for_bundle(bundle / graph.file, manifest, threads, chosen, context)
     if memory is not None:
         memory["session"] = current_rss_mb()
     return Model(bundle, manifest, session, tokenizer, generation)
@@ -151,20 +160,14 @@ def capped_threads(threads: int) -> int:
     return threads
 
 
-def _check_onnxruntime(bundle: Path, needed: str | None, have: str | None = None) -> None:
-    """Refuse, in our words, a bundle this onnxruntime is too old for (before onnxruntime's own error)."""
-    import onnxruntime
-
-    have = have or onnxruntime.__version__
-    if needed and version_tuple(have) < version_tuple(needed):
-        raise BundleError(
-            f"{bundle}: this bundle needs onnxruntime >= {needed}, this device has {have}: "
-            f"`pip install 'onnxruntime>={needed}'`, or rebuild for a profile that lists {have}"
-        )
-
-
 class Model:
-    def __init__(self, path: Path, manifest: dict, session: DecoderSession, tokenizer: Tokenizer, generation: dict):
+    """A decoder bundle: generate, chat, score."""
+
+    open = staticmethod(_open_decoder)
+
+    def __init__(
+        self, path: Path, manifest: DecoderManifest, session: DecoderSession, tokenizer: Tokenizer, generation: dict
+    ):
         self.path, self.manifest, self.session = path, manifest, session
         self.tokenizer, self.generation = tokenizer, generation
         self.eos_ids = set(generation["eos_token_ids"])
@@ -355,3 +358,8 @@ class Model:
             raise EdgeSlmError(f"{len(token_ids)} tokens exceed the context of {self.context_length}")
         self._cached_ids = []
         return self.session.logprobs(token_ids)
+
+
+# The manifest's type -> the runtime class that opens it (`Cls.open(bundle, manifest, threads,
+# providers, context=, memory=)`); a new family adds its entry.
+RUNTIMES: dict[type[Manifest], type[Model] | type[Encoder]] = {DecoderManifest: Model, EncoderManifest: Encoder}

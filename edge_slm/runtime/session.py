@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.errors import BundleError, EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, Manifest, TensorRTSettings
 
 log = logging.getLogger("edge_slm.runtime")
 _warned: set[str] = set()
@@ -45,39 +47,46 @@ def pick_providers(requested: tuple[str, ...] | list[str]) -> list[str]:
     return chosen
 
 
+def check_onnxruntime(bundle: Path, needed: str | None, have: str | None = None) -> None:
+    """Refuse, in our words, a bundle this onnxruntime is too old for (before onnxruntime's own error)."""
+    have = have or ort.__version__
+    if needed and version_tuple(have) < version_tuple(needed):
+        raise BundleError(
+            f"{bundle}: this bundle needs onnxruntime >= {needed}, this device has {have}: "
+            f"`pip install 'onnxruntime>={needed}'`, or rebuild for a profile that lists {have}"
+        )
+
+
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
-def provider_options(providers: list[str], manifest: dict) -> list[dict]:
+def provider_options(providers: list[str], manifest: DecoderManifest) -> list[dict]:
     """Per-provider options: TensorRT's come from the profile's [runtime.tensorrt] table, with
     shape profiles spanning one decode token to the largest prefill, over the bundle's KV cache."""
-    trt = manifest.get("profile", {}).get("runtime", {}).get("tensorrt") or {}
-    model = manifest["model"]
-    kv = f"1x{model['num_kv_heads']}x{model['context_length']}x{model['head_dim']}"
+    trt = manifest.profile.runtime.tensorrt or TensorRTSettings()
+    model = manifest.model
+    kv = f"1x{model.num_kv_heads}x{model.context_length}x{model.head_dim}"
 
     def shapes(tokens: int, total: int) -> str:
         dims = [f"input_ids:1x{tokens}", f"position_ids:1x{tokens}", f"attention_mask:1x{total}"]
-        dims += [
-            f"past_key_values.{i}.{kind}:{kv}" for i in range(int(model["num_layers"])) for kind in ("key", "value")
-        ]
+        dims += [f"past_key_values.{i}.{kind}:{kv}" for i in range(model.num_layers) for kind in ("key", "value")]
         return ",".join(dims)
 
-    longest = int(trt.get("max_prompt_tokens", 512))
-    profiles = (shapes(1, 1), shapes(1, model["context_length"] // 2), shapes(longest, model["context_length"]))
+    longest = trt.max_prompt_tokens
+    profiles = (shapes(1, 1), shapes(1, model.context_length // 2), shapes(longest, model.context_length))
     return [tensorrt_options(manifest, *profiles) if p == "TensorrtExecutionProvider" else {} for p in providers]
 
 
-def tensorrt_options(manifest: dict, min_shapes: str, opt_shapes: str, max_shapes: str) -> dict:
+def tensorrt_options(manifest: Manifest, min_shapes: str, opt_shapes: str, max_shapes: str) -> dict:
     """TensorRT's options from the profile's [runtime.tensorrt] table, with the bundle's shape
     profile and an engine cache per graph (its sha256)."""
-    trt = manifest.get("profile", {}).get("runtime", {}).get("tensorrt") or {}
-    cache = Path(trt.get("engine_cache_path", "~/.cache/edge-slm/tensorrt")).expanduser()
-    graph_file = manifest.get("graph", {}).get("file", "model.onnx")
-    cache = cache / manifest.get("files", {}).get(graph_file, {}).get("sha256", "bundle")[:16]
+    trt = manifest.profile.runtime.tensorrt or TensorRTSettings()
+    graph = manifest.files.get(manifest.graph.file)
+    cache = Path(trt.engine_cache_path).expanduser() / (graph.sha256 if graph else "bundle")[:16]
     return {
-        "trt_fp16_enable": str(bool(trt.get("fp16_enable", True))),
+        "trt_fp16_enable": str(trt.fp16_enable),
         # Explicit QDQ graphs need the int8 flag; fp16 and fp32 bundles must not set it.
-        "trt_int8_enable": str(bool(trt.get("int8_enable")) and manifest.get("precision") == "int8"),
+        "trt_int8_enable": str(trt.int8_enable and manifest.precision == "int8"),
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache),
         "trt_profile_min_shapes": min_shapes,
@@ -97,9 +106,10 @@ class CacheShape:
     vocab_size: int
 
     @classmethod
-    def of(cls, model: dict) -> CacheShape:
-        """From a manifest's `model` section (or the build's model info)."""
-        return cls(*(int(model[f.name]) for f in fields(cls)))
+    def of(cls, model) -> CacheShape:
+        """From a typed manifest's `model` (`DecoderModel`) or the build's model info (a dict)."""
+        get = model.__getitem__ if isinstance(model, dict) else model.__getattribute__
+        return cls(*(int(get(f.name)) for f in fields(cls)))
 
 
 class DecoderSession:
@@ -176,7 +186,7 @@ class DecoderSession:
 
     @classmethod
     def for_bundle(
-        cls, model_path: Path, manifest: dict, threads: int, providers: list[str], context: int | None = None
+        cls, model_path: Path, manifest: DecoderManifest, threads: int, providers: list[str], context: int | None = None
     ) -> DecoderSession:
         """The session of a (verified) bundle: shape, cache layout, prefill graph and provider
         options from its manifest. `context` sizes the KV cache below the bundle's context length
@@ -185,7 +195,7 @@ class DecoderSession:
         for opts in per_provider:
             if "trt_engine_cache_path" in opts:
                 Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        shape = CacheShape.of(manifest["model"])
+        shape = CacheShape.of(manifest.model)
         if context is not None:
             shape = replace(shape, context_length=context)
         return cls(
@@ -193,8 +203,8 @@ class DecoderSession:
             shape,
             threads,
             providers,
-            shared_buffer=bool(manifest["graph"]["kv_cache"]["shared_buffer"]),
-            prefill_file=manifest["graph"].get("prefill_file"),
+            shared_buffer=manifest.graph.shared_kv_buffer,
+            prefill_file=manifest.graph.prefill_file,
             per_provider=per_provider,
         )
 

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest
 from edge_slm.serve import requests as req
 from edge_slm.serve.engine import Cancelled, EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.limits import Limits, check_texts, read_json
@@ -46,6 +47,8 @@ from edge_slm.serve.metrics import Metrics
 from edge_slm.serve.watch import BundleWatch
 
 log = logging.getLogger("edge_slm.serve")
+# The bundle's manifest type -> the engine that queues its requests; a new family adds its entry.
+ENGINES = {DecoderManifest: Engine, EncoderManifest: EncoderEngine}
 
 
 class Service:
@@ -82,15 +85,10 @@ class Service:
         except EdgeSlmError as exc:  # e.g. changed since `serve` checked it: logged, and the process exits
             self.fail(str(exc))
             return
-        self.model_id = self.model.manifest["target"]  # what clients send as "model"
-        self.limits = self.limits.resolved(self.model.manifest["profile"]["runtime"])
-        if getattr(self.model, "kind", "decoder") == "encoder":
-            tokenizer, tokens = self.model.graph.tokenizer, self.model.graph.max_length
-            engine = EncoderEngine(self.model, self.max_queue, self.metrics)
-        else:
-            tokenizer, tokens = self.model.tokenizer, self.model.context_length
-            engine = Engine(self.model, self.max_queue, self.metrics, self.limits.share_prefix_cache)
-        self.fit = (tokens, max(map(len, tokenizer.get_vocab())))  # what check_texts needs
+        self.model_id = self.model.manifest.target  # what clients send as "model"
+        self.limits = self.limits.resolved(self.model.manifest.profile.runtime)
+        engine = ENGINES[type(self.model.manifest)](self.model, self.max_queue, self.metrics, self.limits)
+        self.fit = engine.text_fit()  # what check_texts needs
         self.engine = engine  # last: requests are taken from here on
 
     async def on_text_worker(self, call, *args):
@@ -125,7 +123,7 @@ class Service:
     @property
     def serves(self) -> str:
         """What the loaded bundle does: "generation", "embedding" or "classification"."""
-        return getattr(self.model, "task", "generation")
+        return self.model.manifest.task
 
 
 def create_app(
@@ -218,16 +216,16 @@ async def health(service: Service) -> JSONResponse:
 
 
 async def models(service: Service) -> JSONResponse:
-    manifest = service.model.manifest if service.model else {}
+    manifest = service.model.manifest if service.model else None
     entry = {
         "id": service.model_id,
         "object": "model",
         "created": int(service.bundle.stat().st_mtime),
         "owned_by": "edge-slm",
-        "target": manifest.get("target"),
-        "precision": manifest.get("precision"),
-        "family": manifest.get("family", "decoder"),
-        "task": service.serves if service.model else None,
+        "target": manifest.target if manifest else None,
+        "precision": manifest.precision if manifest else None,
+        "family": manifest.family if manifest else None,
+        "task": manifest.task if manifest else None,
     }
     return JSONResponse({"object": "list", "data": [entry]})
 

@@ -42,15 +42,19 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, max_queue: int, metrics=None, share_prefix_cache: bool = False):
+    def __init__(self, model, max_queue: int, metrics=None, limits=None):
         self.model, self.max_queue, self.metrics = model, max_queue, metrics
-        self.share_prefix_cache = share_prefix_cache
+        self.share_prefix_cache = bool(limits and limits.share_prefix_cache)
         self._lock = asyncio.Lock()
         self.pending = 0  # the running request and those waiting for the model
         self.jobs: dict[Job, asyncio.Task] = {}  # running and waiting
         self._running: Job | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cache_owner: str | None = None  # whose prompt the KV cache holds
+
+    def text_fit(self) -> tuple[int, int]:
+        """Tokens one prompt may have, and the longest token in characters (serve.limits.check_texts)."""
+        return self.model.context_length, max(map(len, self.model.tokenizer.get_vocab()))
 
     def submit(self, job: Job) -> asyncio.Queue:
         """Queue `job` now or refuse it now; ("piece", GenerationResponse) per token, then ("done",
@@ -139,10 +143,15 @@ class EncoderEngine:
     """An encoder behind the same bounded queue: one batch at a time on the model, in a worker
     thread; requests beyond `max_queue` waiting are refused at once."""
 
-    def __init__(self, model, max_queue: int, metrics=None):
+    def __init__(self, model, max_queue: int, metrics=None, limits=None):
         self.model, self.max_queue, self.metrics = model, max_queue, metrics
         self._lock = asyncio.Lock()
         self.pending = 0
+
+    def text_fit(self) -> tuple[int, int]:
+        """Tokens one text may have, and the longest token in characters (serve.limits.check_texts)."""
+        graph = self.model.graph
+        return graph.max_length, max(map(len, graph.tokenizer.get_vocab()))
 
     async def run(self, call, *args):
         if self.pending > self.max_queue:
