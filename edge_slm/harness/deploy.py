@@ -349,6 +349,8 @@ def copy_bundle(
             + (f" ({staged['linked']} already on the device, linked)" if staged["linked"] else "")
         )
         copy(device, [bundle / n for n in missing], f"{staging}/")
+    else:
+        progress(f"{device.host}: every bundle file is on the device already ({staged['linked']} linked, none copied)")
     published = _bundle_script(device, "publish", name=name, files=wanted, token=token, copied=missing)
     if published["bad"]:
         raise RemoteError(
