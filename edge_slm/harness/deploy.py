@@ -342,13 +342,17 @@ def copy_bundle(
         progress(f"{device.host}: the bundle is already there (checksums match)")
         return remote
     missing = staged["missing"]
-    staging = f"{BUNDLES}/.staging-{name}-{token}"
+    staging = f".staging-{name}-{token}"
     if missing:
         progress(
             f"{device.host}: copying {len(missing)} of {len(wanted)} bundle files"
             + (f" ({staged['linked']} already on the device, linked)" if staged["linked"] else "")
         )
-        copy(device, [bundle / n for n in missing], f"{staging}/")
+        try:
+            copy(device, [bundle / n for n in missing], f"{BUNDLES}/{staging}/")
+        except RemoteError:
+            sweep_bundles(device, remove=(staging,))
+            raise
     else:
         progress(f"{device.host}: every bundle file is on the device already ({staged['linked']} linked, none copied)")
     published = _bundle_script(device, "publish", name=name, files=wanted, token=token, copied=missing)
