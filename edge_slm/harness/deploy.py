@@ -302,6 +302,14 @@ elif A["action"] == "publish":
         os.rename(target, os.path.join(root, ".replaced-%s-%s" % (name, A["token"])))
     os.rename(staging, target)
     print(json.dumps({"bad": []}))
+elif A["action"] == "current":
+    # `current` -> the served bundle, replaced in one rename; a `current` that is not a link is not ours.
+    link = os.path.join(os.path.dirname(root), "current")
+    if os.path.islink(link) or not os.path.lexists(link):
+        tmp = "%s.tmp-%d" % (link, os.getpid())
+        os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
+        os.replace(tmp, link)
+    print(json.dumps({}))
 elif A["action"] == "sweep":
     # .replaced-* folders, and (named) versioned folders no longer served; only names deploy made.
     for old in os.listdir(root):
@@ -484,15 +492,8 @@ def switch_server(
 
 
 def _point_current_at(device: Device, remote_bundle: str) -> None:
-    """~/.local/share/edge-slm/current -> the bundle being served, replaced in one rename (a
-    `current` that is not a symbolic link was not made by deploy and is left alone)."""
-    target = shlex.quote(remote_bundle.removeprefix(f"{HOME_DIR}/"))
-    ssh(
-        device,
-        f"cd {HOME_DIR} && if [ -L current ] || [ ! -e current ]; then "
-        f"ln -sfn {target} current.tmp-$$ && mv -fT current.tmp-$$ current; fi",
-        timeout=60,
-    )
+    """~/.local/share/edge-slm/current -> the bundle being served (see `_STAGE_SCRIPT`)."""
+    _bundle_script(device, "current", name=remote_bundle.rpartition("/")[2], files={}, token="")
 
 
 def deploy(

@@ -199,6 +199,26 @@ def log_tail():
     except OSError:
         return "no log"
 
+def signal_recorded(pid, started, sig):
+    # The pidfd is taken before the start time is compared, so the signal reaches the process that
+    # was compared even if it exits and its pid is reused in between (os.kill as a fallback).
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        if start_time(pid) != started:
+            return
+        if fd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
 def stop(r):
     if r.get("systemd"):
         if unit_is_ours(r["unit"]):
@@ -209,13 +229,13 @@ def stop(r):
         return "reused"
     if st == "running":
         pid, started = r["pid"], r["start_time"]
-        os.kill(pid, signal.SIGTERM)
+        signal_recorded(pid, started, signal.SIGTERM)
         for _ in range(150):
             if start_time(pid) != started:
                 break
             time.sleep(0.1)
         else:
-            os.kill(pid, signal.SIGKILL)
+            signal_recorded(pid, started, signal.SIGKILL)
             for _ in range(50):
                 if start_time(pid) != started:
                     break
