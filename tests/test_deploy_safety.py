@@ -119,6 +119,12 @@ def test_a_port_held_by_another_process_fails_the_deploy_in_one_line(device, tin
         assert "copying" not in proc.stderr and "started the server" not in proc.stderr
         status = cli(device, "--status")
         assert status.returncode == 0 and f"on 127.0.0.1:{port}" not in status.stdout
+    # An address the device does not have is not "in use": it is named as what it is.
+    elsewhere = cli(device, tiny_bundle, "--serve", "--listen", "192.0.2.1:8080", "--threads", "1")
+    assert elsewhere.returncode == 2 and last_line(elsewhere) == (
+        f"error: {device.host}: cannot listen on 192.0.2.1:8080 there (Cannot assign requested address): "
+        "pass --listen with an address of the device (0.0.0.0 for every interface)"
+    )
 
 
 class _Impostor(BaseHTTPRequestHandler):

@@ -42,6 +42,7 @@ def device_lock(device: Device, what: str, wait_s: float = LOCK_WAIT_S):
     SSH session to close its input: no stale lock outlives a dead deploy."""
     owner = f"{what} from {socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S UTC', time.gmtime())}"
     script = (
+        "command -v flock >/dev/null || { echo noflock; exit 0; }; "
         f"mkdir -p {HOME_DIR} && cd {HOME_DIR} || exit 1; exec 9>>deploy.lock; "
         f"if ! flock {'-w ' + str(wait_s) if wait_s else '-n'} 9; then "
         "echo busy $(head -c 300 deploy.owner 2>/dev/null | tr -cd '[:print:]'); exit 0; fi; "
@@ -65,6 +66,8 @@ def device_lock(device: Device, what: str, wait_s: float = LOCK_WAIT_S):
                 f"{device.host}: another deploy is using this device's edge-slm install ({holder}): "
                 "wait for it to finish, then try again"
             )
+        if first == "noflock":
+            raise RemoteError(f"{device.host}: `flock` is not installed there: install util-linux, then try again")
         reason = (err.decode(errors="replace").strip().splitlines() or ["no answer"])[-1]
         if proc.returncode == 255 or not first:
             raise RemoteError(f"{device.host}:{device.port}: ssh failed: {reason}")
@@ -81,7 +84,7 @@ def device_lock(device: Device, what: str, wait_s: float = LOCK_WAIT_S):
 
 
 _DEVICE_SCRIPT = r"""
-import json, os, signal, socket, subprocess, sys, time, urllib.request
+import errno, json, os, signal, socket, subprocess, sys, time, urllib.request
 A = json.loads(sys.argv[1])
 os.chdir(os.path.expanduser("~"))
 STATE = A["home_dir"]
@@ -189,7 +192,7 @@ def bindable(host, port):
             s.bind(address)
         return None
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return exc
 
 def log_tail():
     try:
@@ -261,7 +264,9 @@ if action == "check_port":
     ours = r is not None and r.get("port") == port and state(r) == "running"
     if ours and socket_inodes(server_pid(r)) & listening_inodes(port):
         reply(free=True, ours=True)
-    reply(free=False, problem=problem, holders=holders(port))
+    in_use = getattr(problem, "errno", None) == errno.EADDRINUSE
+    reply(free=False, in_use=in_use, problem=getattr(problem, "strerror", None) or str(problem),
+          holders=holders(port) if in_use else [])
 if action == "start":
     cmd, port = A["command"], A["port"]
     record = {"port": port, "listen": A["listen"], "bundle": A["bundle"], "threads": A.get("threads")}
@@ -339,6 +344,11 @@ def check_port(device: Device, listen: str) -> None:
     """Fail in one line when the listen port is held by anything but the server deploy started."""
     host, port = split_listen(listen)
     found = _device(device, "check_port", host=host, port=port)
+    if not found["free"] and not found["in_use"]:
+        raise RemoteError(
+            f"{device.host}: cannot listen on {host}:{port} there ({found['problem']}): "
+            "pass --listen with an address of the device (0.0.0.0 for every interface)"
+        )
     if not found["free"]:
         who = "; ".join(found["holders"]) or "a process of another user"
         raise RemoteError(
