@@ -27,7 +27,8 @@ STATE = ".local/share/edge-slm"
 
 @pytest.fixture(scope="module")
 def device(sshd):
-    return dataclasses.replace(sshd[0], python=SYSTEM_PYTHON)
+    ssh_device, _ = sshd
+    return dataclasses.replace(ssh_device, python=SYSTEM_PYTHON)
 
 
 @pytest.fixture(scope="module")
