@@ -323,3 +323,48 @@ def test_a_redeploy_under_a_running_server_installs_beside_it_and_switches(devic
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["model"] == "tiny-laptop-v2"
     finally:
         assert stop_service(device) == "stopped"
+
+
+def test_a_new_server_that_does_not_come_up_gives_the_port_back_to_the_old_one(
+    device, device_home, tiny_bundle, tmp_path, monkeypatch
+):
+    """The port taken by another program in the moment between the old server's stop and the new
+    one's start (the real start_server runs, against the real device, with a real socket in the way):
+    the deploy fails in one line, the old server is started again and `current` still names it."""
+    from edge_slm.harness import deploy as d
+
+    port = free_port()
+    d.deploy(device, tiny_bundle, serve=True, listen=f"127.0.0.1:{port}", threads=1)
+    try:
+        old = f"{STATE}/bundles/{_bundle_folder(tiny_bundle)}"
+        real_start, calls = d.start_server, []
+
+        def port_taken_for_the_first_start(*args, **kwargs):
+            calls.append(args[2])
+            if len(calls) > 1:
+                return real_start(*args, **kwargs)
+            with socket.socket() as other:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                other.bind(("127.0.0.1", port))
+                other.listen()
+                return real_start(*args, **kwargs)
+
+        monkeypatch.setattr(d, "start_server", port_taken_for_the_first_start)
+        changed = _changed_bundle(tiny_bundle, tmp_path / "v2", "tiny-laptop-v2")
+        new = f"{STATE}/bundles/{_bundle_folder(changed)}"
+        with pytest.raises(RemoteError) as failed:
+            d.deploy(device, changed, serve=True, listen=f"127.0.0.1:{port}", threads=1)
+        message = str(failed.value)
+        assert calls == [new, old]
+        assert message.startswith(f"{device.host}: the server on port {port} did not come up: the server exited (")
+        assert message.endswith(f"; the previous server (~/{old}) serves again") and "\n" not in message
+        assert "address already in use" in message
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {
+            "status": "ok",
+            "model": "tiny-laptop",
+        }
+        assert record(device_home)["bundle"] == old
+        assert os.readlink(device_home / STATE / "current") == f"bundles/{_bundle_folder(tiny_bundle)}"
+        assert (device_home / old).is_dir()  # nothing removed on the way back
+    finally:
+        assert d.stop_service(device) == "stopped"
