@@ -48,8 +48,12 @@ def deploy(
     from edge_slm.harness.ssh import Device
 
     device = Device(host, port, identity, remote_python, strict_host_keys=strict_host_keys)
-    if status or stop:
-        click.echo(f"{host}: {d.stop_service(device) if stop else d.service_status(device)}")
+    if status:
+        click.echo(f"{host}: {d.service_status(device)}")
+        return
+    if stop:
+        with d.device_lock(device, "deploy --stop"):  # not while a deploy is starting a server
+            click.echo(f"{host}: {d.stop_service(device)}")
         return
     if bundle is None:
         raise click.UsageError("give a BUNDLE to deploy (or --status / --stop)")

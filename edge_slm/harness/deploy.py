@@ -7,10 +7,13 @@ On the device everything lives under ~/.local/share/edge-slm/: a virtual environ
 Debian 12 and Raspberry Pi OS Bookworm, whose system Python is externally managed, need no
 `--break-system-packages`) with the edge-slm wheel built from this checkout (the runtime set, plus
 the serve extra with `--serve`) and onnxruntime pinned to a version the bundle's profile lists;
-bundles under bundles/<manifest hash>/, copied file by file only where the sha256 differs and then
-verified on the device by the device's own edge-slm. A smoke test compares 8 greedy tokens with the
-same bundle on this machine. With `--serve` the server runs as a systemd user service where the
-device has systemd, else detached with a pid file and a log; either way deploy waits for /health.
+bundles under bundles/<manifest hash>/, each staged beside the others (files already on the device
+hard-linked, the rest copied) and renamed into place whole, never rewritten in place; then verified
+on the device by the device's own edge-slm. A smoke test compares 8 greedy tokens with the same
+bundle on this machine. With `--serve` the server runs as a systemd user service where the device
+has systemd, else detached, recorded with its pid and start time; deploy waits until /health
+answers from the process it started, then points `current` at the bundle and removes the previous
+one. One deploy at a time per device (a lock held through an SSH session); see device_service.py.
 `edge-slm bench --host` installs through the same venv.
 """
 
@@ -18,8 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import secrets
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,13 +40,20 @@ from edge_slm.core.bundle import MANIFEST, verify_bundle
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.hashing import sha256_file
 from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest
+from edge_slm.harness.device_service import (
+    HOME_DIR,
+    check_port,
+    device_lock,
+    recorded_server,
+    service_status,  # noqa: F401 (deploy's interface: --status)
+    start_server,
+    stop_service,
+)
 from edge_slm.harness.ssh import Device, RemoteError, ssh
 
-HOME_DIR = ".local/share/edge-slm"
 VENV = f"{HOME_DIR}/venv"
 BUNDLES = f"{HOME_DIR}/bundles"
 MARKER = f"{VENV}/.edge-slm-install.json"
-SERVICE = "edge-slm"
 NEAR_TIE_NATS = 1.0
 _CHECKOUT = Path(__file__).resolve().parents[2]
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "edge_slm", "targets")  # what the wheel is built from
@@ -231,21 +245,139 @@ def copy(device: Device, files: list[Path], remote_dir: str) -> None:
     raise RemoteError(f"{device.host}: copying failed: {proc.stderr.strip()[-300:]}")
 
 
-def copy_bundle(device: Device, bundle: Path, manifest: Manifest, progress=lambda msg: None) -> str:
-    """The bundle under bundles/<manifest hash>/ on the device, copying only files whose sha256
-    differs there; returns its path relative to the device's home."""
+# The device half of copy_bundle, stdlib only. "stage": a fresh folder beside the bundles with every
+# wanted file already on the device hard-linked into it (a second name for the same inode: nothing
+# is written into a file a running server may have memory-mapped) or copied where links fail;
+# "publish": the copied files checked, the folder renamed into its versioned place (a damaged
+# folder of the same name is renamed aside first, to .replaced-*, and removed by "sweep").
+_STAGE_SCRIPT = r"""
+import hashlib, json, os, shutil, sys, time
+A = json.loads(sys.argv[1])
+os.chdir(os.path.expanduser("~"))
+root, name, want = A["bundles"], A["name"], A["files"]
+target = os.path.join(root, name)
+staging = os.path.join(root, ".staging-%s-%s" % (name, A["token"]))
+
+def sha(path, size=None):
+    if not os.path.isfile(path) or os.path.islink(path) or (size is not None and os.path.getsize(path) != size):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+def whole(folder):
+    return os.path.isdir(folder) and not os.path.islink(folder) and sorted(os.listdir(folder)) == sorted(want) \
+        and all(sha(os.path.join(folder, n), w.get("bytes")) == w["sha256"] for n, w in want.items())
+
+os.makedirs(root, exist_ok=True)
+if A["action"] == "stage":
+    if whole(target):
+        print(json.dumps({"present": True})); sys.exit(0)
+    for old in os.listdir(root):  # staging folders of deploys killed over a day ago
+        path = os.path.join(root, old)
+        if old.startswith(".staging-") and time.time() - os.path.getmtime(path) > 86400:
+            shutil.rmtree(path, ignore_errors=True)
+    os.mkdir(staging)
+    sources = [target] + [os.path.join(root, d) for d in sorted(os.listdir(root)) if not d.startswith(".")]
+    missing, linked = [], 0
+    for n, w in want.items():
+        src = next((os.path.join(d, n) for d in sources
+                    if sha(os.path.join(d, n), w.get("bytes")) == w["sha256"]), None)
+        if src is None:
+            missing.append(n); continue
+        try:
+            os.link(src, os.path.join(staging, n))
+        except OSError:
+            shutil.copyfile(src, os.path.join(staging, n))
+        linked += 1
+    print(json.dumps({"present": False, "missing": missing, "linked": linked}))
+elif A["action"] == "publish":
+    bad = [n for n in A["copied"] if sha(os.path.join(staging, n), want[n].get("bytes")) != want[n]["sha256"]]
+    if bad or sorted(os.listdir(staging)) != sorted(want):
+        shutil.rmtree(staging, ignore_errors=True)
+        print(json.dumps({"bad": bad or ["(the folder's file list)"]})); sys.exit(0)
+    if os.path.lexists(target):
+        os.rename(target, os.path.join(root, ".replaced-%s-%s" % (name, A["token"])))
+    os.rename(staging, target)
+    print(json.dumps({"bad": []}))
+elif A["action"] == "current":
+    # `current` -> the served bundle, replaced in one rename; a `current` that is not a link is not ours.
+    link = os.path.join(os.path.dirname(root), "current")
+    if os.path.islink(link) or not os.path.lexists(link):
+        tmp = "%s.tmp-%d" % (link, os.getpid())
+        os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
+        os.replace(tmp, link)
+    print(json.dumps({}))
+elif A["action"] == "sweep":
+    # .replaced-* folders, and (named) versioned folders no longer served; only names deploy made.
+    for old in os.listdir(root):
+        if old.startswith(".replaced-") or old in A.get("remove", []):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    print(json.dumps({}))
+"""
+
+
+def _bundle_script(device: Device, action: str, **args) -> dict:
+    payload = json.dumps({"action": action, "bundles": BUNDLES, **args})
+    out = ssh(
+        device, f"{shlex.quote(device.python)} - {shlex.quote(payload)}", stdin=_STAGE_SCRIPT.encode(), timeout=900
+    )
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RemoteError(f"{device.host}: the device's answer to '{action}' was not understood ({out[-120:]!r})")
+
+
+def copy_bundle(
+    device: Device, bundle: Path, manifest: Manifest, progress=lambda msg: None, keep_replaced: bool = False
+) -> str:
+    """The bundle under bundles/<manifest hash>/ on the device; returns its path relative to the
+    device's home. A folder that is already whole is used as it is. Otherwise a new folder is
+    staged beside it: files the device has already (same sha256, in any bundle folder) hard-linked,
+    the others copied, the copies checked, then renamed into place. No file under bundles/ is ever
+    written in place, so a server reading (memory-mapping) a bundle never sees it change. A damaged
+    folder of the same name is renamed aside and removed by `sweep_bundles` (now, unless
+    `keep_replaced`: deploy removes it once the new server is up)."""
     manifest_sha = sha256_file(bundle / MANIFEST)
-    remote = f"{BUNDLES}/{manifest_sha[:16]}"
-    listing = ssh(device, f"mkdir -p {remote} && cd {remote} && (sha256sum -- * 2>/dev/null || true)")
-    present = {line.split()[1]: line.split()[0] for line in listing.splitlines() if len(line.split()) == 2}
-    wanted = {name: info.sha256 for name, info in manifest.files.items()} | {MANIFEST: manifest_sha}
-    missing = [name for name, sha256 in wanted.items() if present.get(name) != sha256]
-    if missing:
-        progress(f"{device.host}: copying {len(missing)} of {len(wanted)} bundle files")
-        copy(device, [bundle / name for name in missing], f"{remote}/")
-    else:
+    name = manifest_sha[:16]
+    remote = f"{BUNDLES}/{name}"
+    wanted = {name: {"sha256": info.sha256, "bytes": info.bytes} for name, info in manifest.files.items()}
+    wanted[MANIFEST] = {"sha256": manifest_sha}
+    token = f"{socket.gethostname()[:20]}-{os.getpid()}-{secrets.token_hex(3)}"
+    staged = _bundle_script(device, "stage", name=name, files=wanted, token=token)
+    if staged["present"]:
         progress(f"{device.host}: the bundle is already there (checksums match)")
+        return remote
+    missing = staged["missing"]
+    staging = f".staging-{name}-{token}"
+    if missing:
+        progress(
+            f"{device.host}: copying {len(missing)} of {len(wanted)} bundle files"
+            + (f" ({staged['linked']} already on the device, linked)" if staged["linked"] else "")
+        )
+        try:
+            copy(device, [bundle / n for n in missing], f"{BUNDLES}/{staging}/")
+        except RemoteError:
+            sweep_bundles(device, remove=(staging,))
+            raise
+    else:
+        progress(f"{device.host}: every bundle file is on the device already ({staged['linked']} linked, none copied)")
+    published = _bundle_script(device, "publish", name=name, files=wanted, token=token, copied=missing)
+    if published["bad"]:
+        raise RemoteError(
+            f"{device.host}: {', '.join(published['bad'][:3])} differ from the manifest after copying: "
+            "check the device's storage, then deploy again"
+        )
+    if not keep_replaced:
+        sweep_bundles(device)
     return remote
+
+
+def sweep_bundles(device: Device, remove: tuple[str, ...] = ()) -> None:
+    """Remove bundle folders set aside by `copy_bundle` and the versioned folders named in `remove`."""
+    _bundle_script(device, "sweep", name="", files={}, token="", remove=list(remove))
 
 
 SMOKE_TEXTS = ("turn off the kitchen lights", "will it rain in Lisbon tomorrow", "add oat milk to the shopping list")
@@ -331,84 +463,38 @@ def smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, thre
     }
 
 
-def _has_systemd(device: Device) -> bool:
-    try:
-        ssh(device, "command -v systemctl >/dev/null && systemctl --user show-environment >/dev/null 2>&1", timeout=60)
-        return True
-    except RemoteError:
-        return False
-
-
-def start_service(
+def switch_server(
     device: Device, venv: str, remote_bundle: str, listen: str, threads: int | None, progress=lambda msg: None
 ) -> str:
-    """Start `edge-slm serve` on the device and wait for /health; returns how it runs."""
-    host, _, port = listen.rpartition(":")
-    serve = [f"$HOME/{venv}/bin/edge-slm", "serve", f"$HOME/{remote_bundle}", "--host", host, "--port", port]
-    serve += ["--threads", str(threads)] if threads else []
+    """Replace the server deploy started (if any) by one serving `remote_bundle`: the port checked
+    first (the old server keeps serving meanwhile), the old one stopped, the new one started and
+    waited for; `current` points at the new bundle only once it is up, and the old bundle's folder
+    goes only then. When the new one does not come up, the old one is started again."""
+    check_port(device, listen)
+    previous = recorded_server(device)
+    if previous:
+        progress(f"{device.host}: switching the server from ~/{previous['bundle']} to ~/{remote_bundle}")
     stop_service(device, quiet=True)
-    if _has_systemd(device):
-        unit = (
-            f"[Unit]\nDescription=edge-slm serve ({remote_bundle})\nAfter=network-online.target\n\n"
-            f"[Service]\nExecStart={' '.join(serve).replace('$HOME', '%h')}\nRestart=on-failure\nRestartSec=3\n\n"
-            "[Install]\nWantedBy=default.target\n"
-        )
-        ssh(
-            device,
-            f"mkdir -p .config/systemd/user && cat > .config/systemd/user/{SERVICE}.service",
-            stdin=unit.encode(),
-        )
-        ssh(
-            device,
-            f'(loginctl enable-linger "$USER" 2>/dev/null || true) && systemctl --user daemon-reload && '
-            f"systemctl --user enable --now {SERVICE}.service",
-            timeout=120,
-        )
-        how = f"a systemd user service ({SERVICE}.service, restarted on failure, started at boot)"
-    else:
-        ssh(
-            device,
-            # Only the server goes to the background, every stream redirected: ssh returns at once.
-            f"cd || exit 1; nohup {' '.join(serve)} > {HOME_DIR}/serve.log 2>&1 < /dev/null & "
-            f"echo $! > {HOME_DIR}/serve.pid",
-            timeout=60,
-        )
-        how = f"detached (no systemd user session there): pid in ~/{HOME_DIR}/serve.pid, log in ~/{HOME_DIR}/serve.log"
-    progress(f"{device.host}: started the server as {how}; waiting for /health")
-    probe = (
-        f"import time, urllib.request\nfor _ in range(240):\n try:\n"
-        f"  urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=2).read(); print('ok'); break\n"
-        f" except Exception:\n  time.sleep(0.5)\nelse:\n print('timeout')\n"
-    )
-    if ssh(device, f"{venv}/bin/python -", stdin=probe.encode(), timeout=180).strip() != "ok":
-        tail = ssh(device, f"tail -n 3 {HOME_DIR}/serve.log 2>/dev/null || true").strip().replace("\n", " | ")
-        raise RemoteError(f"{device.host}: the server did not answer /health within two minutes ({tail})")
+    try:
+        how = start_server(device, venv, remote_bundle, listen, threads, progress)
+    except RemoteError as exc:
+        if not previous:
+            raise
+        try:
+            start_server(device, venv, previous["bundle"], previous["listen"], previous.get("threads"), progress)
+        except RemoteError as again:
+            raise RemoteError(f"{exc}; starting the previous server again failed too: {again}") from None
+        raise RemoteError(f"{exc}; the previous server (~/{previous['bundle']}) serves again") from None
+    _point_current_at(device, remote_bundle)
+    old = previous["bundle"].rpartition("/")[2] if previous else ""
+    if old != remote_bundle.rpartition("/")[2] and re.fullmatch(r"[0-9a-f]{16}", old):
+        sweep_bundles(device, remove=(old,))
     return how
 
 
-def service_status(device: Device) -> str:
-    script = (
-        f"if systemctl --user is-active {SERVICE}.service >/dev/null 2>&1; then echo systemd active; "
-        f"elif [ -f {HOME_DIR}/serve.pid ] && kill -0 $(cat {HOME_DIR}/serve.pid) 2>/dev/null; then "
-        f"echo detached pid $(cat {HOME_DIR}/serve.pid); else echo stopped; fi"
-    )
-    return ssh(device, script, timeout=60).strip()
-
-
-def stop_service(device: Device, quiet: bool = False) -> str:
-    """Stop the server deploy started and wait until it has exited (SIGTERM, then SIGKILL after
-    15 s), so "stopped" means the port is free; only a process whose command line is edge-slm
-    serve is signalled, so a reused pid is never another program."""
-    script = (
-        f"(systemctl --user disable --now {SERVICE}.service >/dev/null 2>&1 || true); "
-        f"if [ -f {HOME_DIR}/serve.pid ]; then pid=$(cat {HOME_DIR}/serve.pid); "
-        f"if tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -q 'edge-slm serve'; then kill $pid; "
-        # An exited process that nobody reaped has an empty command line: that counts as gone.
-        "for _ in $(seq 150); do [ -s /proc/$pid/cmdline ] || break; sleep 0.1; done; "
-        "kill -9 $pid 2>/dev/null; fi; "
-        f"rm -f {HOME_DIR}/serve.pid; fi; echo stopped"
-    )
-    return ssh(device, script, timeout=60).strip()
+def _point_current_at(device: Device, remote_bundle: str) -> None:
+    """~/.local/share/edge-slm/current -> the bundle being served (see `_STAGE_SCRIPT`)."""
+    _bundle_script(device, "current", name=remote_bundle.rpartition("/")[2], files={}, token="")
 
 
 # The bundle's manifest type -> its smoke test on the device; a new family adds its entry.
@@ -423,18 +509,24 @@ def deploy(
     threads: int | None = None,
     progress=lambda msg: None,
 ) -> dict:
-    """The whole path: wheel, venv, bundle, smoke test, and with `serve` the running service."""
+    """The whole path: wheel, venv, bundle, smoke test, and with `serve` the running service; one
+    deploy at a time per device (`device_lock`)."""
     manifest = verify_bundle(bundle)
-    with checkout_wheel(progress) as wheel:
-        venv = ensure_venv(device, manifest, wheel, serve=serve, progress=progress)
-    remote_bundle = copy_bundle(device, bundle, manifest, progress)
-    progress(f"{device.host}: verifying every checksum on the device")
-    ssh(device, f"cd && {venv}/bin/edge-slm inspect {remote_bundle} > /dev/null", timeout=600)
-    smoke = SMOKE_TESTS[type(manifest)](device, venv, remote_bundle, bundle, threads)
-    if not smoke["passed"]:
-        raise RemoteError(f"{device.host}: the smoke test failed: {smoke['summary']}")
-    result = {"host": device.host, "bundle": f"~/{remote_bundle}", "venv": f"~/{venv}", "smoke": smoke}
-    if serve:
-        result["service"] = start_service(device, venv, remote_bundle, listen, threads, progress)
-        result["listen"] = listen
+    with device_lock(device, f"deploy of {bundle.name}"):
+        if serve:
+            check_python(device)
+            check_port(device, listen)  # before minutes of work; checked again just before the switch
+        with checkout_wheel(progress) as wheel:
+            venv = ensure_venv(device, manifest, wheel, serve=serve, progress=progress)
+        remote_bundle = copy_bundle(device, bundle, manifest, progress, keep_replaced=True)
+        progress(f"{device.host}: verifying every checksum on the device")
+        ssh(device, f"cd && {venv}/bin/edge-slm inspect {remote_bundle} > /dev/null", timeout=600)
+        smoke = SMOKE_TESTS[type(manifest)](device, venv, remote_bundle, bundle, threads)
+        if not smoke["passed"]:
+            raise RemoteError(f"{device.host}: the smoke test failed: {smoke['summary']}")
+        result = {"host": device.host, "bundle": f"~/{remote_bundle}", "venv": f"~/{venv}", "smoke": smoke}
+        if serve:
+            result["service"] = switch_server(device, venv, remote_bundle, listen, threads, progress)
+            result["listen"] = listen
+        sweep_bundles(device)
     return result

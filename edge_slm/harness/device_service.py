@@ -1,0 +1,439 @@
+"""What deploy keeps on a device besides files: the install's lock and the server it started.
+
+- One deploy at a time per device install: `device_lock()` holds `flock` on
+  ~/.local/share/edge-slm/deploy.lock for as long as an SSH session stays open (the lock goes when
+  the session ends, however this machine's process ends); a second deploy fails in one line naming
+  the first.
+- The server deploy starts is recorded in serve.json with its pid and its start time (field 22 of
+  /proc/PID/stat, in clock ticks since boot): a pid the kernel gave to another process since has
+  another start time, so `--stop` never signals it. Under systemd the record names the user unit
+  deploy wrote (marked as ours), and only such a unit is stopped or replaced.
+- A listen port held by anything but that recorded server fails the deploy before the switch, and a
+  started server counts as up only when /health answers AND the listening socket on the port is
+  its own (so another server answering on the port, or our server dying of EADDRINUSE, is a failure).
+
+The device half of this is one stdlib-only Python script (`_DEVICE_SCRIPT`) run by the device's
+Python: reading /proc and JSON in POSIX shell would be longer and easier to get wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shlex
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+
+from edge_slm.harness.ssh import Device, RemoteError, ssh
+
+HOME_DIR = ".local/share/edge-slm"
+SERVICE = "edge-slm"
+LOCK_WAIT_S = 0  # a second deploy fails at once, naming the first: deploys take minutes, not seconds
+HEALTH_WAIT_S = 120
+
+
+@contextmanager
+def device_lock(device: Device, what: str, wait_s: float = LOCK_WAIT_S):
+    """Hold the device install's lock for the length of a `with` block, or fail in one line naming
+    whoever holds it. The lock is `flock` on a file, held by a shell that waits for this end of the
+    SSH session to close its input: no stale lock outlives a dead deploy."""
+    owner = f"{what} from {socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S UTC', time.gmtime())}"
+    script = (
+        "command -v flock >/dev/null || { echo noflock; exit 0; }; "
+        f"mkdir -p {HOME_DIR} && cd {HOME_DIR} || exit 1; exec 9>>deploy.lock; "
+        f"if ! flock {'-w ' + str(wait_s) if wait_s else '-n'} 9; then "
+        "echo busy $(head -c 300 deploy.owner 2>/dev/null | tr -cd '[:print:]'); exit 0; fi; "
+        f"printf '%s\\n' {shlex.quote(owner)} > deploy.owner.tmp && mv -f deploy.owner.tmp deploy.owner; "
+        "echo locked; cat > /dev/null; rm -f deploy.owner"
+    )
+    proc = subprocess.Popen(
+        ["ssh", *device.ssh_args(), "-p", str(device.port), "--", device.destination, script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 30 + wait_s)
+    first = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+    if first != "locked":
+        proc.kill()
+        _, err = proc.communicate()
+        if first.startswith("busy"):
+            holder = first[4:].strip() or "owner unknown"
+            raise RemoteError(
+                f"{device.host}: another deploy is using this device's edge-slm install ({holder}): "
+                "wait for it to finish, then try again"
+            )
+        if first == "noflock":
+            raise RemoteError(f"{device.host}: `flock` is not installed there: install util-linux, then try again")
+        reason = (err.decode(errors="replace").strip().splitlines() or ["no answer"])[-1]
+        if proc.returncode == 255 or not first:
+            raise RemoteError(f"{device.host}:{device.port}: ssh failed: {reason}")
+        raise RemoteError(f"{device.host}: taking the deploy lock failed: {reason}")
+    try:
+        yield
+    finally:
+        proc.stdin.close()  # the device's `cat` ends, the shell exits, the lock is released
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_DEVICE_SCRIPT = r"""
+import errno, json, os, signal, socket, subprocess, sys, time, urllib.request
+A = json.loads(sys.argv[1])
+os.chdir(os.path.expanduser("~"))
+STATE = A["home_dir"]
+RECORD = os.path.join(STATE, "serve.json")
+UNIT_DIR = ".config/systemd/user"
+MARK = "# Written by edge-slm deploy: it starts, stops and replaces this unit."
+
+def reply(**kw):
+    print(json.dumps(kw)); sys.exit(0)
+
+def start_time(pid):
+    # Field 22 of /proc/PID/stat; None when there is no such process or it is a zombie.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except (OSError, ValueError, TypeError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+def read_record():
+    try:
+        with open(RECORD) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return r if isinstance(r, dict) else None
+
+def write_record(r):
+    with open(RECORD + ".tmp", "w") as f:
+        json.dump(r, f)
+    os.replace(RECORD + ".tmp", RECORD)
+
+def unit_path(name):
+    return os.path.join(UNIT_DIR, name + ".service")
+
+def unit_is_ours(name):
+    try:
+        with open(unit_path(name)) as f:
+            return MARK in f.read()
+    except OSError:
+        return None  # no unit
+
+def systemctl(*args):
+    return subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True)
+
+def server_pid(r):
+    if r.get("systemd"):
+        out = systemctl("show", "-p", "MainPID", "--value", r["unit"] + ".service").stdout.strip()
+        return int(out) if out.isdigit() and out != "0" else None
+    return r.get("pid")
+
+def state(r):
+    # running: the recorded process is alive; gone: it exited; reused: its pid is another process now.
+    if r.get("systemd"):
+        return "running" if server_pid(r) else "gone"
+    now = start_time(r.get("pid"))
+    if now is None:
+        return "gone"
+    return "running" if now == r.get("start_time") else "reused"
+
+def listening_inodes(port):
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    return inodes
+
+def socket_inodes(pid):
+    found = set()
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            if link.startswith("socket:["):
+                found.add(link[8:-1])
+    except (OSError, TypeError):
+        pass
+    return found
+
+def holders(port):
+    # The processes of this user that hold a listening socket on the port (others' are not visible).
+    inodes, names = listening_inodes(port), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and socket_inodes(int(entry)) & inodes:
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = "?"
+            names.append("pid %s: %s" % (entry, cmd[:80]))
+    return names
+
+def bindable(host, port):
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(address)
+        return None
+    except OSError as exc:
+        return exc
+
+def log_tail():
+    try:
+        with open(os.path.join(STATE, "serve.log"), "rb") as f:
+            lines = f.read()[-4000:].decode(errors="replace").strip().splitlines()
+        return " | ".join(lines[-3:])
+    except OSError:
+        return "no log"
+
+def signal_recorded(pid, started, sig):
+    # The pidfd is taken before the start time is compared, so the signal reaches the process that
+    # was compared even if it exits and its pid is reused in between (os.kill as a fallback).
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        if start_time(pid) != started:
+            return
+        if fd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+def stop(r):
+    if r.get("systemd"):
+        if unit_is_ours(r["unit"]):
+            systemctl("disable", "--now", r["unit"] + ".service")
+        return "stopped"
+    st = state(r)
+    if st == "reused":
+        return "reused"
+    if st == "running":
+        pid, started = r["pid"], r["start_time"]
+        signal_recorded(pid, started, signal.SIGTERM)
+        for _ in range(150):
+            if start_time(pid) != started:
+                break
+            time.sleep(0.1)
+        else:
+            signal_recorded(pid, started, signal.SIGKILL)
+            for _ in range(50):
+                if start_time(pid) != started:
+                    break
+                time.sleep(0.1)
+    return "stopped"
+
+action, r = A["action"], read_record()
+if action == "status":
+    if r is None:
+        reply(state="stopped")
+    reply(state=state(r), record=r)
+if action == "stop":
+    if r is None:
+        reply(state="stopped")
+    result = stop(r)
+    os.remove(RECORD)
+    reply(state=result, pid=r.get("pid"), record=r)
+if action == "check_port":
+    host, port = A["host"], A["port"]
+    problem = bindable(host, port)
+    if problem is None:
+        reply(free=True)
+    ours = r is not None and r.get("port") == port and state(r) == "running"
+    if ours and socket_inodes(server_pid(r)) & listening_inodes(port):
+        reply(free=True, ours=True)
+    in_use = getattr(problem, "errno", None) == errno.EADDRINUSE
+    reply(free=False, in_use=in_use, problem=getattr(problem, "strerror", None) or str(problem),
+          holders=holders(port) if in_use else [])
+if action == "start":
+    cmd, port = A["command"], A["port"]
+    record = {"port": port, "listen": A["listen"], "bundle": A["bundle"], "threads": A.get("threads")}
+    if A["systemd"]:
+        os.makedirs(UNIT_DIR, exist_ok=True)
+        SERVICE_NAME = A["unit"]
+        if unit_is_ours(SERVICE_NAME) is False:
+            reply(error="~/%s was not written by edge-slm deploy: rename or remove it, then deploy again"
+                  % unit_path(SERVICE_NAME))
+        unit = "\n".join([MARK, "[Unit]", "Description=edge-slm serve (%s)" % A["bundle"],
+                          "After=network-online.target", "", "[Service]", "ExecStart=" + " ".join(cmd),
+                          "StandardOutput=append:%h/" + STATE + "/serve.log", "StandardError=inherit",
+                          "Restart=on-failure", "RestartSec=3", "", "[Install]", "WantedBy=default.target", ""])
+        with open(unit_path(SERVICE_NAME) + ".tmp", "w") as f:
+            f.write(unit)
+        os.replace(unit_path(SERVICE_NAME) + ".tmp", unit_path(SERVICE_NAME))
+        open(os.path.join(STATE, "serve.log"), "wb").close()
+        subprocess.run(["loginctl", "enable-linger", os.environ.get("USER", "")], capture_output=True)
+        systemctl("daemon-reload")
+        done = systemctl("enable", "--now", SERVICE_NAME + ".service")
+        if done.returncode:
+            reply(error="systemctl --user enable --now failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+        write_record(dict(record, systemd=True, unit=SERVICE_NAME))
+        reply(started=True)
+    with open(os.path.join(STATE, "serve.log"), "wb") as log:
+        proc = subprocess.Popen([os.path.expanduser(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    write_record(dict(record, pid=proc.pid, start_time=start_time(proc.pid)))
+    reply(started=True, pid=proc.pid)
+if action == "wait":
+    # Up means: our recorded process is alive, /health says ok, and the port's listening socket is its own.
+    port, host = r["port"], A["probe_host"]
+    deadline = time.time() + A["seconds"]
+    while time.time() < deadline:
+        restarts = systemctl("show", "-p", "NRestarts", "--value", r["unit"] + ".service").stdout.strip() \
+            if r.get("systemd") else ""
+        if (state(r) != "running" and not r.get("systemd")) or restarts not in ("", "0"):
+            reply(up=False, why="the server exited (%s)" % log_tail())
+        try:
+            body = json.loads(urllib.request.urlopen("http://%s:%d/health" % (host, port), timeout=2).read())
+            if body.get("status") == "ok" and socket_inodes(server_pid(r)) & listening_inodes(port):
+                reply(up=True, pid=server_pid(r))
+        except Exception:
+            pass
+        time.sleep(0.5)
+    reply(up=False, why="no answer on /health within %d s (%s)" % (A["seconds"], log_tail()))
+reply(error="unknown action " + action)
+"""
+
+
+def _device(device: Device, action: str, timeout: float = 120, **args) -> dict:
+    """Run one action of the device script with the device's Python; its last line is JSON."""
+    payload = json.dumps({"action": action, "home_dir": HOME_DIR, **args})
+    out = ssh(
+        device,
+        f"{shlex.quote(device.python)} - {shlex.quote(payload)}",
+        stdin=_DEVICE_SCRIPT.encode(),
+        timeout=timeout,
+    )
+    try:
+        reply = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RemoteError(f"{device.host}: the device's answer to '{action}' was not understood ({out[-120:]!r})")
+    if "error" in reply:
+        raise RemoteError(f"{device.host}: {reply['error']}")
+    return reply
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_port(device: Device, listen: str) -> None:
+    """Fail in one line when the listen port is held by anything but the server deploy started."""
+    host, port = split_listen(listen)
+    found = _device(device, "check_port", host=host, port=port)
+    if not found["free"] and not found["in_use"]:
+        raise RemoteError(
+            f"{device.host}: cannot listen on {host}:{port} there ({found['problem']}): "
+            "pass --listen with an address of the device (0.0.0.0 for every interface)"
+        )
+    if not found["free"]:
+        who = "; ".join(found["holders"]) or "a process of another user"
+        raise RemoteError(
+            f"{device.host}: port {port} is already in use there ({who}) and not by the server deploy started: "
+            f"stop that process or pass --listen {host or '0.0.0.0'}:ANOTHER_PORT"
+        )
+
+
+def recorded_server(device: Device) -> dict | None:
+    """The server deploy recorded, if it still runs (its pid with its start time, or our unit)."""
+    found = _device(device, "status")
+    return found["record"] if found["state"] == "running" else None
+
+
+def has_systemd(device: Device) -> bool:
+    try:
+        ssh(device, "command -v systemctl >/dev/null && systemctl --user show-environment >/dev/null 2>&1", timeout=60)
+        return True
+    except RemoteError:
+        return False
+
+
+def start_server(
+    device: Device,
+    venv: str,
+    remote_bundle: str,
+    listen: str,
+    threads: int | None,
+    progress=lambda msg: None,
+) -> str:
+    """Start `edge-slm serve` on the device, record it, and wait until it is up (see `_DEVICE_SCRIPT`'s
+    "wait"); returns how it runs. Whatever was recorded before must have been stopped."""
+    host, port = split_listen(listen)
+    systemd = has_systemd(device)
+    home = "%h" if systemd else "~"
+    command = [f"{home}/{venv}/bin/edge-slm", "serve", f"{home}/{remote_bundle}", "--host", host, "--port", str(port)]
+    command += ["--threads", str(threads)] if threads else []
+    _device(
+        device,
+        "start",
+        command=command,
+        port=port,
+        listen=listen,
+        bundle=remote_bundle,
+        threads=threads,
+        systemd=systemd,
+        unit=SERVICE,
+    )
+    if systemd:
+        how = f"a systemd user service ({SERVICE}.service, restarted on failure, started at boot)"
+    else:
+        how = (
+            f"detached (no systemd user session there): pid and start time in ~/{HOME_DIR}/serve.json, log in serve.log"
+        )
+    progress(f"{device.host}: started the server as {how}; waiting for /health")
+    probe_host = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+    up = _device(device, "wait", timeout=HEALTH_WAIT_S + 60, probe_host=probe_host, seconds=HEALTH_WAIT_S)
+    if not up["up"]:
+        _device(device, "stop")
+        raise RemoteError(f"{device.host}: the server on port {port} did not come up: {up['why']}")
+    return how
+
+
+def service_status(device: Device) -> str:
+    found = _device(device, "status")
+    if found["state"] == "stopped":
+        return "stopped"
+    record = found["record"]
+    if found["state"] == "reused":
+        return f"stopped (the recorded server is gone; pid {record['pid']} now belongs to another process)"
+    if found["state"] == "gone":
+        return "stopped (the recorded server exited)"
+    if record.get("systemd"):
+        return f"systemd active ({record['unit']}.service serving ~/{record['bundle']} on {record['listen']})"
+    return f"detached pid {record['pid']} serving ~/{record['bundle']} on {record['listen']}"
+
+
+def stop_service(device: Device, quiet: bool = False) -> str:
+    """Stop the server deploy started and wait until it has exited (SIGTERM, then SIGKILL after
+    15 s), so "stopped" means its port is free. Only the recorded process is signalled: its pid
+    AND its start time must match; a pid that now belongs to another process is left alone and
+    (unless `quiet`) reported as an error."""
+    found = _device(device, "stop", timeout=60)
+    if found["state"] == "reused" and not quiet:
+        raise RemoteError(
+            f"{device.host}: the recorded server is gone; pid {found['pid']} now belongs to another process: not stopped"
+        )
+    return "stopped"
