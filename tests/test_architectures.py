@@ -187,3 +187,48 @@ def test_architecture_neither_path_takes_is_refused_in_one_line(tmp_path):
     assert message.startswith(f"{mamba}: architecture 'mamba' is not supported; supported: llama (Llama, SmolLM2")
     for family in ("qwen3", "gemma3_text", "phi3", "olmo2", "smollm3", "granite", "optimum's generic graph"):
         assert family in message
+
+
+FUSED = [family for family, (_, _, graph) in FAMILIES.items() if graph == "fused"]
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_family_with_separate_rotary_nodes_matches_torch(family, tmp_path):
+    """The profile that lists onnxruntime 1.20 (RotaryEmbedding nodes before GroupQueryAttention):
+    logits and every present key/value within fp32's tolerance for a prompt longer than the
+    window and three decode steps; the window is on exactly the layers transformers slides."""
+    import onnx
+
+    from edge_slm.builder.decoder.architectures.base import layer_windows
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", family)
+    exported = export(model, load_profile("jetson-orin"), tmp_path / "graph")
+    assert exported.graph == "fused"
+    prompt_ids = tokenizer(PROMPT).input_ids
+    report = validate(exported.onnx_path, model, prompt_ids, decode_steps=3)
+    assert report["passed"] and report["prompt_tokens"] > WINDOW
+    nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), None) for n in attention]
+    assert windows == layer_windows(model.config)
+    rotary = sum(n.op_type == "RotaryEmbedding" for n in nodes)
+    assert rotary == (2 if family == "smollm3" else 4)  # SmolLM3's second layer has no rotary embedding
+
+
+def test_weight_the_fused_graph_has_no_place_for_falls_back_to_generic(tmp_path):
+    """A Llama with MLP biases: the fused graph would drop them, so the build takes the generic
+    graph (one line saying why) and it matches torch."""
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", "llama-head24", head_dim=16, mlp_bias=True)
+    lines = []
+    exported = export(model, load_profile("x86-laptop"), tmp_path / "graph", progress=lines.append)
+    assert exported.graph == "generic"
+    assert lines == [
+        "the fused graph has no place for the weight 'model.layers.0.mlp.down_proj.bias': "
+        "tracing optimum's generic graph instead"
+    ]
+    assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]
