@@ -56,6 +56,7 @@ FAMILIES = {
         "fused",
     ),
     # Heads of 32 (2 of them, 1 KV head) so that half of each is rotated: a width of 16.
+    "gemma": ("GemmaConfig", {"head_dim": 16, "hidden_act": "gelu"}, "fused"),  # an early checkpoint's exact GELU
     "phi3": (
         "Phi3Config",
         {"num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.5, "sliding_window": WINDOW},

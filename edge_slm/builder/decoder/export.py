@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_slm.builder.decoder.architectures import layout_for
-from edge_slm.builder.decoder.fused_graph import Unfusable, build_fused_graph
+from edge_slm.builder.decoder.fused_graph import Unfusable, build_fused_graph, check_rope_tables
 from edge_slm.builder.decoder.load import check_architecture
 from edge_slm.core.capabilities import supports
 from edge_slm.core.errors import ExportError
@@ -105,6 +105,7 @@ def export(model, profile: Profile, out_dir: Path, progress=lambda msg: None) ->
     optimum's generic graph otherwise (said in one progress line)."""
     config = model.config
     check_architecture(config.model_type, "export", config.to_dict())
+    check_rope_tables(config, profile.export.context_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = ModelShape.of(model, profile.export.context_length)
     proto, why_not = _fused(model, shape, profile, progress) if profile.export.graph == "fused" else (None, None)
@@ -207,5 +208,23 @@ def _export_generic(model, profile: Profile, out_dir: Path) -> None:
         except Exception as exc:
             raise ExportError(f"optimum could not export the model: {exc}") from None
         proto = onnx.load(str(traced / "model.onnx"))
+        _check_generic_signature(proto, model.config)
         proto.ir_version = min(proto.ir_version, profile.export.ir_version)
         _save(proto, out_dir, profile.export.external_data)
+
+
+def _check_generic_signature(proto, config) -> None:
+    """The runtime feeds input_ids, attention_mask, position_ids and a key and a value cache per
+    layer [batch, kv_heads, sequence, head_dim]; optimum lays some families out otherwise (one
+    fused key/value tensor, no position_ids), which edge-slm cannot run."""
+    layers = config.num_hidden_layers
+    want = {"input_ids", "attention_mask", "position_ids"}
+    want |= {f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")}
+    got = {i.name: i for i in proto.graph.input}
+    past = got.get("past_key_values.0.key")
+    if set(got) != want or len(past.type.tensor_type.shape.dim) != 4:
+        odd = sorted(set(got) ^ want)[:3] or ["past_key_values.0.key"]
+        raise ExportError(
+            f"optimum's graph for '{config.model_type}' has another signature than edge-slm runs "
+            f"({', '.join(odd)}): this architecture is not supported"
+        )

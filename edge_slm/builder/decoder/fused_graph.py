@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_slm.builder.decoder.architectures.base import Layout
+from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
 
 MS_DOMAIN = "com.microsoft"
@@ -63,6 +64,22 @@ def rotary_tables(rotary, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 ROTARY_MODULES = {"global": "rotary_emb", "local": "rotary_emb_local"}
+
+
+def check_rope_tables(config, length: int) -> None:
+    """Refuse a context past the point where the model's rotary embedding changes its frequencies
+    with the sequence length (Phi-3's longrope, dynamic NTK): one table cannot hold both, in this
+    graph or in optimum's trace."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("longrope", "dynamic"):
+        return
+    limit = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+    if length > limit:
+        raise ExportError(
+            f"rope_scaling '{kind}' changes the rotary frequencies past {limit} positions and [export] "
+            f"context_length is {length}: set context_length to {limit} or less"
+        )
 
 
 class Unfusable(Exception):
@@ -235,7 +252,8 @@ def _attention(g: _GraphWriter, i: int, normed: str, shape, layout: Layout, laye
 
 
 def _mlp(g: _GraphWriter, i: int, normed: str, activation: str) -> str:
-    """The gated MLP: act(gate) * up, then down. SiLU as Sigmoid and Mul; GELU-tanh as FastGelu."""
+    """The gated MLP: act(gate) * up, then down. SiLU as Sigmoid and Mul; GELU-tanh as FastGelu,
+    exact GELU as Gelu (both onnxruntime's)."""
     m = f"model.layers.{i}.mlp."
     gate = g.node("MatMul", [normed, g.weight(m + "gate_proj.weight", transpose=True)], [f"l{i}.gate"])[0]
     up = g.node("MatMul", [normed, g.weight(m + "up_proj.weight", transpose=True)], [f"l{i}.up"])[0]
@@ -244,6 +262,8 @@ def _mlp(g: _GraphWriter, i: int, normed: str, activation: str) -> str:
         act = g.node("Mul", [gate, sig], [f"l{i}.gate_silu"])[0]
     elif activation == "gelu_tanh":
         act = g.node("FastGelu", [gate], [f"l{i}.gate_gelu"], domain=MS_DOMAIN)[0]
+    elif activation == "gelu":
+        act = g.node("Gelu", [gate], [f"l{i}.gate_gelu"], domain=MS_DOMAIN)[0]
     else:
         raise Unfusable(f"the fused graph has no MLP activation '{activation}'")
     mixed = g.node("Mul", [act, up], [f"l{i}.gate_up"])[0]

@@ -31,7 +31,9 @@ class Tolerance:
 
 
 def _torch_presents(cache) -> list[np.ndarray]:
-    """Flatten a transformers cache into [k0, v0, k1, v1, ...] as numpy."""
+    """Flatten a transformers cache into [k0, v0, k1, v1, ...] as numpy (a decoder-only model that
+    keeps an encoder-decoder cache, as GPT-BigCode does, has its keys in the self-attention part)."""
+    cache = getattr(cache, "self_attention_cache", cache)
     if hasattr(cache, "layers"):
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:

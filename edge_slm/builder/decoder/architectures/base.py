@@ -41,7 +41,7 @@ class Layout:
     layers: tuple[LayerLayout, ...]
     norms: Norms = Norms()
     qk_norm: str | None = None  # "head": per head before rotary (Qwen3, Gemma3); "full": over all heads (OLMo 2)
-    activation: str = "silu"  # of the gated MLP: "silu" or "gelu_tanh"
+    activation: str = "silu"  # of the gated MLP: "silu", "gelu_tanh" or "gelu" (`mlp_activation`)
     embedding_scale: float = 1.0  # embeddings are multiplied by it (Gemma: sqrt(hidden); Granite)
     attention_scale: float | None = None  # None: 1/sqrt(head_dim)
     attention_softcap: float = 0.0  # Gemma 2: tanh soft-capping of the attention scores
@@ -51,6 +51,22 @@ class Layout:
 
     def scale(self, head_dim: int) -> float:
         return self.attention_scale if self.attention_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+}
+
+
+def mlp_activation(name: str) -> str:
+    """The fused graph's name for a transformers activation (ACT2FN's key); an unknown one is kept
+    as it is, and the fused graph then refuses it (the build takes the generic graph)."""
+    return _ACTIVATIONS.get(name, name)
 
 
 def layer_windows(config) -> list[int | None]:

@@ -1,35 +1,27 @@
-"""Gemma 2 and Gemma 3 (text): embeddings times sqrt(hidden), RMSNorm with (1 + weight) (folded
-into the weights), a GELU-tanh gated MLP, a norm before and after each branch, the attention scale
-from query_pre_attn_scalar and a sliding window on the layers `layer_types` marks. Gemma 2 soft-caps
-the attention scores and the logits; Gemma 3 normalizes q and k per head and gives its sliding
-layers their own rotary table (rope_local_base_freq)."""
+"""Gemma: Llama's norm placement with embeddings times sqrt(hidden), RMSNorm with (1 + weight)
+(folded into the weights) and a GELU-tanh gated MLP. `gemma2.py` builds on it."""
 
 import numpy as np
 
-from edge_slm.builder.decoder.architectures.base import Layout, Norms, plain_layers
+from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
-MODEL_TYPES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)"}
-NORMS = Norms("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+MODEL_TYPES = {"gemma": "Gemma"}
 
 
-def _plus_one(weights):
+def plus_one(weights):
+    """Gemma's RMSNorm multiplies by (1 + weight): folded, so the graph's norms are the usual ones."""
     return {k: (v + np.float32(1.0) if k.endswith("norm.weight") else v) for k, v in weights.items()}
 
 
+def embedding_scale(config) -> float:
+    return float(np.float32(config.hidden_size**0.5))  # transformers rounds it to the weights' dtype
+
+
 def layout(config) -> Layout:
-    gemma3 = config.model_type == "gemma3_text"
-    rotary = None
-    if gemma3:
-        rotary = ["local" if kind == "sliding_attention" else "global" for kind in config.layer_types]
     return Layout(
-        config.model_type,
-        plain_layers(config, rotary),
-        norms=NORMS,
-        qk_norm="head" if gemma3 else None,
-        activation="gelu_tanh",
-        embedding_scale=float(np.float32(config.hidden_size**0.5)),
-        attention_scale=float(config.query_pre_attn_scalar) ** -0.5,
-        attention_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
-        logits_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
-        weights=_plus_one,
+        "gemma",
+        plain_layers(config),
+        activation=mlp_activation(config.hidden_act),
+        embedding_scale=embedding_scale(config),
+        weights=plus_one,
     )

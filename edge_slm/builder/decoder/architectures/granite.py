@@ -3,7 +3,7 @@ after the Gather (the table may be the tied LM head too); the residual multiplie
 o_proj and down_proj (each branch's last product); the logits divisor into the final norm's weight
 (the LM head's only input)."""
 
-from edge_slm.builder.decoder.architectures.base import Layout, fold, plain_layers
+from edge_slm.builder.decoder.architectures.base import Layout, fold, mlp_activation, plain_layers
 
 MODEL_TYPES = {"granite": "Granite 3"}
 
@@ -16,6 +16,7 @@ def layout(config) -> Layout:
     return Layout(
         "granite",
         plain_layers(config),
+        activation=mlp_activation(config.hidden_act),
         embedding_scale=float(config.embedding_multiplier),
         attention_scale=float(config.attention_multiplier),
         weights=weights,

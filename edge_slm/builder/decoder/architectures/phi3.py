@@ -2,7 +2,7 @@
 names) and a rotary embedding over part of each head (partial_rotary_factor: the tables are
 narrower, and the attention rotates only their width)."""
 
-from edge_slm.builder.decoder.architectures.base import Layout, plain_layers
+from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
 MODEL_TYPES = {"phi3": "Phi-3, Phi-4-mini"}
 
@@ -27,4 +27,4 @@ def layout(config) -> Layout:
                 out[name] = value
         return out
 
-    return Layout("phi3", plain_layers(config), weights=weights)
+    return Layout("phi3", plain_layers(config), weights=weights, activation=mlp_activation(config.hidden_act))
