@@ -39,6 +39,8 @@ class _GraphWriter:
         return self._shapes[name]
 
     def weight(self, name: str, transpose: bool = False) -> str:
+        if name not in self.weights:
+            raise Unfusable(f"the checkpoint has no '{name}', which the fused layout reads")
         value = self.weights[name]
         self.used.add(name)
         return self.const(name, value.T if transpose else value)
@@ -104,20 +106,9 @@ def build_fused_graph(model, shape, profile: Profile, layout: Layout, rotary_in_
     if layout.embedding_scale != 1.0:
         scale = g.const("const.embedding_scale", np.array(layout.embedding_scale, dtype=np.float32))
         pending = g.node("Mul", [pending, scale], ["embeddings_scaled"])[0]
-    residual, eps, norms = None, shape.rms_norm_eps, layout.norms
+    residual = None
     for i, layer in enumerate(layout.layers):
-        p = f"model.layers.{i}."
-        normed, residual = _merge(g, f"l{i}.attn", pending, residual, norms.attn_pre and p + norms.attn_pre, eps)
-        out = _post_norm(
-            g,
-            f"l{i}.attn",
-            _attention(g, i, normed, shape, layout, layer, rotary_in_attention),
-            p,
-            norms.attn_post,
-            eps,
-        )
-        normed, residual = _merge(g, f"l{i}.mlp", out, residual, norms.mlp_pre and p + norms.mlp_pre, eps)
-        pending = _post_norm(g, f"l{i}.mlp", _mlp(g, i, normed, layout.activation), p, norms.mlp_post, eps)
+        pending, residual = _decoder_layer(g, i, layer, layout, shape, pending, residual, rotary_in_attention)
     g.const(LOGITS_TO_KEEP, np.array([0], dtype=np.int64))  # an input with a default: see _lm_head
     _lm_head(g, pending, residual, embed, shape, layout.logits_softcap)
     unused = sorted(set(g.weights) - g.used)
@@ -149,6 +140,23 @@ def _sequence_lengths(g: _GraphWriter) -> None:
     g.node("Cast", ["total_len_64"], ["total_seq_len"], to=TensorProto.INT32)
 
 
+def _decoder_layer(g: _GraphWriter, i: int, layer, layout: Layout, shape, pending: str, residual, rotary_in_attention):
+    """One decoder layer: attention, then the MLP, each between the norms `layout.norms` names.
+    `pending` is the previous branch's output, not yet added to the `residual` stream; returns
+    this layer's (pending, residual)."""
+
+    def weight(norm: str | None) -> str | None:
+        return norm and f"model.layers.{i}.{norm}.weight"
+
+    eps, norms = shape.rms_norm_eps, layout.norms
+    normed, residual = _merge(g, f"l{i}.attn", pending, residual, weight(norms.attn_pre), eps)
+    out = _attention(g, i, normed, shape, layout, layer, rotary_in_attention)
+    out = _post_norm(g, f"l{i}.attn", out, weight(norms.attn_post), eps)
+    normed, residual = _merge(g, f"l{i}.mlp", out, residual, weight(norms.mlp_pre), eps)
+    out = _mlp(g, i, normed, layout.activation)
+    return _post_norm(g, f"l{i}.mlp", out, weight(norms.mlp_post), eps), residual
+
+
 def _merge(g: _GraphWriter, tag: str, branch: str, residual: str | None, norm: str | None, eps: float):
     """Add a branch's output to the residual stream and normalize it for the next branch: one
     SkipSimplifiedLayerNormalization (a plain norm before the first layer). Without a pre-norm
@@ -156,7 +164,7 @@ def _merge(g: _GraphWriter, tag: str, branch: str, residual: str | None, norm: s
     if norm is None:
         total = branch if residual is None else g.node("Add", [branch, residual], [f"{tag}_residual"])[0]
         return total, total
-    weight = g.weight(norm + ".weight")
+    weight = g.weight(norm)
     if residual is None:
         normed = g.node(
             "SimplifiedLayerNormalization", [branch, weight], [f"{tag}_norm"], epsilon=eps, axis=-1, stash_type=1
@@ -172,11 +180,11 @@ def _merge(g: _GraphWriter, tag: str, branch: str, residual: str | None, norm: s
     return normed, total
 
 
-def _post_norm(g: _GraphWriter, tag: str, out: str, prefix: str, norm: str | None, eps: float) -> str:
+def _post_norm(g: _GraphWriter, tag: str, out: str, norm: str | None, eps: float) -> str:
     """The norm on a branch's output before it joins the residual (Gemma 2/3, OLMo 2)."""
     if norm is None:
         return out
-    weight = g.weight(prefix + norm + ".weight")
+    weight = g.weight(norm)
     return g.node(
         "SimplifiedLayerNormalization", [out, weight], [f"{tag}_post_norm"], epsilon=eps, axis=-1, stash_type=1
     )[0]
@@ -185,6 +193,9 @@ def _post_norm(g: _GraphWriter, tag: str, out: str, prefix: str, norm: str | Non
 def _qkv(g: _GraphWriter, i: int, normed: str) -> str:
     """One packed q/k/v projection; Qwen2's biases on q, k and v become one Add."""
     a, w = f"model.layers.{i}.self_attn.", g.weights
+    for x in "qkv":
+        if a + f"{x}_proj.weight" not in w:
+            raise Unfusable(f"the checkpoint has no '{a}{x}_proj.weight', which the fused layout reads")
     w_qkv = np.concatenate([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], axis=0).T
     g.used.update(a + f"{x}_proj.weight" for x in "qkv")
     qkv = g.node("MatMul", [normed, g.const(a + "qkv_proj.weight", w_qkv)], [f"l{i}.qkv"])[0]
