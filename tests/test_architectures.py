@@ -129,8 +129,8 @@ def test_family_builds_and_generates_as_transformers(family, tiny_profile, tmp_p
         assert said == [f"'{family}' has no fused layout: tracing optimum's generic graph instead"]
     elif family == "llama-head24":
         assert said == [
-            "head size 24 (rotary width 24) is not a multiple of 16, which GroupQueryAttention's own rotary "
-            "embedding needs: RotaryEmbedding nodes instead"
+            "head size 24 is not a multiple of 16, which GroupQueryAttention's own rotary embedding needs: "
+            "RotaryEmbedding nodes instead"
         ]
         assert manifest["graph"]["op_counts"]["RotaryEmbedding"] == 4
     else:
@@ -232,4 +232,24 @@ def test_weight_the_fused_graph_has_no_place_for_falls_back_to_generic(tmp_path)
         "the fused graph has no place for the weight 'model.layers.0.mlp.down_proj.bias': "
         "tracing optimum's generic graph instead"
     ]
+    assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]
+
+
+def test_rotary_width_gqa_cannot_rotate_gets_rotary_nodes(tmp_path):
+    """Phi-3 with heads of 16 and half of each rotated: GroupQueryAttention cannot rotate a width
+    of 8, so the x86 profile's graph gets RotaryEmbedding nodes (said in one line) and matches torch."""
+    import onnx
+
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", "phi3", num_attention_heads=4, num_key_value_heads=2)
+    lines = []
+    exported = export(model, load_profile("x86-laptop"), tmp_path / "graph", progress=lines.append)
+    assert exported.graph == "fused" and lines[0] == (
+        "rotary width 8 is not a multiple of 16, which GroupQueryAttention's own rotary embedding needs: "
+        "RotaryEmbedding nodes instead"
+    )
+    nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
+    assert sum(n.op_type == "RotaryEmbedding" for n in nodes) == 4
     assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]

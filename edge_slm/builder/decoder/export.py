@@ -153,9 +153,10 @@ def rotary_inside_attention(config, shape: ModelShape, profile: Profile, progres
         return False
     rotated = int(shape.head_dim * getattr(config, "partial_rotary_factor", 1.0))
     if shape.head_dim % 16 or rotated % 16:
+        what = f"head size {shape.head_dim}" if rotated == shape.head_dim else f"rotary width {rotated}"
         progress(
-            f"head size {shape.head_dim} (rotary width {rotated}) is not a multiple of 16, which "
-            "GroupQueryAttention's own rotary embedding needs: RotaryEmbedding nodes instead"
+            f"{what} is not a multiple of 16, which GroupQueryAttention's own rotary embedding needs: "
+            "RotaryEmbedding nodes instead"
         )
         return False
     return True
@@ -206,7 +207,8 @@ def _export_generic(model, profile: Profile, out_dir: Path) -> None:
                 library_name="transformers",
             )
         except Exception as exc:
-            raise ExportError(f"optimum could not export the model: {exc}") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"optimum could not export the model: {first}") from None
         proto = onnx.load(str(traced / "model.onnx"))
         _check_generic_signature(proto, model.config)
         proto.ir_version = min(proto.ir_version, profile.export.ir_version)

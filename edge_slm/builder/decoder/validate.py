@@ -53,7 +53,7 @@ def validate(onnx_path: Path, model, prompt_ids: list[int], precision: str = "fp
     past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     output_names = [o.name for o in session.get_outputs()]
     # KV heads and head size as the graph has them (fixed dimensions in fused and generic graphs).
-    _, kv_heads, _, head_dim = session.get_inputs()[[i.name for i in session.get_inputs()].index(past_names[0])].shape
+    _, kv_heads, _, head_dim = next(i.shape for i in session.get_inputs() if i.name == past_names[0])
     empty = np.zeros((1, kv_heads, 0, head_dim), np.float32)
     windows = layer_windows(model.config)
     onnx_past = [empty for _ in past_names]
