@@ -65,6 +65,7 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", {}, "fused"),
     "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "use_sliding_window": False}, "fused"),
     "gpt_neox": ("GPTNeoXConfig", {}, "generic"),
+    "bloom": ("BloomConfig", {}, "generic"),  # ALiBi: optimum's graph takes no position_ids
 }
 
 

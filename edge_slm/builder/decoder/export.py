@@ -216,13 +216,13 @@ def _export_generic(model, profile: Profile, out_dir: Path) -> None:
 
 
 def _check_generic_signature(proto, config) -> None:
-    """The runtime feeds input_ids, attention_mask, position_ids and a key and a value cache per
-    layer [batch, kv_heads, sequence, head_dim]; optimum lays some families out otherwise (one
-    fused key/value tensor, no position_ids), which edge-slm cannot run."""
+    """The runtime feeds input_ids, attention_mask, position_ids (where the graph takes them) and a
+    key and a value cache per layer [batch, kv_heads, sequence, head_dim]; optimum lays some
+    families out otherwise (one fused key/value tensor), which edge-slm cannot run."""
     layers = config.num_hidden_layers
-    want = {"input_ids", "attention_mask", "position_ids"}
-    want |= {f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")}
     got = {i.name: i for i in proto.graph.input}
+    want = {"input_ids", "attention_mask"} | ({"position_ids"} & set(got))
+    want |= {f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")}
     past = got.get("past_key_values.0.key")
     if set(got) != want or len(past.type.tensor_type.shape.dim) != 4:
         odd = sorted(set(got) ^ want)[:3] or ["past_key_values.0.key"]

@@ -56,6 +56,7 @@ def validate(onnx_path: Path, model, prompt_ids: list[int], precision: str = "fp
     _, kv_heads, _, head_dim = next(i.shape for i in session.get_inputs() if i.name == past_names[0])
     empty = np.zeros((1, kv_heads, 0, head_dim), np.float32)
     windows = layer_windows(model.config)
+    takes_positions = any(i.name == "position_ids" for i in session.get_inputs())
     onnx_past = [empty for _ in past_names]
 
     ids = np.array([prompt_ids], dtype=np.int64)
@@ -71,6 +72,8 @@ def validate(onnx_path: Path, model, prompt_ids: list[int], precision: str = "fp
             "position_ids": np.arange(total, total + seq, dtype=np.int64)[None, :],
             **dict(zip(past_names, onnx_past)),
         }
+        if not takes_positions:  # a generic graph that derives positions from the mask
+            del feed["position_ids"]
         onnx_out = session.run(output_names, feed)
         with torch.no_grad():
             ref = model(torch.from_numpy(ids), past_key_values=torch_cache, use_cache=True)
