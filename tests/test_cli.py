@@ -75,15 +75,16 @@ def test_build_then_inspect_json(tiny_llama, tiny_profile, tmp_path):
 
 
 def test_bad_model_references(tmp_path):
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    mamba = tmp_path / "mamba"  # neither the fused graph nor optimum's generic one takes it
+    mamba.mkdir()
+    (mamba / "config.json").write_text('{"model_type": "mamba"}')
     with pytest.raises(
-        ModelError, match=r"architecture 'gpt2' is not supported; supported: llama \(Llama, SmolLM, TinyLlama\); qwen2"
+        ModelError,
+        match=r"architecture 'mamba' is not supported; supported: llama \(Llama, SmolLM2, TinyLlama\); qwen2",
     ):
-        load(str(gpt2))
-    proc = run("build", "--target", "x86-laptop", "--model", str(gpt2), "--out", str(tmp_path / "o"), check_rc=2)
-    assert "architecture 'gpt2' is not supported" in proc.stderr and not (tmp_path / "o").exists()
+        load(str(mamba))
+    proc = run("build", "--target", "x86-laptop", "--model", str(mamba), "--out", str(tmp_path / "o"), check_rc=2)
+    assert "architecture 'mamba' is not supported" in proc.stderr and not (tmp_path / "o").exists()
     with pytest.raises(ModelError, match="no such GGUF file"):
         load(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelError, match="not found"):
@@ -92,9 +93,9 @@ def test_bad_model_references(tmp_path):
     not_gguf.write_bytes(b"definitely not gguf")
     with pytest.raises(ModelError, match="not a readable GGUF file"):
         load(str(not_gguf))
-    (gpt2 / "config.json").write_text('{"model_type": "llama"}')
+    (mamba / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelError, match="no weights"):
-        load(str(gpt2))
+        load(str(mamba))
 
 
 def run_without(module: str, *args: str) -> subprocess.CompletedProcess:

@@ -150,6 +150,8 @@ class DecoderSession:
         self.shared = shared_buffer
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        # Some generic graphs (optimum's Gemma, Bloom) derive positions from the mask themselves.
+        self.takes_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
         for session in (self.session, self.prefill_session):
             if session is not None:
                 check_signature(session, self, model_path)
@@ -290,7 +292,9 @@ class DecoderSession:
             # A copy: the bound buffer is overwritten by the next step (196 kB, ~10 us for 49k vocab).
             logits = self._step_logits.numpy().copy() if seq == 1 else self._bound_logits(binding)
         else:
-            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
+            feed = {"input_ids": ids, "attention_mask": mask}
+            if self.takes_positions:
+                feed["position_ids"] = np.ascontiguousarray(positions)
             feed.update(zip(self.past_names, self._past))
             if self.keeps_logits:
                 feed[LOGITS_TO_KEEP] = np.array([seq if all_logits else 1], dtype=np.int64)
@@ -323,7 +327,9 @@ def check_signature(session, decoder: DecoderSession, path: Path) -> None:
     """The graph's inputs and outputs against the manifest: a manifest that claims other layers,
     heads or vocabulary than the graph has is refused at load, not deep inside onnxruntime."""
     inputs = {i.name: i for i in session.get_inputs()}
-    expected = {"input_ids", "attention_mask", "position_ids", *decoder.past_names}
+    expected = {"input_ids", "attention_mask", *decoder.past_names} | (
+        {"position_ids"} if decoder.takes_positions else set()
+    )
     if set(inputs) != expected:
         cache = sum(1 for name in inputs if name.startswith("past_key_values.")) // 2
         raise BundleError(

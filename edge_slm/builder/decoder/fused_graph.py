@@ -1,37 +1,48 @@
-"""The fused decoder graph, written node by node from a Llama-family model's weights with
-onnxruntime's contrib operators. One piece per part of a decoder layer; what differs between
-architectures (Qwen2's q/k/v biases, tied or separate LM head, the rotary embedding inside
-GroupQueryAttention or beside it for older onnxruntime) is decided inside the piece it concerns.
+"""The fused decoder graph, written node by node from a decoder's weights with onnxruntime's
+contrib operators. One piece per part of a decoder layer; what differs between families (norm
+placement, q/k norms, activation, scales, sliding windows) comes from the family's `Layout`
+(`edge_slm.builder.decoder.architectures`), what differs between runtimes (the rotary embedding
+inside GroupQueryAttention or beside it) from the caller. A weight the layout leaves unread makes
+the build fall back to the generic graph rather than drop it.
 `edge_slm.builder.decoder.export.export` calls `build_fused_graph`.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from edge_slm.core.capabilities import supports
+from edge_slm.builder.decoder.architectures.base import Layout
+from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
 
 MS_DOMAIN = "com.microsoft"
 
 
 class _GraphWriter:
-    """Collects initializers and nodes in the order they are written."""
+    """Collects initializers and nodes in the order they are written, and which weights were read."""
 
     def __init__(self, weights: dict):
         from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.weights, self.initializers, self.nodes = weights, [], []
+        self.used: set[str] = set()
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if name not in self._shapes:  # constants shared by every layer are stored once
+            self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+            self._shapes[name] = array.shape
         return name
 
+    def initializer_shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
     def weight(self, name: str, transpose: bool = False) -> str:
+        if name not in self.weights:
+            raise Unfusable(f"the checkpoint has no '{name}', which the fused layout reads")
         value = self.weights[name]
+        self.used.add(name)
         return self.const(name, value.T if transpose else value)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
@@ -41,12 +52,11 @@ class _GraphWriter:
         return outputs
 
 
-def rotary_tables(model, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches [length, head_dim/2] from the model's own rotary module (so any rope
-    scaling the config asks for is applied exactly as in torch)."""
+def rotary_tables(rotary, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [length, rotary_dim/2] from the model's own rotary module (so any rope
+    scaling the config asks for, and a partial rotary width, are applied exactly as in torch)."""
     import torch
 
-    rotary = model.model.rotary_emb
     positions = torch.arange(length, dtype=torch.int64)[None, :]
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
@@ -55,32 +65,55 @@ def rotary_tables(model, length: int) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].numpy().astype(np.float32), sin[0, :, :half].numpy().astype(np.float32)
 
 
-def build_fused_graph(model, shape, profile: Profile):
-    """A Llama-family decoder as onnxruntime contrib ops, built from the weights."""
+ROTARY_MODULES = {"global": "rotary_emb", "local": "rotary_emb_local"}
+
+
+def check_rope_tables(config, length: int) -> None:
+    """Refuse a context past the point where the model's rotary embedding changes its frequencies
+    with the sequence length (Phi-3's longrope, dynamic NTK): one table cannot hold both, in this
+    graph or in optimum's trace."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("longrope", "dynamic"):
+        return
+    limit = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+    if length > limit:
+        raise ExportError(
+            f"rope_scaling '{kind}' changes the rotary frequencies past {limit} positions and [export] "
+            f"context_length is {length}: set context_length to {limit} or less"
+        )
+
+
+class Unfusable(Exception):
+    """The fused graph cannot express this model (the export falls back to the generic graph)."""
+
+
+def build_fused_graph(model, shape, profile: Profile, layout: Layout, rotary_in_attention: bool):
+    """A decoder as onnxruntime contrib ops, built from the weights as `layout` describes them.
+    With `rotary_in_attention` GroupQueryAttention applies the rotary embedding at the graph's
+    position_ids; otherwise RotaryEmbedding nodes do, before it."""
     from onnx import helper
 
-    g = _GraphWriter({k: v.detach().float().numpy() for k, v in model.state_dict().items()})
-    cos, sin = rotary_tables(model, profile.export.context_length)
-    g.const("rotary.cos", cos)
-    g.const("rotary.sin", sin)
+    g = _GraphWriter(layout.weights({k: v.detach().float().numpy() for k, v in model.state_dict().items()}))
+    for kind in sorted({layer.rotary for layer in layout.layers if layer.rotary}):
+        cos, sin = rotary_tables(getattr(model.model, ROTARY_MODULES[kind]), profile.export.context_length)
+        g.const(f"rotary.{kind}.cos", cos)
+        g.const(f"rotary.{kind}.sin", sin)
     embed = g.weight("model.embed_tokens.weight")
     _sequence_lengths(g)
     g.node("Gather", [embed, "input_ids"], ["embeddings"])
-    # GroupQueryAttention takes position_ids (and so applies the rotary embedding itself) from
-    # onnxruntime 1.24 on; a profile that lists an older runtime gets RotaryEmbedding nodes.
-    oldest = profile.runtime.oldest_onnxruntime
-    rotary_in_attention = oldest is not None and supports("GroupQueryAttention.position_ids", oldest)
-    qkv_split = None
-    if not rotary_in_attention:
-        N, K, H = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        qkv_split = g.const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
-    hidden, residual = "embeddings", None
-    for i in range(shape.num_layers):
-        normed, residual = _norm(g, i, hidden, residual, shape.rms_norm_eps)
-        attn = _attention(g, i, normed, shape, qkv_split)
-        hidden, residual = _mlp(g, i, attn, residual, shape.rms_norm_eps)
+    pending = "embeddings"
+    if layout.embedding_scale != 1.0:
+        scale = g.const("const.embedding_scale", np.array(layout.embedding_scale, dtype=np.float32))
+        pending = g.node("Mul", [pending, scale], ["embeddings_scaled"])[0]
+    residual = None
+    for i, layer in enumerate(layout.layers):
+        pending, residual = _decoder_layer(g, i, layer, layout, shape, pending, residual, rotary_in_attention)
     g.const(LOGITS_TO_KEEP, np.array([0], dtype=np.int64))  # an input with a default: see _lm_head
-    _lm_head(g, hidden, residual, embed, shape)
+    _lm_head(g, pending, residual, embed, shape, layout.logits_softcap)
+    unused = sorted(set(g.weights) - g.used)
+    if unused:
+        raise Unfusable(f"the fused graph has no place for the weight '{unused[0]}'")
     inputs, outputs = _signature(shape)
     graph = helper.make_graph(g.nodes, f"edge-slm-{shape.architecture}", inputs, outputs, g.initializers)
     proto = helper.make_model(
@@ -107,85 +140,156 @@ def _sequence_lengths(g: _GraphWriter) -> None:
     g.node("Cast", ["total_len_64"], ["total_seq_len"], to=TensorProto.INT32)
 
 
-def _norm(g: _GraphWriter, i: int, hidden: str, residual: str | None, eps: float) -> tuple[str, str]:
-    """The input norm of layer i; from the second layer on it also adds the residual."""
-    ln_in = g.weight(f"model.layers.{i}.input_layernorm.weight")
+def _decoder_layer(g: _GraphWriter, i: int, layer, layout: Layout, shape, pending: str, residual, rotary_in_attention):
+    """One decoder layer: attention, then the MLP, each between the norms `layout.norms` names.
+    `pending` is the previous branch's output, not yet added to the `residual` stream; returns
+    this layer's (pending, residual)."""
+
+    def weight(norm: str | None) -> str | None:
+        return norm and f"model.layers.{i}.{norm}.weight"
+
+    eps, norms = shape.rms_norm_eps, layout.norms
+    normed, residual = _merge(g, f"l{i}.attn", pending, residual, weight(norms.attn_pre), eps)
+    out = _attention(g, i, normed, shape, layout, layer, rotary_in_attention)
+    out = _post_norm(g, f"l{i}.attn", out, weight(norms.attn_post), eps)
+    normed, residual = _merge(g, f"l{i}.mlp", out, residual, weight(norms.mlp_pre), eps)
+    out = _mlp(g, i, normed, layout.activation)
+    return _post_norm(g, f"l{i}.mlp", out, weight(norms.mlp_post), eps), residual
+
+
+def _merge(g: _GraphWriter, tag: str, branch: str, residual: str | None, norm: str | None, eps: float):
+    """Add a branch's output to the residual stream and normalize it for the next branch: one
+    SkipSimplifiedLayerNormalization (a plain norm before the first layer). Without a pre-norm
+    (OLMo 2) the next branch reads the sum itself. Returns (the next branch's input, the stream)."""
+    if norm is None:
+        total = branch if residual is None else g.node("Add", [branch, residual], [f"{tag}_residual"])[0]
+        return total, total
+    weight = g.weight(norm)
     if residual is None:
         normed = g.node(
-            "SimplifiedLayerNormalization", [hidden, ln_in], [f"l{i}.attn_norm"], epsilon=eps, axis=-1, stash_type=1
+            "SimplifiedLayerNormalization", [branch, weight], [f"{tag}_norm"], epsilon=eps, axis=-1, stash_type=1
         )[0]
-        return normed, hidden
-    normed, _, _, residual = g.node(
+        return normed, branch
+    normed, _, _, total = g.node(
         "SkipSimplifiedLayerNormalization",
-        [hidden, residual, ln_in],
-        [f"l{i}.attn_norm", "", "", f"l{i}.residual_attn"],
+        [branch, residual, weight],
+        [f"{tag}_norm", "", "", f"{tag}_residual"],
         domain=MS_DOMAIN,
         epsilon=eps,
     )
-    return normed, residual
+    return normed, total
+
+
+def _post_norm(g: _GraphWriter, tag: str, out: str, norm: str | None, eps: float) -> str:
+    """The norm on a branch's output before it joins the residual (Gemma 2/3, OLMo 2)."""
+    if norm is None:
+        return out
+    weight = g.weight(norm)
+    return g.node(
+        "SimplifiedLayerNormalization", [out, weight], [f"{tag}_post_norm"], epsilon=eps, axis=-1, stash_type=1
+    )[0]
 
 
 def _qkv(g: _GraphWriter, i: int, normed: str) -> str:
     """One packed q/k/v projection; Qwen2's biases on q, k and v become one Add."""
     a, w = f"model.layers.{i}.self_attn.", g.weights
+    for x in "qkv":
+        if a + f"{x}_proj.weight" not in w:
+            raise Unfusable(f"the checkpoint has no '{a}{x}_proj.weight', which the fused layout reads")
     w_qkv = np.concatenate([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], axis=0).T
+    g.used.update(a + f"{x}_proj.weight" for x in "qkv")
     qkv = g.node("MatMul", [normed, g.const(a + "qkv_proj.weight", w_qkv)], [f"l{i}.qkv"])[0]
     if a + "q_proj.bias" in w:
         b_qkv = np.concatenate([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
+        g.used.update(a + f"{x}_proj.bias" for x in "qkv")
         qkv = g.node("Add", [qkv, g.const(a + "qkv_proj.bias", b_qkv)], [f"l{i}.qkv_bias"])[0]
     return qkv
 
 
-def _attention(g: _GraphWriter, i: int, normed: str, shape, qkv_split: str | None) -> str:
-    """GroupQueryAttention over the shared KV cache, then the output projection. With `qkv_split`
-    None the packed QKV goes straight in and the operator applies the rotary embedding at the
-    graph's position_ids; otherwise Split and two RotaryEmbedding nodes come first."""
+def _qk_norm(g: _GraphWriter, i: int, x: str, which: str, heads: int, shape, per_head: bool) -> str:
+    """RMSNorm of q or k: per head (a Reshape to [B, S, heads, head_dim] around it) or over all
+    heads at once."""
+    weight = g.weight(f"model.layers.{i}.self_attn.{which}_norm.weight")
+    eps, H = shape.rms_norm_eps, shape.head_dim
+    if per_head:
+        split = g.const(f"const.heads_{heads}", np.array([0, 0, heads, H], dtype=np.int64))
+        x = g.node("Reshape", [x, split], [f"l{i}.{which}_heads"])[0]
+    x = g.node(
+        "SimplifiedLayerNormalization", [x, weight], [f"l{i}.{which}_normed"], epsilon=eps, axis=-1, stash_type=1
+    )[0]
+    if per_head:
+        flat = g.const(f"const.flat_{heads}", np.array([0, 0, heads * H], dtype=np.int64))
+        x = g.node("Reshape", [x, flat], [f"l{i}.{which}_flat"])[0]
+    return x
+
+
+def _attention(g: _GraphWriter, i: int, normed: str, shape, layout: Layout, layer, rotary_in_attention: bool) -> str:
+    """GroupQueryAttention over the shared KV cache, then the output projection. The packed QKV
+    goes straight in when nothing happens between the projection and the attention; otherwise a
+    Split first, then the q/k norms and RotaryEmbedding nodes the layout and runtime ask for."""
     N, K, H = shape.num_heads, shape.num_kv_heads, shape.head_dim
     qkv = _qkv(g, i, normed)
     cache = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_seq_len"]
     outputs = [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"]
-    common = {"domain": MS_DOMAIN, "num_heads": N, "kv_num_heads": K, "scale": 1.0 / math.sqrt(H)}
-    if qkv_split is None:
-        inputs = [qkv, "", "", *cache, "rotary.cos", "rotary.sin", "position_ids"]
-        attn = g.node("GroupQueryAttention", inputs, outputs, **common, do_rotary=1, rotary_interleaved=0)[0]
+    attrs = {"domain": MS_DOMAIN, "num_heads": N, "kv_num_heads": K, "scale": layout.scale(H)}
+    if layer.sliding_window:
+        attrs["local_window_size"] = layer.sliding_window  # the same count as transformers' (tested)
+    if layout.attention_softcap:
+        attrs["softcap"] = layout.attention_softcap
+    rotary = layer.rotary and [f"rotary.{layer.rotary}.cos", f"rotary.{layer.rotary}.sin"]
+    if layout.qk_norm is None and (rotary_in_attention or not rotary):
+        q, k, v = qkv, "", ""
     else:
-        q, k, v = g.node("Split", [qkv, qkv_split], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
-        rotary = ["position_ids", "rotary.cos", "rotary.sin"]
-        q = g.node("RotaryEmbedding", [q, *rotary], [f"l{i}.q_rot"], domain=MS_DOMAIN, num_heads=N, interleaved=0)[0]
-        k = g.node("RotaryEmbedding", [k, *rotary], [f"l{i}.k_rot"], domain=MS_DOMAIN, num_heads=K, interleaved=0)[0]
-        attn = g.node("GroupQueryAttention", [q, k, v, *cache], outputs, **common)[0]
+        split = g.const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
+        q, k, v = g.node("Split", [qkv, split], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
+        if layout.qk_norm:
+            q = _qk_norm(g, i, q, "q", N, shape, layout.qk_norm == "head")
+            k = _qk_norm(g, i, k, "k", K, shape, layout.qk_norm == "head")
+    if rotary and rotary_in_attention:
+        inputs = [q, k, v, *cache, *rotary, "position_ids"]
+        attn = g.node("GroupQueryAttention", inputs, outputs, **attrs, do_rotary=1, rotary_interleaved=0)[0]
+    else:
+        if rotary:
+            # RotaryEmbedding's inputs are (x, position_ids, cos, sin); the width rotated is the table's.
+            rot = {"domain": MS_DOMAIN, "interleaved": 0}
+            width = g.initializer_shape(rotary[0])[1] * 2
+            if width != H:
+                rot["rotary_embedding_dim"] = width
+            q = g.node("RotaryEmbedding", [q, "position_ids", *rotary], [f"l{i}.q_rot"], num_heads=N, **rot)[0]
+            k = g.node("RotaryEmbedding", [k, "position_ids", *rotary], [f"l{i}.k_rot"], num_heads=K, **rot)[0]
+        attn = g.node("GroupQueryAttention", [q, k, v, *cache], outputs, **attrs)[0]
     o_proj = g.weight(f"model.layers.{i}.self_attn.o_proj.weight", transpose=True)
     return g.node("MatMul", [attn, o_proj], [f"l{i}.attn_out"])[0]
 
 
-def _mlp(g: _GraphWriter, i: int, attn_out: str, residual: str, eps: float) -> tuple[str, str]:
-    """Post-attention norm (adding the residual), then the SiLU-gated MLP."""
-    p, m = f"model.layers.{i}.", f"model.layers.{i}.mlp."
-    ln_post = g.weight(p + "post_attention_layernorm.weight")
-    normed, _, _, residual = g.node(
-        "SkipSimplifiedLayerNormalization",
-        [attn_out, residual, ln_post],
-        [f"l{i}.mlp_norm", "", "", f"l{i}.residual_mlp"],
-        domain=MS_DOMAIN,
-        epsilon=eps,
-    )
+def _mlp(g: _GraphWriter, i: int, normed: str, activation: str) -> str:
+    """The gated MLP: act(gate) * up, then down. SiLU as Sigmoid and Mul; GELU-tanh as FastGelu,
+    exact GELU as Gelu (both onnxruntime's)."""
+    m = f"model.layers.{i}.mlp."
     gate = g.node("MatMul", [normed, g.weight(m + "gate_proj.weight", transpose=True)], [f"l{i}.gate"])[0]
     up = g.node("MatMul", [normed, g.weight(m + "up_proj.weight", transpose=True)], [f"l{i}.up"])[0]
-    sig = g.node("Sigmoid", [gate], [f"l{i}.gate_sigmoid"])[0]
-    act = g.node("Mul", [gate, sig], [f"l{i}.gate_silu"])[0]
+    if activation == "silu":
+        sig = g.node("Sigmoid", [gate], [f"l{i}.gate_sigmoid"])[0]
+        act = g.node("Mul", [gate, sig], [f"l{i}.gate_silu"])[0]
+    elif activation == "gelu_tanh":
+        act = g.node("FastGelu", [gate], [f"l{i}.gate_gelu"], domain=MS_DOMAIN)[0]
+    elif activation == "gelu":
+        act = g.node("Gelu", [gate], [f"l{i}.gate_gelu"], domain=MS_DOMAIN)[0]
+    else:
+        raise Unfusable(f"the fused graph has no MLP activation '{activation}'")
     mixed = g.node("Mul", [act, up], [f"l{i}.gate_up"])[0]
-    hidden = g.node("MatMul", [mixed, g.weight(m + "down_proj.weight", transpose=True)], [f"l{i}.mlp_out"])[0]
-    return hidden, residual
+    return g.node("MatMul", [mixed, g.weight(m + "down_proj.weight", transpose=True)], [f"l{i}.mlp_out"])[0]
 
 
 LOGITS_TO_KEEP = "logits_to_keep"
 
 
-def _lm_head(g: _GraphWriter, hidden: str, residual: str, embed: str, shape) -> None:
+def _lm_head(g: _GraphWriter, hidden: str, residual: str, embed: str, shape, softcap: float) -> None:
     """The final norm and the LM head: with tied embeddings one copy of the table serves the Gather
     and, transposed by Gemm, the head. The head reads only the last `logits_to_keep` positions (an
     input whose default, 0, keeps them all): generation asks for 1 and skips the vocabulary
-    product for every other prompt token, scoring and other runtimes get every position."""
+    product for every other prompt token, scoring and other runtimes get every position. Gemma 2
+    soft-caps the logits: softcap * tanh(logits / softcap)."""
     final_norm = g.weight("model.norm.weight")
     g.node(
         "SkipSimplifiedLayerNormalization",
@@ -198,16 +302,23 @@ def _lm_head(g: _GraphWriter, hidden: str, residual: str, embed: str, shape) -> 
     end = g.const("const.int64_max", np.array([np.iinfo(np.int64).max], dtype=np.int64))
     axis1 = g.const("const.sequence_axis", np.array([1], dtype=np.int64))
     normed = g.node("Slice", ["final_norm", "logits_start", end, axis1], ["final_norm_kept"])[0]
+    head = "logits_uncapped" if softcap else "logits"
     if shape.tied_embeddings:
+        g.used.add("lm_head.weight")  # the embedding table itself
         flat = g.const("const.flat_shape", np.array([-1, shape.hidden_size], dtype=np.int64))
         vocab = g.const("const.vocab", np.array([shape.vocab_size], dtype=np.int64))
         g.node("Reshape", [normed, flat], ["final_norm_2d"])
         g.node("Gemm", ["final_norm_2d", embed], ["logits_2d"], transB=1)
         g.node("Shape", [normed], ["batch_seq"], start=0, end=2)
         g.node("Concat", ["batch_seq", vocab], ["logits_shape"], axis=0)
-        g.node("Reshape", ["logits_2d", "logits_shape"], ["logits"])
+        g.node("Reshape", ["logits_2d", "logits_shape"], [head])
     else:
-        g.node("MatMul", [normed, g.weight("lm_head.weight", transpose=True)], ["logits"])
+        g.node("MatMul", [normed, g.weight("lm_head.weight", transpose=True)], [head])
+    if softcap:
+        cap = g.const("const.logits_softcap", np.array(softcap, dtype=np.float32))
+        g.node("Div", [head, cap], ["logits_over_cap"])
+        g.node("Tanh", ["logits_over_cap"], ["logits_tanh"])
+        g.node("Mul", ["logits_tanh", cap], ["logits"])
 
 
 def _signature(shape) -> tuple[list, list]:

@@ -22,8 +22,8 @@ WINDOW = 512  # tokens per scored window: long enough for context, short enough 
 class GraphScorer:
     """Just enough of `runtime.Model` for `evaluate()`: an ONNX file and the tokenizer's ids."""
 
-    def __init__(self, onnx_path: Path, shape: CacheShape, encode, threads: int):
-        self.session = DecoderSession(onnx_path, shape, threads, ["CPUExecutionProvider"])
+    def __init__(self, onnx_path: Path, shape: CacheShape, encode, threads: int, shared_buffer: bool = True):
+        self.session = DecoderSession(onnx_path, shape, threads, ["CPUExecutionProvider"], shared_buffer=shared_buffer)
         self.context_length = self.session.context_length
         self.encode = encode
         self.path = onnx_path
@@ -33,11 +33,18 @@ class GraphScorer:
 
 
 def measure(
-    candidate: Path, reference: Path, shape: CacheShape, encode, threads: int = 2, text_path: Path = EVAL_TEXT
+    candidate: Path,
+    reference: Path,
+    shape: CacheShape,
+    encode,
+    threads: int = 2,
+    text_path: Path = EVAL_TEXT,
+    shared_buffer: bool = True,
 ) -> dict:
+    """`shared_buffer`: the graphs write their cache in place (fused), or return it (generic)."""
     text = text_path.read_text(encoding="utf-8")
-    cand = GraphScorer(candidate, shape, encode, threads)
-    ref = GraphScorer(reference, shape, encode, threads)
+    cand = GraphScorer(candidate, shape, encode, threads, shared_buffer)
+    ref = GraphScorer(reference, shape, encode, threads, shared_buffer)
     got = evaluate(cand, text, ref, window=WINDOW)
     return {
         "text": text_path.name,

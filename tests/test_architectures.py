@@ -1,0 +1,256 @@
+"""Decoder families beyond Llama: each tiny random model (2 layers, hidden 64, the test tokenizer,
+a sliding window of 16 where the family has one) is built into an fp32 bundle by `edge-slm build`
+(whose validate stage checks logits and present key/values against torch), and the bundle's greedy
+tokens for a prompt longer than the window must equal transformers' `generate`. Families with a
+fused layout must get the fused graph; others the generic one, said in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from edge_slm import runtime
+from edge_slm.builder.pipeline import build
+from edge_slm.core.errors import ModelError
+from edge_slm.core.targets import load_profile
+
+NEW_TOKENS = 16
+WINDOW = 16
+PROMPT = "What is the capital of France? Paris is the answer, and Lyon is not. Small language models run"
+
+# family -> (config class, its settings beyond the common ones, the graph the build must choose)
+FAMILIES = {
+    "llama-head24": ("LlamaConfig", {"head_dim": 24}, "fused"),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, "fused"),
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW}, "fused"),
+    "granite": (
+        "GraniteConfig",
+        {"embedding_multiplier": 6.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.0},
+        "fused",
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": WINDOW,
+            "attn_logit_softcapping": 20.0,
+            "final_logit_softcapping": 15.0,
+        },
+        "fused",
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_local_base_freq": 10000.0,
+            "rope_theta": 1000000.0,
+        },
+        "fused",
+    ),
+    # Heads of 32 (2 of them, 1 KV head) so that half of each is rotated: a width of 16.
+    "gemma": ("GemmaConfig", {"head_dim": 16, "hidden_act": "gelu"}, "fused"),  # an early checkpoint's exact GELU
+    "phi3": (
+        "Phi3Config",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.5, "sliding_window": WINDOW},
+        "fused",
+    ),
+    "olmo2": ("Olmo2Config", {}, "fused"),
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "use_sliding_window": False}, "fused"),
+    "gpt_neox": ("GPTNeoXConfig", {}, "generic"),
+    "bloom": ("BloomConfig", {}, "generic"),  # ALiBi: optimum's graph takes no position_ids
+}
+
+
+def make_family_model(directory, family: str, seed: int = 0, **overrides):
+    """A tiny random model of `family` saved with the test tokenizer; returns (directory, model)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_class, settings, _ = FAMILIES[family]
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(directory)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    config = getattr(transformers, config_class)(**{**common, **settings, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger-than-init weights so that logits are not all near zero
+        for param in model.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory, model, tokenizer
+
+
+def reference_tokens(model, prompt_ids: list[int]) -> list[int]:
+    """transformers' greedy continuation, without the EOS it stops on (as the runtime reports)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return next((new[:i] for i, t in enumerate(new) if t in eos), new)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_builds_and_generates_as_transformers(family, tiny_profile, tmp_path):
+    source, model, tokenizer = make_family_model(tmp_path / "model", family)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    assert len(prompt_ids) > WINDOW
+    lines = []
+    manifest = build(str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lines.append)
+    expected_graph = FAMILIES[family][2]
+    assert manifest["graph"]["kind"] == expected_graph
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_diff"]["logits"] < 1e-3
+    said = [line.strip() for line in lines if "generic graph" in line or "multiple of 16" in line]
+    if expected_graph == "generic":
+        assert said == [f"'{family}' has no fused layout: tracing optimum's generic graph instead"]
+    elif family == "llama-head24":
+        assert said == [
+            "head size 24 is not a multiple of 16, which GroupQueryAttention's own rotary embedding needs: "
+            "RotaryEmbedding nodes instead"
+        ]
+        assert manifest["graph"]["op_counts"]["RotaryEmbedding"] == 4
+    else:
+        assert said == []
+    bundle = runtime.load(tmp_path / "bundle")
+    got = bundle.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    want = reference_tokens(model, prompt_ids)
+    assert len(want) >= 8  # a continuation long enough to mean something
+    assert got.token_ids == want
+
+
+def test_several_eos_ids_stop_generation(tiny_profile, tmp_path):
+    """generation_config lists two EOS ids: the bundle records both and stops on the second."""
+    source, model, tokenizer = make_family_model(tmp_path / "model", "qwen3")
+    prompt_ids = tokenizer(PROMPT).input_ids
+    free_run = reference_tokens(model, prompt_ids)
+    stop = free_run[4]
+    assert stop not in free_run[:4]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    model.generation_config.save_pretrained(source)
+    build(str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None)
+    generation = json.loads((tmp_path / "bundle" / "generation.json").read_text())
+    assert generation["eos_token_ids"] == [tokenizer.eos_token_id, stop]
+    got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert got.token_ids == free_run[:4] == reference_tokens(model, prompt_ids)
+    assert got.stop_reason == "eos"
+
+
+def test_generic_graph_quantized_passes_the_gate(tmp_path, tiny_profile):
+    """int8 through the generic graph: quantized, gated against its fp32 graph, run by the runtime."""
+    source, model, tokenizer = make_family_model(tmp_path / "model", "gpt_neox")
+    manifest = build(
+        str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None, precision="int8"
+    )
+    assert manifest["graph"]["kind"] == "generic" and manifest["graph"]["kv_cache"]["shared_buffer"] is False
+    assert manifest["quantization"]["counts"]["MatMulNBits"] > 0
+    assert manifest["accuracy"]["passed"] is True
+    bundle = runtime.load(tmp_path / "bundle")
+    prompt_ids = tokenizer(PROMPT).input_ids
+    assert len(bundle.generate(prompt_ids, max_new_tokens=4).token_ids) == 4
+    scores = bundle.logprobs(prompt_ids)
+    assert scores.shape == (len(prompt_ids) - 1, len(tokenizer)) and np.isfinite(scores).all()
+
+
+def test_architecture_neither_path_takes_is_refused_in_one_line(tmp_path):
+    from edge_slm.builder.decoder.load import load
+
+    mamba = tmp_path / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text('{"model_type": "mamba"}')
+    with pytest.raises(ModelError) as refused:
+        load(str(mamba))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{mamba}: architecture 'mamba' is not supported; supported: llama (Llama, SmolLM2")
+    for family in ("qwen3", "gemma3_text", "phi3", "olmo2", "smollm3", "granite", "optimum's generic graph"):
+        assert family in message
+
+
+FUSED = [family for family, (_, _, graph) in FAMILIES.items() if graph == "fused"]
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_family_with_separate_rotary_nodes_matches_torch(family, tmp_path):
+    """The profile that lists onnxruntime 1.20 (RotaryEmbedding nodes before GroupQueryAttention):
+    logits and every present key/value within fp32's tolerance for a prompt longer than the
+    window and three decode steps; the window is on exactly the layers transformers slides."""
+    import onnx
+
+    from edge_slm.builder.decoder.architectures.base import layer_windows
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", family)
+    exported = export(model, load_profile("jetson-orin"), tmp_path / "graph")
+    assert exported.graph == "fused"
+    prompt_ids = tokenizer(PROMPT).input_ids
+    report = validate(exported.onnx_path, model, prompt_ids, decode_steps=3)
+    assert report["passed"] and report["prompt_tokens"] > WINDOW
+    nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), None) for n in attention]
+    assert windows == layer_windows(model.config)
+    rotary = sum(n.op_type == "RotaryEmbedding" for n in nodes)
+    assert rotary == (2 if family == "smollm3" else 4)  # SmolLM3's second layer has no rotary embedding
+
+
+def test_weight_the_fused_graph_has_no_place_for_falls_back_to_generic(tmp_path):
+    """A Llama with MLP biases: the fused graph would drop them, so the build takes the generic
+    graph (one line saying why) and it matches torch."""
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", "llama-head24", head_dim=16, mlp_bias=True)
+    lines = []
+    exported = export(model, load_profile("x86-laptop"), tmp_path / "graph", progress=lines.append)
+    assert exported.graph == "generic"
+    assert lines == [
+        "the fused graph has no place for the weight 'model.layers.0.mlp.down_proj.bias': "
+        "tracing optimum's generic graph instead"
+    ]
+    assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]
+
+
+def test_rotary_width_gqa_cannot_rotate_gets_rotary_nodes(tmp_path):
+    """Phi-3 with heads of 16 and half of each rotated: GroupQueryAttention cannot rotate a width
+    of 8, so the x86 profile's graph gets RotaryEmbedding nodes (said in one line) and matches torch."""
+    import onnx
+
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", "phi3", num_attention_heads=4, num_key_value_heads=2)
+    lines = []
+    exported = export(model, load_profile("x86-laptop"), tmp_path / "graph", progress=lines.append)
+    assert exported.graph == "fused" and lines[0] == (
+        "rotary width 8 is not a multiple of 16, which GroupQueryAttention's own rotary embedding needs: "
+        "RotaryEmbedding nodes instead"
+    )
+    nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
+    assert sum(n.op_type == "RotaryEmbedding" for n in nodes) == 4
+    assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]
