@@ -27,7 +27,8 @@ def system_device(sshd):
 
 
 def test_deploy_serve_status_stop_with_the_system_python(sshd, system_device, tiny_bundle):
-    from edge_slm.harness.deploy import BUNDLES, VENV, _has_systemd, deploy, service_status, stop_service
+    from edge_slm.harness.deploy import BUNDLES, VENV, deploy, service_status, stop_service
+    from edge_slm.harness.device_service import has_systemd
 
     venv = sshd.home / VENV
     shutil.rmtree(sshd.home / BUNDLES, ignore_errors=True)  # whatever another test copied there
@@ -63,7 +64,7 @@ def test_deploy_serve_status_stop_with_the_system_python(sshd, system_device, ti
         )
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         assert health.status_code == 200 and health.json()["status"] == "ok"
-        systemd = _has_systemd(system_device)  # the throwaway device user has no user session here
+        systemd = has_systemd(system_device)  # the throwaway device user has no user session here
         assert result["service"].startswith("a systemd user service" if systemd else "detached"), result["service"]
         assert service_status(system_device).startswith("systemd active" if systemd else "detached pid")
         again = []

@@ -158,7 +158,7 @@ def test_a_started_server_that_cannot_bind_is_a_failure_even_when_the_port_answe
             start_server(device, f"{STATE}/venv", remote_bundle, f"127.0.0.1:{port}", 1)
         message = str(failed.value)
         assert message.startswith(f"{device.host}: the server on port {port} did not come up: the server exited (")
-        assert "address already in use" in message and "\n" not in message
+        assert "address already in use" in message.lower() and "\n" not in message
         assert service_status(device) == "stopped"
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["model"] == "someone-else"
     finally:
@@ -301,6 +301,17 @@ def test_a_redeploy_under_a_running_server_installs_beside_it_and_switches(devic
         # The served folder's files as the server holds them: a write in place would show through these.
         held = {n: open(new / n, "rb") for n in os.listdir(new)}
         contents = {n: f.read() for n, f in held.items()}
+        # The server watches its bundle: a file that no longer matches its checksum ends the server
+        # (so that systemd restarts it on a good bundle); the deploy below then starts the repaired copy.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the server went on serving a bundle whose file no longer matches its checksum")
         try:
             result, seen, messages = _redeploy_while_watching(device, changed, port, new)
             for name, f in held.items():
@@ -314,8 +325,7 @@ def test_a_redeploy_under_a_running_server_installs_beside_it_and_switches(devic
             "copying 1 of 6 bundle files (5 already on the device, linked)" in m or "(6 linked, none copied)" in m
             for _, m in messages
         ), messages
-        switch = next(t for t, m in messages if "switching the server" in m)
-        assert {answer for t, answer, _ in seen if t < switch} == {"tiny-laptop-v2"}
+        assert not any("switching the server" in m for _, m in messages)  # nothing was serving
         # The name now holds the repaired copy: a new inode for the damaged file, the same ones for the others.
         assert os.stat(damaged).st_ino != damaged_inode
         assert {n: os.stat(new / n).st_ino for n in unchanged} == unchanged
@@ -358,7 +368,7 @@ def test_a_new_server_that_does_not_come_up_gives_the_port_back_to_the_old_one(
         assert calls == [new, old]
         assert message.startswith(f"{device.host}: the server on port {port} did not come up: the server exited (")
         assert message.endswith(f"; the previous server (~/{old}) serves again") and "\n" not in message
-        assert "address already in use" in message
+        assert "address already in use" in message.lower()
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {
             "status": "ok",
             "model": "tiny-laptop",

@@ -57,9 +57,8 @@ def _common(command):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per text with every label's probability.")
 def classify(bundle, texts, file, batch_size, no_truncate, threads, as_json) -> None:
     """The intent (label) of each text, with its probability."""
+    items = _texts(texts, file)  # bad text is refused before the model loads
     model = open_bundle(bundle, threads, need=EncoderManifest, task="classification")
-    items = _texts(texts, file)
-    model = open_bundle(bundle, threads, need="encoder", task="classification")
     for text, result in zip(items, model.classify(items, batch_size, truncate=not no_truncate)):
         if as_json:
             click.echo(json.dumps({"text": text, **result.to_dict()}))
@@ -81,9 +80,8 @@ def embed(bundle, texts, file, batch_size, no_truncate, threads, out, overwrite)
 
     if out is not None:
         _check_vectors_path(out, overwrite)
+    items = _texts(texts, file)  # bad text is refused before the model loads
     model = open_bundle(bundle, threads, need=EncoderManifest, task="embedding")
-    items = _texts(texts, file)
-    model = open_bundle(bundle, threads, need="encoder", task="embedding")
     vectors = model.embed(items, batch_size, truncate=not no_truncate)
     if out is None:
         for row in vectors:
