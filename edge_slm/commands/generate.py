@@ -22,8 +22,6 @@ def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: 
     """Generate text from PROMPT, streamed to the terminal."""
     from edge_slm.runtime import Generation
 
-    if kw["threads"] is not None and kw["threads"] < 1:
-        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
     model = open_bundle(bundle, kw["threads"])
     result = Generation(prompt_token_ids=[])
     pieces = model.stream(
@@ -57,8 +55,6 @@ def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: 
 @click.option("--system", default=None, help="A system message for the conversation.")
 def chat(bundle: Path, system: str | None, **kw) -> None:
     """Talk with the model; earlier turns stay in the KV cache. /reset starts over, /exit leaves."""
-    if kw["threads"] is not None and kw["threads"] < 1:
-        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
     from edge_slm.runtime import Generation
 
     model = open_bundle(bundle, kw["threads"])
