@@ -91,9 +91,12 @@ def ssh_prefix(device: Device) -> list[str]:
 
 def remote_worker(device: Device, python: str, target: str, config: dict, what: str, timeout: float = 3600) -> dict:
     """`target` ("package.module:function") on `config` by the device's `python`: the worker protocol over SSH."""
-    return run_worker(
-        target, config, python=python, prefix_cmd=ssh_prefix(device), shell=True, timeout=timeout, what=what
-    )
+    try:
+        return run_worker(
+            target, config, python=python, prefix_cmd=ssh_prefix(device), shell=True, timeout=timeout, what=what
+        )
+    except EdgeSlmError as exc:
+        raise RemoteError(str(exc)) from None
 
 
 def ssh(device: Device, command: str, stdin: bytes | None = None, timeout: float = 3600) -> str:
