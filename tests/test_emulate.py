@@ -40,6 +40,23 @@ def test_disagreement_is_reported(tiny_bundle):
     assert moved["same_prompt_ids"] is False and not moved["passed"] and "different prompt ids" in moved["summary"]
 
 
+def test_cli_verify_prints_the_verdict_and_its_numbers(tiny_bundle):
+    """fp32 with next-token statistics: reported, not judged by a budget (fp32 is the reference)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "verify", str(tiny_bundle), "--emulate", "cortex-a72"]
+        + ["--onnxruntime", "1.27.0", "--tokens", "2", "--eval-tokens", "16"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("PASSED: Raspberry Pi 4 (cortex-a72, emulated), onnxruntime 1.27.0 aarch64 vs host")
+    assert "greedy tokens agreeing: 2/2" in lines[1] and "(tolerance 0.1%)" in lines[1]
+    assert "over 16 tokens of eval.txt: next-token agreement 100.0%, perplexity" in lines[3]
+    assert "fp32 has no budget)" in lines[3]
+
+
 def test_cli_rejects_unknown_cpu(tiny_bundle):
     proc = subprocess.run(
         [sys.executable, "-m", "edge_slm.cli", "verify", str(tiny_bundle), "--emulate", "cortex-m4"],

@@ -62,6 +62,8 @@ def greedy_agreement(host: dict, other: dict, profile: Profile, precision: str, 
         + ("; they part at a near-tie" if near_tie else "")
         + f", largest logit difference {100 * worst:.3f}% of the largest logit"
     )
+    if statistics is not None and budget is None:
+        statistics |= {"budget": None, "passed": None}  # reported only: fp32 is the reference, it has no budget
     if statistics is not None and budget is not None:
         # A reduced precision's kernels round differently on another CPU, by amounts that do not
         # scale with the largest logit: its accuracy budget, measured over the text, decides.
