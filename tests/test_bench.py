@@ -141,3 +141,21 @@ def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classif
     assert "encoders.png" in {p.name for p in paths}
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Encoders" in md and md.count("| edge-slm int8 tiny-encoder-laptop") == 1 and "recall@1" in md
+
+
+def test_thread_counts_above_the_cores_are_capped_with_a_warning(tiny_bundle):
+    """A sweep past this machine's cores runs (and records) what it can, once, and says so."""
+    import os
+
+    cores = os.cpu_count()
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "bench", str(tiny_bundle), "--threads", f"1,{cores + 1},{cores + 62}"]
+        + ["--prompt-tokens", "8", "--gen-tokens", "4", "-r", "1", "--warmup", "0", "--no-accuracy", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["settings"]["threads"] for r in records] == ([1, cores] if cores > 1 else [1])
+    assert f"{cores + 62} threads asked for, this machine has {cores} cores: using {cores}" in proc.stderr

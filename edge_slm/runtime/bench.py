@@ -402,12 +402,16 @@ def bench_bundle(
     progress=lambda msg: None,
 ) -> list[dict]:
     """`edge-slm bench` of a bundle of either family, here or on a device (`bench_worker`); no
-    thread counts: the profile's."""
+    thread counts: the profile's. Counts above this machine's cores are capped, with the runtime's
+    warning, so that a record says how many threads ran."""
     from edge_slm.core.bundle import verify_bundle
+    from edge_slm.runtime.model import capped_threads
 
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    threads = threads or [int(manifest["profile"]["runtime"]["threads"])]
+    threads = list(
+        dict.fromkeys(capped_threads(t) for t in threads or [int(manifest["profile"]["runtime"]["threads"])])
+    )
     if manifest.get("family") == "encoder":
         from edge_slm.runtime.bench_encoder import run_encoder
 
