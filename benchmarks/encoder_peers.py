@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.worker import run_worker
+
+REPO = Path(__file__).resolve().parent.parent  # the peers' worker imports benchmarks.encoder_peers from here
 
 PEERS = ("st-torch", "st-onnx", "st-onnx-int8", "optimum", "optimum-int8", "fastembed")
 PRECISION = {
@@ -73,7 +78,7 @@ def prepare(work: Path) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
-def worker(cfg: dict) -> dict:
+def worker(**cfg) -> dict:
     import numpy as np
 
     from edge_slm.runtime.bench_encoder import encoder_timings, peak_rss_mb
@@ -151,11 +156,7 @@ def main() -> None:
     parser.add_argument("--target", default="x86-laptop")
     parser.add_argument("--work", default=str(Path.home() / ".cache/edge-slm/peers/minilm"))
     parser.add_argument("--out", required=True)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
 
     import numpy as np
 
@@ -174,19 +175,14 @@ def main() -> None:
         for system, bundle in runs:
             cfg = {"threads": args.threads, "repetitions": args.repetitions, "warmup": args.warmup}
             if bundle:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "edge_slm.runtime.bench_encoder",
-                    json.dumps({"bundle": bundle, **cfg}),
-                ]
+                target, cfg = "edge_slm.runtime.bench_encoder:measure_encoder", {"bundle": bundle, **cfg}
             else:
+                target = "benchmarks.encoder_peers:worker"
                 cfg |= {"peer": system, "paths": paths, "check_texts": check_texts}
-                command = [sys.executable, __file__, "--out", args.out, "--worker", json.dumps(cfg)]
-            proc = subprocess.run(command, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{system} failed: {proc.stderr[-1500:]}")
-            raw = json.loads(proc.stdout.strip().splitlines()[-1])
+            try:
+                raw = run_worker(target, cfg, env={**os.environ, "PYTHONPATH": str(REPO)}, what=system)
+            except EdgeSlmError as exc:
+                sys.exit(str(exc))
             if bundle:
                 model = runtime.load(bundle)
                 info = BundleInfo.of(Path(bundle), model.manifest, None)

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
 
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.worker import run_worker
 
-def worker_llama(cfg: dict) -> dict:
+REPO = Path(__file__).resolve().parent.parent  # the workers import benchmarks.peers from here
+
+
+def worker_llama(**cfg) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
@@ -49,7 +54,7 @@ def worker_llama(cfg: dict) -> dict:
     return _loop(cfg, prefill, step, load_s)
 
 
-def worker_torch(cfg: dict) -> dict:
+def worker_torch(**cfg) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,12 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", default="2")
     parser.add_argument("--context", type=int, default=None, help="llama.cpp's n_ctx [prompt + generated tokens].")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        cfg = json.loads(args.worker)
-        print(json.dumps((worker_llama if cfg["system"] == "llama.cpp" else worker_torch)(cfg)))
-        return
 
     from edge_slm import __version__, runtime
     from edge_slm.builder.decoder.load import load
@@ -132,20 +132,18 @@ def main() -> None:
             "context": args.context,
         }
         # The llama.cpp venv imports llama_cpp, numpy and this repository's edge_slm package only.
-        env = (
-            {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-            if args.system == "llama.cpp"
-            else None
-        )
-        proc = subprocess.run(
-            [args.python, __file__, "--system", args.system, "--out", args.out, "--worker", json.dumps(cfg)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if proc.returncode:
-            sys.exit(f"{args.system} failed: {proc.stderr[-1500:]}")
-        raw = json.loads(proc.stdout.strip().splitlines()[-1])
+        env = {"PATH": "/usr/bin:/bin"} if args.system == "llama.cpp" else dict(os.environ)
+        worker = "worker_llama" if args.system == "llama.cpp" else "worker_torch"
+        try:
+            raw = run_worker(
+                f"benchmarks.peers:{worker}",
+                cfg,
+                python=args.python,
+                env={**env, "PYTHONPATH": str(REPO)},
+                what=args.system,
+            )
+        except EdgeSlmError as exc:
+            sys.exit(str(exc))
         record = BenchRecord(
             system=args.system,
             test=test_name(args.prompt_tokens, args.gen_tokens),

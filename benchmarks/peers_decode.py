@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.worker import run_worker
+
 QUESTION = "What is the capital of France?"
+REPO = Path(__file__).resolve().parent.parent  # the workers import benchmarks.peers_decode from here
 
 
-def worker_edge(args) -> dict:
+def worker_edge(bundle: str, ids: list[int], reps: int, tokens: int, threads: int, gguf: str | None = None) -> dict:
     from edge_slm import runtime
 
-    model = runtime.load(args.bundle, threads=args.threads, verify=False)
+    model = runtime.load(bundle, threads=threads, verify=False)
     model.eos_ids = set()
     session = model.session.session
     inside = []
@@ -40,10 +44,10 @@ def worker_edge(args) -> dict:
 
     session.run_with_iobinding = timed_run
     samples = []
-    for rep in range(args.reps + 1):
+    for rep in range(reps + 1):
         inside.clear()
         t = time.perf_counter()
-        result = model.generate(args.ids, max_new_tokens=args.tokens)
+        result = model.generate(ids, max_new_tokens=tokens)
         total = time.perf_counter() - t
         if rep == 0:
             continue  # warm-up
@@ -59,22 +63,22 @@ def worker_edge(args) -> dict:
     return {"samples": samples}
 
 
-def _peer(system: str, args) -> dict:
+def _peer(system: str, ids: list[int], reps: int, tokens: int, threads: int, gguf: str | None) -> dict:
     """llama.cpp and transformers through benchmarks/peers.py's workers: the same loop."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import peers
+    from benchmarks import peers
 
     cfg = {
         "system": system,
-        "gguf": args.gguf,
-        "threads": args.threads,
-        "ids": args.ids,
-        "prompt_tokens": len(args.ids),
-        "gen_tokens": args.tokens,
-        "repetitions": args.reps,
+        "gguf": gguf,
+        "threads": threads,
+        "ids": ids,
+        "prompt_tokens": len(ids),
+        "gen_tokens": tokens,
+        "repetitions": reps,
         "warmup": 1,
+        "context": None,
     }
-    raw = (peers.worker_llama if system == "llama.cpp" else peers.worker_torch)(cfg)
+    raw = (peers.worker_llama if system == "llama.cpp" else peers.worker_torch)(**cfg)
     return {
         "samples": [
             {"ttft_ms": t, "decode_tok_s": d} for t, d in zip(raw["ttft_ms"]["samples"], raw["decode_tok_s"]["samples"])
@@ -82,15 +86,15 @@ def _peer(system: str, args) -> dict:
     }
 
 
-def worker_torch(args) -> dict:
-    return _peer("transformers", args)
+def worker_torch(bundle: str, **cfg) -> dict:
+    return _peer("transformers", **cfg)
 
 
-def worker_llama(args) -> dict:
-    return _peer("llama.cpp", args)
+def worker_llama(bundle: str, **cfg) -> dict:
+    return _peer("llama.cpp", **cfg)
 
 
-WORKERS = {"edge-slm": worker_edge, "transformers": worker_torch, "llama.cpp": worker_llama}
+WORKERS = {"edge-slm": "worker_edge", "transformers": "worker_torch", "llama.cpp": "worker_llama"}
 
 
 def summarize(values: list[float]) -> str:
@@ -110,13 +114,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", dest="json_out", default=None, help="Write all samples here.")
-    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--ids", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](args)))
-        return
 
     from edge_slm import runtime
 
@@ -139,30 +137,19 @@ def main() -> None:
     results = {name: [] for name in systems}
     for round_ in range(args.rounds):
         for name, (python, worker, bundle) in systems.items():
-            cmd = [
-                python,
-                __file__,
-                bundle,
-                "--worker",
-                worker,
-                "--ids",
-                json.dumps(ids),
-                "--reps",
-                str(args.reps),
-                "--tokens",
-                str(args.tokens),
-                "--threads",
-                str(args.threads),
-            ]
-            if args.gguf:
-                cmd += ["--gguf", args.gguf]
-            env = None
-            if worker == "llama.cpp":  # the llama venv imports llama_cpp, numpy and this repository's edge_slm
-                env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
-            results[name] += json.loads(out.stdout.strip().splitlines()[-1])["samples"]
+            cfg = {"bundle": bundle, "ids": ids, "reps": args.reps, "tokens": args.tokens, "threads": args.threads}
+            # the llama venv imports llama_cpp, numpy and this repository's edge_slm only
+            env = {"PATH": "/usr/bin:/bin"} if worker == "llama.cpp" else dict(os.environ)
+            try:
+                results[name] += run_worker(
+                    f"benchmarks.peers_decode:{WORKERS[worker]}",
+                    {**cfg, "gguf": args.gguf},
+                    python=python,
+                    env={**env, "PYTHONPATH": str(REPO)},
+                    what=name,
+                )["samples"]
+            except EdgeSlmError as exc:
+                sys.exit(str(exc))
             print(f"round {round_ + 1}/{args.rounds}: {name} done", file=sys.stderr)
 
     first = next(iter(results))

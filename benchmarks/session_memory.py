@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -25,23 +25,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge_slm.core.worker import run_worker  # noqa: E402
 from edge_slm.runtime.bench import machine  # noqa: E402
 
-# Runs in a fresh interpreter so that nothing else has grown the heap; prints one JSON line.
-PROBE = """
-import json, sys
-import onnxruntime as ort
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-before = status("VmRSS")
-options = ort.SessionOptions()
-options.intra_op_num_threads = 2
-options.log_severity_level = 3
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-print(json.dumps({"steady_mb": status("VmRSS") - before, "peak_mb": status("VmHWM") - before}))
-"""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def session_cost(graph: str) -> dict:
+    """RSS growth while onnxruntime opens `graph`: run in a fresh interpreter (the worker protocol),
+    so that nothing else has grown the heap."""
+    import onnxruntime as ort
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+
+    before = status("VmRSS")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return {"steady_mb": status("VmRSS") - before, "peak_mb": status("VmHWM") - before}
 
 
 def untied(graph: Path, out_dir: Path, head_first: bool) -> Path:
@@ -67,9 +72,10 @@ def untied(graph: Path, out_dir: Path, head_first: bool) -> Path:
 
 
 def measure(graph: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(graph)], capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cost = run_worker("benchmarks.session_memory:session_cost", {"graph": str(graph)}, env=env, what=str(graph))
     data = graph.with_name(graph.name + ".data")
-    return {**json.loads(proc.stdout), "weights_mb": data.stat().st_size / 1e6 if data.exists() else 0.0}
+    return {**cost, "weights_mb": data.stat().st_size / 1e6 if data.exists() else 0.0}
 
 
 def main() -> None:

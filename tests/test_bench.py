@@ -253,3 +253,21 @@ def test_a_metric_declared_once_is_a_column_of_the_table_the_report_and_the_chec
     assert "| peak RSS MB | energy J per token | bundle MB |" in md and md.count("| 0.30 ± 0.07 |") == len(records)
     assert "<th>energy J per token</th>" in (tmp_path / "report" / "report.html").read_text()
     assert record_problem(records[0]) == "'results.energy_j' is missing or not an object"
+
+
+def test_thread_counts_above_the_cores_are_capped_with_a_warning(tiny_bundle):
+    """A sweep past this machine's cores runs (and records) what it can, once, and says so."""
+    import os
+
+    cores = os.cpu_count()
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "bench", str(tiny_bundle), "--threads", f"1,{cores + 1},{cores + 62}"]
+        + ["--prompt-tokens", "8", "--gen-tokens", "4", "-r", "1", "--warmup", "0", "--no-accuracy", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["settings"]["threads"] for r in records] == ([1, cores] if cores > 1 else [1])
+    assert f"{cores + 62} threads asked for, this machine has {cores} cores: using {cores}" in proc.stderr

@@ -134,3 +134,26 @@ def test_a_missing_module_of_an_extra_found_late_is_the_same_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: edge-slm report needs the report extra (matplotlib is not installed): pip install 'edge-slm[report]'"
     )
+
+
+def test_threads_and_ssh_options_are_declared_once_and_checked_alike(tmp_path):
+    """Every command takes --threads with one check and one message (a comma list for bench), and
+    the SSH options of deploy and bench --host take the same port range."""
+    bundle = str(tmp_path / "bundle")
+    for args in (
+        ["generate", bundle, "hi"],
+        ["chat", bundle],
+        ["eval", bundle],
+        ["classify", bundle, "a text"],
+        ["embed", bundle, "a text"],
+        ["serve", bundle],
+        ["deploy", bundle, "--host", "pi@device"],
+    ):
+        for bad in ("0", "two"):
+            proc = run(*args, "--threads", bad, check_rc=2)
+            assert f"Error: Invalid value for '--threads': '{bad}': give a count of 1 or more, e.g. 2" in proc.stderr
+    proc = run("bench", bundle, "--threads", "1,0", check_rc=2)
+    assert "Error: Invalid value for '--threads': '1,0': give counts of 1 or more, e.g. 1,2,4" in proc.stderr
+    for command in (["bench", bundle], ["deploy", bundle]):
+        proc = run(*command, "--host", "pi@device", "--port", "70000", check_rc=2)
+        assert "Error: Invalid value for '--port': 70000 is not in the range 1<=x<=65535." in proc.stderr

@@ -96,6 +96,47 @@ def test_deploy_and_serve_a_classifier(system_device, classifier_bundle):
         assert stop_service(system_device) == "stopped"
 
 
+def test_the_smoke_test_judges_as_verify_does(system_device, tiny_bundle, tiny_llama, tiny_profile, tmp_path):
+    """The smoke test runs the probes of `edge-slm verify --emulate` on the device and judges them
+    by the same rule (harness.agreement): an int8 build on the device against this machine's fp32
+    bundle is refused with its numbers, exactly as the rule judges the same two traces here; the
+    int8 bundle against itself passes on its accuracy budget's statistics."""
+    import re
+    import shutil
+
+    from edge_slm.builder.pipeline import build
+    from edge_slm.core.bundle import read_manifest
+    from edge_slm.core.targets import load_profile, profile_from_dict
+    from edge_slm.harness.agreement import greedy_agreement
+    from edge_slm.harness.deploy import checkout_wheel, copy_bundle, ensure_venv, smoke_test
+    from edge_slm.runtime.probe import greedy_trace
+
+    int8 = tmp_path / "int8"
+    build(str(tiny_llama), load_profile(str(tiny_profile)), int8, echo=lambda m: None, precision="int8")
+    manifest = read_manifest(int8)
+    with checkout_wheel() as wheel:
+        venv = ensure_venv(system_device, manifest, wheel)
+    remote = copy_bundle(system_device, int8, manifest)
+    try:
+        refused = smoke_test(system_device, venv, remote, tiny_bundle, threads=1)
+        here = greedy_agreement(
+            greedy_trace(str(tiny_bundle), tokens=8, threads=1),
+            greedy_trace(str(int8), tokens=8, threads=1),
+            profile_from_dict(read_manifest(tiny_bundle)["profile"]),
+            "fp32",
+        )
+        assert refused["passed"] is here["passed"] is False
+        assert refused["summary"].startswith(here["summary"] + "; ")
+        assert re.search(
+            r"largest logit difference \d+\.\d{3}% of the largest logit \(tolerance 0\.1%\)", here["summary"]
+        )
+        same = smoke_test(system_device, venv, remote, int8, threads=1)
+        assert same["passed"] and same["tokens_agreeing"] == 8, same
+        assert "over 128 tokens of eval.txt next-token agreement 100.0% (needs 96%)" in same["summary"]
+    finally:
+        shutil.rmtree(Path.home() / remote, ignore_errors=True)
+
+
 def test_deploy_failures_are_one_line(sshd, tiny_bundle, tmp_path):
     device = sshd.device
     no_python = _cli(

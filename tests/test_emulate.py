@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from edge_slm.harness.emulate import compare, greedy_trace, verify
+from edge_slm.core.bundle import read_manifest
+from edge_slm.core.targets import profile_from_dict
+from edge_slm.harness.agreement import greedy_agreement
+from edge_slm.harness.emulate import verify
+from edge_slm.runtime.probe import greedy_trace
+
+
+def compare(host, other, bundle, precision):
+    return greedy_agreement(host, other, profile_from_dict(read_manifest(bundle)["profile"]), precision)
 
 
 def test_tiny_bundle_agrees_under_emulated_cortex_a72(tiny_bundle):
@@ -22,9 +30,31 @@ def test_tiny_bundle_agrees_under_emulated_cortex_a72(tiny_bundle):
 def test_disagreement_is_reported(tiny_bundle):
     host = greedy_trace(tiny_bundle, tokens=4, threads=1)
     other = dict(host, tokens=host["tokens"][:2] + [host["tokens"][2] + 1, host["tokens"][3]])
-    result = compare(host, other, "fp32")
+    result = compare(host, other, tiny_bundle, "fp32")
     assert not result["passed"] and result["tokens_agreeing"] == 2 and result["max_relative_logit_diff"] == 0.0
-    assert compare(host, dict(host, prompt_ids=[0] + host["prompt_ids"]), "fp32")["same_prompt_ids"] is False
+    assert result["summary"] == (
+        f"2/4 greedy tokens as on this machine ({other['text']!r}), largest logit difference 0.000% of the "
+        "largest logit (tolerance 0.1%)"
+    )
+    moved = compare(host, dict(host, prompt_ids=[0] + host["prompt_ids"]), tiny_bundle, "fp32")
+    assert moved["same_prompt_ids"] is False and not moved["passed"] and "different prompt ids" in moved["summary"]
+
+
+def test_cli_verify_prints_the_verdict_and_its_numbers(tiny_bundle):
+    """fp32 with next-token statistics: reported, not judged by a budget (fp32 is the reference)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "verify", str(tiny_bundle), "--emulate", "cortex-a72"]
+        + ["--onnxruntime", "1.27.0", "--tokens", "2", "--eval-tokens", "16"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("PASSED: Raspberry Pi 4 (cortex-a72, emulated), onnxruntime 1.27.0 aarch64 vs host")
+    assert "greedy tokens agreeing: 2/2" in lines[1] and "(tolerance 0.1%)" in lines[1]
+    assert "over 16 tokens of eval.txt: next-token agreement 100.0%, perplexity" in lines[3]
+    assert "fp32 has no budget)" in lines[3]
 
 
 def test_cli_rejects_unknown_cpu(tiny_bundle):
@@ -43,15 +73,27 @@ def test_near_tie_is_recognised(tiny_bundle):
 
     host = greedy_trace(tiny_bundle, tokens=4, threads=1)
     steps = [np.frombuffer(base64.b64decode(s), np.float32).copy() for s in host["logits"]]
-    wobble = [s + np.float32(0.01) * np.abs(s).max() * ((np.arange(s.size) % 3) - 1) for s in steps]  # 1% noise
+    wobble = lambda arrays: [s + np.float32(0.01) * np.abs(s).max() * ((np.arange(s.size) % 3) - 1) for s in arrays]  # noqa: E731
     pack = lambda arrays: [base64.b64encode(a.astype(np.float32).tobytes()).decode() for a in arrays]  # noqa: E731
     tied = [s.copy() for s in steps]
     top = np.argsort(tied[2])[-2:]
     tied[2][top[0]] = tied[2][top[1]] - 0.001 * np.abs(tied[2]).max()  # the host's own choice at step 2 is a near-tie
     host_tied = dict(host, logits=pack(tied))
-    other = dict(host, tokens=host["tokens"][:2] + [int(top[0]), host["tokens"][3]], logits=pack(wobble))
-    assert compare(host_tied, other, "int8")["first_disagreement_near_tie"] is True
-    assert compare(dict(host, logits=pack(steps)), other, "int8")["first_disagreement_near_tie"] is False
+    parted = host["tokens"][:2] + [int(top[0]), host["tokens"][3]]
+    # The other machine: 1% of logit noise, and at step 2 the other of the two nearly tied tokens.
+    other_tied = dict(host, tokens=parted, logits=pack(wobble(tied)))
+    tied_verdict = compare(host_tied, other_tied, tiny_bundle, "int8")
+    assert tied_verdict["first_disagreement_near_tie"] is True and tied_verdict["passed"]
+    assert tied_verdict["tolerance"] == 0.02
+    assert tied_verdict["max_relative_logit_diff"] == pytest.approx(0.01, rel=0.01)
+    assert "2/4 greedy tokens" in tied_verdict["summary"] and "they part at a near-tie" in tied_verdict["summary"]
+    # Where the host's choice was clear, parting is a disagreement, whatever the tolerance.
+    apart = compare(host, dict(host, tokens=parted, logits=pack(wobble(steps))), tiny_bundle, "int8")
+    assert apart["first_disagreement_near_tie"] is False and not apart["passed"]
+    # The same traces against fp32's tolerance: a 1% logit difference is refused, with its numbers.
+    strict = compare(host_tied, other_tied, tiny_bundle, "fp32")
+    assert not strict["passed"]
+    assert "largest logit difference 1.000% of the largest logit (tolerance 0.1%)" in strict["summary"]
 
 
 def test_int8_statistics_under_emulated_cortex_a76(tiny_llama, tiny_profile, tmp_path):

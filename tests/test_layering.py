@@ -3,6 +3,7 @@ the benchmark worker in runtime/) never imports the build half or the host-side 
 inside functions, and importing the runtime loads no torch, transformers, optimum or onnx."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,42 @@ def test_runtime_import_loads_no_heavy_module():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+WORKER_TARGET = re.compile(r"edge_slm(\.\w+)+:")
+
+
+def worker_targets(path: Path) -> list[str]:
+    """The "package.module:function" strings (or their f-string beginnings) a file hands to the worker protocol."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            text = str(node.values[0].value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        else:
+            continue
+        if WORKER_TARGET.match(text):
+            found.append(text)
+    return found
+
+
+def test_what_another_interpreter_runs_lives_in_the_device_half():
+    """Every module run through the worker protocol (on a device over SSH, under qemu, in a fresh
+    process) is in runtime/ or core/, and nothing under harness/ is run that way: the harness is
+    host-only."""
+    targets = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for target in worker_targets(path):
+            targets[target] = path.relative_to(PACKAGE)
+    assert {t.split(":")[0] for t in targets} >= {
+        "edge_slm.runtime.bench",
+        "edge_slm.runtime.bench_encoder",
+        "edge_slm.runtime.probe",
+    }
+    for target, where in targets.items():
+        module = target.split(":")[0]
+        assert module.startswith(("edge_slm.runtime.", "edge_slm.core.")), f"{where} runs {target} in a worker"
+        assert (PACKAGE.parent / (module.replace(".", "/") + ".py")).is_file(), f"{where}: no module {module}"
+    for path in sorted((PACKAGE / "harness").rglob("*.py")):
+        assert "__main__" not in path.read_text(), f"{path.relative_to(PACKAGE)} runs as a script (a worker)"

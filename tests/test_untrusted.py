@@ -365,10 +365,10 @@ def test_inventory_with_a_wrong_type_is_one_line(tmp_path, tiny_bundle):
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
-        ("{garbage", "line 1 of its reply is not JSON"),
-        ("", "the benchmark printed no records"),
-        ("[1, 2]", "a record must be a JSON object, got list"),
-        ('{"schema": "edge-slm-bench/1", "system": "edge-slm"}', "'test' is missing or not a str"),
+        ({"garbage": 1}, "its reply has no list of records"),
+        ([], "the benchmark printed no records"),
+        ([[1, 2]], "record 1 of its reply is not a valid record: a record must be a JSON object, got list"),
+        ([{"schema": "edge-slm-bench/1", "system": "edge-slm"}], "'test' is missing or not a str"),
     ],
 )
 def test_device_replies_are_checked(reply, message):

@@ -8,18 +8,12 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import echo_err
+from edge_slm.commands.options import echo_err, ssh_device, ssh_options, threads_option
 
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
-@click.option("--host", required=True, help="The device: user@hostname, hostname or user@[IPv6].")
-@click.option("--port", type=click.IntRange(1, 65535), default=22, show_default=True, help="Its SSH port.")
-@click.option("--identity", default=None, help="SSH private key.")
-@click.option("--remote-python", default="python3", show_default=True, help="The Python that makes the venv there.")
-@click.option(
-    "--strict-host-keys", is_flag=True, help="Only a host already in known_hosts (default: trust on first use)."
-)
+@ssh_options(host_required=True)
 @click.option("--serve", "serve_it", is_flag=True, help="Start `edge-slm serve` there and wait until it answers.")
 @click.option(
     "--listen",
@@ -27,7 +21,7 @@ from edge_slm.commands.options import echo_err
     show_default=True,
     help="Where the server listens on the device (0.0.0.0:8080: every interface).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [the bundle's profile].")
+@threads_option()
 @click.option("--status", is_flag=True, help="Say whether the service deploy started is running.")
 @click.option("--stop", is_flag=True, help="Stop the service deploy started.")
 def deploy(
@@ -45,9 +39,8 @@ def deploy(
 ) -> None:
     """Install the runtime in a venv on a device, copy and verify the bundle, smoke-test it, serve it."""
     from edge_slm.harness import deploy as d
-    from edge_slm.harness.ssh import Device
 
-    device = Device(host, port, identity, remote_python, strict_host_keys=strict_host_keys)
+    device = ssh_device(host, port, identity, remote_python, strict_host_keys)
     if status:
         click.echo(f"{host}: {d.service_status(device)}")
         return

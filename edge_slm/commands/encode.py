@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import echo_err, open_bundle
+from edge_slm.commands.options import echo_err, open_bundle, threads_option
 from edge_slm.core.atomic import atomic_file
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.manifest import EncoderManifest
@@ -45,7 +45,7 @@ def _common(command):
             click.option("--file", "-f", type=click.Path(path_type=Path, dir_okay=False), help="One text per line."),
             click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True),
             click.option("--no-truncate", is_flag=True, help="Refuse texts longer than the bundle takes."),
-            click.option("--threads", type=click.IntRange(1, None), default=None),
+            threads_option(),
         ]
     ):
         command = option(command)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import echo_err, open_bundle
+from edge_slm.commands.options import echo_err, open_bundle, threads_option
 
 
 @click.command(name="eval")
@@ -21,7 +21,7 @@ from edge_slm.commands.options import echo_err, open_bundle
 )
 @click.option("--reference", type=click.Path(path_type=Path), default=None, help="Usually the fp32 bundle.")
 @click.option("--window", type=int, default=None, help="Tokens per window [the bundle's context length].")
-@click.option("--threads", type=int, default=None)
+@threads_option()
 @click.option("--json", "as_json", is_flag=True)
 def eval_command(
     bundle: Path,
@@ -38,8 +38,6 @@ def eval_command(
     from edge_slm.core.manifest import EncoderManifest
     from edge_slm.runtime.evaluate import evaluate, read_text
 
-    if threads is not None and threads < 1:
-        raise click.UsageError(f"--threads is {threads}; use 1 or more")
     if isinstance(read_manifest(bundle), EncoderManifest):
         _eval_encoder(bundle, data, threads, as_json)
         return

@@ -21,10 +21,9 @@ from edge_slm.core.text import check_text
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
 def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: bool, **kw) -> None:
     """Generate text from PROMPT, streamed to the terminal."""
-    if kw["threads"] is not None and kw["threads"] < 1:
-        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
     check_text(prompt, "PROMPT (argument 2)")
     _check_stops(kw["stop"])
+
     model = open_bundle(bundle, kw["threads"])
     options = dict(max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"], truncate=truncate)
     if as_json:
@@ -47,8 +46,6 @@ def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: 
 @click.option("--system", default=None, help="A system message for the conversation.")
 def chat(bundle: Path, system: str | None, **kw) -> None:
     """Talk with the model; earlier turns stay in the KV cache. /reset starts over, /exit leaves."""
-    if kw["threads"] is not None and kw["threads"] < 1:
-        raise click.UsageError(f"--threads is {kw['threads']}; use 1 or more")
     from edge_slm.runtime import Generation
 
     if system is not None:

@@ -1,5 +1,6 @@
-"""What the commands share: progress lines on stderr, and the options and model loading of the
-commands that run a bundle (generate, chat, eval)."""
+"""What the commands share: progress lines on stderr, the options declared once (`--threads`, the
+SSH options of the commands that reach a device) and the model loading of the commands that run a
+bundle (generate, chat, eval)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,75 @@ def require_build_set(command: str) -> None:
     require_extra("build", command)
 
 
+class ThreadCounts(click.ParamType):
+    """CPU threads: a count of 1 or more, or with `several` a comma list of them (a sweep). More
+    than the cores of the machine that runs the bundle is capped there, with a warning (the
+    runtime's `capped_threads`): a device's count is not this machine's to judge."""
+
+    def __init__(self, several: bool = False):
+        self.several = several
+        self.name = "counts" if several else "count"  # the help's metavar: COUNT, COUNTS
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, list)):
+            return value
+        parts = str(value).split(",") if self.several else [str(value)]
+        try:
+            counts = [int(part) for part in parts]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1:
+            example = "counts of 1 or more, e.g. 1,2,4" if self.several else "a count of 1 or more, e.g. 2"
+            self.fail(f"{value!r}: give {example}", param, ctx)
+        return counts if self.several else counts[0]
+
+
+def threads_option(several: bool = False):
+    """`--threads`, the one declaration every command uses; `several` takes a comma list (bench)."""
+    help_text = (
+        "Thread counts to sweep, e.g. 1,2 [the bundle's profile]."
+        if several
+        else "CPU threads [the bundle's profile]; at most the cores of the machine that runs it."
+    )
+    return click.option("--threads", type=ThreadCounts(several), default=None, help=help_text)
+
+
+def ssh_options(host_required: bool = False):
+    """The options of a command that reaches a device over SSH (deploy, bench --host); `ssh_device`
+    makes the checked `Device` of their values."""
+    options = [
+        click.option(
+            "--host",
+            required=host_required,
+            default=None,
+            help="The device over SSH: user@hostname, hostname or user@[IPv6].",
+        ),
+        click.option("--port", type=click.IntRange(1, 65535), default=22, show_default=True, help="Its SSH port."),
+        click.option("--identity", default=None, help="SSH private key for it."),
+        click.option(
+            "--strict-host-keys",
+            is_flag=True,
+            help="Only a host already in known_hosts (default: trust a new host's key on first use, refuse a changed one).",
+        ),
+        click.option(
+            "--remote-python", default="python3", show_default=True, help="The Python there that makes edge-slm's venv."
+        ),
+    ]
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def ssh_device(host: str, port: int, identity: str | None, remote_python: str, strict_host_keys: bool):
+    from edge_slm.harness.ssh import Device
+
+    return Device(host, port, identity, remote_python, strict_host_keys=strict_host_keys)
+
+
 def sampling_options(func):
     for option in reversed(
         [
@@ -32,7 +102,7 @@ def sampling_options(func):
             click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
             click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
             click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
-            click.option("--threads", type=int, default=None, help="CPU threads [the bundle's profile]."),
+            threads_option(),
         ]
     ):
         func = option(func)

@@ -11,14 +11,14 @@ from pathlib import Path
 import click
 
 from edge_slm.commands.extras import require_extra
-from edge_slm.commands.options import echo_err
+from edge_slm.commands.options import echo_err, threads_option
 
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [the bundle's profile].")
+@threads_option()
 @click.option(
     "--context", type=click.IntRange(min=2), default=None, help="KV cache capacity in tokens [the bundle's context]."
 )

@@ -76,12 +76,13 @@ def verify_command(
             f"emulated (qemu included) vs {result['host_peak_rss_mb'] or 0:.0f} MB on this machine"
         )
         if "statistics" in result:
-            st = result["statistics"]
+            st, budget = result["statistics"], result["statistics"]["budget"]
             click.echo(
-                f"  over {st['tokens']} tokens of eval.txt: next-token agreement {100 * st['top1_agreement']:.1f}% "
-                f"(needs {100 * st['budget']['min_top1']:.0f}%), perplexity {st['perplexity_emulated']:.3f} emulated "
-                f"vs {st['perplexity_host']:.3f} host ({100 * st['ppl_difference']:+.2f}%, allowed "
-                f"±{100 * st['budget']['max_ppl_difference']:.1f}%)"
+                f"  over {st['tokens']} tokens of eval.txt: next-token agreement {100 * st['top1_agreement']:.1f}%"
+                + (f" (needs {100 * budget['min_top1']:.0f}%)" if budget else "")
+                + f", perplexity {st['perplexity_emulated']:.3f} emulated vs {st['perplexity_host']:.3f} host "
+                + f"({100 * st['ppl_difference']:+.2f}%"
+                + (f", allowed ±{100 * budget['max_ppl_difference']:.1f}%)" if budget else "; fp32 has no budget)")
                 + ("; greedy tokens part at a near-tie" if result.get("first_disagreement_near_tie") else "")
             )
     if not result["passed"]:

@@ -150,6 +150,13 @@ class ProfileRecord:
             _frozen(raw),
         )
 
+    def as_profile(self):
+        """The recorded profile as `core.targets.Profile` (what the agreement rule reads), checked
+        as a profile file is."""
+        from edge_slm.core.targets import profile_from_dict
+
+        return profile_from_dict(dict(self.recorded), where=f"the bundle's profile {self.name!r}")
+
     def budget(self, precision: str) -> AccuracyLimits:
         budget = self.recorded.get("budget")
         limits = budget.get(precision) if isinstance(budget, dict) else None

@@ -9,8 +9,9 @@ Debian 12 and Raspberry Pi OS Bookworm, whose system Python is externally manage
 the serve extra with `--serve`) and onnxruntime pinned to a version the bundle's profile lists;
 bundles under bundles/<manifest hash>/, each staged beside the others (files already on the device
 hard-linked, the rest copied) and renamed into place whole, never rewritten in place; then verified
-on the device by the device's own edge-slm. A smoke test compares 8 greedy tokens with the same
-bundle on this machine. With `--serve` the server runs as a systemd user service where the device
+on the device by the device's own edge-slm. A smoke test runs the same probe on the device and
+here (8 greedy tokens, or three texts through an encoder) and judges them by the rule of
+`edge-slm verify --emulate`. With `--serve` the server runs as a systemd user service where the device
 has systemd, else detached, recorded with its pid and start time; deploy waits until /health
 answers from the process it started, then points `current` at the bundle and removes the previous
 one. One deploy at a time per device (a lock held through an SSH session); see device_service.py.
@@ -34,12 +35,11 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
-from edge_slm.core.bundle import MANIFEST, verify_bundle
+from edge_slm.core.bundle import MANIFEST, read_manifest, verify_bundle
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.hashing import sha256_file
 from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest
+from edge_slm.harness.agreement import encoder_agreement, greedy_agreement, statistical_agreement
 from edge_slm.harness.device_service import (
     HOME_DIR,
     check_port,
@@ -49,12 +49,12 @@ from edge_slm.harness.device_service import (
     start_server,
     stop_service,
 )
-from edge_slm.harness.ssh import Device, RemoteError, ssh
+from edge_slm.harness.ssh import Device, RemoteError, remote_worker, ssh
+from edge_slm.runtime.probe import encoder_trace, eval_trace, greedy_trace
 
 VENV = f"{HOME_DIR}/venv"
 BUNDLES = f"{HOME_DIR}/bundles"
 MARKER = f"{VENV}/.edge-slm-install.json"
-NEAR_TIE_NATS = 1.0
 _CHECKOUT = Path(__file__).resolve().parents[2]
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "edge_slm", "targets")  # what the wheel is built from
 
@@ -381,86 +381,53 @@ def sweep_bundles(device: Device, remove: tuple[str, ...] = ()) -> None:
 
 
 SMOKE_TEXTS = ("turn off the kitchen lights", "will it rain in Lisbon tomorrow", "add oat milk to the shopping list")
-MIN_SMOKE_COSINE = 0.99  # another CPU's int8 kernels move an embedding a little, never this far
+SMOKE_TOKENS = 8
+SMOKE_EVAL_TOKENS = 256  # verify --emulate's default for reduced precisions (at most the bundle's context)
 
 
-def encoder_smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
-    """Three texts on the device against this machine: the same labels (classifier), or vectors
-    pointing the same way (embedder, cosine >= 0.99)."""
-    from edge_slm import runtime
-
-    model = runtime.load(bundle)
-    command = "classify" if model.task == "classification" else "embed"
-    args = [command, remote_bundle, *SMOKE_TEXTS] + (["--json"] if command == "classify" else [])
-    args += ["--threads", str(threads)] if threads else []
-    out = ssh(device, f"cd && {venv}/bin/edge-slm " + " ".join(shlex.quote(a) for a in args), timeout=600)
-    try:
-        rows = [json.loads(line) for line in out.strip().splitlines()[-len(SMOKE_TEXTS) :]]
-        if len(rows) != len(SMOKE_TEXTS):
-            raise ValueError
-        if command == "classify":
-            device_labels = [str(r["label"]) for r in rows]
-        else:
-            device_vectors = np.array(rows, dtype=np.float32)
-    except (ValueError, KeyError, TypeError):
-        raise RemoteError(f"{device.host}: the smoke test printed no result ({out[-120:]!r})") from None
-    if command == "classify":
-        host_labels = [r.label for r in model.classify(list(SMOKE_TEXTS))]
-        agree = sum(a == b for a, b in zip(host_labels, device_labels))
-        summary = f"{agree}/{len(SMOKE_TEXTS)} labels as on this machine ({', '.join(device_labels)})"
-        passed = agree == len(SMOKE_TEXTS)
-    else:
-        host_vectors = model.embed(list(SMOKE_TEXTS))
-        if device_vectors.shape != host_vectors.shape:
-            raise RemoteError(f"{device.host}: the smoke test returned vectors of shape {device_vectors.shape}")
-        cosine = (host_vectors * device_vectors).sum(1) / (
-            np.linalg.norm(host_vectors, axis=1) * np.linalg.norm(device_vectors, axis=1)
-        )
-        summary = f"embeddings' cosine to this machine's >= {cosine.min():.4f} for {len(SMOKE_TEXTS)} texts"
-        passed = bool(cosine.min() >= MIN_SMOKE_COSINE)
-    return {"passed": bool(passed), "summary": summary}
+def run_probe(device: Device, venv: str, probe: str, config: dict) -> dict:
+    """`edge_slm.runtime.probe.<probe>` on `config` in the device's edge-slm venv."""
+    target = f"edge_slm.runtime.probe:{probe}"
+    return remote_worker(device, f"{venv}/bin/python", target, config, f"{device.host}: the smoke test", timeout=600)
 
 
 def smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
-    """8 greedy tokens of a fixed prompt on the device against this machine: identical for fp32;
-    for quantized bundles identical up to the first place where this machine's top two logits
-    are nearly tied (another CPU's int8 kernels may pick either there)."""
-    from edge_slm import runtime
-
-    prompt = "The capital of France is"
-    args = ["generate", remote_bundle, prompt, "-n", "8", "--temperature", "0", "--json"]
-    args += ["--threads", str(threads)] if threads else []
-    out = ssh(device, f"cd && {venv}/bin/edge-slm " + " ".join(shlex.quote(a) for a in args), timeout=600)
-    try:
-        remote = json.loads(out.strip().splitlines()[-1])
-        device_ids = [int(t) for t in remote["token_ids"]]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise RemoteError(f"{device.host}: the smoke test printed no result ({out[-120:]!r})") from None
-    model = runtime.load(bundle)
-    host = model.generate(prompt, max_new_tokens=8, temperature=0.0)
-    agree = next(
-        (n for n, (a, b) in enumerate(zip(host.token_ids, device_ids)) if a != b),
-        min(len(host.token_ids), len(device_ids)),
-    )
-    passed = device_ids == host.token_ids
-    if not passed and model.manifest.precision != "fp32" and agree < len(host.token_ids):
-        logp = model.logprobs(host.prompt_token_ids + host.token_ids)[len(host.prompt_token_ids) - 1 :]
-        top = np.sort(logp[agree])[-2:]
-        # Another CPU's int8 kernels move logits by about a nat: a closer tie may go either way.
-        passed = bool(top[1] - top[0] < NEAR_TIE_NATS)
+    """A decoder's probes on the device and on this machine, judged by the rule `edge-slm verify
+    --emulate` uses: 8 greedy tokens of a fixed question and, for a reduced precision, next-token
+    statistics over the evaluation text."""
+    manifest = read_manifest(bundle)
+    profile = manifest.profile.as_profile()
+    config = {"threads": threads, "tokens": SMOKE_TOKENS}
+    remote = run_probe(device, venv, "greedy_trace", {"bundle": remote_bundle, **config})
+    statistics = None
+    if manifest.precision != "fp32":  # a reduced precision: its accuracy budget decides, as in verify
+        config = {"threads": threads, "eval_tokens": SMOKE_EVAL_TOKENS}
+        statistics = statistical_agreement(
+            eval_trace(str(bundle), **config),
+            run_probe(device, venv, "eval_trace", {"bundle": remote_bundle, **config}),
+        )
+    host = greedy_trace(str(bundle), threads=threads, tokens=SMOKE_TOKENS)
+    verdict = greedy_agreement(host, remote, profile, manifest.precision, statistics)
     return {
-        "passed": bool(passed),
+        **{k: verdict[k] for k in ("passed", "tokens_agreeing", "tokens", "text")},
         "summary": (
-            f"{agree}/{len(host.token_ids)} greedy tokens as on this machine ({remote.get('text', '')!r}), "
-            f"{remote.get('decode_tokens_per_s') or 0:.1f} tok/s, peak RSS {remote.get('peak_rss_mb') or 0:.0f} MB "
-            "on the device"
+            f"{verdict['summary']}; {remote.get('decode_tokens_per_s') or 0:.1f} tok/s, "
+            f"peak RSS {remote.get('peak_rss_mb') or 0:.0f} MB on the device"
         ),
-        "tokens_agreeing": agree,
-        "tokens": len(host.token_ids),
-        "text": remote.get("text", ""),
         "decode_tokens_per_s": remote.get("decode_tokens_per_s"),
         "peak_rss_mb": remote.get("peak_rss_mb"),
     }
+
+
+def encoder_smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
+    """An encoder's labels or vectors for three texts on the device and here, against the
+    profile's encoder gate (the rule `verify --emulate` uses)."""
+    config = {"threads": threads, "texts": list(SMOKE_TEXTS)}
+    remote = run_probe(device, venv, "encoder_trace", {"bundle": remote_bundle, **config})
+    verdict = encoder_agreement(
+        encoder_trace(str(bundle), **config), remote, read_manifest(bundle).profile.as_profile()
+    )
+    return {"passed": verdict["passed"], "summary": verdict["summary"]}
 
 
 def switch_server(

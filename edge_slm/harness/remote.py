@@ -1,5 +1,5 @@
-"""Benchmark on a remote device over SSH: copy the bundle and the runtime, run `edge-slm bench`
-there, bring the records back.
+"""Benchmark on a remote device over SSH: copy the bundle and the runtime, run the benchmark there
+(`edge_slm.runtime.bench:bench_worker`, through the worker protocol), bring the records back.
 
     edge-slm bench BUNDLE --host user@device [--port 22] [--identity KEY] [--remote-python python3]
     edge-slm bench --inventory devices.toml        # several devices in parallel
@@ -12,8 +12,6 @@ not copied again. Uses the system's `ssh` and `scp` (OpenSSH).
 
 from __future__ import annotations
 
-import json
-import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,43 +20,40 @@ from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.tomlfile import TOMLDecodeError, read_toml
 from edge_slm.harness.deploy import checkout_wheel, copy_bundle, ensure_venv
-from edge_slm.harness.ssh import Device, RemoteError, ssh
+from edge_slm.harness.ssh import Device, RemoteError, remote_worker
 from edge_slm.runtime.bench import record_problem
 
 
-def bench_remote(device: Device, bundle: Path, bench_args: list[str], progress=lambda msg: None) -> list[dict]:
-    """`edge-slm bench` on the device, through the venv and bundle copy that `edge-slm deploy` uses."""
+def bench_remote(device: Device, bundle: Path, config: dict, progress=lambda msg: None) -> list[dict]:
+    """`edge_slm.runtime.bench.bench_bundle(**config)` on the device (the worker protocol over SSH),
+    through the venv and bundle copy that `edge-slm deploy` uses."""
     manifest = verify_bundle(bundle, checksums=False)
     with checkout_wheel() as wheel:
         venv = ensure_venv(device, manifest, wheel, progress=progress)
     remote_bundle = copy_bundle(device, Path(bundle), manifest, progress)
     progress(f"{device.host}: running the benchmark")
-    command = f"cd && {venv}/bin/edge-slm bench {remote_bundle} --json " + " ".join(shlex.quote(a) for a in bench_args)
-    output = ssh(device, command)
-    records = device_records(device, output)
+    reply = remote_worker(
+        device,
+        f"{venv}/bin/python",
+        "edge_slm.runtime.bench:bench_worker",
+        {**config, "bundle": remote_bundle},
+        what=f"{device.host}: the benchmark",
+    )
+    records = device_records(device, reply.get("records"))
     for record in records:
         record["remote"] = {"host": device.host, "port": device.port, "bundle": str(bundle)}
     return records
 
 
-def device_records(device: Device, output: str) -> list[dict]:
-    """The records a device printed, each checked: a reply that is not JSON lines of valid records
+def device_records(device: Device, records) -> list[dict]:
+    """The records a device sent back, each checked: a reply that is not a list of valid records
     fails this host only, with one line naming it."""
-    records = []
-    for number, line in enumerate(output.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            raise RemoteError(
-                f"{device.host}: line {number} of its reply is not JSON ({line[:60]!r}): "
-                "check the edge-slm install there"
-            ) from None
+    if not isinstance(records, list):
+        raise RemoteError(f"{device.host}: its reply has no list of records: check the edge-slm install there")
+    for number, record in enumerate(records, 1):
         problem = record_problem(record)
         if problem:
-            raise RemoteError(f"{device.host}: line {number} of its reply is not a valid record: {problem}")
-        records.append(record)
+            raise RemoteError(f"{device.host}: record {number} of its reply is not a valid record: {problem}")
     if not records:
         raise RemoteError(f"{device.host}: the benchmark printed no records: run `edge-slm bench` there to see why")
     return records
@@ -95,12 +90,12 @@ def read_inventory(path: Path) -> list[Device]:
     return devices
 
 
-def bench_inventory(devices: list[Device], bench_args: list[str], progress=lambda msg: None) -> tuple[list[dict], dict]:
+def bench_inventory(devices: list[Device], config: dict, progress=lambda msg: None) -> tuple[list[dict], dict]:
     """All devices in parallel; returns every record and, per host that failed, why."""
 
     def one(device):
         try:
-            return bench_remote(device, Path(device.bundle), bench_args, progress), None
+            return bench_remote(device, Path(device.bundle), config, progress), None
         except (EdgeSlmError, subprocess.SubprocessError, OSError) as exc:
             return [], str(exc)
 

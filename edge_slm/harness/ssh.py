@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.worker import run_worker
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,24 @@ class RemoteError(EdgeSlmError):
     """A remote device could not be reached, refused us, or failed to run the benchmark."""
 
 
+def ssh_prefix(device: Device) -> list[str]:
+    """The ssh command that runs what follows it on the device (through the device's shell)."""
+    return ["ssh", *device.ssh_args(), "-p", str(device.port), "--", device.destination]
+
+
+def remote_worker(device: Device, python: str, target: str, config: dict, what: str, timeout: float = 3600) -> dict:
+    """`target` ("package.module:function") on `config` by the device's `python`: the worker protocol over SSH."""
+    try:
+        return run_worker(
+            target, config, python=python, prefix_cmd=ssh_prefix(device), shell=True, timeout=timeout, what=what
+        )
+    except EdgeSlmError as exc:
+        raise RemoteError(str(exc)) from None
+
+
 def ssh(device: Device, command: str, stdin: bytes | None = None, timeout: float = 3600) -> str:
     proc = subprocess.run(
-        ["ssh", *device.ssh_args(), "-p", str(device.port), "--", device.destination, command],
+        [*ssh_prefix(device), command],
         input=stdin,
         capture_output=True,
         timeout=timeout,

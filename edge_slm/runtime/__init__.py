@@ -15,8 +15,8 @@ prove both). Used by `edge-slm generate | chat | eval` and from Python:
 
 import importlib
 
-# Names resolved on first use (PEP 562), so that `python -m edge_slm.runtime.bench` can measure what
-# importing onnxruntime, numpy and tokenizers costs, and `edge-slm --help` stays quick.
+# Names resolved on first use (PEP 562), so that the benchmark worker (`edge_slm.runtime.bench:measure`)
+# can measure what importing onnxruntime, numpy and tokenizers costs, and `edge-slm --help` stays quick.
 _EXPORTS = {
     "load": "edge_slm.runtime.model",
     "Model": "edge_slm.runtime.model",

@@ -4,8 +4,8 @@ latency percentiles, peak memory of a fresh process, accuracy; one JSON record p
     edge-slm bench BUNDLE [--prompt-tokens 128] [--gen-tokens 64] [--repetitions 5] [--warmup 1]
                           [--threads 1,2] [--reference FP32_BUNDLE] [--out results.jsonl] [--json]
 
-Each setting (thread count) runs in a fresh Python process, so its peak RSS is its own: the
-kernel's high-water mark (VmHWM) read at the end. Warm-up runs are excluded; every figure has
+Each setting (thread count) runs in a fresh Python process (`edge_slm.core.worker`), so its peak
+RSS is its own: the kernel's high-water mark (VmHWM) read at the end. Warm-up runs are excluded; every figure has
 its mean, standard deviation and raw samples. Names follow llama-bench: pp128 is a 128-token
 prompt, tg64 is 64 generated tokens. Torch-free: runs on the device.
 """
@@ -13,12 +13,10 @@ prompt, tg64 is 64 generated tokens. Torch-free: runs on the device.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -29,6 +27,7 @@ from edge_slm import __version__
 from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.system import current_rss_mb, machine, peak_rss_mb
+from edge_slm.core.worker import run_worker
 from edge_slm.runtime.bench_results import RESULTS, DecoderResults, EncoderResults, results_of, results_problem
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ def timed_runs(prefill, step, prompt: list[int], gen_tokens: int, repetitions: i
 
 
 def measure(
-    bundle: Path,
+    bundle: str | Path,
     threads: int,
     prompt_tokens: int,
     gen_tokens: int,
@@ -205,13 +204,7 @@ def run(
             "warmup": warmup,
             "context": context,
         }
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_slm.runtime.bench", json.dumps(config)], capture_output=True, text=True
-        )
-        if proc.returncode:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EdgeSlmError(f"the benchmark process failed: {last}")
-        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        results = run_worker("edge_slm.runtime.bench:measure", config, what="the benchmark process")
         records.append(
             _record(
                 bundle,
@@ -403,6 +396,46 @@ def record_problem(record) -> str | None:
     return results_problem(record)
 
 
-if __name__ == "__main__":  # the worker: one setting, in a fresh process
-    settings = json.loads(sys.argv[1])
-    print(json.dumps(measure(Path(settings.pop("bundle")), **settings)))
+def bench_bundle(
+    bundle: Path,
+    threads: list[int] | None = None,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 64,
+    repetitions: int = 5,
+    warmup: int = 1,
+    reference: Path | None = None,
+    accuracy: bool = True,
+    context: int | None = None,
+    progress=lambda msg: None,
+) -> list[dict]:
+    """`edge-slm bench` of a bundle of either family, here or on a device (`bench_worker`); no
+    thread counts: the profile's. Counts above this machine's cores are capped, with the runtime's
+    warning, so that a record says how many threads ran."""
+    from edge_slm.core.bundle import verify_bundle
+    from edge_slm.core.manifest import EncoderManifest
+    from edge_slm.runtime.model import capped_threads
+
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle)
+    threads = list(dict.fromkeys(capped_threads(t) for t in threads or [manifest.profile.runtime.threads]))
+    if isinstance(manifest, EncoderManifest):
+        from edge_slm.runtime.bench_encoder import run_encoder
+
+        return run_encoder(bundle, manifest, threads, repetitions, warmup, accuracy, progress)
+    return run(
+        bundle,
+        threads,
+        prompt_tokens,
+        gen_tokens,
+        repetitions,
+        warmup,
+        Path(reference) if reference else None,
+        accuracy=accuracy,
+        progress=progress,
+        context=context,
+    )
+
+
+def bench_worker(**config) -> dict:
+    """`bench_bundle` as a worker (`edge-slm bench --host` runs it on the device over SSH)."""
+    return {"records": bench_bundle(**config)}

@@ -11,17 +11,14 @@ Torch-free: runs on the device.
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_slm.core.data import EVAL_TEXT
-from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.labelled import INTENTS_TEST, read_examples
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
+from edge_slm.core.worker import run_worker
 from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, _versions, stats, text_table
 from edge_slm.runtime.bench_results import RESULTS, EncoderResults, results_of
 
@@ -77,7 +74,7 @@ def encoder_timings(encode, count_tokens, repetitions: int, warmup: int) -> dict
     return results
 
 
-def measure_encoder(bundle: Path, threads: int, repetitions: int, warmup: int) -> dict:
+def measure_encoder(bundle: str | Path, threads: int, repetitions: int, warmup: int) -> dict:
     """One setting, in this process: the worker side of `run_encoder()`."""
     from edge_slm import runtime
 
@@ -134,13 +131,7 @@ def run_encoder(
             f"[{n + 1}/{len(threads)}] {TEST}, {count} threads, {warmup} warm-up + {repetitions} runs, fresh process"
         )
         config = {"bundle": str(bundle), "threads": count, "repetitions": repetitions, "warmup": warmup}
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_slm.runtime.bench_encoder", json.dumps(config)], capture_output=True, text=True
-        )
-        if proc.returncode:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EdgeSlmError(f"the benchmark process failed: {last}")
-        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        results = run_worker("edge_slm.runtime.bench_encoder:measure_encoder", config, what="the benchmark process")
         sha = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
         records.append(
             encoder_record(BundleInfo.of(bundle, manifest, sha), count, repetitions, warmup, results, measured)
@@ -186,8 +177,3 @@ def encoder_table(records: list[dict]) -> str:
             + [f"{r['bundle']['size_bytes'] / 1e6:.0f}", "-" if score is None else f"{100 * score:.1f}%"]
         )
     return text_table(header, rows)
-
-
-if __name__ == "__main__":  # the worker: one setting, in a fresh process
-    settings = json.loads(sys.argv[1])
-    print(json.dumps(measure_encoder(Path(settings.pop("bundle")), **settings)))
