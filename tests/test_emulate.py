@@ -9,14 +9,13 @@ import sys
 import pytest
 
 from edge_slm.core.bundle import read_manifest
-from edge_slm.core.targets import profile_from_dict
 from edge_slm.harness.agreement import greedy_agreement
 from edge_slm.harness.emulate import verify
 from edge_slm.runtime.probe import greedy_trace
 
 
 def compare(host, other, bundle, precision):
-    return greedy_agreement(host, other, profile_from_dict(read_manifest(bundle)["profile"]), precision)
+    return greedy_agreement(host, other, read_manifest(bundle).profile.as_profile(), precision)
 
 
 def test_tiny_bundle_agrees_under_emulated_cortex_a72(tiny_bundle):
