@@ -106,7 +106,7 @@ def test_the_smoke_test_judges_as_verify_does(system_device, tiny_bundle, tiny_l
 
     from edge_slm.builder.pipeline import build
     from edge_slm.core.bundle import read_manifest
-    from edge_slm.core.targets import load_profile, profile_from_dict
+    from edge_slm.core.targets import load_profile
     from edge_slm.harness.agreement import greedy_agreement
     from edge_slm.harness.deploy import checkout_wheel, copy_bundle, ensure_venv, smoke_test
     from edge_slm.runtime.probe import greedy_trace
@@ -122,7 +122,7 @@ def test_the_smoke_test_judges_as_verify_does(system_device, tiny_bundle, tiny_l
         here = greedy_agreement(
             greedy_trace(str(tiny_bundle), tokens=8, threads=1),
             greedy_trace(str(int8), tokens=8, threads=1),
-            profile_from_dict(read_manifest(tiny_bundle)["profile"]),
+            read_manifest(tiny_bundle).profile.as_profile(),
             "fp32",
         )
         assert refused["passed"] is here["passed"] is False
