@@ -124,14 +124,16 @@ def test_default_model_pi_bundles_agree_under_emulation(target, cpu):
     assert result["same_prompt_ids"] and result["statistics"]["passed"] and result["passed"]
 
 
-def test_an_encoder_is_judged_by_the_gate_its_bundle_recorded():
-    from edge_slm.core.manifest import EncoderGate
-    from edge_slm.harness.emulate import compare_encoder
+def test_an_encoder_is_judged_by_the_gate_its_profile_sets():
+    import dataclasses
 
+    from edge_slm.core.targets import load_profile
+    from edge_slm.harness.agreement import encoder_agreement
+
+    profile = load_profile("x86-laptop")
+    lenient = dataclasses.replace(profile, encoder=dataclasses.replace(profile.encoder, min_label_agreement=0.5))
     host, arm = {"labels": ["a", "b", "c", "d"]}, {"labels": ["a", "b", "c", "x"]}
-    assert compare_encoder(host, arm, EncoderGate(min_label_agreement=0.5)) == {
-        "label_agreement": 0.75,
-        "needs": 0.5,
-        "passed": True,
-    }
-    assert compare_encoder(host, arm, EncoderGate())["passed"] is False  # the default gate asks 0.99
+    verdict = encoder_agreement(host, arm, lenient)
+    assert (verdict["passed"], verdict["label_agreement"], verdict["needs"]) == (True, 0.75, 0.5)
+    strict = encoder_agreement(host, arm, profile)  # the shipped profile asks 99%
+    assert strict["passed"] is False and strict["summary"].endswith(", fewer than the 99% the profile needs")
