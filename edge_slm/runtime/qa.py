@@ -156,6 +156,12 @@ class DocumentQA:
         while len(ids) + max_new_tokens > decoder.context_length and len(sources) > 1:
             sources = sources[:-1]  # the least relevant passage gives way to the answer
             ids = decoder.encode_chat(self.messages(question, sources))
+        if len(ids) + max_new_tokens > decoder.context_length:
+            raise EdgeSlmError(
+                f"the question with its best passage takes {len(ids)} tokens and the answer {max_new_tokens}, "
+                f"beyond the decoder's context of {decoder.context_length}: ask for fewer new tokens, or use a "
+                "decoder with a longer context"
+            )
         text = ""
         for piece in decoder.stream(ids, max_new_tokens=max_new_tokens):
             text += piece.text
