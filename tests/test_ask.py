@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edge_slm.cli import main
+from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.hashing import sha256_file
 from edge_slm.core.passages import passages, sections
 from edge_slm.runtime.index import build_index
@@ -62,7 +63,10 @@ def test_sections_keep_headings_sentences_and_their_lines():
     assert title == "Door lock"
     assert [(h, [(s.text, s.lines) for s in ss]) for h, ss in parts] == [
         ("Batteries", [("The lock runs on four AA batteries.", (5, 6))]),
-        ("Codes", [("It stores 50 codes.", (10, 10)), ("Code; Use", (12, 12)), ("0000; delete all", (14, 14))]),
+        (
+            "Codes",
+            [("It stores 50 codes.", (10, 10)), ("Code: 0000; Use: delete all", (14, 14))],
+        ),  # a row with its header
     ]
     title, parts = sections(ROUTER)
     assert title == "Router guide"
@@ -243,6 +247,43 @@ def test_bad_input_is_one_line(docs, tmp_path, embedder_bundles, tiny_bundle, ca
     assert code == 2 and "is an encoder bundle" in err
 
 
+def minimal_pdf(lines: list[str]) -> bytes:
+    """A one-page PDF showing each line in Helvetica (written by hand: no PDF writer is a dependency)."""
+    body = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) Tj T*" for line in lines) + " ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(body)} >>\nstream\n{body}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = "%PDF-1.4\n", []
+    for number, obj in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{obj}\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n" + "".join(f"{o:010d} 00000 n \n" for o in offsets)
+    return (out + f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n").encode("latin-1")
+
+
+def test_a_pdf_is_indexed_with_pypdf(tmp_path, embedder_bundles):
+    pytest.importorskip("pypdf")  # the optional extra: edge-slm[pdf]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "kettle.pdf").write_bytes(minimal_pdf(["The kettle holds 1.7 litres.", "It switches off when it boils."]))
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    with pytest.raises(EdgeSlmError, match=r"broken\.pdf: pypdf cannot read it .*: fix or remove it"):
+        build_index(docs, embedder_bundles[0], tmp_path / "index")
+    (docs / "broken.pdf").unlink()
+    stats = build_index(docs, embedder_bundles[0], tmp_path / "index")
+    stored = json.loads((tmp_path / "index" / "passages.json").read_text())
+    assert stats.documents == 1 and [s["text"] for p in stored for s in p["sentences"]] == [
+        "The kettle holds 1.7 litres.",
+        "It switches off when it boils.",
+    ]
+    assert [s["lines"] for p in stored for s in p["sentences"]] == [[1, 1], [2, 2]]  # lines of the extracted text
+
+
 @pytest.fixture(scope="module")
 def long_context_decoder(tmp_path_factory, tiny_llama):
     """The tiny Llama with a 512-token context: room for the prompt that quotes the passages."""
@@ -310,7 +351,7 @@ def test_the_real_embedder_finds_the_shipped_manuals_answers(real_embedder, tmp_
     from edge_slm.runtime.qa_eval import MANUALS_DIR, evaluate_qa, load_questions
 
     questions = load_questions()
-    assert (sum(q.file is not None for q in questions), sum(q.file is None for q in questions)) == (51, 11)
+    assert (sum(q.file is not None for q in questions), sum(q.file is None for q in questions)) == (52, 11)
     stats = build_index(MANUALS_DIR, real_embedder, tmp_path / "manuals.index")
     assert stats.documents == 4 and stats.embedded == stats.passages
     result = evaluate_qa(open_index(tmp_path / "manuals.index"), questions, k=3)

@@ -15,6 +15,7 @@ in plain sentences; the rule keeps abbreviations such as "e.g." and "No. 5" whol
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ def sections(text: str) -> tuple[str, list[tuple[str, list[Sentence]]]]:
     lines = text.split("\n")
     out: list[tuple[str, list[Sentence]]] = []
     headings, block, sentences = [""], [], []
+    columns: list[str] = []  # the header of the Markdown table being read
 
     def close_block() -> None:
         if block and is_title(block):  # a title written as plain lines ("AIRWISE T300 THERMOSTAT")
@@ -113,6 +115,16 @@ def sections(text: str) -> tuple[str, list[tuple[str, list[Sentence]]]]:
             continue
         if UNDERLINE.match(line) and not block or TABLE_RULE.match(line) and "|" in line:
             continue  # the underline of a heading, or a Markdown table's |---|---| rule
+        if line.lstrip().startswith("|") and TABLE_RULE.match(following) and "|" in following:
+            close_block()
+            columns = _cells(line)  # a table's header: each row below is read with it
+            continue
+        if line.lstrip().startswith("|") and columns:
+            # A row as "Programme: Wool; Maximum load: 2 kg": a row alone does not say what its cells are.
+            pairs = itertools.zip_longest(columns, _cells(line), fillvalue="")
+            line = "| " + " | ".join(f"{c}: {v}" if c else v for c, v in pairs if v) + " |"
+        elif not line.lstrip().startswith("|"):
+            columns = []
         if not line.strip():
             close_block()
             continue
@@ -166,8 +178,12 @@ def _clean(line: str) -> str:
     """A line without its Markdown list marker, table pipes or emphasis."""
     line = LIST_ITEM.sub("", line, count=1)
     if line.lstrip().startswith("|"):
-        line = "; ".join(cell.strip() for cell in line.strip().strip("|").split("|") if cell.strip())
+        line = "; ".join(cell for cell in _cells(line) if cell)
     return line.replace("**", "").replace("__", "").replace("`", "")
+
+
+def _cells(row: str) -> list[str]:
+    return [cell.strip() for cell in row.strip().strip("|").split("|")]
 
 
 def passages(file: str, text: str, budget: int, count_tokens: Callable[[list[str]], list[int]]) -> list[Passage]:

@@ -75,7 +75,10 @@ def document_files(docs: Path, out: Path) -> tuple[list[Path], list[str]]:
         relative = path.relative_to(docs)
         if any(part.startswith(".") for part in relative.parts) or path.absolute() == out_abs:
             continue
-        if out_abs in path.absolute().parents or path.is_symlink() or not path.is_file():
+        if out_abs in path.absolute().parents or not path.is_file():
+            continue
+        if path.is_symlink():  # a link may lead anywhere on the device; the folder is what was given
+            skipped.append(f"{relative}: a symbolic link, not followed")
             continue
         suffix = path.suffix.lower()
         if suffix == PDF_SUFFIX and importlib.util.find_spec("pypdf") is None:
