@@ -306,15 +306,16 @@ def test_a_decoder_answers_from_numbered_passages(docs, tmp_path, embedder_bundl
     out = tmp_path / "docs.index"
     build_index(docs, embedder_bundles[0], out)
     qa = open_index(out)
-    sources = qa.retrieve("How many codes?", k=2)[0]
-    prompt = qa.messages("How many codes?", sources)[0]["content"]
-    assert f"[1] ({sources[0].file}, lines {sources[0].lines[0]}-{sources[0].lines[1]}) " in prompt
-    assert f"[2] ({sources[1].file}" in prompt and prompt.endswith("Question: How many codes?")
+    sources, hits, query = qa.retrieve("How many codes?", k=2)
+    best = qa.best_sentence("How many codes?", query, hits)
+    prompt = qa.messages("How many codes?", sources, best)[0]["content"]
+    assert f"\n\n[1] {sources[0].text}\n\n[2] {sources[1].text}\n\n" in prompt
+    assert f'probably: "{best.text}"' in prompt and prompt.endswith("Question: How many codes?")
     decoder = runtime.load(long_context_decoder)
     pieces = []
     answer = qa.ask("How many codes?", k=2, decoder=decoder, min_score=-1, on_text=pieces.append, max_new_tokens=8)
     assert answer.mode == "generated" and answer.answer == "".join(pieces).strip() and len(answer.sources) == 2
-    want = decoder.generate(decoder.encode_chat(qa.messages("How many codes?", sources)), max_new_tokens=8)
+    want = decoder.generate(decoder.encode_chat(qa.messages("How many codes?", sources, best)), max_new_tokens=8)
     assert answer.answer == want.text.strip()  # greedy: the same prompt gives the same answer
     code, stdout, err = run_cli(
         capsys, "ask", out, "How many codes?", "--decoder", long_context_decoder, "-n", 8, "-k", 2, "--min-score", -1
