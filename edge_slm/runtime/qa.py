@@ -33,8 +33,8 @@ from edge_slm.runtime.index import identity_of, open_embedder
 
 NOTHING_RELEVANT = "Nothing in the indexed documents answers this question."
 # Calibrated with all-MiniLM-L6-v2 on edge_slm/data/manuals (benchmarks/ask.py): the best passage of
-# every answerable question scores 0.42 or more; of the 11 unanswerable ones, 10 score 0.31 or less
-# (one, "How do I descale the coffee machine?", scores 0.43 on the washing machine's manual).
+# every answerable question scores 0.41 or more; of the 11 unanswerable ones, 10 score 0.30 or less
+# (one, "How do I descale the coffee machine?", scores 0.44 on the washing machine's manual).
 DEFAULT_MIN_SCORE = 0.36
 # How much a sentence's passage score counts beside its own when picking the extractive answer: a
 # sentence is often short and elliptic ("Up to 50 are stored."); its passage says what it is about.
