@@ -41,7 +41,7 @@ DEFAULT_MIN_SCORE = 0.36
 PASSAGE_WEIGHT = 0.5
 # Identifiers (error codes, model numbers, addresses: "E20", "2.4", "192.168.8.1") look alike to an
 # embedder ("E20" and "E90" score nearly the same); a sentence that holds one the question names
-# gets this much more. Measured on the shipped manuals: extractive answers 0.80 -> 0.84.
+# gets this much more. Measured on the shipped manuals: 41 -> 43 of 51 extractive answers right.
 IDENTIFIER_BONUS = 0.2
 IDENTIFIER = re.compile(r"\b[A-Za-z]*\d[\w.]*\b")
 # The best sentence is named in the prompt: the 135M default decoder, given only the passages,
@@ -82,15 +82,17 @@ class DocumentQA:
 
     def __init__(self, index: str | Path | DocumentIndex, embedder=None, threads: int | None = None):
         self.index = index if isinstance(index, DocumentIndex) else read_index(Path(index))
-        recorded = Path(self.index.embedder["path"])
-        if embedder is None and not recorded.is_dir():
-            raise DocumentIndexError(
-                f"{self.index.path} was built with the embedder at {recorded}, which is not on this machine: "
-                "give a copy of it with --embedder"
-            )
-        where = embedder if embedder is not None and not hasattr(embedder, "embed") else recorded
-        self.encoder = embedder if hasattr(embedder, "embed") else open_embedder(where, threads)
-        self.index.check_embedder(identity_of(self.encoder), str(getattr(self.encoder, "path", where)))
+        if hasattr(embedder, "embed"):  # an Encoder already loaded (a server, a benchmark)
+            self.encoder, where = embedder, embedder.path
+        else:
+            where = Path(embedder if embedder is not None else self.index.embedder["path"])
+            if embedder is None and not where.is_dir():
+                raise DocumentIndexError(
+                    f"{self.index.path} was built with the embedder at {where}, which is not on this machine: "
+                    "give a copy of it with --embedder"
+                )
+            self.encoder = open_embedder(where, threads)
+        self.index.check_embedder(identity_of(self.encoder), str(where))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         vectors = self.encoder.embed(texts)
