@@ -118,7 +118,7 @@ def _previous(out: Path, identity: str, budget: int, echo: Callable[[str], None]
         echo(f"the previous index cannot be reused ({exc}); embedding every document")
         return None
     if old.embedder["identity"] != identity or old.info.get("budget_tokens") != budget:
-        echo("the previous index was made with another embedder; embedding every document")
+        echo("the previous index was made with another embedder (or passage size); embedding every document")
         return None
     return old
 
@@ -143,7 +143,7 @@ def build_index(
         all_passages: list[Passage] = []
         rows: list[np.ndarray | None] = []  # one per passage, None until embedded
         sentence_rows: list[np.ndarray | None] = []  # one per sentence of each passage in turn
-        documents, to_embed = {}, []
+        documents, to_embed, changed = {}, [], 0
         for path in files:
             name = path.relative_to(root).as_posix()
             digest = sha256_file(path)
@@ -156,13 +156,14 @@ def build_index(
                 sentence_rows.extend(old.sentence_vectors[old.sentence_start[start] : old.sentence_start[end]])
             else:
                 made = passages(name, document_text(path), budget, encoder.graph.token_counts)
+                changed += 1
                 to_embed.extend(range(first, first + len(made)))
                 all_passages.extend(made)
                 rows.extend([None] * len(made))
                 sentence_rows.extend([None] * sum(len(p.sentences) for p in made))
             documents[name] = {"sha256": digest, "passages": [first, len(all_passages)]}
         if to_embed:
-            echo(f"embedding {len(to_embed)} passages of {len(files)} documents, and their sentences")
+            echo(f"embedding {len(to_embed)} passages of {changed} new or changed documents, and their sentences")
             _embed_into(rows, to_embed, [all_passages[i].embedding_text() for i in to_embed], encoder)
             starts = np.cumsum([0] + [len(p.sentences) for p in all_passages])
             slots = [int(starts[i]) + j for i in to_embed for j in range(len(all_passages[i].sentences))]
