@@ -362,3 +362,10 @@ def test_the_real_embedder_finds_the_shipped_manuals_answers(real_embedder, tmp_
     assert result["top1"] >= 0.92 and result["top3"] >= 0.96, summary
     assert result["extractive_accuracy"] >= 0.75, summary
     assert result["refusal_accuracy"] >= 0.8 and result["answered_when_answerable"] >= 0.96, summary
+
+
+def test_ask_help_shows_the_threshold_ask_uses(capsys):
+    from edge_slm.runtime.qa import DEFAULT_MIN_SCORE
+
+    code, stdout, _ = run_cli(capsys, "ask", "--help")
+    assert code == 0 and f"nothing relevant [{DEFAULT_MIN_SCORE}]" in " ".join(stdout.split())
