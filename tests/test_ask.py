@@ -206,13 +206,18 @@ def test_a_tampered_index_is_refused(docs, tmp_path, embedder_bundles, capsys):
     out = tmp_path / "docs.index"
     build_index(docs, embedder_bundles[0], out)
     stored = (out / "passages.json").read_text()
-    (out / "passages.json").write_text(stored.replace("50 codes", "5 codes"))
+    for tampered in (stored.replace("50 codes", "60 codes"), stored.replace("50 codes", "5 codes")):  # same size, not
+        (out / "passages.json").write_text(tampered)
+        code, _, err = run_cli(capsys, "ask", out, "How many codes?")
+        assert code == 2
+        assert (
+            err.strip()
+            == f"error: {out / 'passages.json'}: checksum mismatch (changed or corrupt): index the documents again"
+        )
+    (out / "passages.json").write_text(stored)
+    (out / "vectors.npy").unlink()
     code, _, err = run_cli(capsys, "ask", out, "How many codes?")
-    assert code == 2
-    assert (
-        err.strip()
-        == f"error: {out / 'passages.json'}: checksum mismatch (changed or corrupt): index the documents again"
-    )
+    assert code == 2 and "vectors.npy: missing or not a regular file: index the documents again" in err
     code, _, err = run_cli(capsys, "ask", tmp_path, "How many codes?")
     assert code == 2 and "no index.json, so not an edge-slm index" in err
 

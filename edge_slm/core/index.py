@@ -18,6 +18,7 @@ checked. Torch-free and numpy-only: the device reads and searches it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,17 +132,19 @@ def read_index(path: Path) -> DocumentIndex:
             f"version {VERSION}: index the documents again with this edge-slm"
         )
     try:
-        for name in DATA_FILES:
+        data = {}
+        for name in DATA_FILES:  # each file read once: what is checked is what is used
             expected, file = info["files"][name], path / name
             if file.is_symlink() or not file.is_file():
                 raise DocumentIndexError(f"{file}: missing or not a regular file: index the documents again")
-            if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
+            data[name] = file.read_bytes() if file.stat().st_size == expected["bytes"] else b""
+            if len(data[name]) != expected["bytes"] or hashlib.sha256(data[name]).hexdigest() != expected["sha256"]:
                 raise DocumentIndexError(f"{file}: checksum mismatch (changed or corrupt): index the documents again")
-        passages = [Passage.from_dict(p) for p in json.loads((path / PASSAGES_FILE).read_text(encoding="utf-8"))]
-        vectors = np.load(path / VECTORS_FILE, allow_pickle=False)
-        sentence_vectors = np.load(path / SENTENCES_FILE, allow_pickle=False)
+        passages = [Passage.from_dict(p) for p in json.loads(data[PASSAGES_FILE].decode("utf-8"))]
+        vectors = np.load(io.BytesIO(data[VECTORS_FILE]), allow_pickle=False)
+        sentence_vectors = np.load(io.BytesIO(data[SENTENCES_FILE]), allow_pickle=False)
         dim = int(info["embedder"]["dim"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise DocumentIndexError(
             f"{path}: incomplete index ({type(exc).__name__}: {exc}): index the documents again"
         ) from None
