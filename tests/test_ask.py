@@ -76,12 +76,19 @@ def test_sections_keep_headings_sentences_and_their_lines():
         "It covers up to 150 m2.",
     ]
     assert [s.lines for s in parts[0][1]] == [(4, 4), (4, 4), (5, 5)]
+    _, parts = sections("Press button A. Then wait 3 s. Turn to No. 5 and hold, e.g. Wool is fine. Done!\n")
+    assert [s.text for s in parts[0][1]] == [
+        "Press button A.",
+        "Then wait 3 s.",
+        "Turn to No. 5 and hold, e.g. Wool is fine.",
+        "Done!",
+    ]
 
 
 def test_passages_fill_the_budget_with_one_sentence_of_overlap():
     text = "# T\n\n" + " ".join(f"Sentence number {n} is here." for n in range(6)) + "\n"
     words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731 - a word is a token here
-    made = passages("a.md", text, budget=11, count_tokens=words)  # the heading (1) and two 5-word sentences
+    made = passages("a.md", text, budget=11, count_tokens=words)  # two 5-word sentences fit, three do not
     assert [[s.text[16] for s in p.sentences] for p in made] == [
         ["0", "1"],
         ["1", "2"],

@@ -1,7 +1,8 @@
 """Documents -> sentences -> passages, each with the file lines it came from.
 
-A document is split into sections at its headings (Markdown `#` lines, or a line underlined with
-`===` / `---`), a section into blocks (paragraphs, list items, table rows), a block into sentences.
+A document is split into sections at its headings (Markdown `#` lines, a line underlined with
+`===` / `---`, or a title written as a short line or two without sentence punctuation), a section
+into blocks (paragraphs, list items, table rows read with their header), a block into sentences.
 Passages are runs of consecutive sentences of one section, as many as fit a token budget, each
 starting with the previous passage's last sentence (one sentence of overlap), so that an answer
 that straddles two passages is whole in one of them. Every sentence keeps its 1-based line range,
@@ -24,10 +25,10 @@ HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 UNDERLINE = re.compile(r"^\s{0,3}(=+|-+)\s*$")
 LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d{1,3}[.)])\s+")
 TABLE_RULE = re.compile(r"^\s*\|?[\s:|-]+\|[\s:|-]*$")
-# A sentence ends at . ! or ? followed by space and a capital, digit or quote; not after a single
-# letter ("e.g.", "i.e.") nor after the common abbreviations of manuals.
+# A sentence ends at . ! or ? followed by space and a capital, digit or quote; not after the common
+# abbreviations of manuals ("Press button A. Then ..." is two sentences; "e.g. Wool" is one).
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[])")
-ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "approx.", "No.", "no.", "Fig.", "vs.", "min.", "max.", "Mr.", "Dr.")
+ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "approx.", "No.", "Fig.", "vs.", "min.", "max.", "Mr.", "Dr.")
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,8 @@ def split_sentences(block: list[tuple[int, str]]) -> list[Sentence]:
     numbers = [number for number, _ in block]
     sentences, begin = [], 0
     for match in SENTENCE_END.finditer(joined):
-        before = joined[begin : match.start() + 1]
-        if before.endswith(ABBREVIATIONS) or re.search(r"(?:^|\s)[A-Za-z]\.$", before):
+        before = joined[begin : match.start()]  # up to and with the stop
+        if before.endswith(ABBREVIATIONS):
             continue
         sentences.append((begin, match.start() + len(match.group(0).rstrip())))
         begin = match.end()
@@ -192,11 +193,10 @@ def passages(file: str, text: str, budget: int, count_tokens: Callable[[list[str
     out = []
     title, parts = sections(text)
     for heading, section in parts:
-        sizes = count_tokens([s.text for s in section])
-        heading_size = count_tokens([heading])[0] if heading else 0
+        sizes = count_tokens([s.text for s in section])  # a passage is embedded without its heading
         start = 0
         while start < len(section):
-            end, used = start, heading_size
+            end, used = start, 0
             while end < len(section) and (end == start or used + sizes[end] <= budget):
                 used += sizes[end]
                 end += 1
@@ -204,6 +204,6 @@ def passages(file: str, text: str, budget: int, count_tokens: Callable[[list[str
             if end >= len(section):
                 break
             # One sentence of overlap when it fits beside the next one; always move on.
-            overlap = end - 1 > start and heading_size + sizes[end - 1] + sizes[end] <= budget
+            overlap = end - 1 > start and sizes[end - 1] + sizes[end] <= budget
             start = end - 1 if overlap else end
     return out
