@@ -364,16 +364,16 @@ def test_the_real_embedder_finds_the_shipped_manuals_answers(real_embedder, tmp_
     from edge_slm.runtime.qa_eval import MANUALS_DIR, evaluate_qa, load_questions
 
     questions = load_questions()
-    assert (sum(q.file is not None for q in questions), sum(q.file is None for q in questions)) == (52, 11)
+    assert (sum(q.file is not None for q in questions), sum(q.file is None for q in questions)) == (64, 11)
     stats = build_index(MANUALS_DIR, real_embedder, tmp_path / "manuals.index")
     assert stats.documents == 4 and stats.embedded == stats.passages
     result = evaluate_qa(open_index(tmp_path / "manuals.index"), questions, k=3)
     summary = {key: value for key, value in result.items() if key != "rows"}
-    # Measured (benchmarks/ask.py): top-1 0.98, top-3 1.0, refusals 0.91 (10 of 11) with the fp32 and the
-    # int8 bundle; extractive 0.88 (fp32) and 0.87 (int8).
-    assert result["top1"] >= 0.92 and result["top3"] >= 0.96, summary
-    assert result["extractive_accuracy"] >= 0.75, summary
-    assert result["refusal_accuracy"] >= 0.8 and result["answered_when_answerable"] >= 0.96, summary
+    # Measured (benchmarks/ask.py) with this fp32 bundle: top-1 0.91, top-3 1.0, extractive 0.89, refusals
+    # 0.91 (10 of 11), all 64 answerable questions answered; the int8 bundle: top-1 0.95, extractive 0.84.
+    assert result["top1"] >= 0.85 and result["top3"] >= 0.95, summary
+    assert result["extractive_accuracy"] >= 0.8, summary
+    assert result["refusal_accuracy"] >= 0.8 and result["answered_when_answerable"] >= 0.95, summary
 
 
 def test_ask_help_shows_the_threshold_ask_uses(capsys):

@@ -19,7 +19,7 @@ from edge_slm.commands.options import open_bundle
 )
 @click.option("--embedder", "-e", type=click.Path(path_type=Path), help="The index's embedder, if it moved.")
 @click.option("-k", "k", type=click.IntRange(1, 50), default=3, show_default=True, help="Passages to retrieve.")
-@click.option("--min-score", type=click.FloatRange(-1, 1), default=None, help="Below it: nothing relevant [0.36].")
+@click.option("--min-score", type=click.FloatRange(-1, 1), default=None, help="Below it: nothing relevant [0.31].")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option(
     "--json", "as_json", is_flag=True, help='{"answer": ..., "sources": [{"file", "lines", "text", "score"}]}'

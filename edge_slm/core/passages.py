@@ -58,10 +58,11 @@ class Passage:
         return self.sentences[0].lines[0], self.sentences[-1].lines[1]
 
     def embedding_text(self) -> str:
-        """What the embedder sees of the passage, for retrieval: its text alone. Adding the title and
-        heading measured worse on the shipped manuals (top-1 0.92 against 0.98: a title such as
-        "AIRWISE T300 WI-FI THERMOSTAT" pulls every Wi-Fi question to passages of that document)."""
-        return self.text
+        """What the embedder sees of the passage, for retrieval: its heading and text ("Batteries: A
+        fresh set lasts ..."). On the shipped manuals' 64 questions the passage's heading found the
+        right passage first for 61, the text alone for 59, the document's title added for 59 (a
+        title such as "AIRWISE T300 WI-FI THERMOSTAT" pulls every Wi-Fi question to that document)."""
+        return f"{self.heading}: {self.text}" if self.heading else self.text
 
     def sentence_texts(self) -> list[str]:
         """What the embedder sees of each sentence, for the extractive answer: the sentence with its
