@@ -194,7 +194,7 @@ def passages(file: str, text: str, budget: int, count_tokens: Callable[[list[str
     out = []
     title, parts = sections(text)
     for heading, section in parts:
-        sizes = count_tokens([s.text for s in section])  # a passage is embedded without its heading
+        sizes = count_tokens([s.text for s in section])  # the heading is not counted: the budget is half the maximum
         start = 0
         while start < len(section):
             end, used = start, 0
