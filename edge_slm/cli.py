@@ -9,6 +9,8 @@
     edge-slm chat BUNDLE
     edge-slm classify BUNDLE TEXT... | --file FILE [--json]
     edge-slm embed BUNDLE TEXT... | --file FILE [--out vectors.npy]
+    edge-slm index DOCS --embedder BUNDLE --out INDEX
+    edge-slm ask INDEX QUESTION [--decoder BUNDLE] [-k N] [--json]
     edge-slm finetune --model M --data train.jsonl [--eval eval.jsonl] --out DIR [--epochs N] [--lr 1e-5]
     edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]   (decoders)
     edge-slm eval BUNDLE [--data test.jsonl|retrieval.json] [--json]  (encoders)
@@ -27,6 +29,7 @@ import sys
 import click
 
 from edge_slm.commands import (
+    ask,
     bench,
     build,
     deploy,
@@ -34,6 +37,7 @@ from edge_slm.commands import (
     evaluate,
     finetune,
     generate,
+    index,
     inspect,
     prune,
     report,
@@ -64,6 +68,8 @@ for command in (
     generate.chat,
     encode.classify,
     encode.embed,
+    index.index_command,
+    ask.ask_command,
     finetune.finetune,
     evaluate.eval_command,
     bench.bench,

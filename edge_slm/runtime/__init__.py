@@ -11,6 +11,9 @@ prove both). Used by `edge-slm generate | chat | eval` and from Python:
 
     classifier = runtime.load("export/x86-laptop-classifier")
     print(classifier.classify(["turn off the kitchen lights"])[0].label)
+
+    runtime.build_index("manuals/", "export/x86-laptop-embedder", "manuals.index")
+    print(runtime.ask("manuals.index", "How many user codes can the lock store?").answer)
 """
 
 import importlib
@@ -27,6 +30,14 @@ _EXPORTS = {
     "SamplingConfig": "edge_slm.runtime.sampling",
     "ContextFullError": "edge_slm.runtime.session",
     "peak_rss_mb": "edge_slm.core.system",
+    # Questions answered from documents (`edge-slm index`, `edge-slm ask`). The module is `qa`, not
+    # `ask`: importing a submodule named `ask` would replace the `runtime.ask` function with it.
+    "ask": "edge_slm.runtime.qa",
+    "open_index": "edge_slm.runtime.qa",
+    "DocumentQA": "edge_slm.runtime.qa",
+    "Answer": "edge_slm.runtime.qa",
+    "Source": "edge_slm.runtime.qa",
+    "build_index": "edge_slm.runtime.index",
 }
 __all__ = list(_EXPORTS)
 

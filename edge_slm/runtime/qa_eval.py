@@ -1,0 +1,114 @@
+"""How well `ask` answers from documents: the shipped appliance manuals and their questions.
+
+`edge_slm/data/manuals/` holds four short manuals written for the project and
+`questions.jsonl`: each line a question, the manual that answers it and the answer (a sentence
+of the manual, or the distinctive part of one); questions whose `file` is null have no answer in
+the manuals. Used by `benchmarks/ask.py` and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_slm.core.data import DATA_DIR
+from edge_slm.core.errors import EdgeSlmError
+
+MANUALS_DIR = DATA_DIR / "manuals"
+QUESTIONS_FILE = MANUALS_DIR / "questions.jsonl"
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    file: str | None  # None: the documents do not answer it
+    answer: str | None
+
+
+def load_questions(path: Path = QUESTIONS_FILE) -> list[Question]:
+    questions = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                questions.append(Question(row["question"], row["file"], row["answer"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise EdgeSlmError(f"{path}:{number}: {exc}; want question, file and answer") from None
+    return questions
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def holds(text: str, answer: str) -> bool:
+    return _normal(answer) in _normal(text)
+
+
+STOPWORDS = frozenset(
+    "a an and are at be by can do does for from how i if in is it my of on or the this to what when where which "
+    "why with you your".split()
+)
+
+
+def facts(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9](?:[a-z0-9.]*[a-z0-9])?", text.lower()) if w not in STOPWORDS}
+
+
+def covers(text: str, answer: str) -> bool:
+    """A written answer states the expected one when it holds every number of it and most (60%) of
+    its other words: "The lock stores 50 user codes." covers "The lock stores up to 50 user codes."."""
+    want, have = facts(answer), facts(text)
+    numbers = {w for w in want if any(c.isdigit() for c in w)}
+    return numbers <= have and len(want & have) >= 0.6 * len(want)
+
+
+def evaluate_qa(qa, questions: list[Question], k: int = 3, decoder=None, min_score: float | None = None) -> dict:
+    """Retrieval top-1 / top-k (the right file, in a passage holding the answer), extractive answer
+    accuracy (the expected sentence returned), with a decoder the share of written answers that
+    state the expected one (`covers`), refusal accuracy on the unanswerable questions, ask latency; and each question's
+    outcome, to see what failed."""
+    from edge_slm.runtime.qa import DEFAULT_MIN_SCORE
+
+    min_score = DEFAULT_MIN_SCORE if min_score is None else min_score
+    rows, latencies = [], []
+    for q in questions:
+        started = time.perf_counter()
+        answer = qa.ask(q.question, k=k, decoder=decoder, min_score=min_score)
+        latencies.append((time.perf_counter() - started) * 1000)
+        sources = qa.retrieve(q.question, k)[0]  # all k, also when the answer was "nothing relevant"
+        best = sources[0].score if sources else -1.0
+        row = {"question": q.question, "best_score": round(best, 4), "found": answer.found, "answer": answer.answer}
+        if q.file is not None:
+            ranks = [i for i, s in enumerate(sources) if s.file == q.file and holds(s.text, q.answer)]
+            row["rank"] = ranks[0] + 1 if ranks else None
+            evidence = answer.evidence.text if answer.evidence else ""
+            row["extractive_correct"] = bool(answer.found and holds(evidence, q.answer))
+            if decoder is not None:
+                row["generated_covers_answer"] = bool(answer.found and covers(answer.answer, q.answer))
+        rows.append(row)
+    answerable = [r for r in rows if "rank" in r]
+    unanswerable = [r for r in rows if "rank" not in r]
+
+    def share(items, test) -> float | None:
+        return round(sum(map(test, items)) / len(items), 4) if items else None
+
+    result = {
+        "questions": len(answerable),
+        "unanswerable": len(unanswerable),
+        "k": k,
+        "min_score": min_score,
+        "top1": share(answerable, lambda r: r["rank"] == 1),
+        f"top{k}": share(answerable, lambda r: r["rank"] is not None),
+        "extractive_accuracy": share(answerable, lambda r: r["extractive_correct"]),
+        "answered_when_answerable": share(answerable, lambda r: r["found"]),
+        "refusal_accuracy": share(unanswerable, lambda r: not r["found"]),
+        "ask_ms_mean": round(sum(latencies) / len(latencies), 2) if latencies else None,
+        "rows": rows,
+    }
+    if decoder is not None:
+        result["generated_covers_answer"] = share(answerable, lambda r: r["generated_covers_answer"])
+    return result
