@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +44,14 @@ class DocumentIndexError(EdgeSlmError):
     """An index that is missing, corrupt, of another format, or bound to another embedder."""
 
 
-def embedder_identity(files: dict) -> str:
+def embedder_identity(files: Mapping) -> str:
     """One digest of an embedder bundle's files and their sha256 (its manifest's `files`): the
     same weights and tokenizer give the same identity wherever the bundle is copied."""
     digest = hashlib.sha256()
     for name in sorted(files):
-        digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
+        entry = files[name]  # a manifest's FileEntry, or its JSON form
+        sha256 = entry["sha256"] if isinstance(entry, Mapping) else entry.sha256
+        digest.update(f"{name}\0{sha256}\n".encode())
     return digest.hexdigest()
 
 

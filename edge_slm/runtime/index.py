@@ -55,7 +55,7 @@ def open_embedder(bundle, threads: int | None = None):
 
 
 def identity_of(encoder) -> str:
-    return embedder_identity(encoder.manifest["files"])
+    return embedder_identity(encoder.manifest.files)
 
 
 def passage_budget(encoder) -> int:
