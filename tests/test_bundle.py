@@ -286,6 +286,13 @@ def test_prune_refuses_a_user_folder(tmp_path, tiny_llama):
     proc = _cli("prune", "--model", tiny_llama, "--out", folder, "--ffn", "0.25")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"error: --out {folder} exists and is not a model edge-slm pruned: choose another --out or empty it yourself"
+        f"error: --out {folder} holds files edge-slm did not list as its own (no .edge-slm-files.json): "
+        "edge-slm replaces only folders it wrote itself; choose another --out or move that away"
     )
     assert (folder / "config.json").read_text() == "{}"
+    # A folder edge-slm pruned into, with a user's notes added afterwards, is theirs now.
+    (folder / "config.json").unlink()
+    (folder / ".edge-slm-files.json").write_text('{"written_by": "edge-slm prune", "files": {}}')
+    (folder / "notes.txt").write_text("mine")
+    proc = _cli("prune", "--model", tiny_llama, "--out", folder, "--ffn", "0.25")
+    assert proc.returncode == 2 and "notes.txt" in proc.stderr and (folder / "notes.txt").read_text() == "mine"

@@ -32,7 +32,7 @@ def ask_command(index, question, decoder, embedder, k, min_score, max_new_tokens
 
     check_text(question, "QUESTION")
     qa = open_index(index, embedder, threads)
-    model = open_bundle(decoder, threads, need="decoder") if decoder else None
+    model = open_bundle(decoder, threads) if decoder else None
     stream = model is not None and not as_json
     on_text = (lambda piece: click.echo(piece, nl=False)) if stream else None
     answer = qa.ask(

@@ -46,10 +46,11 @@ class IndexStats:
 
 def open_embedder(bundle, threads: int | None = None):
     """The embedder bundle as an `Encoder`, refused in one line if it is not one."""
+    from edge_slm.runtime.encoder import Encoder
     from edge_slm.runtime.model import load
 
     model = load(bundle, threads=threads)
-    if getattr(model, "kind", "decoder") != "encoder" or model.task != "embedding":
+    if not isinstance(model, Encoder) or model.task != "embedding":
         raise EdgeSlmError(f"{bundle} is not an embedder bundle: build one with `make embedder` and pass it")
     return model
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from edge_slm.builder.decoder.export import head_dim_of
 from edge_slm.builder.prune.calibration import calibration_batches, calibration_pass
-from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
 from edge_slm.core.errors import ModelError
+from edge_slm.core.outputs import check_output_folder, output_folder
 
 
 @dataclass(frozen=True)
@@ -413,9 +413,8 @@ def prune_directory(
         )
     final = record["perplexity"].get("recovered", record["perplexity"]["pruned"])
     record["ppl_increase"] = final / ppl_before - 1
-    with atomic_directory(out, tmp=out.with_name(f".{out.name}.partial-{os.getpid()}")) as staging:
+    with output_folder(out, "edge-slm prune") as staging:  # checks `out` again: it may have changed meanwhile
         save_pruned(student, tokenizer, staging, record)
-        check_prune_output(out)  # again: the directory may have changed while pruning ran
     shutil.rmtree(out.parent / f".{out.name}.recovery", ignore_errors=True)
     return record
 
@@ -424,11 +423,6 @@ PRUNE_RECORD = "edge_slm_prune.json"
 
 
 def check_prune_output(out: Path) -> None:
-    """Refuse an output that is a file, or a directory that is neither empty nor a model that
-    `edge-slm prune` wrote (it holds edge_slm_prune.json): edge-slm replaces only its own."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ModelError(f"--out {out} is a file or a link, not a directory: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / PRUNE_RECORD).is_file():
-        raise ModelError(
-            f"--out {out} exists and is not a model edge-slm pruned: choose another --out or empty it yourself"
-        )
+    """Refuse an output that is not new, empty, or a model `edge-slm prune` wrote that nobody added
+    to or changed (`core.outputs`, the rule of every edge-slm output folder)."""
+    check_output_folder(out)
