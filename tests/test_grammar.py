@@ -192,3 +192,27 @@ def test_cli_refuses_bad_files_in_one_line(tiny_bundle, tmp_path):
         proc = cli("generate", str(tiny_bundle), "x", *args)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith(message), proc.stderr
+
+
+def test_token_bytes_spell_the_text(model):
+    """The bridge hands llguidance each token's bytes: joined along an encoding they are the
+    text's UTF-8 (multi-byte characters split across tokens included)."""
+    from edge_slm.runtime.grammar import token_bytes
+
+    pieces, special = token_bytes(model.tokenizer, model.session.vocab_size)
+    assert len(pieces) == model.session.vocab_size and set(special) >= set(model.generation["eos_token_ids"])
+    for text in ("one two 東京 three", ' {"room": "kitchen", "on": true}', "naïve\ncafé\t42"):
+        assert b"".join(pieces[i] for i in model.encode(text)) == text.encode("utf-8")
+
+
+def test_smarthome_commands_are_calls_of_the_tool_set():
+    """The shipped dialogue data: every expected call is valid under the tool-call schema, the
+    prompt-tuning set is small and apart from the held-out set, and every tool is evaluated."""
+    schema = tool_call_schema(TOOLS)
+    prompt = [json.loads(line) for line in (DATA_DIR / "smarthome" / "prompt.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (DATA_DIR / "smarthome" / "eval.jsonl").read_text().splitlines()]
+    for item in prompt + held_out:
+        jsonschema.validate(item["call"], schema)
+    assert len(prompt) <= 20 and len(held_out) >= 200
+    assert not {i["text"] for i in prompt} & {i["text"] for i in held_out}
+    assert {i["call"]["name"] for i in held_out} == {t["function"]["name"] for t in TOOLS}
