@@ -142,7 +142,7 @@ def mask_times_us(model, constraint, outputs: list[str]) -> list[float]:
     a boolean per token) and the parser's step, replayed over the constrained outputs."""
     times = []
     for text in outputs:
-        state = GrammarState(constraint, model._grammar_tokenizer, model.session.vocab_size)
+        state = GrammarState(constraint, model.grammar_tokenizer(), model.session.vocab_size)
         for token in model.encode(text):
             start = time.perf_counter()
             allowed = state.allowed()
@@ -192,7 +192,7 @@ def main() -> int:
         constraint = compile_constraint(schema=tool_call_schema(tools))
         compile_ms.append((time.perf_counter() - start) * 1e3)
     start = time.perf_counter()
-    model.generate("x", max_new_tokens=1, constraint=constraint)  # llguidance's view of the tokenizer, once
+    model.grammar_tokenizer()  # llguidance's view of the tokenizer, built once
     tokenizer_ms = (time.perf_counter() - start) * 1e3
 
     results, constrained_outputs = {}, []

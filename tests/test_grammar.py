@@ -74,7 +74,7 @@ def test_constrained_greedy_is_the_argmax_of_the_masked_logits(model):
     plain = model.generate(prompt, max_new_tokens=len(result.token_ids))
     assert result.stop_reason == "grammar" and result.token_ids != plain.token_ids
     scored = model.logprobs(prompt + result.token_ids)
-    state = GrammarState(compile_constraint(schema=SCHEMA), model._grammar_tokenizer, model.session.vocab_size)
+    state = GrammarState(compile_constraint(schema=SCHEMA), model.grammar_tokenizer(), model.session.vocab_size)
     for step, token in enumerate(result.token_ids):
         allowed = state.allowed()
         row = scored[len(prompt) - 1 + step]
@@ -103,14 +103,13 @@ def test_tool_call_schema_accepts_a_call_and_refuses_others(model):
     vocab = model.session.vocab_size
 
     def consumed(text: str) -> tuple[bool, bool]:
-        state = GrammarState(constraint, model._grammar_tokenizer, vocab)
+        state = GrammarState(constraint, model.grammar_tokenizer(), vocab)
         for token in model.encode(text):
             if not state.allowed()[token]:
                 return False, False
             state.advance(token)
         return True, state.complete
 
-    model.generate("x", max_new_tokens=1, constraint=constraint)  # builds the model's grammar tokenizer
     assert consumed('{"name": "set_lights", "arguments": {"room": "kitchen", "on": true}}') == (True, True)
     assert consumed('{"name": "set_volume", "arguments": {"room": "office", "level": 35}}') == (True, True)
     assert consumed('{"name": "set_lights", "arguments": {"room": "attic", "on": true}}')[0] is False

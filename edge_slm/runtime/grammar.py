@@ -192,7 +192,7 @@ class _Wrapped:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def grammar_tokenizer(tokenizer, vocab_size: int, eos_ids: list[int]):
+def build_grammar_tokenizer(tokenizer, vocab_size: int, eos_ids: list[int]):
     """llguidance's view of the bundle's tokenizer (about 1 s for a 49k vocabulary: build it once
     per model). Every end-of-sequence id ends an accepted output."""
     if not eos_ids:

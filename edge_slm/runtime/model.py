@@ -21,7 +21,7 @@ from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder, open_encoder
-from edge_slm.runtime.grammar import Constraint, GrammarState, compile_constraint, grammar_tokenizer
+from edge_slm.runtime.grammar import Constraint, GrammarState, build_grammar_tokenizer, compile_constraint
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
 from edge_slm.runtime.session import DecoderSession, pick_providers
 from edge_slm.runtime.textstream import TextStream, stop_strings
@@ -331,10 +331,15 @@ class Model:
             raise EdgeSlmError("give a constraint, or a schema or grammar to compile one, not both")
         if constraint is None:
             constraint = compile_constraint(schema=schema, grammar=grammar)
+        return GrammarState(constraint, self.grammar_tokenizer(), self.session.vocab_size)
+
+    def grammar_tokenizer(self):
+        """llguidance's view of this model's tokenizer, built on first use (about 1 s for a 49k
+        vocabulary; a server may call it at start-up) and kept."""
         if self._grammar_tokenizer is None:
             eos = sorted(self.generation["eos_token_ids"])  # the bundle's, whatever eos_ids is set to now
-            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.session.vocab_size, eos)
-        return GrammarState(constraint, self._grammar_tokenizer, self.session.vocab_size)
+            self._grammar_tokenizer = build_grammar_tokenizer(self.tokenizer, self.session.vocab_size, eos)
+        return self._grammar_tokenizer
 
     def _fitted_prompt(self, prompt: str | list[int], chat: bool, truncate: bool) -> list[int]:
         """The prompt's ids, shortened to the last half of the context with `truncate`."""
