@@ -208,7 +208,8 @@ class GrammarState:
 
     def __init__(self, constraint: Constraint, llg_tokenizer, vocab_size: int):
         llg = _llguidance()
-        self.matcher = llg.LLMatcher(llg_tokenizer, constraint.grammar)
+        # Silent: its errors come back through is_error() as our one-line GrammarError, not on stderr.
+        self.matcher = llg.LLMatcher(llg_tokenizer, constraint.grammar, log_level=0)
         self._check()
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
@@ -221,6 +222,8 @@ class GrammarState:
         """A boolean mask over the vocabulary of the tokens the grammar allows next."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._check()
+        # Token t is bit t % 32 of word t // 32; little-endian words (x86, ARM Linux) put it at bit
+        # t % 8 of byte t // 8, which unpackbits(bitorder="little") turns into element t.
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
         if not allowed.any():
             raise GrammarError("the grammar allows no token here (its language may be empty)")
