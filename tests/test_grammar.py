@@ -84,6 +84,19 @@ def test_constrained_greedy_is_the_argmax_of_the_masked_logits(model):
     assert state.complete
 
 
+def test_a_cancelled_generation_leaves_no_grammar_state(model):
+    """A stream closed halfway (a client that left) and a kept cache: the next constrained
+    generation starts its own parser and gives what a fresh one gives."""
+    want = model.generate("The room", max_new_tokens=100, schema=SCHEMA)
+    stream = model.stream("The room", max_new_tokens=100, schema=SCHEMA, keep_cache=True)
+    first = [next(stream) for _ in range(5)]
+    stream.close()
+    assert [r.token for r in first] == want.token_ids[:5]
+    again = model.generate("The room", max_new_tokens=100, schema=SCHEMA, keep_cache=True)
+    assert again.token_ids == want.token_ids and again.reused_tokens > 0
+    jsonschema.validate(json.loads(again.text), SCHEMA)
+
+
 def test_greedy_unchanged_when_already_in_the_language(model):
     """A grammar that allows the unconstrained greedy text (and more) leaves greedy as it is."""
     lark = "start: /[A-Za-z:]{12,60}/"
