@@ -7,8 +7,9 @@ signatures in the system message), the prompt-tuning set's examples as earlier c
 command; it answers with one call {"name": ..., "arguments": {...}}, greedy. Unconstrained, the
 first JSON object of its own text is the call; constrained, the schema "a call of one of the tools,
 its arguments valid under that function's parameters" masks every token. Scored per command: a
-valid call (parses, names a tool, arguments valid under its schema), the right function, the right
-arguments (the whole object equal) and the share of expected argument keys with the right value.
+JSON object at all, a valid call (names a tool, its arguments valid under the tool's schema), the
+right function, the right arguments (the whole object equal) and the share of expected argument
+keys with the right value.
 
 The cost: the tool set's grammar compile time, and decode speed with and without the mask on the
 same prompts in one process, alternating (a warm-up first; the spread over repetitions). One JSON
@@ -109,6 +110,7 @@ def score(call, expected: dict, parameters: dict) -> dict:
     want = expected["arguments"]
     got = call["arguments"] if right_function else {}
     return {
+        "json": call is not None,
         "valid": valid,
         "function": right_function,
         "arguments": right_function and got == want,
@@ -157,7 +159,7 @@ def summary(values: list[float]) -> dict:
     return {
         "median": round(statistics.median(values), 2),
         "min": round(min(values), 2),
-        "p90": round(statistics.quantiles(values, n=10)[-1], 2) if len(values) > 1 else values[0],
+        "p90": round(statistics.quantiles(values, n=10, method="inclusive")[-1], 2) if len(values) > 1 else values[0],
         "max": round(max(values), 2),
         "n": len(values),
     }
@@ -199,6 +201,7 @@ def main() -> int:
     for mode, used in (("unconstrained", None), ("constrained", constraint)):
         rows, _ = run_commands(model, commands, tools, examples, used, args.max_new_tokens)
         results[mode] = {
+            "json_pct": percent(rows, "json"),
             "valid_pct": percent(rows, "valid"),
             "function_pct": percent(rows, "function"),
             "arguments_pct": percent(rows, "arguments"),
