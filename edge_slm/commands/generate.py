@@ -9,7 +9,10 @@ from pathlib import Path
 import click
 
 from edge_slm.commands.options import echo_err, open_bundle, sampling, sampling_options
+from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.text import check_text
+
+MAX_GRAMMAR_FILE_BYTES = 256 * 1024  # a schema or grammar file; the smart-home tool set is 11 kB
 
 
 @click.command()
@@ -19,13 +22,36 @@ from edge_slm.core.text import check_text
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
 @click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
-def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: bool, **kw) -> None:
+@click.option(
+    "--json-schema",
+    "schema_file",
+    type=click.Path(path_type=Path),
+    help="Constrain the output to JSON valid under this JSON schema (a .json file).",
+)
+@click.option(
+    "--grammar",
+    "grammar_file",
+    type=click.Path(path_type=Path),
+    help="Constrain the output to this grammar (a Lark or llama.cpp GBNF file).",
+)
+def generate(
+    bundle: Path,
+    prompt: str,
+    as_chat: bool,
+    truncate: bool,
+    as_json: bool,
+    schema_file: Path | None,
+    grammar_file: Path | None,
+    **kw,
+) -> None:
     """Generate text from PROMPT, streamed to the terminal."""
     check_text(prompt, "PROMPT (argument 2)")
     _check_stops(kw["stop"])
-
+    constraint = _constraint(schema_file, grammar_file)  # a bad schema is refused before the model loads
     model = open_bundle(bundle, kw["threads"])
-    options = dict(max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"], truncate=truncate)
+    options = dict(
+        max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"], truncate=truncate, constraint=constraint
+    )
     if as_json:
         click.echo(json.dumps(model.generate(prompt, **options, **sampling(kw)).to_dict()))
         return
@@ -38,6 +64,33 @@ def generate(bundle: Path, prompt: str, as_chat: bool, truncate: bool, as_json: 
         f"[{response.generation_tokens} tokens, first after {response.ttft_ms:.0f} ms, "
         f"{response.generation_tps:.1f} tok/s, stop: {response.stop_reason}]"
     )
+
+
+def _constraint(schema_file: Path | None, grammar_file: Path | None):
+    if schema_file is None and grammar_file is None:
+        return None
+    if schema_file is not None and grammar_file is not None:
+        raise EdgeSlmError("give --json-schema or --grammar, not both")
+    from edge_slm.runtime.grammar import compile_constraint
+
+    path = schema_file or grammar_file
+    text = _read_limited(path)
+    if schema_file is not None:
+        return compile_constraint(schema=text)
+    return compile_constraint(grammar=text)
+
+
+def _read_limited(path: Path) -> str:
+    """The file's text, refused in one line when missing, too big or not UTF-8."""
+    if not path.is_file():
+        raise EdgeSlmError(f"{path}: no such file: give the path of a JSON schema or grammar file")
+    size = path.stat().st_size
+    if size > MAX_GRAMMAR_FILE_BYTES:
+        raise EdgeSlmError(f"{path} is {size} bytes; a schema or grammar file may be {MAX_GRAMMAR_FILE_BYTES}")
+    try:
+        return path.read_bytes()[:MAX_GRAMMAR_FILE_BYTES].decode("utf-8")
+    except UnicodeDecodeError:
+        raise EdgeSlmError(f"{path} is not UTF-8 text: save it as UTF-8") from None
 
 
 @click.command()

@@ -8,6 +8,7 @@ prove both). Used by `edge-slm generate | chat | eval` and from Python:
     print(model.generate("What is the capital of France?", chat=True).text)
     for response in model.stream("Write a haiku about the sea.", chat=True):
         print(response.text, end="", flush=True)
+    call = model.generate("It's too dark in the kitchen", chat=True, schema=runtime.tool_call_schema(tools))
 
     classifier = runtime.load("export/x86-laptop-classifier")
     print(classifier.classify(["turn off the kitchen lights"])[0].label)
@@ -28,6 +29,10 @@ _EXPORTS = {
     "Encoder": "edge_slm.runtime.encoder",
     "Classification": "edge_slm.runtime.encoder",
     "SamplingConfig": "edge_slm.runtime.sampling",
+    "Constraint": "edge_slm.runtime.grammar",
+    "GrammarError": "edge_slm.runtime.grammar",
+    "compile_constraint": "edge_slm.runtime.grammar",
+    "tool_call_schema": "edge_slm.runtime.grammar",
     "ContextFullError": "edge_slm.runtime.session",
     "peak_rss_mb": "edge_slm.core.system",
     # Questions answered from documents (`edge-slm index`, `edge-slm ask`). The module is `qa`, not

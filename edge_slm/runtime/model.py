@@ -22,9 +22,10 @@ from edge_slm.core.text import check_text
 from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder
+from edge_slm.runtime.grammar import Constraint, GrammarState, build_grammar_tokenizer, compile_constraint
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
 from edge_slm.runtime.session import DecoderSession, check_onnxruntime, pick_providers
-from edge_slm.runtime.textstream import TextStream
+from edge_slm.runtime.textstream import TextStream, stop_strings
 
 log = logging.getLogger("edge_slm.runtime")
 
@@ -37,6 +38,7 @@ FINISH_REASON = {
     "max_new_tokens": "length",
     "context_full": "length",
     "time_limit": "length",
+    "grammar": "stop",
 }
 
 
@@ -54,7 +56,7 @@ class GenerationResponse:
     token: int
     logprob: float  # log softmax of the raw logits at `token`, before penalty/temperature/top-k/top-p
     finish_reason: str | None  # None until the last response: "stop" or "length" (OpenAI's)
-    stop_reason: str | None  # on the last: "eos", "stop_string", "max_new_tokens" or "context_full"
+    stop_reason: str | None  # on the last: "eos", "stop_string", "grammar", "max_new_tokens", "context_full"
     prompt_tokens: int  # the prompt's length, after truncation
     reused_tokens: int  # prompt tokens whose keys/values were already cached
     generation_tokens: int  # tokens generated so far, this one included (an end-of-sequence one not)
@@ -69,7 +71,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     reused_tokens: int = 0  # prompt tokens whose keys/values were already cached
-    stop_reason: str = ""  # "eos", "stop_string", "max_new_tokens" or "context_full"
+    stop_reason: str = ""  # "eos", "stop_string", "grammar" (complete), "max_new_tokens" or "context_full"
     ttft_ms: float = 0.0  # prompt in -> first new token out
     decode_tokens_per_s: float = 0.0  # tokens after the first, over their time
 
@@ -177,6 +179,7 @@ class Model:
         self._special_ids = {int(i) for i, token in added.items() if token.special}
         self._special_ids |= {int(i) for i in generation.get("special_tokens", {}).values()}
         self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache
+        self._grammar_tokenizer = None  # llguidance's view of the tokenizer, built on first use
 
     # -- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -250,14 +253,24 @@ class Model:
         prompt: str | list[int],
         max_new_tokens: int = 128,
         chat: bool = False,
-        stop: tuple[str, ...] = (),
+        stop: str | list[str] | tuple[str, ...] = (),
         truncate: bool = False,
         keep_cache: bool = False,
+        schema: dict | str | None = None,
+        grammar: str | None = None,
+        constraint: Constraint | None = None,
         **sampling,
     ) -> Iterator[GenerationResponse]:
-        """Yield one `GenerationResponse` per sampled token; the last has `finish_reason` set."""
+        """Yield one `GenerationResponse` per sampled token; the last has `finish_reason` set.
+
+        `stop`: a string or a list of strings that end the text (not shown). `schema` (a JSON
+        schema, dict or text), `grammar` (Lark or GBNF) or `constraint` (from `compile_constraint`)
+        restrict the output to their language; it ends, with finish reason "stop", when the grammar
+        is complete."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EdgeSlmError(f"max_new_tokens is {max_new_tokens}; generate 1 token or more")
+        stop = stop_strings(stop)
+        parser = self._grammar_state(schema, grammar, constraint)
         ids = self._fitted_prompt(prompt, chat, truncate)
         sampler = Sampler(SamplingConfig(**sampling))
         text = TextStream(self.tokenizer, stop)
@@ -269,7 +282,7 @@ class Model:
         logits = self.session.forward(new)
         first_at = ttft_ms = prompt_tps = 0.0
         for step in range(max_new_tokens):
-            token = sampler(logits, history)
+            token = sampler(logits, history, parser.allowed() if parser else None)
             now = time.perf_counter()
             if step == 0:
                 first_at, ttft_ms = now, (now - start) * 1e3
@@ -279,8 +292,12 @@ class Model:
             else:
                 history.append(token)
                 piece, count = text.push(token), step + 1
+                if parser:
+                    parser.advance(token)
                 if text.stopped:
                     reason = "stop_string"
+                elif parser and parser.complete:
+                    reason = "grammar"
                 elif count == max_new_tokens:
                     reason = "max_new_tokens"
                 elif self.session.length >= self.context_length:
@@ -306,6 +323,26 @@ class Model:
                 return
             logits = self.session.forward([token])
             self._cached_ids.append(token)
+
+    def _grammar_state(
+        self, schema: dict | str | None, grammar: str | None, constraint: Constraint | None
+    ) -> GrammarState | None:
+        """A fresh parser for this generation, or None without a constraint."""
+        if constraint is None and schema is None and grammar is None:
+            return None
+        if constraint is not None and (schema is not None or grammar is not None):
+            raise EdgeSlmError("give a constraint, or a schema or grammar to compile one, not both")
+        if constraint is None:
+            constraint = compile_constraint(schema=schema, grammar=grammar)
+        return GrammarState(constraint, self.grammar_tokenizer(), self.session.vocab_size)
+
+    def grammar_tokenizer(self):
+        """llguidance's view of this model's tokenizer, built on first use (about 1 s for a 49k
+        vocabulary; a server may call it at start-up) and kept."""
+        if self._grammar_tokenizer is None:
+            eos = sorted(self.generation["eos_token_ids"])  # the bundle's, whatever eos_ids is set to now
+            self._grammar_tokenizer = build_grammar_tokenizer(self.tokenizer, self.session.vocab_size, eos)
+        return self._grammar_tokenizer
 
     def _fitted_prompt(self, prompt: str | list[int], chat: bool, truncate: bool) -> list[int]:
         """The prompt's ids, shortened to the last half of the context with `truncate`."""

@@ -1,4 +1,5 @@
-"""Next-token choice from logits in numpy: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Next-token choice from logits in numpy: greedy, temperature, top-k, top-p, repetition penalty,
+and a grammar's mask of allowed tokens."""
 
 from __future__ import annotations
 
@@ -44,8 +45,13 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    def __call__(self, logits: np.ndarray, history: list[int], allowed: np.ndarray | None = None) -> int:
+        """The next token; with `allowed` (a boolean mask over the vocabulary, from a grammar) only
+        among the allowed tokens: the others are set to -inf before the penalty, temperature, top-k
+        and top-p, so greedy is the argmax of the masked logits and sampling renormalises over them."""
         cfg = self.config
+        if allowed is not None:
+            logits = np.where(allowed, logits[: allowed.shape[0]], np.float32(-np.inf))
         if cfg.repetition_penalty != 1.0 and history:
             logits = logits.copy()
             seen = np.unique(np.asarray(history, dtype=np.int64))

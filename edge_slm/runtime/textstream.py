@@ -3,10 +3,24 @@ holds back text that may be the start of a stop string."""
 
 from __future__ import annotations
 
+from edge_slm.core.errors import EdgeSlmError
+
 try:
     from tokenizers.decoders import DecodeStream
 except ImportError:  # tokenizers before 0.21
     DecodeStream = None
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """`stop` as a tuple: one string is one stop string (not its characters), a list or tuple of
+    strings each; anything else is refused in one line."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise EdgeSlmError(f"stop is {stop!r}; give a string or a list of strings")
 
 
 class TextStream:
