@@ -276,7 +276,10 @@ def test_cli_eval(tiny_bundle, perturbed_bundle, tmp_path):
     "args,message",
     [
         (["generate", "{b}", ""], "error: the prompt is empty"),
-        (["generate", "{b}", "hi", "--threads", "0"], "--threads is 0; use 1 or more"),
+        (
+            ["generate", "{b}", "hi", "--threads", "0"],
+            "Error: Invalid value for '--threads': '0': give a count of 1 or more, e.g. 2",
+        ),
         (["generate", "{b}", "hi", "--temperature", "-1"], "error: --temperature is -1.0"),
         (["eval", "{b}", "--text", "/nonexistent.txt"], "error: /nonexistent.txt: no such text file"),
     ],

@@ -20,6 +20,7 @@ from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.tomlfile import TOMLDecodeError, read_toml
 from edge_slm.harness.deploy import checkout_wheel, copy_bundle, ensure_venv
+from edge_slm.harness.device_service import device_lock
 from edge_slm.harness.ssh import Device, RemoteError, remote_worker
 from edge_slm.runtime.bench import record_problem
 
@@ -28,17 +29,19 @@ def bench_remote(device: Device, bundle: Path, config: dict, progress=lambda msg
     """`edge_slm.runtime.bench.bench_bundle(**config)` on the device (the worker protocol over SSH),
     through the venv and bundle copy that `edge-slm deploy` uses."""
     manifest = verify_bundle(bundle, checksums=False)
-    with checkout_wheel() as wheel:
-        venv = ensure_venv(device, manifest, wheel, progress=progress)
-    remote_bundle = copy_bundle(device, Path(bundle), manifest, progress)
-    progress(f"{device.host}: running the benchmark")
-    reply = remote_worker(
-        device,
-        f"{venv}/bin/python",
-        "edge_slm.runtime.bench:bench_worker",
-        {**config, "bundle": remote_bundle},
-        what=f"{device.host}: the benchmark",
-    )
+    # The install deploy uses, under deploy's lock: no deploy reinstalls the venv under a benchmark.
+    with device_lock(device, f"bench of {Path(bundle).name}"):
+        with checkout_wheel() as wheel:
+            venv = ensure_venv(device, manifest, wheel, progress=progress)
+        remote_bundle = copy_bundle(device, Path(bundle), manifest, progress)
+        progress(f"{device.host}: running the benchmark")
+        reply = remote_worker(
+            device,
+            f"{venv}/bin/python",
+            "edge_slm.runtime.bench:bench_worker",
+            {**config, "bundle": remote_bundle},
+            what=f"{device.host}: the benchmark",
+        )
     records = device_records(device, reply.get("records"))
     for record in records:
         record["remote"] = {"host": device.host, "port": device.port, "bundle": str(bundle)}
