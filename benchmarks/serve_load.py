@@ -223,15 +223,20 @@ def scaling(args) -> dict:
     """Tokens/s of 1, 2, 4, 8 concurrent clients on one `--parallel` server, in alternating rounds
     (the machine is shared: ratios within a round, their median), then how often greedy answers of
     4 concurrent clients differ from the same prompts run alone by `generate` in this process."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    port, solo_port = free_port(), free_port()
+    base, solo_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{solo_port}"
     server = start_server(serve_command(args.bundle, port, args.threads, 16, args.parallel), base + "/health")
+    # The one-request engine (--parallel 1), idle while the other runs: one client alone on it.
+    solo_server = start_server(serve_command(args.bundle, solo_port, args.threads, 16, 1), solo_base + "/health")
     counts = (1, 2, 4, 8)
     rates = {c: [] for c in counts}
+    solo_rates = []
     ttft, latency = {c: [] for c in counts}, {c: [] for c in counts}
     try:
         asyncio.run(one_round(base, 1, 8, 0))  # warm-up
+        asyncio.run(one_round(solo_base, 1, 8, 0))
         for rep in range(args.reps):
+            solo_rates.append(asyncio.run(one_round(solo_base, 1, args.max_tokens, rep))[0])
             for c in counts:
                 rate, firsts, totals = asyncio.run(one_round(base, c, args.max_tokens, rep))
                 rates[c].append(rate)
@@ -244,8 +249,9 @@ def scaling(args) -> dict:
             float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("edge_slm_peak_rss_megabytes")
         )
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for proc in (server, solo_server):
+            proc.terminate()
+            proc.wait(timeout=30)
     model = runtime.load(args.bundle, threads=args.threads)
     solo = [model.chat([{"role": "user", "content": p}], max_new_tokens=32, keep_cache=False).text for p in prompts]
     differ = sum(a != b for a, b in zip(batched, solo))
@@ -256,6 +262,8 @@ def scaling(args) -> dict:
         "rounds": args.reps,
         "tokens_per_s": {c: stats(rates[c]) for c in counts},
         "vs_one_client": {c: statistics.median(r / o for r, o in zip(rates[c], one)) for c in counts},
+        "parallel_1_server_tokens_per_s": stats(solo_rates),
+        "vs_parallel_1_server": {c: statistics.median(r / o for r, o in zip(rates[c], solo_rates)) for c in counts},
         "ttft_ms": {c: stats(ttft[c]) for c in counts},
         "latency_ms": {c: stats(latency[c]) for c in counts},
         "peak_rss_mb": rss,
@@ -298,6 +306,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.scaling:
         result = scaling(args)
+        summary = ", ".join(f"{c} clients {r:.2f}x" for c, r in result["vs_parallel_1_server"].items())
+        print(f"tokens/s against one client on a --parallel 1 server (median of rounds): {summary}")
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         result["cpu_flags"] = [f for f in ("avx512_vnni", "avx_vnni", "avx2") if f in cpu]
         result["bundle"] = str(args.bundle)

@@ -160,7 +160,8 @@ class BatchEngine:
         self.jobs: set[Job] = set()
         self._waiting: deque[tuple[Job, asyncio.AbstractEventLoop, asyncio.Queue]] = deque()
         self._running: dict[Job, tuple] = {}  # job -> (sequence, loop, queue, started)
-        self._wake = threading.Condition()
+        # Re-entrant: `cancel` also runs from the SIGTERM handler, which may interrupt `submit` holding it.
+        self._wake = threading.Condition(threading.RLock())
         self._worker: threading.Thread | None = None
         self.slots_busy = None
         if metrics is not None:
