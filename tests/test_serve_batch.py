@@ -31,22 +31,28 @@ def _drain(decoder, seqs, out, joins=None):
     """Step until every sequence is done; `joins` {step: sequence} admits newcomers mid-stream."""
     joins, step = dict(joins or {}), 0
     while decoder.active or joins:
-        if step in joins:
-            seq = joins.pop(step)
-            out.setdefault(id(seq), []).append(decoder.admit(seq))
+        if joins and min(joins) <= step and decoder.free_slots:  # at its step, or once a slot is free
+            seq = joins.pop(min(joins))
+            first = decoder.admit(seq)
+            out.setdefault(id(seq), []).extend([first] if first else [])
         for seq, response in decoder.step():
             out.setdefault(id(seq), []).append(response)
         step += 1
 
 
-def test_batched_greedy_equals_solo_with_a_join_mid_stream(model):
-    decoder = BatchDecoder(model, slots=4)
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_batched_greedy_equals_solo_with_a_join_mid_stream(model, chunk):
+    """Five requests through four slots, two joining mid-stream; prompts whole (chunk 0) or in
+    chunks of 5 tokens between decode steps: each answer token for token its solo answer."""
+    decoder = BatchDecoder(model, slots=4, prefill_chunk=chunk)
     ids = [model.encode(p) for p in PROMPTS]
     lengths = [20, 7, 30, 12, 25]
     seqs = [Sequence(i, n) for i, n in zip(ids, lengths)]
     out = {}
     for seq in seqs[:3]:
-        out[id(seq)] = [decoder.admit(seq)]
+        first = decoder.admit(seq)
+        out[id(seq)] = [first] if first else []
+    assert all(len(i) > 5 for i in ids[:3]) and (chunk == 0) == all(out[id(seq)] for seq in seqs[:3])
     _drain(decoder, seqs, out, joins={3: seqs[3], 9: seqs[4]})
     for seq, prompt_ids, n in zip(seqs, ids, lengths):
         tokens = [r.token for r in out[id(seq)] if r.stop_reason != "eos"]

@@ -5,8 +5,10 @@ sequences costs little more than for one. `BatchDecoder` keeps `slots` batch row
 buffer ([slots, kv_heads, context, head_dim] per layer, as numpy memory that onnxruntime uses in
 place); each sequence owns one row. GroupQueryAttention takes each row's length from its row of the
 attention mask (`seqlens_k`) and writes that row's new key at that position, so rows of different
-lengths decode in the same run. A sequence joins by a prefill of its prompt into its row (a run of
-its own between two steps) and leaves at once; rows above the highest busy one are not run.
+lengths decode in the same run. A sequence joins by a prefill of its prompt into its row, in runs
+of its own between two steps (a long prompt in chunks of `prefill_chunk` tokens, one chunk per
+step, so that the others' tokens keep coming), and leaves at once; rows above the highest busy one
+are not run.
 
 The single-request path (`Model.stream`) is untouched: this class shares its onnxruntime sessions
 (the weights are loaded once) and its sampling and text functions, not its cache.
@@ -48,6 +50,7 @@ class Sequence:
     count: int = 0
     reused: int = 0
     finished: bool = False
+    prefilling: bool = False  # its prompt is still going into the cache, a chunk per step
     started: float = 0.0
     first_at: float = 0.0
     ttft_ms: float = 0.0
@@ -63,7 +66,7 @@ class Sequence:
 class BatchDecoder:
     """`slots` sequences of at most `context` tokens each over a loaded `Model`'s sessions."""
 
-    def __init__(self, model, slots: int, context: int | None = None):
+    def __init__(self, model, slots: int, context: int | None = None, prefill_chunk: int = 256):
         session = model.session
         if not session.shared or session.kv_device != "cpu":
             raise EdgeSlmError(
@@ -72,6 +75,10 @@ class BatchDecoder:
                 "serve it with --parallel 1"
             )
         self.model, self.slots = model, slots
+        # A prompt longer than this runs in chunks between decode steps (0: whole, at once). Chunks
+        # after the first compute the LM head for every position (IO binding cannot set
+        # logits_to_keep): about a quarter more prompt work, for the others' steady tokens.
+        self.prefill_chunk = prefill_chunk
         self.context = context or session.context_length
         self.session, self.prefill_session = session.session, session.prefill_session
         self.keeps_logits, self.vocab_size = session.keeps_logits, session.vocab_size
@@ -119,17 +126,22 @@ class BatchDecoder:
             raise EdgeSlmError(f"all {self.slots} slots are busy: wait for one to finish")
         return best, best_common
 
-    def admit(self, seq: Sequence, reuse_any: bool = False) -> GenerationResponse:
+    def admit(self, seq: Sequence, reuse_any: bool = False) -> GenerationResponse | None:
         """Put `seq` in a free slot and run its prompt (the part not cached there); returns its first
-        token's response (which may already finish it)."""
+        token's response (which may already finish it), or None for a prompt longer than
+        `prefill_chunk`: it runs a chunk per `step`, and its first token comes from a step."""
         if len(seq.prompt_ids) >= self.context:
             raise EdgeSlmError(f"the prompt has {len(seq.prompt_ids)} tokens; a slot holds {self.context}: shorten it")
         slot, common = self._pick_slot(seq, reuse_any)
         seq.slot, seq.reused, seq.started = slot, common, time.perf_counter()
         self.busy[slot], self.owners[slot] = seq, seq.owner
         self.cached[slot] = list(seq.prompt_ids)
+        seq.length = common
+        if self.prefill_chunk and len(seq.prompt_ids) - common > self.prefill_chunk:
+            seq.prefilling = True
+            return None
         try:
-            logits = self._prefill(slot, seq.prompt_ids, common)
+            logits = self._prefill(slot, seq.prompt_ids, common, len(seq.prompt_ids))
         except Exception:
             self.release(seq)
             self.cached[slot] = []
@@ -158,10 +170,10 @@ class BatchDecoder:
             self._bindings[key] = binding
         return self._bindings[key]
 
-    def _prefill(self, slot: int, ids: list[int], common: int) -> np.ndarray:
-        """The prompt after its first `common` (cached) tokens into `slot`; the last position's logits."""
-        new = np.asarray(ids[common:], dtype=np.int64)[None, :]
-        total = len(ids)
+    def _prefill(self, slot: int, ids: list[int], common: int, total: int) -> np.ndarray:
+        """Prompt tokens [common, total) into `slot` (the first `common` are cached there); the last
+        position's logits."""
+        new = np.asarray(ids[common:total], dtype=np.int64)[None, :]
         positions = np.arange(common, total, dtype=np.int64)[None, :]
         mask = np.ones((1, total), dtype=np.int64)
         session = self.prefill_session if new.shape[1] > 1 and self.prefill_session is not None else self.session
@@ -186,17 +198,29 @@ class BatchDecoder:
         return logits[0, -1].copy()
 
     def step(self) -> list[tuple[Sequence, GenerationResponse]]:
-        """One token for every busy slot, in one run; a response per sequence."""
-        active = self.active
+        """One chunk of the earliest waiting prompt, if any, then one token for every decoding
+        sequence in one run; a response per token."""
+        out = []
+        waiting = [s for s in self.active if s.prefilling]
+        if waiting:
+            seq = min(waiting, key=lambda s: s.started)
+            end = min(seq.length + self.prefill_chunk, len(seq.prompt_ids))
+            logits = self._prefill(seq.slot, seq.prompt_ids, seq.length, end)
+            seq.length = end
+            if end == len(seq.prompt_ids):
+                seq.prefilling = False
+                out.append((seq, self._emit(seq, logits)))
+        active = [s for s in self.active if not s.prefilling]
         if not active:
-            return []
+            return out
         rows = max(s.slot for s in active) + 1
         tokens = np.zeros((rows, 1), dtype=np.int64)
         lengths = np.zeros(rows, dtype=np.int64)
         for slot in range(rows):
             seq = self.busy[slot]
             if seq is not None:
-                tokens[slot, 0], lengths[slot] = seq.token, seq.length
+                # A prompt half in: a dummy key lands where its next chunk will write.
+                tokens[slot, 0], lengths[slot] = (0, seq.length) if seq.prefilling else (seq.token, seq.length)
             else:
                 # An idle row in the batch: its dummy token's key lands just past what the slot
                 # holds (kept for prefix reuse), never over it.
@@ -211,7 +235,6 @@ class BatchDecoder:
         binding.bind_output("logits", "cpu")
         _run(self.session.run_with_iobinding, binding, at=int(lengths.max()))
         logits = next(v for v in binding.get_outputs() if len(v.shape()) == 3).numpy()
-        out = []
         for seq in active:
             self.cached[seq.slot].append(seq.token)
             seq.length += 1

@@ -143,7 +143,7 @@ class Engine:
 class BatchEngine:
     """`parallel` requests decoding together (`runtime.batch.BatchDecoder`): one onnxruntime run per
     step for every running request, in one worker thread. A request joins at the next step (its
-    prompt run between two steps) when a slot is free, else it waits in the queue; a finished,
+    prompt run between two steps, a long one in chunks, one per step) when a slot is free, else it waits in the queue; a finished,
     cancelled or timed-out one leaves its slot at once. The same interface as `Engine` (submit,
     cancel, cancel_all; the same messages on the returned queue), and the same per-key rule for
     prefix reuse: a slot's cached prefix serves only its last owner's requests (unless
@@ -244,7 +244,8 @@ class BatchEngine:
             self._running.pop(job, None)
             self._post(loop, out, job, ("error", exc))
             return
-        self._deliver(job, response)
+        if response is not None:  # else its prompt runs in chunks, at the next steps
+            self._deliver(job, response)
         self._gauge_slots()
 
     def _deliver(self, job: Job, response) -> None:
