@@ -98,7 +98,7 @@ def serve(
     from edge_slm.serve.server import Protocol, Server, listen
 
     manifest = verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
-    parallel = kv_budget(manifest, parallel, context, kv_budget_mb)
+    parallel, kv_line = kv_budget(manifest, parallel, context, kv_budget_mb)
     listener = listen(host, port)  # a busy port fails here, before "serving" is printed
     # A bus error (a weight file truncated under onnxruntime's memory map) leaves a traceback in the log.
     faulthandler.enable()
@@ -119,25 +119,25 @@ def serve(
         timeout_graceful_shutdown=3,  # then open connections are dropped: SIGTERM exits within 5 s
     )
     server = Server(config, app.state.service)
-    echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics)")
+    echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics){kv_line}")
     server.run(sockets=[listener])
     if fatal:
         sys.exit(1)  # the line is logged; systemd's Restart=on-failure starts a fresh server
 
 
-def kv_budget(manifest, parallel: int | None, context: int | None, budget_mb: float | None) -> int:
-    """The number of KV slots (--parallel, else the profile's), reported with their memory; more
-    memory than --kv-budget-mb refuses to start, in one line, before the model is loaded."""
+def kv_budget(manifest, parallel: int | None, context: int | None, budget_mb: float | None) -> tuple[int, str]:
+    """The number of KV slots (--parallel, else the profile's) and their memory, for the start-up
+    line; more memory than --kv-budget-mb refuses to start, in one line, before the model is loaded."""
     from edge_slm.core.errors import EdgeSlmError
     from edge_slm.core.manifest import DecoderManifest
 
     if not isinstance(manifest, DecoderManifest):
-        return 1
+        return 1, ""
     model = manifest.model
     parallel = parallel or int(getattr(manifest.profile.runtime, "serve_parallel", 1))
     context = context or model.context_length
     if context > model.context_length:
-        return parallel  # runtime.load refuses it with its own message
+        return parallel, ""  # runtime.load refuses it with its own message
     itemsize = 2 if manifest.precision == "fp16" else 4  # fp16 bundles keep their cache in fp16
     mb = 2 * model.num_layers * model.num_kv_heads * model.head_dim * context * parallel * itemsize / 2**20
     line = f"KV cache: {parallel} slots x {context} tokens = {mb:.1f} MB"
@@ -145,5 +145,4 @@ def kv_budget(manifest, parallel: int | None, context: int | None, budget_mb: fl
         raise EdgeSlmError(
             f"{line}, over the budget of {budget_mb:g} MB (--kv-budget-mb): lower --parallel or --context"
         )
-    echo_err(line)
-    return parallel
+    return parallel, f"; {line}"
