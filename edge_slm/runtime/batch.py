@@ -91,6 +91,7 @@ class BatchDecoder:
         self.nbytes = sum(a.nbytes for a in self.arrays)
         self._bindings: dict[tuple[str, int, int], object] = {}
         self._values: list = []  # the OrtValues over numpy views must live as long as their bindings
+        self._step_logits: dict[int, ort.OrtValue] = {}
         self.cached: list[list[int]] = [[] for _ in range(slots)]  # tokens whose keys each slot holds
         self.owners: list[str] = [""] * slots
         self.busy: list[Sequence | None] = [None] * slots
@@ -232,9 +233,13 @@ class BatchDecoder:
         binding.bind_cpu_input("input_ids", tokens)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", lengths[:, None].copy())
-        binding.bind_output("logits", "cpu")
+        if rows not in self._step_logits:  # preallocated, as DecoderSession's one-token logits
+            self._step_logits[rows] = ort.OrtValue.ortvalue_from_shape_and_type(
+                (rows, 1, self.vocab_size), np.float32, "cpu", 0
+            )
+        binding.bind_ortvalue_output("logits", self._step_logits[rows])
         _run(self.session.run_with_iobinding, binding, at=int(lengths.max()))
-        logits = next(v for v in binding.get_outputs() if len(v.shape()) == 3).numpy()
+        logits = self._step_logits[rows].numpy()  # read before the next step overwrites it
         for seq in active:
             self.cached[seq.slot].append(seq.token)
             seq.length += 1
