@@ -2,6 +2,7 @@
 one-request path token for token, and a real uvicorn server with the `openai` client: concurrent
 streams, joins mid-stream, a client that hangs up, the KV budget refusal."""
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -167,15 +168,30 @@ def test_a_client_that_hangs_up_frees_its_slot_for_the_next_request(tiny_bundle,
         proc.wait(timeout=20)
 
 
-def test_a_prompt_longer_than_a_slot_is_400_with_the_numbers(tiny_bundle):
-    proc, base = _start(tiny_bundle, "--parallel", "2", "--context", "32")
+def test_a_prompt_longer_than_a_slot_is_400_and_the_slots_are_reported(tiny_bundle):
+    proc, base = _start(tiny_bundle, "--parallel", "2", "--context", "32", "--max-queue", "1")
     try:
         reply = httpx.post(base + "/v1/completions", json={"prompt": "word " * 40, "max_tokens": 2})
         assert reply.status_code == 400
-        assert "the model's context is 32" in reply.json()["error"]["message"]
+        assert reply.json()["error"]["message"] == "the prompt has 200 tokens; the model's context is 32: shorten it"
+        # Two decoding and one waiting: the rest of six at once are refused.
+        body = {"prompt": "1, 2, 3,", "max_tokens": 25, "temperature": 0}
+
+        async def six():
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(base + "/v1/completions", json=body) for _ in range(6)))
+
+        statuses = sorted(r.status_code for r in asyncio.run(six()))
+        assert statuses.count(200) >= 3 and statuses.count(429) >= 2, statuses
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    from edge_slm.core.bundle import verify_bundle
+
+    m = verify_bundle(tiny_bundle, checksums=False).model
+    mb = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 32 * 2 * 4 / 2**20
+    first = proc.stderr.read().decode().splitlines()[0]
+    assert first.endswith(f"(health: /health, metrics: /metrics); KV cache: 2 slots x 32 tokens = {mb:.1f} MB"), first
 
 
 def test_slots_times_context_over_the_budget_refuses_to_start(tiny_bundle):
