@@ -47,7 +47,7 @@ QUESTIONS = [
 ]
 
 
-def serve_command(bundle: Path, port: int, threads: int, max_queue: int) -> list[str]:
+def serve_command(bundle: Path, port: int, threads: int, max_queue: int, parallel: int | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -60,6 +60,7 @@ def serve_command(bundle: Path, port: int, threads: int, max_queue: int) -> list
         str(threads),
         "--max-queue",
         str(max_queue),
+        *(["--parallel", str(parallel)] if parallel else []),
     ]
 
 
@@ -190,6 +191,107 @@ async def many_clients(base, model, clients: int, requests: int, max_tokens: int
     }
 
 
+async def one_round(base, clients: int, max_tokens: int, offset: int):
+    """`clients` streamed chats at once, one each: tokens/s across them, latency and TTFT per request."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
+
+        async def one(n):
+            messages = [{"role": "user", "content": LONG_ASKS[(offset + n) % len(LONG_ASKS)]}]
+            t0 = time.perf_counter()
+            ttft, _, _, tokens = await stream_chat(http, base, messages, max_tokens)
+            return ttft * 1e3, (time.perf_counter() - t0) * 1e3, tokens
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(n) for n in range(clients)))
+    seconds = time.perf_counter() - started
+    return sum(r[2] for r in results) / seconds, [r[0] for r in results], [r[1] for r in results]
+
+
+LONG_ASKS = [
+    "Write a long story about a robot who learns to paint.",
+    "Explain in detail how a bicycle works.",
+    "Describe a day in the life of a lighthouse keeper.",
+    "Write a long letter to a friend about your garden.",
+    "Explain why the seasons change, step by step.",
+    "Tell a long story about a cat who sails the sea.",
+    "Describe how bread is made, from wheat to loaf.",
+    "Write a long essay about the history of clocks.",
+]
+
+
+def scaling(args) -> dict:
+    """Tokens/s of 1, 2, 4, 8 concurrent clients on one `--parallel` server, in alternating rounds
+    (the machine is shared: ratios within a round, their median), then how often greedy answers of
+    4 concurrent clients differ from the same prompts run alone by `generate` in this process."""
+    port, solo_port = free_port(), free_port()
+    base, solo_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{solo_port}"
+    server = start_server(serve_command(args.bundle, port, args.threads, 16, args.parallel), base + "/health")
+    # The one-request engine (--parallel 1), idle while the other runs: one client alone on it.
+    solo_server = start_server(serve_command(args.bundle, solo_port, args.threads, 16, 1), solo_base + "/health")
+    counts = (1, 2, 4, 8)
+    rates = {c: [] for c in counts}
+    solo_rates = []
+    ttft, latency = {c: [] for c in counts}, {c: [] for c in counts}
+    try:
+        asyncio.run(one_round(base, 1, 8, 0))  # warm-up
+        asyncio.run(one_round(solo_base, 1, 8, 0))
+        for rep in range(args.reps):
+            solo_rates.append(asyncio.run(one_round(solo_base, 1, args.max_tokens, rep))[0])
+            for c in counts:
+                rate, firsts, totals = asyncio.run(one_round(base, c, args.max_tokens, rep))
+                rates[c].append(rate)
+                ttft[c] += firsts
+                latency[c] += totals
+        prompts = [" ".join(EVAL_TEXT.read_text(encoding="utf-8").split()[i * 12 : i * 12 + 12]) for i in range(50)]
+        batched = asyncio.run(greedy_answers(base, prompts, 4, 32))
+        metrics = httpx.get(base + "/metrics").text
+        rss = next(
+            float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("edge_slm_peak_rss_megabytes")
+        )
+    finally:
+        for proc in (server, solo_server):
+            proc.terminate()
+            proc.wait(timeout=30)
+    model = runtime.load(args.bundle, threads=args.threads)
+    solo = [model.chat([{"role": "user", "content": p}], max_new_tokens=32, keep_cache=False).text for p in prompts]
+    differ = sum(a != b for a, b in zip(batched, solo))
+    one = rates[1]
+    return {
+        "parallel": args.parallel,
+        "max_tokens": args.max_tokens,
+        "rounds": args.reps,
+        "tokens_per_s": {c: stats(rates[c]) for c in counts},
+        "vs_one_client": {c: statistics.median(r / o for r, o in zip(rates[c], one)) for c in counts},
+        "parallel_1_server_tokens_per_s": stats(solo_rates),
+        "vs_parallel_1_server": {c: statistics.median(r / o for r, o in zip(rates[c], solo_rates)) for c in counts},
+        "ttft_ms": {c: stats(ttft[c]) for c in counts},
+        "latency_ms": {c: stats(latency[c]) for c in counts},
+        "peak_rss_mb": rss,
+        "greedy_differs_from_solo": f"{differ}/{len(prompts)}",
+    }
+
+
+async def greedy_answers(base, prompts, clients: int, max_tokens: int) -> list[str]:
+    """Each prompt's greedy answer, `clients` requests in flight at once."""
+    answers: list[str] = [""] * len(prompts)
+    todo = iter(range(len(prompts)))
+    async with httpx.AsyncClient(timeout=600) as http:
+
+        async def worker():
+            for i in todo:
+                body = {
+                    "messages": [{"role": "user", "content": prompts[i]}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                }
+                answers[i] = (await http.post(base + "/v1/chat/completions", json=body)).json()["choices"][0][
+                    "message"
+                ]["content"]
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return answers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
@@ -198,10 +300,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--parallel", type=int, default=None, help="the server's --parallel [the profile's]")
+    parser.add_argument("--scaling", action="store_true", help="only the 1/2/4/8-client sweep and greedy agreement")
+    parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.scaling:
+        result = scaling(args)
+        summary = ", ".join(f"{c} clients {r:.2f}x" for c, r in result["vs_parallel_1_server"].items())
+        print(f"tokens/s against one client on a --parallel 1 server (median of rounds): {summary}")
+        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        result["cpu_flags"] = [f for f in ("avx512_vnni", "avx_vnni", "avx2") if f in cpu]
+        result["bundle"] = str(args.bundle)
+        result["threads"] = args.threads
+        print(json.dumps(result, indent=1))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(result) + "\n")
+        return
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(serve_command(args.bundle, port, args.threads, args.clients), base + "/health")
+    server = start_server(serve_command(args.bundle, port, args.threads, args.clients, args.parallel), base + "/health")
     try:
         model = runtime.load(args.bundle, threads=args.threads)
         streamed, served, direct = asyncio.run(single_client(base, model, args.reps, 64))

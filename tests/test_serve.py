@@ -24,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(bundle, max_queue=8):
+def _start(bundle, max_queue=8, *flags):
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -39,6 +39,7 @@ def _start(bundle, max_queue=8):
             "1",
             "--max-queue",
             str(max_queue),
+            *flags,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -267,7 +268,7 @@ def test_eight_clients_get_their_own_answers(server, model, model_id):
 
 
 def test_queue_overflow_is_429_at_once_and_a_disconnect_frees_the_model(tiny_bundle, model):
-    proc, base = _start(tiny_bundle, max_queue=1)
+    proc, base = _start(tiny_bundle, 1, "--parallel", "1")  # one running, one waiting: the rest refused
     try:
         body = {
             "messages": [{"role": "user", "content": "Tell a story."}],

@@ -112,7 +112,7 @@ def test_a_client_that_hangs_up_while_queued_frees_its_place_at_once(slow_bundle
     still find places in a queue of 2 (not 429), and are answered once the stream ends."""
     import threading
 
-    proc, base = _start(slow_bundle, "--max-queue", "2")
+    proc, base = _start(slow_bundle, "--max-queue", "2", "--parallel", "1")  # one running, two waiting
     try:
         long = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 1000}
         with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}, timeout=60) as held:
@@ -148,7 +148,7 @@ def _metric(base: str, name: str) -> float:
 
 
 def test_max_tokens_and_time_are_capped_by_the_server(slow_bundle):
-    proc, base = _start(slow_bundle, "--max-tokens", "300", "--request-seconds", "1")
+    proc, base = _start(slow_bundle, "--max-tokens", "300", "--request-seconds", "1", "--parallel", "1")
     try:
         started = time.monotonic()
         reply = httpx.post(base + "/v1/completions", json={"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 2000})

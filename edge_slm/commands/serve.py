@@ -61,6 +61,18 @@ from edge_slm.commands.options import echo_err, threads_option
     help="Reuse (and report in timings.prompt_reused) the KV cache across clients with different API keys: "
     "one tenant only (docs/security.md).",
 )
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests decoding together, each in its own KV slot of --context tokens [profile runtime.serve_parallel].",
+)
+@click.option(
+    "--kv-budget-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Refuse to start when --parallel slots x --context tokens of KV cache need more memory than this.",
+)
 def serve(
     bundle: Path,
     host: str,
@@ -73,6 +85,8 @@ def serve(
     max_connections: int,
     keep_alive_seconds: float,
     share_prefix_cache: bool,
+    parallel: int | None,
+    kv_budget_mb: float | None,
 ) -> None:
     """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     require_extra("serve", "serve")
@@ -83,7 +97,8 @@ def serve(
     from edge_slm.serve.limits import Limits
     from edge_slm.serve.server import Protocol, Server, listen
 
-    verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
+    manifest = verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
+    parallel, kv_line = kv_budget(manifest, parallel, context, kv_budget_mb)
     listener = listen(host, port)  # a busy port fails here, before "serving" is printed
     # A bus error (a weight file truncated under onnxruntime's memory map) leaves a traceback in the log.
     faulthandler.enable()
@@ -94,7 +109,7 @@ def serve(
         fatal.append(message)
         server.should_exit = True
 
-    app = create_app(bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal)
+    app = create_app(bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal, parallel=parallel)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -104,7 +119,30 @@ def serve(
         timeout_graceful_shutdown=3,  # then open connections are dropped: SIGTERM exits within 5 s
     )
     server = Server(config, app.state.service)
-    echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics)")
+    echo_err(f"serving {bundle} on http://{host}:{port}/v1 (health: /health, metrics: /metrics){kv_line}")
     server.run(sockets=[listener])
     if fatal:
         sys.exit(1)  # the line is logged; systemd's Restart=on-failure starts a fresh server
+
+
+def kv_budget(manifest, parallel: int | None, context: int | None, budget_mb: float | None) -> tuple[int, str]:
+    """The number of KV slots (--parallel, else the profile's) and their memory, for the start-up
+    line; more memory than --kv-budget-mb refuses to start, in one line, before the model is loaded."""
+    from edge_slm.core.errors import EdgeSlmError
+    from edge_slm.core.manifest import DecoderManifest
+
+    if not isinstance(manifest, DecoderManifest):
+        return 1, ""
+    model = manifest.model
+    parallel = parallel or int(getattr(manifest.profile.runtime, "serve_parallel", 1))
+    context = context or model.context_length
+    if context > model.context_length:
+        return parallel, ""  # runtime.load refuses it with its own message
+    itemsize = 2 if manifest.precision == "fp16" else 4  # fp16 bundles keep their cache in fp16
+    mb = 2 * model.num_layers * model.num_kv_heads * model.head_dim * context * parallel * itemsize / 2**20
+    line = f"KV cache: {parallel} slots x {context} tokens = {mb:.1f} MB"
+    if budget_mb is not None and mb > budget_mb:
+        raise EdgeSlmError(
+            f"{line}, over the budget of {budget_mb:g} MB (--kv-budget-mb): lower --parallel or --context"
+        )
+    return parallel, f"; {line}"

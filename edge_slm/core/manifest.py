@@ -89,6 +89,7 @@ class RuntimeSettings:
     # The server's caps (core.targets.Runtime has the reasons); a bundle built before them: the defaults.
     serve_max_tokens: int = 512
     serve_request_seconds: float = 120.0
+    serve_parallel: int = 1  # a bundle built before the key: one request at a time, as it was served
 
     @classmethod
     def of(cls, raw: dict) -> RuntimeSettings:
@@ -101,6 +102,7 @@ class RuntimeSettings:
             tensorrt=TensorRTSettings.of(trt) if isinstance(trt, dict) else None,
             serve_max_tokens=raw.get("serve_max_tokens", cls.serve_max_tokens),
             serve_request_seconds=float(raw.get("serve_request_seconds", cls.serve_request_seconds)),
+            serve_parallel=raw.get("serve_parallel", cls.serve_parallel),
         )
 
 

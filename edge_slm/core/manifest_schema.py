@@ -78,6 +78,7 @@ COMMON_RULES = {
     "profile.runtime.threads": _Rule("a positive integer", _pos_int),
     "profile.runtime.tensorrt": _Rule("an object or null", _optional_dict, True),
     "profile.runtime.serve_max_tokens": _Rule("a positive integer", _pos_int, True),
+    "profile.runtime.serve_parallel": _Rule("a positive integer", _pos_int, True),
     "profile.runtime.serve_request_seconds": _Rule(
         "a positive number of seconds",
         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e9,

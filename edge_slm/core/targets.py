@@ -51,6 +51,8 @@ class Runtime:
     # more tokens gets at most this many, and a request is stopped after this many seconds.
     serve_max_tokens: int = 512
     serve_request_seconds: float = 120.0
+    # Requests `edge-slm serve` decodes together (--parallel), each in its own KV slot of the context.
+    serve_parallel: int = 1
 
     @property
     def oldest_onnxruntime(self) -> str | None:
@@ -284,6 +286,10 @@ def _check_values(profile: Profile, where: str) -> None:
     if profile.runtime.serve_max_tokens < 1 or not profile.runtime.serve_request_seconds > 0:
         raise ProfileError(
             f"{where}: 'runtime.serve_max_tokens' must be at least 1 and 'runtime.serve_request_seconds' above 0"
+        )
+    if profile.runtime.serve_parallel < 1:
+        raise ProfileError(
+            f"{where}: 'runtime.serve_parallel' is {profile.runtime.serve_parallel}; it must be at least 1"
         )
     if profile.runtime.threads < 1:
         raise ProfileError(f"{where}: 'runtime.threads' is {profile.runtime.threads}; it must be at least 1")

@@ -41,7 +41,7 @@ from starlette.routing import Route
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.manifest import DecoderManifest, EncoderManifest
 from edge_slm.serve import requests as req
-from edge_slm.serve.engine import Cancelled, EncoderEngine, Engine, Job, QueueFull
+from edge_slm.serve.engine import BatchEngine, Cancelled, EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.limits import Limits, check_texts, read_json
 from edge_slm.serve.metrics import Metrics
 from edge_slm.serve.watch import BundleWatch
@@ -62,7 +62,9 @@ class Service:
         context: int | None = None,
         limits: Limits | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        parallel: int = 1,
     ):
+        self.parallel = parallel  # requests decoding together (BatchEngine) when above 1
         self.bundle, self.threads, self.max_queue, self.context = Path(bundle), threads, max_queue, context
         self.limits, self.on_fatal = limits or Limits(), on_fatal
         self.model = self.engine = None
@@ -87,9 +89,18 @@ class Service:
             return
         self.model_id = self.model.manifest.target  # what clients send as "model"
         self.limits = self.limits.resolved(self.model.manifest.profile.runtime)
-        engine = ENGINES[type(self.model.manifest)](self.model, self.max_queue, self.metrics, self.limits)
+        engine = self._engine()
         self.fit = engine.text_fit()  # what check_texts needs
         self.engine = engine  # last: requests are taken from here on
+
+    def _engine(self):
+        kind = ENGINES[type(self.model.manifest)]
+        if kind is Engine and self.parallel > 1:
+            try:
+                return BatchEngine(self.model, self.max_queue, self.metrics, self.limits, parallel=self.parallel)
+            except EdgeSlmError as exc:  # a GPU cache or a generic graph: one request at a time
+                log.warning("%s; serving one request at a time", exc)
+        return kind(self.model, self.max_queue, self.metrics, self.limits)
 
     async def on_text_worker(self, call, *args):
         return await asyncio.get_running_loop().run_in_executor(self.text_worker, call, *args)
@@ -97,7 +108,7 @@ class Service:
     def stop(self) -> None:
         """The server is stopping (SIGTERM): cancel the running and the waiting jobs, refuse new ones."""
         self.stopping = True
-        if isinstance(self.engine, Engine):
+        if isinstance(self.engine, (Engine, BatchEngine)):
             self.engine.cancel_all()
 
     def fail(self, message: str) -> None:
@@ -135,8 +146,9 @@ def create_app(
     limits: Limits | None = None,
     on_fatal: Callable[[str], None] | None = None,
     watch_seconds: float = 2.0,
+    parallel: int = 1,
 ):
-    service = Service(bundle, threads, max_queue, context, limits, on_fatal)
+    service = Service(bundle, threads, max_queue, context, limits, on_fatal, parallel)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from edge_slm.core.errors import EdgeSlmError
@@ -137,6 +138,157 @@ class Engine:
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(max(0, self.pending - 1))
+
+
+class BatchEngine:
+    """`parallel` requests decoding together (`runtime.batch.BatchDecoder`): one onnxruntime run per
+    step for every running request, in one worker thread. A request joins at the next step (its
+    prompt run between two steps, a long one in chunks, one per step) when a slot is free, else it waits in the queue; a finished,
+    cancelled or timed-out one leaves its slot at once. The same interface as `Engine` (submit,
+    cancel, cancel_all; the same messages on the returned queue), and the same per-key rule for
+    prefix reuse: a slot's cached prefix serves only its last owner's requests (unless
+    `--share-prefix-cache`)."""
+
+    def __init__(self, model, max_queue: int, metrics=None, limits=None, parallel: int = 2):
+        from edge_slm.runtime.batch import BatchDecoder
+
+        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self.share_prefix_cache = bool(limits and limits.share_prefix_cache)
+        self.decoder = BatchDecoder(model, parallel)
+        self.parallel = parallel
+        self.pending = 0  # running and waiting
+        self.jobs: set[Job] = set()
+        self._waiting: deque[tuple[Job, asyncio.AbstractEventLoop, asyncio.Queue]] = deque()
+        self._running: dict[Job, tuple] = {}  # job -> (sequence, loop, queue, started)
+        # Re-entrant: `cancel` also runs from the SIGTERM handler, which may interrupt `submit` holding it.
+        self._wake = threading.Condition(threading.RLock())
+        self._worker: threading.Thread | None = None
+        self.slots_busy = None
+        if metrics is not None:
+            from prometheus_client import Gauge
+
+            self.slots_busy = Gauge("edge_slm_slots_busy", "KV slots decoding a request", registry=metrics.registry)
+            Gauge("edge_slm_slots", "KV slots (--parallel)", registry=metrics.registry).set(parallel)
+
+    def text_fit(self) -> tuple[int, int]:
+        """Tokens one prompt may have (a slot's), and the longest token in characters."""
+        return self.decoder.context, max(map(len, self.model.tokenizer.get_vocab()))
+
+    def submit(self, job: Job) -> asyncio.Queue:
+        """As `Engine.submit`: refused now when `parallel` run and `max_queue` wait already."""
+        if self.pending >= self.parallel + self.max_queue:
+            raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        self.pending += 1
+        self.jobs.add(job)
+        with self._wake:
+            self._waiting.append((job, loop, out))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="edge-slm-batch", daemon=True)
+                self._worker.start()
+            self._wake.notify()
+        self._gauge()
+        return out
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`: a waiting one leaves the queue now, a running one its slot before the next step."""
+        job.cancelled.set()
+        with self._wake:
+            for entry in list(self._waiting):
+                if entry[0] is job:
+                    self._waiting.remove(entry)
+                    self._post(entry[1], entry[2], job, ("error", Cancelled("the request was cancelled while queued")))
+            self._wake.notify()
+
+    def cancel_all(self) -> None:
+        for job in list(self.jobs):
+            self.cancel(job)
+
+    # -- the worker thread ------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._running:
+                    self._wake.wait()
+                joining = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.decoder.free_slots))]
+            for job, loop, out in joining:
+                self._admit(job, loop, out)
+            self._drop_stopped()
+            try:
+                responses = self.decoder.step()
+            except Exception as exc:  # every running request answers with it; the slots are freed
+                for job, (seq, loop, out, _) in list(self._running.items()):
+                    self.decoder.release(seq)
+                    self._finish(job, loop, out, ("error", exc))
+                continue
+            by_sequence = {entry[0]: job for job, entry in self._running.items()}
+            for seq, response in responses:
+                self._deliver(by_sequence[seq], response)
+            self._gauge_slots()
+
+    def _admit(self, job: Job, loop, out) -> None:
+        from edge_slm.runtime.batch import Sequence
+
+        if job.cancelled.is_set() or time.monotonic() > job.deadline:  # it waited too long, or left
+            self._post(
+                loop, out, job, ("error", Cancelled("the request was cancelled or ran out of time while queued"))
+            )
+            return
+        job.result = Generation(prompt_token_ids=job.prompt_ids)
+        try:
+            seq = Sequence(job.prompt_ids, job.max_tokens, job.stop, job.sampling, owner=job.owner)
+            self._running[job] = (seq, loop, out, time.perf_counter())
+            response = self.decoder.admit(seq, reuse_any=self.share_prefix_cache)
+        except Exception as exc:  # handed to the request's coroutine, which answers with it
+            self._running.pop(job, None)
+            self._post(loop, out, job, ("error", exc))
+            return
+        if response is not None:  # else its prompt runs in chunks, at the next steps
+            self._deliver(job, response)
+        self._gauge_slots()
+
+    def _deliver(self, job: Job, response) -> None:
+        seq, loop, out, started = self._running[job]
+        job.result.add(response)
+        loop.call_soon_threadsafe(out.put_nowait, ("piece", response))
+        if response.finish_reason is not None:
+            if self.metrics is not None:
+                self.metrics.observe(job.result, time.perf_counter() - started)
+            self._finish(job, loop, out, ("done", job.result))
+
+    def _drop_stopped(self) -> None:
+        """Requests whose client left or whose time ran out leave their slots before the next step;
+        the text so far is the answer (as `Engine` does)."""
+        now = time.monotonic()
+        for job, (seq, loop, out, _) in list(self._running.items()):
+            stop = "cancelled" if job.cancelled.is_set() else "time_limit" if now > job.deadline else ""
+            if stop:
+                self.decoder.release(seq)
+                job.result.stop_reason = stop
+                self._finish(job, loop, out, ("done", job.result))
+
+    def _finish(self, job: Job, loop, out, message) -> None:
+        self._running.pop(job, None)
+        self._post(loop, out, job, message)
+
+    def _post(self, loop, out, job: Job, message) -> None:
+        loop.call_soon_threadsafe(out.put_nowait, message)
+        loop.call_soon_threadsafe(self._done, job)
+
+    def _done(self, job: Job) -> None:  # on the event loop
+        if job in self.jobs:
+            self.jobs.discard(job)
+            self.pending -= 1
+            self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(max(0, self.pending - len(self._running)))
+
+    def _gauge_slots(self) -> None:
+        if self.slots_busy is not None:
+            self.slots_busy.set(self.parallel - self.decoder.free_slots)
 
 
 class EncoderEngine:

@@ -1,0 +1,212 @@
+"""Continuous batching (`edge-slm serve --parallel N`): the runtime's `BatchDecoder` against the
+one-request path token for token, and a real uvicorn server with the `openai` client: concurrent
+streams, joins mid-stream, a client that hangs up, the KV budget refusal."""
+
+import asyncio
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import free_port
+from openai import OpenAI
+
+from edge_slm import runtime
+from edge_slm.runtime.batch import BatchDecoder, Sequence
+
+PROMPTS = ["What is the capital of France?", "Name a small device.", "Why quantize weights?", "Count to three.", "hi"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return runtime.load(tiny_bundle, threads=1)
+
+
+def _solo(model, ids, n, **kw):
+    return model.generate(ids, max_new_tokens=n, **kw).token_ids
+
+
+def _drain(decoder, seqs, out, joins=None):
+    """Step until every sequence is done; `joins` {step: sequence} admits newcomers mid-stream."""
+    joins, step = dict(joins or {}), 0
+    while decoder.active or joins:
+        if joins and min(joins) <= step and decoder.free_slots:  # at its step, or once a slot is free
+            seq = joins.pop(min(joins))
+            first = decoder.admit(seq)
+            out.setdefault(id(seq), []).extend([first] if first else [])
+        for seq, response in decoder.step():
+            out.setdefault(id(seq), []).append(response)
+        step += 1
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_batched_greedy_equals_solo_with_a_join_mid_stream(model, chunk):
+    """Five requests through four slots, two joining mid-stream; prompts whole (chunk 0) or in
+    chunks of 5 tokens between decode steps: each answer token for token its solo answer."""
+    decoder = BatchDecoder(model, slots=4, prefill_chunk=chunk)
+    ids = [model.encode(p) for p in PROMPTS]
+    lengths = [20, 7, 30, 12, 25]
+    seqs = [Sequence(i, n) for i, n in zip(ids, lengths)]
+    out = {}
+    for seq in seqs[:3]:
+        first = decoder.admit(seq)
+        out[id(seq)] = [first] if first else []
+    assert all(len(i) > 5 for i in ids[:3]) and (chunk == 0) == all(out[id(seq)] for seq in seqs[:3])
+    _drain(decoder, seqs, out, joins={3: seqs[3], 9: seqs[4]})
+    for seq, prompt_ids, n in zip(seqs, ids, lengths):
+        tokens = [r.token for r in out[id(seq)] if r.stop_reason != "eos"]
+        assert tokens == _solo(model, prompt_ids, n), seq.slot
+        assert out[id(seq)][-1].finish_reason in ("stop", "length")
+    assert decoder.free_slots == 4
+
+
+def _start(bundle, *flags):
+    port = free_port()
+    command = [sys.executable, "-m", "edge_slm.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    proc, base = _start(tiny_bundle, "--parallel", "4", "--max-queue", "8")
+    yield base, proc
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _stream(base, messages, **params):
+    """One streamed chat: its text, finish reasons and usage, as the openai client reads them."""
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-laptop", messages=messages, stream=True, stream_options={"include_usage": True}, **params
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finals, chunks[-1].usage
+
+
+def test_eight_concurrent_streams_match_their_solo_answers(server, model):
+    base, proc = server
+    requests, wants = [], []
+    for i in range(8):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))}]
+        params = {"max_tokens": 6 + 5 * i, "temperature": 0.0 if i % 2 == 0 else 1.0, "seed": 100 + i}
+        solo = model.chat(messages, max_new_tokens=params["max_tokens"], keep_cache=False, **params_of(params))
+        if i % 3 == 2:  # a stop string from inside the solo answer
+            assert len(solo.text) > 6, solo.text
+            params["stop"] = [solo.text[4:6]]
+            cut = solo.text[: solo.text.index(params["stop"][0])]
+            solo_text, reason = cut, "stop"
+            tokens = None
+        else:
+            solo_text, reason = solo.text, solo.finish_reason
+            tokens = len(solo.token_ids)
+        requests.append((messages, params))
+        wants.append((solo_text, reason, tokens, len(solo.prompt_token_ids)))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda r: _stream(base, r[0], **r[1]), requests))
+    for (text, finals, usage), (want_text, reason, tokens, prompt) in zip(results, wants):
+        assert text == want_text
+        assert finals == [reason]
+        assert usage.prompt_tokens == prompt
+        if tokens is not None:
+            assert usage.completion_tokens == tokens and usage.total_tokens == prompt + tokens
+    metrics = httpx.get(base + "/metrics").text
+    assert "edge_slm_slots 4.0" in metrics and "edge_slm_slots_busy 0.0" in metrics
+
+
+def params_of(params):
+    return {"temperature": params["temperature"], "seed": params["seed"]}
+
+
+def test_a_client_that_hangs_up_frees_its_slot_for_the_next_request(tiny_bundle, model):
+    proc, base = _start(tiny_bundle, "--parallel", "2", "--max-queue", "4")
+    try:
+        long = [{"role": "user", "content": PROMPTS[2]}]
+        solo = model.chat(long, max_new_tokens=90, keep_cache=False, temperature=0.0)
+        assert len(solo.token_ids) == 90, "the tiny model must not end this answer early"
+        body = {"messages": long, "max_tokens": 90, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=base, timeout=30) as a, httpx.Client(base_url=base, timeout=30) as b:
+            with (
+                a.stream("POST", "/v1/chat/completions", json=body) as sa,
+                b.stream("POST", "/v1/chat/completions", json=body) as sb,
+            ):
+                lines_b = sb.iter_lines()
+                next(lines_b)
+                # Both slots are busy: a third request waits until A hangs up.
+                waiting = ThreadPoolExecutor(1).submit(
+                    httpx.post,
+                    base + "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0},
+                    timeout=30,
+                )
+                next(sa.iter_lines())
+                sa.close()  # A hangs up
+                third = waiting.result()
+                # B is still far from its 90 tokens when the third request has its whole answer.
+                rest_b = [line for line in lines_b if line.startswith("data: {")]
+        assert third.status_code == 200 and third.json()["usage"]["completion_tokens"] >= 1
+        assert len(rest_b) > 40, len(rest_b)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_prompt_longer_than_a_slot_is_400_and_the_slots_are_reported(tiny_bundle):
+    proc, base = _start(tiny_bundle, "--parallel", "2", "--context", "32", "--max-queue", "1")
+    try:
+        reply = httpx.post(base + "/v1/completions", json={"prompt": "word " * 40, "max_tokens": 2})
+        assert reply.status_code == 400
+        assert reply.json()["error"]["message"] == "the prompt has 200 tokens; the model's context is 32: shorten it"
+        # Two decoding and one waiting: the rest of six at once are refused.
+        body = {"prompt": "1, 2, 3,", "max_tokens": 25, "temperature": 0}
+
+        async def six():
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(base + "/v1/completions", json=body) for _ in range(6)))
+
+        statuses = sorted(r.status_code for r in asyncio.run(six()))
+        assert statuses.count(200) >= 3 and statuses.count(429) >= 2, statuses
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    from edge_slm.core.bundle import verify_bundle
+
+    m = verify_bundle(tiny_bundle, checksums=False).model
+    mb = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 32 * 2 * 4 / 2**20
+    first = proc.stderr.read().decode().splitlines()[0]
+    assert first.endswith(f"(health: /health, metrics: /metrics); KV cache: 2 slots x 32 tokens = {mb:.1f} MB"), first
+
+
+def test_slots_times_context_over_the_budget_refuses_to_start(tiny_bundle):
+    from edge_slm.core.bundle import verify_bundle
+
+    m = verify_bundle(tiny_bundle, checksums=False).model
+    mb = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 128 * 8 * 4 / 2**20
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "serve", str(tiny_bundle), "--parallel", "8", "--kv-budget-mb", "0.01"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: KV cache: 8 slots x 128 tokens = {mb:.1f} MB, over the budget of 0.01 MB (--kv-budget-mb): "
+        "lower --parallel or --context"
+    ]
