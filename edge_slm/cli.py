@@ -9,6 +9,7 @@
     edge-slm chat BUNDLE
     edge-slm classify BUNDLE TEXT... | --file FILE [--json]
     edge-slm embed BUNDLE TEXT... | --file FILE [--out vectors.npy]
+    edge-slm translate BUNDLE TEXT... [--beams N] [--max-tokens N] [--target-lang L] [--json]
     edge-slm finetune --model M --data train.jsonl [--eval eval.jsonl] --out DIR [--epochs N] [--lr 1e-5]
     edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]   (decoders)
     edge-slm eval BUNDLE [--data test.jsonl|retrieval.json] [--json]  (encoders)
@@ -39,6 +40,7 @@ from edge_slm.commands import (
     report,
     serve,
     targets,
+    translate,
     verify,
 )
 from edge_slm.commands.extras import extra_of
@@ -64,6 +66,7 @@ for command in (
     generate.chat,
     encode.classify,
     encode.embed,
+    translate.translate,
     finetune.finetune,
     evaluate.eval_command,
     bench.bench,
