@@ -212,6 +212,39 @@ def test_marian_source_tokenizer_equals_marian_tokenizer(marian, marian_bundle):
         assert ours.encode(text).ids == reference(text).input_ids, text
 
 
+def test_multilingual_marian_codes_and_pieces_outside_the_vocabulary(tmp_path):
+    """A vocabulary with target-language codes (>>deu<<) and without some of source.spm's pieces:
+    ids as MarianTokenizer gives them (a missing piece is <unk>), and the codes become languages."""
+    import sentencepiece as spm
+    from transformers import MarianTokenizer
+
+    from edge_slm.builder.seq2seq.source import convert_tokenizers
+
+    model_file = _spm(tmp_path, "spm", bos_id=-1, eos_id=1, unk_id=2, pad_id=-1)
+    for side in ("source", "target"):
+        shutil.copy(model_file, tmp_path / f"{side}.spm")
+    pieces = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {"</s>": 0, "<unk>": 1, ">>deu<<": 2, ">>fra<<": 3}
+    cut = pieces.encode("the cat runs in the park", out_type=str)
+    dropped = {cut[1], cut[-1]}  # source pieces the shared vocabulary lacks
+    for i in range(pieces.get_piece_size()):
+        if pieces.id_to_piece(i) not in dropped:
+            vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "marian"}))
+    reference = MarianTokenizer(
+        str(tmp_path / "source.spm"), str(tmp_path / "target.spm"), str(tmp_path / "vocab.json")
+    )
+    converted = convert_tokenizers(tmp_path, reference)
+    assert converted.target_languages == {"deu": ">>deu<< ", "fra": ">>fra<< "}
+    assert converted.unk_above == len(vocab)
+    for text in [">>deu<< the cat runs in the park", ">>fra<< hello world", "the cat"]:
+        ids = [t if t < converted.unk_above else converted.unk_token_id for t in converted.source.encode(text).ids]
+        assert ids == reference(text).input_ids, text
+    assert 1 in reference("the cat runs in the park").input_ids  # a dropped piece really is <unk>
+
+
 @pytest.mark.parametrize("beams", [1, 4])
 def test_marian_translations_equal_transformers_generate(marian, marian_bundle, beams):
     from edge_slm import runtime
