@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -120,6 +119,8 @@ def prepare(work: Path) -> dict[str, Path]:
 
 def worker(engine: str, path: str, threads: int, reps: int, max_new: int) -> dict:
     """One engine in this process: load, warm up, then `reps` timed runs per batch size."""
+    from edge_slm.core.system import peak_rss_mb
+
     if engine.startswith("edge-slm"):
         from edge_slm import runtime
 
@@ -157,7 +158,8 @@ def worker(engine: str, path: str, threads: int, reps: int, max_new: int) -> dic
             "stdev": statistics.stdev(samples) if len(samples) > 1 else 0.0,
             "samples": samples,
         }
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage: ru_maxrss survives exec, so it would report the parent's torch build.
+    record["peak_rss_mb"] = peak_rss_mb()
     return record
 
 

@@ -164,7 +164,7 @@ def t5_bundle(t5, profile, tmp_path_factory):
     return out, manifest, lines
 
 
-def _reference(model_dir, texts, beams, prefix=""):
+def _reference(model_dir, texts, beams, prefix="", length_penalty=1.0, early_stopping=False):
     """transformers' generate, one sentence at a time: the generated ids without start and EOS."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -181,8 +181,8 @@ def _reference(model_dir, texts, beams, prefix=""):
                 max_new_tokens=MAX_NEW,
                 num_beams=beams,
                 do_sample=False,
-                length_penalty=1.0,
-                early_stopping=False,
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
             )[0].tolist()[1:]
         out.append(ids[: ids.index(eos)] if eos in ids else ids)
     return out, tokenizer
@@ -256,6 +256,22 @@ def test_marian_translations_equal_transformers_generate(marian, marian_bundle, 
     assert any(len(ids) == MAX_NEW - 1 for ids in want), [len(w) for w in want]  # forced EOS at the limit
     texts = translator.translate(SENTENCES, max_new_tokens=MAX_NEW, beams=beams)
     assert texts == tokenizer.batch_decode([w + [0] for w in want], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(("early_stopping", "length_penalty"), [(True, 1.0), ("never", 2.0), (False, 0.5)])
+def test_beam_search_follows_transformers_stopping_rules(marian, marian_bundle, early_stopping, length_penalty):
+    """The generation config's early_stopping and length_penalty, as the bundle would record them."""
+    import dataclasses
+
+    from edge_slm import runtime
+
+    want, _ = _reference(marian, SENTENCES, 4, length_penalty=length_penalty, early_stopping=early_stopping)
+    translator = runtime.load(marian_bundle[0])
+    settings = translator.graphs.settings
+    translator.graphs.settings = dataclasses.replace(
+        settings, early_stopping=early_stopping, length_penalty=length_penalty
+    )
+    assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=4) == want
 
 
 def test_beam_search_differs_from_greedy_on_these_weights(marian_bundle):
@@ -367,7 +383,7 @@ def test_inspect_and_a_tampered_manifest(capsys, marian_bundle, tmp_path):
     raw = json.loads((copy / "manifest.json").read_text())
     raw["generation"]["early_stopping"] = "yes"
     (copy / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="manifest key 'generation.early_stopping' must be true or false"):
+    with pytest.raises(BundleError, match="manifest key 'generation.early_stopping' must be true, false or \"never\""):
         verify_bundle(copy)
 
 

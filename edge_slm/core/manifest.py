@@ -426,7 +426,7 @@ class SearchSettings:
     suppress_token_ids: tuple[int, ...]  # never generated (Marian's pad)
     min_length: int
     length_penalty: float
-    early_stopping: bool
+    early_stopping: bool | str  # True, False or "never" (transformers' values)
 
 
 @dataclass(frozen=True)

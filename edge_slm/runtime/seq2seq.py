@@ -155,7 +155,7 @@ class Seq2SeqGraphs:
             # Finished hypotheses: stopped candidates among the top `beams`, length-normalised.
             just_finished = stops & (np.arange(keep) < beams)[None, :]
             normed = top_scores / np.float32(cur**s.length_penalty)
-            full = done_finished.all(axis=1) & s.early_stopping
+            full = done_finished.all(axis=1) & (s.early_stopping is True)
             normed = normed + (full | ~improvable)[:, None].astype(np.float32) * NEG
             normed = normed + (~just_finished).astype(np.float32) * NEG
             merged_scores = np.concatenate([done_scores, normed], axis=1)
@@ -169,10 +169,12 @@ class Seq2SeqGraphs:
             order = (next_source + np.arange(batch)[:, None] * beams).reshape(-1)
             past = {k: (v[order] if ".decoder." in k else v) for k, v in past.items()}
             cur += 1
-            best_running = running_scores[:, 0] / np.float32((cur - 1) ** s.length_penalty)
+            # "never": a positive length penalty may still reward the longest possible hypothesis.
+            hoped = max_length - 1 if s.early_stopping == "never" and s.length_penalty > 0 else cur - 1
+            best_running = running_scores[:, 0] / np.float32(hoped**s.length_penalty)
             worst_done = np.where(done_finished, done_scores.min(axis=1, keepdims=True), NEG)
             improvable &= (best_running[:, None] > worst_done).any(axis=1)
-            open_beam = not (done_finished.all() and s.early_stopping)
+            open_beam = not (done_finished.all() and s.early_stopping is True)
             if not (improvable.any() and open_beam and not stops.all()):
                 break
         results = []

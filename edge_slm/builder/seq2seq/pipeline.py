@@ -91,7 +91,7 @@ def load_stage(request: Seq2SeqRequest, _: None, out_dir: Path, note) -> Loaded:
         "suppress_token_ids": [int(t) for t in suppressed],
         "min_length": int(gen.min_length or 0),
         "length_penalty": float(gen.length_penalty),
-        "early_stopping": gen.early_stopping is True,
+        "early_stopping": gen.early_stopping if gen.early_stopping in (True, "never") else False,
         "max_new_tokens": int(min(MAX_NEW_TOKENS, positions - 1)),
         "default_beams": int(gen.num_beams or 1),
         "target_languages": tokenizers.target_languages,
