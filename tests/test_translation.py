@@ -369,8 +369,16 @@ def test_translate_command_and_its_refusals(capsys, marian_bundle):
 
 def test_other_commands_refuse_a_seq2seq_bundle_by_name(capsys, marian_bundle):
     bundle = str(marian_bundle[0])
-    code, _, err = run_cli(capsys, "classify", bundle, "hello")
-    assert code == 2 and err.strip() == f"error: {bundle} is a seq2seq bundle: translate with it"
+    for args in (["classify", bundle, "hello"], ["generate", bundle, "hello"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.strip() == f"error: {bundle} is a seq2seq bundle: translate with it"
+    for command in ("bench", "verify"):
+        args = [command, bundle] + (["--emulate", "cortex-a72"] if command == "verify" else [])
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.strip() == (
+            f"error: {bundle} is a seq2seq bundle: `edge-slm {command}` does not measure translation yet; "
+            "use `edge-slm translate` (benchmarks/translate_peers.py measures its speed)"
+        )
 
 
 def test_inspect_and_a_tampered_manifest(capsys, marian_bundle, tmp_path):

@@ -72,6 +72,7 @@ def bench(
     context: int | None,
 ) -> None:
     """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
+    from edge_slm.commands.translate import refuse_seq2seq
     from edge_slm.runtime.bench import run, table
 
     if threads is not None:
@@ -87,6 +88,8 @@ def bench(
         raise click.UsageError("give a BUNDLE (or --inventory FILE)")
     if out is not None:
         check_records_file(out)
+    if bundle is not None:
+        refuse_seq2seq(bundle, "bench")
     failures = {}
     if host or inventory:
         from edge_slm.harness.remote import Device, bench_inventory, bench_remote, read_inventory

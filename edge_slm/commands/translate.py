@@ -32,3 +32,14 @@ def translate(bundle, texts, beams, max_tokens, target_lang, threads, as_json) -
     beams = model.generation.default_beams if beams is None else beams
     for text, out in zip(texts, model.translate(list(texts), max_tokens, beams, target_lang)):
         click.echo(json.dumps({"text": text, "translation": out}, ensure_ascii=False) if as_json else out)
+
+
+def refuse_seq2seq(bundle: Path, command: str) -> None:
+    """`bench` and `verify` measure decoders and encoders; a seq2seq bundle is refused by name."""
+    from edge_slm.core.bundle import read_manifest
+
+    if (Path(bundle) / "manifest.json").is_file() and isinstance(read_manifest(bundle), Seq2SeqManifest):
+        raise EdgeSlmError(
+            f"{bundle} is a seq2seq bundle: `edge-slm {command}` does not measure translation yet; "
+            "use `edge-slm translate` (benchmarks/translate_peers.py measures its speed)"
+        )
