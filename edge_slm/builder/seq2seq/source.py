@@ -80,6 +80,8 @@ def _marian(path: Path, hf_tokenizer) -> Tokenizers:
     import sentencepiece.sentencepiece_model_pb2 as spm_model
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+    if getattr(hf_tokenizer, "separate_vocabs", False):
+        raise ModelError(f"{path}: Marian models with separate source and target vocabularies are not converted yet")
     vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
     proto = spm_model.ModelProto()
     proto.ParseFromString((path / "source.spm").read_bytes())
