@@ -11,6 +11,7 @@
     edge-slm embed BUNDLE TEXT... | --file FILE [--out vectors.npy]
     edge-slm index DOCS --embedder BUNDLE --out INDEX
     edge-slm ask INDEX QUESTION [--decoder BUNDLE] [-k N] [--json]
+    edge-slm translate BUNDLE TEXT... [--beams N] [--max-tokens N] [--target-lang L] [--json]
     edge-slm finetune --model M --data train.jsonl [--eval eval.jsonl] --out DIR [--epochs N] [--lr 1e-5]
     edge-slm eval BUNDLE --text FILE [--reference BUNDLE] [--json]   (decoders)
     edge-slm eval BUNDLE [--data test.jsonl|retrieval.json] [--json]  (encoders)
@@ -43,6 +44,7 @@ from edge_slm.commands import (
     report,
     serve,
     targets,
+    translate,
     verify,
 )
 from edge_slm.commands.extras import extra_of
@@ -70,6 +72,7 @@ for command in (
     encode.embed,
     index.index_command,
     ask.ask_command,
+    translate.translate,
     finetune.finetune,
     evaluate.eval_command,
     bench.bench,

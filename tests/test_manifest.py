@@ -178,8 +178,8 @@ def test_tensorrt_settings_take_the_recorded_table_with_defaults():
     ("change", "message"),
     [
         (
-            lambda m: m.__setitem__("family", "seq2seq"),
-            "manifest key 'family' must be decoder or encoder, got 'seq2seq'",
+            lambda m: m.__setitem__("family", "speech"),
+            "manifest key 'family' must be decoder or encoder or seq2seq, got 'speech'",
         ),
         (lambda m: m["model"].pop("context_length"), "the manifest has no 'model.context_length' (a positive integer)"),
         (lambda m: m["graph"].pop("kv_cache"), "the manifest has no 'graph.kv_cache' (an object)"),

@@ -46,7 +46,22 @@ def _build_decoder(model_ref, profile, out, echo, precision, allow_accuracy_loss
     return build_decoder(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data)
 
 
+def _seq2seq_claims(model_ref: str | None) -> bool:
+    from edge_slm.builder.seq2seq.source import is_seq2seq
+
+    return is_seq2seq(model_ref)
+
+
+def _build_seq2seq(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data) -> dict:
+    from edge_slm.builder.seq2seq.pipeline import build_seq2seq
+    from edge_slm.core.bundle import check_output_dir
+
+    check_output_dir(Path(out), source=Path(model_ref))
+    return build_seq2seq(model_ref, profile, out, echo, precision, allow_accuracy_loss)
+
+
 FAMILIES = (
+    BuildFamily("seq2seq", _seq2seq_claims, _build_seq2seq),
     BuildFamily("encoder", _encoder_claims, _build_encoder),
     BuildFamily("decoder", lambda model_ref: True, _build_decoder),
 )

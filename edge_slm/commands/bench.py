@@ -64,6 +64,7 @@ def bench(
     context: int | None,
 ) -> None:
     """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
+    from edge_slm.commands.translate import refuse_seq2seq
     from edge_slm.runtime.bench import bench_bundle, table
 
     if repetitions < 1 or warmup < 0 or prompt_tokens < 1 or gen_tokens < 2:
@@ -72,6 +73,8 @@ def bench(
         raise click.UsageError("give a BUNDLE (or --inventory FILE)")
     if out is not None:
         check_records_file(out)
+    if bundle is not None:
+        refuse_seq2seq(bundle, "bench")
     failures = {}
     config = {
         "threads": threads,

@@ -9,7 +9,7 @@ import click
 
 from edge_slm.commands.options import echo_err, require_build_set
 from edge_slm.core.errors import EdgeSlmError
-from edge_slm.core.manifest import DecoderManifest, EncoderManifest
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Seq2SeqManifest
 
 
 @click.command()
@@ -82,4 +82,5 @@ RUN_IT = {
     EncoderManifest: lambda m, out: (
         f'edge-slm {"classify" if m.model.task == "classification" else "embed"} {out} "turn off the kitchen lights"'
     ),
+    Seq2SeqManifest: lambda m, out: f'edge-slm translate {out} "The weather will be sunny tomorrow."',
 }

@@ -34,10 +34,12 @@ def verify_command(
     bundle: Path, emulate: str, ort_version: str | None, tokens: int, eval_tokens: int | None, as_json: bool
 ) -> None:
     """Run the bundle on an emulated Raspberry Pi CPU (qemu) and compare it with this machine."""
+    from edge_slm.commands.translate import refuse_seq2seq
     from edge_slm.core.bundle import read_manifest
     from edge_slm.core.manifest import EncoderManifest
     from edge_slm.harness.emulate import verify, verify_encoder
 
+    refuse_seq2seq(bundle, "verify")
     manifest = read_manifest(bundle)
     if isinstance(manifest, EncoderManifest):
         result = verify_encoder(bundle, emulate, ort_version, 2, echo_err)

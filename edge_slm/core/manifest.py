@@ -396,9 +396,114 @@ class EncoderManifest(Manifest):
         return encoder_lines(self, bundle)
 
 
+# -- seq2seq -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seq2SeqModel(ModelSection):
+    model_type: str  # marian, t5
+    encoder_layers: int
+    decoder_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    max_source_tokens: int  # longest source text in tokens (positions, or the build's cap)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seq2SeqGraphSection(GraphSection):
+    decoder_file: str  # the merged decoder: first step without cache, then with it
+
+
+@dataclass(frozen=True)
+class Seq2SeqTokenizer:
+    source_file: str  # encodes the source text
+    target_file: str  # decodes the generated ids (Marian: its own vocabulary's pieces)
+    special_token_ids: tuple[int, ...]  # left out of the decoded text
+    unk_token_id: int
+    unk_above: int | None  # source ids from here up are pieces the model's vocabulary lacks: unk
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What the decoding loop needs from the model's generation config (transformers' names)."""
+
+    decoder_start_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    forced_eos: bool  # the last allowed step must emit EOS (Marian)
+    suppress_token_ids: tuple[int, ...]  # never generated (Marian's pad)
+    min_length: int
+    length_penalty: float
+    early_stopping: bool | str  # True, False or "never" (transformers' values)
+
+
+@dataclass(frozen=True)
+class Seq2SeqGeneration:
+    search: SearchSettings
+    max_new_tokens: int
+    default_beams: int
+    target_languages: Mapping[str, str]  # language -> the text put before the source ("" key: default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seq2SeqManifest(Manifest):
+    """A seq2seq bundle: an encoder and a decoder with cache, texts in, texts out (translate)."""
+
+    family: ClassVar[str] = "seq2seq"
+    article: ClassVar[str] = "a seq2seq"
+    used_with: ClassVar[str] = "translate with it"
+
+    model: Seq2SeqModel
+    graph: Seq2SeqGraphSection
+    tokenizer: Seq2SeqTokenizer
+    generation: Seq2SeqGeneration
+
+    @classmethod
+    def from_checked(cls, raw: dict) -> Seq2SeqManifest:
+        graph, tok, gen = raw["graph"], raw["tokenizer"], raw["generation"]
+        search = SearchSettings(
+            decoder_start_token_id=gen["decoder_start_token_id"],
+            eos_token_id=gen["eos_token_id"],
+            pad_token_id=gen["pad_token_id"],
+            forced_eos=gen["forced_eos"],
+            suppress_token_ids=tuple(gen["suppress_token_ids"]),
+            min_length=gen["min_length"],
+            length_penalty=float(gen["length_penalty"]),
+            early_stopping=gen["early_stopping"],
+        )
+        return cls(
+            **cls._common(raw),
+            model=Seq2SeqModel.of(raw["model"]),
+            graph=Seq2SeqGraphSection(**GraphSection._common(graph), decoder_file=graph["decoder_file"]),
+            tokenizer=Seq2SeqTokenizer(
+                tok["source_file"],
+                tok["target_file"],
+                tuple(tok["special_token_ids"]),
+                tok["unk_token_id"],
+                tok.get("unk_above"),
+            ),
+            generation=Seq2SeqGeneration(
+                search, gen["max_new_tokens"], gen["default_beams"], _frozen(dict(gen["target_languages"]))
+            ),
+        )
+
+    @property
+    def task(self) -> str:
+        return "translation"
+
+    def summary_lines(self, bundle) -> list[str]:
+        from edge_slm.core.manifest_text import seq2seq_lines
+
+        return seq2seq_lines(self, bundle)
+
+
 # The on-disk "family" key -> its type; bundles without the key are decoders (the first family).
-# A seq2seq family adds `"seq2seq": Seq2SeqManifest` here and its rules in core.manifest_schema.
-MANIFEST_TYPES: dict[str, type[Manifest]] = {"decoder": DecoderManifest, "encoder": EncoderManifest}
+MANIFEST_TYPES: dict[str, type[Manifest]] = {
+    "decoder": DecoderManifest,
+    "encoder": EncoderManifest,
+    "seq2seq": Seq2SeqManifest,
+}
 
 
 def family_of(raw: dict[str, Any]) -> str:

@@ -60,7 +60,7 @@ COMMON_RULES = {
     "precision": _Rule(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS),
     "source": _Rule("an object", lambda v: isinstance(v, dict)),
     "model": _Rule("an object", lambda v: isinstance(v, dict)),
-    "family": _Rule("decoder or encoder", lambda v: v in FAMILIES, True),
+    "family": _Rule(" or ".join(FAMILIES), lambda v: v in FAMILIES, True),
     "model.architecture": _Rule("a string", lambda v: isinstance(v, str)),
     "model.parameters": _Rule("a count", _count),
     "min_onnxruntime": _Rule("a version such as 1.24.0", lambda v: isinstance(v, str) and _VERSION.fullmatch(v), True),
@@ -120,7 +120,47 @@ ENCODER_RULES = {
 for _key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_sequence_length", "output_dim"):
     ENCODER_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
 
-RULES_OF = {"decoder": DECODER_RULES, "encoder": ENCODER_RULES}  # one entry per MANIFEST_TYPES family
+# A seq2seq bundle: an encoder graph, a merged decoder graph with cache, and the search settings.
+SEQ2SEQ_RULES = {
+    **COMMON_RULES,
+    "graph.kind": _Rule("seq2seq", lambda v: v == "seq2seq"),
+    "graph.decoder_file": _Rule("a plain file name in the bundle", is_plain_name),
+    "model.model_type": _Rule("a string", lambda v: isinstance(v, str)),
+    "tokenizer": _Rule("an object", lambda v: isinstance(v, dict)),
+    "tokenizer.source_file": _Rule("a plain file name in the bundle", is_plain_name),
+    "tokenizer.target_file": _Rule("a plain file name in the bundle", is_plain_name),
+    "tokenizer.special_token_ids": _Rule("a list of token ids", lambda v: isinstance(v, list) and all(map(_count, v))),
+    "tokenizer.unk_token_id": _Rule("a count", _count),
+    "tokenizer.unk_above": _Rule("a positive integer", _pos_int, True),
+    "generation": _Rule("an object", lambda v: isinstance(v, dict)),
+    "generation.decoder_start_token_id": _Rule("a count", _count),
+    "generation.eos_token_id": _Rule("a count", _count),
+    "generation.pad_token_id": _Rule("a count", _count),
+    "generation.forced_eos": _Rule("true or false", lambda v: isinstance(v, bool)),
+    "generation.suppress_token_ids": _Rule(
+        "a list of token ids", lambda v: isinstance(v, list) and all(map(_count, v))
+    ),
+    "generation.min_length": _Rule("a count", _count),
+    "generation.length_penalty": _Rule(
+        "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 100
+    ),
+    "generation.early_stopping": _Rule('true, false or "never"', lambda v: isinstance(v, bool) or v == "never"),
+    "generation.max_new_tokens": _Rule("a positive integer", _pos_int),
+    "generation.default_beams": _Rule("a positive integer", _pos_int),
+    "generation.target_languages": _Rule(
+        "an object of language -> prefix text",
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
+    ),
+}
+for _key in ("encoder_layers", "decoder_layers", "hidden_size", "num_heads", "vocab_size", "max_source_tokens"):
+    SEQ2SEQ_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
+
+# One entry per MANIFEST_TYPES family.
+RULES_OF = {
+    "decoder": DECODER_RULES,
+    "encoder": ENCODER_RULES,
+    "seq2seq": SEQ2SEQ_RULES,
+}  # one entry per MANIFEST_TYPES family
 
 _MISSING = object()
 
@@ -178,11 +218,19 @@ def check_manifest(manifest, where: str) -> dict:
             raise BundleError(
                 f"{where}: a classifier's model.labels must name its {model['output_dim']} outputs: rebuild the bundle"
             )
-    elif model["num_heads"] % model["num_kv_heads"]:
+    elif family == "decoder" and model["num_heads"] % model["num_kv_heads"]:
         raise BundleError(
             f"{where}: model.num_heads {model['num_heads']} is not a multiple of num_kv_heads {model['num_kv_heads']}"
         )
-    for key in ("graph.file", "graph.prefill_file"):
+    for key in (
+        "graph.file",
+        "graph.prefill_file",
+        "graph.decoder_file",
+        "tokenizer.source_file",
+        "tokenizer.target_file",
+    ):
+        if key not in RULES_OF[family]:  # another family's file key: neither checked nor read
+            continue
         name = _lookup(manifest, key)
         if name is not _MISSING and name not in manifest["files"]:
             raise BundleError(

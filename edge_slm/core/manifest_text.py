@@ -148,3 +148,30 @@ def encoder_lines(manifest: EncoderManifest, bundle) -> list[str]:
         lines.append(f"accuracy     {measured}: {verdict}")
     lines.append(_versions(manifest))
     return lines
+
+
+def seq2seq_lines(manifest, bundle) -> list[str]:
+    model, graph, val, quant, acc = (
+        manifest.model,
+        manifest.graph,
+        manifest.validation,
+        manifest.quantization,
+        manifest.accuracy,
+    )
+    languages = ", ".join(sorted(k for k in manifest.generation.target_languages if k)) or "one"
+    lines = [
+        *_head(manifest, bundle),
+        f"model        {model.architecture} ({model.model_type}) seq2seq: {model.encoder_layers}+{model.decoder_layers} "
+        f"layers, hidden {model.hidden_size}, heads {model.num_heads}, vocab {model.vocab_size}, "
+        f"{model.parameters / 1e6:.1f}M params, up to {model.max_source_tokens} source tokens",
+        f"graphs       {graph.file} + {graph.decoder_file}: {graph.nodes} nodes, needs onnxruntime >= "
+        f"{manifest.min_onnxruntime or '?'}; target languages: {languages}",
+        f"validation   max |diff| vs torch: encoder {val.get('encoder_max_abs_diff', float('nan')):.2e}, decoder "
+        f"logits {val.get('decoder_logits_max_abs_diff', float('nan')):.2e} (tol {val.get('tolerance')})",
+        f"quantize     {quant['method']}" if quant else "quantize     none (fp32 reference)",
+    ]
+    if acc:
+        verdict = "within budget" if acc["passed"] else "OUTSIDE budget (built with --allow-accuracy-loss)"
+        lines.append(f"accuracy     chrF vs fp32 {acc['chrf_vs_fp32']:.1f} on {acc['texts']} sentences: {verdict}")
+    lines.append(_versions(manifest))
+    return lines

@@ -38,7 +38,7 @@ from pathlib import Path
 from edge_slm.core.bundle import MANIFEST, read_manifest, verify_bundle
 from edge_slm.core.capabilities import version_tuple
 from edge_slm.core.hashing import sha256_file
-from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest, Seq2SeqManifest
 from edge_slm.harness.agreement import encoder_agreement, greedy_agreement, statistical_agreement
 from edge_slm.harness.device_service import (
     HOME_DIR,
@@ -391,6 +391,32 @@ def run_probe(device: Device, venv: str, probe: str, config: dict) -> dict:
     return remote_worker(device, f"{venv}/bin/python", target, config, f"{device.host}: the smoke test", timeout=600)
 
 
+def translation_smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
+    """Three greedy translations on the device against this machine's: identical for fp32; for
+    int8, another CPU's kernels may change a word, so chrF against this machine >= the build gate's."""
+    from edge_slm import runtime
+    from edge_slm.builder.seq2seq.gate import MIN_CHRF
+
+    model = runtime.load(bundle)
+    args = ["translate", remote_bundle, *SMOKE_TEXTS, "--json", "--beams", "1"]
+    args += ["--threads", str(threads)] if threads else []
+    out = ssh(device, f"cd && {venv}/bin/edge-slm " + " ".join(shlex.quote(a) for a in args), timeout=600)
+    try:
+        device_texts = [str(json.loads(line)["translation"]) for line in out.strip().splitlines()[-len(SMOKE_TEXTS) :]]
+        if len(device_texts) != len(SMOKE_TEXTS):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise RemoteError(f"{device.host}: the smoke test printed no result ({out[-120:]!r})") from None
+    from sacrebleu.metrics import CHRF
+
+    host_texts = model.translate(list(SMOKE_TEXTS), beams=1)
+    same = sum(a == b for a, b in zip(host_texts, device_texts))
+    chrf = CHRF().corpus_score(device_texts, [host_texts]).score
+    passed = same == len(SMOKE_TEXTS) or (model.manifest.precision != "fp32" and chrf >= MIN_CHRF)
+    summary = f"{same}/{len(SMOKE_TEXTS)} translations as on this machine (chrF {chrf:.1f})"
+    return {"passed": bool(passed), "summary": summary}
+
+
 def smoke_test(device: Device, venv: str, remote_bundle: str, bundle: Path, threads: int | None) -> dict:
     """A decoder's probes on the device and on this machine, judged by the rule `edge-slm verify
     --emulate` uses: 8 greedy tokens of a fixed question and, for a reduced precision, next-token
@@ -465,7 +491,11 @@ def _point_current_at(device: Device, remote_bundle: str) -> None:
 
 
 # The bundle's manifest type -> its smoke test on the device; a new family adds its entry.
-SMOKE_TESTS = {DecoderManifest: smoke_test, EncoderManifest: encoder_smoke_test}
+SMOKE_TESTS = {
+    DecoderManifest: smoke_test,
+    EncoderManifest: encoder_smoke_test,
+    Seq2SeqManifest: translation_smoke_test,
+}
 
 
 def deploy(

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from edge_slm.core.bundle import verify_bundle
 from edge_slm.core.errors import BundleError, EdgeSlmError
-from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest, Seq2SeqManifest
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
 from edge_slm.core.text import check_text
 from edge_slm.runtime import chat_template
@@ -24,6 +24,7 @@ from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder
 from edge_slm.runtime.grammar import Constraint, GrammarState, build_grammar_tokenizer, compile_constraint
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
+from edge_slm.runtime.seq2seq import Translator
 from edge_slm.runtime.session import DecoderSession, check_onnxruntime, pick_providers
 from edge_slm.runtime.textstream import TextStream, stop_strings
 
@@ -399,4 +400,8 @@ class Model:
 
 # The manifest's type -> the runtime class that opens it (`Cls.open(bundle, manifest, threads,
 # providers, context=, memory=)`); a new family adds its entry.
-RUNTIMES: dict[type[Manifest], type[Model] | type[Encoder]] = {DecoderManifest: Model, EncoderManifest: Encoder}
+RUNTIMES: dict[type[Manifest], type[Model] | type[Encoder] | type[Translator]] = {
+    DecoderManifest: Model,
+    EncoderManifest: Encoder,
+    Seq2SeqManifest: Translator,
+}

@@ -4,6 +4,7 @@
     POST /v1/completions        prompt -> continuation
     POST /v1/embeddings         input -> vectors (an embedding encoder bundle; float or base64)
     POST /v1/classifications    input -> label and every label's probability (a classifier bundle)
+    POST /v1/translations       input (+ beams, target_lang) -> translations (a seq2seq bundle)
     GET  /v1/models             the bundle, its target and precision
     GET  /health                503 {"status": "loading"} until the model is loaded, then 200
     GET  /metrics               Prometheus text
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_slm.core.errors import EdgeSlmError
-from edge_slm.core.manifest import DecoderManifest, EncoderManifest
+from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Seq2SeqManifest
 from edge_slm.serve import requests as req
 from edge_slm.serve.engine import BatchEngine, Cancelled, EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.limits import Limits, check_texts, read_json
@@ -47,8 +48,17 @@ from edge_slm.serve.metrics import Metrics
 from edge_slm.serve.watch import BundleWatch
 
 log = logging.getLogger("edge_slm.serve")
+
+
+class TranslationEngine(EncoderEngine):
+    """A translator behind the encoder's bounded queue: one batch on the model at a time."""
+
+    def text_fit(self) -> tuple[int, int]:
+        return self.model.max_source_tokens, max(map(len, self.model.source.get_vocab()))
+
+
 # The bundle's manifest type -> the engine that queues its requests; a new family adds its entry.
-ENGINES = {DecoderManifest: Engine, EncoderManifest: EncoderEngine}
+ENGINES = {DecoderManifest: Engine, EncoderManifest: EncoderEngine, Seq2SeqManifest: TranslationEngine}
 
 
 class Service:
@@ -183,8 +193,12 @@ def create_app(
     async def classifications_route(request: Request) -> JSONResponse:
         return await encode(service, request, "classification")
 
+    async def translations_route(request: Request) -> JSONResponse:
+        return await translations(service, request)
+
     routes = [
         Route("/v1/embeddings", embeddings_route, methods=["POST"]),
+        Route("/v1/translations", translations_route, methods=["POST"]),
         Route("/v1/classifications", classifications_route, methods=["POST"]),
         Route("/health", health_route, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
@@ -323,6 +337,7 @@ ROUTE_OF = {
     "generation": "/v1/chat/completions",
     "embedding": "/v1/embeddings",
     "classification": "/v1/classifications",
+    "translation": "/v1/translations",
 }
 
 
@@ -385,6 +400,31 @@ async def encode(service: Service, request: Request, task: str) -> JSONResponse:
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     timings = {"texts": len(texts), "ms": round(1e3 * (time.perf_counter() - started), 2)}
     return JSONResponse({"object": "list", "data": data, "model": service.model_id, "usage": usage, "timings": timings})
+
+
+async def translations(service: Service, request: Request) -> JSONResponse:
+    """/v1/translations: {"input": str | [str], "beams"?, "max_tokens"?, "target_lang"?} ->
+    {"data": [{"index", "translation"}]}; a bad beam count, language or text is a 400."""
+    route = "translations"
+    try:
+        body = await _body(service, request, "translation")
+        texts = req.inputs(body)
+        model = service.model
+        beams = body.get("beams", 1)
+        max_tokens, target_lang = body.get("max_tokens"), body.get("target_lang")
+        started = time.perf_counter()
+        try:
+            results = await service.engine.run(lambda: model.translate(texts, max_tokens, beams, target_lang))
+        except EdgeSlmError as exc:
+            raise req.ApiError(400, str(exc), "input") from None
+    except req.ApiError as exc:
+        return _error(service, route, exc)
+    except QueueFull as exc:
+        return _error(service, route, req.ApiError(429, str(exc), code="queue_full"))
+    service.metrics.requests.labels(route, "200").inc()
+    data = [{"object": "translation", "index": i, "translation": t} for i, t in enumerate(results)]
+    timings = {"texts": len(texts), "ms": round(1e3 * (time.perf_counter() - started), 2)}
+    return JSONResponse({"object": "list", "data": data, "model": service.model_id, "timings": timings})
 
 
 def _vector(row, form: str):

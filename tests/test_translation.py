@@ -1,0 +1,446 @@
+"""Seq2seq translation bundles (builder/seq2seq/, runtime/seq2seq.py): tiny random Marian and T5
+models made here, with sentencepiece tokenizers trained here (no downloads). The bundles' encoder
+and decoder match torch, and greedy and beam-4 search give transformers' `generate` tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edge_slm.core.errors import BundleError
+from edge_slm.core.targets import load_profile
+
+CORPUS = [
+    "the cat sits on the mat",
+    "a dog runs in the park",
+    "hello world how are you",
+    "machine translation on small devices",
+    "the weather is nice today",
+    "please turn off the lights",
+    "where is the train station",
+    "I would like a cup of coffee",
+    "the meeting starts at nine",
+    "small models translate without a network",
+]
+SENTENCES = [
+    "the cat runs in the park",
+    "hello, where is the coffee?",
+    "please translate this small sentence on the device",
+    "a dog",
+    "the weather on the mat is nice today",
+]
+MAX_NEW = 12
+
+
+def _spm(directory, prefix, **ids):
+    import sentencepiece as spm
+
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 5))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / prefix),
+        vocab_size=90,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        minloglevel=2,
+        **ids,
+    )
+    return directory / f"{prefix}.model"
+
+
+def make_marian(directory):
+    import sentencepiece as spm
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    directory.mkdir(parents=True)
+    model_file = _spm(directory, "spm", bos_id=-1, eos_id=1, unk_id=2, pad_id=-1)
+    for side in ("source", "target"):
+        shutil.copy(model_file, directory / f"{side}.spm")
+    pieces = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {"</s>": 0, "<unk>": 1}
+    for i in range(pieces.get_piece_size()):
+        vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)  # Marian's pad is its last id
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = MarianTokenizer(
+        str(directory / "source.spm"), str(directory / "target.spm"), str(directory / "vocab.json")
+    )
+    torch.manual_seed(0)
+    pad = vocab["<pad>"]
+    config = MarianConfig(
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        bad_words_ids=[[pad]],
+        init_std=0.2,  # at 0.02 a random model writes the same tokens whatever the source says
+    )
+    model = MarianMTModel(config).eval()
+    model.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "source.model").unlink(missing_ok=True)
+    return directory
+
+
+def make_t5(directory):
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer, T5TokenizerFast
+
+    directory.mkdir(parents=True)
+    model_file = _spm(directory, "spiece", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    slow = T5Tokenizer(str(model_file), extra_ids=0, legacy=False)
+    fast = T5TokenizerFast.from_pretrained(str(directory), extra_ids=0, legacy=False, vocab_file=str(model_file))
+    torch.manual_seed(1)
+    config = T5Config(
+        vocab_size=len(slow),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        task_specific_params={"translation_en_to_de": {"prefix": "translate English to German: "}},
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_profile("x86-laptop")
+
+
+@pytest.fixture(scope="module")
+def marian(tmp_path_factory):
+    return make_marian(tmp_path_factory.mktemp("marian") / "opus-mt-tiny")
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    return make_t5(tmp_path_factory.mktemp("t5") / "t5-tiny")
+
+
+def _build(model_dir, profile, out, **kw):
+    from edge_slm.builder.pipeline import build
+
+    lines = []
+    manifest = build(str(model_dir), profile, out, echo=lines.append, **kw)
+    return manifest, lines
+
+
+@pytest.fixture(scope="module")
+def marian_bundle(marian, profile, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "marian-fp32"
+    manifest, lines = _build(marian, profile, out, precision="fp32")
+    return out, manifest, lines
+
+
+@pytest.fixture(scope="module")
+def t5_bundle(t5, profile, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "t5-fp32"
+    manifest, lines = _build(t5, profile, out, precision="fp32")
+    return out, manifest, lines
+
+
+def _reference(model_dir, texts, beams, prefix="", length_penalty=1.0, early_stopping=False):
+    """transformers' generate, one sentence at a time: the generated ids without start and EOS."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = model.generation_config.eos_token_id
+    out = []
+    for text in texts:
+        batch = tokenizer([prefix + text], return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(
+                **batch,
+                max_new_tokens=MAX_NEW,
+                num_beams=beams,
+                do_sample=False,
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
+            )[0].tolist()[1:]
+        out.append(ids[: ids.index(eos)] if eos in ids else ids)
+    return out, tokenizer
+
+
+def test_marian_bundle_matches_torch_and_records_the_family(marian_bundle):
+    out, manifest, lines = marian_bundle
+    assert manifest["family"] == "seq2seq" and manifest["graph"]["kind"] == "seq2seq"
+    validation = manifest["validation"]
+    assert validation["encoder_max_abs_diff"] < 1e-4 and validation["decoder_logits_max_abs_diff"] < 1e-3
+    assert validation["decoder_steps"] == 2
+    assert manifest["generation"]["suppress_token_ids"] == [manifest["generation"]["pad_token_id"]]
+    assert manifest["generation"]["forced_eos"] is True
+    assert sorted(manifest["files"]) == sorted(
+        ["encoder_model.onnx", "decoder_model_merged.onnx", "tokenizer.json", "target_tokenizer.json"]
+    )
+    assert any("validating the fp32 graphs against torch" in line for line in lines)
+
+
+def test_marian_source_tokenizer_equals_marian_tokenizer(marian, marian_bundle):
+    from tokenizers import Tokenizer
+    from transformers import MarianTokenizer
+
+    reference = MarianTokenizer.from_pretrained(str(marian))
+    ours = Tokenizer.from_file(str(marian_bundle[0] / "tokenizer.json"))
+    for text in SENTENCES + ["  spaces   inside  ", "Ünïcödé ½ ﬁ", "x"]:
+        assert ours.encode(text).ids == reference(text).input_ids, text
+
+
+def test_multilingual_marian_codes_and_pieces_outside_the_vocabulary(tmp_path):
+    """A vocabulary with target-language codes (>>deu<<) and without some of source.spm's pieces:
+    ids as MarianTokenizer gives them (a missing piece is <unk>), and the codes become languages."""
+    import sentencepiece as spm
+    from transformers import MarianTokenizer
+
+    from edge_slm.builder.seq2seq.source import convert_tokenizers
+
+    model_file = _spm(tmp_path, "spm", bos_id=-1, eos_id=1, unk_id=2, pad_id=-1)
+    for side in ("source", "target"):
+        shutil.copy(model_file, tmp_path / f"{side}.spm")
+    pieces = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {"</s>": 0, "<unk>": 1, ">>deu<<": 2, ">>fra<<": 3}
+    cut = pieces.encode("the cat runs in the park", out_type=str)
+    dropped = {cut[1], cut[-1]}  # source pieces the shared vocabulary lacks
+    for i in range(pieces.get_piece_size()):
+        if pieces.id_to_piece(i) not in dropped:
+            vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "marian"}))
+    reference = MarianTokenizer(
+        str(tmp_path / "source.spm"), str(tmp_path / "target.spm"), str(tmp_path / "vocab.json")
+    )
+    converted = convert_tokenizers(tmp_path, reference)
+    assert converted.target_languages == {"deu": ">>deu<< ", "fra": ">>fra<< "}
+    assert converted.unk_above == len(vocab)
+    for text in [">>deu<< the cat runs in the park", ">>fra<< hello world", "the cat"]:
+        ids = [t if t < converted.unk_above else converted.unk_token_id for t in converted.source.encode(text).ids]
+        assert ids == reference(text).input_ids, text
+    assert 1 in reference("the cat runs in the park").input_ids  # a dropped piece really is <unk>
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_marian_translations_equal_transformers_generate(marian, marian_bundle, beams):
+    from edge_slm import runtime
+
+    want, tokenizer = _reference(marian, SENTENCES, beams)
+    translator = runtime.load(marian_bundle[0])
+    got = translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams)
+    assert got == want
+    assert any(len(ids) == MAX_NEW - 1 for ids in want), [len(w) for w in want]  # forced EOS at the limit
+    texts = translator.translate(SENTENCES, max_new_tokens=MAX_NEW, beams=beams)
+    assert texts == tokenizer.batch_decode([w + [0] for w in want], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(("early_stopping", "length_penalty"), [(True, 1.0), ("never", 2.0), (False, 0.5)])
+def test_beam_search_follows_transformers_stopping_rules(marian, marian_bundle, early_stopping, length_penalty):
+    """The generation config's early_stopping and length_penalty, as the bundle would record them."""
+    import dataclasses
+
+    from edge_slm import runtime
+
+    want, _ = _reference(marian, SENTENCES, 4, length_penalty=length_penalty, early_stopping=early_stopping)
+    translator = runtime.load(marian_bundle[0])
+    settings = translator.graphs.settings
+    translator.graphs.settings = dataclasses.replace(
+        settings, early_stopping=early_stopping, length_penalty=length_penalty
+    )
+    assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=4) == want
+
+
+def test_beam_search_differs_from_greedy_on_these_weights(marian_bundle):
+    """Else the beam test above would not test beam search."""
+    from edge_slm import runtime
+
+    translator = runtime.load(marian_bundle[0])
+    greedy = translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=1)
+    assert greedy != translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=4)
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_t5_translations_equal_transformers_generate(t5, t5_bundle, beams):
+    from edge_slm import runtime
+
+    out, manifest, _ = t5_bundle
+    assert manifest["generation"]["target_languages"]["de"] == "translate English to German: "
+    want, _ = _reference(t5, SENTENCES, beams, prefix="translate English to German: ")
+    translator = runtime.load(out)
+    assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams) == want
+    assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang="de") == want
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_a_batch_equals_its_sentences_one_at_a_time(marian_bundle, beams):
+    from edge_slm import runtime
+
+    translator = runtime.load(marian_bundle[0])
+    three = SENTENCES[:3]
+    batch = translator.translate(three, max_new_tokens=MAX_NEW, beams=beams)
+    assert batch == [translator.translate([s], max_new_tokens=MAX_NEW, beams=beams)[0] for s in three]
+
+
+def test_int8_build_runs_the_gate_and_translates(marian, profile, tmp_path):
+    from edge_slm import runtime
+
+    out = tmp_path / "marian-int8"
+    manifest, lines = _build(marian, profile, out, precision="int8", allow_accuracy_loss=True)
+    assert manifest["precision"] == "int8"
+    assert manifest["quantization"]["weights"] == "int8 per-channel"
+    assert (
+        "MatMulInteger" in manifest["graph"]["op_counts"] or "DynamicQuantizeMatMul" in manifest["graph"]["op_counts"]
+    )
+    accuracy = manifest["accuracy"]
+    assert 0.0 <= accuracy["chrf_vs_fp32"] <= 100.0 and accuracy["texts"] == 6
+    assert any("chrF vs fp32" in line for line in lines)
+    assert "encoder_model.onnx" in manifest["files"]
+    translations = runtime.load(out).translate(SENTENCES[:2], max_new_tokens=MAX_NEW)
+    assert len(translations) == 2 and all(isinstance(t, str) for t in translations)
+
+
+def test_the_int8_gate_fails_without_the_waiver_when_below_budget(marian, profile, tmp_path):
+    from edge_slm.builder.seq2seq import gate
+    from edge_slm.core.errors import AccuracyBudgetError
+
+    with pytest.raises(AccuracyBudgetError, match=r"chrF against fp32 42\.0 \(budget >= 90\)"):
+        gate.check({"chrf_vs_fp32": 42.0, "texts": 6}, allow=False)
+    assert gate.check({"chrf_vs_fp32": 42.0, "texts": 6}, allow=True)["passed"] is False
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    from edge_slm.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_translate_command_and_its_refusals(capsys, marian_bundle):
+    bundle = str(marian_bundle[0])
+    code, out, err = run_cli(capsys, "translate", bundle, "the cat", "a dog", "--beams", "2", "--max-tokens", "5")
+    assert code == 0 and len(out.splitlines()) == 2, err
+    long_text = " ".join(["machine translation"] * 80)
+    cases = [
+        (["translate", bundle, ""], "error: text 0 is empty: give some text to translate"),
+        (["translate", bundle, "hi", "--beams", "0"], "error: beams is 0; use 1 (greedy) to 16"),
+        (["translate", bundle, "hi", "--beams", "1000"], "error: beams is 1000; use 1 (greedy) to 16"),
+        (["translate", bundle, "hi", "--max-tokens", "0"], "error: max new tokens is 0; use 1 to 63"),
+        (
+            ["translate", bundle, "hi", "--target-lang", "fra"],
+            "error: target language 'fra' is not one this model knows (none: it translates into one language)",
+        ),
+        (["translate", bundle], "error: give at least one TEXT to translate"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.strip() == message, (args, err)
+    code, _, err = run_cli(capsys, "translate", bundle, long_text)
+    assert code == 2 and err.startswith("error: text 0 is ") and "this model takes at most 64: split it" in err
+
+
+def test_other_commands_refuse_a_seq2seq_bundle_by_name(capsys, marian_bundle):
+    bundle = str(marian_bundle[0])
+    for args in (["classify", bundle, "hello"], ["generate", bundle, "hello"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.strip() == f"error: {bundle} is a seq2seq bundle: translate with it"
+    for command in ("bench", "verify"):
+        args = [command, bundle] + (["--emulate", "cortex-a72"] if command == "verify" else [])
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.strip() == (
+            f"error: {bundle} is a seq2seq bundle: `edge-slm {command}` does not measure translation yet; "
+            "use `edge-slm translate` (benchmarks/translate_peers.py measures its speed)"
+        )
+
+
+def test_inspect_and_a_tampered_manifest(capsys, marian_bundle, tmp_path):
+    from edge_slm.core.bundle import verify_bundle
+
+    code, out, _ = run_cli(capsys, "inspect", str(marian_bundle[0]))
+    assert code == 0 and "seq2seq: 2+2 layers" in out and "decoder logits" in out
+    copy = tmp_path / "copy"
+    shutil.copytree(marian_bundle[0], copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["generation"]["early_stopping"] = "yes"
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="manifest key 'generation.early_stopping' must be true, false or \"never\""):
+        verify_bundle(copy)
+
+
+def _serve(bundle):
+    """`edge-slm serve BUNDLE` on a free loopback port, once /health says ok."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "edge_slm.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not become healthy")
+
+
+def test_the_server_translates_and_refuses_bad_beams(marian_bundle):
+    """A real `edge-slm serve` on loopback, spoken to with httpx: the runtime's translations."""
+    import httpx
+
+    from edge_slm import runtime
+
+    proc, base = _serve(marian_bundle[0])
+    try:
+        body = {"input": ["the cat", "a dog runs"], "beams": 2, "max_tokens": 8}
+        ok = httpx.post(base + "/v1/translations", json=body, timeout=60)
+        assert ok.status_code == 200, ok.text
+        want = runtime.load(marian_bundle[0]).translate(["the cat", "a dog runs"], max_new_tokens=8, beams=2)
+        assert ok.json()["data"] == [
+            {"object": "translation", "index": i, "translation": t} for i, t in enumerate(want)
+        ]
+        bad = httpx.post(base + "/v1/translations", json={"input": "the cat", "beams": 0}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["message"] == "beams is 0; use 1 (greedy) to 16"
+        wrong = httpx.post(base + "/v1/embeddings", json={"input": "the cat"}, timeout=60)
+        assert wrong.status_code == 400 and "use /v1/translations" in wrong.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
