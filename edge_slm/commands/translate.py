@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import open_bundle
+from edge_slm.commands.options import open_bundle, threads_option
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.manifest import Seq2SeqManifest
 from edge_slm.core.text import check_text
@@ -20,7 +20,7 @@ from edge_slm.core.text import check_text
 @click.option("--beams", type=int, default=None, help="Beam width (1: greedy). Default: the model's own.")
 @click.option("--max-tokens", type=int, default=None, help="Most tokens per translation (default: the bundle's cap).")
 @click.option("--target-lang", default=None, help="Target language of a multilingual model (e.g. deu).")
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@threads_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per text: text and translation.")
 def translate(bundle, texts, beams, max_tokens, target_lang, threads, as_json) -> None:
     """Translate each TEXT with a seq2seq (Marian / OPUS-MT, T5) bundle."""
