@@ -397,7 +397,9 @@ def test_connections_beyond_the_cap_get_503(tiny_bundle):
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
         time.sleep(0.2)
-        assert httpx.get(base + "/health").status_code == 503
+        busy = httpx.get(base + "/health")
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "too_many_connections"
+        assert "2 connections open (--max-connections)" in busy.json()["error"]["message"]
         for sock in held:
             sock.close()
         time.sleep(0.2)

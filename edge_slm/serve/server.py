@@ -3,6 +3,7 @@ uvicorn's server, which cancels generations first when it is told to stop."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import uvicorn
@@ -46,6 +47,14 @@ class Protocol(H11Protocol):
     between two requests: a client that connects and stays silent, or sends its head a byte at a
     time, would otherwise hold one of the `limit_concurrency` places for ever)."""
 
+    def __init__(self, config, server_state, app_state, _loop=None):
+        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn answers requests past `limit_concurrency` itself, in plain text; the same check is
+        # made here instead, so that a client told "busy" gets OpenAI's error shape as for a full queue.
+        cap, self.limit_concurrency = self.limit_concurrency, None
+        if cap is not None:
+            self.app = _capped(self.app, cap, server_state)
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._no_request_yet)
@@ -57,3 +66,28 @@ class Protocol(H11Protocol):
     def _no_request_yet(self) -> None:
         if self.cycle is None and not self.transport.is_closing():
             self.transport.close()
+
+
+def _capped(app, cap: int, state):
+    """`app` behind uvicorn's own concurrency rule (open connections, this one included, or
+    requests in flight, this one included, past `cap`): 503 with OpenAI's error body beyond it."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"the server has {cap} connections open (--max-connections); retry later",
+                "type": "server_error",
+                "param": None,
+                "code": "too_many_connections",
+            }
+        }
+    ).encode()
+
+    async def capped(scope, receive, send):
+        if scope["type"] == "http" and (len(state.connections) >= cap or len(state.tasks) > cap):
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 503, "headers": headers + [(b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
+    return capped
