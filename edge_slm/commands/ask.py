@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import open_bundle
+from edge_slm.commands.options import open_bundle, threads_option
 
 
 @click.command("ask")
@@ -24,7 +24,7 @@ from edge_slm.commands.options import open_bundle
 @click.option(
     "--json", "as_json", is_flag=True, help='{"answer": ..., "sources": [{"file", "lines", "text", "score"}]}'
 )
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@threads_option()
 def ask_command(index, question, decoder, embedder, k, min_score, max_new_tokens, as_json, threads) -> None:
     """Answer QUESTION from the documents in INDEX (made by `edge-slm index`)."""
     from edge_slm.core.text import check_text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge_slm.commands.options import echo_err
+from edge_slm.commands.options import echo_err, threads_option
 
 
 @click.command("index")
@@ -19,7 +19,7 @@ from edge_slm.commands.options import echo_err
     required=True,
     help="The index folder: new, empty, or an index edge-slm made (unchanged documents are not embedded again).",
 )
-@click.option("--threads", type=click.IntRange(1, None), default=None)
+@threads_option()
 def index_command(docs: Path, embedder: Path, out: Path, threads: int | None) -> None:
     """Split the .txt and .md files under DOCS into passages and embed them, for `edge-slm ask`."""
     from edge_slm.core.outputs import check_output_folder
