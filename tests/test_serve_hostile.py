@@ -112,9 +112,10 @@ def test_a_client_that_hangs_up_while_queued_frees_its_place_at_once(slow_bundle
     still find places in a queue of 2 (not 429), and are answered once the stream ends."""
     import threading
 
-    proc, base = _start(slow_bundle, "--max-queue", "2", "--parallel", "1")  # one running, two waiting
+    # One running, two waiting; the stream's 2,000 tokens outlast the test's few seconds on any CPU here.
+    proc, base = _start(slow_bundle, "--max-queue", "2", "--parallel", "1", "--max-tokens", "2000")
     try:
-        long = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 1000}
+        long = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 2000}
         with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}, timeout=60) as held:
             lines = held.iter_lines()
             next(line for line in lines if line.startswith("data: {"))  # the model is busy with it
@@ -410,8 +411,9 @@ def test_connections_beyond_the_cap_get_503(tiny_bundle):
 
 # -- 4. SIGTERM, a busy port, a bundle changed on disk --------------------------------------------
 def test_sigterm_exits_within_5_s_with_jobs_running_and_queued(slow_bundle):
-    proc, base = _start(slow_bundle)
-    body = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 1000}
+    # One running, the others queued; 2,000 tokens each outlast the test's seconds on any CPU here.
+    proc, base = _start(slow_bundle, "--parallel", "1", "--max-tokens", "2000")
+    body = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 2000}
     bodies = [
         body,
         {**body, "stream": True},
@@ -488,8 +490,8 @@ def test_weights_truncated_under_a_running_completion_leave_a_log_line(slow_bund
 
     bundle = tmp_path / "bundle"
     shutil.copytree(slow_bundle, bundle)
-    proc, base = _start(bundle)
-    body = json.dumps({"prompt": "1, 2, 3,", "max_tokens": 1000})
+    proc, base = _start(bundle, "--max-tokens", "2000")
+    body = json.dumps({"prompt": "1, 2, 3,", "max_tokens": 2000})
     client = subprocess.Popen(
         ["curl", "-s", "-m", "30", "-H", "content-type: application/json", "-d", body, base + "/v1/completions"],
         stdout=subprocess.DEVNULL,

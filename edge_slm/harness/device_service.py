@@ -27,7 +27,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 
-from edge_slm.harness.ssh import Device, RemoteError, ssh
+from edge_slm.harness.ssh import Device, RemoteError, ssh, ssh_failure
 
 HOME_DIR = ".local/share/edge-slm"
 SERVICE = "edge-slm"
@@ -68,9 +68,9 @@ def device_lock(device: Device, what: str, wait_s: float = LOCK_WAIT_S):
             )
         if first == "noflock":
             raise RemoteError(f"{device.host}: `flock` is not installed there: install util-linux, then try again")
-        reason = (err.decode(errors="replace").strip().splitlines() or ["no answer"])[-1]
         if proc.returncode == 255 or not first:
-            raise RemoteError(f"{device.host}:{device.port}: ssh failed: {reason}")
+            raise ssh_failure(device, err)
+        reason = (err.decode(errors="replace").strip().splitlines() or ["no answer"])[-1]
         raise RemoteError(f"{device.host}: taking the deploy lock failed: {reason}")
     try:
         yield

@@ -107,12 +107,17 @@ def ssh(device: Device, command: str, stdin: bytes | None = None, timeout: float
         timeout=timeout,
     )
     if proc.returncode == 255:
-        message = proc.stderr.decode(errors="replace").strip().splitlines()
-        reason = message[-1] if message else "no answer"
-        if "Permission denied" in reason:
-            reason = f"the key was refused ({reason})"
-        raise RemoteError(f"{device.host}:{device.port}: ssh failed: {reason}")
+        raise ssh_failure(device, proc.stderr)
     if proc.returncode:
         tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"])[-1]
         raise RemoteError(f"{device.host}: `{command.split()[0]}` failed with exit code {proc.returncode}: {tail}")
     return proc.stdout.decode()
+
+
+def ssh_failure(device: Device, stderr: bytes) -> RemoteError:
+    """ssh's own failure (exit code 255) as one line: its last message, a refused key said so."""
+    message = stderr.decode(errors="replace").strip().splitlines()
+    reason = message[-1] if message else "no answer"
+    if "Permission denied" in reason:
+        reason = f"the key was refused ({reason})"
+    return RemoteError(f"{device.host}:{device.port}: ssh failed: {reason}")
