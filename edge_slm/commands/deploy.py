@@ -1,6 +1,7 @@
 """`edge-slm deploy BUNDLE --host user@device [--serve [--listen HOST:PORT]]`: the bundle installed,
 verified, smoke-tested and (with --serve) served on a device over SSH; `--status` and `--stop`
-manage the service deploy started."""
+manage the service deploy started. `--inventory FILE` does the same on every host of an Ansible
+inventory through the edge_slm role (harness/fleet.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,24 @@ from edge_slm.commands.options import echo_err
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
-@click.option("--host", required=True, help="The device: user@hostname, hostname or user@[IPv6].")
+@click.option("--host", default=None, help="The device: user@hostname, hostname or user@[IPv6].")
+@click.option(
+    "--inventory",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An Ansible inventory (YAML or INI): every host in it, through the edge_slm role.",
+)
+@click.option("--limit", default=None, help="With --inventory: only the hosts matching this Ansible pattern.")
+@click.option("--serial", default=None, help="With --inventory: a rolling update in batches of N hosts or P%.")
+@click.option(
+    "--max-fail-percentage",
+    type=click.IntRange(0, 100),
+    default=None,
+    help="With --inventory: stop the rollout when more hosts of a batch fail [0 with --serial, else 100].",
+)
+@click.option(
+    "--forks", type=click.IntRange(min=1), default=5, show_default=True, help="With --inventory: hosts at once."
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=22, show_default=True, help="Its SSH port.")
 @click.option("--identity", default=None, help="SSH private key.")
 @click.option("--remote-python", default="python3", show_default=True, help="The Python that makes the venv there.")
@@ -32,7 +50,12 @@ from edge_slm.commands.options import echo_err
 @click.option("--stop", is_flag=True, help="Stop the service deploy started.")
 def deploy(
     bundle: Path | None,
-    host: str,
+    host: str | None,
+    inventory: Path | None,
+    limit: str | None,
+    serial: str | None,
+    max_fail_percentage: int | None,
+    forks: int,
     port: int,
     identity: str | None,
     remote_python: str,
@@ -47,6 +70,12 @@ def deploy(
     from edge_slm.harness import deploy as d
     from edge_slm.harness.ssh import Device
 
+    if (host is None) == (inventory is None):
+        raise click.UsageError("give --host user@device or --inventory FILE (one of them)")
+    if inventory is not None:
+        return deploy_inventory(inventory, bundle, serve_it, status, stop, limit, serial, max_fail_percentage, forks)
+    if limit or serial or max_fail_percentage is not None:
+        raise click.UsageError("--limit, --serial and --max-fail-percentage go with --inventory")
     device = Device(host, port, identity, remote_python, strict_host_keys=strict_host_keys)
     if status:
         click.echo(f"{host}: {d.service_status(device)}")
@@ -67,3 +96,44 @@ def deploy(
     if serve_it:
         click.echo(f"serving:      http://{listen}/v1 as {result['service']}")
         click.echo(f"manage it:    edge-slm deploy --host {host} --status | --stop")
+
+
+def deploy_inventory(
+    inventory: Path,
+    bundle: Path | None,
+    serve: bool,
+    status: bool,
+    stop: bool,
+    limit: str | None,
+    serial: str | None,
+    max_fail_percentage: int | None,
+    forks: int,
+) -> None:
+    """Every host of an Ansible inventory: the recap, one line per failed host, exit 1 if any failed."""
+    import re
+    import sys
+
+    from edge_slm.harness import fleet
+
+    if not inventory.is_file():
+        raise click.UsageError(f"--inventory {inventory}: no such file")
+    if serial is not None and not re.fullmatch(r"[1-9][0-9]*%?", serial):
+        raise click.UsageError(f"--serial {serial!r}: give a number of hosts (2) or a percentage (25%)")
+    if status or stop:
+        run = fleet.service_fleet(inventory, "stop" if stop else "status", limit, forks)
+        for host, message in sorted(run.messages.items()):
+            click.echo(f"{host}: {message}")
+    else:
+        if serial and max_fail_percentage is None:
+            max_fail_percentage = 0  # a rolling update stops at the first failed host
+        run = fleet.deploy_fleet(inventory, bundle, serve, limit, serial, max_fail_percentage, forks, echo_err)
+    click.echo("PLAY RECAP")
+    for line in run.recap_lines():
+        click.echo(line)
+    for host, why in sorted(run.failures.items()):
+        echo_err(f"error: {host}: {why}")
+    hosts = [h for h in run.recap if h != "localhost"]
+    failed = len(run.failures)
+    click.echo(f"{len(hosts) - failed} of {len(hosts)} hosts ok" + (f", {failed} failed" if failed else ""))
+    if failed or run.rc:
+        sys.exit(1)
