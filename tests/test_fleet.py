@@ -8,6 +8,7 @@ second run changes nothing; --status and --stop go over the inventory; the plain
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,8 +97,8 @@ def fleet(tmp_path_factory, tiny_bundle):
             shutil.rmtree(home, ignore_errors=True)
 
 
-def edge_slm(*args, timeout=900):
-    return subprocess.run([*EDGE_SLM, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def edge_slm(*args, timeout=900, cwd=None):
+    return subprocess.run([*EDGE_SLM, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def recap(stdout: str) -> dict[str, dict[str, int]]:
@@ -109,10 +110,9 @@ def recap(stdout: str) -> dict[str, dict[str, int]]:
     return rows
 
 
-def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle):
+def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle, tmp_path):
     inventory, listen = fleet["inventory"], fleet["listen"]
     first = edge_slm("deploy", "--inventory", inventory, "--serve")
-    print(first.stdout, first.stderr)
     assert first.returncode == 1
     rows = recap(first.stdout)
     for host in GOOD:
@@ -146,6 +146,39 @@ def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle):
     assert all(rows[h]["changed"] == 0 and rows[h]["failed"] == 0 for h in GOOD), again.stdout
     assert "2 of 2 hosts ok" in again.stdout
 
+    # bench over the inventory, through the same venvs and bundle folders; the records filed per host.
+    # The broken host fails alone.
+    bench = edge_slm(
+        "bench", "--inventory", inventory, "-r", "1", "--warmup", "0", "--no-accuracy",
+        "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert bench.returncode == 2, bench.stdout + bench.stderr  # the broken host fails, the good ones measure
+    assert f"error: {BROKEN}: Refuse a device without a usable Python: no Python 3.10+" in bench.stderr
+    for host in GOOD:
+        records = [json.loads(line) for line in (tmp_path / f"benchmarks/results/tiny-laptop/{host}.jsonl").open()]
+        assert len(records) == 1 and records[0]["remote"]["host"] == host, records
+        assert records[0]["bundle"]["target"] == "tiny-laptop" and records[0]["settings"]["gen_tokens"] == 4
+    assert f"{GOOD[0]}: 1 records appended to benchmarks/results/tiny-laptop/{GOOD[0]}.jsonl" in bench.stderr
+
+    # A rolling update one host at a time, whose first host cannot listen where the inventory says:
+    # the rollout stops there, and that host keeps serving its previous server.
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        busy = blocker.getsockname()[1]
+        moved = json.loads(inventory.read_text())
+        moved["all"]["hosts"][GOOD[0]]["edge_slm_listen"] = f"127.0.0.1:{busy}"
+        (inventory.parent / "moved.yml").write_text(json.dumps(moved))
+        rolled = edge_slm("deploy", "--inventory", inventory.parent / "moved.yml", "--serve", "--serial", "1")
+    assert rolled.returncode == 1, rolled.stdout + rolled.stderr
+    assert (
+        f"error: {GOOD[0]}: Refuse a port held by another process: port {busy} is already in use there "
+        "(a process of another user) and not by the server deploy started: stop that process or set "
+        "edge_slm_listen to another port"
+    ) in rolled.stderr
+    assert GOOD[1] not in recap(rolled.stdout) and BROKEN not in recap(rolled.stdout), rolled.stdout
+    assert httpx.get(f"http://{listen[GOOD[0]]}/health", timeout=5).json()["status"] == "ok"
+
     status = edge_slm("deploy", "--inventory", inventory, "--status", "--limit", ",".join(GOOD))
     assert status.returncode == 0, status.stdout + status.stderr
     for host in GOOD:
@@ -177,3 +210,50 @@ def test_plain_ansible_playbook_serves_again(fleet, tmp_path):
     assert httpx.get(f"http://{fleet['listen'][GOOD[0]]}/health", timeout=5).json()["status"] == "ok"
     stopped = edge_slm("deploy", "--inventory", fleet["inventory"], "--stop", "--limit", GOOD[0])
     assert stopped.returncode == 0 and f"{GOOD[0]}: stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+
+
+def test_unreachable_refused_and_damaged_are_named(fleet, tiny_bundle, tmp_path):
+    """A host whose key is refused, one where nothing listens, each named in one line; a damaged
+    bundle is refused before any host is contacted."""
+    hosts = json.loads(fleet["inventory"].read_text())
+    good = hosts["all"]["hosts"][GOOD[0]]
+    refused = {**good, "ansible_ssh_private_key_file": str(fleet["inventory"].parent / "host_key")}
+    closed = {**good, "ansible_port": free_port()}
+    hosts["all"]["hosts"] = {"refused": refused, "closed": closed}
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps(hosts))
+    run = edge_slm("deploy", "--inventory", inventory)
+    assert run.returncode == 1, run.stdout + run.stderr
+    rows = recap(run.stdout)
+    assert rows["refused"]["unreachable"] == rows["closed"]["unreachable"] == 1, run.stdout
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2, run.stderr
+    assert lines[0].startswith("error: closed: Check for Python 3.10+ with the venv module: unreachable: ")
+    assert "Connection refused" in lines[0]
+    assert lines[1].startswith("error: refused: Check for Python 3.10+ with the venv module: authentication refused: ")
+    assert "Permission denied (publickey)" in lines[1]
+    assert "0 of 2 hosts ok, 2 failed" in run.stdout
+
+    toml = tmp_path / "devices.toml"
+    toml.write_text(f'[[device]]\nhost = "pi@192.0.2.7"\nport = 2222\nbundle = "{tiny_bundle}"\ntarget = "rpi5"\n')
+    old = edge_slm("bench", "--inventory", toml)
+    assert old.returncode == 2 and old.stderr.strip() == (
+        f"error: --inventory {toml}: bench takes an Ansible inventory now; {tmp_path / 'devices.yml'} holds the "
+        f"same devices: check it, then run again with --inventory {tmp_path / 'devices.yml'}"
+    )
+    assert json.loads((tmp_path / "devices.yml").read_text())["all"]["hosts"] == {
+        "192.0.2.7": {"ansible_host": "192.0.2.7", "ansible_port": 2222, "edge_slm_bundle": str(tiny_bundle),
+                      "ansible_user": "pi", "edge_slm_target": "rpi5"}
+    }  # fmt: skip
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, damaged)
+    with open(damaged / "tokenizer.json", "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(b"[" if first != b"[" else b"{")
+    run = edge_slm("deploy", damaged, "--inventory", fleet["inventory"], "--serve")
+    assert run.returncode == 2 and "PLAY RECAP" not in run.stdout, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: {damaged / 'tokenizer.json'}: checksum mismatch (the file is corrupt): copy it again or rebuild"
+    )

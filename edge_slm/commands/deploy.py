@@ -73,7 +73,13 @@ def deploy(
     if (host is None) == (inventory is None):
         raise click.UsageError("give --host user@device or --inventory FILE (one of them)")
     if inventory is not None:
-        return deploy_inventory(inventory, bundle, serve_it, status, stop, limit, serial, max_fail_percentage, forks)
+        # --listen and --threads, when given, hold for every host (else the inventory's or the role's defaults).
+        given = click.get_current_context().get_parameter_source("listen") != click.core.ParameterSource.DEFAULT
+        overrides = {"edge_slm_listen": listen} if given else {}
+        overrides |= {"edge_slm_threads": threads} if threads else {}
+        return deploy_inventory(
+            inventory, bundle, serve_it, status, stop, limit, serial, max_fail_percentage, forks, overrides
+        )
     if limit or serial or max_fail_percentage is not None:
         raise click.UsageError("--limit, --serial and --max-fail-percentage go with --inventory")
     device = Device(host, port, identity, remote_python, strict_host_keys=strict_host_keys)
@@ -108,6 +114,7 @@ def deploy_inventory(
     serial: str | None,
     max_fail_percentage: int | None,
     forks: int,
+    overrides: dict,
 ) -> None:
     """Every host of an Ansible inventory: the recap, one line per failed host, exit 1 if any failed."""
     import re
@@ -126,7 +133,9 @@ def deploy_inventory(
     else:
         if serial and max_fail_percentage is None:
             max_fail_percentage = 0  # a rolling update stops at the first failed host
-        run = fleet.deploy_fleet(inventory, bundle, serve, limit, serial, max_fail_percentage, forks, echo_err)
+        run = fleet.deploy_fleet(
+            inventory, bundle, serve, limit, serial, max_fail_percentage, forks, echo_err, overrides=overrides
+        )
     click.echo("PLAY RECAP")
     for line in run.recap_lines():
         click.echo(line)

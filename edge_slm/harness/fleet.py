@@ -35,6 +35,7 @@ from edge_slm.harness import deploy as single
 ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
 DEPLOY_PLAYBOOK = ANSIBLE_DIR / "deploy.yml"
 SERVICE_PLAYBOOK = ANSIBLE_DIR / "service.yml"
+BENCH_PLAYBOOK = ANSIBLE_DIR / "bench.yml"
 SMOKE_PROMPT = "The capital of France is"
 SMOKE_TOKENS = 8
 
@@ -127,6 +128,7 @@ def prepare(bundles: list[str], out: Path, progress=lambda msg: None) -> dict:
             "name": name,
             "files": files,
             "onnxruntime": single.onnxruntime_specs(manifest),
+            "target": manifest.profile.name,
             "smoke": {**smoke, "reference": str(reference)},
         }
     with single.checkout_wheel(progress) as wheel:
@@ -182,7 +184,7 @@ def _ansible_bin(name: str) -> str:
 
 def _reason(event: str, res: dict) -> str:
     """One line from an Ansible result: the role's own message, else the command's last error line."""
-    text = str(res.get("msg") or "").strip()
+    text = str(res.get("msg") or "").strip().removeprefix("Task failed: ")
     if event == "runner_on_unreachable":
         if "Permission denied" in text:
             return f"authentication refused: {text.splitlines()[-1]}"
@@ -264,6 +266,7 @@ def deploy_fleet(
     max_fail_percentage: int | None = None,
     forks: int = 5,
     progress=lambda msg: None,
+    overrides: dict | None = None,
 ) -> FleetRun:
     """Verify the bundles and prepare on this machine, then run deploy.yml over the inventory."""
     hosts = inventory_bundles(inventory)
@@ -279,7 +282,7 @@ def deploy_fleet(
         bundles = [b for b in hosts.values() if b]
     with tempfile.TemporaryDirectory(prefix="edge-slm-fleet-") as work:
         prepared = prepare(bundles, Path(work), progress)
-        extravars = {"edge_slm_prepared": prepared, "edge_slm_serve": serve}
+        extravars = {"edge_slm_prepared": prepared, "edge_slm_serve": serve, **(overrides or {})}
         if bundle is not None:
             extravars["edge_slm_bundle"] = str(bundle)
         if serial:
@@ -288,6 +291,53 @@ def deploy_fleet(
             extravars["edge_slm_max_fail_percentage"] = max_fail_percentage
         progress(f"running the edge_slm role on {len(hosts)} host(s) of {inventory}")
         return run_playbook(DEPLOY_PLAYBOOK, inventory, extravars, limit, forks)
+
+
+def bench_fleet(
+    inventory: Path,
+    bench_args: list[str],
+    limit: str | None = None,
+    forks: int = 5,
+    progress=lambda msg: None,
+) -> tuple[FleetRun, dict[tuple[str, str], list[dict]]]:
+    """`edge-slm bench` on every host through bench.yml; returns the run and, per (target, host),
+    the records it brought back, each checked (a host whose reply is not valid records fails)."""
+    from edge_slm.runtime.bench import record_problem
+
+    hosts = inventory_bundles(inventory)
+    missing = [h for h, b in hosts.items() if not b]
+    if missing:
+        raise EdgeSlmError(f"{inventory}: {', '.join(missing[:3])} name no edge_slm_bundle: set it in the inventory")
+    with tempfile.TemporaryDirectory(prefix="edge-slm-fleet-") as work:
+        prepared = prepare([b for b in hosts.values() if b], Path(work) / "prepared", progress)
+        results = Path(work) / "results"
+        extravars = {
+            "edge_slm_prepared": prepared,
+            "edge_slm_bench_args": bench_args,
+            "edge_slm_results_dir": str(results),
+        }
+        progress(f"benchmarking on {len(hosts)} host(s) of {inventory}")
+        run = run_playbook(BENCH_PLAYBOOK, inventory, extravars, limit, forks)
+        found = {}
+        for path in sorted(results.glob("*/*.jsonl")):
+            records = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:
+                    record, problem = None, "not JSON"
+                else:
+                    problem = record_problem(record) if record is not None else None
+                if problem:
+                    run.failures[path.stem] = f"its benchmark's line {number} is not a valid record: {problem}"
+                    records = []
+                    break
+                if record is not None:
+                    record["remote"] = {"host": path.stem, "inventory": str(inventory)}
+                    records.append(record)
+            if records:
+                found[(path.parent.name, path.stem)] = records
+    return run, found
 
 
 def service_fleet(inventory: Path, action: str, limit: str | None = None, forks: int = 5) -> FleetRun:
