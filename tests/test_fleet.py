@@ -155,7 +155,9 @@ def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle, tmp_pat
     assert bench.returncode == 2, bench.stdout + bench.stderr  # the broken host fails, the good ones measure
     assert f"error: {BROKEN}: Refuse a device without a usable Python: no Python 3.10+" in bench.stderr
     for host in GOOD:
-        records = [json.loads(line) for line in (tmp_path / f"benchmarks/results/tiny-laptop/{host}.jsonl").open()]
+        filed = tmp_path / f"benchmarks/results/tiny-laptop/{host}.jsonl"
+        assert filed.is_file(), bench.stdout + bench.stderr
+        records = [json.loads(line) for line in filed.open()]
         assert len(records) == 1 and records[0]["remote"]["host"] == host, records
         assert records[0]["bundle"]["target"] == "tiny-laptop" and records[0]["settings"]["gen_tokens"] == 4
     assert f"{GOOD[0]}: 1 records appended to benchmarks/results/tiny-laptop/{GOOD[0]}.jsonl" in bench.stderr
@@ -217,7 +219,13 @@ def test_unreachable_refused_and_damaged_are_named(fleet, tiny_bundle, tmp_path)
     bundle is refused before any host is contacted."""
     hosts = json.loads(fleet["inventory"].read_text())
     good = hosts["all"]["hosts"][GOOD[0]]
-    refused = {**good, "ansible_ssh_private_key_file": str(fleet["inventory"].parent / "host_key")}
+    # A user sshd does not let in, with a key it does not know (a user of its own: Ansible's shared
+    # connection to dev1 would otherwise be reused without authenticating again).
+    refused = {
+        **good,
+        "ansible_user": "edge-slm-nobody",
+        "ansible_ssh_private_key_file": str(fleet["inventory"].parent / "host_key"),
+    }
     closed = {**good, "ansible_port": free_port()}
     hosts["all"]["hosts"] = {"refused": refused, "closed": closed}
     inventory = tmp_path / "inventory.yml"
