@@ -227,7 +227,14 @@ def test_unreachable_refused_and_damaged_are_named(fleet, tiny_bundle, tmp_path)
         "ansible_ssh_private_key_file": str(fleet["inventory"].parent / "host_key"),
     }
     closed = {**good, "ansible_port": free_port()}
-    hosts["all"]["hosts"] = {"refused": refused, "closed": closed}
+    # A Python without ensurepip, as Debian's is until python3-venv is installed.
+    shadow = Path(tempfile.mkdtemp(prefix="edge-slm-fleet-novenv-"))
+    (shadow / "sitecustomize.py").write_text("import sys\nsys.modules['ensurepip'] = None\n")
+    (shadow / "python3").write_text(f'#!/bin/sh\nPYTHONPATH={shadow} exec /usr/bin/python3 "$@"\n')
+    for path in (shadow, shadow / "python3", shadow / "sitecustomize.py"):
+        path.chmod(0o755)
+    novenv = {**hosts["all"]["hosts"][GOOD[1]], "ansible_python_interpreter": str(shadow / "python3")}
+    hosts["all"]["hosts"] = {"refused": refused, "closed": closed, "novenv": novenv}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps(hosts))
     run = edge_slm("deploy", "--inventory", inventory)
@@ -235,12 +242,17 @@ def test_unreachable_refused_and_damaged_are_named(fleet, tiny_bundle, tmp_path)
     rows = recap(run.stdout)
     assert rows["refused"]["unreachable"] == rows["closed"]["unreachable"] == 1, run.stdout
     lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 2, run.stderr
+    shutil.rmtree(shadow)
+    assert len(lines) == 3, run.stderr
     assert lines[0].startswith("error: closed: Check for Python 3.10+ with the venv module: unreachable: ")
     assert "Connection refused" in lines[0]
-    assert lines[1].startswith("error: refused: Check for Python 3.10+ with the venv module: authentication refused: ")
-    assert "Permission denied (publickey)" in lines[1]
-    assert "0 of 2 hosts ok, 2 failed" in run.stdout
+    assert lines[2].startswith("error: refused: Check for Python 3.10+ with the venv module: authentication refused: ")
+    assert "Permission denied (publickey)" in lines[2]
+    assert lines[1] == (
+        f"error: novenv: Refuse a device without a usable Python: no venv module in {shadow / 'python3'}: "
+        "`sudo apt install python3-venv`, then deploy again"
+    )
+    assert "0 of 3 hosts ok, 3 failed" in run.stdout
 
     toml = tmp_path / "devices.toml"
     toml.write_text(f'[[device]]\nhost = "pi@192.0.2.7"\nport = 2222\nbundle = "{tiny_bundle}"\ntarget = "rpi5"\n')
