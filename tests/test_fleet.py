@@ -181,6 +181,16 @@ def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle, tmp_pat
     assert GOOD[1] not in recap(rolled.stdout) and BROKEN not in recap(rolled.stdout), rolled.stdout
     assert httpx.get(f"http://{listen[GOOD[0]]}/health", timeout=5).json()["status"] == "ok"
 
+    # A file of a device's install that differs from the wheel is found, and the wheel installed again.
+    venv = fleet["homes"][GOOD[1]] / ".local/share/edge-slm/venv"
+    code = next(venv.glob("lib/python3*/site-packages/edge_slm/core/bundle.py"))
+    original = code.read_bytes()
+    code.write_bytes(original + b"\nraise SystemExit('tampered')\n")
+    repaired = edge_slm("deploy", "--inventory", inventory, "--serve", "--limit", GOOD[1])
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert code.read_bytes() == original and recap(repaired.stdout)[GOOD[1]]["changed"] > 0, repaired.stdout
+    assert httpx.get(f"http://{listen[GOOD[1]]}/health", timeout=5).json()["status"] == "ok"
+
     status = edge_slm("deploy", "--inventory", inventory, "--status", "--limit", ",".join(GOOD))
     assert status.returncode == 0, status.stdout + status.stderr
     for host in GOOD:
