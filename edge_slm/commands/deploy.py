@@ -72,6 +72,9 @@ def deploy(
 
     if (host is None) == (inventory is None):
         raise click.UsageError("give --host user@device or --inventory FILE (one of them)")
+    address, _, listen_port = listen.rpartition(":")
+    if not address or not listen_port.isdigit() or not 0 < int(listen_port) < 65536:
+        raise click.UsageError(f"--listen {listen!r}: write HOST:PORT, e.g. 0.0.0.0:8080")
     if inventory is not None:
         # --listen and --threads, when given, hold for every host (else the inventory's or the role's defaults).
         given = click.get_current_context().get_parameter_source("listen") != click.core.ParameterSource.DEFAULT
@@ -92,9 +95,6 @@ def deploy(
         return
     if bundle is None:
         raise click.UsageError("give a BUNDLE to deploy (or --status / --stop)")
-    address, _, listen_port = listen.rpartition(":")
-    if not address or not listen_port.isdigit() or not 0 < int(listen_port) < 65536:
-        raise click.UsageError(f"--listen {listen!r}: write HOST:PORT, e.g. 0.0.0.0:8080")
     result = d.deploy(device, bundle, serve=serve_it, listen=listen, threads=threads, progress=echo_err)
     smoke = result["smoke"]
     click.echo(f"deployed:     {result['bundle']} on {host} (venv {result['venv']})")
