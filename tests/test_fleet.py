@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -90,11 +91,19 @@ def fleet(tmp_path_factory, tiny_bundle):
             server.terminate()
             server.wait(timeout=10)
     finally:
+        left = []
         for user in users:
-            subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)  # what a failed test left running
-            subprocess.run(["userdel", user], capture_output=True)
+            for _ in range(50):  # what a failed test left running (or sshd's session closing) ends first
+                subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
+                gone = subprocess.run(["userdel", user], capture_output=True, text=True)
+                if gone.returncode == 0 or "does not exist" in gone.stderr:
+                    break
+                time.sleep(0.1)
+            else:
+                left.append(f"{user}: {gone.stderr.strip()}")
         for home in homes:
             shutil.rmtree(home, ignore_errors=True)
+        assert not left, f"userdel failed: {left}"
 
 
 def edge_slm(*args, timeout=900, cwd=None):
