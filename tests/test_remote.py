@@ -1,10 +1,7 @@
 """Benchmarks over SSH against a real OpenSSH server on a loopback port, with throwaway keys.
 `make test` (and so CI) installs Debian's openssh-server for this."""
 
-import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import free_port
@@ -63,43 +60,6 @@ def test_unreachable_wrong_key_and_no_python(sshd, tiny_bundle):
     )
     with pytest.raises(RemoteError, match=r"no usable Python 3.10\+ at '/nonexistent/python3'"):
         bench_remote(no_python, tiny_bundle, CONFIG)
-
-
-def test_inventory_keeps_good_hosts_when_one_fails(sshd, tiny_bundle, tmp_path):
-    device = sshd.device
-    bad_port = free_port()
-    inventory = tmp_path / "devices.toml"
-    inventory.write_text(f"""
-[[device]]
-host = "{device.host}"
-port = {device.port}
-identity = "{device.identity}"
-python = "{device.python}"
-known_hosts = "{device.known_hosts}"
-bundle = "{tiny_bundle}"
-target = "tiny-laptop"
-
-[[device]]
-host = "{device.host}"
-port = {bad_port}
-identity = "{device.identity}"
-known_hosts = "{device.known_hosts}"
-bundle = "{tiny_bundle}"
-""")
-    out = tmp_path / "results.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_slm.cli", "bench", "--inventory", str(inventory), *BENCH, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    try:
-        assert proc.returncode == 2
-        assert f"error: {device.host}:{bad_port}: ssh failed" in proc.stderr
-        assert len(records) == 1 and records[0]["remote"]["port"] == device.port
-    finally:
-        _forget_bundles(sshd)
 
 
 def test_installed_code_on_the_device_is_verified_file_by_file(sshd, tiny_bundle):

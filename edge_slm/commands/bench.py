@@ -28,7 +28,11 @@ from edge_slm.core.errors import EdgeSlmError
     "--inventory",
     type=click.Path(path_type=Path),
     default=None,
-    help="TOML file of [[device]] host/bundle/target entries, benchmarked in parallel.",
+    help="An Ansible inventory whose hosts name their edge_slm_bundle: each benchmarked there, its records "
+    "appended to benchmarks/results/<target>/<host>.jsonl.",
+)
+@click.option(
+    "--forks", type=click.IntRange(min=1), default=5, show_default=True, help="With --inventory: hosts at once."
 )
 @click.option(
     "--out",
@@ -62,6 +66,7 @@ def bench(
     out: Path | None,
     as_json: bool,
     context: int | None,
+    forks: int,
 ) -> None:
     """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
     from edge_slm.commands.translate import refuse_seq2seq
@@ -86,14 +91,22 @@ def bench(
         "context": context,
     }
     if host or inventory:
-        from edge_slm.harness.remote import bench_inventory, bench_remote, read_inventory
+        from edge_slm.harness.remote import bench_remote
 
         if reference:
             raise click.UsageError(
                 "--reference works on this machine only; run `edge-slm eval` on the device for top-1"
             )
         if inventory:
-            records, failures = bench_inventory(read_inventory(inventory), config, progress=echo_err)
+            # `edge-slm bench` on every host through the role, with the same settings.
+            args = (
+                ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens)]
+                + ["-r", str(repetitions), "--warmup", str(warmup)]
+                + (["--threads", ",".join(map(str, threads))] if threads else [])
+                + (["--no-accuracy"] if no_accuracy else [])
+                + (["--context", str(context)] if context else [])
+            )
+            records, failures = bench_over_inventory(inventory, args, forks)
         else:
             device = ssh_device(host, port, identity, remote_python, strict_host_keys)
             records = bench_remote(device, bundle, config, progress=echo_err)
@@ -157,3 +170,54 @@ def append_records(out: Path, records: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as handle:
         handle.write(("\n" if newline else "") + "".join(json.dumps(record) + "\n" for record in records))
+
+
+def bench_over_inventory(inventory: Path, args: list[str], forks: int) -> tuple[list[dict], dict[str, str]]:
+    """Every host of an Ansible inventory through the edge_slm role (harness/fleet.py); each host's
+    records appended to benchmarks/results/<target>/<host>.jsonl. The TOML inventory of earlier
+    versions is converted to an Ansible one beside it, and the run stops to say so."""
+    from edge_slm.harness import fleet
+
+    if inventory.suffix == ".toml":
+        converted = convert_toml_inventory(inventory)
+        raise EdgeSlmError(
+            f"--inventory {inventory}: bench takes an Ansible inventory now; {converted} holds the same devices: "
+            f"check it, then run again with --inventory {converted}"
+        )
+    if not inventory.is_file():
+        raise click.UsageError(f"--inventory {inventory}: no such file")
+    run, found = fleet.bench_fleet(inventory, args, forks=forks, progress=echo_err)
+    records = []
+    for (target, host), got in sorted(found.items()):
+        out = Path("benchmarks/results") / target / f"{host}.jsonl"
+        append_records(out, got)
+        echo_err(f"{host}: {len(got)} records appended to {out}")
+        records += got
+    for line in run.recap_lines():
+        echo_err(line)
+    return records, {host: f"{host}: {why}" for host, why in run.failures.items()}
+
+
+def convert_toml_inventory(inventory: Path) -> Path:
+    """An Ansible YAML inventory (JSON is YAML) with the TOML inventory's devices, written beside it
+    (never over an existing file)."""
+    from edge_slm.core.atomic import write_text
+    from edge_slm.harness.remote import read_inventory
+
+    hosts = {}
+    for n, device in enumerate(read_inventory(inventory), 1):
+        user, _, address = device.destination.rpartition("@")
+        entry = {"ansible_host": address, "ansible_port": device.port, "edge_slm_bundle": device.bundle}
+        entry |= {"ansible_user": user} if user else {}
+        entry |= {"ansible_ssh_private_key_file": device.identity} if device.identity else {}
+        entry |= {"ansible_python_interpreter": device.python} if device.python != "python3" else {}
+        entry |= {"edge_slm_target": device.target} if device.target else {}
+        hosts[f"{address}-{n}" if address in {h.split("-")[0] for h in hosts} else address] = entry
+    out = inventory.with_suffix(".yml")
+    if out.exists():
+        raise EdgeSlmError(
+            f"--inventory {inventory}: bench takes an Ansible inventory now, and {out} exists already: "
+            "write the devices into an Ansible inventory and pass it"
+        )
+    write_text(out, json.dumps({"all": {"hosts": hosts}}, indent=2) + "\n")
+    return out
