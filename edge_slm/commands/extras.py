@@ -13,6 +13,8 @@ EXTRAS = {
     "build": ("torch", "transformers", "onnx", "optimum", "gguf", "accelerate"),
     "serve": ("starlette", "uvicorn", "sse_starlette", "prometheus_client"),
     "report": ("matplotlib",),
+    "fleet": ("ansible_runner", "ansible"),
+    "grammar": ("llguidance",),
 }
 _WHERE = {"build": " on a build host; a device needs only the runtime"}
 

@@ -201,10 +201,11 @@ def run_playbook(
     playbook: Path, inventory: Path, extravars: dict, limit: str | None = None, forks: int = 5
 ) -> FleetRun:
     """The playbook through ansible-runner; Ansible's output is replaced by the recap and reasons."""
-    try:
-        import ansible_runner
-    except ImportError:
-        raise EdgeSlmError("--inventory needs Ansible: pip install 'edge-slm[fleet]' on this machine") from None
+    from edge_slm.commands.extras import require_extra
+
+    require_extra("fleet", "deploy --inventory")
+    import ansible_runner
+
     result = FleetRun()
 
     def on_event(event: dict) -> bool:
