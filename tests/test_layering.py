@@ -120,5 +120,14 @@ def test_what_another_interpreter_runs_lives_in_the_device_half():
         module = target.split(":")[0]
         assert module.startswith(("edge_slm.runtime.", "edge_slm.core.")), f"{where} runs {target} in a worker"
         assert (PACKAGE.parent / (module.replace(".", "/") + ".py")).is_file(), f"{where}: no module {module}"
+    # The fleet driver's two steps that Ansible runs on the control machine (`python -m
+    # edge_slm.harness.fleet prepare | smoke-check`, from the playbooks) are host-side, not workers.
+    control_machine = {"fleet.py"}
     for path in sorted((PACKAGE / "harness").rglob("*.py")):
-        assert "__main__" not in path.read_text(), f"{path.relative_to(PACKAGE)} runs as a script (a worker)"
+        if path.name not in control_machine:
+            assert "__main__" not in path.read_text(), f"{path.relative_to(PACKAGE)} runs as a script (a worker)"
+    for playbook in sorted((PACKAGE / "harness" / "ansible").rglob("*.yml")):
+        for line in playbook.read_text().splitlines():
+            # On a device the role imports only the device half; the host half only on the control machine.
+            if "edge_slm.harness" in line or "edge_slm.builder" in line:
+                assert "ansible_playbook_python" in line, f"{playbook.relative_to(PACKAGE)}: {line.strip()}"

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from edge_slm.core.bundle import MANIFEST, read_manifest, verify_bundle
 from edge_slm.core.capabilities import version_tuple
+from edge_slm.core.device_scripts import RECORD_CHECK, STAGE_SCRIPT
 from edge_slm.core.hashing import sha256_file
 from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Manifest, Seq2SeqManifest
 from edge_slm.harness.agreement import encoder_agreement, greedy_agreement, statistical_agreement
@@ -150,23 +151,6 @@ def check_python(device: Device) -> str:
     return f"{out[0]} {out[1]}"
 
 
-# Checks every installed edge_slm file against the sha256 pip recorded from the wheel.
-_RECORD_CHECK = """
-import base64, hashlib, pathlib, sys, importlib.metadata as md
-dist = md.distribution("edge-slm")
-bad = []
-for f in dist.files or []:
-    if f.hash is None or f.hash.mode != "sha256":
-        continue
-    path = pathlib.Path(f.locate())
-    digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode() \\
-        if path.is_file() else None
-    if digest != f.hash.value:
-        bad.append(str(f))
-print(len(bad), " ".join(bad[:3]))
-"""
-
-
 def ensure_venv(device: Device, manifest: Manifest, wheel: Path, serve: bool = False, progress=lambda msg: None) -> str:
     """The device's edge-slm venv with this wheel, the runtime set (and serve extra) and a pinned
     onnxruntime; reinstalls only what changed, repairs files that differ from the wheel."""
@@ -180,7 +164,7 @@ def ensure_venv(device: Device, manifest: Manifest, wheel: Path, serve: bool = F
         have = {}
     same = all(have.get(k) == want[k] for k in ("wheel", "onnxruntime", "python"))
     if same and (have.get("serve") or not serve):
-        bad = ssh(device, f"{VENV}/bin/python -", stdin=_RECORD_CHECK.encode(), timeout=120).split()
+        bad = ssh(device, f"{VENV}/bin/python -", stdin=RECORD_CHECK.encode(), timeout=120).split()
         if bad and bad[0] == "0":
             progress(f"{device.host}: edge-slm {have.get('installed', '')} is installed (every file verified)")
             return VENV
@@ -245,84 +229,10 @@ def copy(device: Device, files: list[Path], remote_dir: str) -> None:
     raise RemoteError(f"{device.host}: copying failed: {proc.stderr.strip()[-300:]}")
 
 
-# The device half of copy_bundle, stdlib only. "stage": a fresh folder beside the bundles with every
-# wanted file already on the device hard-linked into it (a second name for the same inode: nothing
-# is written into a file a running server may have memory-mapped) or copied where links fail;
-# "publish": the copied files checked, the folder renamed into its versioned place (a damaged
-# folder of the same name is renamed aside first, to .replaced-*, and removed by "sweep").
-_STAGE_SCRIPT = r"""
-import hashlib, json, os, shutil, sys, time
-A = json.loads(sys.argv[1])
-os.chdir(os.path.expanduser("~"))
-root, name, want = A["bundles"], A["name"], A["files"]
-target = os.path.join(root, name)
-staging = os.path.join(root, ".staging-%s-%s" % (name, A["token"]))
-
-def sha(path, size=None):
-    if not os.path.isfile(path) or os.path.islink(path) or (size is not None and os.path.getsize(path) != size):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-def whole(folder):
-    return os.path.isdir(folder) and not os.path.islink(folder) and sorted(os.listdir(folder)) == sorted(want) \
-        and all(sha(os.path.join(folder, n), w.get("bytes")) == w["sha256"] for n, w in want.items())
-
-os.makedirs(root, exist_ok=True)
-if A["action"] == "stage":
-    if whole(target):
-        print(json.dumps({"present": True})); sys.exit(0)
-    for old in os.listdir(root):  # staging folders of deploys killed over a day ago
-        path = os.path.join(root, old)
-        if old.startswith(".staging-") and time.time() - os.path.getmtime(path) > 86400:
-            shutil.rmtree(path, ignore_errors=True)
-    os.mkdir(staging)
-    sources = [target] + [os.path.join(root, d) for d in sorted(os.listdir(root)) if not d.startswith(".")]
-    missing, linked = [], 0
-    for n, w in want.items():
-        src = next((os.path.join(d, n) for d in sources
-                    if sha(os.path.join(d, n), w.get("bytes")) == w["sha256"]), None)
-        if src is None:
-            missing.append(n); continue
-        try:
-            os.link(src, os.path.join(staging, n))
-        except OSError:
-            shutil.copyfile(src, os.path.join(staging, n))
-        linked += 1
-    print(json.dumps({"present": False, "missing": missing, "linked": linked}))
-elif A["action"] == "publish":
-    bad = [n for n in A["copied"] if sha(os.path.join(staging, n), want[n].get("bytes")) != want[n]["sha256"]]
-    if bad or sorted(os.listdir(staging)) != sorted(want):
-        shutil.rmtree(staging, ignore_errors=True)
-        print(json.dumps({"bad": bad or ["(the folder's file list)"]})); sys.exit(0)
-    if os.path.lexists(target):
-        os.rename(target, os.path.join(root, ".replaced-%s-%s" % (name, A["token"])))
-    os.rename(staging, target)
-    print(json.dumps({"bad": []}))
-elif A["action"] == "current":
-    # `current` -> the served bundle, replaced in one rename; a `current` that is not a link is not ours.
-    link = os.path.join(os.path.dirname(root), "current")
-    if os.path.islink(link) or not os.path.lexists(link):
-        tmp = "%s.tmp-%d" % (link, os.getpid())
-        os.symlink(os.path.relpath(target, os.path.dirname(link)), tmp)
-        os.replace(tmp, link)
-    print(json.dumps({}))
-elif A["action"] == "sweep":
-    # .replaced-* folders, and (named) versioned folders no longer served; only names deploy made.
-    for old in os.listdir(root):
-        if old.startswith(".replaced-") or old in A.get("remove", []):
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    print(json.dumps({}))
-"""
-
-
 def _bundle_script(device: Device, action: str, **args) -> dict:
     payload = json.dumps({"action": action, "bundles": BUNDLES, **args})
     out = ssh(
-        device, f"{shlex.quote(device.python)} - {shlex.quote(payload)}", stdin=_STAGE_SCRIPT.encode(), timeout=900
+        device, f"{shlex.quote(device.python)} - {shlex.quote(payload)}", stdin=STAGE_SCRIPT.encode(), timeout=900
     )
     try:
         return json.loads(out.strip().splitlines()[-1])
@@ -486,7 +396,7 @@ def switch_server(
 
 
 def _point_current_at(device: Device, remote_bundle: str) -> None:
-    """~/.local/share/edge-slm/current -> the bundle being served (see `_STAGE_SCRIPT`)."""
+    """~/.local/share/edge-slm/current -> the bundle being served (see `STAGE_SCRIPT`)."""
     _bundle_script(device, "current", name=remote_bundle.rpartition("/")[2], files={}, token="")
 
 
