@@ -369,6 +369,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(bundle, *flags, expect_healthy: bool = True) -> tuple[subprocess.Popen, str]:
+    """`edge-slm serve BUNDLE` on a free loopback port with one thread (and `flags`), in its own
+    process; returns it and its base address once /health answers 200 (or at once when
+    `expect_healthy` is False, for a server expected to refuse or fail)."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "edge_slm.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while expect_healthy and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    if expect_healthy:
+        proc.kill()
+        raise AssertionError("the server did not become healthy")
+    return proc, base
+
+
 def wait_for_port(port: int, server: subprocess.Popen, log: Path, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

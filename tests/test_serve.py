@@ -4,13 +4,11 @@ checked token for token against the runtime's own greedy generation."""
 
 import asyncio
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
+from conftest import start_server
 from openai import OpenAI
 
 from edge_slm import runtime
@@ -18,44 +16,8 @@ from edge_slm import runtime
 QUESTIONS = ["What is the capital of France?", "Name a small device.", "Why quantize weights?", "Count to three."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(bundle, max_queue=8, *flags):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_slm.cli",
-            "serve",
-            str(bundle),
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--max-queue",
-            str(max_queue),
-            *flags,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the server did not become healthy")
+    return start_server(bundle, "--max-queue", str(max_queue), *flags)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ streams, joins mid-stream, a client that hangs up, the KV budget refusal."""
 import asyncio
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import start_server
 from openai import OpenAI
 
 from edge_slm import runtime
@@ -62,27 +61,9 @@ def test_batched_greedy_equals_solo_with_a_join_mid_stream(model, chunk):
     assert decoder.free_slots == 4
 
 
-def _start(bundle, *flags):
-    port = free_port()
-    command = [sys.executable, "-m", "edge_slm.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the server did not become healthy")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    proc, base = _start(tiny_bundle, "--parallel", "4", "--max-queue", "8")
+    proc, base = start_server(tiny_bundle, "--parallel", "4", "--max-queue", "8")
     yield base, proc
     proc.terminate()
     proc.wait(timeout=20)
@@ -136,7 +117,7 @@ def params_of(params):
 
 
 def test_a_client_that_hangs_up_frees_its_slot_for_the_next_request(tiny_bundle, model):
-    proc, base = _start(tiny_bundle, "--parallel", "2", "--max-queue", "4")
+    proc, base = start_server(tiny_bundle, "--parallel", "2", "--max-queue", "4")
     try:
         long = [{"role": "user", "content": PROMPTS[2]}]
         solo = model.chat(long, max_new_tokens=90, keep_cache=False, temperature=0.0)
@@ -169,7 +150,7 @@ def test_a_client_that_hangs_up_frees_its_slot_for_the_next_request(tiny_bundle,
 
 
 def test_a_prompt_longer_than_a_slot_is_400_and_the_slots_are_reported(tiny_bundle):
-    proc, base = _start(tiny_bundle, "--parallel", "2", "--context", "32", "--max-queue", "1")
+    proc, base = start_server(tiny_bundle, "--parallel", "2", "--context", "32", "--max-queue", "1")
     try:
         reply = httpx.post(base + "/v1/completions", json={"prompt": "word " * 40, "max_tokens": 2})
         assert reply.status_code == 400

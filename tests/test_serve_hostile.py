@@ -14,33 +14,10 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, make_model, write_profile
+from conftest import make_model, start_server, write_profile
 
 CHAT = "/v1/chat/completions"
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-def _start(bundle, *flags, expect_healthy=True):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_slm.cli", "serve", str(bundle), "--port", str(port), "--threads", "1", *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while expect_healthy and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    if expect_healthy:
-        proc.kill()
-        raise AssertionError("the server did not become healthy")
-    return proc, base
 
 
 def _stop(proc):
@@ -82,7 +59,7 @@ def slow_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    proc, base = _start(tiny_bundle, "--keep-alive-seconds", "1")
+    proc, base = start_server(tiny_bundle, "--keep-alive-seconds", "1")
     yield base
     _stop(proc)
 
@@ -91,7 +68,7 @@ def server(tiny_bundle):
 def test_abandoned_requests_free_the_model_at_once(slow_bundle):
     """9 non-streamed requests each abandoned after 0.3 s (`curl -m 0.3`): each would generate
     1,024 tokens (~7 s); the next request is served within seconds, not after a minute."""
-    proc, base = _start(slow_bundle)
+    proc, base = start_server(slow_bundle)
     try:
         body = {"prompt": "1, 2, 3,", "temperature": 0}
         for _ in range(9):
@@ -113,7 +90,7 @@ def test_a_client_that_hangs_up_while_queued_frees_its_place_at_once(slow_bundle
     import threading
 
     # One running, two waiting; the stream's 2,000 tokens outlast the test's few seconds on any CPU here.
-    proc, base = _start(slow_bundle, "--max-queue", "2", "--parallel", "1", "--max-tokens", "2000")
+    proc, base = start_server(slow_bundle, "--max-queue", "2", "--parallel", "1", "--max-tokens", "2000")
     try:
         long = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 2000}
         with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}, timeout=60) as held:
@@ -150,7 +127,7 @@ def _metric(base: str, name: str) -> float:
 
 def test_max_tokens_and_time_are_capped_by_the_server(slow_bundle):
     """Each cap on its own server, so that neither result depends on how fast this machine is."""
-    proc, base = _start(slow_bundle, "--max-tokens", "20", "--request-seconds", "600", "--parallel", "1")
+    proc, base = start_server(slow_bundle, "--max-tokens", "20", "--request-seconds", "600", "--parallel", "1")
     try:
         reply = httpx.post(base + "/v1/completions", json={"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 2000})
         assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
@@ -160,7 +137,7 @@ def test_max_tokens_and_time_are_capped_by_the_server(slow_bundle):
     finally:
         _stop(proc)
     # 1,900 tokens take this 8-layer bundle well over a second on any CPU this runs on.
-    proc, base = _start(slow_bundle, "--max-tokens", "1900", "--request-seconds", "1", "--parallel", "1")
+    proc, base = start_server(slow_bundle, "--max-tokens", "1900", "--request-seconds", "1", "--parallel", "1")
     try:
         started = time.monotonic()
         reply = httpx.post(base + "/v1/completions", json={"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 1900})
@@ -302,7 +279,7 @@ def _length(data: bytes) -> int:
 
 
 def test_large_embedding_inputs_are_refused_before_the_encoder(embedder_bundles):
-    proc, base = _start(embedder_bundles[0], "--keep-alive-seconds", "1")
+    proc, base = start_server(embedder_bundles[0], "--keep-alive-seconds", "1")
     try:
         started = time.monotonic()
         big = ["word " * 200_000] * 20  # 20 x 1 MB
@@ -393,7 +370,7 @@ def test_silent_and_idle_connections_are_closed(server):
 
 
 def test_connections_beyond_the_cap_get_503(tiny_bundle):
-    proc, base = _start(tiny_bundle, "--max-connections", "2", "--keep-alive-seconds", "5")
+    proc, base = start_server(tiny_bundle, "--max-connections", "2", "--keep-alive-seconds", "5")
     port = int(base.rsplit(":", 1)[1])
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
@@ -412,7 +389,7 @@ def test_connections_beyond_the_cap_get_503(tiny_bundle):
 # -- 4. SIGTERM, a busy port, a bundle changed on disk --------------------------------------------
 def test_sigterm_exits_within_5_s_with_jobs_running_and_queued(slow_bundle):
     # One running, the others queued; 2,000 tokens each outlast the test's seconds on any CPU here.
-    proc, base = _start(slow_bundle, "--parallel", "1", "--max-tokens", "2000")
+    proc, base = start_server(slow_bundle, "--parallel", "1", "--max-tokens", "2000")
     body = {"prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 2000}
     bodies = [
         body,
@@ -465,7 +442,7 @@ def test_a_bundle_changed_after_start_up_stops_the_server(tiny_bundle, tmp_path)
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
-    proc, base = _start(bundle)
+    proc, base = start_server(bundle)
     try:
         data = bundle / "model.onnx.data"
         raw = bytearray(data.read_bytes())
@@ -490,7 +467,7 @@ def test_weights_truncated_under_a_running_completion_leave_a_log_line(slow_bund
 
     bundle = tmp_path / "bundle"
     shutil.copytree(slow_bundle, bundle)
-    proc, base = _start(bundle, "--max-tokens", "2000")
+    proc, base = start_server(bundle, "--max-tokens", "2000")
     body = json.dumps({"prompt": "1, 2, 3,", "max_tokens": 2000})
     client = subprocess.Popen(
         ["curl", "-s", "-m", "30", "-H", "content-type: application/json", "-d", body, base + "/v1/completions"],
@@ -521,7 +498,7 @@ def test_a_bundle_that_fails_to_load_is_logged_and_exits_1(tiny_bundle, tmp_path
     raw = bytearray(data.read_bytes())
     raw[7] ^= 0xFF
     data.write_bytes(bytes(raw))
-    proc, base = _start(bundle, expect_healthy=False)
+    proc, base = start_server(bundle, expect_healthy=False)
     code = proc.wait(timeout=30)
     lines = [line for line in proc.stderr.read().decode().splitlines() if not line.startswith("serving")]
     assert (
@@ -548,7 +525,7 @@ def test_prompt_reuse_stays_within_one_api_key(server):
 
 
 def test_a_shared_prefix_cache_is_an_opt_in(tiny_bundle):
-    proc, base = _start(tiny_bundle, "--share-prefix-cache")
+    proc, base = start_server(tiny_bundle, "--share-prefix-cache")
     try:
         body = {"prompt": "The capital of France is Paris. The capital of Italy is", "max_tokens": 1}
         httpx.post(base + "/v1/completions", json=body, headers={"authorization": "Bearer a"})

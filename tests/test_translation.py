@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from conftest import start_server
 
 from edge_slm.core.errors import BundleError
 from edge_slm.core.targets import load_profile
@@ -395,40 +396,13 @@ def test_inspect_and_a_tampered_manifest(capsys, marian_bundle, tmp_path):
         verify_bundle(copy)
 
 
-def _serve(bundle):
-    """`edge-slm serve BUNDLE` on a free loopback port, once /health says ok."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "edge_slm.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the server did not become healthy")
-
-
 def test_the_server_translates_and_refuses_bad_beams(marian_bundle):
     """A real `edge-slm serve` on loopback, spoken to with httpx: the runtime's translations."""
     import httpx
 
     from edge_slm import runtime
 
-    proc, base = _serve(marian_bundle[0])
+    proc, base = start_server(marian_bundle[0])
     try:
         body = {"input": ["the cat", "a dog runs"], "beams": 2, "max_tokens": 8}
         ok = httpx.post(base + "/v1/translations", json=body, timeout=60)
