@@ -119,7 +119,9 @@ def bench(
         for record in records:
             click.echo(json.dumps(record))
     elif records:
-        families = {(r.get("bundle") or {}).get("family", "decoder") for r in records}
+        from edge_slm.runtime.bench_results import record_family
+
+        families = {record_family(r) for r in records}
         if families == {"encoder"}:
             from edge_slm.runtime.bench_encoder import encoder_table as table
         click.echo(table(records))

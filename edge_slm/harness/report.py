@@ -225,7 +225,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def is_encoder(record: dict) -> bool:
-    return record["bundle"].get("family") == "encoder"
+    from edge_slm.runtime.bench_results import record_family
+
+    return record_family(record) == "encoder"
 
 
 def encoder_columns() -> list[tuple[str, str]]:

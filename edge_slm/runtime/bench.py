@@ -28,7 +28,14 @@ from edge_slm.core.data import EVAL_TEXT
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.system import current_rss_mb, machine, peak_rss_mb
 from edge_slm.core.worker import run_worker
-from edge_slm.runtime.bench_results import RESULTS, DecoderResults, EncoderResults, results_of, results_problem
+from edge_slm.runtime.bench_results import (
+    RESULTS,
+    DecoderResults,
+    EncoderResults,
+    record_family,
+    results_of,
+    results_problem,
+)
 
 if TYPE_CHECKING:
     from edge_slm.core.manifest import Manifest
@@ -390,7 +397,7 @@ def record_problem(record) -> str | None:
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"'{key}' is missing or not a {'number' if kind is number else kind.__name__}"
-    family = record["bundle"].get("family") or "decoder"
+    family = record_family(record)
     if family not in RESULTS:
         return f"'bundle.family' is {family!r}; this edge-slm reads records of {' and '.join(RESULTS)} bundles"
     return results_problem(record)

@@ -144,8 +144,15 @@ class EncoderResults(Results):
 RESULTS: dict[str, type[Results]] = {"decoder": DecoderResults, "encoder": EncoderResults}
 
 
+def record_family(record: dict) -> str:
+    """The family of the bundle a bench record measured (records written before the key: decoder).
+    A record is not a manifest: it names its bundle's family as a string, read only here."""
+    bundle = record.get("bundle")
+    return (bundle.get("family") if isinstance(bundle, dict) else None) or "decoder"
+
+
 def results_type(record: dict) -> type[Results]:
-    return RESULTS[(record.get("bundle") or {}).get("family") or "decoder"]
+    return RESULTS[record_family(record)]
 
 
 def results_of(record: dict) -> DecoderResults | EncoderResults:
