@@ -20,6 +20,11 @@ MAX_GRAMMAR_FILE_BYTES = 256 * 1024  # a schema or grammar file; the smart-home 
 @click.argument("prompt")
 @sampling_options
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt as a user message with the chat template.")
+@click.option(
+    "--chat-template-kwargs",
+    "template_kwargs",
+    help="With --chat: extra chat template variables, a JSON object (e.g. '{\"enable_thinking\": false}').",
+)
 @click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
 @click.option(
@@ -38,6 +43,7 @@ def generate(
     bundle: Path,
     prompt: str,
     as_chat: bool,
+    template_kwargs: str | None,
     truncate: bool,
     as_json: bool,
     schema_file: Path | None,
@@ -48,7 +54,10 @@ def generate(
     check_text(prompt, "PROMPT (argument 2)")
     _check_stops(kw["stop"])
     constraint = _constraint(schema_file, grammar_file)  # a bad schema is refused before the model loads
+    extra = _template_kwargs(template_kwargs, as_chat)
     model = open_bundle(bundle, kw["threads"])
+    if extra:  # the chat prompt's ids, rendered with the extra variables
+        prompt, as_chat = model.encode_chat([{"role": "user", "content": prompt}], chat_template_kwargs=extra), False
     options = dict(
         max_new_tokens=kw["max_new_tokens"], chat=as_chat, stop=kw["stop"], truncate=truncate, constraint=constraint
     )
@@ -149,6 +158,23 @@ def chat(bundle: Path, system: str | None, **kw) -> None:
             f"{len(result.token_ids)} generated, {result.decode_tokens_per_s:.1f} tok/s]"
         )
         messages.append({"role": "assistant", "content": result.text})
+
+
+def _template_kwargs(text: str | None, as_chat: bool) -> dict:
+    """--chat-template-kwargs: a JSON object of scalars, refused in one line otherwise."""
+    from edge_slm.runtime.chat_template import check_template_kwargs
+
+    if text is None:
+        return {}
+    if not as_chat:
+        raise EdgeSlmError("--chat-template-kwargs applies to the chat template: add --chat")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EdgeSlmError(
+            f"--chat-template-kwargs is not JSON ({exc.msg}): give an object such as '{{\"enable_thinking\": false}}'"
+        ) from None
+    return check_template_kwargs(value, "--chat-template-kwargs")
 
 
 def _check_stops(stops: tuple[str, ...]) -> None:

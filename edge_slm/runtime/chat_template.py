@@ -130,6 +130,24 @@ def check_messages(messages) -> list[dict]:
     return messages
 
 
+def check_template_kwargs(kwargs, field: str = "chat_template_kwargs") -> dict:
+    """Extra variables for the template (Qwen3's `enable_thinking`): an object of JSON scalars whose
+    names do not replace the ones edge-slm passes."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in kwargs.items()
+    ):
+        raise EdgeSlmError(
+            f"{field} must be an object of names to JSON scalars (string, number, boolean, null), "
+            'such as {"enable_thinking": false}'
+        )
+    taken = sorted(set(kwargs) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
+    if taken:
+        raise EdgeSlmError(f"{field} cannot set {', '.join(taken)}: edge-slm sets it")
+    return kwargs
+
+
 def render(template: str, messages: list[dict], **variables) -> str:
     """Render `template` over `messages` within the bounds; the output is capped too."""
     env = _BoundedEnvironment()

@@ -190,22 +190,27 @@ class Model:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the bundle's chat template writes it (bounded, sandboxed)."""
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+    ) -> str:
+        """The conversation as the bundle's chat template writes it (bounded, sandboxed);
+        `chat_template_kwargs` are extra template variables, as transformers' apply_chat_template takes."""
         return chat_template.render(
             self._chat_template(),
             chat_template.check_messages(messages),
-            **self._template_variables(add_generation_prompt),
+            **self._template_variables(add_generation_prompt, chat_template_kwargs),
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+    ) -> list[int]:
         """Token ids of the conversation; message text never becomes control tokens."""
         ids = chat_template.encode_chat(
             self.tokenizer,
             self._chat_template(),
             messages,
             self._special_ids,
-            **self._template_variables(add_generation_prompt),
+            **self._template_variables(add_generation_prompt, chat_template_kwargs),
         )
         return self._checked_ids(ids)
 
@@ -215,13 +220,14 @@ class Model:
             raise EdgeSlmError(f"{self.path}: this bundle has no chat template; use plain generation")
         return template
 
-    def _template_variables(self, add_generation_prompt: bool) -> dict:
+    def _template_variables(self, add_generation_prompt: bool, chat_template_kwargs: dict | None = None) -> dict:
         specials = self.generation.get("special_tokens", {})
         bos = next((t for t, i in specials.items() if i == self.generation.get("bos_token_id")), "")
         eos_ids = self.generation.get("eos_token_ids") or []
         eos = next((t for t, i in specials.items() if eos_ids and i == eos_ids[0]), "")
         # As transformers passes them: templates that write the BOS or EOS text themselves need them.
-        return {"add_generation_prompt": add_generation_prompt, "bos_token": bos, "eos_token": eos}
+        extra = chat_template.check_template_kwargs(chat_template_kwargs)
+        return {**extra, "add_generation_prompt": add_generation_prompt, "bos_token": bos, "eos_token": eos}
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         vocab = self.session.vocab_size
@@ -384,9 +390,17 @@ class Model:
             result.add(response)
         return result
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, keep_cache: bool = True, **kwargs) -> Generation:
-        """Answer the last user message; earlier turns already in the cache are not run again."""
-        ids = self.encode_chat(messages)
+    def chat(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        keep_cache: bool = True,
+        chat_template_kwargs: dict | None = None,
+        **kwargs,
+    ) -> Generation:
+        """Answer the last user message; earlier turns already in the cache are not run again.
+        `chat_template_kwargs` are extra template variables (Qwen3's `{"enable_thinking": False}`)."""
+        ids = self.encode_chat(messages, chat_template_kwargs=chat_template_kwargs)
         return self.generate(ids, max_new_tokens=max_new_tokens, keep_cache=keep_cache, **kwargs)
 
     # -- evaluation -----------------------------------------------------------------------------

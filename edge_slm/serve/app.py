@@ -436,9 +436,10 @@ async def _job(service: Service, request: Request, chat: bool):
     body = await _body(service, request, "generation")
     sampling = req.sampling(body)
     model = service.model
+    extra = req.chat_template_kwargs(body) if chat else {}
     try:
         if chat:
-            ids = await service.on_text_worker(model.encode_chat, req.messages(body))
+            ids = await service.on_text_worker(model.encode_chat, req.messages(body), True, extra)
         else:
             ids = await service.on_text_worker(model.encode, req.prompt(body))
     except EdgeSlmError as exc:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from edge_slm.core.errors import EdgeSlmError
+from edge_slm.runtime.chat_template import check_template_kwargs
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -117,6 +120,14 @@ def messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{n}].content must be text", f"messages[{n}]")
         out.append({**message, "content": content})
     return out
+
+
+def chat_template_kwargs(body: dict) -> dict:
+    """Extra chat template variables (Qwen3's enable_thinking), as vLLM's server takes them."""
+    try:
+        return check_template_kwargs(body.get("chat_template_kwargs"), "'chat_template_kwargs'")
+    except EdgeSlmError as exc:
+        raise ApiError(400, str(exc), "chat_template_kwargs") from None
 
 
 def prompt(body: dict) -> str:
