@@ -5,6 +5,7 @@ and gives the model's shape, special ids and greedy search defaults."""
 
 from __future__ import annotations
 
+from edge_slm.builder.decoder.architectures import genai_model_type
 from edge_slm.builder.decoder.export import ModelShape
 
 GENAI_CONFIG = "genai_config.json"
@@ -15,7 +16,7 @@ def genai_config(shape: ModelShape, generation: dict, graph_kind: str, model_fil
     context = shape.context_length
     return {
         "model": {
-            "type": shape.architecture if shape.architecture in ("llama", "qwen2") else "llama",
+            "type": genai_model_type(shape.architecture),
             "bos_token_id": generation.get("bos_token_id") if generation.get("bos_token_id") is not None else eos[0],
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": generation.get("pad_token_id", eos[0]),

@@ -6,6 +6,8 @@ import numpy as np
 from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
 MODEL_TYPES = {"gemma": "Gemma"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"gemma": "gemma"}
 
 
 def plus_one(weights):

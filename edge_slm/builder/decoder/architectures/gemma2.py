@@ -7,6 +7,8 @@ from edge_slm.builder.decoder.architectures.base import Layout, Norms, mlp_activ
 from edge_slm.builder.decoder.architectures.gemma import embedding_scale, plus_one
 
 MODEL_TYPES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3_text"}
 NORMS = Norms("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 

@@ -6,6 +6,8 @@ o_proj and down_proj (each branch's last product); the logits divisor into the f
 from edge_slm.builder.decoder.architectures.base import Layout, fold, mlp_activation, plain_layers
 
 MODEL_TYPES = {"granite": "Granite 3"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"granite": "granite"}
 
 
 def layout(config) -> Layout:

@@ -4,6 +4,8 @@ Qwen2 differs only by q/k/v biases (found in the weights); Mistral by a sliding 
 from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
 MODEL_TYPES = {"llama": "Llama, SmolLM2, TinyLlama", "qwen2": "Qwen2, Qwen2.5", "mistral": "Mistral, Ministral"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 
 
 def layout(config) -> Layout:

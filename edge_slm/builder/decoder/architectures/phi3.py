@@ -5,6 +5,8 @@ narrower, and the attention rotates only their width)."""
 from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
 MODEL_TYPES = {"phi3": "Phi-3, Phi-4-mini"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"phi3": "phi3"}
 
 
 def layout(config) -> Layout:

@@ -3,6 +3,8 @@
 from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
 MODEL_TYPES = {"qwen3": "Qwen3"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"qwen3": "qwen3"}
 
 
 def layout(config) -> Layout:

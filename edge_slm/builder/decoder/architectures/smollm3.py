@@ -3,6 +3,8 @@
 from edge_slm.builder.decoder.architectures.base import Layout, mlp_activation, plain_layers
 
 MODEL_TYPES = {"smollm3": "SmolLM3"}
+# onnxruntime-genai\'s model type for each (genai_config.json\'s model.type)
+GENAI_MODEL_TYPES = {"smollm3": "smollm3"}
 
 
 def layout(config) -> Layout:
