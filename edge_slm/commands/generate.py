@@ -23,6 +23,7 @@ MAX_GRAMMAR_FILE_BYTES = 256 * 1024  # a schema or grammar file; the smart-home 
 @click.option(
     "--chat-template-kwargs",
     "template_kwargs",
+    metavar="JSON",
     help="With --chat: extra chat template variables, a JSON object (e.g. '{\"enable_thinking\": false}').",
 )
 @click.option("--truncate", is_flag=True, help="Keep the end of a prompt longer than the context.")
