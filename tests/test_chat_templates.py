@@ -4,9 +4,10 @@
 `chat_template_kwargs`.
 
 The installed transformers ships neither template and they cannot be downloaded here, so
-`QWEN3_TEMPLATE` and `GEMMA3_TEMPLATE` are written out from the models' published
-tokenizer_config.json: Gemma 3's whole (no system role: the system text opens the first user turn),
-Qwen3's without its tool-calling branches (tools are not part of a chat request here)."""
+`QWEN3_TEMPLATE` and `GEMMA3_TEMPLATE` are faithful equivalents of the models' published
+tokenizer_config.json templates, written out by hand and not checked byte for byte against them:
+Gemma 3's whole (no system role: the system text opens the first user turn), Qwen3's without its
+tool-calling branches (tools are not part of a chat request here)."""
 
 from __future__ import annotations
 
