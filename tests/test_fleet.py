@@ -5,6 +5,7 @@ installs the wheel and onnxruntime, copies, verifies, smoke-tests and serves the
 second run changes nothing; --status and --stop go over the inventory; the plain
 `ansible-playbook -i inventory.yml deploy.yml` does the same."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -155,6 +156,27 @@ def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle, tmp_pat
     assert all(rows[h]["changed"] == 0 and rows[h]["failed"] == 0 for h in GOOD), again.stdout
     assert "2 of 2 hosts ok" in again.stdout
 
+    # One deploy at a time per device: while another deploy holds dev0's lock (the flock `deploy --host`
+    # takes), the role fails there in one line naming the holder; dev1 proceeds and releases its lock.
+    state = {host: fleet["homes"][host] / ".local/share/edge-slm" for host in GOOD}
+    holder = "deploy --host from elsewhere pid 42 since 12:00:00 UTC"
+    (state[GOOD[0]] / "deploy.owner").write_text(holder + "\n")
+    with open(state[GOOD[0]] / "deploy.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = edge_slm("deploy", "--inventory", inventory, "--serve", "--limit", ",".join(GOOD))
+    assert locked.returncode == 1, locked.stdout + locked.stderr
+    assert (
+        f"error: {GOOD[0]}: Take the device's deploy lock: another deploy is using this device's edge-slm install "
+        f"({holder}): wait for it to finish, then deploy again"
+    ) in locked.stderr.splitlines(), locked.stderr
+    rows = recap(locked.stdout)
+    assert rows[GOOD[0]]["failed"] == 1 and rows[GOOD[1]]["failed"] == 0 and rows[GOOD[1]]["changed"] == 0, rows
+    assert (state[GOOD[0]] / "deploy.owner").read_text() == holder + "\n"  # the holder's record left alone
+    (state[GOOD[0]] / "deploy.owner").unlink()
+    assert not (state[GOOD[1]] / "deploy.owner").exists() and not (state[GOOD[1]] / "deploy.holder").exists()
+    with open(state[GOOD[1]] / "deploy.lock", "a") as free:
+        fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at the end of dev1's play
+
     # bench over the inventory, through the same venvs and bundle folders; the records filed per host.
     # The broken host fails alone.
     bench = edge_slm(
@@ -189,6 +211,32 @@ def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle, tmp_pat
     ) in rolled.stderr
     assert GOOD[1] not in recap(rolled.stdout) and BROKEN not in recap(rolled.stdout), rolled.stdout
     assert httpx.get(f"http://{listen[GOOD[0]]}/health", timeout=5).json()["status"] == "ok"
+
+    # A rollout one host at a time of a bundle whose smoke test fails on the first host: dev0 computes
+    # other greedy tokens than this machine (a fault planted in its venv: numpy's argmax answers argmin).
+    # The rollout stops there, every host keeps serving the previous bundle and dev1 is not touched.
+    following = tmp_path / "following"
+    shutil.copytree(tiny_bundle, following)
+    manifest = json.loads((following / "manifest.json").read_text())
+    (following / "manifest.json").write_text(json.dumps({**manifest, "target": "tiny-laptop-next"}))
+    fault = next((state[GOOD[0]] / "venv").glob("lib/python3*/site-packages")) / "zz_edge_slm_test_fault.pth"
+    before = {host: sorted(p.name for p in (state[host] / "bundles").iterdir()) for host in GOOD}
+    fault.write_text("import numpy; numpy.argmax = numpy.argmin\n")
+    try:
+        bad = edge_slm("deploy", following, "--inventory", inventory, "--serve", "--serial", "1")
+    finally:
+        fault.unlink()
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert (
+        f"error: {GOOD[0]}: Compare with the control machine's reference: the smoke test failed: "
+        "0/8 greedy tokens as on this machine"
+    ) in bad.stderr, bad.stderr
+    rows = recap(bad.stdout)
+    assert rows[GOOD[0]]["failed"] == 1 and set(rows) == {GOOD[0]}, bad.stdout
+    assert sorted(p.name for p in (state[GOOD[1]] / "bundles").iterdir()) == before[GOOD[1]]
+    for host in GOOD:
+        assert httpx.get(f"http://{listen[host]}/health", timeout=5).json()["model"] == "tiny-laptop"
+        assert (state[host] / "current").resolve().name == before[host][0]
 
     # A file of a device's install that differs from the wheel is found, and the wheel installed again.
     venv = fleet["homes"][GOOD[1]] / ".local/share/edge-slm/venv"
