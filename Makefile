@@ -93,8 +93,11 @@ verify-rpi4: $(VENV)/.build-installed qemu
 verify-rpi5: $(VENV)/.build-installed qemu
 	$(BIN)/edge-slm verify export/rpi5 --emulate cortex-a76 --eval-tokens 256
 
+# The files of bench records (results/ also holds other benchmarks' own records: ask, tool calls, soak).
+BENCH_RECORDS = $(shell grep -l '"schema": "edge-slm-bench/' benchmarks/results/*/*.jsonl)
+
 report: $(VENV)/.build-installed
-	$(BIN)/edge-slm report $(wildcard benchmarks/results/*/*.jsonl) --out benchmarks/report
+	$(BIN)/edge-slm report $(BENCH_RECORDS) --out benchmarks/report
 
 # The SSH benchmark tests run a real OpenSSH server on a loopback port (Debian's openssh-server).
 sshd:

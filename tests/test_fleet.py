@@ -192,6 +192,12 @@ def test_deploy_inventory_serve_redeploy_status_stop(fleet, tiny_bundle, tmp_pat
         assert len(records) == 1 and records[0]["remote"]["host"] == host, records
         assert records[0]["bundle"]["target"] == "tiny-laptop" and records[0]["settings"]["gen_tokens"] == 4
     assert f"{GOOD[0]}: 1 records appended to benchmarks/results/tiny-laptop/{GOOD[0]}.jsonl" in bench.stderr
+    # The report keeps the hosts apart (the three devices share this machine's hostname).
+    files = [tmp_path / f"benchmarks/results/tiny-laptop/{host}.jsonl" for host in GOOD]
+    made = edge_slm("report", *files, "--out", tmp_path / "fleet-report")
+    assert made.returncode == 0, made.stderr
+    report = (tmp_path / "fleet-report" / "report.md").read_text()
+    assert all(f"1t, {host})" in report or f"2t, {host})" in report for host in GOOD), report
 
     # A rolling update one host at a time, whose first host cannot listen where the inventory says:
     # the rollout stops there, and that host keeps serving its previous server.

@@ -21,7 +21,7 @@ from pathlib import Path
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.outputs import check_output_folder, output_folder
 from edge_slm.runtime.bench import record_problem
-from edge_slm.runtime.bench_results import RESULTS, results_of
+from edge_slm.runtime.bench_results import RESULTS, measured_on, results_of
 
 
 def read_records(paths: list[Path]) -> list[dict]:
@@ -49,7 +49,9 @@ def read_records(paths: list[Path]) -> list[dict]:
 
 def label(record: dict) -> str:
     b = record["bundle"]
-    return f"{record['system']} {b['precision']} {b['target']} ({record['settings']['threads']}t, {record['host']})"
+    return (
+        f"{record['system']} {b['precision']} {b['target']} ({record['settings']['threads']}t, {measured_on(record)})"
+    )
 
 
 def latest_per_setting(records: list[dict]) -> list[dict]:
@@ -61,7 +63,7 @@ def latest_per_setting(records: list[dict]) -> list[dict]:
             r["bundle"]["target"],
             r["bundle"]["precision"],
             r["settings"]["threads"],
-            r["host"],
+            measured_on(r),
             r["test"],
         )
         if key not in newest or r["timestamp"] > newest[key]["timestamp"]:
@@ -70,7 +72,7 @@ def latest_per_setting(records: list[dict]) -> list[dict]:
         newest.values(),
         key=lambda r: (
             r["bundle"]["target"],
-            r["host"],
+            measured_on(r),
             r["system"] != "edge-slm",
             r["bundle"]["precision"],
             r["settings"]["threads"],
@@ -89,12 +91,12 @@ def comparison_rows(records: list[dict]) -> list[dict]:
     baselines = {}
     for r in records:
         if r["system"] == "edge-slm" and r["bundle"]["precision"] == "fp32":
-            key = (r["bundle"]["target"], r["host"])
+            key = (r["bundle"]["target"], measured_on(r))
             if key not in baselines or decode_rate(r) > decode_rate(baselines[key]):
                 baselines[key] = r
     rows = []
     for r in records:
-        base = baselines.get((r["bundle"]["target"], r["host"]))
+        base = baselines.get((r["bundle"]["target"], measured_on(r)))
         acc = r.get("accuracy") or {}
         rows.append(
             {
@@ -132,7 +134,7 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
     made = []
     best = {}
     for r in records:  # the best thread count per run for the bar charts
-        key = (r["system"], r["bundle"]["target"], r["bundle"]["precision"], r["host"])
+        key = (r["system"], r["bundle"]["target"], r["bundle"]["precision"], measured_on(r))
         if key not in best or decode_rate(r) > decode_rate(best[key]):
             best[key] = r
     runs = list(best.values())
@@ -196,7 +198,7 @@ def plots(records: list[dict], out: Path) -> list[tuple[str, Path]]:
 
     sweeps = defaultdict(list)
     for r in records:
-        sweeps[(r["system"], r["bundle"]["target"], r["bundle"]["precision"], r["host"])].append(r)
+        sweeps[(r["system"], r["bundle"]["target"], r["bundle"]["precision"], measured_on(r))].append(r)
     sweeps = {k: sorted(v, key=lambda r: r["settings"]["threads"]) for k, v in sweeps.items() if len(v) > 1}
     if sweeps:
         fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -249,13 +251,13 @@ def encoder_rows(records: list[dict]) -> list[dict]:
     fastest = {}
     for r in records:
         if r["system"] != "edge-slm":
-            key = r["host"]
+            key = measured_on(r)
             if key not in fastest or batch32_rate(r) > batch32_rate(fastest[key]):
                 fastest[key] = r
     rows = []
     for r in records:
         acc = r.get("accuracy") or {}
-        peer = fastest.get(r["host"])
+        peer = fastest.get(measured_on(r))
         if "accuracy" in acc:
             accuracy = f"{100 * acc['accuracy']:.1f}% (test split)"
         elif "recall_at_1" in acc:

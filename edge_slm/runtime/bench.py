@@ -32,6 +32,7 @@ from edge_slm.runtime.bench_results import (
     RESULTS,
     DecoderResults,
     EncoderResults,
+    measured_on,
     record_family,
     results_of,
     results_problem,
@@ -349,7 +350,7 @@ def table(records: list[dict]) -> str:
         "target": lambda r: r["bundle"]["target"],
         "precision": lambda r: r["bundle"]["precision"],
         "threads": lambda r: str(r["settings"]["threads"]),
-        "host": lambda r: r["host"],
+        "host": measured_on,
     }
     shown = [name for name, get in candidates.items() if len({get(r) for r in records}) > 1] or ["precision"]
     metrics = RESULTS["decoder"].columns()

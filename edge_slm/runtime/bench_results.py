@@ -151,6 +151,15 @@ def record_family(record: dict) -> str:
     return (bundle.get("family") if isinstance(bundle, dict) else None) or "decoder"
 
 
+def measured_on(record: dict) -> str:
+    """Where a record was measured: the device's name in the inventory or `--host` for a record
+    fetched from a device (devices may share a hostname: three users on one machine, or a fleet
+    of identical images), else the machine's own hostname."""
+    remote = record.get("remote")
+    host = remote.get("host") if isinstance(remote, dict) else None
+    return str(host or record.get("host"))
+
+
 def results_type(record: dict) -> type[Results]:
     return RESULTS[record_family(record)]
 
