@@ -183,6 +183,9 @@ def test_stop_leaves_alone_a_process_that_took_the_recorded_pid(device, device_h
     # ... and its pid goes to another program of the same user, whose command line even says edge-slm serve.
     other = int(ssh(device, "nohup bash -c 'exec -a \"edge-slm serve impostor\" sleep 300' >/dev/null 2>&1 & echo $!"))
     try:
+        deadline = time.monotonic() + 10  # `$!` is known before the background shell has exec'd sleep
+        while b"edge-slm serve" not in Path(f"/proc/{other}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert b"edge-slm serve" in Path(f"/proc/{other}/cmdline").read_bytes()
         taken = dict(crashed, pid=other)  # the record as it would read had the kernel reused the pid
         (device_home / STATE / "serve.json").write_text(json.dumps(taken))
