@@ -284,7 +284,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_bundle):
         (["--temperature", "inf"], "error: --temperature is inf; give a finite number"),
         (["--seed", "-1"], "error: --seed is -1; use 0 or a positive integer"),
         (["-n", "-1"], "-1 is not in the range x>=1"),
-        (["--top-p", "0"], "error: --top-p is 0.0; it must be in (0, 1]"),
+        (["--top-p", "1.5"], "error: --top-p is 1.5; it must be in [0, 1] (0: greedy)"),
     ],
 )
 def test_bad_numbers_are_usage_errors(tiny_bundle, args, message):

@@ -98,8 +98,17 @@ def sampling_options(func):
             click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True),
             click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
             click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 is no limit."),
-            click.option("--top-p", type=float, default=1.0, show_default=True),
+            click.option("--top-p", type=float, default=1.0, show_default=True, help="0 is greedy."),
+            click.option(
+                "--min-p",
+                type=float,
+                default=0.0,
+                show_default=True,
+                help="Keep tokens this likely relative to the best.",
+            ),
             click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+            click.option("--presence-penalty", type=float, default=0.0, show_default=True, help="OpenAI's, -2 to 2."),
+            click.option("--frequency-penalty", type=float, default=0.0, show_default=True, help="OpenAI's, -2 to 2."),
             click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
             click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
             threads_option(),
@@ -125,4 +134,5 @@ def open_bundle(bundle: Path, threads: int | None, need: type[Manifest] = Decode
 
 
 def sampling(kw: dict) -> dict:
-    return {k: kw[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+    return {k: kw[k] for k in (*names, "seed")}
