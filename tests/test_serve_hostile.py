@@ -306,10 +306,10 @@ def test_deep_nesting_is_400(server):
     value = "x"
     for _ in range(62):
         value = [value]
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "metadata": {"a": value}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "client_data": {"a": value}}
     assert httpx.post(server + CHAT, json=body).status_code == 200  # 64 levels: taken
-    body["metadata"]["a"] = [value]
-    _refused(httpx.post(server + CHAT, json=body), 400, "'metadata.a" + "[0]" * 62 + "' nests deeper than 64 levels")
+    body["client_data"]["a"] = [value]
+    _refused(httpx.post(server + CHAT, json=body), 400, "'client_data.a" + "[0]" * 62 + "' nests deeper than 64 levels")
 
 
 @pytest.mark.parametrize(
