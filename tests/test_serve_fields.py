@@ -518,3 +518,39 @@ def test_status_errors_reach_the_openai_client(client):
     with pytest.raises(APIStatusError) as caught:
         client.chat.completions.create(model="tiny-laptop", messages=MESSAGES, max_tokens=2, presence_penalty=5)
     assert caught.value.status_code == 400 and caught.value.body["param"] == "presence_penalty"
+
+
+def test_sampling_defaults_from_gguf_metadata_and_generation_config(tmp_path):
+    """A GGUF's llama.cpp `general.sampling.*` keys and an HF folder's generation_config.json give
+    the same names; values outside the server's ranges are left out; an unreadable file is one line."""
+    import gguf
+
+    from edge_slm.builder.decoder.load import GGUF_SAMPLING, LoadedModel, _checked_sampling, _gguf_metadata
+    from edge_slm.builder.decoder.load import sampling_defaults as read_defaults
+    from edge_slm.core.errors import ModelError
+
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_float32("general.sampling.temp", 0.6)
+    writer.add_float32("general.sampling.top_p", 0.95)
+    writer.add_int32("general.sampling.top_k", 20)
+    writer.add_float32("general.sampling.penalty_repeat", 5e9)  # out of range: left out
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta = _gguf_metadata(path)
+    from_gguf = _checked_sampling({name: meta[key] for key, name in GGUF_SAMPLING.items() if key in meta})
+    assert from_gguf == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert read_defaults(LoadedModel(tmp_path, {"kind": "gguf", "sampling": from_gguf}, False)) == from_gguf
+    assert read_defaults(LoadedModel(tmp_path, {"kind": "gguf"}, False)) == {}
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    loaded = LoadedModel(folder, {"kind": "hf-dir"}, False)
+    assert read_defaults(loaded) == {}  # no generation_config.json
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": True, "top_p": 0.8, "top_k": -1}))
+    assert read_defaults(loaded) == {"top_p": 0.8}
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="generation_config.json: cannot be read"):
+        read_defaults(loaded)

@@ -315,7 +315,7 @@ class DecoderManifest(Manifest):
         graph = raw["graph"]
         return cls(
             **cls._common(raw),
-            sampling_defaults=_frozen((raw.get("generation") or {}).get("sampling")),
+            sampling_defaults=_sampling_defaults(raw.get("generation")),
             model=DecoderModel.of(raw["model"]),
             graph=DecoderGraphSection(
                 **GraphSection._common(graph),
@@ -332,6 +332,17 @@ class DecoderManifest(Manifest):
         from edge_slm.core.manifest_text import decoder_lines
 
         return decoder_lines(self, bundle)
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def _sampling_defaults(generation) -> Mapping:
+    """The manifest's `generation.sampling` (its values checked by manifest_schema), known names only."""
+    sampling = generation.get("sampling") if isinstance(generation, dict) else None
+    if not isinstance(sampling, dict):
+        return _EMPTY
+    return MappingProxyType({k: sampling[k] for k in SAMPLING_DEFAULTS if k in sampling})
 
 
 # -- encoder -------------------------------------------------------------------------------------

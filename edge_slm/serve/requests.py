@@ -138,7 +138,8 @@ def sampling(body: dict, chat: bool = True, defaults: dict | None = None, vocab_
     for name in ("n", "best_of"):
         if body.get(name) not in (None, 1):
             raise ApiError(400, f"'{name}' is {body[name]!r}; this server makes one choice per request", name)
-    max_tokens = _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1)
+    max_tokens = _integer(body, "max_tokens", 1)
+    max_tokens = _integer(body, "max_completion_tokens", 1) or max_tokens  # both checked; the newer name wins
     if body.get("repetition_penalty") is not None and body.get("repeat_penalty") is not None:
         raise ApiError(400, "give 'repetition_penalty' or its alias 'repeat_penalty', not both", "repeat_penalty")
     penalty_name = "repeat_penalty" if body.get("repeat_penalty") is not None else "repetition_penalty"
