@@ -145,16 +145,34 @@ class Sampler:
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
         if cfg.top_p < 1.0:
-            order = np.argsort(-probs)
-            cumulative = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cumulative, cfg.top_p)) + 1]
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
+            probs = _nucleus(probs, cfg.top_p)
         if cfg.min_p > 0:
             probs = np.where(probs >= cfg.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
-        return int(self.rng.choice(probs.shape[0], p=probs))
+        # Drawn among the tokens left, in id order: the same token for the same seed as a draw over
+        # the whole vocabulary (the zeros add nothing to the cumulative sum), in a fraction of the time.
+        candidates = np.flatnonzero(probs)
+        return int(candidates[self.rng.choice(candidates.shape[0], p=probs[candidates])])
+
+
+NUCLEUS_FIRST = 256  # sorted first: a 49k vocabulary's full argsort costs ~3 ms, these ~0.3 ms
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of likeliest tokens whose probability reaches `top_p`, renormalised; the
+    others zero. Sorts only the NUCLEUS_FIRST likeliest when they already hold `top_p` (they
+    usually do), else the whole vocabulary."""
+    head = np.flatnonzero(probs) if np.count_nonzero(probs) <= NUCLEUS_FIRST else None
+    if head is None:
+        head = np.argpartition(probs, -NUCLEUS_FIRST)[-NUCLEUS_FIRST:]
+        if probs[head].sum() < top_p:
+            head = np.arange(probs.shape[0])
+    order = head[np.argsort(-probs[head], kind="stable")]
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -180,6 +198,6 @@ def likeliest_tokens(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...
     if n <= 0:
         return ()
     row = log_softmax(logits)
-    best = np.argpartition(-row, n - 1)[:n] if n < row.shape[0] else np.arange(row.shape[0])
+    best = np.argpartition(row, -n)[-n:] if n < row.shape[0] else np.arange(row.shape[0])
     best = best[np.argsort(-row[best], kind="stable")]
     return tuple((int(t), float(row[t])) for t in best)
