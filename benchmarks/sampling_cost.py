@@ -1,13 +1,14 @@
 """What the request fields of issue #24 cost per token: decode speed of `Model.stream` with
-plain greedy decoding against greedy with `top_logprobs=20` and against sampling with every
-sampling field set (logit_bias, presence/frequency/repetition penalties, top_k, top_p, min_p).
+greedy decoding against greedy with `top_logprobs=20`, and sampling (temperature and top_p, as
+before) against sampling with every new field set (logit_bias, presence/frequency/repetition
+penalties, top_k, min_p).
 
     .venv/bin/python benchmarks/sampling_cost.py /work/cmp/new-x86 --rounds 8 --threads 2 \
         --out benchmarks/results/sampling/cost-x86.jsonl
 
 All three run in one process on one loaded bundle, alternating (the order rotates every round),
 after one warm-up each; each round gives each variant's decode tok/s over `--gen-tokens` tokens
-(the prompt's time excluded), and its ratio to the plain run of the same round. The summary is
+(the prompt's time excluded), and its ratio to its baseline's run of the same round. The summary is
 the median ratio with its range. Apart from the graph, the median time of one token's choice
 (the sampler alone, and `top_logprobs=20` alone) on the model's real distribution. One JSON
 record per run.
@@ -32,21 +33,22 @@ from edge_slm.core.system import machine  # noqa: E402
 from edge_slm.runtime.bench import prompt_ids  # noqa: E402
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, likeliest_tokens  # noqa: E402
 
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 1}  # what sampling was before issue #24's fields
 VARIANTS = {
     "greedy": {},
     "greedy+top_logprobs20": {"top_logprobs": 20},
-    "every_field": {
-        "temperature": 0.8,
+    "sampled": SAMPLED,
+    "sampled+every_field": {
+        **SAMPLED,
         "top_k": 40,
-        "top_p": 0.95,
         "min_p": 0.05,
         "repetition_penalty": 1.1,
         "presence_penalty": 0.5,
         "frequency_penalty": 0.5,
         "logit_bias": {i: -100.0 if i % 2 else 5.0 for i in range(100, 400)},
-        "seed": 1,
     },
 }
+BASELINE_OF = {"greedy+top_logprobs20": "greedy", "sampled": "greedy", "sampled+every_field": "sampled"}
 
 
 def decode_rate(model, ids: list[int], gen_tokens: int, options: dict) -> float:
@@ -117,9 +119,12 @@ def main() -> int:
             f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in names), file=sys.stderr
         )
     per_token = sampler_ms(model, ids)
-    ratios = {name: summary([a / b for a, b in zip(rates[name], rates["greedy"])]) for name in names[1:]}
+    ratios = {
+        f"{name}/{base}": summary([a / b for a, b in zip(rates[name], rates[base])])
+        for name, base in BASELINE_OF.items()
+    }
     record = {
-        "schema": "edge-slm-sampling-cost/1",
+        "schema": "edge-slm-sampling-cost/2",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bundle": str(args.bundle),
         "precision": model.manifest.precision,
@@ -127,7 +132,7 @@ def main() -> int:
         "workload": f"pp{args.prompt_tokens}+tg{args.gen_tokens}",
         "rounds": args.rounds,
         "decode_tok_s": {name: summary(values) for name, values in rates.items()},
-        "ratio_to_greedy": ratios,
+        "ratios": ratios,
         "sampler_ms_per_token": per_token,
         "machine": machine(),
         "note": "shared 2-core machine: other developers' jobs ran at the same time",
@@ -137,9 +142,10 @@ def main() -> int:
         with args.out.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
     print("one token's choice: " + ", ".join(f"{k} {v:.3f} ms" for k, v in per_token.items()))
-    for name, ratio in ratios.items():
+    for pair, ratio in ratios.items():
+        name, base = pair.split("/")
         print(
-            f"{name}: {statistics.median(rates[name]):.1f} vs greedy {statistics.median(rates['greedy']):.1f} tok/s, "
+            f"{name}: {statistics.median(rates[name]):.1f} vs {base} {statistics.median(rates[base]):.1f} tok/s, "
             f"ratio {ratio['median']:.3f} (range {ratio['min']:.3f}-{ratio['max']:.3f}, {ratio['n']} rounds)"
         )
     return 0
