@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.runtime.grammar import Constraint, GrammarState
 from edge_slm.runtime.model import FINISH_REASON, GenerationResponse
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprob
 from edge_slm.runtime.session import LOGITS_TO_KEEP, _run
@@ -44,6 +45,7 @@ class Sequence:
     stop: tuple[str, ...] = ()
     sampling: dict = field(default_factory=dict)
     owner: str = ""  # the key the slot's cached prefix is reused for
+    constraint: Constraint | None = None  # the reply's grammar; its parser is this sequence's own
     slot: int = -1
     length: int = 0  # tokens of this sequence in its slot's cache
     token: int = -1  # the last sampled token, fed at the next step
@@ -61,6 +63,7 @@ class Sequence:
             raise EdgeSlmError(f"max_new_tokens is {self.max_new_tokens}; generate 1 token or more")
         self.sampler = Sampler(SamplingConfig(**self.sampling))
         self.history = list(self.prompt_ids)
+        self.grammar: GrammarState | None = None  # started when the sequence is admitted
 
 
 class BatchDecoder:
@@ -133,6 +136,8 @@ class BatchDecoder:
         `prefill_chunk`: it runs a chunk per `step`, and its first token comes from a step."""
         if len(seq.prompt_ids) >= self.context:
             raise EdgeSlmError(f"the prompt has {len(seq.prompt_ids)} tokens; a slot holds {self.context}: shorten it")
+        if seq.constraint is not None and seq.grammar is None:  # a fresh parser: it matches only this reply
+            seq.grammar = GrammarState(seq.constraint, self.model.grammar_tokenizer(), self.vocab_size)
         slot, common = self._pick_slot(seq, reuse_any)
         seq.slot, seq.reused, seq.started = slot, common, time.perf_counter()
         self.busy[slot], self.owners[slot] = seq, seq.owner
@@ -248,7 +253,7 @@ class BatchDecoder:
 
     # -- one token's bookkeeping, as Model.stream does it ----------------------------------------
     def _emit(self, seq: Sequence, logits: np.ndarray) -> GenerationResponse:
-        token = seq.sampler(logits, seq.history)
+        token = seq.sampler(logits, seq.history, seq.grammar.allowed() if seq.grammar else None)
         now = time.perf_counter()
         if seq.count == 0 and not seq.first_at:
             seq.first_at, seq.ttft_ms = now, (now - seq.started) * 1e3
@@ -260,8 +265,12 @@ class BatchDecoder:
             seq.history.append(token)
             seq.count += 1
             piece = seq.text.push(token)
+            if seq.grammar:
+                seq.grammar.advance(token)
             if seq.text.stopped:
                 reason = "stop_string"
+            elif seq.grammar and seq.grammar.complete:
+                reason = "grammar"
             elif seq.count == seq.max_new_tokens:
                 reason = "max_new_tokens"
             elif seq.length >= self.context:

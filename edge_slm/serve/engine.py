@@ -40,6 +40,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it stops (between two tokens)
     owner: str = ""  # who sent it (a hash of its API key): the KV cache is reused only for its owner
+    constraint: object = None  # runtime.grammar.Constraint: the reply's grammar (structured output, tool calls)
 
 
 class Engine:
@@ -118,6 +119,7 @@ class Engine:
                 max_new_tokens=job.max_tokens,
                 stop=job.stop,
                 keep_cache=reuse,
+                constraint=job.constraint,
                 **job.sampling,
             ):
                 job.result.add(response)
@@ -237,7 +239,9 @@ class BatchEngine:
             return
         job.result = Generation(prompt_token_ids=job.prompt_ids)
         try:
-            seq = Sequence(job.prompt_ids, job.max_tokens, job.stop, job.sampling, owner=job.owner)
+            seq = Sequence(
+                job.prompt_ids, job.max_tokens, job.stop, job.sampling, owner=job.owner, constraint=job.constraint
+            )
             self._running[job] = (seq, loop, out, time.perf_counter())
             response = self.decoder.admit(seq, reuse_any=self.share_prefix_cache)
         except Exception as exc:  # handed to the request's coroutine, which answers with it
