@@ -294,6 +294,7 @@ class ToolCallStream:
 
     def __init__(self):
         self.state, self.buffer, self.index = "text", "", -1
+        self.after_call = False  # the newline between two calls is neither content nor a call
 
     def push(self, text: str) -> list[tuple]:
         self.buffer += text
@@ -311,6 +312,9 @@ class ToolCallStream:
         return events
 
     def _text(self, final: bool) -> list[tuple]:
+        if self.after_call:
+            self.buffer = self.buffer.lstrip("\n")
+            self.after_call = not self.buffer
         at = self.buffer.find(OPEN)
         if at >= 0:
             content, self.buffer, self.state = self.buffer[:at], self.buffer[at + len(OPEN) :], "head"
@@ -337,8 +341,8 @@ class ToolCallStream:
             body = (self.buffer[:at] if at >= 0 else self.buffer).rstrip()
             closed = at >= 0 and body.endswith("}")
             pieces = body[:-1].rstrip() if closed else body
-            self.buffer = self.buffer[at + len(CLOSE) :].lstrip("\n") if at >= 0 else ""
-            self.state = "text"
+            self.buffer = self.buffer[at + len(CLOSE) :] if at >= 0 else ""
+            self.state, self.after_call = "text", True
             return [("arguments", self.index, pieces)] if pieces else []
         ready = len(self.buffer) - _HOLD
         if ready <= 0:
