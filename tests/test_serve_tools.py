@@ -10,12 +10,14 @@ question."""
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
-from conftest import make_model, start_server, write_profile
+from conftest import REPO, make_model, start_server, write_profile
 from openai import OpenAI
 
 from edge_slm import runtime
@@ -496,3 +498,28 @@ def test_default_model_calls_for_a_command_and_answers_a_question(default_server
     pieces = [c.choices[0].delta.tool_calls for c in streamed if c.choices and c.choices[0].delta.tool_calls]
     assert pieces[0][0].function.name == "set_lights"
     assert "".join(p[0].function.arguments or "" for p in pieces) == call.function.arguments
+
+
+EXAMPLE = REPO / "docs" / "examples" / "smarthome_client.py"
+
+
+def _doc_block(marker: str) -> str:
+    text = (REPO / "docs" / "structured-output.md").read_text()
+    return text.split(f"<!-- {marker} -->\n```", 1)[1].split("\n", 1)[1].split("\n```\n", 1)[0]
+
+
+def test_the_doc_shows_the_example_script():
+    assert _doc_block("smarthome_client.py") == EXAMPLE.read_text().rstrip("\n"), (
+        "docs/structured-output.md shows another script than docs/examples/smarthome_client.py: paste the file in"
+    )
+
+
+@pytest.mark.e2e
+def test_the_example_script_prints_what_the_doc_shows(default_server):
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), default_server + "/v1"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == _doc_block("smarthome_client.out"), (
+        "the example's output changed: paste it into docs/structured-output.md"
+    )
