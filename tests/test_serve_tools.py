@@ -415,6 +415,35 @@ def test_a_cancelled_constrained_stream_leaves_nothing_behind(server, model):
     assert replies[1]["timings"]["prompt_reused"] > 0
 
 
+def test_batched_sequences_each_follow_their_own_grammar(model):
+    """Four sequences decoding together in one BatchDecoder, each with another constraint (a JSON
+    schema, required calls, auto, none): each reply token for token its solo constrained reply."""
+    from edge_slm.runtime.batch import BatchDecoder, Sequence
+
+    bodies = [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "room", "schema": SCHEMA}}},
+        {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "set_temperature"}}},
+        {},
+    ]
+    constraints = [serve_tools.structure(b).constraint for b in bodies]
+    ids = model.encode_chat(ASK)
+    decoder = BatchDecoder(model, slots=4)
+    seqs = [Sequence(ids, 80, constraint=c) for c in constraints]
+    out = {id(seq): [] for seq in seqs}
+    for seq in seqs:
+        first = decoder.admit(seq)
+        out[id(seq)] += [first] if first else []
+    while decoder.active:
+        for seq, response in decoder.step():
+            out[id(seq)].append(response)
+    for seq, constraint in zip(seqs, constraints):
+        solo = model.generate(ids, max_new_tokens=80, constraint=constraint)
+        assert [r.token for r in out[id(seq)] if r.stop_reason != "eos"] == solo.token_ids
+        assert "".join(r.text for r in out[id(seq)]) == solo.text
+    assert json.loads(model.generate(ids, max_new_tokens=80, constraint=constraints[0]).text)
+
+
 # -- LangChain ------------------------------------------------------------------------------------
 
 
