@@ -244,8 +244,10 @@ def prompt_messages(messages: list[dict], structure: Structure, template: str, s
 
 
 def tool_instructions(tools: list[dict]) -> str:
-    """The tools and the call format, in the words of the Hermes / Qwen2.5 system prompt."""
-    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    """The tools and the call format, in the words of the Hermes / Qwen2.5 system prompt. The
+    tools' JSON is compact: the default model's 2,048-token context holds the 13 smart-home
+    functions in 1,541 tokens so, 1,835 with spaces after the separators."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False, separators=(",", ":")) for t in tools)
     return (
         "You may call one or more functions to assist with the user query.\n\n"
         f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n</tools>\n\n"
