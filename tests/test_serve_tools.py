@@ -529,6 +529,33 @@ def test_default_model_calls_for_a_command_and_answers_a_question(default_server
     assert "".join(p[0].function.arguments or "" for p in pieces) == call.function.arguments
 
 
+@pytest.mark.e2e
+def test_langchain_agent_turns_on_the_default_model(default_server):
+    """LangChain's own messages (AIMessage with tool_calls, ToolMessage) go through the server's
+    template path, and `bind_tools` with tool_choice auto gets the model's call back as tool_calls."""
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=default_server + "/v1", api_key="x", model="x86-laptop", temperature=0, max_tokens=60)
+    history = []
+    for message in _shots():
+        if message["role"] == "user":
+            history.append(HumanMessage(message["content"]))
+        elif message["role"] == "tool":
+            history.append(ToolMessage(message["content"], tool_call_id=message["tool_call_id"]))
+        elif message.get("tool_calls"):
+            call = message["tool_calls"][0]
+            args = json.loads(call["function"]["arguments"])
+            history.append(
+                AIMessage("", tool_calls=[{"id": call["id"], "name": call["function"]["name"], "args": args}])
+            )
+        else:
+            history.append(AIMessage(message["content"]))
+    reply = chat.bind_tools(SMARTHOME[:2]).invoke([*history, HumanMessage("lights on in the garden")])
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("set_lights", {"room": "garden", "on": True})]
+    assert reply.response_metadata["finish_reason"] == "tool_calls"
+
+
 EXAMPLE = REPO / "docs" / "examples" / "smarthome_client.py"
 
 
