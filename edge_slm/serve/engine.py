@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.runtime import Generation
+from edge_slm.runtime.grammar import Constraint
 
 
 class QueueFull(EdgeSlmError):
@@ -40,7 +41,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it stops (between two tokens)
     owner: str = ""  # who sent it (a hash of its API key): the KV cache is reused only for its owner
-    constraint: object = None  # runtime.grammar.Constraint: the reply's grammar (structured output, tool calls)
+    constraint: Constraint | None = None  # the reply's grammar (structured output, tool calls), compiled
 
 
 class Engine:
