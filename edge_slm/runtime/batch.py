@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.runtime.grammar import Constraint, GrammarState
 from edge_slm.runtime.model import FINISH_REASON, GenerationResponse, check_top_logprobs
 from edge_slm.runtime.sampling import Sampler, SamplingConfig, likeliest_tokens, token_logprob
 from edge_slm.runtime.session import LOGITS_TO_KEEP, _run
@@ -45,6 +46,7 @@ class Sequence:
     sampling: dict = field(default_factory=dict)  # SamplingConfig's names, and top_logprobs
     owner: str = ""  # the key the slot's cached prefix is reused for
     cache_prompt: bool = True  # False: start from an empty slot, no prefix reused
+    constraint: Constraint | None = None  # the reply's grammar; its parser is this sequence's own
     slot: int = -1
     length: int = 0  # tokens of this sequence in its slot's cache
     token: int = -1  # the last sampled token, fed at the next step
@@ -65,6 +67,7 @@ class Sequence:
         check_top_logprobs(self.top_logprobs)
         self.sampler = Sampler(SamplingConfig.of(**options))
         self.history = list(self.prompt_ids)
+        self.grammar: GrammarState | None = None  # started when the sequence is admitted
 
 
 class BatchDecoder:
@@ -138,6 +141,8 @@ class BatchDecoder:
         seq.sampler.config.check_vocab(self.vocab_size)
         if len(seq.prompt_ids) >= self.context:
             raise EdgeSlmError(f"the prompt has {len(seq.prompt_ids)} tokens; a slot holds {self.context}: shorten it")
+        if seq.constraint is not None and seq.grammar is None:  # a fresh parser: it matches only this reply
+            seq.grammar = GrammarState(seq.constraint, self.model.grammar_tokenizer(), self.vocab_size)
         slot, common = self._pick_slot(seq, reuse_any)
         seq.slot, seq.reused, seq.started = slot, common, time.perf_counter()
         self.busy[slot], self.owners[slot] = seq, seq.owner
@@ -253,7 +258,7 @@ class BatchDecoder:
 
     # -- one token's bookkeeping, as Model.stream does it ----------------------------------------
     def _emit(self, seq: Sequence, logits: np.ndarray) -> GenerationResponse:
-        token = seq.sampler(logits, seq.history)
+        token = seq.sampler(logits, seq.history, seq.grammar.allowed() if seq.grammar else None)
         now = time.perf_counter()
         if seq.count == 0 and not seq.first_at:
             seq.first_at, seq.ttft_ms = now, (now - seq.started) * 1e3
@@ -265,8 +270,12 @@ class BatchDecoder:
             seq.history.append(token)
             seq.count += 1
             piece = seq.text.push(token)
+            if seq.grammar:
+                seq.grammar.advance(token)
             if seq.text.stopped:
                 reason = "stop_string"
+            elif seq.grammar and seq.grammar.complete:
+                reason = "grammar"
             elif seq.count == seq.max_new_tokens:
                 reason = "max_new_tokens"
             elif seq.length >= self.context:

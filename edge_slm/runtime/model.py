@@ -212,16 +212,18 @@ class Model:
         )
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        """Token ids of the conversation; message text never becomes control tokens."""
-        ids = chat_template.encode_chat(
-            self.tokenizer,
-            self._chat_template(),
-            messages,
-            self._special_ids,
-            **self._template_variables(add_generation_prompt, chat_template_kwargs),
-        )
+        """Token ids of the conversation; message text never becomes control tokens. `tools`
+        (OpenAI's function list) go to a template that takes them, as transformers passes them."""
+        variables = self._template_variables(add_generation_prompt, chat_template_kwargs)
+        if tools:
+            variables["tools"] = tools
+        ids = chat_template.encode_chat(self.tokenizer, self._chat_template(), messages, self._special_ids, **variables)
         return self._checked_ids(ids)
 
     def _chat_template(self) -> str:

@@ -44,6 +44,7 @@ from starlette.routing import Route
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Seq2SeqManifest
 from edge_slm.serve import requests as req
+from edge_slm.serve import tools
 from edge_slm.serve.access import Access, middleware
 from edge_slm.serve.engine import BatchEngine, Cancelled, EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.fields import refuse_unimplemented
@@ -296,7 +297,7 @@ def _error(service: Service, route: str, exc: req.ApiError) -> JSONResponse:
 async def completion(service: Service, request: Request, chat: bool):
     route = "chat" if chat else "completions"
     try:
-        job, sampling = await _job(service, request, chat)
+        job, sampling, form = await _job(service, request, chat)
         queue = service.engine.submit(job)
     except req.ApiError as exc:
         return _error(service, route, exc)
@@ -306,7 +307,8 @@ async def completion(service: Service, request: Request, chat: bool):
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if sampling.stream:
-        return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling), sep="\n")
+        events = _events(service, job, queue, ident, created, chat, sampling, form)
+        return EventSourceResponse(events, sep="\n")
     # As a stream's end does: a client that hangs up cancels its job, so the model moves on.
     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, service.engine, job))
     try:
@@ -331,6 +333,11 @@ async def completion(service: Service, request: Request, chat: bool):
         logprobs = _logprobs(pieces, [r for r in job.responses if r.stop_reason != "eos"], chat)
     if chat:
         message = {"role": "assistant", "content": result.text}
+        if form.calls:
+            message["content"], calls = tools.read_reply(result.text)
+            if calls:
+                message["tool_calls"] = calls
+                finish = "tool_calls" if finish == "stop" else finish
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id}
     else:
@@ -529,11 +536,19 @@ async def _job(service: Service, request: Request, chat: bool):
     sampling = req.sampling(body, chat, model.manifest.sampling_defaults, model.session.vocab_size)
     extra = req.chat_template_kwargs(body) if chat else {}
     prompt = None if chat else req.prompt(body)
+    form = await service.on_text_worker(tools.structure, body, chat)  # a grammar compiles in 3-30 ms, then is kept
     try:
         if chat:
-            ids = await service.on_text_worker(model.encode_chat, req.messages(body), True, extra)
+            template = model.generation.get("chat_template") or ""
+            specials = list(model.generation.get("special_tokens", {}))
+            messages, variables = await service.on_text_worker(
+                tools.prompt_messages, req.messages(body), form, template, specials
+            )
+            ids = await service.on_text_worker(model.encode_chat, messages, True, extra, variables.get("tools"))
         else:
             ids = await service.on_text_worker(model.encode, prompt)
+        if form.constraint is not None:  # llguidance's view of the tokenizer: built once, ~1 s
+            await service.on_text_worker(model.grammar_tokenizer)
     except EdgeSlmError as exc:
         raise req.ApiError(400, str(exc), "messages" if chat else "prompt") from None
     room = model.context_length - len(ids)
@@ -550,9 +565,17 @@ async def _job(service: Service, request: Request, chat: bool):
     if sampling.logprobs is not None:
         params["top_logprobs"] = sampling.logprobs
     deadline = time.monotonic() + limits.request_seconds
-    job = Job(ids, max_tokens, sampling.stop, params, deadline=deadline, owner=_client(request))
+    if form.calls and sampling.logprobs is not None and sampling.stream:
+        raise req.ApiError(
+            400,
+            "'logprobs' with 'tools' in a stream is not implemented; ask without stream or without logprobs",
+            "logprobs",
+        )
+    job = Job(
+        ids, max_tokens, sampling.stop, params, deadline=deadline, owner=_client(request), constraint=form.constraint
+    )
     job.cache_prompt, job.prompt_text = sampling.cache_prompt, prompt or ""
-    return job, sampling
+    return job, sampling, form
 
 
 def _logprobs(pieces: list[bytes], responses: list, chat: bool) -> dict:
@@ -586,7 +609,7 @@ def _client(request: Request) -> str:
     return hashlib.sha256(request.headers.get("authorization", "").encode("utf-8", "replace")).hexdigest()
 
 
-async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling):
+async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling, form):
     head = {
         "id": ident,
         "created": created,
@@ -596,17 +619,21 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
 
     pieces = await service.on_text_worker(service.pieces) if sampling.logprobs is not None else None
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, response=None) -> str:
+    def chunk(
+        text: str | None, finish: str | None, first: bool = False, response=None, calls: list | None = None
+    ) -> str:
         logprobs = None
         if response is not None and pieces is not None and response.stop_reason != "eos":
             logprobs = _logprobs(pieces, [response], chat)
         if chat:
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+            delta |= {"tool_calls": calls} if calls else {}
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return json.dumps({**head, "choices": [choice]})
 
+    calls = tools.ToolCallStream() if form.calls else None
     try:
         if chat:
             yield {"data": chunk(None, None, first=True)}
@@ -615,15 +642,23 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
         while True:
             kind, value = await queue.get()
             if kind == "piece":
+                if calls is not None:
+                    for data in _call_chunks(calls, calls.push(value.text), chunk):
+                        yield {"data": data}
                 # With logprobs, one chunk per token (its text may be held back: ""), as OpenAI streams them.
-                if value.text or (pieces is not None and value.stop_reason != "eos"):
+                elif value.text or (pieces is not None and value.stop_reason != "eos"):
                     yield {"data": chunk(value.text, None, response=value)}
             elif kind == "error":
                 yield {"data": json.dumps(req.ApiError(500, f"generation failed: {value}").body())}
                 return
             else:
                 break
-        yield {"data": chunk(None if chat else "", job.result.finish_reason)}
+        finish = job.result.finish_reason
+        if calls is not None:
+            for data in _call_chunks(calls, calls.finish(), chunk):
+                yield {"data": data}
+            finish = "tool_calls" if calls.index >= 0 and finish == "stop" else finish
+        yield {"data": chunk(None if chat else "", finish)}
         if sampling.include_usage:
             yield {
                 "data": json.dumps(
@@ -633,3 +668,19 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
         yield {"data": "[DONE]"}
     finally:
         service.engine.cancel(job)  # the client left (or the stream ended): free the model
+
+
+def _call_chunks(calls: tools.ToolCallStream, events: list[tuple], chunk) -> list[str]:
+    """Chunks of a reply read as tool calls, as OpenAI streams them: text as `content`; a call's
+    index, id, type and name in its first `tool_calls` delta, then its arguments in pieces."""
+    out = []
+    for event in events:
+        if event[0] == "content":
+            out.append(chunk(event[1], None))
+        elif event[0] == "call":
+            _, index, ident, name = event
+            call = {"index": index, "id": ident, "type": "function", "function": {"name": name, "arguments": ""}}
+            out.append(chunk(None, None, calls=[call]))
+        else:
+            out.append(chunk(None, None, calls=[{"index": event[1], "function": {"arguments": event[2]}}]))
+    return out

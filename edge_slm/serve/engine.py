@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.runtime import Generation
+from edge_slm.runtime.grammar import Constraint
 
 
 class QueueFull(EdgeSlmError):
@@ -43,6 +44,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which it stops (between two tokens)
     owner: str = ""  # who sent it (a hash of its API key): the KV cache is reused only for its owner
+    constraint: Constraint | None = None  # the reply's grammar (structured output, tool calls), compiled
 
 
 class Engine:
@@ -121,6 +123,7 @@ class Engine:
                 max_new_tokens=job.max_tokens,
                 stop=job.stop,
                 keep_cache=reuse,
+                constraint=job.constraint,
                 **job.sampling,
             ):
                 job.result.add(response)
@@ -241,7 +244,13 @@ class BatchEngine:
         job.result = Generation(prompt_token_ids=job.prompt_ids)
         try:
             seq = Sequence(
-                job.prompt_ids, job.max_tokens, job.stop, job.sampling, owner=job.owner, cache_prompt=job.cache_prompt
+                job.prompt_ids,
+                job.max_tokens,
+                job.stop,
+                job.sampling,
+                owner=job.owner,
+                cache_prompt=job.cache_prompt,
+                constraint=job.constraint,
             )
             self._running[job] = (seq, loop, out, time.perf_counter())
             response = self.decoder.admit(seq, reuse_any=self.share_prefix_cache)
