@@ -70,7 +70,15 @@ def test_pruned_config_loads_and_the_built_graph_gives_its_logits(pruned_classif
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    graph = EncoderGraph(bundle / "model.onnx", tokenizer.backend_tokenizer, list(manifest["graph"]["inputs"]), 32, 0)
+    graph = EncoderGraph(
+        bundle / "model.onnx",
+        tokenizer.backend_tokenizer,
+        list(manifest["graph"]["inputs"]),
+        32,
+        0,
+        1,
+        ["CPUExecutionProvider"],
+    )
     got = graph.run(TEXTS)
     want = encode(head, tokenizer, TEXTS).numpy()
     assert got.shape == (4, 2) and np.abs(got - want).max() < 1e-4

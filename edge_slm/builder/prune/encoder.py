@@ -169,10 +169,10 @@ def head_and_channel_scores(model, batches) -> tuple[list, list]:
         w_o = layer.attention.output.dense.weight
 
         def attn_hook(module, args, index=index, w_o=w_o):
-            a = args[0].reshape(-1, args[0].shape[-1])
-            for h in range(heads_per_layer[index]):
-                part = slice(h * head_dim, (h + 1) * head_dim)
-                head_sums[index][h] += float((a[:, part] @ w_o[:, part].T).norm(dim=-1).sum())
+            heads = heads_per_layer[index]
+            a = args[0].reshape(-1, heads, head_dim)  # [tokens, head, head_dim]
+            per_head = torch.einsum("thd,ohd->tho", a, w_o.reshape(w_o.shape[0], heads, head_dim))
+            head_sums[index] += per_head.norm(dim=-1).sum(0).double()
 
         def ffn_hook(module, args, index=index):
             a = args[0].reshape(-1, args[0].shape[-1]).double()
