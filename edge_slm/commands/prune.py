@@ -1,5 +1,7 @@
 """`edge-slm prune --model M --out DIR [--ffn R] [--head-groups N] [--layers N] [--sparsity R]
-[--recover-steps N]`: a smaller Hugging Face model directory."""
+[--recover-steps N]`: a smaller Hugging Face model directory. For an encoder (a fine-tuned
+classifier or a sentence embedder): `--layers N --heads R --ffn R --data TASK [--eval-data TEST]
+[--target T]`, distilled on the task's data."""
 
 from __future__ import annotations
 
@@ -42,6 +44,26 @@ from edge_slm.core.errors import EdgeSlmError
     help="Zero this share of each matrix's weights (Wanda scores): smaller compressed files, no speed.",
 )
 @click.option("--sparsity-pattern", type=click.Choice(["unstructured", "2:4"]), default="unstructured")
+@click.option("--heads", type=float, default=None, help="Encoders: share of attention heads to remove in every layer.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Encoders: the task's data (a classifier's labelled training split; an embedder's texts, one a line "
+    "[shipped texts]).",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Encoders: held-out labelled data for the record [a classifier's eval.jsonl, else the shipped intents test].",
+)
+@click.option(
+    "--target",
+    "-t",
+    default=None,
+    help="Encoders: take the settings from this profile's [classifier_prune] / [embedder_prune] (options override).",
+)
 def prune(
     model: str | None,
     out: Path,
@@ -54,9 +76,28 @@ def prune(
     no_compensate: bool,
     sparsity: float,
     sparsity_pattern: str,
+    heads: float | None,
+    data: Path | None,
+    eval_data: Path | None,
+    target: str | None,
 ) -> None:
     """Remove layers, attention groups and FFN channels; optionally distil back; write a HF model dir."""
     require_build_set("prune")
+    from edge_slm.builder.encoder.source import is_encoder
+
+    if is_encoder(model):
+        if head_groups or sparsity or no_compensate or calibration:
+            raise EdgeSlmError(
+                "--head-groups, --sparsity, --no-compensate and --calibration are for decoders; an encoder takes "
+                "--layers, --heads, --ffn and --data"
+            )
+        _prune_encoder(model, out, layers, heads, ffn, recover_steps, recover_minutes, data, eval_data, target)
+        return
+    if heads is not None or data or eval_data or target:
+        raise EdgeSlmError(
+            "--heads, --data, --eval-data and --target are for encoders (a classifier or embedder folder); "
+            "a decoder takes --head-groups and --calibration"
+        )
     from edge_slm.builder.prune.recover import RecoverySettings
     from edge_slm.builder.prune.structured import PruneSettings, prune_directory
 
@@ -93,3 +134,43 @@ def prune(
             "no speed: the runtimes' CPU kernels are dense"
         )
     click.echo(f"build it:     edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-pruned")
+
+
+def _prune_encoder(model, out, layers, heads, ffn, recover_steps, recover_minutes, data, eval_data, target) -> None:
+    from edge_slm.builder.prune.encoder import EncoderPruneSettings, prune_encoder_directory
+    from edge_slm.builder.prune.encoder_recover import EncoderRecoverySettings
+
+    for option, path in (("--data", data), ("--eval-data", eval_data)):
+        if path is not None and not path.is_file():
+            raise EdgeSlmError(f"{option} {path}: no such file")
+    if recover_steps < 0 or recover_minutes < 0:
+        raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more")
+    defaults = None
+    if target:
+        from edge_slm.builder.encoder.pruned import prune_section
+        from edge_slm.builder.encoder.source import load_encoder
+        from edge_slm.core.targets import load_profile
+
+        defaults = prune_section(load_profile(target), load_encoder(model).task)
+    settings = EncoderPruneSettings(
+        layers=layers or (defaults.layers if defaults else 0),
+        heads=heads if heads is not None else (defaults.heads if defaults else 0.0),
+        ffn=ffn or (defaults.ffn if defaults else 0.0),
+    )
+    steps = recover_steps or (defaults.recover_steps if defaults else 0)
+    minutes = recover_minutes or (defaults.recover_minutes if defaults else 0.0)
+    recovery = EncoderRecoverySettings(steps=steps, time_budget_s=60 * minutes) if steps else None
+    record = prune_encoder_directory(model, settings, out, data, eval_data, recovery, progress=echo_err)
+    final = record["final"]
+    quality = (
+        f"accuracy {100 * final['accuracy']:.1f}%"
+        if "accuracy" in final
+        else f"cosine to the unpruned model {final['mean_cosine']:.4f}, recall@1 {100 * final['recall_at_1']:.1f}%"
+    )
+    click.echo(
+        f"pruned encoder: {out}  ({record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M "
+        f"parameters; {quality})"
+    )
+    click.echo(
+        f"build it:       edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-classifier-pruned"
+    )

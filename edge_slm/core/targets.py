@@ -109,6 +109,21 @@ class Prune:
 
 
 @dataclass(frozen=True)
+class EncoderPrune:
+    """Structured pruning of an encoder on its task (`edge-slm prune`, `edge-slm build --prune`) and
+    what the pruned bundle must keep against the unpruned fp32 model."""
+
+    layers: int = 0  # whole layers removed, lowest block influence first
+    heads: float = 0.0  # share of attention heads removed in every layer
+    ffn: float = 0.0  # share of FFN channels removed in every layer
+    recover_steps: int = 0  # distillation steps from the unpruned model on the task's data
+    recover_minutes: float = 0.0  # time budget for them (0: none)
+    max_accuracy_drop: float = 0.01  # classifier: test accuracy at most 1 point below the unpruned fp32 model
+    min_cosine: float = 0.95  # embedder: mean cosine similarity to the unpruned model's embeddings
+    max_recall_drop: float = 0.02  # embedder: retrieval top-1 at most 2 points below the unpruned model's
+
+
+@dataclass(frozen=True)
 class Encoder:
     """How BERT-family encoders (classifiers, sentence embedders) are built for this device, and
     the accuracy their reduced precision must keep against fp32."""
@@ -157,6 +172,8 @@ class Profile:
     budget: Budget
     prune: Prune | None = None
     encoder: Encoder = Encoder()
+    classifier_prune: EncoderPrune | None = None  # `build --prune` of a classifier
+    embedder_prune: EncoderPrune | None = None  # `build --prune` of a sentence embedder
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:

@@ -116,10 +116,11 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
         raise ExportError(f"torch.onnx.export failed for {source.architecture}: {exc}") from None
     head.eval()  # the exporter restores the mode the wrapper had: keep dropout off for validation
     config = head.model.config
+    heads = attention_heads(config)
     optimized = optimize_model(
         str(traced),
         model_type="bert",
-        num_heads=config.num_attention_heads,
+        num_heads=heads,  # a pruned model's attention is narrower than its hidden size
         hidden_size=config.hidden_size,
         opt_level=0,  # fusions only: onnxruntime's own graph optimizations run at load on the device
         use_gpu=False,
@@ -139,7 +140,7 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
         "task": source.task,
         "num_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "num_heads": config.num_attention_heads,
+        "num_heads": heads,
         "vocab_size": config.vocab_size,
         "max_sequence_length": min(profile.encoder.max_sequence_length, _usable_positions(source)),
         "output_dim": len(source.labels) if source.task == "classification" else config.hidden_size,
@@ -149,6 +150,13 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
         "parameters": sum(p.numel() for p in head.model.parameters()),
     }
     return ExportedEncoder(path, names, output, fused, len(proto.graph.node), shape)
+
+
+def attention_heads(config) -> int:
+    """Heads per layer: fewer than the config's count after `edge-slm prune` (transformers keeps the
+    removed ones in `pruned_heads`; pruning removes the same number from every layer)."""
+    pruned = getattr(config, "pruned_heads", None) or {}
+    return config.num_attention_heads - max((len(h) for h in pruned.values()), default=0)
 
 
 def _usable_positions(source: EncoderSource) -> int:

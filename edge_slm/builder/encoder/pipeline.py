@@ -1,7 +1,7 @@
 """The encoder build: the decoder build's shape, with the encoder's own stages.
 
-    load -> export (fp32, fused) -> validate against torch -> [precision -> accuracy gate]
-         -> tokenizer -> manifest
+    load -> [prune] -> export (fp32, fused) -> validate against torch -> [precision -> accuracy gate]
+         -> [gate against the unpruned model] -> tokenizer -> manifest
 
 `edge-slm build --model DIR` takes this path when DIR is a BERT-family encoder (or
 `all-minilm-l6-v2`); the profile's [encoder] table says how.
@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_slm.builder.encoder import gate
+from edge_slm.builder.encoder import gate, pruned
 from edge_slm.builder.encoder.export import MODEL_FILE, ExportedEncoder, export_encoder, load_torch_encoder
 from edge_slm.builder.encoder.precision import calibration_feeds, reduce_precision
 from edge_slm.builder.encoder.source import EncoderSource, load_encoder
@@ -42,6 +42,8 @@ class EncoderRequest:
     gate_data: Path | None = None  # a classifier's labelled test split for its gate
     calibration: Path | None = None  # texts for static (QDQ) int8 scales
     allow_accuracy_loss: bool = False
+    prune: bool = False  # prune and distil first, as the profile's [classifier_prune] / [embedder_prune] says
+    prune_data: Path | None = None  # the task's data for pruning (a classifier's labelled training split)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class LoadedEncoder:
     source: EncoderSource
     head: Any  # the torch module: export's input and validation's reference
     tokenizer: Any  # the transformers tokenizer
+    teacher: Any = None  # the unpruned torch module, when this build pruned it
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class EncoderGraph:
     loaded: LoadedEncoder
     exported: ExportedEncoder
     validation: dict | None = None
+    pruning_gate: dict | None = None  # against the unpruned model, when this build pruned it
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class ReducedEncoder:
     path: Path
     quantization: dict
     accuracy: dict | None = None
+    pruning_gate: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,45 @@ def load_stage(request: EncoderRequest, _: None, out_dir: Path, note) -> LoadedE
     labels = f", labels: {', '.join(source.labels)}" if source.labels else ""
     note(f"{source.architecture} ({source.task}, {source.pooling} pooling{labels})")
     return loaded
+
+
+def prune_stage(loaded: LoadedEncoder, profile: Profile, cache: Path, note) -> LoadedEncoder:
+    """The pruned, distilled model (made in the cache, or found there) in place of the loaded one."""
+    spec = pruned.prune_section(profile, loaded.source.task)
+    request = loaded.request
+    directory = pruned.pruned_model(loaded.source, spec, request.prune_data, request.gate_data, cache, note)
+    source = load_encoder(str(directory))
+    source = dataclasses.replace(source, source={**source.source, "pruned_from": loaded.source.source})
+    record = pruned.record_of(directory) or {}
+    note(
+        f"{record.get('parameters_before', 0) / 1e6:.1f}M -> {record.get('parameters_after', 0) / 1e6:.1f}M parameters"
+    )
+    return LoadedEncoder(request, source, load_torch_encoder(source), loaded.tokenizer, teacher=loaded.head)
+
+
+def teacher_gate_stage(graph, profile: Profile, out_dir: Path, note):
+    """The built graph against the unpruned fp32 model, on the held-out data."""
+    fp32 = graph.fp32 if isinstance(graph, ReducedEncoder) else graph
+    loaded = fp32.loaded
+    path = graph.path if isinstance(graph, ReducedEncoder) else None
+    candidate = graph_of(fp32.exported, loaded.tokenizer, path=path)
+    task = loaded.source.task
+    examples, where = _classifier_gate_data(loaded) if task == "classification" else (None, "shipped retrieval check")
+    measured = pruned.measure_against_teacher(
+        candidate, loaded.teacher, loaded.tokenizer, task, examples, list(loaded.source.labels)
+    )
+    measured["data"] = where
+    spec = pruned.prune_section(profile, task)
+    result = pruned.check_against_teacher(measured, task, spec, loaded.request.allow_accuracy_loss)
+    if task == "classification":
+        line = f"accuracy {100 * measured['accuracy']:.1f}% vs unpruned fp32 {100 * measured['unpruned_accuracy']:.1f}%"
+    else:
+        line = (
+            f"mean cosine to the unpruned model {measured['mean_cosine']:.4f}, recall@1 "
+            f"{100 * measured['recall_at_1']:.1f}% vs unpruned {100 * measured['unpruned_recall_at_1']:.1f}%"
+        )
+    note(f"{line}: " + ("within budget" if result["passed"] else "OUTSIDE budget (allowed by --allow-accuracy-loss)"))
+    return dataclasses.replace(graph, pruning_gate=result)
 
 
 def export_stage(loaded: LoadedEncoder, profile: Profile, out_dir: Path, note) -> EncoderGraph:
@@ -229,10 +273,20 @@ def manifest_stage(graph: EncoderGraph | ReducedEncoder, profile: Profile, out_d
             "validation": fp32.validation,
             "quantization": reduced.quantization if reduced else None,
             "accuracy": reduced.accuracy if reduced else None,
+            **_pruning_section(loaded, graph.pruning_gate),
             "versions": tool_versions(),
         },
     )
     return EncoderBundle(out_dir, manifest)
+
+
+def _pruning_section(loaded: LoadedEncoder, gate_result: dict | None) -> dict:
+    """The manifest's "pruning": what `edge-slm prune` (or this build) removed and measured, and
+    this build's gate against the unpruned model; nothing for a model that was never pruned."""
+    record = pruned.record_of(loaded.source.path)
+    if record is None:
+        return {}
+    return {"pruning": {**record, "gate": gate_result}}
 
 
 def _encoder_table(profile: Profile) -> EncoderSpec:
@@ -250,15 +304,31 @@ PRECISION = Stage("precision", lambda graph, p: f"converting to {p.encoder.preci
 GATE = Stage(
     "gate", lambda reduced, p: f"accuracy gate: {p.encoder.precision} against fp32", _encoder_table, gate_stage
 )
+PRUNE = Stage("prune", lambda loaded, p: f"pruning the encoder for {p.name}", whole_profile, prune_stage, into="cache")
+TEACHER_GATE = Stage(
+    "prune-gate",
+    lambda graph, p: "accuracy gate: the pruned model against the unpruned fp32",
+    whole_profile,
+    teacher_gate_stage,
+)
 TOKENIZER = Stage("tokenizer", lambda graph, p: "writing the tokenizer", no_section, tokenizer_stage)
 MANIFEST = Stage("manifest", lambda graph, p: "writing the manifest and checksums", whole_profile, manifest_stage)
 
 
-def encoder_stages(profile: Profile) -> list[Stage]:
+def encoder_stages(profile: Profile, prune: bool = False) -> list[Stage]:
     quantized = profile.encoder.precision != "fp32"
     # A quantized build's fp32 graph is an intermediate: it goes to the scratch directory.
     export = dataclasses.replace(EXPORT, into="scratch") if quantized else EXPORT
-    return [LOAD, export, VALIDATE, *([PRECISION, GATE] if quantized else []), TOKENIZER, MANIFEST]
+    return [
+        LOAD,
+        *([PRUNE] if prune else []),
+        export,
+        VALIDATE,
+        *([PRECISION, GATE] if quantized else []),
+        *([TEACHER_GATE] if prune else []),
+        TOKENIZER,
+        MANIFEST,
+    ]
 
 
 def with_encoder_precision(profile: Profile, precision: str | None) -> Profile:
@@ -270,16 +340,26 @@ def with_encoder_precision(profile: Profile, precision: str | None) -> Profile:
 
 
 def build_encoder(
-    model_ref, profile, out: Path, echo, allow_accuracy_loss=False, gate_data=None, calibration=None
+    model_ref,
+    profile,
+    out: Path,
+    echo,
+    allow_accuracy_loss=False,
+    gate_data=None,
+    calibration=None,
+    prune=False,
+    prune_data=None,
 ) -> dict:
     """Run the encoder stages into a staging directory published as `out` (as the decoder build does)."""
-    plan = encoder_stages(profile)
+    plan = encoder_stages(profile, prune)
     request = EncoderRequest(
         model_ref=model_ref,
         stages=tuple(stage.name for stage in plan),
         gate_data=gate_data,
         calibration=Path(calibration) if calibration else None,
         allow_accuracy_loss=allow_accuracy_loss,
+        prune=prune,
+        prune_data=Path(prune_data) if prune_data else None,
     )
     return run_stages(plan, request, profile, Path(out), echo).manifest
 

@@ -115,7 +115,11 @@ def load_encoder(model_ref: str) -> EncoderSource:
 
 
 def _sentence_transformers_pooling(path: Path) -> tuple[str, bool]:
-    """Pooling and normalization from sentence-transformers' files; mean pooling without them."""
+    """Pooling and normalization from sentence-transformers' files; mean pooling without them. A
+    folder `edge-slm prune` wrote records its teacher's in its record (its folders are flat)."""
+    pruned = _read_json(path / "edge_slm_prune.json") or {}
+    if isinstance(pruned, dict) and isinstance(pruned.get("pooling"), dict):
+        return str(pruned["pooling"].get("mode", "mean")), bool(pruned["pooling"].get("normalize", False))
     modules = _read_json(path / "modules.json") or []
     pooling, normalize = "mean", False
     for module in modules if isinstance(modules, list) else []:

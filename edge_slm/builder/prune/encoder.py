@@ -1,0 +1,421 @@
+"""Structured pruning of a BERT-family encoder (a fine-tuned classifier or a sentence embedder) on
+its own task's data, then distillation from the unpruned model (`prune.encoder_recover`).
+
+What goes, measured on the task's texts (one text per forward pass, so no padding enters a score):
+- layers: block influence, 1 - cos(layer input, layer output) averaged over tokens; the layers
+  that change their input least go first (as for decoders, ShortGPT);
+- attention heads: the size of what each head adds to the attention output projection,
+  ||W_o[:, head] a_head|| summed over tokens; removed with transformers' `prune_heads`, which
+  records them in the config (`pruned_heads`), so the folder loads anywhere transformers runs;
+- FFN channels: ||a_j|| * ||W_out[:, j]||, the activation-weighted size of channel j's output
+  (Wanda-style); `intermediate_size` shrinks with them.
+The same number of heads and channels goes from every layer: the fused Attention operator and
+transformers' config describe one width for all layers.
+
+The output is a standard Hugging Face folder `edge-slm build --model DIR` takes, with the record of
+what was removed and the accuracy before pruning, after it and after recovery
+(`edge_slm_prune.json`, copied into the bundle's manifest by the build).
+Run by `edge-slm prune --model ENCODER --data TASK ...` and `edge-slm build --prune`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge_slm.core.data import CALIBRATION_TEXT
+from edge_slm.core.errors import ModelError
+from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, DataError, read_examples, read_retrieval
+from edge_slm.core.outputs import check_output_folder, output_folder
+
+PRUNE_RECORD = "edge_slm_prune.json"
+PRUNABLE = ("bert", "roberta")  # the BertLayer layout: encoder.layer[i].attention.self / .output, intermediate
+
+
+@dataclass(frozen=True)
+class EncoderPruneSettings:
+    layers: int = 0  # whole layers removed, lowest block influence first
+    heads: float = 0.0  # share of attention heads removed in every remaining layer
+    ffn: float = 0.0  # share of FFN channels removed in every remaining layer
+    score_texts: int = 512  # task texts the importance scores are measured on
+
+    def describe(self) -> str:
+        parts = [
+            f"-{self.layers} layers" if self.layers else "",
+            f"heads -{100 * self.heads:.0f}%" if self.heads else "",
+            f"ffn -{100 * self.ffn:.0f}%" if self.ffn else "",
+        ]
+        return ", ".join(p for p in parts if p) or "nothing"
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The texts pruning scores and distillation use; a classifier's carry class ids too."""
+
+    texts: list[str]
+    labels: list[int] | None
+    where: str
+
+
+def check_settings(settings: EncoderPruneSettings, config, option_prefix: str = "--") -> None:
+    """Refuse what the model cannot take, before any work, naming what is possible."""
+    for name in ("heads", "ffn"):
+        value = getattr(settings, name)
+        if not 0 <= value < 1 or math.isnan(value):
+            raise ModelError(
+                f"{option_prefix}{name} {value}: give the share to remove in every layer, above 0 and below 1 "
+                "(0.25 removes a quarter)"
+            )
+    layers = config.num_hidden_layers
+    if not 0 <= settings.layers < layers:
+        raise ModelError(
+            f"{option_prefix}layers {settings.layers}: this model has {layers} layers; remove 0 to {layers - 1}"
+        )
+    if not (settings.layers or settings.heads or settings.ffn):
+        raise ModelError("nothing to prune: pass --layers, --heads and/or --ffn")
+    if config.model_type not in PRUNABLE:
+        raise ModelError(
+            f"encoder pruning handles the {' and '.join(PRUNABLE)} layouts; this model is {config.model_type}"
+        )
+
+
+def read_task_data(path: Path | None, task: str, labels: tuple[str, ...]) -> TaskData:
+    """A classifier's labelled training data (required: distillation's cross-entropy needs the
+    labels), or an embedder's texts, one per line (the shipped intents and calibration texts
+    without one; the retrieval check is left out: the gate measures on it)."""
+    if task == "classification":
+        if path is None:
+            raise DataError("a classifier is pruned on its labelled training data: pass --data TRAIN.jsonl")
+        examples = read_examples(Path(path))
+        unknown = sorted({e.label for e in examples} - set(labels))
+        if unknown:
+            raise DataError(
+                f"{path}: labels the classifier does not know ({', '.join(unknown[:5])}); it knows {', '.join(labels)}"
+            )
+        index = {label: i for i, label in enumerate(labels)}
+        return TaskData([e.text for e in examples], [index[e.label] for e in examples], str(path))
+    if path is None:
+        texts = [e.text for e in read_examples(INTENTS_TRAIN)] + _sentences(CALIBRATION_TEXT.read_text("utf-8"))
+        return TaskData(texts, None, f"shipped {INTENTS_TRAIN.parent.name}/{INTENTS_TRAIN.name} + calibration text")
+    path = Path(path)
+    if _is_labelled(path):
+        raise DataError(
+            f"{path}: labelled data is a classifier's task; an embedder is pruned against plain texts, one per line "
+            "(or no --data: the shipped texts)"
+        )
+    try:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the texts ({exc}); pass a UTF-8 file, one text per line") from None
+    if len(texts) < 8:
+        raise DataError(f"{path}: {len(texts)} texts; pruning an embedder needs a few hundred, one per line")
+    return TaskData(texts, None, str(path))
+
+
+def _is_labelled(path: Path) -> bool:
+    first = next((line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()), "")
+    if path.suffix.lower() == ".csv":
+        return "label" in [c.strip() for c in first.split(",")]
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "label" in row
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) >= 4]
+
+
+def base_of(model):
+    """The encoder inside a classifier (model.bert, model.roberta), or the model itself."""
+    return model.base_model
+
+
+def layer_influence(model, batches) -> list[float]:
+    """1 - cos(input, output) of each layer, averaged over the texts' tokens."""
+    import torch
+
+    layers = base_of(model).encoder.layer
+    sums, counts, hooks = [0.0] * len(layers), [0] * len(layers), []
+    for index, layer in enumerate(layers):
+
+        def hook(module, args, kwargs, output, index=index):
+            inputs = args[0] if args else kwargs["hidden_states"]
+            outputs = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(inputs.float(), outputs.float(), dim=-1)
+            sums[index] += float((1 - cos).sum())
+            counts[index] += cos.numel()
+
+        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+    _run(model, batches, hooks)
+    return [s / max(c, 1) for s, c in zip(sums, counts)]
+
+
+def head_and_channel_scores(model, batches) -> tuple[list, list]:
+    """Per layer: each attention head's contribution and each FFN channel's, as tensors."""
+    import torch
+
+    base = base_of(model)
+    config = base.config
+    heads_per_layer = [layer.attention.self.num_attention_heads for layer in base.encoder.layer]
+    head_dim = config.hidden_size // config.num_attention_heads
+    head_sums = [torch.zeros(n, dtype=torch.float64) for n in heads_per_layer]
+    channel_sq = [torch.zeros(layer.output.dense.in_features, dtype=torch.float64) for layer in base.encoder.layer]
+    hooks = []
+    for index, layer in enumerate(base.encoder.layer):
+        w_o = layer.attention.output.dense.weight
+
+        def attn_hook(module, args, index=index, w_o=w_o):
+            heads = heads_per_layer[index]
+            a = args[0].reshape(-1, heads, head_dim)  # [tokens, head, head_dim]
+            per_head = torch.einsum("thd,ohd->tho", a, w_o.reshape(w_o.shape[0], heads, head_dim))
+            head_sums[index] += per_head.norm(dim=-1).sum(0).double()
+
+        def ffn_hook(module, args, index=index):
+            a = args[0].reshape(-1, args[0].shape[-1]).double()
+            channel_sq[index] += (a * a).sum(0)
+
+        hooks.append(layer.attention.output.dense.register_forward_pre_hook(attn_hook))
+        hooks.append(layer.output.dense.register_forward_pre_hook(ffn_hook))
+    _run(model, batches, hooks)
+    channel_scores = [
+        sq.sqrt() * layer.output.dense.weight.double().norm(dim=0).detach()
+        for sq, layer in zip(channel_sq, base.encoder.layer)
+    ]
+    return head_sums, channel_scores
+
+
+def _run(model, batches, hooks) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def score_batches(tokenizer, texts: list[str], count: int, max_length: int) -> list:
+    """One text per batch (no padding to skew the averages), evenly spread over the data."""
+    step = max(1, len(texts) // count)
+    return [tokenizer([t], truncation=True, max_length=max_length, return_tensors="pt") for t in texts[::step][:count]]
+
+
+def prune_model(model, tokenizer, settings: EncoderPruneSettings, data: TaskData, progress=lambda m: None) -> dict:
+    """Prune `model` in place: layers first (the heads and channels are then scored on what stays)."""
+    import torch
+
+    base = base_of(model)
+    config = base.config
+    batches = score_batches(tokenizer, data.texts, settings.score_texts, token_limit(model))
+    before = sum(p.numel() for p in model.parameters())
+    record: dict = {"settings": asdict(settings), "parameters_before": before, "layers_before": len(base.encoder.layer)}
+    if settings.layers:
+        influence = layer_influence(model, batches)
+        removed = sorted(sorted(range(len(influence)), key=lambda i: influence[i])[: settings.layers])
+        base.encoder.layer = torch.nn.ModuleList(x for i, x in enumerate(base.encoder.layer) if i not in removed)
+        config.num_hidden_layers = len(base.encoder.layer)
+        record["layer_influence"] = [round(v, 5) for v in influence]
+        record["removed_layers"] = removed
+        progress(f"removed layers {removed} (block influence {', '.join(f'{v:.3f}' for v in influence)})")
+    head_scores, channel_scores = head_and_channel_scores(model, batches)
+    if settings.heads:
+        count = min(int(settings.heads * config.num_attention_heads), config.num_attention_heads - 1)
+        drop = {i: sorted(int(h) for h in scores.argsort()[:count]) for i, scores in enumerate(head_scores)}
+        if count:
+            base.prune_heads(drop)
+        record["removed_heads"] = {str(i): heads for i, heads in drop.items()}
+        progress(f"removed {count} of {config.num_attention_heads} attention heads in every layer")
+    if settings.ffn:
+        keep = config.intermediate_size - int(settings.ffn * config.intermediate_size)
+        for layer, scores in zip(base.encoder.layer, channel_scores):
+            kept = torch.sort(scores.argsort(descending=True)[:keep]).values
+            layer.intermediate.dense = _linear(layer.intermediate.dense, rows=kept)
+            layer.output.dense = _linear(layer.output.dense, cols=kept)
+        record["ffn_channels"] = {"before": config.intermediate_size, "after": keep}
+        progress(f"kept {keep} of {config.intermediate_size} FFN channels in every layer")
+        config.intermediate_size = keep
+    record["parameters_after"] = sum(p.numel() for p in model.parameters())
+    return record
+
+
+def _linear(old, rows=None, cols=None):
+    """A copy of `old` keeping only the given output rows or input columns."""
+    import torch
+
+    weight = old.weight.data
+    bias = old.bias.data if old.bias is not None else None
+    if rows is not None:
+        weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+    if cols is not None:
+        weight = weight[:, cols]
+    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def measure(student, teacher, tokenizer, task: str, eval_examples, labels) -> dict:
+    """The torch models on held-out data: a classifier's accuracy (and agreement with the teacher);
+    an embedder's cosine to the teacher and recall@1 on the shipped retrieval check."""
+    import numpy as np
+
+    from edge_slm.runtime.encoder_eval import best_passages, unit
+
+    def run(model, texts):
+        return encode(model, tokenizer, texts).numpy()
+
+    if task == "classification":
+        texts = [e.text for e in eval_examples]
+        truth = np.array([labels.index(e.label) for e in eval_examples])
+        got, want = run(student, texts).argmax(1), run(teacher, texts).argmax(1)
+        return {
+            "texts": len(texts),
+            "accuracy": float((got == truth).mean()),
+            "teacher_accuracy": float((want == truth).mean()),
+            "label_agreement": float((got == want).mean()),
+        }
+    check = read_retrieval()
+    texts = check.queries + check.passages + [e.text for e in eval_examples]
+    cosine = (unit(run(student, texts)) * unit(run(teacher, texts))).sum(1)
+    truth = np.arange(len(check.queries))
+    n = len(check.queries)
+
+    def recall(model):
+        vectors = run(model, check.queries + check.passages)
+        return float((best_passages(vectors[:n], vectors[n:])[:, 0] == truth).mean())
+
+    return {
+        "texts": len(texts),
+        "mean_cosine": float(cosine.mean()),
+        "min_cosine": float(cosine.min()),
+        "recall_at_1": recall(student),
+        "teacher_recall_at_1": recall(teacher),
+    }
+
+
+def token_limit(model, max_length: int = 128) -> int:
+    """`max_length`, or fewer when the model has fewer positions."""
+    config = model.config
+    return min(max_length, config.max_position_embeddings - (2 if config.model_type == "roberta" else 0))
+
+
+def encode(head, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128):
+    """The head's outputs (logits or pooled embeddings) for `texts`, in batches, without gradients."""
+    import torch
+
+    max_length = token_limit(head.model, max_length)
+
+    outputs = []
+    with torch.no_grad():
+        for first in range(0, len(texts), batch_size):
+            inputs = tokenizer(
+                texts[first : first + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            outputs.append(head(**inputs))
+    return torch.cat(outputs)
+
+
+def check_prune_output(out: Path) -> None:
+    check_output_folder(out)
+
+
+def prune_encoder_directory(
+    model_ref: str,
+    settings: EncoderPruneSettings,
+    out: Path,
+    data_path: Path | None = None,
+    eval_path: Path | None = None,
+    recovery=None,
+    progress=lambda msg: None,
+) -> dict:
+    """`edge-slm prune` for encoders: load, score, prune, measure, distil, measure, write `out`."""
+    import copy
+    import shutil
+
+    from edge_slm.builder.encoder.export import load_torch_encoder
+    from edge_slm.builder.encoder.source import load_encoder
+
+    out = Path(out)
+    check_prune_output(out)
+    source = load_encoder(model_ref)
+    teacher = load_torch_encoder(source)
+    check_settings(settings, teacher.model.config)
+    data = read_task_data(data_path, source.task, source.labels)
+    eval_examples = _eval_examples(eval_path, source)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    student = copy.deepcopy(teacher)
+    record = prune_model(student.model, tokenizer, settings, data, progress)
+    record.update(
+        {
+            "family": "encoder",
+            "task": source.task,
+            "source": source.source,
+            "data": data.where,
+            "eval_data": eval_examples[1],
+            "pooling": {"mode": source.pooling, "normalize": source.normalize},
+        }
+    )
+    key = "accuracy" if source.task == "classification" else "mean_cosine"
+    measured = {"pruned": measure(student, teacher, tokenizer, source.task, eval_examples[0], list(source.labels))}
+    progress(f"after pruning: {_line(measured['pruned'], source.task)}")
+    checkpoints = out.parent / f".{out.name}.recovery"
+    if recovery is not None and recovery.steps > 0:
+        from edge_slm.builder.prune.encoder_recover import distill
+
+        record["recovery"] = distill(student, teacher, tokenizer, data, source.task, recovery, checkpoints, progress)
+        measured["recovered"] = measure(student, teacher, tokenizer, source.task, eval_examples[0], list(source.labels))
+        progress(f"after recovery: {_line(measured['recovered'], source.task)}")
+    record["measured"] = measured
+    final = measured.get("recovered", measured["pruned"])
+    record["final"] = {key: final[key], **({"recall_at_1": final["recall_at_1"]} if key == "mean_cosine" else {})}
+    with output_folder(out, "edge-slm prune") as staging:  # checks `out` again: it may have changed meanwhile
+        student.model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return record
+
+
+def _eval_examples(path: Path | None, source) -> tuple[list, str]:
+    """Held-out data for the record: --eval-data, else the classifier's eval.jsonl, else the shipped
+    intents test split (an embedder uses its texts, and the retrieval check)."""
+    candidates = [path] if path else []
+    if source.task == "classification":
+        candidates.append(source.path / "eval.jsonl")
+    for candidate in candidates + [INTENTS_TEST]:
+        if candidate is not None and Path(candidate).is_file():
+            examples = read_examples(Path(candidate), min_classes=1)
+            if source.task == "classification":
+                unknown = sorted({e.label for e in examples} - set(source.labels))
+                if unknown:
+                    raise DataError(
+                        f"{candidate}: labels the classifier does not know ({', '.join(unknown[:5])}); "
+                        "pass --eval-data with the model's labels"
+                    )
+            return examples, str(candidate)
+    raise DataError("no held-out data: pass --eval-data TEST.jsonl")
+
+
+def _line(measured: dict, task: str) -> str:
+    if task == "classification":
+        return (
+            f"accuracy {100 * measured['accuracy']:.1f}% (unpruned {100 * measured['teacher_accuracy']:.1f}%), "
+            f"labels agree with the unpruned model on {100 * measured['label_agreement']:.1f}%"
+        )
+    return (
+        f"mean cosine to the unpruned model {measured['mean_cosine']:.4f} (min {measured['min_cosine']:.4f}), "
+        f"recall@1 {100 * measured['recall_at_1']:.1f}% (unpruned {100 * measured['teacher_recall_at_1']:.1f}%)"
+    )

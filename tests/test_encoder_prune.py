@@ -1,0 +1,197 @@
+"""Encoder pruning on the tiny BERT fixtures: a pruned folder transformers loads, whose built graph
+gives the pruned torch model's outputs; distillation that lowers the loss against the teacher;
+the build's gate against the unpruned model; one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_encoder, write_profile
+
+from edge_slm.builder.encoder.export import load_torch_encoder
+from edge_slm.builder.encoder.source import load_encoder
+from edge_slm.builder.prune.encoder import (
+    EncoderPruneSettings,
+    encode,
+    prune_encoder_directory,
+    prune_model,
+    read_task_data,
+)
+from edge_slm.builder.prune.encoder_recover import EncoderRecoverySettings, distill, distillation_loss
+from edge_slm.core.errors import AccuracyBudgetError
+from edge_slm.core.labelled import INTENTS_TRAIN, read_examples
+
+TEXTS = ["turn off the kitchen lights", "play some jazz", "what's the weather tomorrow", "set a timer for ten minutes"]
+
+
+@pytest.fixture(scope="module")
+def two_label_data(tmp_path_factory):
+    """The shipped intents of the tiny classifier's two labels."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [e for e in read_examples(INTENTS_TRAIN) if e.label in ("lights", "music")]
+    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_classifier(tiny_classifier, two_label_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "classifier"
+    settings = EncoderPruneSettings(layers=1, heads=0.5, ffn=0.5)
+    record = prune_encoder_directory(str(tiny_classifier), settings, out, two_label_data, two_label_data)
+    return out, record
+
+
+def test_pruned_config_loads_and_the_built_graph_gives_its_logits(pruned_classifier, encoder_profile, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from edge_slm.builder.pipeline import build
+    from edge_slm.core.targets import load_profile
+    from edge_slm.runtime.encoder import EncoderGraph
+
+    out, record = pruned_classifier
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    config = model.config
+    assert config.num_hidden_layers == 1 and config.intermediate_size == 32
+    assert {k: len(v) for k, v in config.pruned_heads.items()} == {0: 2}
+    assert model.bert.encoder.layer[0].attention.self.query.out_features == 16  # 2 heads of 8 left
+    assert record["parameters_after"] < record["parameters_before"] and len(record["removed_layers"]) == 1
+    bundle = tmp_path / "bundle"
+    manifest = build(str(out), load_profile(str(encoder_profile)), bundle, echo=lambda m: None, precision="fp32")
+    assert manifest["model"]["num_layers"] == 1 and manifest["model"]["num_heads"] == 2
+    assert manifest["graph"]["fused"]["Attention"] == 1
+    assert manifest["pruning"]["removed_layers"] == record["removed_layers"]
+    assert manifest["pruning"]["measured"]["pruned"]["accuracy"] == record["measured"]["pruned"]["accuracy"]
+    head = load_torch_encoder(load_encoder(str(out)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    graph = EncoderGraph(
+        bundle / "model.onnx",
+        tokenizer.backend_tokenizer,
+        list(manifest["graph"]["inputs"]),
+        32,
+        0,
+        1,
+        ["CPUExecutionProvider"],
+    )
+    got = graph.run(TEXTS)
+    want = encode(head, tokenizer, TEXTS).numpy()
+    assert got.shape == (4, 2) and np.abs(got - want).max() < 1e-4
+
+
+def _loss(student, teacher, tokenizer, data, task, settings) -> float:
+    student.eval()
+    with torch.no_grad():
+        out = encode(student, tokenizer, data.texts)
+        target = encode(teacher, tokenizer, data.texts)
+        labels = torch.tensor(data.labels) if data.labels is not None else None
+        return float(distillation_loss(out, target, labels, task, settings))
+
+
+@pytest.mark.parametrize("task", ["embedding", "classification"])
+def test_distillation_lowers_the_loss_against_the_teacher(
+    task, tiny_embedder, tiny_classifier, two_label_data, tmp_path
+):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    path = tiny_embedder if task == "embedding" else tiny_classifier
+    source = load_encoder(str(path))
+    teacher = load_torch_encoder(source)
+    student = copy.deepcopy(teacher)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    data = read_task_data(None if task == "embedding" else two_label_data, task, source.labels)
+    prune_model(student.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5), data)
+    settings = EncoderRecoverySettings(steps=30, learning_rate=1e-3, checkpoint_every=10)
+    before = _loss(student, teacher, tokenizer, data, task, settings)
+    record = distill(student, teacher, tokenizer, data, task, settings, tmp_path / "checkpoints")
+    after = _loss(student, teacher, tokenizer, data, task, settings)
+    assert record["steps_done"] == 30 and record["stopped_by"] == "steps"
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory):
+    """A tiny BERT fine-tuned on the shipped intents: accuracy well above chance, so that pruning
+    it too far shows in its test accuracy."""
+    from edge_slm.builder.encoder.finetune import FinetuneSettings, finetune
+
+    root = tmp_path_factory.mktemp("trained")
+    base = make_encoder(root / "base", seed=3)
+    train = read_examples(INTENTS_TRAIN)
+    out = root / "classifier"
+    finetune(str(base), train[:1000], train[1000:], FinetuneSettings(epochs=4, lr=3e-3), out, progress=lambda m: None)
+    return out
+
+
+def test_the_gate_refuses_a_student_pruned_too_far(trained_classifier, tmp_path):
+    from edge_slm.builder.pipeline import build
+    from edge_slm.core.targets import load_profile
+
+    too_far = {"layers": 1, "heads": 0.75, "ffn": 0.9, "recover_steps": 0, "max_accuracy_drop": 0.01}
+    profile_path = write_profile(
+        tmp_path / "p.toml",
+        "x86-laptop",
+        "tiny-pruned",
+        encoder={"max_sequence_length": 32},
+    )
+    text = profile_path.read_text() + "\n[classifier_prune]\n" + "".join(f"{k} = {v}\n" for k, v in too_far.items())
+    profile_path.write_text(text)
+    profile = load_profile(str(profile_path))
+    args = dict(echo=lambda m: None, precision="fp32", eval_data=INTENTS_TRAIN.parent / "test.jsonl")
+    with pytest.raises(
+        AccuracyBudgetError,
+        match=r"the pruned encoder misses its budget against the unpruned model: "
+        r"test accuracy \d+\.\d% vs the unpruned fp32 model's \d+\.\d% \(budget: at most 1\.0 points",
+    ):
+        build(str(trained_classifier), profile, tmp_path / "refused", prune=True, prune_data=INTENTS_TRAIN, **args)
+    assert not (tmp_path / "refused").exists()
+    manifest = build(
+        str(trained_classifier),
+        profile,
+        tmp_path / "allowed",
+        prune=True,
+        prune_data=INTENTS_TRAIN,
+        allow_accuracy_loss=True,
+        **args,
+    )
+    gate = manifest["pruning"]["gate"]
+    assert not gate["passed"] and gate["unpruned_accuracy"] - gate["accuracy"] > 0.01
+    assert manifest["pruning"]["pruned_from"]["path"] == str(trained_classifier)
+    assert manifest["pruning"]["settings"] == {"layers": 1, "heads": 0.75, "ffn": 0.9, "score_texts": 512}
+
+
+def _cli(*args, cwd=None):
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_slm.cli", "prune", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_classifier, tiny_embedder, two_label_data, tmp_path):
+    out = tmp_path / "out"
+    line = _cli("--model", tiny_classifier, "--out", out, "--heads", "1.5", "--data", two_label_data)
+    assert line.startswith("error: --heads 1.5: give the share to remove in every layer, above 0 and below 1")
+    line = _cli("--model", tiny_classifier, "--out", out, "--ffn", "-0.2", "--data", two_label_data)
+    assert line.startswith("error: --ffn -0.2: give the share")
+    line = _cli("--model", tiny_classifier, "--out", out, "--layers", "2", "--data", two_label_data)
+    assert line == "error: --layers 2: this model has 2 layers; remove 0 to 1"
+    unlabelled = tmp_path / "texts.jsonl"
+    unlabelled.write_text('{"text": "turn on the lights"}\n')
+    line = _cli("--model", tiny_classifier, "--out", out, "--layers", "1", "--data", unlabelled)
+    assert line == f"error: {unlabelled}:1: each line needs the keys 'text' and 'label'"
+    line = _cli("--model", tiny_embedder, "--out", out, "--layers", "1", "--data", two_label_data)
+    assert line.startswith(f"error: {two_label_data}: labelled data is a classifier's task; an embedder is pruned")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    line = _cli("--model", tiny_embedder, "--out", mine, "--layers", "1")
+    assert "edge-slm replaces only folders it wrote itself" in line
+    assert (mine / "notes.txt").read_text() == "my notes" and not out.exists()
