@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/serve_load.py export/x86-laptop [--clients 8] [--requests 20] [--threads 2]
         [--out benchmarks/results/serve/<host>.jsonl]
+    .venv/bin/python benchmarks/serve_load.py export/x86-laptop --scaling --parallel 8 [--max-tokens 128]
+    .venv/bin/python benchmarks/serve_load.py export/x86-laptop --agreement --parallel 4 [--agreement-prompts 100]
 
 Three measurements, all on loopback:
 1. single client: decode tok/s of a streamed chat reply (first content chunk to last) against the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -242,7 +245,7 @@ def scaling(args) -> dict:
                 rates[c].append(rate)
                 ttft[c] += firsts
                 latency[c] += totals
-        prompts = [" ".join(EVAL_TEXT.read_text(encoding="utf-8").split()[i * 12 : i * 12 + 12]) for i in range(50)]
+        prompts = agreement_prompts(args.agreement_prompts)
         batched = asyncio.run(greedy_answers(base, prompts, 4, 32))
         metrics = httpx.get(base + "/metrics").text
         rss = next(
@@ -252,9 +255,7 @@ def scaling(args) -> dict:
         for proc in (server, solo_server):
             proc.terminate()
             proc.wait(timeout=30)
-    model = runtime.load(args.bundle, threads=args.threads)
-    solo = [model.chat([{"role": "user", "content": p}], max_new_tokens=32, keep_cache=False).text for p in prompts]
-    differ = sum(a != b for a, b in zip(batched, solo))
+    differ = len(answers_differing(args, prompts, batched))
     one = rates[1]
     return {
         "parallel": args.parallel,
@@ -268,6 +269,43 @@ def scaling(args) -> dict:
         "latency_ms": {c: stats(latency[c]) for c in counts},
         "peak_rss_mb": rss,
         "greedy_differs_from_solo": f"{differ}/{len(prompts)}",
+    }
+
+
+def agreement_prompts(count: int) -> list[str]:
+    """`count` prompts of 12 words from the eval text (it holds about 150 such)."""
+    words = EVAL_TEXT.read_text(encoding="utf-8").split()
+    if count * 12 > len(words):
+        raise SystemExit(f"the eval text has {len(words)} words: at most {len(words) // 12} prompts of 12")
+    return [" ".join(words[i * 12 : i * 12 + 12]) for i in range(count)]
+
+
+def answers_differing(args, prompts: list[str], batched: list[str]) -> list[int]:
+    """Indexes of the prompts whose batched greedy answer is not the one `chat` gives alone here."""
+    model = runtime.load(args.bundle, threads=args.threads)
+    solo = [model.chat([{"role": "user", "content": p}], max_new_tokens=32, keep_cache=False).text for p in prompts]
+    return [i for i, (a, b) in enumerate(zip(batched, solo)) if a != b]
+
+
+def agreement(args) -> dict:
+    """Only the greedy agreement: `--agreement-prompts` prompts, 4 at a time on a `--parallel`
+    server, against the same prompts run alone by `chat` in this process."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(serve_command(args.bundle, port, args.threads, 16, args.parallel), base + "/health")
+    try:
+        prompts = agreement_prompts(args.agreement_prompts)
+        batched = asyncio.run(greedy_answers(base, prompts, 4, 32))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    differ = answers_differing(args, prompts, batched)
+    return {
+        "parallel": args.parallel,
+        "clients": 4,
+        "max_tokens": 32,
+        "greedy_differs_from_solo": f"{len(differ)}/{len(prompts)}",
+        "differing_prompts": differ,
     }
 
 
@@ -303,15 +341,22 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=None, help="the server's --parallel [the profile's]")
     parser.add_argument("--scaling", action="store_true", help="only the 1/2/4/8-client sweep and greedy agreement")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--agreement-prompts", type=int, default=100, help="prompts of the greedy agreement check")
+    parser.add_argument("--agreement", action="store_true", help="only the greedy agreement of batched and solo")
     args = parser.parse_args()
-    if args.scaling:
-        result = scaling(args)
-        summary = ", ".join(f"{c} clients {r:.2f}x" for c, r in result["vs_parallel_1_server"].items())
-        print(f"tokens/s against one client on a --parallel 1 server (median of rounds): {summary}")
+    if args.scaling or args.agreement:
+        if args.agreement:
+            result = agreement(args)
+            print(f"batched greedy answers differing from solo: {result['greedy_differs_from_solo']}")
+        else:
+            result = scaling(args)
+            summary = ", ".join(f"{c} clients {r:.2f}x" for c, r in result["vs_parallel_1_server"].items())
+            print(f"tokens/s against one client on a --parallel 1 server (median of rounds): {summary}")
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         result["cpu_flags"] = [f for f in ("avx512_vnni", "avx_vnni", "avx2") if f in cpu]
         result["bundle"] = str(args.bundle)
         result["threads"] = args.threads
+        result["load_average_1m_5m_15m"] = list(os.getloadavg())  # the machine is shared
         print(json.dumps(result, indent=1))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,8 @@ class BatchDecoder:
                 "serve it with --parallel 1"
             )
         self.model, self.slots = model, slots
-        # A prompt longer than this runs in chunks between decode steps (0: whole, at once). Chunks
-        # after the first compute the LM head for every position (IO binding cannot set
-        # logits_to_keep): about a quarter more prompt work, for the others' steady tokens.
+        # A prompt longer than this runs in chunks between decode steps (0: whole, at once), so that
+        # the others' tokens keep coming.
         self.prefill_chunk = prefill_chunk
         self.context = context or session.context_length
         self.session, self.prefill_session = session.session, session.prefill_session
@@ -188,16 +187,18 @@ class BatchDecoder:
         positions = np.arange(common, total, dtype=np.int64)[None, :]
         mask = np.ones((1, total), dtype=np.int64)
         session = self.prefill_session if new.shape[1] > 1 and self.prefill_session is not None else self.session
-        if common == 0 and new.shape[1] > 1 and self.keeps_logits:
-            # As DecoderSession._prefill_empty: the LM head on the last position only, the prompt's
-            # keys and values copied into the slot's row.
-            shape = (1, self.arrays[0].shape[1], 0, self.arrays[0].shape[3])
+        if new.shape[1] > 1 and self.keeps_logits:
+            # As DecoderSession._prefill_empty: the LM head on the last position only (IO binding
+            # cannot set logits_to_keep; the LM head on every position of a 256-token chunk is a
+            # quarter of the chunk's work). The past is a copy of the tokens the row holds (the
+            # graph then appends instead of writing in place) and the new keys and values are
+            # copied into the row: a few MB, against the chunk's hundreds of ms.
             feed = {"input_ids": new, "attention_mask": mask, "position_ids": positions}
-            feed.update({name: np.zeros(shape, self.kv_dtype) for name in self.past_names})
+            feed.update({name: array[slot : slot + 1, :, :common] for name, array in zip(self.past_names, self.arrays)})
             feed[LOGITS_TO_KEEP] = np.array([1], dtype=np.int64)
-            outputs = _run(session.run, ["logits", *self.present_names], feed, at=0)
+            outputs = _run(session.run, ["logits", *self.present_names], feed, at=common)
             for array, present in zip(self.arrays, outputs[1:]):
-                array[slot, :, :total] = present[0]
+                array[slot, :, common:total] = present[0, :, common:total]
             return outputs[0][0, -1]
         binding = self._binding(session, slot, 1)
         binding.bind_cpu_input("input_ids", new)
