@@ -254,3 +254,38 @@ def test_rotary_width_gqa_cannot_rotate_gets_rotary_nodes(tmp_path):
     nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
     assert sum(n.op_type == "RotaryEmbedding" for n in nodes) == 4
     assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]
+
+
+# precision -> (bits, least top-1 agreement with the fp32 graph, largest mean KL): what random
+# weights of these tiny models give with margin (measured: int8 top-1 0.955-1.0, KL <= 2e-4;
+# int4 top-1 0.64-1.0, KL <= 0.015). Their own budgets are for trained models, hence
+# --allow-accuracy-loss.
+QUANTIZED = {"int8": (8, 0.93, 1e-3), "int4": (4, 0.55, 0.03)}
+
+
+@pytest.mark.parametrize("precision", list(QUANTIZED))
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_family_quantized_builds_and_generates(family, precision, tiny_profile, tmp_path):
+    """int8 and int4 of every fused family: every MatMul (5 a layer and the tied head) becomes
+    MatMulNBits, the gate measures it against the fp32 graph, and the runtime generates with it
+    (int8 starts as transformers does)."""
+    source, model, tokenizer = make_family_model(tmp_path / "model", family)
+    manifest = build(
+        str(source),
+        load_profile(str(tiny_profile)),
+        tmp_path / "bundle",
+        echo=lambda m: None,
+        precision=precision,
+        allow_accuracy_loss=True,
+    )
+    bits, least_top1, most_kl = QUANTIZED[precision]
+    counts = manifest["quantization"]["counts"]
+    assert manifest["graph"]["kind"] == "fused" and manifest["precision"] == precision
+    assert (counts["bits"], counts["MatMulNBits"], counts["float_matmuls_left"]) == (bits, 11, 0)
+    accuracy = manifest["accuracy"]
+    assert accuracy["tokens"] > 4000 and accuracy["top1_agreement"] >= least_top1 and accuracy["mean_kl"] <= most_kl
+    prompt_ids = tokenizer(PROMPT).input_ids
+    got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert len(got.token_ids) == NEW_TOKENS and got.stop_reason == "max_new_tokens"
+    if precision == "int8":
+        assert got.token_ids[:2] == reference_tokens(model, prompt_ids)[:2]
