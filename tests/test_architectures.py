@@ -254,3 +254,121 @@ def test_rotary_width_gqa_cannot_rotate_gets_rotary_nodes(tmp_path):
     nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
     assert sum(n.op_type == "RotaryEmbedding" for n in nodes) == 4
     assert validate(exported.onnx_path, model, tokenizer(PROMPT).input_ids)["passed"]
+
+
+# precision -> (bits, least top-1 agreement with the fp32 graph, largest mean KL): what random
+# weights of these tiny models give with margin (measured: int8 top-1 0.955-1.0, KL <= 2e-4;
+# int4 top-1 0.64-1.0, KL <= 0.015). Their own budgets are for trained models, hence
+# --allow-accuracy-loss.
+QUANTIZED = {"int8": (8, 0.93, 1e-3), "int4": (4, 0.55, 0.03)}
+
+
+@pytest.mark.parametrize("precision", list(QUANTIZED))
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_family_quantized_builds_and_generates(family, precision, tiny_profile, tmp_path):
+    """int8 and int4 of every fused family: every MatMul (5 a layer and the tied head) becomes
+    MatMulNBits, the gate measures it against the fp32 graph, and the runtime generates with it
+    (int8 starts as transformers does)."""
+    source, model, tokenizer = make_family_model(tmp_path / "model", family)
+    manifest = build(
+        str(source),
+        load_profile(str(tiny_profile)),
+        tmp_path / "bundle",
+        echo=lambda m: None,
+        precision=precision,
+        allow_accuracy_loss=True,
+    )
+    bits, least_top1, most_kl = QUANTIZED[precision]
+    counts = manifest["quantization"]["counts"]
+    assert manifest["graph"]["kind"] == "fused" and manifest["precision"] == precision
+    assert (counts["bits"], counts["MatMulNBits"], counts["float_matmuls_left"]) == (bits, 11, 0)
+    accuracy = manifest["accuracy"]
+    assert accuracy["tokens"] > 4000 and accuracy["top1_agreement"] >= least_top1 and accuracy["mean_kl"] <= most_kl
+    prompt_ids = tokenizer(PROMPT).input_ids
+    got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert len(got.token_ids) == NEW_TOKENS and got.stop_reason == "max_new_tokens"
+    if precision == "int8":
+        assert got.token_ids[:2] == reference_tokens(model, prompt_ids)[:2]
+
+
+def _longrope_phi3(directory, switch: int):
+    """A Phi-3.5-style model: longrope with distinct short and long factors, switching at `switch`."""
+    width = 16 // 2  # heads of 32, half rotated: 8 frequencies
+    scaling = {
+        "type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(width)],
+        "long_factor": [2.0 + 0.5 * i for i in range(width)],
+    }
+    return make_family_model(directory, "phi3", rope_scaling=scaling, original_max_position_embeddings=switch)
+
+
+@pytest.mark.parametrize("prompt_words", [6, 40], ids=["short-table", "long-table"])
+def test_longrope_tables_match_torch(prompt_words, tiny_profile, tmp_path):
+    """Phi-3.5's longrope in a bundle whose context (128) passes original_max_position_embeddings
+    (24): a Where picks the short-factor or long-factor table by the sequence length, as torch does;
+    parity with RotaryEmbedding nodes and greedy tokens equal transformers' (the whole generation on
+    one side of the switch)."""
+    import onnx
+
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+
+    source, model, tokenizer = _longrope_phi3(tmp_path / "model", switch=24)
+    prompt_ids = tokenizer(" ".join(PROMPT.split()[:prompt_words])).input_ids
+    new = 24 - len(prompt_ids) if len(prompt_ids) < 24 else NEW_TOKENS
+    assert new >= 8
+    exported = export(model, load_profile("jetson-orin"), tmp_path / "graph")
+    nodes = onnx.load(str(exported.onnx_path), load_external_data=False).graph.node
+    assert [n.op_type for n in nodes].count("Where") == 2 and exported.graph == "fused"
+    assert validate(exported.onnx_path, model, prompt_ids, decode_steps=3)["passed"]
+    manifest = build(str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None)
+    assert manifest["validation"]["passed"]
+    got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=new)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new, do_sample=False)
+    assert got.token_ids == out[0, len(prompt_ids) :].tolist()[: len(got.token_ids)] and len(got.token_ids) >= 8
+
+
+def test_longrope_tables_differ(tmp_path):
+    """The two tables are not the same (else the test above proves nothing)."""
+    from edge_slm.builder.decoder.fused_graph import rotary_tables
+
+    _, model, _ = _longrope_phi3(tmp_path / "model", switch=24)
+    short, long = rotary_tables(model.model.rotary_emb, 24), rotary_tables(model.model.rotary_emb, 128)
+    assert float(np.abs(short[0][1:] - long[0][1:24]).max()) > 0.1
+
+
+@pytest.mark.parametrize("graph", ["fused", "generic"])
+def test_rope_scaling_past_its_switch_is_refused_in_one_line(graph, tmp_path):
+    """Dynamic NTK changes its frequencies at every length past the switch, and optimum's trace
+    holds one longrope table: a context past the switch is refused before export."""
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.core.errors import ExportError
+
+    _, model, _ = make_family_model(tmp_path / "llama", "llama-head24", head_dim=16, max_position_embeddings=64)
+    model.config.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    profile = load_profile("x86-laptop")
+    with pytest.raises(
+        ExportError, match="^rope_scaling 'dynamic' changes the rotary frequencies past 64 positions and"
+    ):
+        export(model, profile, tmp_path / "graph")
+    if graph == "generic":
+        import dataclasses
+
+        _, phi, _ = _longrope_phi3(tmp_path / "phi", switch=24)
+        generic = dataclasses.replace(profile, export=dataclasses.replace(profile.export, graph="generic"))
+        with pytest.raises(ExportError, match="past 24 positions in the generic graph and \\[export\\] context_length"):
+            export(phi, generic, tmp_path / "generic")
+
+
+def test_dynamic_rope_within_its_switch_matches_torch(tiny_profile, tmp_path):
+    """Dynamic NTK up to max_position_embeddings is the plain table: the bundle (context 128 <= 512)
+    matches torch."""
+    source, model, tokenizer = make_family_model(
+        tmp_path / "model", "llama-head24", head_dim=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
+    manifest = build(str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None)
+    assert manifest["validation"]["passed"] and manifest["graph"]["kind"] == "fused"
+    prompt_ids = tokenizer(PROMPT).input_ids
+    got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert got.token_ids == reference_tokens(model, prompt_ids)

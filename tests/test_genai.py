@@ -1,6 +1,6 @@
 """Interoperability: a decoder bundle carries genai_config.json naming onnxruntime-genai's model
 type for its family, and onnxruntime-genai's own loop runs it to the same greedy tokens as
-edge-slm's runtime (Llama, Qwen3, Gemma 3, Phi-3, OLMo 2)."""
+edge-slm's runtime (Llama and every other fused family, and a generic-graph bundle)."""
 
 import json
 
@@ -42,7 +42,18 @@ def _genai_tokens(bundle, ids: list[int], new: int) -> list[int]:
 
 
 # family -> onnxruntime-genai's model type in genai_config.json
-GENAI_TYPES = {"qwen3": "qwen3", "gemma3_text": "gemma3_text", "phi3": "phi3", "olmo2": "olmo"}
+GENAI_TYPES = {
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3_text",
+    "gemma2": "gemma2",
+    "gemma": "gemma",
+    "phi3": "phi3",
+    "mistral": "mistral",
+    "granite": "granite",
+    "smollm3": "smollm3",
+    "olmo2": "olmo",
+    "gpt_neox": "llama",  # the generic graph: genai's plain decoder with separate key/value buffers
+}
 
 
 @pytest.mark.parametrize("family", list(GENAI_TYPES))

@@ -174,6 +174,11 @@ def _sentinel(n: int) -> str:
 _SENTINEL = re.compile("\ue000edge-slm-message-[0-9]+\ue001")
 
 
+def _spells_control_token(tokenizer, content, special_ids: set[int]) -> bool:
+    parts = [content] if isinstance(content, str) else [p["text"] for p in content]
+    return any(special_ids.intersection(tokenizer.encode(part, add_special_tokens=False).ids) for part in parts)
+
+
 def encode_chat(tokenizer, template: str, messages: list[dict], special_ids: set[int], **variables) -> list[int]:
     """Token ids of the rendered conversation in which only the template's structure can yield
     control tokens. The whole text is encoded at once (so ids equal transformers' for ordinary
@@ -197,6 +202,12 @@ def encode_chat(tokenizer, template: str, messages: list[dict], special_ids: set
     if any(_SENTINEL.search(text) for text, is_user in segments if not is_user):
         raise TemplateError("the chat template repeats or reorders message contents in a way edge-slm cannot follow")
     text = "".join(t for t, _ in segments)
+    if text != (real := render(template, messages, **variables)):
+        # The template rewrites message text (Gemma trims it, Qwen3 drops earlier reasoning), so the
+        # markers cannot stand for it: the real rendering is encoded whole when no message spells a
+        # control token by itself; otherwise every message stays plain text where its marker was.
+        if not any(_spells_control_token(tokenizer, m["content"], special_ids) for m in messages):
+            return list(tokenizer.encode(real, add_special_tokens=False).ids)
     encoding = tokenizer.encode(text, add_special_tokens=False)
     starts, ends, start = [], [], 0  # the user texts' spans, in order and disjoint
     for piece, is_user in segments:

