@@ -128,6 +128,62 @@ def make_t5(directory):
     return directory
 
 
+def make_m2m100(directory):
+    """A tiny random M2M100 with M2M100Tokenizer's files: a BPE sentencepiece model (as the real
+    sentencepiece.bpe.model is) and vocab.json numbered as fairseq's dictionaries are."""
+    import sentencepiece as spm
+    import torch
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, M2M100Tokenizer
+
+    directory.mkdir(parents=True)
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 5))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "spm"),
+        vocab_size=90,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        character_coverage=1.0,
+        minloglevel=2,
+        bos_id=0,
+        pad_id=1,
+        eos_id=2,
+        unk_id=3,
+    )
+    (directory / "spm.model").rename(directory / "sentencepiece.bpe.model")
+    pieces = spm.SentencePieceProcessor(model_file=str(directory / "sentencepiece.bpe.model"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(pieces.get_piece_size()):
+        vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = M2M100Tokenizer(
+        str(directory / "vocab.json"), str(directory / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="de"
+    )
+    torch.manual_seed(2)
+    config = M2M100Config(
+        vocab_size=len(vocab) + len(tokenizer.lang_code_to_id) + tokenizer.num_madeup_words,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        scale_embedding=False,  # sqrt(d_model) on random embeddings drowns the source: the same tokens for all
+        init_std=0.2,
+    )
+    model = M2M100ForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def profile():
     return load_profile("x86-laptop")
@@ -165,7 +221,19 @@ def t5_bundle(t5, profile, tmp_path_factory):
     return out, manifest, lines
 
 
-def _reference(model_dir, texts, beams, prefix="", length_penalty=1.0, early_stopping=False):
+@pytest.fixture(scope="module")
+def m2m100(tmp_path_factory):
+    return make_m2m100(tmp_path_factory.mktemp("m2m") / "m2m100-tiny")
+
+
+@pytest.fixture(scope="module")
+def m2m100_bundle(m2m100, profile, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "m2m100-fp32"
+    manifest, lines = _build(m2m100, profile, out, precision="fp32")
+    return out, manifest, lines
+
+
+def _reference(model_dir, texts, beams, prefix="", length_penalty=1.0, early_stopping=False, **kw):
     """transformers' generate, one sentence at a time: the generated ids without start and EOS."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -184,6 +252,7 @@ def _reference(model_dir, texts, beams, prefix="", length_penalty=1.0, early_sto
                 do_sample=False,
                 length_penalty=length_penalty,
                 early_stopping=early_stopping,
+                **kw,
             )[0].tolist()[1:]
         out.append(ids[: ids.index(eos)] if eos in ids else ids)
     return out, tokenizer
@@ -294,6 +363,62 @@ def test_t5_translations_equal_transformers_generate(t5, t5_bundle, beams):
     translator = runtime.load(out)
     assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams) == want
     assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang="de") == want
+
+
+def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):
+    """The converted BPE source tokenizer gives M2M100Tokenizer's ids (`__en__ ... </s>`); the
+    languages are its 100 codes, each a forced first token of the decoder."""
+    from tokenizers import Tokenizer
+    from transformers import M2M100Tokenizer
+
+    reference = M2M100Tokenizer.from_pretrained(str(m2m100))
+    out, manifest, _ = m2m100_bundle
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    unk_above = manifest["tokenizer"].get("unk_above")
+    for text in SENTENCES + ["  spaces   inside  ", "Ünïcödé ½ ﬁ", "x"]:
+        ids = [t if unk_above is None or t < unk_above else 3 for t in ours.encode(text).ids]
+        assert ids == reference(text).input_ids, text
+    forced = manifest["generation"]["forced_bos_token_ids"]
+    assert len(forced) == 100 and forced["de"] == reference.get_lang_id("de") and "" not in forced
+    assert manifest["validation"]["decoder_logits_max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_m2m100_translations_equal_transformers_generate(m2m100, m2m100_bundle, beams):
+    from transformers import M2M100Tokenizer
+
+    from edge_slm import runtime
+
+    translator = runtime.load(m2m100_bundle[0])
+    for lang in ("de", "fr"):
+        forced = M2M100Tokenizer.from_pretrained(str(m2m100)).get_lang_id(lang)
+        want, tokenizer = _reference(m2m100, SENTENCES, beams, forced_bos_token_id=forced)
+        got = translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang=lang)
+        assert got == want and all(ids[0] == forced for ids in got)
+        texts = translator.translate(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang=lang)
+        # This M2M100Tokenizer, made from files, does not count its language tokens as special
+        # (the hub's does): they are left out of the reference text by hand.
+        languages = set(tokenizer.lang_code_to_id.values())
+        assert texts == tokenizer.batch_decode(
+            [[t for t in w if t not in languages] for w in want], skip_special_tokens=True
+        )
+    greedy = translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, target_lang="de")
+    assert greedy != translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=4, target_lang="de")
+
+
+def test_m2m100_needs_a_known_target_language(m2m100_bundle):
+    from edge_slm import runtime
+    from edge_slm.runtime.seq2seq import TranslationError
+
+    translator = runtime.load(m2m100_bundle[0])
+    with pytest.raises(TranslationError) as none:
+        translator.translate(["the cat"])
+    assert str(none.value).startswith("this model translates into several languages: name one (af, am, ar, ")
+    with pytest.raises(TranslationError) as unknown:
+        translator.translate(["the cat"], target_lang="klingon")
+    message = str(unknown.value)
+    assert message.startswith("target language 'klingon' is not one this model knows (af, am, ar, ast, ")
+    assert "\n" not in message and message.endswith(", zh, zu)")
 
 
 @pytest.mark.parametrize("beams", [1, 4])
@@ -410,13 +535,65 @@ def test_translate_command_and_its_refusals(capsys, marian_bundle):
             ["translate", bundle, "hi", "--target-lang", "fra"],
             "error: target language 'fra' is not one this model knows (none: it translates into one language)",
         ),
-        (["translate", bundle], "error: give at least one TEXT to translate"),
+        (
+            ["translate", bundle, "hi", "--stream", "--beams", "2"],
+            "error: --stream prints greedy text as it is written: use it with --beams 1 and without --json",
+        ),
     ]
     for args, message in cases:
         code, _, err = run_cli(capsys, *args)
         assert code == 2 and err.strip() == message, (args, err)
     code, _, err = run_cli(capsys, "translate", bundle, long_text)
     assert code == 2 and err.startswith("error: text 0 is ") and "this model takes at most 64: split it" in err
+
+
+def test_translate_reads_files_and_stdin_and_writes_token_ids(capsys, marian_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    from edge_slm import runtime
+
+    bundle = str(marian_bundle[0])
+    translator = runtime.load(bundle)
+    want = translator.translations(SENTENCES[:3], max_new_tokens=8)
+    lines = tmp_path / "texts.txt"
+    lines.write_text(f"{SENTENCES[0]}\n\n{SENTENCES[1]}\n{SENTENCES[2]}\n")
+    code, out, err = run_cli(capsys, "translate", bundle, "--file", str(lines), "-n", "8", "--json", "--beams", "1")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["text"], r["translation"], r["token_ids"]) for r in rows] == [
+        (t, w.text, w.token_ids) for t, w in zip(SENTENCES[:3], want)
+    ]
+    command = [sys.executable, "-m", "edge_slm.cli", "translate", bundle, "-n", "8", "--beams", "1"]
+    piped = subprocess.run(command, input="\n".join(SENTENCES[:3]).encode(), capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.decode().splitlines() == [w.text for w in want], piped.stderr
+    empty = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert empty.returncode == 2 and empty.stderr.decode().strip() == "error: stdin: no text in it (one text per line)"
+    code, out, _ = run_cli(capsys, "translate", bundle, SENTENCES[0], "-n", "8", "--stream")
+    assert code == 0 and out == want[0].text + "\n"
+
+
+def test_stream_and_long_texts_split_into_sentences(marian_bundle):
+    """Streaming pieces join to the greedy translation; a text longer than the model's positions
+    is translated sentence by sentence in one batch (the same as each sentence on its own)."""
+    from edge_slm import runtime
+    from edge_slm.runtime.seq2seq import TranslationError, split_sentences
+
+    translator = runtime.load(marian_bundle[0])
+    for text in SENTENCES[:3]:
+        pieces = list(translator.stream(text, max_new_tokens=MAX_NEW))
+        assert "".join(pieces) == translator.translate([text], max_new_tokens=MAX_NEW)[0]
+        assert len(pieces) > 1, pieces
+    sentences = ["The cat sits on the mat.", "Where is the train station?", "Please turn off the lights!"] * 4
+    long_text = " ".join(sentences)
+    assert split_sentences(long_text) == sentences
+    assert len(translator.tokenize([sentences[0]])[0]) * len(sentences) > translator.max_source_tokens
+    one_by_one = translator.translate(sentences, max_new_tokens=MAX_NEW)
+    [whole] = translator.translations([long_text], max_new_tokens=MAX_NEW)
+    assert whole.sentences == 12 and whole.text == " ".join(one_by_one)
+    assert "".join(translator.stream(long_text, max_new_tokens=MAX_NEW)) == whole.text
+    with pytest.raises(TranslationError, match=r"^text 0 has a \d+-token sentence; this model takes at most 64"):
+        translator.translate(["Short one. " + " ".join(["machine translation"] * 40) + "."])
 
 
 def test_other_commands_refuse_a_seq2seq_bundle_by_name(capsys, marian_bundle):
@@ -465,7 +642,49 @@ def test_the_server_translates_and_refuses_bad_beams(marian_bundle):
         bad = httpx.post(base + "/v1/translations", json={"input": "the cat", "beams": 0}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["message"] == "beams is 0; use 1 (greedy) to 16"
         wrong = httpx.post(base + "/v1/embeddings", json={"input": "the cat"}, timeout=60)
-        assert wrong.status_code == 400 and "use /v1/translations" in wrong.json()["error"]["message"]
+        model_id = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+        assert wrong.status_code == 400 and wrong.json()["error"]["message"] == (
+            f"the bundle {model_id!r} serves translation, not embedding: use /v1/translations "
+            "(or serve a embedding bundle)"
+        )
+        _chat_completions_translate(base, marian_bundle[0], model_id)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def _chat_completions_translate(base, bundle, model_id):
+    """The openai client's chat completion on a translation bundle: the last user message,
+    translated (beam search as the bundle's default; greedy when streamed), usage counted."""
+    import openai
+
+    from edge_slm import runtime
+
+    translator = runtime.load(bundle)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    messages = [
+        {"role": "system", "content": "Translate."},
+        {"role": "user", "content": "an earlier message"},
+        {"role": "assistant", "content": "..."},
+        {"role": "user", "content": SENTENCES[2]},
+    ]
+    reply = client.chat.completions.create(model=model_id, messages=messages, max_tokens=MAX_NEW)
+    [want] = translator.translations([SENTENCES[2]], max_new_tokens=MAX_NEW, beams=1)
+    assert reply.choices[0].message.content == want.text and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(want.token_ids)
+    assert reply.usage.prompt_tokens == len(translator.tokenize([SENTENCES[2]])[0])
+    stream = client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=MAX_NEW, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == want.text and len(pieces) > 1
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=model_id, messages=messages, extra_body={"target_lang": "fra"})
+    assert bad.value.body["message"] == (
+        "target language 'fra' is not one this model knows (none: it translates into one language)"
+    )
+    with pytest.raises(openai.BadRequestError) as plain:
+        client.completions.create(model=model_id, prompt="the cat")
+    assert "serves translation, not generation: use /v1/translations" in plain.value.body["message"]

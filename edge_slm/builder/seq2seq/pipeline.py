@@ -97,8 +97,14 @@ def load_stage(request: Seq2SeqRequest, _: None, out_dir: Path, note) -> Loaded:
         "early_stopping": gen.early_stopping if gen.early_stopping in (True, "never") else False,
         "max_new_tokens": int(min(MAX_NEW_TOKENS, positions - 1)),
         "default_beams": int(gen.num_beams or 1),
-        "target_languages": tokenizers.target_languages,
+        "target_languages": dict(tokenizers.target_languages),
     }
+    if tokenizers.forced_bos:  # M2M100 / NLLB: the target language is the decoder's first token
+        forced = dict(tokenizers.forced_bos)
+        default = [code for code, i in forced.items() if i == gen.forced_bos_token_id]
+        if default:  # the model's generation config names a target language: the default one
+            forced[""], generation["target_languages"][""] = forced[default[0]], ""
+        generation["forced_bos_token_ids"] = forced
     model_section = {
         "architecture": type(model).__name__,
         "model_type": cfg.model_type,
@@ -156,7 +162,13 @@ def translator_of(loaded: Loaded, directory: Path) -> Translator:
         source,
         target,
         Seq2SeqTokenizer(SOURCE_TOKENIZER, TARGET_TOKENIZER, t.special_token_ids, t.unk_token_id, t.unk_above),
-        Seq2SeqGeneration(_search(loaded), g["max_new_tokens"], g["default_beams"], g["target_languages"]),
+        Seq2SeqGeneration(
+            _search(loaded),
+            g["max_new_tokens"],
+            g["default_beams"],
+            g["target_languages"],
+            g.get("forced_bos_token_ids", {}),
+        ),
         loaded.model_section["max_source_tokens"],
     )
 
