@@ -601,13 +601,38 @@ def test_other_commands_refuse_a_seq2seq_bundle_by_name(capsys, marian_bundle):
     for args in (["classify", bundle, "hello"], ["generate", bundle, "hello"]):
         code, _, err = run_cli(capsys, *args)
         assert code == 2 and err.strip() == f"error: {bundle} is a seq2seq bundle: translate with it"
-    for command in ("bench", "verify"):
-        args = [command, bundle] + (["--emulate", "cortex-a72"] if command == "verify" else [])
-        code, _, err = run_cli(capsys, *args)
-        assert code == 2 and err.strip() == (
-            f"error: {bundle} is a seq2seq bundle: `edge-slm {command}` does not measure translation yet; "
-            "use `edge-slm translate` (benchmarks/translate_peers.py measures its speed)"
-        )
+    code, _, err = run_cli(capsys, "verify", bundle, "--emulate", "cortex-a72")
+    assert code == 2 and err.strip() == (
+        f"error: {bundle} is a seq2seq bundle: `edge-slm verify` does not measure translation yet; "
+        "use `edge-slm translate` (benchmarks/translate_peers.py measures its speed)"
+    )
+
+
+def test_bench_measures_a_translation_bundle_and_the_report_reads_it(capsys, marian_bundle, tmp_path):
+    """`edge-slm bench` on a seq2seq bundle: typed Seq2SeqResults records (1 sentence, batch 16,
+    peak RSS), the gate's figures against --reference (itself here: 100, 100, all identical)."""
+    from edge_slm.harness.report import write_report
+    from edge_slm.runtime.bench import record_problem
+
+    bundle = str(marian_bundle[0])
+    out = tmp_path / "records.jsonl"
+    args = ["bench", bundle, "-r", "2", "--warmup", "1", "--threads", "1", "--reference", bundle, "--out", str(out)]
+    code, table, err = run_cli(capsys, *args)
+    assert code == 0, err
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record_problem(record) is None and record["bundle"]["family"] == "seq2seq" and record["test"] == "s1+b16"
+    results = record["results"]
+    assert results["sentences_per_s_b16"]["texts"] == 16 and results["sentences_per_s_b16"]["n"] == 2
+    assert results["latency_ms_1"]["n"] == 10 and results["peak_rss_mb"] > results["rss_after_load_mb"] * 0.9
+    # The same samples: sentences/s one at a time is 1000 / ms (medians of an even count: not exactly).
+    assert abs(results["sentences_per_s_b1"]["p50"] * results["latency_ms_1"]["p50"] / 1e3 - 1) < 0.05
+    accuracy = record["accuracy"]
+    assert accuracy["chrf_vs_fp32"] == pytest.approx(100) and accuracy["bleu_vs_fp32"] == pytest.approx(100)
+    assert accuracy["identical"] == 24 and accuracy["source"] == f"measured against {bundle}"
+    assert "b16 sent/s" in table and "100.0 / 100.0 / 100%" in table
+    write_report([out], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Translation" in report and "sentences/s, batch 16" in report
 
 
 def test_inspect_and_a_tampered_manifest(capsys, marian_bundle, tmp_path):

@@ -11,45 +11,19 @@ the model translates into German (recorded, not gated: only the drop against fp3
 
 from __future__ import annotations
 
-from edge_slm.core.data import PARALLEL_EN_DE
 from edge_slm.core.errors import AccuracyBudgetError
 from edge_slm.core.targets import TranslationBudget
+from edge_slm.runtime.translation_eval import against_reference, parallel_text, scores
 
 MAX_NEW_TOKENS = 64  # the gate's sentences are short: 64 tokens is room for any of them
 
 
-def parallel_text() -> tuple[list[str], list[str]]:
-    """(English sentences, their German references) of the shipped parallel text."""
-    rows = [line.split("\t") for line in PARALLEL_EN_DE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r[0] for r in rows], [r[1] for r in rows]
-
-
-def scores(got: list[str], want: list[str]) -> dict:
-    """chrF, BLEU (sacrebleu corpus scores, 0-100) of `got` against `want`, and the share identical."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    return {
-        "chrf": float(CHRF().corpus_score(got, [want]).score),
-        # Effective order: a corpus of short sentences may have no 4-gram in common, not a zero BLEU.
-        "bleu": float(BLEU(effective_order=True).corpus_score(got, [want]).score),
-        "identical": sum(a == b for a, b in zip(got, want)) / len(want),
-    }
-
-
 def measure(candidate, reference, target_lang: str | None = None, german: bool = False) -> dict:
-    sources, references = parallel_text()
     tokens = min(MAX_NEW_TOKENS, reference.generation.max_new_tokens)
-    got = candidate.translate(sources, tokens, target_lang=target_lang)
-    want = reference.translate(sources, tokens, target_lang=target_lang)
-    against = scores(got, want)
-    measured = {
-        "texts": len(sources),
-        "chrf_vs_fp32": against["chrf"],
-        "bleu_vs_fp32": against["bleu"],
-        "identical_share": against["identical"],
-        "identical": round(against["identical"] * len(sources)),
-    }
+    measured = against_reference(candidate, reference, tokens, target_lang)
+    got, want = measured.pop("got"), measured.pop("want")
     if german:  # the human reference: informative, the gate reads the figures against fp32
+        _, references = parallel_text()
         measured["vs_reference"] = {"fp32": scores(want, references), "candidate": scores(got, references)}
     return measured
 
