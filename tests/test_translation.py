@@ -98,6 +98,80 @@ def make_marian(directory):
     return directory
 
 
+def make_marian_separate_vocabs(directory):
+    """A Marian with separate source and target vocabularies (`separate_vocabs`, target_vocab.json):
+    the target side's sentencepiece model is trained on other text, so that the ids differ."""
+    import sentencepiece as spm
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    directory.mkdir(parents=True)
+    shutil.copy(_spm(directory, "spm", bos_id=-1, eos_id=1, unk_id=2, pad_id=-1), directory / "source.spm")
+    reversed_corpus = directory / "target-corpus.txt"
+    reversed_corpus.write_text("\n".join(" ".join(w[::-1] for w in line.split()) for line in CORPUS * 5))
+    spm.SentencePieceTrainer.train(
+        input=str(reversed_corpus),
+        model_prefix=str(directory / "target"),
+        vocab_size=80,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        minloglevel=2,
+        bos_id=-1,
+        eos_id=1,
+        unk_id=2,
+        pad_id=-1,
+    )
+    (directory / "target.model").rename(directory / "target.spm")
+
+    def vocab_of(model_file):
+        pieces = spm.SentencePieceProcessor(model_file=str(model_file))
+        vocab = {"</s>": 0, "<unk>": 1}
+        for i in range(pieces.get_piece_size()):
+            vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+        vocab["<pad>"] = len(vocab)
+        return vocab
+
+    source, target = vocab_of(directory / "source.spm"), vocab_of(directory / "target.spm")
+    (directory / "vocab.json").write_text(json.dumps(source))
+    (directory / "target_vocab.json").write_text(json.dumps(target))
+    tokenizer = MarianTokenizer(
+        str(directory / "source.spm"),
+        str(directory / "target.spm"),
+        str(directory / "vocab.json"),
+        target_vocab_file=str(directory / "target_vocab.json"),
+        separate_vocabs=True,
+    )
+    torch.manual_seed(3)
+    pad = target["<pad>"]
+    config = MarianConfig(
+        vocab_size=len(source),
+        decoder_vocab_size=len(target),
+        share_encoder_decoder_embeddings=False,
+        tie_word_embeddings=False,  # else the output projection is tied to the source embeddings' shape
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+        bad_words_ids=[[pad]],
+        init_std=0.2,
+    )
+    model = MarianMTModel(config).eval()
+    model.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "source.model").unlink(missing_ok=True)
+    return directory
+
+
 def make_t5(directory):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer, T5TokenizerFast
@@ -239,6 +313,10 @@ def _reference(model_dir, texts, beams, prefix="", length_penalty=1.0, early_sto
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).eval()
+    if getattr(model.config, "share_encoder_decoder_embeddings", True) is False:
+        # transformers' beam search sizes its scores by config.vocab_size (the source side's here)
+        # where the logits have the target side's: told the target size, it runs.
+        model.config.vocab_size = model.config.decoder_vocab_size
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     eos = model.generation_config.eos_token_id
     out = []
@@ -363,6 +441,23 @@ def test_t5_translations_equal_transformers_generate(t5, t5_bundle, beams):
     translator = runtime.load(out)
     assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams) == want
     assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang="de") == want
+
+
+def test_marian_with_separate_vocabularies(tmp_path, profile):
+    """Source ids from vocab.json, generated ids decoded with target_vocab.json: greedy and beam
+    search equal generate's tokens, and the text equals MarianTokenizer's decoding."""
+    from edge_slm import runtime
+
+    model_dir = make_marian_separate_vocabs(tmp_path / "marian-separate")
+    manifest, _ = _build(model_dir, profile, tmp_path / "bundle", precision="fp32")
+    assert manifest["model"]["vocab_size"] != json.loads((model_dir / "config.json").read_text())["decoder_vocab_size"]
+    translator = runtime.load(tmp_path / "bundle")
+    for beams in (1, 4):
+        want, tokenizer = _reference(model_dir, SENTENCES, beams)
+        assert translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams) == want
+        texts = translator.translate(SENTENCES, max_new_tokens=MAX_NEW, beams=beams)
+        assert texts == tokenizer.batch_decode(want, skip_special_tokens=True)
+        assert any(texts), texts
 
 
 def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):

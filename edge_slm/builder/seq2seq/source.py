@@ -91,9 +91,15 @@ def _t5_prefixes(path: Path) -> dict[str, str]:
 def _marian(path: Path, hf_tokenizer) -> Tokenizers:
     import sentencepiece.sentencepiece_model_pb2 as spm_model
 
-    if getattr(hf_tokenizer, "separate_vocabs", False):
-        raise ModelError(f"{path}: Marian models with separate source and target vocabularies are not converted yet")
     vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+    # Separate vocabularies (`separate_vocabs`): the source is numbered by vocab.json, the
+    # generated ids by target_vocab.json, as MarianTokenizer decodes them.
+    target_vocab = vocab
+    if getattr(hf_tokenizer, "separate_vocabs", False):
+        target_file = path / "target_vocab.json"
+        if not target_file.is_file():
+            raise ModelError(f"{path}: separate_vocabs is set but target_vocab.json is missing: copy the whole folder")
+        target_vocab = json.loads(target_file.read_text(encoding="utf-8"))
     proto = spm_model.ModelProto()
     proto.ParseFromString((path / "source.spm").read_bytes())
     if proto.trainer_spec.model_type != 1:  # UNIGRAM
@@ -101,10 +107,11 @@ def _marian(path: Path, hf_tokenizer) -> Tokenizers:
     codes = {p: i for p, i in vocab.items() if p.startswith(">>") and p.endswith("<<")}  # target-language tokens
     eos = hf_tokenizer.eos_token
     source, unk_above = _source_tokenizer(path / "source.spm", vocab, codes, hf_tokenizer.unk_token, f"$A {eos}", eos)
+    specials = [hf_tokenizer.eos_token, hf_tokenizer.unk_token, hf_tokenizer.pad_token]
     return Tokenizers(
         source,
-        _target_tokenizer(vocab, hf_tokenizer.unk_token),
-        tuple(sorted(set(hf_tokenizer.all_special_ids))),
+        _target_tokenizer(target_vocab, hf_tokenizer.unk_token),
+        tuple(sorted({target_vocab[t] for t in specials if t in target_vocab})),  # left out of decoded text
         vocab[hf_tokenizer.unk_token],
         unk_above,
         {code[2:-2]: code + " " for code in codes},
