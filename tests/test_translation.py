@@ -172,6 +172,58 @@ def make_marian_separate_vocabs(directory):
     return directory
 
 
+def make_mbart50(directory):
+    """A tiny random mBART with mBART-50's fast tokenizer, converted from a sentencepiece model."""
+    import torch
+    from transformers import MBart50TokenizerFast, MBartConfig, MBartForConditionalGeneration
+
+    directory.mkdir(parents=True)
+    model_file = _spm(directory, "sentencepiece.bpe", bos_id=0, pad_id=1, eos_id=2, unk_id=3)
+    tokenizer = MBart50TokenizerFast(vocab_file=str(model_file), src_lang="en_XX", tgt_lang="de_DE", from_slow=True)
+    torch.manual_seed(4)
+    config = MBartConfig(vocab_size=len(tokenizer), decoder_start_token_id=2, forced_bos_token_id=None, **_BART_SHAPE)
+    MBartForConditionalGeneration(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_bart(directory):
+    """A tiny random BART with a byte-level BPE tokenizer trained here; <s> is forced first, as
+    facebook/bart-large's generation config does."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import BartConfig, BartForConditionalGeneration, BartTokenizerFast
+
+    directory.mkdir(parents=True)
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(CORPUS * 5, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    trainer.save_model(str(directory))
+    tokenizer = BartTokenizerFast(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    torch.manual_seed(5)
+    config = BartConfig(vocab_size=len(tokenizer), decoder_start_token_id=2, forced_bos_token_id=0, **_BART_SHAPE)
+    BartForConditionalGeneration(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+_BART_SHAPE = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    forced_eos_token_id=2,
+    scale_embedding=False,
+    init_std=0.2,
+)
+
+
 def make_t5(directory):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer, T5TokenizerFast
@@ -458,6 +510,38 @@ def test_marian_with_separate_vocabularies(tmp_path, profile):
         texts = translator.translate(SENTENCES, max_new_tokens=MAX_NEW, beams=beams)
         assert texts == tokenizer.batch_decode(want, skip_special_tokens=True)
         assert any(texts), texts
+
+
+@pytest.mark.parametrize("kind", ["mbart", "bart"])
+def test_mbart50_and_bart_translations_equal_transformers_generate(tmp_path, profile, kind):
+    """mBART-50: the target language is a forced first token, as M2M100's; BART: <s> forced
+    first, no languages. The same graphs (optimum's encoder + merged decoder) serve both."""
+    from transformers import AutoTokenizer
+
+    from edge_slm import runtime
+    from edge_slm.runtime.seq2seq import TranslationError
+
+    model_dir = (make_mbart50 if kind == "mbart" else make_bart)(tmp_path / kind)
+    manifest, _ = _build(model_dir, profile, tmp_path / "bundle", precision="fp32")
+    assert manifest["validation"]["decoder_logits_max_abs_diff"] < 1e-3
+    translator = runtime.load(tmp_path / "bundle")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    lang = "de_DE" if kind == "mbart" else None
+    forced = tokenizer.lang_code_to_id["de_DE"] if kind == "mbart" else 0
+    for beams in (1, 4):
+        want, _ = _reference(model_dir, SENTENCES, beams, forced_bos_token_id=forced)
+        got = translator.translate_ids(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang=lang)
+        assert got == want and all(ids[0] == forced for ids in got)
+        texts = translator.translate(SENTENCES, max_new_tokens=MAX_NEW, beams=beams, target_lang=lang)
+        assert texts == tokenizer.batch_decode(want, skip_special_tokens=True)
+    if kind == "mbart":
+        assert len(manifest["generation"]["forced_bos_token_ids"]) == 52
+        with pytest.raises(
+            TranslationError, match=r"^this model translates into several languages: name one \(af_ZA, ar_AR, "
+        ):
+            translator.translate(["the cat"])
+    else:
+        assert manifest["generation"]["forced_bos_token_ids"] == {"": 0}
 
 
 def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):

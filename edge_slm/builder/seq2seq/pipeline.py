@@ -4,7 +4,7 @@
          -> [int8 | fp16 -> translation gate against fp32] -> tokenizers -> manifest
 
 `edge-slm build --model DIR [--precision fp32|fp16|int8]` takes this path when DIR's config.json
-says model_type marian, t5 or m2m_100 (docs/translation.md); the precision defaults to the
+says model_type marian, t5, m2m_100, mbart or bart (docs/translation.md); the precision defaults to the
 profile's `[seq2seq] precision`, the gate's budget is its `[seq2seq.<precision>]` table.
 """
 
@@ -99,8 +99,14 @@ def load_stage(request: Seq2SeqRequest, _: None, out_dir: Path, note) -> Loaded:
         "default_beams": int(gen.num_beams or 1),
         "target_languages": dict(tokenizers.target_languages),
     }
-    if tokenizers.forced_bos:  # M2M100 / NLLB: the target language is the decoder's first token
-        forced = dict(tokenizers.forced_bos)
+    forced_bos = dict(tokenizers.forced_bos)
+    if generation["decoder_start_token_id"] in forced_bos.values():
+        # mBART-cc25 fine-tunes start the decoder with their target language: that one only.
+        forced_bos, generation["target_languages"] = {}, {}
+    if not forced_bos and gen.forced_bos_token_id is not None:  # BART's <s>: forced whatever the language
+        forced_bos, generation["target_languages"] = {"": int(gen.forced_bos_token_id)}, {"": ""}
+    if forced_bos:  # M2M100 / NLLB / mBART-50: the target language is the decoder's first token
+        forced = forced_bos
         default = [code for code, i in forced.items() if i == gen.forced_bos_token_id]
         if default:  # the model's generation config names a target language: the default one
             forced[""], generation["target_languages"][""] = forced[default[0]], ""

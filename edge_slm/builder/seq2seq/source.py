@@ -12,8 +12,9 @@ tokenizer: one tokenizer.json does both.
 M2M100 is built the same way from its `sentencepiece.bpe.model` (a BPE model: its merges, as
 transformers' own converters read them) and `vocab.json`, with its language tokens (`__de__`)
 numbered after the vocabulary; the source is `__<src>__ text </s>` and the target language is the
-decoder's forced first token (`forced_bos`). NLLB (model_type m2m_100 too) ships a fast tokenizer:
-its tokenizer.json is saved as is and its language codes (`deu_Latn`) are its added special tokens.
+decoder's forced first token (`forced_bos`). NLLB (model_type m2m_100 too) and mBART-50 ship fast
+tokenizers: their tokenizer.json is saved as is and their language codes (`deu_Latn`, `de_DE`) are
+forced first tokens too. BART has a fast tokenizer and no languages.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from edge_slm.core.errors import ModelError
 
-CLAIMED_TYPES = ("marian", "t5", "m2m_100")
+CLAIMED_TYPES = ("marian", "t5", "m2m_100", "mbart", "bart")
 SOURCE_TOKENIZER, TARGET_TOKENIZER = "tokenizer.json", "target_tokenizer.json"
 
 
@@ -62,8 +63,8 @@ def convert_tokenizers(path: Path, hf_tokenizer) -> Tokenizers:
         return _marian(path, hf_tokenizer)
     if kind == "m2m_100" and not getattr(hf_tokenizer, "is_fast", False):
         return _m2m100(path, hf_tokenizer)
-    if kind == "m2m_100":
-        return _nllb(hf_tokenizer)
+    if kind in ("m2m_100", "mbart") and getattr(hf_tokenizer, "is_fast", False):
+        return _fast_multilingual(hf_tokenizer)
     if not getattr(hf_tokenizer, "is_fast", False):
         raise ModelError(f"{path}: no fast tokenizer for {kind}; save one (tokenizer.json) beside the model")
     return Tokenizers(
@@ -138,10 +139,14 @@ def _m2m100(path: Path, hf_tokenizer) -> Tokenizers:
     )
 
 
-def _nllb(hf_tokenizer) -> Tokenizers:
-    """NLLB's fast tokenizer: the source language token and EOS come from its own post-processor."""
-    codes = [t for t in hf_tokenizer.additional_special_tokens if "_" in t]  # eng_Latn, deu_Latn, ...
-    languages = {code: int(hf_tokenizer.convert_tokens_to_ids(code)) for code in codes}
+def _fast_multilingual(hf_tokenizer) -> Tokenizers:
+    """NLLB's and mBART's fast tokenizers: the source language token and EOS come from their own
+    post-processor (the `src_lang` they were saved with); the target languages are their language
+    codes (`deu_Latn`, `de_DE`), each a forced first token of the decoder."""
+    codes = getattr(hf_tokenizer, "lang_code_to_id", None) or {
+        t: hf_tokenizer.convert_tokens_to_ids(t) for t in hf_tokenizer.additional_special_tokens if "_" in t
+    }
+    languages = {code: int(i) for code, i in codes.items()}
     return Tokenizers(
         hf_tokenizer.backend_tokenizer,
         None,
