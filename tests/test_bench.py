@@ -226,10 +226,10 @@ def test_the_checker_follows_the_declaration():
     record = json.loads(OLD_ENCODER_LINE)
     del record["results"]["texts_per_s_b8"]
     assert record_problem(record) == "'results.texts_per_s_b8' is missing or not an object"
-    record["bundle"]["family"] = "seq2seq"
+    record["bundle"]["family"] = "speech"
     assert (
         record_problem(record)
-        == "'bundle.family' is 'seq2seq'; this edge-slm reads records of decoder and encoder bundles"
+        == "'bundle.family' is 'speech'; this edge-slm reads records of decoder, encoder, seq2seq bundles"
     )
 
 

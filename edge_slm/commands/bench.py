@@ -21,7 +21,12 @@ from edge_slm.core.errors import EdgeSlmError
 @click.option("--repetitions", "-r", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
 @threads_option(several=True)
-@click.option("--reference", type=click.Path(path_type=Path), default=None, help="fp32 bundle for top-1 agreement.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="fp32 bundle: top-1 agreement (decoder), or the translation gate's figures (seq2seq).",
+)
 @click.option("--no-accuracy", is_flag=True, help="Skip the perplexity run.")
 @ssh_options()
 @click.option(
@@ -68,8 +73,8 @@ def bench(
     context: int | None,
     forks: int,
 ) -> None:
-    """Measure load, first token, prefill and decode speed, latency, memory and accuracy."""
-    from edge_slm.commands.translate import refuse_seq2seq
+    """Measure load, first token, prefill and decode speed, latency, memory and accuracy (translation
+    bundles: sentences per second and latency)."""
     from edge_slm.runtime.bench import bench_bundle, table
 
     if repetitions < 1 or warmup < 0 or prompt_tokens < 1 or gen_tokens < 2:
@@ -78,8 +83,6 @@ def bench(
         raise click.UsageError("give a BUNDLE (or --inventory FILE)")
     if out is not None:
         check_records_file(out)
-    if bundle is not None:
-        refuse_seq2seq(bundle, "bench")
     failures = {}
     config = {
         "threads": threads,
@@ -124,6 +127,8 @@ def bench(
         families = {record_family(r) for r in records}
         if families == {"encoder"}:
             from edge_slm.runtime.bench_encoder import encoder_table as table
+        elif families == {"seq2seq"}:
+            from edge_slm.runtime.bench_seq2seq import seq2seq_table as table
         click.echo(table(records))
     for where, why in failures.items():
         echo_err(f"error: {why}")

@@ -9,3 +9,5 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 EVAL_TEXT = DATA_DIR / "eval.txt"
 CALIBRATION_TEXT = DATA_DIR / "calibration.txt"
+# English sentences and their German translations, tab-separated: the translation gate's text.
+PARALLEL_EN_DE = DATA_DIR / "parallel-en-de.txt"

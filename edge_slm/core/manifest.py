@@ -460,6 +460,9 @@ class Seq2SeqGeneration:
     max_new_tokens: int
     default_beams: int
     target_languages: Mapping[str, str]  # language -> the text put before the source ("" key: default)
+    forced_bos: Mapping[str, int] = field(
+        default_factory=lambda: _frozen({})
+    )  # language -> the decoder's forced first token (M2M100, NLLB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,7 +503,11 @@ class Seq2SeqManifest(Manifest):
                 tok.get("unk_above"),
             ),
             generation=Seq2SeqGeneration(
-                search, gen["max_new_tokens"], gen["default_beams"], _frozen(dict(gen["target_languages"]))
+                search,
+                gen["max_new_tokens"],
+                gen["default_beams"],
+                _frozen(dict(gen["target_languages"])),
+                _frozen(dict(gen.get("forced_bos_token_ids", {}))),
             ),
         )
 

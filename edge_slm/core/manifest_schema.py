@@ -160,6 +160,11 @@ SEQ2SEQ_RULES = {
         "an object of language -> prefix text",
         lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
     ),
+    "generation.forced_bos_token_ids": _Rule(
+        "an object of language -> token id",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _count(i) for k, i in v.items()),
+        True,
+    ),
 }
 for _key in ("encoder_layers", "decoder_layers", "hidden_size", "num_heads", "vocab_size", "max_source_tokens"):
     SEQ2SEQ_RULES[f"model.{_key}"] = _Rule("a positive integer", _pos_int)

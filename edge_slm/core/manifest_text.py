@@ -181,6 +181,9 @@ def seq2seq_lines(manifest, bundle) -> list[str]:
     ]
     if acc:
         verdict = "within budget" if acc["passed"] else "OUTSIDE budget (built with --allow-accuracy-loss)"
-        lines.append(f"accuracy     chrF vs fp32 {acc['chrf_vs_fp32']:.1f} on {acc['texts']} sentences: {verdict}")
+        figures = f"chrF vs fp32 {acc['chrf_vs_fp32']:.1f}"
+        if "bleu_vs_fp32" in acc:  # bundles built before the gate scored BLEU record chrF only
+            figures += f", BLEU {acc['bleu_vs_fp32']:.1f}, {100 * acc['identical_share']:.0f}% identical"
+        lines.append(f"accuracy     {figures} on {acc['texts']} sentences: {verdict}")
     lines.append(_versions(manifest))
     return lines

@@ -144,6 +144,26 @@ class Encoder:
 
 
 @dataclass(frozen=True)
+class TranslationBudget:
+    """How close a reduced-precision translator's greedy output must stay to fp32's on the shipped
+    parallel text (builder/seq2seq/gate.py): corpus chrF and BLEU (sacrebleu, 0-100) of its
+    translations against fp32's, and the share of sentences written word for word alike."""
+
+    min_chrf: float = 90.0
+    min_bleu: float = 70.0
+    min_identical: float = 0.5
+
+
+@dataclass(frozen=True)
+class Seq2Seq:
+    """How encoder-decoder translators (Marian, T5, M2M100) are built for this device."""
+
+    precision: Literal["fp32", "fp16", "int8"] = "int8"
+    int8: TranslationBudget = TranslationBudget()
+    fp16: TranslationBudget = TranslationBudget(min_chrf=98.0, min_bleu=95.0, min_identical=0.9)
+
+
+@dataclass(frozen=True)
 class AccuracyBudget:
     max_ppl_increase: float  # relative: 0.015 is +1.5% perplexity against fp32
     min_top1: float = 0.0  # share of next tokens that agree with fp32
@@ -174,6 +194,7 @@ class Profile:
     encoder: Encoder = Encoder()
     classifier_prune: EncoderPrune | None = None  # `build --prune` of a classifier
     embedder_prune: EncoderPrune | None = None  # `build --prune` of a sentence embedder
+    seq2seq: Seq2Seq = Seq2Seq()
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
@@ -357,5 +378,14 @@ def _check_values(profile: Profile, where: str) -> None:
     for key in ("min_label_agreement", "max_accuracy_drop", "min_cosine", "min_retrieval_agreement"):
         if not 0 <= getattr(e, key) <= 1:
             raise ProfileError(f"{where}: 'encoder.{key}' is {getattr(e, key)}; use a share from 0 to 1")
+    for precision in ("int8", "fp16"):
+        budget = getattr(profile.seq2seq, precision)
+        for key in ("min_chrf", "min_bleu"):
+            if not 0 <= getattr(budget, key) <= 100:
+                raise ProfileError(f"{where}: 'seq2seq.{precision}.{key}' is {getattr(budget, key)}; use 0 to 100")
+        if not 0 <= budget.min_identical <= 1:
+            raise ProfileError(
+                f"{where}: 'seq2seq.{precision}.min_identical' is {budget.min_identical}; use a share from 0 to 1"
+            )
     if not profile.runtime.execution_providers:
         raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")

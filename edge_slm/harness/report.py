@@ -313,9 +313,26 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     return [out / path.name for path in written]
 
 
+def translation_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The translation (seq2seq) table: the metrics `Seq2SeqResults` declares, size and the gate's figures."""
+    header = ["run", *[m.label for _, m in RESULTS["seq2seq"].columns()], "model MB", "vs fp32: chrF / BLEU / same"]
+    rows = []
+    for r in records:
+        acc = r.get("accuracy") or {}
+        gate = "-"
+        if "bleu_vs_fp32" in acc:
+            gate = f"{acc['chrf_vs_fp32']:.1f} / {acc['bleu_vs_fp32']:.1f} / {100 * acc['identical_share']:.0f}%"
+        rows.append([label(r), *results_of(r).cells().values(), f"{r['bundle']['size_bytes'] / 1e6:.0f}", gate])
+    return header, rows
+
+
 def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list[Path]:
-    records = [r for r in every if not is_encoder(r)]
+    from edge_slm.runtime.bench_results import record_family
+
+    translators = [r for r in every if record_family(r) == "seq2seq"]
+    records = [r for r in every if not is_encoder(r) and record_family(r) != "seq2seq"]
     encoders = [r for r in every if is_encoder(r)]
+    theader, trows = translation_rows(translators)
     figures = plots(records, out) if records else []
     encoder_figures = [encoder_plot(encoders, out)] if encoders else []
     rows = comparison_rows(records)
@@ -353,6 +370,9 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
         ]
         md += ["| " + " | ".join(row[k] for k, _ in ecolumns) + " |" for row in erows]
         md += [""] + [f"![{title}]({path.name})\n" for title, path in encoder_figures]
+    if trows:
+        md += ["## Translation", "", "| " + " | ".join(theader) + " |", "|" + "---|" * len(theader)]
+        md += ["| " + " | ".join(row) + " |" for row in trows] + [""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
@@ -371,6 +391,12 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
         body += [
             "<h2>Encoders</h2><table><tr>" + cells([h for _, h in ecolumns], "th") + "</tr>",
             *["<tr>" + cells([row[k] for k, _ in ecolumns], "td") + "</tr>" for row in erows],
+            "</table>",
+        ]
+    if trows:
+        body += [
+            "<h2>Translation</h2><table><tr>" + cells(theader, "th") + "</tr>",
+            *["<tr>" + cells(row, "td") + "</tr>" for row in trows],
             "</table>",
         ]
     for title, path in figures + encoder_figures:

@@ -31,7 +31,7 @@ from edge_slm.core.worker import run_worker
 from edge_slm.runtime.bench_results import (
     RESULTS,
     DecoderResults,
-    EncoderResults,
+    Results,
     measured_on,
     record_family,
     results_of,
@@ -292,7 +292,7 @@ class BenchRecord:
     settings: Settings
     machine: dict = field(default_factory=machine)
     versions: dict
-    results: DecoderResults | EncoderResults  # the family's metrics (edge_slm.runtime.bench_results)
+    results: Results  # the family's metrics (edge_slm.runtime.bench_results)
     accuracy: dict | None = None
 
     def to_dict(self) -> dict:
@@ -400,7 +400,7 @@ def record_problem(record) -> str | None:
             return f"'{key}' is missing or not a {'number' if kind is number else kind.__name__}"
     family = record_family(record)
     if family not in RESULTS:
-        return f"'bundle.family' is {family!r}; this edge-slm reads records of {' and '.join(RESULTS)} bundles"
+        return f"'bundle.family' is {family!r}; this edge-slm reads records of {', '.join(RESULTS)} bundles"
     return results_problem(record)
 
 
@@ -416,11 +416,11 @@ def bench_bundle(
     context: int | None = None,
     progress=lambda msg: None,
 ) -> list[dict]:
-    """`edge-slm bench` of a bundle of either family, here or on a device (`bench_worker`); no
+    """`edge-slm bench` of a bundle of any family, here or on a device (`bench_worker`); no
     thread counts: the profile's. Counts above this machine's cores are capped, with the runtime's
     warning, so that a record says how many threads ran."""
     from edge_slm.core.bundle import verify_bundle
-    from edge_slm.core.manifest import EncoderManifest
+    from edge_slm.core.manifest import EncoderManifest, Seq2SeqManifest
     from edge_slm.runtime.model import capped_threads
 
     bundle = Path(bundle)
@@ -430,6 +430,11 @@ def bench_bundle(
         from edge_slm.runtime.bench_encoder import run_encoder
 
         return run_encoder(bundle, manifest, threads, repetitions, warmup, accuracy, progress)
+    if isinstance(manifest, Seq2SeqManifest):
+        from edge_slm.runtime.bench_seq2seq import run_seq2seq
+
+        ref = Path(reference) if reference else None
+        return run_seq2seq(bundle, manifest, threads, repetitions, warmup, accuracy, ref, progress)
     return run(
         bundle,
         threads,

@@ -140,8 +140,21 @@ class EncoderResults(Results):
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Seq2SeqResults(Results):
+    """`edge-slm bench` on a seq2seq (translation) bundle: greedy, end to end (text in, text out)."""
+
+    latency_ms_1: Stats = metric("1 sentence: ms p50 / p90", "s1 p50/p90 ms", "ms", show=("p50", "p90"), digits=0)
+    sentences_per_s_b1: Stats = metric("sentences/s, one at a time", "s1 sent/s", "sentences/s", digits=2)
+    sentences_per_s_b16: Stats = metric("sentences/s, batch 16", "b16 sent/s", "sentences/s", digits=2)
+    peak_rss_mb: float = metric("peak RSS MB", "peak RSS MB", "MB", digits=0)
+    load_s: float | None = None
+    rss_after_load_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
 # A record's family (`bundle.family`, "decoder" when absent) -> the type of its results.
-RESULTS: dict[str, type[Results]] = {"decoder": DecoderResults, "encoder": EncoderResults}
+RESULTS: dict[str, type[Results]] = {"decoder": DecoderResults, "encoder": EncoderResults, "seq2seq": Seq2SeqResults}
 
 
 def record_family(record: dict) -> str:
@@ -164,7 +177,7 @@ def results_type(record: dict) -> type[Results]:
     return RESULTS[record_family(record)]
 
 
-def results_of(record: dict) -> DecoderResults | EncoderResults:
+def results_of(record: dict) -> Results:
     """The typed results of a record read from JSON (checked first by `bench.record_problem`)."""
     return results_type(record).of(record["results"])
 

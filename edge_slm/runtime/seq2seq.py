@@ -3,6 +3,7 @@ numpy and tokenizers only.
 
     translator = runtime.load("export/opus-mt-en-de")          # a Translator
     translator.translate(["Good morning."], beams=4)            # -> ["Guten Morgen."]
+    for piece in translator.stream("Good morning."): ...        # greedy, as it is written
 
 The bundle holds optimum's layout: an encoder graph, run once per batch, and a merged decoder graph
 whose first step computes every layer's cross-attention keys and values from the encoder's output
@@ -16,6 +17,9 @@ needs a differently exported graph.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ from edge_slm.core.manifest import SearchSettings, Seq2SeqGeneration, Seq2SeqMan
 from edge_slm.runtime.session import check_onnxruntime, pick_providers
 
 MAX_BEAMS = 16  # wider beams cost memory (beams x cache) and rarely help translation
+MAX_BATCH = 32  # sentences searched together: a long document's cache grows with them
 NEG = np.float32(-1.0e9)  # transformers' "impossible" score, kept the same so that ties break alike
 
 
@@ -79,12 +84,16 @@ class Seq2SeqGraphs:
             cache.setdefault(key, past[key])
         return outputs[0][:, -1, :].astype(np.float32), cache
 
-    def _process(self, scores: np.ndarray, length: int, max_length: int) -> np.ndarray:
-        """transformers' logits processors in its order: min length, suppressed tokens, forced EOS.
-        `length` counts the decoder tokens so far (the start token included)."""
+    def _process(self, scores: np.ndarray, length: int, max_length: int, forced_bos: int | None) -> np.ndarray:
+        """transformers' logits processors in its order: min length, forced BOS (the target
+        language of M2M100 / NLLB, first step only), suppressed tokens, forced EOS. `length` counts
+        the decoder tokens so far (the start token included)."""
         s = self.settings
         if length < s.min_length:
             scores[:, s.eos_token_id] = -np.inf
+        if forced_bos is not None and length == 1:
+            scores[:, :] = -np.inf
+            scores[:, forced_bos] = 0.0
         if s.suppress_token_ids:
             scores[:, list(s.suppress_token_ids)] = -np.inf
         if s.forced_eos and length == max_length - 1:
@@ -92,7 +101,15 @@ class Seq2SeqGraphs:
             scores[:, s.eos_token_id] = 0.0
         return scores
 
-    def greedy(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int) -> list[list[int]]:
+    def greedy(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, forced_bos=None) -> list[list[int]]:
+        out: list[list[int]] = []
+        for out, _ in self.greedy_steps(ids, mask, max_new_tokens, forced_bos):
+            pass
+        return out
+
+    def greedy_steps(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, forced_bos=None):
+        """Greedy search one step at a time: yields (tokens of each row so far, rows still running)
+        after every step; the lists grow in place (streaming reads them)."""
         s = self.settings
         hidden = self.encode(ids, mask)
         rows = ids.shape[0]
@@ -102,18 +119,20 @@ class Seq2SeqGraphs:
         past = None
         for step in range(max_new_tokens):
             logits, past = self.step(tokens, hidden, mask, past)
-            chosen = self._process(logits, step + 1, max_new_tokens + 1).argmax(axis=1)
+            chosen = self._process(logits, step + 1, max_new_tokens + 1, forced_bos).argmax(axis=1)
             chosen = np.where(running, chosen, s.pad_token_id)
             for row in np.flatnonzero(running):
                 if chosen[row] != s.eos_token_id:
                     out[row].append(int(chosen[row]))
             running &= chosen != s.eos_token_id
+            yield out, running.copy() if step + 1 < max_new_tokens else np.zeros(rows, bool)
             if not running.any():
                 break
             tokens = chosen[:, None].astype(np.int64)
-        return out
 
-    def beam_search(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, beams: int) -> list[list[int]]:
+    def beam_search(
+        self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, beams: int, forced_bos=None
+    ) -> list[list[int]]:
         """transformers' vectorised beam search (generation/utils.py `_beam_search`), per sentence:
         2 x beams candidates a step; an EOS among the top `beams` finishes a hypothesis scored
         sum(log p) / length ** length_penalty; a sentence stops when no running beam can beat its
@@ -137,7 +156,8 @@ class Seq2SeqGraphs:
         while True:
             logits, past = self.step(running[:, :, cur - 1].reshape(-1, 1), hidden, mask, past)
             logp = _log_softmax(logits)
-            logp = self._process(logp, cur, max_length).reshape(batch, beams, -1) + running_scores[:, :, None]
+            logp = self._process(logp, cur, max_length, forced_bos).reshape(batch, beams, -1)
+            logp = logp + running_scores[:, :, None]
             vocab = logp.shape[-1]
             flat = logp.reshape(batch, -1)
             top = _topk(flat, keep)
@@ -240,17 +260,8 @@ class Translator:
 
     def tokenize(self, texts: list[str], target_lang: str | None = None) -> list[list[int]]:
         """Source token ids per text (with the target language's prefix), checked against the limit."""
-        if isinstance(texts, str) or not texts:
-            raise TranslationError("give a list of one or more texts to translate")
-        prefix = self._prefix(target_lang)
         rows = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise TranslationError(f"text {i} is empty: give some text to translate")
-            ids = self.source.encode(prefix + text).ids
-            unknown = self.tokenizer.unk_above  # source pieces the shared vocabulary lacks
-            if unknown is not None:
-                ids = [t if t < unknown else self.tokenizer.unk_token_id for t in ids]
+        for i, ids in enumerate(self._source_ids(texts, target_lang)):
             if len(ids) > self.max_source_tokens:
                 raise TranslationError(
                     f"text {i} is {len(ids)} tokens; this model takes at most {self.max_source_tokens}: "
@@ -259,40 +270,177 @@ class Translator:
             rows.append(ids)
         return rows
 
-    def _prefix(self, target_lang: str | None) -> str:
-        if target_lang is None:
-            return self.languages.get("", "")
-        if target_lang not in self.languages or target_lang == "":
-            known = ", ".join(sorted(k for k in self.languages if k)) or "none: it translates into one language"
-            raise TranslationError(f"target language {target_lang!r} is not one this model knows ({known})")
-        return self.languages[target_lang]
+    def _source_ids(self, texts: list[str], target_lang: str | None) -> list[list[int]]:
+        if isinstance(texts, str) or not texts:
+            raise TranslationError("give a list of one or more texts to translate")
+        prefix, _ = self._target(target_lang)
+        rows = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise TranslationError(f"text {i} is empty: give some text to translate")
+            ids = self.source.encode(prefix + text).ids
+            unknown = self.tokenizer.unk_above  # source pieces the shared vocabulary lacks
+            if unknown is not None:
+                ids = [t if t < unknown else self.tokenizer.unk_token_id for t in ids]
+            rows.append(ids)
+        return rows
 
-    def translate_ids(
-        self, texts: list[str], max_new_tokens: int | None = None, beams: int = 1, target_lang: str | None = None
-    ) -> list[list[int]]:
-        """The generated token ids of each text (no start token, no EOS)."""
+    def _target(self, target_lang: str | None) -> tuple[str, int | None]:
+        """The source prefix text (Marian's >>deu<<, T5's task) and the decoder's forced first
+        token (M2M100 / NLLB) for `target_lang`, or the model's default."""
+        forced = self.generation.forced_bos
+        if target_lang is None:
+            if forced and "" not in forced:
+                raise TranslationError(f"this model translates into several languages: name one ({self._known()})")
+            return self.languages.get("", ""), forced.get("")
+        if target_lang not in self.languages or target_lang == "":
+            raise TranslationError(f"target language {target_lang!r} is not one this model knows ({self._known()})")
+        return self.languages[target_lang], forced.get(target_lang)
+
+    def _known(self) -> str:
+        return ", ".join(sorted(k for k in self.languages if k)) or "none: it translates into one language"
+
+    def _checked(self, max_new_tokens: int | None, beams: int) -> int:
         limit = self.generation.max_new_tokens
         max_new_tokens = limit if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= limit:
             raise TranslationError(f"max new tokens is {max_new_tokens}; use 1 to {limit}")
         if not isinstance(beams, int) or isinstance(beams, bool) or not 1 <= beams <= MAX_BEAMS:
             raise TranslationError(f"beams is {beams}; use 1 (greedy) to {MAX_BEAMS}")
-        rows = self.tokenize(texts, target_lang)
+        return max_new_tokens
+
+    def _padded(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         pad = self.graphs.settings.pad_token_id
         width = max(map(len, rows))
         ids = np.full((len(rows), width), pad, np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for r, row in enumerate(rows):
             ids[r, : len(row)], mask[r, : len(row)] = row, 1
+        return ids, mask
+
+    def _search(self, rows, max_new_tokens: int, beams: int, forced_bos: int | None) -> list[list[int]]:
+        ids, mask = self._padded(rows)
         if beams == 1:
-            return self.graphs.greedy(ids, mask, max_new_tokens)
-        return self.graphs.beam_search(ids, mask, max_new_tokens, beams)
+            return self.graphs.greedy(ids, mask, max_new_tokens, forced_bos)
+        return self.graphs.beam_search(ids, mask, max_new_tokens, beams, forced_bos)
+
+    def translate_ids(
+        self, texts: list[str], max_new_tokens: int | None = None, beams: int = 1, target_lang: str | None = None
+    ) -> list[list[int]]:
+        """The generated token ids of each text (no start token, no EOS), each text whole: a text
+        longer than the model's positions is refused (`translations` splits it)."""
+        max_new_tokens = self._checked(max_new_tokens, beams)
+        rows = self.tokenize(texts, target_lang)
+        return self._search(rows, max_new_tokens, beams, self._target(target_lang)[1])
+
+    def decode(self, ids: list[int]) -> str:
+        special = set(self.tokenizer.special_token_ids)
+        return self.target.decode([t for t in ids if t not in special], skip_special_tokens=True)
+
+    def _pieces(self, texts: list[str], target_lang: str | None) -> list[list[list[int]]]:
+        """Each text's source ids: the whole text when it fits the model's positions, else its
+        sentences (one row each), each of which must fit."""
+        prefix, _ = self._target(target_lang)
+        out = []
+        for i, (text, ids) in enumerate(zip(texts, self._source_ids(texts, target_lang))):
+            if len(ids) <= self.max_source_tokens:
+                out.append([ids])
+                continue
+            sentences = split_sentences(text)
+            rows = self._source_ids(sentences, target_lang) if len(sentences) > 1 else [ids]
+            longest = max(map(len, rows))
+            if longest > self.max_source_tokens:
+                where = (
+                    f"text {i} is {len(ids)} tokens" if len(rows) == 1 else f"text {i} has a {longest}-token sentence"
+                )
+                raise TranslationError(
+                    f"{where}; this model takes at most {self.max_source_tokens}: split it into "
+                    + ("sentences" if len(rows) == 1 else "shorter sentences")
+                )
+            out.append(rows)
+        return out
+
+    def translations(
+        self, texts: list[str], max_new_tokens: int | None = None, beams: int = 1, target_lang: str | None = None
+    ) -> list[Translation]:
+        """One `Translation` per text; texts longer than the model's positions are split into
+        sentences, every sentence of every text translated in one batch, and joined back."""
+        max_new_tokens = self._checked(max_new_tokens, beams)
+        pieces = self._pieces(texts, target_lang)
+        flat = [row for rows in pieces for row in rows]
+        forced = self._target(target_lang)[1]
+        # Batches of at most MAX_BATCH rows: a long document's sentences must not size one huge cache.
+        generated = iter(
+            [
+                ids
+                for at in range(0, len(flat), MAX_BATCH)
+                for ids in self._search(flat[at : at + MAX_BATCH], max_new_tokens, beams, forced)
+            ]
+        )
+        out = []
+        for rows in pieces:
+            parts = [next(generated) for _ in rows]
+            out.append(Translation(" ".join(self.decode(p) for p in parts), [t for p in parts for t in p], len(rows)))
+        return out
 
     def translate(
         self, texts: list[str], max_new_tokens: int | None = None, beams: int = 1, target_lang: str | None = None
     ) -> list[str]:
-        special = set(self.tokenizer.special_token_ids)
-        return [
-            self.target.decode([t for t in ids if t not in special], skip_special_tokens=True)
-            for ids in self.translate_ids(texts, max_new_tokens, beams, target_lang)
-        ]
+        return [t.text for t in self.translations(texts, max_new_tokens, beams, target_lang)]
+
+    def check(
+        self, texts: list[str], max_new_tokens: int | None = None, beams: int = 1, target_lang: str | None = None
+    ) -> int:
+        """Refuse what `translations` would refuse (TranslationError), before any search runs;
+        returns the source tokens of all texts (a server's usage count)."""
+        self._checked(max_new_tokens, beams)
+        return sum(len(row) for rows in self._pieces(texts, target_lang) for row in rows)
+
+    def stream(self, text: str, max_new_tokens: int | None = None, target_lang: str | None = None) -> Iterator[str]:
+        """Greedy translation of one text as it is written: pieces of text whose concatenation is
+        `translate([text])[0]`. A long text's sentences are decoded in batches; a sentence's
+        text is shown once those before it are finished, so the pieces come in reading order.
+        The generator returns the number of tokens generated (StopIteration.value)."""
+        max_new_tokens = self._checked(max_new_tokens, 1)
+        rows = self._pieces([text], target_lang)[0]
+        forced = self._target(target_lang)[1]
+        done: list[str] = []  # the translations of earlier batches
+        shown, generated = "", 0
+        for at in range(0, len(rows), MAX_BATCH):
+            ids, mask = self._padded(rows[at : at + MAX_BATCH])
+            out: list[list[int]] = []
+            for out, running in self.graphs.greedy_steps(ids, mask, max_new_tokens, forced):
+                visible = list(done)
+                for row, tokens in enumerate(out):
+                    visible.append(self.decode(tokens))
+                    if running[row]:
+                        break
+                now = " ".join(visible)
+                # A partial sentence may end inside a character (a byte piece) or be rewritten by
+                # the next token's decoding: only a text that extends what was shown is sent.
+                if now.startswith(shown) and len(now) > len(shown) and not now.endswith("\ufffd"):
+                    yield now[len(shown) :]
+                    shown = now
+            done += [self.decode(tokens) for tokens in out]
+            generated += sum(map(len, out))
+        final = " ".join(done)
+        if final.startswith(shown) and len(final) > len(shown):
+            yield final[len(shown) :]
+        return generated
+
+
+@dataclass(frozen=True)
+class Translation:
+    text: str
+    token_ids: list[int]  # generated ids (no start token, no EOS), of every sentence in turn
+    sentences: int  # 1, or the number of sentences a long text was split into
+
+
+# After sentence-final punctuation (Latin, CJK), and at line breaks. Written here: the device half
+# has no sentence splitter among its dependencies, and a text is split only when it is longer than
+# the model's positions, where a rare wrong split ("Dr. Smith") costs less than a refusal.
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])\s+|\s*\n\s*")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [part for part in _SENTENCE_END.split(text.strip()) if part.strip()]

@@ -6,6 +6,7 @@
     POST /v1/classifications    input -> label and every label's probability (a classifier bundle)
     POST /v1/translations       input (+ beams, target_lang) -> translations (a seq2seq bundle)
     POST /tokenize, /detokenize llama-server's: {"content"} -> {"tokens"}, {"tokens"} -> {"content"}
+                                (and /v1/chat/completions: its last user message translated, translation_chat.py)
     GET  /v1/models             the bundle, its target and precision
     GET  /health                503 {"status": "loading"} until the model is loaded, then 200
     GET  /metrics               Prometheus text
@@ -50,6 +51,7 @@ from edge_slm.serve.engine import BatchEngine, Cancelled, EncoderEngine, Engine,
 from edge_slm.serve.fields import refuse_unimplemented
 from edge_slm.serve.limits import Limits, check_texts, read_json
 from edge_slm.serve.metrics import Metrics
+from edge_slm.serve.translation_chat import chat_translation
 from edge_slm.serve.watch import BundleWatch
 
 log = logging.getLogger("edge_slm.serve")
@@ -59,7 +61,8 @@ class TranslationEngine(EncoderEngine):
     """A translator behind the encoder's bounded queue: one batch on the model at a time."""
 
     def text_fit(self) -> tuple[int, int]:
-        return self.model.max_source_tokens, max(map(len, self.model.source.get_vocab()))
+        # A text longer than the model's positions is translated sentence by sentence: up to 16 times.
+        return 16 * self.model.max_source_tokens, max(map(len, self.model.source.get_vocab()))
 
 
 # The bundle's manifest type -> the engine that queues its requests; a new family adds its entry.
@@ -206,6 +209,8 @@ def create_app(
         return await models(service)
 
     async def chat_route(request: Request):
+        if service.model is not None and service.serves == "translation":  # the last user message, translated
+            return await chat_translation(service, request, _body, _error)
         return await completion(service, request, chat=True)
 
     async def completions_route(request: Request):

@@ -95,3 +95,20 @@ def quantize_int8(paths: dict[str, Path], out_dir: Path) -> dict:
             op_types_to_quantize=["MatMul"],
         )
     return {"method": "onnxruntime quantize_dynamic", "weights": "int8 per-channel", "ops": ["MatMul"]}
+
+
+def convert_fp16(paths: dict[str, Path], out_dir: Path) -> dict:
+    """float16 weights and activations in both graphs (the merged decoder's If branches too), and
+    float16 hidden states, cache and logits between them: on the GPU the cache stays half as large
+    and crosses no Cast per step; the runtime reads the cache's type from the graph and casts the
+    logits to float32 for the search. onnxruntime's converter (the encoder family's fp16 uses it
+    too); its CPU provider runs the result, which is how the build checks the numerics."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    for name, path in paths.items():
+        # keep_io_types is not used: its Casts at the outputs rename what the If branches return,
+        # which onnxruntime then refuses (a branch may not return an outer-scope value).
+        half = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
+        onnx.save(half, str(out_dir / name))
+    return {"method": "fp16", "weights": "float16", "io": "float16 hidden states, cache and logits"}

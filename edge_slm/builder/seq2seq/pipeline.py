@@ -1,10 +1,11 @@
 """The seq2seq build (Marian / OPUS-MT, T5): the encoder build's shape with its own stages.
 
     load -> export (optimum: encoder + merged decoder) -> validate against torch
-         -> [int8 -> chrF gate against fp32] -> tokenizers -> manifest
+         -> [int8 | fp16 -> translation gate against fp32] -> tokenizers -> manifest
 
-`edge-slm build --model DIR [--precision fp32|int8]` takes this path when DIR's config.json says
-model_type marian or t5 (docs/translation.md).
+`edge-slm build --model DIR [--precision fp32|fp16|int8]` takes this path when DIR's config.json
+says model_type marian, t5, m2m_100, mbart or bart (docs/translation.md); the precision defaults to the
+profile's `[seq2seq] precision`, the gate's budget is its `[seq2seq.<precision>]` table.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edge_slm.builder.seq2seq import gate
 from edge_slm.builder.seq2seq.export import (
     DECODER_FILE,
     ENCODER_FILE,
+    convert_fp16,
     export_graphs,
     quantize_int8,
     validate_graphs,
@@ -32,9 +34,10 @@ from edge_slm.core.bundle import write_manifest
 from edge_slm.core.errors import ModelError, ProfileError
 from edge_slm.core.manifest import SearchSettings, Seq2SeqGeneration, Seq2SeqTokenizer
 from edge_slm.core.targets import Profile
+from edge_slm.core.targets import Seq2Seq as Seq2SeqSpec
 from edge_slm.runtime.seq2seq import Seq2SeqGraphs, Translator
 
-SEQ2SEQ_PRECISIONS = ("fp32", "int8")
+SEQ2SEQ_PRECISIONS = ("fp32", "fp16", "int8")
 MAX_NEW_TOKENS = 256  # the runtime's cap per translation: a sentence, not a document
 
 
@@ -94,8 +97,20 @@ def load_stage(request: Seq2SeqRequest, _: None, out_dir: Path, note) -> Loaded:
         "early_stopping": gen.early_stopping if gen.early_stopping in (True, "never") else False,
         "max_new_tokens": int(min(MAX_NEW_TOKENS, positions - 1)),
         "default_beams": int(gen.num_beams or 1),
-        "target_languages": tokenizers.target_languages,
+        "target_languages": dict(tokenizers.target_languages),
     }
+    forced_bos = dict(tokenizers.forced_bos)
+    if generation["decoder_start_token_id"] in forced_bos.values():
+        # mBART-cc25 fine-tunes start the decoder with their target language: that one only.
+        forced_bos, generation["target_languages"] = {}, {}
+    if not forced_bos and gen.forced_bos_token_id is not None:  # BART's <s>: forced whatever the language
+        forced_bos, generation["target_languages"] = {"": int(gen.forced_bos_token_id)}, {"": ""}
+    if forced_bos:  # M2M100 / NLLB / mBART-50: the target language is the decoder's first token
+        forced = forced_bos
+        default = [code for code, i in forced.items() if i == gen.forced_bos_token_id]
+        if default:  # the model's generation config names a target language: the default one
+            forced[""], generation["target_languages"][""] = forced[default[0]], ""
+        generation["forced_bos_token_ids"] = forced
     model_section = {
         "architecture": type(model).__name__,
         "model_type": cfg.model_type,
@@ -153,7 +168,13 @@ def translator_of(loaded: Loaded, directory: Path) -> Translator:
         source,
         target,
         Seq2SeqTokenizer(SOURCE_TOKENIZER, TARGET_TOKENIZER, t.special_token_ids, t.unk_token_id, t.unk_above),
-        Seq2SeqGeneration(_search(loaded), g["max_new_tokens"], g["default_beams"], g["target_languages"]),
+        Seq2SeqGeneration(
+            _search(loaded),
+            g["max_new_tokens"],
+            g["default_beams"],
+            g["target_languages"],
+            g.get("forced_bos_token_ids", {}),
+        ),
         loaded.model_section["max_source_tokens"],
     )
 
@@ -169,18 +190,29 @@ def validate_stage(graphs: Graphs, _: None, out_dir: Path, note) -> Graphs:
 
 
 def quantize_stage(graphs: Graphs, _: None, out_dir: Path, note) -> Graphs:
-    quantization = quantize_int8(graphs.paths, out_dir)
+    reduce = convert_fp16 if graphs.loaded.request.precision == "fp16" else quantize_int8
+    quantization = reduce(graphs.paths, out_dir)
     note(f"{quantization['method']}: {_mb(out_dir / ENCODER_FILE, out_dir / DECODER_FILE)} MB")
     return dataclasses.replace(graphs, quantization=quantization, final_dir=out_dir)
 
 
-def gate_stage(graphs: Graphs, _: None, out_dir: Path, note) -> Graphs:
+def gate_stage(graphs: Graphs, section: Seq2SeqSpec, out_dir: Path, note) -> Graphs:
     loaded = graphs.loaded
+    precision = loaded.request.precision
     reference = translator_of(loaded, graphs.paths[ENCODER_FILE].parent)
     candidate = translator_of(loaded, graphs.final_dir)
-    accuracy = gate.check(gate.measure(candidate, reference), loaded.request.allow_accuracy_loss)
+    languages = loaded.generation["target_languages"]
+    # A multilingual model needs a target language: German where it has one (the shipped references').
+    preferred = [code for code in ("de", "deu", "deu_Latn") if code in languages] + sorted(languages)
+    target = None if "" in languages or not languages else preferred[0]
+    german = target in ("de", "deu", "deu_Latn") or loaded.request.model_ref.rstrip("/").endswith("-de")
+    measured = gate.measure(candidate, reference, target, german)
+    accuracy = gate.check(measured, getattr(section, precision), precision, loaded.request.allow_accuracy_loss)
     verdict = "within budget" if accuracy["passed"] else "OUTSIDE budget (allowed by --allow-accuracy-loss)"
-    note(f"chrF vs fp32 {accuracy['chrf_vs_fp32']:.1f} on {accuracy['texts']} sentences: {verdict}")
+    note(
+        f"vs fp32 on {accuracy['texts']} sentences: chrF {accuracy['chrf_vs_fp32']:.1f}, BLEU "
+        f"{accuracy['bleu_vs_fp32']:.1f}, {accuracy['identical_share']:.0%} identical: {verdict}"
+    )
     return dataclasses.replace(graphs, accuracy=accuracy)
 
 
@@ -245,8 +277,25 @@ def manifest_stage(graphs: Graphs, profile: Profile, out_dir: Path, note) -> dic
 LOAD = Stage("load", lambda r, p: f"loading seq2seq model {r.model_ref}", no_section, load_stage)
 EXPORT = Stage("export", lambda x, p: "exporting encoder + merged decoder with optimum", no_section, export_stage)
 VALIDATE = Stage("validate", lambda x, p: "validating the fp32 graphs against torch", no_section, validate_stage)
-QUANTIZE = Stage("quantize", lambda x, p: "quantizing to int8 (dynamic, per-channel)", no_section, quantize_stage)
-GATE = Stage("gate", lambda x, p: "accuracy gate: int8 translations against fp32 (chrF)", no_section, gate_stage)
+QUANTIZE = Stage(
+    "quantize",
+    lambda x, p: (
+        f"reducing to {x.loaded.request.precision} "
+        + (
+            "(float16, float32 inputs and outputs)"
+            if x.loaded.request.precision == "fp16"
+            else "(dynamic, per-channel)"
+        )
+    ),
+    no_section,
+    quantize_stage,
+)
+GATE = Stage(
+    "gate",
+    lambda x, p: f"accuracy gate: {x.loaded.request.precision} translations against fp32 (chrF, BLEU, identical)",
+    lambda profile: profile.seq2seq,
+    gate_stage,
+)
 TOKENIZER = Stage("tokenizer", lambda x, p: "writing the tokenizers", no_section, tokenizer_stage)
 MANIFEST = Stage("manifest", lambda x, p: "writing the manifest and checksums", whole_profile, manifest_stage)
 
@@ -254,12 +303,12 @@ MANIFEST = Stage("manifest", lambda x, p: "writing the manifest and checksums", 
 def seq2seq_stages(precision: str) -> list[Stage]:
     if precision == "fp32":
         return [LOAD, EXPORT, VALIDATE, TOKENIZER, MANIFEST]
-    # The fp32 graphs are the int8 build's intermediates (and its gate's reference): scratch.
+    # The fp32 graphs are the reduced build's intermediates (and its gate's reference): scratch.
     return [LOAD, dataclasses.replace(EXPORT, into="scratch"), VALIDATE, QUANTIZE, GATE, TOKENIZER, MANIFEST]
 
 
 def build_seq2seq(model_ref, profile: Profile, out: Path, echo, precision=None, allow_accuracy_loss=False) -> dict:
-    precision = precision or "int8"
+    precision = precision or profile.seq2seq.precision
     if precision not in SEQ2SEQ_PRECISIONS:
         raise ProfileError(
             f"seq2seq models are built in {', '.join(SEQ2SEQ_PRECISIONS)}; --precision {precision} is not one"
