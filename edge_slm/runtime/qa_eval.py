@@ -3,7 +3,10 @@
 `edge_slm/data/manuals/` holds four short manuals written for the project and
 `questions.jsonl`: each line a question, the manual that answers it and the answer (a sentence
 of the manual, or the distinctive part of one); questions whose `file` is null have no answer in
-the manuals. Used by `benchmarks/ask.py` and the tests.
+the manuals. Each question belongs to a `split`: "tune" questions set `DEFAULT_MIN_SCORE`, the
+prompt and the identifier bonus; "heldout" questions were written after those were fixed and are
+only measured, never tuned on (`calibrate_min_score` reads the tuning split only). Used by
+`benchmarks/ask.py` and the tests.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from edge_slm.core.errors import EdgeSlmError
 
 MANUALS_DIR = DATA_DIR / "manuals"
 QUESTIONS_FILE = MANUALS_DIR / "questions.jsonl"
+SPLITS = ("tune", "heldout")
 
 
 @dataclass(frozen=True)
@@ -26,18 +30,40 @@ class Question:
     question: str
     file: str | None  # None: the documents do not answer it
     answer: str | None
+    split: str = "tune"
 
 
-def load_questions(path: Path = QUESTIONS_FILE) -> list[Question]:
+def load_questions(path: Path = QUESTIONS_FILE, split: str | None = None) -> list[Question]:
+    """The questions of `path`, those of one `split` when it is given (a row without one is "tune")."""
+    if split is not None and split not in SPLITS:
+        raise EdgeSlmError(f"split is {split!r}; choose one of {', '.join(SPLITS)}")
     questions = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
-                questions.append(Question(row["question"], row["file"], row["answer"]))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise EdgeSlmError(f"{path}:{number}: {exc}; want question, file and answer") from None
+                question = Question(row["question"], row["file"], row["answer"], row.get("split", "tune"))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise EdgeSlmError(f"{path}:{number}: {exc}; want question, file, answer and split") from None
+            if question.split not in SPLITS:
+                raise EdgeSlmError(f"{path}:{number}: split is {question.split!r}; want one of {', '.join(SPLITS)}")
+            if split is None or question.split == split:
+                questions.append(question)
     return questions
+
+
+def calibrate_min_score(rows: list[dict]) -> float:
+    """The refusal threshold that gets the most of `rows` (from `evaluate_qa` on the tuning split)
+    right: answerable questions whose best passage scores at or above it are answered, unanswerable
+    ones below it refused. Halfway between the two best-passage scores it falls between; of equally
+    good places the lowest, which answers more."""
+    scores = sorted({r["best_score"] for r in rows})
+    cuts = [(a + b) / 2 for a, b in zip(scores, scores[1:])] or scores
+
+    def correct(cut: float) -> int:
+        return sum((r["best_score"] >= cut) == ("rank" in r) for r in rows)
+
+    return round(max(cuts, key=lambda cut: (correct(cut), -cut)), 3)
 
 
 def _normal(text: str) -> str:
