@@ -392,6 +392,16 @@ def test_the_shipped_questions_hold_a_held_out_split_whose_answers_are_in_their_
         load_questions(split="test")
 
 
+def test_the_shipped_squad_set_is_the_manuals_answerable_questions():
+    from edge_slm.core.squad import SHIPPED_SQUAD, read_squad
+    from edge_slm.runtime.qa_eval import squad_from_manuals
+
+    assert (
+        json.loads(SHIPPED_SQUAD.read_text(encoding="utf-8")) == squad_from_manuals()
+    )  # regenerated with the questions
+    assert len(read_squad()) == 155  # every answer at its answer_start in its context (read_squad checks)
+
+
 def test_the_threshold_is_calibrated_where_most_tuning_questions_come_out_right():
     from edge_slm.runtime.qa_eval import calibrate_min_score
 

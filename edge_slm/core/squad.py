@@ -6,7 +6,7 @@ shipped set made from the appliance manuals.
 
 `edge_slm/data/manuals/squad.json` holds the answerable shipped questions (`questions.jsonl`),
 each with the section of its manual that answers it as the context and the expected answer at
-its place in it (`squad_from_manuals` writes it). The build's accuracy gate for question-answering
+its place in it (`runtime.qa_eval.squad_from_manuals` writes it). The build's accuracy gate for question-answering
 bundles and `edge-slm finetune --task qa` read this format.
 """
 
@@ -73,42 +73,3 @@ def _question(path: Path, qa, context: str, require_answers: bool) -> SquadQuest
     if require_answers and not answers:
         raise DataError(f"{where}: no answers; every question here needs one (an answer text and its answer_start)")
     return SquadQuestion(str(qa.get("id", qa["question"])), qa["question"], context, tuple(answers))
-
-
-def squad_from_manuals() -> dict:
-    """The shipped manuals' answerable questions as SQuAD-format data: the context of each is the
-    section of its manual (heading and sentences) whose sentence holds the answer."""
-    from edge_slm.core.passages import sections
-    from edge_slm.runtime.qa_eval import MANUALS_DIR, load_questions
-
-    articles: dict[str, dict] = {}
-    for number, q in enumerate(load_questions(), 1):
-        if q.file is None:
-            continue
-        _, parts = sections((MANUALS_DIR / q.file).read_text(encoding="utf-8"))
-        for heading, sentences in parts:
-            context = " ".join([heading + "."] + [s.text for s in sentences]) if heading else ""
-            context = context or " ".join(s.text for s in sentences)
-            start = context.lower().find(" ".join(q.answer.split()).lower())
-            if start >= 0:
-                break
-        else:
-            raise DataError(f"{q.file}: no section holds the answer to {q.question!r}")
-        article = articles.setdefault(q.file, {"title": q.file, "contexts": {}})
-        paragraph = article["contexts"].setdefault(context, [])
-        text = context[start : start + len(" ".join(q.answer.split()))]
-        paragraph.append(
-            {
-                "id": f"manuals-{number}",
-                "question": q.question,
-                "split": q.split,
-                "answers": [{"text": text, "answer_start": start}],
-            }
-        )
-    return {
-        "version": "edge-slm-manuals-1",
-        "data": [
-            {"title": a["title"], "paragraphs": [{"context": c, "qas": qas} for c, qas in a["contexts"].items()]}
-            for a in articles.values()
-        ],
-    }

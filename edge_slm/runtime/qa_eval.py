@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge_slm.core.data import DATA_DIR
 from edge_slm.core.errors import EdgeSlmError
+from edge_slm.core.labelled import DataError
 
 MANUALS_DIR = DATA_DIR / "manuals"
 QUESTIONS_FILE = MANUALS_DIR / "questions.jsonl"
@@ -138,3 +139,41 @@ def evaluate_qa(qa, questions: list[Question], k: int = 3, decoder=None, min_sco
     if decoder is not None:
         result["generated_covers_answer"] = share(answerable, lambda r: r["generated_covers_answer"])
     return result
+
+
+def squad_from_manuals() -> dict:
+    """The shipped manuals' answerable questions as SQuAD-format data: the context of each is the
+    section of its manual (heading and sentences) whose sentence holds the answer."""
+    from edge_slm.core.passages import sections
+
+    articles: dict[str, dict] = {}
+    for number, q in enumerate(load_questions(), 1):
+        if q.file is None:
+            continue
+        _, parts = sections((MANUALS_DIR / q.file).read_text(encoding="utf-8"))
+        for heading, sentences in parts:
+            context = " ".join([heading + "."] + [s.text for s in sentences]) if heading else ""
+            context = context or " ".join(s.text for s in sentences)
+            start = context.lower().find(" ".join(q.answer.split()).lower())
+            if start >= 0:
+                break
+        else:
+            raise DataError(f"{q.file}: no section holds the answer to {q.question!r}")
+        article = articles.setdefault(q.file, {"title": q.file, "contexts": {}})
+        paragraph = article["contexts"].setdefault(context, [])
+        text = context[start : start + len(" ".join(q.answer.split()))]
+        paragraph.append(
+            {
+                "id": f"manuals-{number}",
+                "question": q.question,
+                "split": q.split,
+                "answers": [{"text": text, "answer_start": start}],
+            }
+        )
+    return {
+        "version": "edge-slm-manuals-1",
+        "data": [
+            {"title": a["title"], "paragraphs": [{"context": c, "qas": qas} for c, qas in a["contexts"].items()]}
+            for a in articles.values()
+        ],
+    }

@@ -17,6 +17,7 @@ from typing import Any
 
 from edge_slm.builder.encoder import gate, qa
 from edge_slm.builder.encoder.export import MODEL_FILE, ExportedEncoder, export_encoder, load_torch_encoder
+from edge_slm.builder.encoder.finetune_qa import EVAL_SQUAD_FILE
 from edge_slm.builder.encoder.precision import calibration_feeds, reduce_precision
 from edge_slm.builder.encoder.source import EncoderSource, load_encoder
 from edge_slm.builder.encoder.validate import graph_of, validate_encoder
@@ -142,9 +143,10 @@ def _measure(reduced: ReducedEncoder) -> tuple[dict, str]:
     candidate = graph_of(exported, loaded.tokenizer, path=reduced.path)
     task = loaded.source.task
     if task == "question-answering":
-        data = loaded.request.gate_data or SHIPPED_SQUAD
+        beside = loaded.source.path / EVAL_SQUAD_FILE  # the validation questions `finetune --task qa` left
+        data = loaded.request.gate_data or (beside if beside.is_file() else SHIPPED_SQUAD)
         measured = qa.measure_reader(candidate, reference, read_squad(data))
-        measured["data"] = str(data) if loaded.request.gate_data else "shipped manuals/squad.json"
+        measured["data"] = "shipped manuals/squad.json" if data == SHIPPED_SQUAD else str(data)
         line = (
             f"best answer equals fp32's for {100 * measured['exact_match_to_fp32']:.1f}% of {measured['questions']} "
             f"questions (F1 {measured['f1_to_fp32']:.3f}); exact match {100 * measured['exact_match']:.1f}% "
