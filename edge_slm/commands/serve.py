@@ -12,6 +12,7 @@ import click
 
 from edge_slm.commands.extras import require_extra
 from edge_slm.commands.options import echo_err, threads_option
+from edge_slm.core.errors import EdgeSlmError
 
 
 @click.command()
@@ -73,6 +74,18 @@ from edge_slm.commands.options import echo_err, threads_option
     default=None,
     help="Refuse to start when --parallel slots x --context tokens of KV cache need more memory than this.",
 )
+@click.option(
+    "--index",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A document index (`edge-slm index`): POST /v1/answers answers from it (BUNDLE: its embedder or a decoder).",
+)
+@click.option(
+    "--embedder",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --index and a decoder BUNDLE: the index's embedder, if it moved [the path the index recorded].",
+)
 def serve(
     bundle: Path,
     host: str,
@@ -87,8 +100,11 @@ def serve(
     share_prefix_cache: bool,
     parallel: int | None,
     kv_budget_mb: float | None,
+    index: Path | None,
+    embedder: Path | None,
 ) -> None:
-    """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models), and
+    with --index answers from documents (/v1/answers)."""
     require_extra("serve", "serve")
     import uvicorn
 
@@ -98,6 +114,12 @@ def serve(
     from edge_slm.serve.server import Protocol, Server, listen
 
     manifest = verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
+    if index is not None:
+        from edge_slm.core.index import read_index
+
+        read_index(index)  # a missing or damaged index too
+    elif embedder is not None:
+        raise EdgeSlmError("--embedder is the embedder of --index: give --index too")
     parallel, kv_line = kv_budget(manifest, parallel, context, kv_budget_mb)
     listener = listen(host, port)  # a busy port fails here, before "serving" is printed
     # A bus error (a weight file truncated under onnxruntime's memory map) leaves a traceback in the log.
@@ -109,7 +131,17 @@ def serve(
         fatal.append(message)
         server.should_exit = True
 
-    app = create_app(bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal, parallel=parallel)
+    app = create_app(
+        bundle,
+        threads,
+        max_queue,
+        context=context,
+        limits=limits,
+        on_fatal=on_fatal,
+        parallel=parallel,
+        index=index,
+        index_embedder=embedder,
+    )
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -5,6 +5,7 @@
     POST /v1/embeddings         input -> vectors (an embedding encoder bundle; float or base64)
     POST /v1/classifications    input -> label and every label's probability (a classifier bundle)
     POST /v1/translations       input (+ beams, target_lang) -> translations (a seq2seq bundle)
+    POST /v1/answers            question (+ k) -> answer and sources (with --index: serve/answers.py)
     GET  /v1/models             the bundle, its target and precision
     GET  /health                503 {"status": "loading"} until the model is loaded, then 200
     GET  /metrics               Prometheus text
@@ -157,8 +158,15 @@ def create_app(
     on_fatal: Callable[[str], None] | None = None,
     watch_seconds: float = 2.0,
     parallel: int = 1,
+    index: Path | None = None,
+    index_embedder: Path | None = None,
 ):
     service = Service(bundle, threads, max_queue, context, limits, on_fatal, parallel)
+    answers = None
+    if index is not None:
+        from edge_slm.serve.answers import Answers
+
+        answers = Answers(service, index, index_embedder)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -173,6 +181,8 @@ def create_app(
         service.text_worker.shutdown(wait=False, cancel_futures=True)
 
     async def health_route(request: Request) -> JSONResponse:
+        if answers is not None and answers.loading:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return await health(service)
 
     async def metrics_route(request: Request) -> Response:
@@ -205,6 +215,7 @@ def create_app(
         Route("/v1/models", models_route, methods=["GET"]),
         Route("/v1/chat/completions", chat_route, methods=["POST"]),
         Route("/v1/completions", completions_route, methods=["POST"]),
+        *([Route("/v1/answers", answers.route, methods=["POST"])] if answers else []),
     ]
     app = Starlette(
         routes=routes,
