@@ -67,6 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embedder", type=Path, required=True)
     parser.add_argument("--decoder", type=Path)
+    parser.add_argument("--reader", type=Path, help="A question-answering bundle: its spans as the extractive answers.")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--min-score", type=float)
     parser.add_argument("--threads", type=int)
@@ -82,6 +83,11 @@ def main() -> int:
         from edge_slm import runtime
 
         decoder = runtime.load(args.decoder, threads=args.threads)
+    reader = None
+    if args.reader:
+        from edge_slm import runtime
+
+        reader = runtime.load(args.reader, threads=args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         stats = build_index(MANUALS_DIR, encoder, Path(scratch) / "manuals.index")
@@ -90,7 +96,7 @@ def main() -> int:
         tuned = calibrate_min_score(evaluate_qa(qa, load_questions(split="tune"), k=args.k)["rows"])
         for split in args.split.split(","):
             questions = load_questions(split=split)
-            extractive = evaluate_qa(qa, questions, k=args.k, min_score=args.min_score)
+            extractive = evaluate_qa(qa, questions, k=args.k, min_score=args.min_score, reader=reader)
             generated = None
             if decoder is not None:
                 generated = evaluate_qa(qa, questions, k=args.k, decoder=decoder, min_score=args.min_score)
@@ -106,6 +112,7 @@ def report(args, split, stats, index_s, extractive, generated, tuned, encoder) -
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "embedder": str(args.embedder),
         "decoder": str(args.decoder) if args.decoder else None,
+        "reader": str(args.reader) if args.reader else None,
         "split": split,
         "min_score_calibrated_on_tune": tuned,
         "documents": stats.documents,

@@ -93,18 +93,22 @@ def covers(text: str, answer: str) -> bool:
     return numbers <= have and len(want & have) >= 0.6 * len(want)
 
 
-def evaluate_qa(qa, questions: list[Question], k: int = 3, decoder=None, min_score: float | None = None) -> dict:
+def evaluate_qa(
+    qa, questions: list[Question], k: int = 3, decoder=None, min_score: float | None = None, reader=None
+) -> dict:
     """Retrieval top-1 / top-k (the right file, in a passage holding the answer), extractive answer
     accuracy (the expected sentence returned), with a decoder the share of written answers that
     state the expected one (`covers`), refusal accuracy on the unanswerable questions, ask latency; and each question's
-    outcome, to see what failed."""
+    outcome, to see what failed. With a `reader` (a question-answering bundle) the evidence is the
+    sentence holding its span, and `reader_span_in_answer` the share of spans inside the expected
+    answer."""
     from edge_slm.runtime.qa import DEFAULT_MIN_SCORE
 
     min_score = DEFAULT_MIN_SCORE if min_score is None else min_score
     rows, latencies = [], []
     for q in questions:
         started = time.perf_counter()
-        answer = qa.ask(q.question, k=k, decoder=decoder, min_score=min_score)
+        answer = qa.ask(q.question, k=k, decoder=decoder, min_score=min_score, reader=reader)
         latencies.append((time.perf_counter() - started) * 1000)
         sources = qa.retrieve(q.question, k)[0]  # all k, also when the answer was "nothing relevant"
         best = sources[0].score if sources else -1.0
@@ -114,6 +118,8 @@ def evaluate_qa(qa, questions: list[Question], k: int = 3, decoder=None, min_sco
             row["rank"] = ranks[0] + 1 if ranks else None
             evidence = answer.evidence.text if answer.evidence else ""
             row["extractive_correct"] = bool(answer.found and holds(evidence, q.answer))
+            if reader is not None and decoder is None:
+                row["reader_span_in_answer"] = bool(answer.found and answer.answer and holds(q.answer, answer.answer))
             if decoder is not None:
                 row["generated_covers_answer"] = bool(answer.found and covers(answer.answer, q.answer))
         rows.append(row)
@@ -136,6 +142,8 @@ def evaluate_qa(qa, questions: list[Question], k: int = 3, decoder=None, min_sco
         "ask_ms_mean": round(sum(latencies) / len(latencies), 2) if latencies else None,
         "rows": rows,
     }
+    if reader is not None and decoder is None:
+        result["reader_span_in_answer"] = share(answerable, lambda r: r["reader_span_in_answer"])
     if decoder is not None:
         result["generated_covers_answer"] = share(answerable, lambda r: r["generated_covers_answer"])
     return result
