@@ -1,10 +1,12 @@
 """Question answering from documents, measured on the shipped manuals: retrieval, answers, refusals, speed.
 
     .venv/bin/python benchmarks/ask.py --embedder export/x86-laptop-embedder [--decoder export/x86-laptop] \
-        [--k 3] [--out benchmarks/results/ask.jsonl] [--search-scale 10000,100000]
+        [--k 3] [--split tune,heldout] [--out benchmarks/results/ask.jsonl] [--search-scale 10000,100000]
 
 Indexes `edge_slm/data/manuals/` into a temporary folder (timed), answers every question of
-`questions.jsonl` extractively (and with the decoder when one is given), and prints retrieval
+`questions.jsonl` extractively (and with the decoder when one is given), one split at a time
+(one record each: the tuning split sets the threshold, the held-out one only measures it; the
+threshold `calibrate_min_score` would pick from the tuning split is in every record), and prints retrieval
 top-1 / top-k (the right manual, in a passage holding the answer), extractive answer accuracy,
 refusal accuracy on the unanswerable questions, index time, ask latency and peak RSS. The best
 passage scores of the answerable and unanswerable questions are printed too: the gap between them
@@ -32,7 +34,7 @@ from edge_slm.core.system import peak_rss_mb  # noqa: E402
 from edge_slm.runtime.bench import machine  # noqa: E402
 from edge_slm.runtime.index import build_index, open_embedder  # noqa: E402
 from edge_slm.runtime.qa import open_index  # noqa: E402
-from edge_slm.runtime.qa_eval import MANUALS_DIR, evaluate_qa, load_questions  # noqa: E402
+from edge_slm.runtime.qa_eval import MANUALS_DIR, SPLITS, calibrate_min_score, evaluate_qa, load_questions  # noqa: E402
 
 
 def search_scale(sizes: list[int], dim: int, repetitions: int = 20) -> dict:
@@ -65,28 +67,44 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embedder", type=Path, required=True)
     parser.add_argument("--decoder", type=Path)
+    parser.add_argument("--reader", type=Path, help="A question-answering bundle: its spans as the extractive answers.")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--min-score", type=float)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--search-scale", default="", help="Comma-separated sizes, e.g. 10000,100000.")
     parser.add_argument("--out", type=Path, help="Append one JSON record here.")
     parser.add_argument("--rows", action="store_true", help="Print every question's outcome.")
+    parser.add_argument("--split", default=",".join(SPLITS), help="Comma-separated splits, one record each.")
     args = parser.parse_args()
 
-    questions = load_questions()
     encoder = open_embedder(args.embedder, args.threads)
+    decoder = None
+    if args.decoder:
+        from edge_slm import runtime
+
+        decoder = runtime.load(args.decoder, threads=args.threads)
+    reader = None
+    if args.reader:
+        from edge_slm import runtime
+
+        reader = runtime.load(args.reader, threads=args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         stats = build_index(MANUALS_DIR, encoder, Path(scratch) / "manuals.index")
         index_s = time.perf_counter() - started
         qa = open_index(Path(scratch) / "manuals.index", encoder)
-        extractive = evaluate_qa(qa, questions, k=args.k, min_score=args.min_score)
-        generated = None
-        if args.decoder:
-            from edge_slm import runtime
+        tuned = calibrate_min_score(evaluate_qa(qa, load_questions(split="tune"), k=args.k)["rows"])
+        for split in args.split.split(","):
+            questions = load_questions(split=split)
+            extractive = evaluate_qa(qa, questions, k=args.k, min_score=args.min_score, reader=reader)
+            generated = None
+            if decoder is not None:
+                generated = evaluate_qa(qa, questions, k=args.k, decoder=decoder, min_score=args.min_score)
+            report(args, split, stats, index_s, extractive, generated, tuned, encoder)
+    return 0
 
-            decoder = runtime.load(args.decoder, threads=args.threads)
-            generated = evaluate_qa(qa, questions, k=args.k, decoder=decoder, min_score=args.min_score)
+
+def report(args, split, stats, index_s, extractive, generated, tuned, encoder) -> None:
     answerable = sorted(r["best_score"] for r in extractive["rows"] if "rank" in r)
     unanswerable = sorted(r["best_score"] for r in extractive["rows"] if "rank" not in r)
     record = {
@@ -94,6 +112,9 @@ def main() -> int:
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "embedder": str(args.embedder),
         "decoder": str(args.decoder) if args.decoder else None,
+        "reader": str(args.reader) if args.reader else None,
+        "split": split,
+        "min_score_calibrated_on_tune": tuned,
         "documents": stats.documents,
         "passages": stats.passages,
         "index_s": round(index_s, 3),
@@ -116,7 +137,6 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

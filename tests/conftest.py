@@ -150,12 +150,19 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 def make_encoder(directory: Path, task: str = "embedding", labels=("lights", "music"), seed: int = 0) -> Path:
     """A random 2-layer BERT (hidden 32) with a WordPiece tokenizer learned from the shipped intents:
-    a plain encoder with sentence-transformers' mean pooling + normalize files, or a classifier."""
+    a plain encoder with sentence-transformers' mean pooling + normalize files, a classifier, or
+    (task "question-answering") a BertForQuestionAnswering."""
     import json
 
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertModel,
+        BertTokenizerFast,
+    )
 
     from edge_slm.core.labelled import INTENTS_TRAIN, read_examples
 
@@ -193,10 +200,12 @@ def make_encoder(directory: Path, task: str = "embedding", labels=("lights", "mu
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         # Wide weights: with BERT's 0.02 a random classifier gives every text the same label.
-        initializer_range=0.5 if task == "classification" else 0.02,
+        # The same for a reader: its best span would be a near-tie, decided by rounding.
+        initializer_range=0.02 if task == "embedding" else 0.5,
     )
     torch.manual_seed(seed)
-    model = (BertForSequenceClassification if task == "classification" else BertModel)(config)
+    heads = {"classification": BertForSequenceClassification, "question-answering": BertForQuestionAnswering}
+    model = heads.get(task, BertModel)(config)
     model.save_pretrained(directory)
     if task == "embedding":
         modules = [

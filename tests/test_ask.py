@@ -363,7 +363,7 @@ def real_embedder(tmp_path_factory):
 def test_the_real_embedder_finds_the_shipped_manuals_answers(real_embedder, tmp_path):
     from edge_slm.runtime.qa_eval import MANUALS_DIR, evaluate_qa, load_questions
 
-    questions = load_questions()
+    questions = load_questions(split="tune")
     assert (sum(q.file is not None for q in questions), sum(q.file is None for q in questions)) == (64, 11)
     stats = build_index(MANUALS_DIR, real_embedder, tmp_path / "manuals.index")
     assert stats.documents == 4 and stats.embedded == stats.passages
@@ -374,6 +374,39 @@ def test_the_real_embedder_finds_the_shipped_manuals_answers(real_embedder, tmp_
     assert result["top1"] >= 0.85 and result["top3"] >= 0.95, summary
     assert result["extractive_accuracy"] >= 0.8, summary
     assert result["refusal_accuracy"] >= 0.8 and result["answered_when_answerable"] >= 0.95, summary
+
+
+def test_the_shipped_questions_hold_a_held_out_split_whose_answers_are_in_their_manuals():
+    from edge_slm.core.passages import sections
+    from edge_slm.runtime.qa_eval import MANUALS_DIR, holds, load_questions
+
+    everything, tune, heldout = load_questions(), load_questions(split="tune"), load_questions(split="heldout")
+    assert len(everything) >= 150 and len(tune) + len(heldout) == len(everything)
+    assert (sum(q.file is not None for q in heldout), sum(q.file is None for q in heldout)) == (91, 12)
+    assert not {q.question for q in tune} & {q.question for q in heldout}
+    for q in everything:
+        if q.file is not None:  # the expected answer is within one sentence of its manual, as `ask` quotes them
+            _, parts = sections((MANUALS_DIR / q.file).read_text(encoding="utf-8"))
+            assert any(holds(s.text, q.answer) for _, sentences in parts for s in sentences), q
+    with pytest.raises(EdgeSlmError, match="split is 'test'; choose one of tune, heldout"):
+        load_questions(split="test")
+
+
+def test_the_shipped_squad_set_is_the_manuals_answerable_questions():
+    from edge_slm.core.squad import SHIPPED_SQUAD, read_squad
+    from edge_slm.runtime.qa_eval import squad_from_manuals
+
+    assert (
+        json.loads(SHIPPED_SQUAD.read_text(encoding="utf-8")) == squad_from_manuals()
+    )  # regenerated with the questions
+    assert len(read_squad()) == 155  # every answer at its answer_start in its context (read_squad checks)
+
+
+def test_the_threshold_is_calibrated_where_most_tuning_questions_come_out_right():
+    from edge_slm.runtime.qa_eval import calibrate_min_score
+
+    rows = [{"best_score": s, "rank": 1} for s in (0.33, 0.5, 0.7)] + [{"best_score": s} for s in (0.1, 0.29, 0.41)]
+    assert calibrate_min_score(rows) == 0.31  # 5 of 6 right there and at 0.455: the lower answers more
 
 
 def test_ask_help_shows_the_threshold_ask_uses(capsys):

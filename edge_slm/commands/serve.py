@@ -12,6 +12,7 @@ import click
 
 from edge_slm.commands.extras import require_extra
 from edge_slm.commands.options import echo_err, threads_option
+from edge_slm.core.errors import EdgeSlmError
 
 
 @click.command()
@@ -92,6 +93,17 @@ from edge_slm.commands.options import echo_err, threads_option
     help="The model name clients send (the first is the listed id); others get 404 [the bundle's target].",
 )
 @click.option("--accept-any-model", is_flag=True, help="Answer whatever model name a request sends.")
+    "--index",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A document index (`edge-slm index`): POST /v1/answers answers from it (BUNDLE: its embedder or a decoder).",
+)
+@click.option(
+    "--embedder",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --index and a decoder BUNDLE: the index's embedder, if it moved [the path the index recorded].",
+)
 def serve(
     bundle: Path,
     host: str,
@@ -110,8 +122,11 @@ def serve(
     cors_origins: tuple[str, ...],
     aliases: tuple[str, ...],
     accept_any_model: bool,
+    index: Path | None,
+    embedder: Path | None,
 ) -> None:
-    """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve a bundle over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models), and
+    with --index answers from documents (/v1/answers)."""
     require_extra("serve", "serve")
     import uvicorn
 
@@ -126,6 +141,12 @@ def serve(
         raise EdgeSlmError("--api-key (or EDGE_SLM_API_KEY) is empty: give a key, or leave it out for no key")
     access = Access.from_options(api_key, cors_origins, aliases, accept_any_model)
     manifest = verify_bundle(bundle, checksums=False)  # a wrong path fails here, before the server starts
+    if index is not None:
+        from edge_slm.core.index import read_index
+
+        read_index(index)  # a missing or damaged index too
+    elif embedder is not None:
+        raise EdgeSlmError("--embedder is the embedder of --index: give --index too")
     parallel, kv_line = kv_budget(manifest, parallel, context, kv_budget_mb)
     listener = listen(host, port)  # a busy port fails here, before "serving" is printed
     # A bus error (a weight file truncated under onnxruntime's memory map) leaves a traceback in the log.
@@ -138,7 +159,16 @@ def serve(
         server.should_exit = True
 
     app = create_app(
-        bundle, threads, max_queue, context=context, limits=limits, on_fatal=on_fatal, parallel=parallel, access=access
+        bundle,
+        threads,
+        max_queue,
+        context=context,
+        limits=limits,
+        on_fatal=on_fatal,
+        parallel=parallel,
+        access=access,
+        index=index,
+        index_embedder=embedder,
     )
     config = uvicorn.Config(
         app,

@@ -350,7 +350,7 @@ def _sampling_defaults(generation) -> Mapping:
 
 @dataclass(frozen=True, kw_only=True)
 class EncoderModel(ModelSection):
-    task: str  # classification or embedding
+    task: str  # classification, embedding or question-answering
     normalize: bool
     pooling: str
     labels: tuple[str, ...]
@@ -404,7 +404,7 @@ class EncoderManifest(Manifest):
 
     @property
     def task(self) -> str:
-        return self.model.task  # classification or embedding
+        return self.model.task  # classification, embedding or question-answering
 
     def summary_lines(self, bundle) -> list[str]:
         from edge_slm.core.manifest_text import encoder_lines

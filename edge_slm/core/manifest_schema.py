@@ -15,7 +15,7 @@ from edge_slm.core.manifest import MANIFEST_TYPES, Manifest, family_of
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FAMILIES = tuple(MANIFEST_TYPES)
-TASKS = ("classification", "embedding")
+TASKS = ("classification", "embedding", "question-answering")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"\d+(\.\d+){0,2}([+.-][0-9A-Za-z.]+)?")
 
@@ -112,15 +112,16 @@ for _key, (_low, _high) in SAMPLING_DEFAULT_RANGES.items():
     )
 RULES = DECODER_RULES
 
-# An encoder maps a batch of texts to one vector (embedding) or one set of label scores each.
+# An encoder maps a batch of texts to one vector (embedding) or one set of label scores each, or
+# (question-answering) a question and a context to a start and an end logit per token.
 ENCODER_RULES = {
     **COMMON_RULES,
     "graph.kind": _Rule("encoder", lambda v: v == "encoder"),
     "graph.inputs": _Rule("a list of input names", lambda v: _str_list(v) and v),
     "graph.output": _Rule("an output name", lambda v: isinstance(v, str) and v != ""),
-    "model.task": _Rule("classification or embedding", lambda v: v in TASKS),
+    "model.task": _Rule("classification, embedding or question-answering", lambda v: v in TASKS),
     "model.normalize": _Rule("true or false", lambda v: isinstance(v, bool)),
-    "model.pooling": _Rule("cls or mean", lambda v: v in ("cls", "mean")),
+    "model.pooling": _Rule("cls, mean or none", lambda v: v in ("cls", "mean", "none")),
     "model.labels": _Rule("a list of at least 2 label names", lambda v: _str_list(v) and len(v) >= 2, True),
     "tokenizer": _Rule("an object", lambda v: isinstance(v, dict)),
     "tokenizer.pad_token_id": _Rule("a count", _count),

@@ -1,5 +1,6 @@
 """A loaded encoder bundle: texts in, label probabilities (`classify`) or vectors (`embed`) out,
-with onnxruntime, numpy and tokenizers only.
+or a question and a context in and the answer's span out (`answer`, `runtime/reader.py`), with
+onnxruntime, numpy and tokenizers only.
 
 Texts are sorted by length and padded per batch, to the batch's longest (never to the maximum
 length): the padding a batch carries costs as much as real tokens. Texts longer than the bundle's
@@ -23,6 +24,7 @@ from edge_slm.runtime.session import check_onnxruntime, pick_providers, tensorrt
 
 log = logging.getLogger("edge_slm.runtime")
 TOKENIZER_FILE = "tokenizer.json"
+CALLS = {"classification": "classify", "embedding": "embed", "question-answering": "answer"}  # what each task does
 
 
 class InputError(EdgeSlmError):
@@ -162,7 +164,8 @@ def encoder_provider_options(providers: list[str], manifest: EncoderManifest) ->
 
 
 class Encoder:
-    """An encoder bundle: `classify` for a classifier, `embed` for an embedder."""
+    """An encoder bundle: `classify` for a classifier, `embed` for an embedder, `answer` for a
+    question-answering reader."""
 
     def __init__(self, path: Path, manifest: EncoderManifest, graph: EncoderGraph):
         self.path, self.manifest, self.graph = path, manifest, graph
@@ -189,7 +192,7 @@ class Encoder:
 
     def _require(self, task: str, call: str) -> None:
         if self.task != task:
-            other = "classify" if call == "embed" else "embed"
+            other = CALLS.get(self.task, "?")
             raise EdgeSlmError(f"{self.path} is a {self.task} bundle: it cannot {call}; use {other} with it")
 
     def logits(self, texts: list[str], batch_size: int = 32, truncate: bool = True) -> np.ndarray:
@@ -209,6 +212,16 @@ class Encoder:
         """One vector per text, [N, D] float32 (unit length when the model normalizes)."""
         self._require("embedding", "embed")
         return self.graph.run(texts, batch_size, truncate)
+
+    def answer(self, question: str, context: str, **options) -> list:
+        """The best spans of `context` that answer `question` (`SpanReader.answer`: top_k,
+        doc_stride, max_answer_len, max_seq_len, handle_impossible_answer, align_to_words)."""
+        self._require("question-answering", "answer")
+        if not hasattr(self, "_reader"):
+            from edge_slm.runtime.reader import SpanReader
+
+            self._reader = SpanReader(self.graph)
+        return self._reader.answer(question, context, **options)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@
 
 Retrieval embeds the question and takes the `k` passages nearest it. Without a decoder the answer
 is extractive: the sentence of those passages nearest the question (scored with the same
-embedder, the passage's own score added), quoted as written. With a decoder the passages are
+embedder), quoted as written; or, with a question-answering encoder bundle as `reader`, the span
+of the retrieved passages the reader scores best (`runtime/reader.py`). With a decoder the passages are
 quoted in a prompt as [1], [2], ... and the model writes the answer citing them. When even the
 best passage scores below `min_score`, the answer says nothing relevant was found, and no model
 is asked to invent one.
@@ -68,8 +69,8 @@ class Answer:
     answer: str
     sources: list[Source]  # best first; empty when nothing relevant was found
     found: bool
-    mode: str  # "extractive", "generated", or "none" (nothing relevant)
-    evidence: Source | None = None  # the sentence the extractive answer is, with its lines
+    mode: str  # "extractive", "reader" (a span), "generated", or "none" (nothing relevant)
+    evidence: Source | None = None  # the sentence the extractive answer is or holds, with its lines
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "sources": [s.to_dict() for s in self.sources]}
@@ -131,6 +132,19 @@ class DocumentQA:
                     )
         return best
 
+    def read(self, question: str, hits: list[tuple[int, float]], reader) -> tuple[str, Source]:
+        """The span of the retrieved passages a question-answering bundle (`reader`) scores best,
+        and the sentence that holds it (as the evidence a decoder is pointed at)."""
+        best, best_score, where = None, -1.0, None
+        for number, _ in hits:
+            passage = self.index.passages[number]
+            span = reader.answer(question, passage.text)[0]
+            if span.score > best_score:
+                best, best_score, where = span, span.score, passage
+        holding = [s for s in where.sentences if best.answer and best.answer in s.text] or where.sentences[:1]
+        sentence = holding[0]
+        return best.answer, Source(where.file, sentence.lines, where.heading, sentence.text, best_score)
+
     def messages(self, question: str, sources: list[Source], best: Source) -> list[dict]:
         """The chat messages that ask a decoder to answer from `sources`, numbered [1], [2], ... as
         the sources are listed, pointing it at the `best` sentence (`best_sentence`)."""
@@ -145,12 +159,20 @@ class DocumentQA:
         min_score: float = DEFAULT_MIN_SCORE,
         on_text: Callable[[str], None] | None = None,
         max_new_tokens: int = 128,
+        reader=None,
     ) -> Answer:
-        """The answer and its sources; `on_text` receives a decoder's answer piece by piece."""
+        """The answer and its sources; `on_text` receives a decoder's answer piece by piece;
+        `reader`, a question-answering encoder bundle, picks the answer span (and the sentence a
+        decoder is pointed at)."""
         sources, hits, query = self.retrieve(question, k)
         if not sources or sources[0].score < min_score:
             return Answer(NOTHING_RELEVANT, [], found=False, mode="none")
-        evidence = self.best_sentence(question, query, hits)
+        if reader is not None:
+            span, evidence = self.read(question, hits, reader)
+            if decoder is None:
+                return Answer(span, sources, found=True, mode="reader", evidence=evidence)
+        else:
+            evidence = self.best_sentence(question, query, hits)
         if decoder is None:
             return Answer(evidence.text, sources, found=True, mode="extractive", evidence=evidence)
         ids = decoder.encode_chat(self.messages(question, sources, evidence))

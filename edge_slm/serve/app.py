@@ -7,6 +7,7 @@
     POST /v1/translations       input (+ beams, target_lang) -> translations (a seq2seq bundle)
     POST /tokenize, /detokenize llama-server's: {"content"} -> {"tokens"}, {"tokens"} -> {"content"}
                                 (and /v1/chat/completions: its last user message translated, translation_chat.py)
+    POST /v1/answers            question (+ k) -> answer and sources (with --index: serve/answers.py)
     GET  /v1/models             the bundle, its target and precision
     GET  /health                503 {"status": "loading"} until the model is loaded, then 200
     GET  /metrics               Prometheus text
@@ -184,8 +185,15 @@ def create_app(
     watch_seconds: float = 2.0,
     parallel: int = 1,
     access: Access | None = None,
+    index: Path | None = None,
+    index_embedder: Path | None = None,
 ):
     service = Service(bundle, threads, max_queue, context, limits, on_fatal, parallel, access)
+    answers = None
+    if index is not None:
+        from edge_slm.serve.answers import Answers
+
+        answers = Answers(service, index, index_embedder)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -200,6 +208,8 @@ def create_app(
         service.text_worker.shutdown(wait=False, cancel_futures=True)
 
     async def health_route(request: Request) -> JSONResponse:
+        if answers is not None and answers.loading:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return await health(service)
 
     async def metrics_route(request: Request) -> Response:
@@ -242,6 +252,7 @@ def create_app(
         Route("/v1/completions", completions_route, methods=["POST"]),
         Route("/tokenize", tokenize_route, methods=["POST"]),
         Route("/detokenize", detokenize_route, methods=["POST"]),
+        *([Route("/v1/answers", answers.route, methods=["POST"])] if answers else []),
     ]
     app = Starlette(
         routes=routes,

@@ -6,6 +6,8 @@ well-kept tool that already knows BERT layouts, so nothing here rewrites nodes b
   output   logits [B, labels] (classifier: the head on the first token)
            sentence_embedding [B, D] (embedder: mean or CLS pooling over unpadded tokens, L2-normed
            when the model says so)
+           span_logits [B, S, 2] (question-answering: each token's start and end logit, in that
+           order; one output, so the device reads every task's graph the same way)
 
 The pooling is part of the graph, so the device needs nothing but the session and the tokenizer.
 """
@@ -20,6 +22,14 @@ from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
 
 MODEL_FILE = "model.onnx"
+# Each task's graph output, the transformers class whose head it is, and its dynamic axes.
+OUTPUTS = {"classification": "logits", "embedding": "sentence_embedding", "question-answering": "span_logits"}
+AUTO_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "embedding": "AutoModel",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+OUTPUT_AXES = {"question-answering": {0: "batch", 1: "sequence"}}
 FUSED_OPS = (
     "EmbedLayerNormalization",
     "Attention",
@@ -45,9 +55,9 @@ def load_torch_encoder(source: EncoderSource):
     """The torch module whose outputs the graph reproduces (eval mode, eager attention: the
     traced attention is what the optimizer recognises)."""
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    import transformers
 
-    cls = AutoModelForSequenceClassification if source.task == "classification" else AutoModel
+    cls = getattr(transformers, AUTO_CLASSES[source.task])
     try:
         model = cls.from_pretrained(str(source.path), attn_implementation="eager", dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -74,6 +84,8 @@ def EncoderHead(model, source: EncoderSource):  # noqa: N802 - a factory that re
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
             if source.task == "classification":
                 return out.logits
+            if source.task == "question-answering":
+                return torch.stack([out.start_logits, out.end_logits], dim=-1)
             hidden = out.last_hidden_state
             if source.pooling == "cls":
                 pooled = hidden[:, 0]
@@ -93,12 +105,12 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = input_names(source)
-    output = "logits" if source.task == "classification" else "sentence_embedding"
+    output = OUTPUTS[source.task]
     sample = tokenizer(
         ["a short one", "a somewhat longer sample sentence for the trace"], padding=True, return_tensors="pt"
     )
     args = tuple(sample[name] for name in names)
-    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {output: {0: "batch"}}
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {output: OUTPUT_AXES.get(source.task, {0: "batch"})}
     traced = out_dir / "traced.onnx"
     try:
         with torch.no_grad():
@@ -143,7 +155,9 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
         "num_heads": heads,
         "vocab_size": config.vocab_size,
         "max_sequence_length": min(profile.encoder.max_sequence_length, _usable_positions(source)),
-        "output_dim": len(source.labels) if source.task == "classification" else config.hidden_size,
+        "output_dim": {"classification": len(source.labels), "question-answering": 2}.get(
+            source.task, config.hidden_size
+        ),
         "pooling": source.pooling,
         "normalize": source.normalize,
         **({"labels": list(source.labels)} if source.labels else {}),

