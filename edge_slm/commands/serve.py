@@ -93,6 +93,7 @@ from edge_slm.core.errors import EdgeSlmError
     help="The model name clients send (the first is the listed id); others get 404 [the bundle's target].",
 )
 @click.option("--accept-any-model", is_flag=True, help="Answer whatever model name a request sends.")
+@click.option(
     "--index",
     type=click.Path(path_type=Path),
     default=None,
