@@ -132,7 +132,6 @@ def serve(
     import uvicorn
 
     from edge_slm.core.bundle import verify_bundle
-    from edge_slm.core.errors import EdgeSlmError
     from edge_slm.serve.access import Access
     from edge_slm.serve.app import create_app
     from edge_slm.serve.limits import Limits
@@ -189,7 +188,6 @@ def serve(
 def kv_budget(manifest, parallel: int | None, context: int | None, budget_mb: float | None) -> tuple[int, str]:
     """The number of KV slots (--parallel, else the profile's) and their memory, for the start-up
     line; more memory than --kv-budget-mb refuses to start, in one line, before the model is loaded."""
-    from edge_slm.core.errors import EdgeSlmError
     from edge_slm.core.manifest import DecoderManifest
 
     if not isinstance(manifest, DecoderManifest):
