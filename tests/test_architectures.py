@@ -306,8 +306,8 @@ def _longrope_phi3(directory, switch: int):
 def test_longrope_tables_match_torch(prompt_words, tiny_profile, tmp_path):
     """Phi-3.5's longrope in a bundle whose context (128) passes original_max_position_embeddings
     (24): a Where picks the short-factor or long-factor table by the sequence length, as torch does;
-    parity with RotaryEmbedding nodes and greedy tokens equal transformers' (the whole generation on
-    one side of the switch)."""
+    parity with RotaryEmbedding nodes, and greedy tokens equal transformers' on either side of the
+    switch."""
     import onnx
 
     from edge_slm.builder.decoder.export import export
@@ -323,10 +323,33 @@ def test_longrope_tables_match_torch(prompt_words, tiny_profile, tmp_path):
     assert validate(exported.onnx_path, model, prompt_ids, decode_steps=3)["passed"]
     manifest = build(str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None)
     assert manifest["validation"]["passed"]
+    assert json.loads((tmp_path / "bundle" / "generation.json").read_text())["rope_switch"] == 24
     got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=new)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new, do_sample=False)
     assert got.token_ids == out[0, len(prompt_ids) :].tolist()[: len(got.token_ids)] and len(got.token_ids) >= 8
+
+
+def test_longrope_sequence_growing_past_the_switch_is_encoded_again(tiny_profile, tmp_path):
+    """A cached sequence growing past the switch: the runtime encodes it again whole with the long
+    table, as transformers' Phi-3 does, so every step's logits equal torch's over the whole
+    sequence; keeping the short-table keys instead would not."""
+    source, model, tokenizer = _longrope_phi3(tmp_path / "model", switch=24)
+    build(str(source), load_profile(str(tiny_profile)), tmp_path / "bundle", echo=lambda m: None)
+    ids = tokenizer(PROMPT).input_ids[:30]
+    with torch.no_grad():
+        want = [model(torch.tensor([ids[:n]])).logits[0, -1].numpy() for n in range(20, 31)]
+
+    def steps(session) -> list[np.ndarray]:
+        session.reset()
+        return [session.forward(ids[:20])] + [session.forward([t]) for t in ids[20:30]]
+
+    session = runtime.load(tmp_path / "bundle").session
+    assert session.rope_switch == 24
+    assert max(float(np.abs(g - w).max()) for g, w in zip(steps(session), want)) < 1e-3
+    session.rope_switch = None
+    kept = steps(session)
+    assert float(np.abs(kept[5] - want[5]).max()) > 1e-2  # 25 tokens: the short-table keys differ
 
 
 def test_longrope_tables_differ(tmp_path):

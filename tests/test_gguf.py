@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import prompt_logits
+from conftest import make_model, prompt_logits
 from test_architectures import PROMPT, make_family_model
 
 from edge_slm.builder.pipeline import build
@@ -24,6 +24,7 @@ GGUF_FAMILIES = {
     "llama-head24": ("llama", {"head_dim": 16}),
     # llama.cpp writes Mistral as llama (no window), and transformers reads it back as Llama
     "mistral": ("llama", {"sliding_window": None}),
+    "qwen2": ("qwen2", {}),  # q/k/v biases (conftest's make_model)
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": None}),
     # query_pre_attn_scalar and the 5:1 layer pattern are not in the file: transformers' defaults
@@ -109,7 +110,13 @@ def _add_vocabulary(writer, tokenizer_dir) -> None:
 def test_gguf_builds_as_the_hf_folder(family, tiny_profile, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_SLM_CACHE", str(tmp_path / "cache"))
     arch, settings = GGUF_FAMILIES[family]
-    source, model, tokenizer = make_family_model(tmp_path / "model", family, **settings)
+    if family == "qwen2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = make_model(tmp_path / "model", "qwen2")
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    else:
+        source, model, tokenizer = make_family_model(tmp_path / "model", family, **settings)
     gguf_path = tmp_path / "gguf" / f"{family}.gguf"
     gguf_path.parent.mkdir()
     write_gguf(model, source, gguf_path, arch, name=family)

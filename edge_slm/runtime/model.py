@@ -150,6 +150,8 @@ def _open_decoder(
     if memory is not None:  # what `edge-slm bench` breaks peak memory into
         memory["tokenizer"] = current_rss_mb()
     session = DecoderSession.for_bundle(bundle / graph.file, manifest, threads, chosen, context)
+    switch = generation.get("rope_switch")
+    session.rope_switch = switch if isinstance(switch, int) and not isinstance(switch, bool) and switch > 0 else None
     if memory is not None:
         memory["session"] = current_rss_mb()
     return Model(bundle, manifest, session, tokenizer, generation)

@@ -161,6 +161,10 @@ class DecoderSession:
         self._positions = np.arange(self.context_length, dtype=np.int64)[None, :]
         self._ones = np.ones((1, self.context_length), dtype=np.int64)
         self.length = 0  # tokens in the cache
+        self._tokens = np.zeros(self.context_length, dtype=np.int64)  # the cached tokens' ids
+        # Longrope bundles (Phi-3.5, Phi-4-mini) whose graph changes rotary tables past this length:
+        # a sequence that grows past it is encoded again whole (generation.json's `rope_switch`).
+        self.rope_switch: int | None = None
         # fp16 bundles (Jetson) keep the cache in fp16; logits are fp32 in every bundle.
         past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
         self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
@@ -271,6 +275,14 @@ class DecoderSession:
             raise ValueError("forward() needs at least one token")
         if total > self.context_length:
             raise ContextFullError(f"{total} tokens do not fit the context of {self.context_length}")
+        if self.rope_switch is not None and 0 < self.length <= self.rope_switch < total:
+            # The cached keys were rotated with the short-factor table; transformers' Phi-3 encodes
+            # the whole sequence again with the long one when it grows past the switch, and so
+            # does this (once per sequence: the prompt's cost again).
+            everything = np.concatenate([self._tokens[: self.length], ids[0]])
+            self.reset()
+            logits = self.forward(everything, all_logits=all_logits)
+            return logits[-seq:] if all_logits else logits
         positions = self._positions[:, self.length : total]
         mask = self._ones[:, :total]
         # Prompts go through the prefill graph when there is one; scoring (all_logits) keeps the
@@ -300,6 +312,7 @@ class DecoderSession:
                 feed[LOGITS_TO_KEEP] = np.array([seq if all_logits else 1], dtype=np.int64)
             outputs = _run(session.run, None, feed, at=self.length)
             logits, self._past = outputs[0], outputs[1:]
+        self._tokens[self.length : total] = ids[0]
         self.length = total
         return logits[0] if all_logits else logits[0, -1]
 

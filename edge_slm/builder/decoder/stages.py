@@ -21,6 +21,7 @@ from typing import Any
 
 from edge_slm import __version__
 from edge_slm.builder.decoder.export import DATA_FILE, MODEL_FILE, ExportedModel, export, load_torch_model
+from edge_slm.builder.decoder.fused_graph import longrope_switch
 from edge_slm.builder.decoder.genai_config import GENAI_CONFIG, genai_config
 from edge_slm.builder.decoder.load import LoadedModel, load, load_tokenizer, sampling_defaults
 from edge_slm.builder.decoder.validate import validate
@@ -164,7 +165,12 @@ def gate_stage(reduced: ReducedGraph, budgets: Budget, out_dir: Path, note) -> R
 
 def tokenizer_stage(graph: FloatGraph | ReducedGraph, _: None, out_dir: Path, note) -> TokenizedGraph:
     fp32 = graph.fp32
-    generation = _write_tokenizer(fp32.tokenizer, fp32.model, fp32.source.loaded.add_bos, out_dir)
+    switch = (
+        longrope_switch(fp32.model.config, fp32.exported.shape.context_length)
+        if fp32.exported.graph == "fused"
+        else None
+    )
+    generation = _write_tokenizer(fp32.tokenizer, fp32.model, fp32.source.loaded.add_bos, out_dir, switch)
     config = genai_config(fp32.exported.shape, generation, fp32.exported.graph)
     (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return TokenizedGraph(graph, generation)
@@ -375,7 +381,7 @@ def _validation_prompt(tokenizer) -> list[int]:
     return tokenizer("The capital of France is").input_ids
 
 
-def _write_tokenizer(tokenizer, model, add_bos: bool, stage: Path) -> dict:
+def _write_tokenizer(tokenizer, model, add_bos: bool, stage: Path, rope_switch: int | None = None) -> dict:
     tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
     eos = []
     for source in (model.generation_config.eos_token_id, model.config.eos_token_id):
@@ -390,6 +396,8 @@ def _write_tokenizer(tokenizer, model, add_bos: bool, stage: Path) -> dict:
         "chat_template": tokenizer.chat_template,
         "special_tokens": {str(t): int(i) for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)},
     }
+    if rope_switch is not None:  # the runtime encodes a sequence again when it grows past it
+        generation["rope_switch"] = rope_switch
     (stage / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
     return generation
 
