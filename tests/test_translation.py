@@ -563,7 +563,7 @@ def test_nllb_mbart50_and_bart_translations_equal_transformers_generate(tmp_path
         assert manifest["generation"]["forced_bos_token_ids"] == {"": 0}
 
 
-def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):
+def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle, capsys):
     """The converted BPE source tokenizer gives M2M100Tokenizer's ids (`__en__ ... </s>`); the
     languages are its 100 codes, each a forced first token of the decoder."""
     from tokenizers import Tokenizer
@@ -578,6 +578,11 @@ def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):
         assert ids == reference(text).input_ids, text
     forced = manifest["generation"]["forced_bos_token_ids"]
     assert len(forced) == 100 and forced["de"] == reference.get_lang_id("de") and "" not in forced
+    code, text, _ = run_cli(capsys, "inspect", str(out))
+    assert (
+        code == 0
+        and "target languages: 100 (af, am, ar, ast, az, ba, be, bg, ...) as the decoder's first token" in text
+    )
     assert manifest["validation"]["decoder_logits_max_abs_diff"] < 1e-3
 
 
