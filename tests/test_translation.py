@@ -675,6 +675,10 @@ def test_fp16_for_the_jetson_profile_keeps_fp32_translations(marian, marian_bund
     kinds = {i.data_type for i in decoder.graph.initializer if i.data_type in (1, 10)}
     assert kinds == {10}  # float16 only among float weights
     assert {i.type.tensor_type.elem_type for i in decoder.graph.input if i.name.startswith("past_")} == {10}
+    from edge_slm.core.bundle import read_manifest
+    from edge_slm.harness.deploy import _min_chrf
+
+    assert _min_chrf(read_manifest(out)) == 98.0  # deploy's smoke test reads the budget the bundle recorded
     fp16 = runtime.load(out, providers=["CPUExecutionProvider"])
     fp32 = runtime.load(marian_bundle[0])
     same = sum(a == b for a, b in zip(fp16.translate(SENTENCES, MAX_NEW), fp32.translate(SENTENCES, MAX_NEW)))
