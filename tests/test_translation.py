@@ -563,7 +563,7 @@ def test_nllb_mbart50_and_bart_translations_equal_transformers_generate(tmp_path
         assert manifest["generation"]["forced_bos_token_ids"] == {"": 0}
 
 
-def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):
+def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle, capsys):
     """The converted BPE source tokenizer gives M2M100Tokenizer's ids (`__en__ ... </s>`); the
     languages are its 100 codes, each a forced first token of the decoder."""
     from tokenizers import Tokenizer
@@ -578,6 +578,11 @@ def test_m2m100_tokenizer_and_languages(m2m100, m2m100_bundle):
         assert ids == reference(text).input_ids, text
     forced = manifest["generation"]["forced_bos_token_ids"]
     assert len(forced) == 100 and forced["de"] == reference.get_lang_id("de") and "" not in forced
+    code, text, _ = run_cli(capsys, "inspect", str(out))
+    assert (
+        code == 0
+        and "target languages: 100 (af, am, ar, ast, az, ba, be, bg, ...) as the decoder's first token" in text
+    )
     assert manifest["validation"]["decoder_logits_max_abs_diff"] < 1e-3
 
 
@@ -670,6 +675,10 @@ def test_fp16_for_the_jetson_profile_keeps_fp32_translations(marian, marian_bund
     kinds = {i.data_type for i in decoder.graph.initializer if i.data_type in (1, 10)}
     assert kinds == {10}  # float16 only among float weights
     assert {i.type.tensor_type.elem_type for i in decoder.graph.input if i.name.startswith("past_")} == {10}
+    from edge_slm.core.bundle import read_manifest
+    from edge_slm.harness.deploy import _min_chrf
+
+    assert _min_chrf(read_manifest(out)) == 98.0  # deploy's smoke test reads the budget the bundle recorded
     fp16 = runtime.load(out, providers=["CPUExecutionProvider"])
     fp32 = runtime.load(marian_bundle[0])
     same = sum(a == b for a, b in zip(fp16.translate(SENTENCES, MAX_NEW), fp32.translate(SENTENCES, MAX_NEW)))

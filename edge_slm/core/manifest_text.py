@@ -167,7 +167,12 @@ def seq2seq_lines(manifest, bundle) -> list[str]:
         manifest.quantization,
         manifest.accuracy,
     )
-    languages = ", ".join(sorted(k for k in manifest.generation.target_languages if k)) or "one"
+    codes = sorted(k for k in manifest.generation.target_languages if k)
+    languages = ", ".join(codes) or "one"
+    if len(codes) > 12:  # M2M100 has 100, NLLB 202: a count and the first few
+        languages = f"{len(codes)} ({', '.join(codes[:8])}, ...)"
+    if manifest.generation.forced_bos and codes:
+        languages += " as the decoder's first token"
     lines = [
         *_head(manifest, bundle),
         f"model        {model.architecture} ({model.model_type}) seq2seq: {model.encoder_layers}+{model.decoder_layers} "

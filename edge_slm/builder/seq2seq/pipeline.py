@@ -1,4 +1,4 @@
-"""The seq2seq build (Marian / OPUS-MT, T5): the encoder build's shape with its own stages.
+"""The seq2seq build (Marian / OPUS-MT, T5, M2M100 / NLLB, mBART, BART): the encoder build's shape with its own stages.
 
     load -> export (optimum: encoder + merged decoder) -> validate against torch
          -> [int8 | fp16 -> translation gate against fp32] -> tokenizers -> manifest
@@ -282,7 +282,7 @@ QUANTIZE = Stage(
     lambda x, p: (
         f"reducing to {x.loaded.request.precision} "
         + (
-            "(float16, float32 inputs and outputs)"
+            "(float16 weights, activations and cache)"
             if x.loaded.request.precision == "fp16"
             else "(dynamic, per-channel)"
         )
