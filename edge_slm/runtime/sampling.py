@@ -198,11 +198,20 @@ def token_logprob(logits: np.ndarray, token: int) -> float:
     return float(row[token] - top - np.log(np.exp(row - top).sum()))
 
 
-def likeliest_tokens(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
-    """The `n` likeliest tokens of the raw distribution, likeliest first, with their logprobs."""
+def token_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """`token_logprob` and, with `n` > 0, the `n` likeliest tokens, from one log-softmax of the row."""
+    if n <= 0:
+        return token_logprob(logits, token), ()
+    row = log_softmax(logits)
+    return float(row[token]), likeliest_tokens(row, n, normalised=True)
+
+
+def likeliest_tokens(logits: np.ndarray, n: int, normalised: bool = False) -> tuple[tuple[int, float], ...]:
+    """The `n` likeliest tokens of the raw distribution, likeliest first, with their logprobs
+    (`normalised`: `logits` are already log-softmaxed)."""
     if n <= 0:
         return ()
-    row = log_softmax(logits)
+    row = logits if normalised else log_softmax(logits)
     best = np.argpartition(row, -n)[-n:] if n < row.shape[0] else np.arange(row.shape[0])
     best = best[np.argsort(-row[best], kind="stable")]
     return tuple((int(t), float(row[t])) for t in best)
