@@ -25,7 +25,7 @@ import onnxruntime as ort
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.runtime.grammar import Constraint, GrammarState
 from edge_slm.runtime.model import FINISH_REASON, GenerationResponse, check_top_logprobs
-from edge_slm.runtime.sampling import Sampler, SamplingConfig, likeliest_tokens, token_logprob
+from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprobs
 from edge_slm.runtime.session import LOGITS_TO_KEEP, _run
 from edge_slm.runtime.textstream import TextStream
 
@@ -286,10 +286,11 @@ class BatchDecoder:
         if reason is not None:
             piece += seq.text.flush()
         seq.token = token
+        logprob, likeliest = token_logprobs(logits, token, seq.top_logprobs)
         response = GenerationResponse(
             text=piece,
             token=token,
-            logprob=token_logprob(logits, token),
+            logprob=logprob,
             finish_reason=FINISH_REASON.get(reason),
             stop_reason=reason,
             prompt_tokens=len(seq.prompt_ids),
@@ -298,7 +299,7 @@ class BatchDecoder:
             ttft_ms=seq.ttft_ms,
             prompt_tps=seq.prompt_tps,
             generation_tps=(seq.count - 1) / (now - seq.first_at) if seq.count > 1 else 0.0,
-            top_logprobs=likeliest_tokens(logits, seq.top_logprobs) if seq.top_logprobs else (),
+            top_logprobs=likeliest,
         )
         if reason is not None:
             self.release(seq)

@@ -23,7 +23,7 @@ from edge_slm.runtime import chat_template
 from edge_slm.runtime.cpu import warn_if_mismatched
 from edge_slm.runtime.encoder import Encoder
 from edge_slm.runtime.grammar import Constraint, GrammarState, build_grammar_tokenizer, compile_constraint
-from edge_slm.runtime.sampling import Sampler, SamplingConfig, likeliest_tokens, token_logprob
+from edge_slm.runtime.sampling import Sampler, SamplingConfig, token_logprobs
 from edge_slm.runtime.seq2seq import Translator
 from edge_slm.runtime.session import DecoderSession, check_onnxruntime, pick_providers
 from edge_slm.runtime.textstream import TextStream, stop_strings
@@ -333,10 +333,11 @@ class Model:
                     reason = None
             if reason is not None:
                 piece += text.flush()
+            logprob, likeliest = token_logprobs(logits, token, top_logprobs)
             yield GenerationResponse(
                 text=piece,
                 token=token,
-                logprob=token_logprob(logits, token),
+                logprob=logprob,
                 finish_reason=FINISH_REASON.get(reason),
                 stop_reason=reason,
                 prompt_tokens=len(ids),
@@ -345,7 +346,7 @@ class Model:
                 ttft_ms=ttft_ms,
                 prompt_tps=prompt_tps,
                 generation_tps=(count - 1) / (now - first_at) if count > 1 else 0.0,
-                top_logprobs=likeliest_tokens(logits, top_logprobs) if top_logprobs else (),
+                top_logprobs=likeliest,
             )
             if reason is not None:
                 return

@@ -51,6 +51,7 @@ from edge_slm.serve.access import Access, middleware
 from edge_slm.serve.engine import BatchEngine, Cancelled, EncoderEngine, Engine, Job, QueueFull
 from edge_slm.serve.fields import refuse_unimplemented
 from edge_slm.serve.limits import Limits, check_texts, read_json
+from edge_slm.serve.logprobs import openai_logprobs
 from edge_slm.serve.metrics import Metrics
 from edge_slm.serve.translation_chat import chat_translation
 from edge_slm.serve.watch import BundleWatch
@@ -346,7 +347,7 @@ async def completion(service: Service, request: Request, chat: bool):
     logprobs = None
     if sampling.logprobs is not None:
         pieces = await service.on_text_worker(service.pieces)
-        logprobs = _logprobs(pieces, [r for r in job.responses if r.stop_reason != "eos"], chat)
+        logprobs = openai_logprobs(pieces, [r for r in job.responses if r.stop_reason != "eos"], chat)
     if chat:
         message = {"role": "assistant", "content": result.text}
         if form.calls:
@@ -594,32 +595,6 @@ async def _job(service: Service, request: Request, chat: bool):
     return job, sampling, form
 
 
-def _logprobs(pieces: list[bytes], responses: list, chat: bool) -> dict:
-    """The responses' logprobs in OpenAI's shape: chat's `{"content": [{token, logprob, bytes,
-    top_logprobs}]}`, the completions route's `{tokens, token_logprobs, top_logprobs, text_offset}`."""
-
-    def entry(token: int, logprob: float) -> dict:
-        raw = pieces[token] if 0 <= token < len(pieces) else b""
-        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
-
-    if chat:
-        content = [
-            {**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top_logprobs]} for r in responses
-        ]
-        return {"content": content, "refusal": None}
-    tokens = [pieces[r.token].decode("utf-8", "replace") for r in responses]
-    offsets, at = [], 0
-    for token in tokens:
-        offsets.append(at)
-        at += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [r.logprob for r in responses],
-        "top_logprobs": [{entry(t, lp)["token"]: lp for t, lp in r.top_logprobs} for r in responses],
-        "text_offset": offsets,
-    }
-
-
 def _client(request: Request) -> str:
     """Who sent the request, for the KV cache's reuse: its API key (hashed: never kept), or no key."""
     return hashlib.sha256(request.headers.get("authorization", "").encode("utf-8", "replace")).hexdigest()
@@ -640,7 +615,7 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
     ) -> str:
         logprobs = None
         if response is not None and pieces is not None and response.stop_reason != "eos":
-            logprobs = _logprobs(pieces, [response], chat)
+            logprobs = openai_logprobs(pieces, [response], chat)
         if chat:
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
             delta |= {"tool_calls": calls} if calls else {}
