@@ -75,7 +75,7 @@ def refuse_unimplemented(body: dict, chat: bool) -> None:
             400, f"'{name}' is not supported by this server ({what}); leave it out", name, "unsupported_parameter"
         )
     if not chat:
-        for name in ("tools", "tool_choice", "response_format", "messages"):
+        for name in ("tools", "tool_choice", "messages"):  # response_format: tools.py honours it here too
             if body.get(name) is not None:
                 raise ApiError(
                     400,
