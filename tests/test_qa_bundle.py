@@ -167,10 +167,14 @@ def test_finetune_task_qa_lowers_the_loss_and_builds(tiny_embedder, encoder_prof
     losses = [epoch["train_loss"] for epoch in record["history"]]
     assert losses[-1] < 0.6 * losses[0], losses  # measured: 2.7, 2.2, 1.7, 1.2
     assert "reader ready" in stdout and len(read_squad(out / "eval-squad.json")) == 2
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         capsys, "build", "--model", out, "--target", encoder_profile, "--precision", "fp32", "--out", tmp_path / "b"
     )
     assert code == 0, err
+    assert (
+        f'run it:       edge-slm ask INDEX "How many user codes can the lock store?" --reader {tmp_path / "b"}'
+        in stdout
+    )
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["model"]["task"] == "question-answering"
 
 

@@ -99,7 +99,9 @@ def build(
 RUN_IT = {
     DecoderManifest: lambda m, out: f'edge-slm generate {out} "What is the capital of France?" --chat',
     EncoderManifest: lambda m, out: (
-        f'edge-slm {"classify" if m.model.task == "classification" else "embed"} {out} "turn off the kitchen lights"'
+        f'edge-slm ask INDEX "How many user codes can the lock store?" --reader {out}'
+        if m.model.task == "question-answering"
+        else f'edge-slm {"classify" if m.model.task == "classification" else "embed"} {out} "turn off the kitchen lights"'
     ),
     Seq2SeqManifest: lambda m, out: f'edge-slm translate {out} "The weather will be sunny tomorrow."',
 }
