@@ -192,10 +192,10 @@ def create_app(
         return await models(service)
 
     async def chat_route(request: Request):
-        return await completion(service, request, chat=True)
+        return await completion(service, request, chat=True, answers=answers)
 
     async def completions_route(request: Request):
-        return await completion(service, request, chat=False)
+        return await completion(service, request, chat=False, answers=answers)
 
     async def embeddings_route(request: Request) -> JSONResponse:
         return await encode(service, request, "embedding")
@@ -272,11 +272,12 @@ def _error(service: Service, route: str, exc: req.ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-async def completion(service: Service, request: Request, chat: bool):
+async def completion(service: Service, request: Request, chat: bool, answers=None):
+    """`answers` (serve/answers.py, with --index) puts passages into a chat request that asks for them."""
     route = "chat" if chat else "completions"
     try:
-        job, sampling = await _job(service, request, chat)
-        queue = service.engine.submit(job)
+        job, sampling, sources = await _job(service, request, chat, answers)
+        queue = service.engine.submit(job) if job is not None else None
     except req.ApiError as exc:
         return _error(service, route, exc)
     except QueueFull as exc:
@@ -284,8 +285,13 @@ async def completion(service: Service, request: Request, chat: bool):
     service.metrics.requests.labels(route, "200").inc()
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    if job is None:  # retrieval found nothing relevant
+        from edge_slm.serve.answers import nothing_relevant
+
+        return nothing_relevant(service.model_id, ident, created, sampling.stream)
+    extra = {} if sources is None else {"sources": [s.to_dict() for s in sources]}
     if sampling.stream:
-        return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling), sep="\n")
+        return EventSourceResponse(_events(service, job, queue, ident, created, chat, sampling, extra), sep="\n")
     # As a stream's end does: a client that hangs up cancels its job, so the model moves on.
     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, service.engine, job))
     try:
@@ -305,7 +311,7 @@ async def completion(service: Service, request: Request, chat: bool):
     usage = _usage(result)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
-        body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id}
+        body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id, **extra}
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
         body = {"id": ident, "object": "text_completion", "created": created, "model": service.model_id}
@@ -443,13 +449,28 @@ def _vector(row, form: str):
     return base64.b64encode(row.astype("<f4").tobytes()).decode() if form == "base64" else row.tolist()
 
 
-async def _job(service: Service, request: Request, chat: bool):
+async def _job(service: Service, request: Request, chat: bool, answers=None):
+    """The job, its sampling, and the passages put into its prompt (None: not asked; the job is None
+    when none was relevant)."""
     body = await _body(service, request, "generation")
     sampling = req.sampling(body)
     model = service.model
     extra = req.chat_template_kwargs(body) if chat else {}
+    k, sources = None, None
+    if body.get("retrieval") not in (None, False):
+        from edge_slm.serve.answers import retrieval_k
+
+        k = retrieval_k(body, answers, chat)
     try:
-        if chat:
+        if k is not None:
+
+            async def encode(messages):
+                return await service.on_text_worker(model.encode_chat, messages, True, extra)
+
+            ids, sources = await answers.ground(req.messages(body), k, sampling.max_tokens, encode)
+            if ids is None:
+                return None, sampling, sources
+        elif chat:
             ids = await service.on_text_worker(model.encode_chat, req.messages(body), True, extra)
         else:
             ids = await service.on_text_worker(model.encode, req.prompt(body))
@@ -468,7 +489,7 @@ async def _job(service: Service, request: Request, chat: bool):
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
     deadline = time.monotonic() + limits.request_seconds
     job = Job(ids, max_tokens, sampling.stop, params, deadline=deadline, owner=_client(request))
-    return job, sampling
+    return job, sampling, sources
 
 
 def _client(request: Request) -> str:
@@ -476,7 +497,8 @@ def _client(request: Request) -> str:
     return hashlib.sha256(request.headers.get("authorization", "").encode("utf-8", "replace")).hexdigest()
 
 
-async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling):
+async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling, extra):
+    """The stream's chunks; `extra` (the retrieved `sources`) rides on the first."""
     head = {
         "id": ident,
         "created": created,
@@ -490,7 +512,7 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return json.dumps({**head, "choices": [choice]})
+        return json.dumps({**head, **(extra if first else {}), "choices": [choice]})
 
     try:
         if chat:
