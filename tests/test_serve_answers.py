@@ -131,13 +131,13 @@ def test_a_served_decoder_writes_the_answer_from_the_passages(decoder_server):
 QUESTION = "turn on the lights in the kitchen."
 
 
-def _chat(base: str, **extra):
+def _chat(base: str, max_tokens: int = 4, **extra):
     from openai import OpenAI
 
     client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": QUESTION}]
     model = client.models.list().data[0].id
-    return client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, **extra)
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0, **extra)
 
 
 def test_a_chat_completion_quotes_the_passages_it_asks_for(decoder_server):
@@ -218,3 +218,19 @@ def test_serve_refuses_a_damaged_index_before_it_starts(embedder_bundles, home_i
         main(["serve", str(embedder_bundles[0]), "--index", str(damaged), "--port", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "checksum mismatch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_least_relevant_passages_give_way_to_the_reply(long_decoder, embedder_bundles, home_index):
+    """Quoting 3 passages, the prompt has 274 tokens (36 without): in a context of 300, a reply of 4
+    tokens leaves room for all 3, one of 30 for 2."""
+    proc, base = start_server(
+        long_decoder, "--index", home_index, "--embedder", embedder_bundles[0], "--context", "300"
+    )
+    try:
+        three = _chat(base, extra_body={"retrieval": {"k": 3}})
+        two = _chat(base, max_tokens=30, extra_body={"retrieval": {"k": 3}})
+        assert len(three.sources) == 3 and three.usage.prompt_tokens == 274
+        assert len(two.sources) == 2 and two.sources == three.sources[:2] and two.usage.prompt_tokens + 30 <= 300
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
