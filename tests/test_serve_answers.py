@@ -109,17 +109,79 @@ def long_decoder(tmp_path_factory, tiny_llama):
     return root / "bundle"
 
 
-def test_a_served_decoder_writes_the_answer_from_the_passages(long_decoder, embedder_bundles, home_index):
+@pytest.fixture(scope="module")
+def decoder_server(long_decoder, embedder_bundles, home_index):
     proc, base = start_server(long_decoder, "--index", home_index, "--embedder", embedder_bundles[0])
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_served_decoder_writes_the_answer_from_the_passages(decoder_server):
+    question = {"question": "set an alarm for seven in the morning.", "k": 3}
+    response = httpx.post(decoder_server + "/v1/answers", json=question, timeout=120)
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["mode"] == "generated" and body["found"] is True and body["answer"]  # random words, but words
+    assert 1 <= len(body["sources"]) <= 3 and body["sources"][0]["text"].endswith(question["question"])
+    metrics = httpx.get(decoder_server + "/metrics", timeout=10).text
+    assert 'route="answers",status="200"' in metrics
+
+
+QUESTION = "turn on the lights in the kitchen."
+
+
+def _chat(base: str, max_tokens: int = 4, **extra):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": QUESTION}]
+    model = client.models.list().data[0].id
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0, **extra)
+
+
+def test_a_chat_completion_quotes_the_passages_it_asks_for(decoder_server):
+    plain = _chat(decoder_server)
+    one = _chat(decoder_server, extra_body={"retrieval": {"k": 1}})
+    two = _chat(decoder_server, extra_body={"retrieval": {"k": 2}})
+    assert "sources" not in (plain.model_extra or {})
+    assert [s["file"] for s in one.sources] == ["home.md"] and one.sources[0]["text"].endswith(QUESTION)
+    assert [s["file"] for s in two.sources] == ["home.md", "home.md"] and two.sources[0] == one.sources[0]
+    assert set(two.sources[0]) == {"file", "lines", "text", "score"} and two.sources[0]["score"] >= 0.31
+    # The prompt quotes the passages: each one more makes it longer.
+    assert plain.usage.prompt_tokens < one.usage.prompt_tokens < two.usage.prompt_tokens
+    assert one.choices[0].message.content and one.usage.completion_tokens <= 4
+
+
+def test_a_streamed_chat_completion_carries_the_sources_in_its_first_chunk(decoder_server):
+    chunks = list(_chat(decoder_server, stream=True, extra_body={"retrieval": True}))
+    assert [s["file"] for s in chunks[0].sources] == ["home.md"] * 3
+    assert all("sources" not in (c.model_extra or {}) for c in chunks[1:])
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("value", [{"k": 0}, {"k": 51}, {"k": "3"}, {"top": 3}, "yes", 3])
+def test_a_bad_retrieval_value_is_a_400_naming_it(decoder_server, value):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        _chat(decoder_server, extra_body={"retrieval": value})
+    assert error.value.body["param"] == "retrieval"
+    assert error.value.body["message"].startswith("'retrieval' is ") and 'send true or {"k": 1 to 50}' in str(
+        error.value
+    )
+
+
+def test_retrieval_without_an_index_is_a_400_naming_it(tiny_bundle):
+    import openai
+
+    proc, base = start_server(tiny_bundle)
     try:
-        question = {"question": "set an alarm for seven in the morning.", "k": 3}
-        response = httpx.post(base + "/v1/answers", json=question, timeout=120)
-        body = response.json()
-        assert response.status_code == 200, body
-        assert body["mode"] == "generated" and body["found"] is True and body["answer"]  # random words, but words
-        assert 1 <= len(body["sources"]) <= 3 and body["sources"][0]["text"].endswith(question["question"])
-        metrics = httpx.get(base + "/metrics", timeout=10).text
-        assert 'route="answers",status="200"' in metrics
+        with pytest.raises(openai.BadRequestError) as error:
+            _chat(base, extra_body={"retrieval": True})
+        assert error.value.body["param"] == "retrieval"
+        assert "'retrieval' needs documents: start the server with --index INDEX" in error.value.body["message"]
+        assert _chat(base, extra_body={"retrieval": False}).choices[0].message.content is not None
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -132,6 +194,13 @@ def test_a_decoder_whose_context_cannot_hold_a_passage_is_a_400(tiny_bundle, emb
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["code"] == "context_length_exceeded" and "the decoder's context is 128" in error["message"]
+        chat = {"messages": [{"role": "user", "content": "set an alarm for seven."}], "retrieval": {"k": 3}}
+        response = httpx.post(base + "/v1/chat/completions", json=chat, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "retrieval"
+        assert "the messages with the best passage take" in error["message"]
+        assert "the decoder's context is 128" in error["message"]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -149,3 +218,19 @@ def test_serve_refuses_a_damaged_index_before_it_starts(embedder_bundles, home_i
         main(["serve", str(embedder_bundles[0]), "--index", str(damaged), "--port", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "checksum mismatch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_least_relevant_passages_give_way_to_the_reply(long_decoder, embedder_bundles, home_index):
+    """Quoting 3 passages, the prompt has 274 tokens (36 without): in a context of 300, a reply of 4
+    tokens leaves room for all 3, one of 30 for 2."""
+    proc, base = start_server(
+        long_decoder, "--index", home_index, "--embedder", embedder_bundles[0], "--context", "300"
+    )
+    try:
+        three = _chat(base, extra_body={"retrieval": {"k": 3}})
+        two = _chat(base, max_tokens=30, extra_body={"retrieval": {"k": 3}})
+        assert len(three.sources) == 3 and three.usage.prompt_tokens == 274
+        assert len(two.sources) == 2 and two.sources == three.sources[:2] and two.usage.prompt_tokens + 30 <= 300
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

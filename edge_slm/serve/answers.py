@@ -13,25 +13,34 @@ decoder's, as /v1/chat/completions does; 429 when full. A question the documents
 (best passage below the threshold `ask` uses) gets `"found": false` and no sources. Errors are
 OpenAI-shaped: 400 for a missing or empty question, a `k` outside 1-50, or a question longer than
 the embedder takes; 404 for another model; 503 until the index and its embedder are loaded.
+
+With a decoder served, `/v1/chat/completions` takes `"retrieval": true` or `{"k": N}` too (`ground`):
+the last user message becomes the same grounded prompt, quoting the passages retrieved for it,
+and the reply carries them as a top-level `sources` (a stream: in its first chunk).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
+from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.manifest import EncoderManifest
+from edge_slm.runtime.qa import DEFAULT_MIN_SCORE, NOTHING_RELEVANT
 from edge_slm.serve import requests as req
 from edge_slm.serve.engine import EncoderEngine, Job, QueueFull
 from edge_slm.serve.limits import read_json
 
 ROUTE = "answers"
 MAX_K = 50  # as `edge-slm ask -k`
+DEFAULT_K = 3
+RETRIEVAL = "retrieval"  # the chat request's field that asks for passages (not OpenAI's: ours to define)
 ANSWER_TOKENS = 128  # a written answer's most new tokens (ask's --max-new-tokens default)
 
 
@@ -117,21 +126,24 @@ class Answers:
             )
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise req.ApiError(400, f"'k' is {k!r}; retrieve 1 to {MAX_K} passages", "k")
+        await self._check_length(question, "question")
+        return question, k
+
+    async def _check_length(self, question: str, param: str) -> None:
         graph = self.qa.encoder.graph
-        tokens = (await service.on_text_worker(graph.token_counts, [question]))[0]
+        tokens = (await self.service.on_text_worker(graph.token_counts, [question]))[0]
         if tokens > graph.max_length:
             raise req.ApiError(
                 400,
-                f"'question' has {tokens} tokens; the index's embedder takes at most {graph.max_length}: shorten it",
-                "question",
+                f"'{param}' has {tokens} tokens; the index's embedder takes at most {graph.max_length}: shorten it",
+                param,
                 "context_length_exceeded",
             )
-        return question, k
 
     async def _answer(self, question: str, k: int, request: Request):
         """Retrieval (and the extractive answer) in the embedder's queue; with a decoder served,
         the written answer in its queue."""
-        from edge_slm.runtime.qa import DEFAULT_MIN_SCORE, Answer
+        from edge_slm.runtime.qa import Answer
 
         try:
             found = await self.retrieval.run(lambda: self.qa.ask(question, k=k, min_score=DEFAULT_MIN_SCORE))
@@ -168,3 +180,85 @@ class Answers:
         finally:
             self.service.engine.cancel(job)  # a no-op once done; frees the model if the client left
         return Answer(job.result.text.strip(), sources, found=True, mode="generated", evidence=found.evidence)
+
+    async def ground(self, messages: list[dict], k: int, reply_tokens: int | None, encode) -> tuple[list, list]:
+        """A chat request's `retrieval`: the prompt ids (`encode` renders messages) with its last user
+        message quoting the `k` passages nearest it, and those passages; (None, []) when none is
+        relevant. The least relevant passages give way until the reply has 128 tokens (or its
+        max_tokens, if fewer)."""
+        service = self.service
+        if self.qa is None:
+            raise req.ApiError(503, self.load_error or "the index is still loading: retry when /health says ok")
+        last = next((n for n in range(len(messages) - 1, -1, -1) if messages[n]["role"] == "user"), None)
+        if last is None or not messages[last]["content"].strip():
+            raise req.ApiError(
+                400, f"'{RETRIEVAL}' retrieves passages for the last user message: send one with text", "messages"
+            )
+        question, param = messages[last]["content"], f"messages[{last}]"
+        await self._check_length(question, param)
+        try:
+            sources, evidence = await self.retrieval.run(lambda: self._retrieve(question, k))
+        except EdgeSlmError as exc:
+            raise req.ApiError(400, str(exc), param) from None
+        if evidence is None:
+            return None, []
+        model, reserve = service.model, min(reply_tokens or ANSWER_TOKENS, ANSWER_TOKENS)
+        while True:
+            grounded = self.qa.messages(question, sources, evidence)[0]["content"]
+            ids = await encode([*messages[:last], {**messages[last], "content": grounded}, *messages[last + 1 :]])
+            if len(ids) + reserve <= model.context_length or len(sources) == 1:
+                break
+            sources = sources[:-1]
+        if len(ids) >= model.context_length:
+            raise req.ApiError(
+                400,
+                f"the messages with the best passage take {len(ids)} tokens, the decoder's context is "
+                f"{model.context_length}: shorten them or serve a decoder with a longer context",
+                RETRIEVAL,
+                "context_length_exceeded",
+            )
+        return ids, sources
+
+    def _retrieve(self, question: str, k: int):
+        sources, hits, query = self.qa.retrieve(question, k)
+        if not sources or sources[0].score < DEFAULT_MIN_SCORE:
+            return [], None
+        return sources, self.qa.best_sentence(question, query, hits)
+
+
+def retrieval_k(body: dict, answers: Answers | None, chat: bool) -> int | None:
+    """The passages a completion request asks for with `retrieval` (true: 3), or None."""
+    value = body.get(RETRIEVAL)
+    if value is None or value is False:
+        return None
+    if not chat:
+        raise req.ApiError(400, f"'{RETRIEVAL}' is for /v1/chat/completions", RETRIEVAL)
+    if answers is None:
+        raise req.ApiError(
+            400, f"'{RETRIEVAL}' needs documents: start the server with --index INDEX (docs/serving.md)", RETRIEVAL
+        )
+    k = value.get("k", DEFAULT_K) if isinstance(value, dict) and set(value) <= {"k"} else None
+    k = DEFAULT_K if value is True else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise req.ApiError(
+            400, f"'{RETRIEVAL}' is {json.dumps(value)}; send true or {{\"k\": 1 to {MAX_K}}}", RETRIEVAL
+        )
+    return k
+
+
+def nothing_relevant(model_id: str, ident: str, created: int, stream: bool):
+    """The reply when no passage is relevant: said, as /v1/answers says it, and no model asked to invent."""
+    head = {"id": ident, "created": created, "model": model_id, "sources": []}
+    message = {"role": "assistant", "content": NOTHING_RELEVANT}
+    if not stream:
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    async def events():
+        head["object"] = "chat.completion.chunk"
+        yield {"data": json.dumps({**head, "choices": [{"index": 0, "delta": message, "finish_reason": None}]})}
+        yield {"data": json.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), sep="\n")

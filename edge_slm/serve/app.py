@@ -222,10 +222,10 @@ def create_app(
     async def chat_route(request: Request):
         if service.model is not None and service.serves == "translation":  # the last user message, translated
             return await chat_translation(service, request, _body, _error)
-        return await completion(service, request, chat=True)
+        return await completion(service, request, chat=True, answers=answers)
 
     async def completions_route(request: Request):
-        return await completion(service, request, chat=False)
+        return await completion(service, request, chat=False, answers=answers)
 
     async def embeddings_route(request: Request) -> JSONResponse:
         return await encode(service, request, "embedding")
@@ -311,11 +311,12 @@ def _error(service: Service, route: str, exc: req.ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-async def completion(service: Service, request: Request, chat: bool):
+async def completion(service: Service, request: Request, chat: bool, answers=None):
+    """`answers` (serve/answers.py, with --index) puts passages into a chat request that asks for them."""
     route = "chat" if chat else "completions"
     try:
-        job, sampling, form = await _job(service, request, chat)
-        queue = service.engine.submit(job)
+        job, sampling, form, sources = await _job(service, request, chat, answers)
+        queue = service.engine.submit(job) if job is not None else None
     except req.ApiError as exc:
         return _error(service, route, exc)
     except QueueFull as exc:
@@ -323,8 +324,13 @@ async def completion(service: Service, request: Request, chat: bool):
     service.metrics.requests.labels(route, "200").inc()
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    if job is None:  # retrieval found nothing relevant
+        from edge_slm.serve.answers import nothing_relevant
+
+        return nothing_relevant(service.model_id, ident, created, sampling.stream)
+    extra = {} if sources is None else {"sources": [s.to_dict() for s in sources]}
     if sampling.stream:
-        events = _events(service, job, queue, ident, created, chat, sampling, form)
+        events = _events(service, job, queue, ident, created, chat, sampling, form, extra)
         return EventSourceResponse(events, sep="\n")
     # As a stream's end does: a client that hangs up cancels its job, so the model moves on.
     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, service.engine, job))
@@ -356,7 +362,7 @@ async def completion(service: Service, request: Request, chat: bool):
                 message["tool_calls"] = calls
                 finish = "tool_calls" if finish == "stop" else finish
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id}
+        body = {"id": ident, "object": "chat.completion", "created": created, "model": service.model_id, **extra}
     else:
         text = (job.prompt_text if sampling.echo else "") + result.text
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -546,7 +552,9 @@ def _vector(row, form: str):
     return base64.b64encode(row.astype("<f4").tobytes()).decode() if form == "base64" else row.tolist()
 
 
-async def _job(service: Service, request: Request, chat: bool):
+async def _job(service: Service, request: Request, chat: bool, answers=None):
+    """The job, its sampling, and the passages put into its prompt (None: not asked; the job is None
+    when none was relevant)."""
     body = await _body(service, request, "generation")
     refuse_unimplemented(body, chat)
     model = service.model
@@ -554,14 +562,28 @@ async def _job(service: Service, request: Request, chat: bool):
     extra = req.chat_template_kwargs(body) if chat else {}
     prompt = None if chat else req.prompt(body)
     form = await service.on_text_worker(tools.structure, body, chat)  # a grammar compiles in 2-15 ms, then is kept
+    k, sources = None, None
+    if body.get("retrieval") not in (None, False):
+        from edge_slm.serve.answers import retrieval_k
+
+        k = retrieval_k(body, answers, chat)
     try:
         if chat:
             template = model.generation.get("chat_template") or ""
             specials = list(model.generation.get("special_tokens", {}))
-            messages, variables = await service.on_text_worker(
-                tools.prompt_messages, req.messages(body), form, template, specials
-            )
-            ids = await service.on_text_worker(model.encode_chat, messages, True, extra, variables.get("tools"))
+
+            async def encode(messages):
+                messages, variables = await service.on_text_worker(
+                    tools.prompt_messages, messages, form, template, specials
+                )
+                return await service.on_text_worker(model.encode_chat, messages, True, extra, variables.get("tools"))
+
+            if k is not None:
+                ids, sources = await answers.ground(req.messages(body), k, sampling.max_tokens, encode)
+                if ids is None:
+                    return None, sampling, form, sources
+            else:
+                ids = await encode(req.messages(body))
         else:
             ids = await service.on_text_worker(model.encode, prompt)
         if form.constraint is not None:  # llguidance's view of the tokenizer: built once, ~1 s
@@ -592,7 +614,7 @@ async def _job(service: Service, request: Request, chat: bool):
         ids, max_tokens, sampling.stop, params, deadline=deadline, owner=_client(request), constraint=form.constraint
     )
     job.cache_prompt, job.prompt_text = sampling.cache_prompt, prompt or ""
-    return job, sampling, form
+    return job, sampling, form, sources
 
 
 def _client(request: Request) -> str:
@@ -600,7 +622,8 @@ def _client(request: Request) -> str:
     return hashlib.sha256(request.headers.get("authorization", "").encode("utf-8", "replace")).hexdigest()
 
 
-async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling, form):
+async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: int, chat: bool, sampling, form, extra):
+    """The stream's chunks; `extra` (the retrieved `sources`) rides on the first."""
     head = {
         "id": ident,
         "created": created,
@@ -622,7 +645,7 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-        return json.dumps({**head, "choices": [choice]})
+        return json.dumps({**head, **(extra if first else {}), "choices": [choice]})
 
     calls = tools.ToolCallStream() if form.calls else None
     try:
