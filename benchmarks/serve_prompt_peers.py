@@ -2,11 +2,12 @@
 OpenAI server on the same model, alternating servers in one run, measured by the same client code.
 
     .venv/bin/python benchmarks/serve_prompt_peers.py /work/cmp/new-x86 --llama-python /tmp/llama-venv/bin/python \
-        [--rounds 3] [--reps 3] [--threads 2] [--prompt-tokens 1024] [--out benchmarks/results/serve/prompt-peers-x86.jsonl]
+        [--rounds 3] [--reps 3] [--threads 2] [--prompt-tokens 1024] [--gen 64] [--split] \
+        [--out benchmarks/results/serve/prompt-peers-x86.jsonl]
 
 Per server, in this order: time to first streamed token of a fresh `--prompt-tokens` prompt on
 /v1/completions (`--reps` prompts, each starting differently so that no server reuses a cached
-prefix), then 4 such prompts at once (64 tokens each) so that 4 slots are busy, then the server
+prefix), then 4 such prompts at once (`--gen` tokens each) so that 4 slots are busy, then the server
 process's peak RSS (VmHWM, /proc) and its RSS now.
 
 llama-cpp-python's server runs one request at a time (one `Llama`, one sequence, behind a lock;
@@ -14,7 +15,9 @@ its settings have no parallel slots), so it is measured twice: `llama.cpp n_ctx 
 sequence of the context each of our slots has: the time-to-first-token peer) and `llama.cpp n_ctx
 8192` (the KV cache 4 slots of 2,048 tokens take in llama.cpp's server, `-np 4 -c 8192`, served
 one request at a time: the memory peer). The 4 requests at once are queued by it and answered one
-after another. The model is the default model's GGUF requantized to Q8_0 (serve_peers.q8_0_gguf).
+after another (`--interrupt_requests False`: by default a new request cuts the running stream), and
+it runs with `--logits_all False` (its default computes and keeps the logits of every prompt
+position, which no request here reads). The model is the default model's GGUF requantized to Q8_0 (serve_peers.q8_0_gguf).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def status_mb(pid: int, field: str) -> float:
 
 
 async def first_token(http, base: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(ms to the first streamed text, completion chunks) of one streamed completion."""
+    """(ms to the first streamed chunk, chunks) of one streamed completion."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start, first, chunks = time.perf_counter(), None, 0
     async with http.stream("POST", base + "/v1/completions", json=body) as response:
@@ -72,30 +75,35 @@ async def first_token(http, base: str, model: str, prompt: str, max_tokens: int)
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            for choice in json.loads(line[6:]).get("choices", []):
-                if choice.get("text"):
-                    first = first or time.perf_counter()
-                    chunks += 1
+            # The first chunk with a choice: its first token's text, or the end (a first token that
+            # is the end of text, which neither server sends as text).
+            for _ in json.loads(line[6:]).get("choices", []):
+                first = first or time.perf_counter()
+                chunks += 1
     return ((first or float("nan")) - start) * 1e3, chunks
 
 
-async def measure(base: str, model: str, texts: list[str], reps: int, busy: int) -> dict:
-    async with httpx.AsyncClient(timeout=900) as http:
-        # Warm-up, and how many tokens this server counts in one of the prompts.
-        warm = await http.post(
-            base + "/v1/completions", json={"model": model, "prompt": texts[0], "max_tokens": 1, "temperature": 0}
+async def measure(base: str, model: str, texts: list[str], reps: int, busy: int, gen: int) -> dict:
+    """`reps` first-token times (none with reps 0), then `busy` requests at once (none with 0)."""
+    row = {}
+    async with httpx.AsyncClient(timeout=1800) as http:
+        # Warm-up on a short prompt.
+        await http.post(
+            base + "/v1/completions", json={"model": model, "prompt": texts[0][:200], "max_tokens": 1, "temperature": 0}
         )
-        prompt_tokens = warm.json()["usage"]["prompt_tokens"]
-        ttft = [(await first_token(http, base, model, texts[1 + r], 4))[0] for r in range(reps)]
-        started = time.perf_counter()
-        together = await asyncio.gather(*(first_token(http, base, model, texts[1 + reps + n], 64) for n in range(busy)))
-        busy_s = time.perf_counter() - started
-    return {
-        "prompt_tokens_counted": prompt_tokens,
-        "ttft_ms": stats(ttft),
-        "busy_ttft_ms": stats([t for t, _ in together]),
-        "busy_seconds": busy_s,
-    }
+        if reps:
+            row["ttft_ms"] = stats([(await first_token(http, base, model, texts[1 + r], 4))[0] for r in range(reps)])
+        if busy:
+            started = time.perf_counter()
+            together = await asyncio.gather(
+                *(first_token(http, base, model, texts[1 + reps + n], gen) for n in range(busy))
+            )
+            row.update(busy_ttft_ms=stats([t for t, _ in together]), busy_seconds=time.perf_counter() - started)
+            # The last busy prompt again (cached: cheap), for this server's count of its tokens.
+            body = {"model": model, "prompt": texts[-1], "max_tokens": 1, "temperature": 0}
+            answer = (await http.post(base + "/v1/completions", json=body)).json()
+            row["prompt_tokens_counted"] = answer["usage"]["prompt_tokens"]
+    return row
 
 
 def main() -> None:
@@ -108,6 +116,13 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--systems", default="edge-slm,llama.cpp n_ctx 2048,llama.cpp n_ctx 8192")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="llama.cpp n_ctx 2048 measures only the first token, n_ctx 8192 only the 4 busy requests (a loaded "
+        "machine: half the time)",
+    )
+    parser.add_argument("--gen", type=int, default=64, help="tokens of each busy request")
     parser.add_argument("--serve-args", default="", help="extra edge-slm serve options (e.g. '--prefill-chunk 512')")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -133,12 +148,19 @@ def main() -> None:
                     *("-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)),
                     *("--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)),
                     *("--n_ctx", str(n_ctx)),
+                    # Its leanest and fastest for this: the server's default (True) computes and keeps
+                    # logits for every prompt position.
+                    *("--logits_all", "False"),
+                    # Its default cuts a running stream when another request arrives; these queue.
+                    *("--interrupt_requests", "False"),
                 ]
                 name, ready = str(gguf), base + "/v1/models"
             proc = start_server(command, ready)
             load_before = os.getloadavg()[0]
             try:
-                row = asyncio.run(measure(base, name, texts, args.reps, args.parallel))
+                reps = 0 if args.split and system.endswith("8192") else args.reps
+                busy = 0 if args.split and system.endswith("2048") else args.parallel
+                row = asyncio.run(measure(base, name, texts, reps, busy, args.gen))
                 row["peak_rss_mb"] = peak_rss_mb(proc.pid)
                 row["rss_now_mb"] = status_mb(proc.pid, "VmRSS")
             finally:
@@ -155,8 +177,10 @@ def main() -> None:
                 for ours in rows
                 if ours["system"] == systems[0]
                 for theirs in rows
-                if theirs["system"] == system and theirs["round"] == ours["round"]
+                if theirs["system"] == system and theirs["round"] == ours["round"] and key in theirs
             ]
+            if not ratios:
+                continue
             summary[f"{key} {systems[0]} / {system}"] = {
                 "median": statistics.median(ratios),
                 "min": min(ratios),
@@ -171,7 +195,9 @@ def main() -> None:
         with open(args.out, "a", encoding="utf-8") as handle:
             for row in rows:
                 record = {"schema": "edge-slm-serve-prompt-peers/1", "bundle": str(args.bundle), **row}
-                record.update(threads=args.threads, parallel=args.parallel, prompt_tokens=args.prompt_tokens)
+                record.update(
+                    threads=args.threads, parallel=args.parallel, prompt_tokens=args.prompt_tokens, gen=args.gen
+                )
                 record.update(serve_args=args.serve_args, cpu=cpu_model(), cpu_flags=flags, gguf=gguf.name)
                 handle.write(json.dumps(record) + "\n")
             handle.write(json.dumps({"schema": "edge-slm-serve-prompt-peers/1", "summary": summary}) + "\n")

@@ -61,6 +61,26 @@ def test_batched_greedy_equals_solo_with_a_join_mid_stream(model, chunk):
     assert decoder.free_slots == 4
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_prompt_continuing_a_slots_cache_answers_as_alone(model, chunk):
+    """A follow-up whose prompt extends what a slot holds runs only its new tokens (several: the
+    LM head on the last one only, the slot's past copied in), whole or in chunks, and answers
+    token for token as the whole prompt run alone."""
+    decoder = BatchDecoder(model, slots=2, prefill_chunk=chunk)
+    first_ids = model.encode(PROMPTS[0])
+    first = Sequence(first_ids, 6)
+    out = {id(first): [r for r in [decoder.admit(first)] if r]}
+    _drain(decoder, [first], out)
+    follow_ids = first_ids + [r.token for r in out[id(first)]][:5] + model.encode(PROMPTS[2])
+    follow = Sequence(follow_ids, 12)
+    out[id(follow)] = [r for r in [decoder.admit(follow)] if r]
+    assert follow.slot == first.slot and follow.reused == len(first_ids) + 5
+    assert len(follow_ids) - follow.reused > 4
+    _drain(decoder, [follow], out)
+    assert [r.token for r in out[id(follow)] if r.stop_reason != "eos"] == _solo(model, follow_ids, 12)
+    assert out[id(follow)][-1].reused_tokens == follow.reused
+
+
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
     proc, base = start_server(tiny_bundle, "--parallel", "4", "--max-queue", "8")
