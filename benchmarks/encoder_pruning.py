@@ -44,10 +44,6 @@ def accuracy(bundle: str, reference: str | None, threads: int) -> dict:
         texts = check.queries + check.passages + [e.text for e in read_examples(INTENTS_TEST)]
         theirs = runtime.load(reference, threads=threads, verify=False).embed(texts)
         measured["cosine_to_unpruned"] = float((unit(model.embed(texts)) * unit(theirs)).sum(1).mean())
-    if model.task == "classification":
-        measured["parameters"] = (
-            int(model.manifest.model.parameters) if hasattr(model.manifest.model, "parameters") else None
-        )
     return {k: v for k, v in measured.items() if not isinstance(v, np.ndarray)}
 
 

@@ -132,8 +132,10 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
     optimized = optimize_model(
         str(traced),
         model_type="bert",
-        num_heads=heads,  # a pruned model's attention is narrower than its hidden size
-        hidden_size=config.hidden_size,
+        # A pruned model's attention is narrower than its hidden size (9 heads of 32 in 384): 0 lets
+        # the optimizer read both from the graph's reshapes (given, it asserts they divide).
+        num_heads=0 if heads < config.num_attention_heads else heads,
+        hidden_size=0 if heads < config.num_attention_heads else config.hidden_size,
         opt_level=0,  # fusions only: onnxruntime's own graph optimizations run at load on the device
         use_gpu=False,
     )

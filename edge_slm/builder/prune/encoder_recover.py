@@ -103,7 +103,9 @@ def distill(
         progress(f"resuming recovery at step {step}/{settings.steps}")
     generator = torch.Generator().manual_seed(settings.seed + step)
     teacher.eval()
-    student.train()
+    # Dropout stays off: the targets are the teacher's deterministic outputs, and a few hundred
+    # steps leave its regularisation no time to pay for the noise it adds.
+    student.eval()
     started, first_step, stopped = time.monotonic(), step, "steps"
     while step < settings.steps:
         if settings.time_budget_s and time.monotonic() - started > settings.time_budget_s:
