@@ -160,7 +160,7 @@ def test_a_streamed_chat_completion_carries_the_sources_in_its_first_chunk(decod
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("value", [{"k": 0}, {"k": 51}, {"k": "3"}, {"top": 3}, "yes", 3])
+@pytest.mark.parametrize("value", [{"k": 0}, {"k": 51}, {"k": "3"}, {"top": 3}, "yes", 3, 0, 0.0])
 def test_a_bad_retrieval_value_is_a_400_naming_it(decoder_server, value):
     import openai
 

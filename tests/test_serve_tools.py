@@ -207,6 +207,13 @@ def test_bad_fields_are_400_naming_them(server, fields, param, fragment):
     assert fragment in error["message"]
 
 
+def test_a_tool_choice_function_that_is_not_an_object_is_400(server):
+    body = {"messages": ASK, "max_tokens": 4, "tools": TOOLS}
+    body["tool_choice"] = {"type": "function", "function": "set_lights"}
+    answer = httpx.post(server + "/v1/chat/completions", json=body, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "tool_choice"
+
+
 def test_completions_refuse_tools(server):
     body = {"prompt": "hi", "max_tokens": 4, "tools": TOOLS}
     answer = httpx.post(server + "/v1/completions", json=body, timeout=30)
@@ -324,6 +331,18 @@ def test_tool_call_stream_splits_anywhere():
                 arguments[event[1]] += event[2]
         assert arguments == [c["function"]["arguments"] for c in calls]
     assert serve_tools.read_reply("no calls here <tool") == ("no calls here <tool", [])
+
+
+@pytest.mark.parametrize("cut", ["", "\n", "\n</", "\n</tool_", "\n</tool_call"])
+def test_a_call_cut_before_its_closing_tag_keeps_json_arguments(cut):
+    """max_tokens can end a reply inside `</tool_call>`: the partial tag and the call's own closing
+    brace are not arguments, whole or streamed."""
+    text = '<tool_call>\n{"name": "set_lights", "arguments": {"room": "k", "on": true}}' + cut
+    _, [call] = serve_tools.read_reply(text)
+    assert json.loads(call["function"]["arguments"]) == {"room": "k", "on": True}
+    stream = serve_tools.ToolCallStream()
+    events = [e for piece in text for e in stream.push(piece)] + stream.finish()
+    assert "".join(e[2] for e in events if e[0] == "arguments") == call["function"]["arguments"]
 
 
 # -- the conversation's tool turns ----------------------------------------------------------------

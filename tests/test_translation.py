@@ -917,6 +917,17 @@ def _chat_completions_translate(base, bundle, model_id):
     assert bad.value.body["message"] == (
         "target language 'fra' is not one this model knows (none: it translates into one language)"
     )
+    for field, value in [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("logprobs", True),
+        ("response_format", {"type": "json_object"}),
+        ("stop", ["x"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("n", 2),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=model_id, messages=messages, extra_body={field: value})
+        assert refused.value.body["param"] == field, field
     with pytest.raises(openai.BadRequestError) as plain:
         client.completions.create(model=model_id, prompt="the cat")
     assert "serves translation, not generation: use /v1/translations" in plain.value.body["message"]

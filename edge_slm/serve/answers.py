@@ -246,19 +246,21 @@ def retrieval_k(body: dict, answers: Answers | None, chat: bool) -> int | None:
     return k
 
 
-def nothing_relevant(model_id: str, ident: str, created: int, stream: bool):
+def nothing_relevant(model_id: str, ident: str, created: int, stream: bool, include_usage: bool = False):
     """The reply when no passage is relevant: said, as /v1/answers says it, and no model asked to invent."""
     head = {"id": ident, "created": created, "model": model_id, "sources": []}
     message = {"role": "assistant", "content": NOTHING_RELEVANT}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     if not stream:
-        choice = {"index": 0, "message": message, "finish_reason": "stop"}
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage})
 
     async def events():
         head["object"] = "chat.completion.chunk"
         yield {"data": json.dumps({**head, "choices": [{"index": 0, "delta": message, "finish_reason": None}]})}
         yield {"data": json.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})}
+        if include_usage:
+            yield {"data": json.dumps({**head, "choices": [], "usage": usage})}
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), sep="\n")

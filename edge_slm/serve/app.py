@@ -327,7 +327,7 @@ async def completion(service: Service, request: Request, chat: bool, answers=Non
     if job is None:  # retrieval found nothing relevant
         from edge_slm.serve.answers import nothing_relevant
 
-        return nothing_relevant(service.model_id, ident, created, sampling.stream)
+        return nothing_relevant(service.model_id, ident, created, sampling.stream, sampling.include_usage)
     extra = {} if sources is None else {"sources": [s.to_dict() for s in sources]}
     if sampling.stream:
         events = _events(service, job, queue, ident, created, chat, sampling, form, extra)
@@ -562,11 +562,9 @@ async def _job(service: Service, request: Request, chat: bool, answers=None):
     extra = req.chat_template_kwargs(body) if chat else {}
     prompt = None if chat else req.prompt(body)
     form = await service.on_text_worker(tools.structure, body, chat)  # a grammar compiles in 2-15 ms, then is kept
-    k, sources = None, None
-    if body.get("retrieval") not in (None, False):
-        from edge_slm.serve.answers import retrieval_k
+    from edge_slm.serve.answers import retrieval_k
 
-        k = retrieval_k(body, answers, chat)
+    k, sources = retrieval_k(body, answers, chat), None  # None/false: not asked; 0, "" etc. a 400
     try:
         if chat:
             template = model.generation.get("chat_template") or ""
@@ -580,8 +578,12 @@ async def _job(service: Service, request: Request, chat: bool, answers=None):
 
             if k is not None:
                 ids, sources = await answers.ground(req.messages(body), k, sampling.max_tokens, encode)
-                if ids is None:
+                # A schema or a forced call is still honoured when nothing is relevant: generated ungrounded.
+                forced = form.constraint is not None and not (form.calls and body.get("tool_choice") in (None, "auto"))
+                if ids is None and not forced:
                     return None, sampling, form, sources
+                if ids is None:
+                    ids = await encode(req.messages(body))
             else:
                 ids = await encode(req.messages(body))
         else:

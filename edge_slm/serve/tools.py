@@ -160,7 +160,8 @@ def _tool_choice(value, tools: list[dict]) -> str:
         if value != "none" and not tools:
             raise ApiError(400, f"'tool_choice' is {value!r} but the request has no 'tools'", "tool_choice")
         return value
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
         raise ApiError(
             400,
@@ -296,6 +297,7 @@ class ToolCallStream:
 
     def __init__(self):
         self.state, self.buffer, self.index = "text", "", -1
+        self.sent = ""  # the current call's arguments already returned
         self.after_call = False  # the newline between two calls is neither content nor a call
 
     def push(self, text: str) -> list[tuple]:
@@ -340,17 +342,30 @@ class ToolCallStream:
     def _arguments(self, final: bool) -> list[tuple]:
         at = self.buffer.find(CLOSE)
         if at >= 0 or final:
-            body = (self.buffer[:at] if at >= 0 else self.buffer).rstrip()
-            closed = at >= 0 and body.endswith("}")
+            body = self.buffer[:at] if at >= 0 else self.buffer
+            if at < 0:  # cut by max_tokens: a partial closing tag, and the call's own "}", are not arguments
+                keep = next((k for k in range(len(CLOSE), 0, -1) if body.endswith(CLOSE[:k])), 0)
+                body = body[: len(body) - keep]
+            body = body.rstrip()
+            closed = body.endswith("}") and (at >= 0 or _is_json(self.sent + body[:-1]))
             pieces = body[:-1].rstrip() if closed else body
             self.buffer = self.buffer[at + len(CLOSE) :] if at >= 0 else ""
-            self.state, self.after_call = "text", True
+            self.state, self.after_call, self.sent = "text", True, ""
             return [("arguments", self.index, pieces)] if pieces else []
         ready = len(self.buffer) - _HOLD
         if ready <= 0:
             return []
         piece, self.buffer = self.buffer[:ready], self.buffer[ready:]
+        self.sent += piece
         return [("arguments", self.index, piece)]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_reply(text: str) -> tuple[str | None, list[dict]]:

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.serve import requests as req
 from edge_slm.serve.engine import QueueFull
+from edge_slm.serve.fields import refuse_unimplemented
 
 
 def last_user_text(body: dict) -> str:
@@ -38,9 +39,47 @@ def last_user_text(body: dict) -> str:
     return users[-1]
 
 
+# Chat fields a translation cannot honour: a 400 naming each, never silence (serve.fields).
+NOT_FOR_TRANSLATION = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
+    "retrieval",
+    "stop",
+    "logit_bias",
+    "chat_template_kwargs",
+)
+
+
+def refuse_for_translation(body: dict) -> None:
+    for name in NOT_FOR_TRANSLATION:
+        if body.get(name) not in (None, False, [], {}):
+            raise req.ApiError(
+                400,
+                f"'{name}' is not supported on a translation bundle (the reply is the translation); leave it out",
+                name,
+                "unsupported_parameter",
+            )
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise req.ApiError(
+            400,
+            "'response_format' other than text is not supported on a translation bundle",
+            "response_format",
+            "unsupported_parameter",
+        )
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            raise req.ApiError(400, f"'{name}' is {body[name]!r}; this server makes one choice per request", name)
+
+
 def _max_tokens(body: dict, limit: int) -> int:
     """OpenAI's max_tokens is an upper bound: a larger one than the model's cap is the cap."""
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    value = body.get("max_completion_tokens")
+    if value is None:
+        value = body.get("max_tokens")
     if value is None:
         return limit
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -54,6 +93,8 @@ async def chat_translation(service, request: Request, body_of, error_of):
     route = "chat"
     try:
         body = await body_of(service, request, "translation")
+        refuse_unimplemented(body, chat=True)
+        refuse_for_translation(body)
         text = last_user_text(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
