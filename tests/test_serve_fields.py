@@ -112,6 +112,10 @@ def test_completions_logprobs_and_echo(server, model, tiny_bundle):
     )
     assert [len(alts) for alts in lp["top_logprobs"]] == [3] * len(want.token_ids)
     assert lp["text_offset"][0] == 0 and "".join(lp["tokens"]) == choice["text"] == want.text
+    streamed = httpx.post(server + "/v1/completions", json={**body, "stream": True}, timeout=60).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    offsets = [o for c in chunks if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == lp["text_offset"]  # a stream's offsets run on from chunk to chunk
     echoed = _raw(server, {"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": True}, "/v1/completions")
     assert echoed.json()["choices"][0]["text"] == prompt + want.text
 

@@ -634,13 +634,15 @@ async def _events(service, job: Job, queue: asyncio.Queue, ident: str, created: 
     }
 
     pieces = await service.on_text_worker(service.pieces) if sampling.logprobs is not None else None
+    offset = [0]  # the completions route's text_offset: characters of the reply streamed so far
 
     def chunk(
         text: str | None, finish: str | None, first: bool = False, response=None, calls: list | None = None
     ) -> str:
         logprobs = None
         if response is not None and pieces is not None and response.stop_reason != "eos":
-            logprobs = openai_logprobs(pieces, [response], chat)
+            logprobs = openai_logprobs(pieces, [response], chat, offset[0])
+            offset[0] += 0 if chat else sum(len(token) for token in logprobs["tokens"])
         if chat:
             delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
             delta |= {"tool_calls": calls} if calls else {}

@@ -4,9 +4,10 @@ the log-softmax of the raw logits; their `top_logprobs` the likeliest tokens, as
 from __future__ import annotations
 
 
-def openai_logprobs(pieces: list[bytes], responses: list, chat: bool) -> dict:
+def openai_logprobs(pieces: list[bytes], responses: list, chat: bool, start: int = 0) -> dict:
     """The responses' logprobs in OpenAI's shape: chat's `{"content": [{token, logprob, bytes,
-    top_logprobs}]}`, the completions route's `{tokens, token_logprobs, top_logprobs, text_offset}`."""
+    top_logprobs}]}`, the completions route's `{tokens, token_logprobs, top_logprobs, text_offset}`
+    (offsets counted from `start`: a stream's chunk continues where the one before it ended)."""
 
     def entry(token: int, logprob: float) -> dict:
         raw = pieces[token] if 0 <= token < len(pieces) else b""
@@ -18,7 +19,7 @@ def openai_logprobs(pieces: list[bytes], responses: list, chat: bool) -> dict:
         ]
         return {"content": content, "refusal": None}
     tokens = [pieces[r.token].decode("utf-8", "replace") for r in responses]
-    offsets, at = [], 0
+    offsets, at = [], start
     for token in tokens:
         offsets.append(at)
         at += len(token)
