@@ -24,6 +24,7 @@ class BuildFamily:
     build: Callable[
         ..., dict
     ]  # (model_ref, profile, out, echo, precision, allow_accuracy_loss, calibration, eval_data)
+    prunes_at_build: bool = False  # its build takes prune= / prune_data= (the profile's pruning tables)
 
 
 def _encoder_claims(model_ref: str | None) -> bool:
@@ -67,7 +68,7 @@ def _build_seq2seq(model_ref, profile, out, echo, precision, allow_accuracy_loss
 
 FAMILIES = (
     BuildFamily("seq2seq", _seq2seq_claims, _build_seq2seq),
-    BuildFamily("encoder", _encoder_claims, _build_encoder),
+    BuildFamily("encoder", _encoder_claims, _build_encoder, prunes_at_build=True),
     BuildFamily("decoder", lambda model_ref: True, _build_decoder),
 )
 
@@ -89,7 +90,7 @@ def build(
     [classifier_prune] / [embedder_prune]) prunes and distils the model first."""
     family = next(f for f in FAMILIES if f.claims(model_ref))
     args = (model_ref, profile, Path(out), echo, precision, allow_accuracy_loss, calibration, eval_data)
-    if family.name == "encoder":
+    if family.prunes_at_build:
         return family.build(*args, prune=prune, prune_data=prune_data)
     if prune or prune_data:
         raise ProfileError(
