@@ -122,24 +122,46 @@ def run_encoder(
     bundle: Path, manifest: EncoderManifest, threads: list[int], repetitions: int, warmup: int, accuracy: bool, progress
 ) -> list[dict]:
     """Benchmark an encoder bundle once per thread count, each in a fresh process."""
+    measured = encoder_accuracy(bundle, threads[0]) if accuracy else None
+
+    def summary(results: dict) -> str:
+        return (
+            f"batch 1: {results['latency_ms_16']['p50']:.1f} ms at 16 tokens, {results['latency_ms_128']['p50']:.1f} ms "
+            f"at 128; batch 32: {results['texts_per_s_b32']['mean']:.0f} texts/s; peak RSS {results['peak_rss_mb']:.0f} MB"
+        )
+
+    return records_per_thread_count(
+        bundle,
+        manifest,
+        threads,
+        repetitions,
+        warmup,
+        TEST,
+        "edge_slm.runtime.bench_encoder:measure_encoder",
+        lambda info, count, results: encoder_record(info, count, repetitions, warmup, results, measured),
+        summary,
+        progress,
+    )
+
+
+def records_per_thread_count(
+    bundle: Path, manifest, threads, repetitions, warmup, test, worker, record, summary, progress
+) -> list[dict]:
+    """One fresh worker process (`worker`, "module:function") per thread count, each result made a
+    record by `record(info, count, results)` and reported by `summary(results)`: the loop the
+    encoder and seq2seq benchmarks share."""
     from edge_slm.core.bundle import MANIFEST
 
-    measured = encoder_accuracy(bundle, threads[0]) if accuracy else None
+    info = BundleInfo.of(bundle, manifest, hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest())
     records = []
     for n, count in enumerate(threads):
         progress(
-            f"[{n + 1}/{len(threads)}] {TEST}, {count} threads, {warmup} warm-up + {repetitions} runs, fresh process"
+            f"[{n + 1}/{len(threads)}] {test}, {count} threads, {warmup} warm-up + {repetitions} runs, fresh process"
         )
         config = {"bundle": str(bundle), "threads": count, "repetitions": repetitions, "warmup": warmup}
-        results = run_worker("edge_slm.runtime.bench_encoder:measure_encoder", config, what="the benchmark process")
-        sha = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
-        records.append(
-            encoder_record(BundleInfo.of(bundle, manifest, sha), count, repetitions, warmup, results, measured)
-        )
-        progress(
-            f"      batch 1: {results['latency_ms_16']['p50']:.1f} ms at 16 tokens, {results['latency_ms_128']['p50']:.1f} ms "
-            f"at 128; batch 32: {results['texts_per_s_b32']['mean']:.0f} texts/s; peak RSS {results['peak_rss_mb']:.0f} MB"
-        )
+        results = run_worker(worker, config, what="the benchmark process")
+        records.append(record(info, count, results))
+        progress(f"      {summary(results)}")
     return records
 
 

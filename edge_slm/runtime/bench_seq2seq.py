@@ -13,16 +13,14 @@ runs on the device.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_slm.core.system import current_rss_mb, peak_rss_mb
-from edge_slm.core.worker import run_worker
 from edge_slm.runtime.bench import BenchRecord, BundleInfo, Settings, _versions, stats, text_table
-from edge_slm.runtime.bench_encoder import timed
+from edge_slm.runtime.bench_encoder import records_per_thread_count, timed
 from edge_slm.runtime.bench_results import RESULTS, Seq2SeqResults, results_of
 from edge_slm.runtime.translation_eval import against_reference, parallel_text
 
@@ -98,25 +96,26 @@ def run_seq2seq(
     progress,
 ) -> list[dict]:
     """Benchmark a seq2seq bundle once per thread count, each in a fresh process."""
-    from edge_slm.core.bundle import MANIFEST
-
     measured = seq2seq_accuracy(bundle, manifest, reference, threads[0]) if accuracy else None
-    records = []
-    for n, count in enumerate(threads):
-        progress(
-            f"[{n + 1}/{len(threads)}] {TEST}, {count} threads, {warmup} warm-up + {repetitions} runs, fresh process"
-        )
-        config = {"bundle": str(bundle), "threads": count, "repetitions": repetitions, "warmup": warmup}
-        results = run_worker("edge_slm.runtime.bench_seq2seq:measure_seq2seq", config, what="the benchmark process")
-        sha = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
-        records.append(
-            seq2seq_record(BundleInfo.of(bundle, manifest, sha), count, repetitions, warmup, results, measured)
-        )
-        progress(
-            f"      1 sentence: {results['latency_ms_1']['p50']:.0f} ms; batch 16: "
+
+    def summary(results: dict) -> str:
+        return (
+            f"1 sentence: {results['latency_ms_1']['p50']:.0f} ms; batch 16: "
             f"{results['sentences_per_s_b16']['mean']:.2f} sentences/s; peak RSS {results['peak_rss_mb']:.0f} MB"
         )
-    return records
+
+    return records_per_thread_count(
+        bundle,
+        manifest,
+        threads,
+        repetitions,
+        warmup,
+        TEST,
+        "edge_slm.runtime.bench_seq2seq:measure_seq2seq",
+        lambda info, count, results: seq2seq_record(info, count, repetitions, warmup, results, measured),
+        summary,
+        progress,
+    )
 
 
 def seq2seq_record(info: BundleInfo, threads, repetitions, warmup, results: dict, accuracy, system="edge-slm") -> dict:
