@@ -7,8 +7,11 @@ fused layout must get the fused graph; others the generic one, said in one line.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import make_tokenizer
@@ -67,6 +70,21 @@ FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", {}, "generic"),
     "bloom": ("BloomConfig", {}, "generic"),  # ALiBi: optimum's graph takes no position_ids
 }
+
+
+def documented_nodes() -> dict[str, tuple[int, int]]:
+    """docs/export.md's family table: model_type -> (nodes per layer, fixed nodes) of "A L + B"."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \|.*\| (\d+) L \+ (\d+) \|", text, flags=re.M)
+    return {family: (int(per_layer), int(fixed)) for family, per_layer, fixed in rows}
+
+
+DOCUMENTED_NODES = documented_nodes()
+
+
+def test_docs_table_states_nodes_for_every_fused_family():
+    fused = {family for family, (_, _, graph) in FAMILIES.items() if graph == "fused"} - {"llama-head24"}
+    assert fused <= set(DOCUMENTED_NODES), fused - set(DOCUMENTED_NODES)
 
 
 def make_family_model(directory, family: str, seed: int = 0, **overrides):
@@ -136,6 +154,13 @@ def test_family_builds_and_generates_as_transformers(family, tiny_profile, tmp_p
         assert manifest["graph"]["op_counts"]["RotaryEmbedding"] == 4
     else:
         assert said == []
+    if family in DOCUMENTED_NODES:
+        per_layer, fixed = DOCUMENTED_NODES[family]
+        names = [
+            n.name for n in onnx.load(str(tmp_path / "bundle" / "model.onnx"), load_external_data=False).graph.node
+        ]
+        assert sum(name.startswith("l1.") for name in names) == per_layer, "docs/export.md's nodes per layer"
+        assert len(names) == per_layer * 2 + fixed, "docs/export.md's nodes, per layer L + fixed"
     bundle = runtime.load(tmp_path / "bundle")
     got = bundle.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
     want = reference_tokens(model, prompt_ids)

@@ -247,21 +247,50 @@ def _qkv(g: _GraphWriter, i: int, normed: str) -> str:
     return qkv
 
 
-def _qk_norm(g: _GraphWriter, i: int, x: str, which: str, heads: int, shape, per_head: bool) -> str:
-    """RMSNorm of q or k: per head (a Reshape to [B, S, heads, head_dim] around it) or over all
-    heads at once."""
+def _qk_norm_full(g: _GraphWriter, i: int, x: str, which: str, shape) -> str:
+    """RMSNorm of q or k over all heads at once (OLMo 2): one node on the projection as it is."""
     weight = g.weight(f"model.layers.{i}.self_attn.{which}_norm.weight")
-    eps, H = shape.rms_norm_eps, shape.head_dim
-    if per_head:
-        split = g.const(f"const.heads_{heads}", np.array([0, 0, heads, H], dtype=np.int64))
-        x = g.node("Reshape", [x, split], [f"l{i}.{which}_heads"])[0]
-    x = g.node(
-        "SimplifiedLayerNormalization", [x, weight], [f"l{i}.{which}_normed"], epsilon=eps, axis=-1, stash_type=1
+    return g.node(
+        "SimplifiedLayerNormalization",
+        [x, weight],
+        [f"l{i}.{which}_normed"],
+        epsilon=shape.rms_norm_eps,
+        axis=-1,
+        stash_type=1,
     )[0]
-    if per_head:
-        flat = g.const(f"const.flat_{heads}", np.array([0, 0, heads * H], dtype=np.int64))
-        x = g.node("Reshape", [x, flat], [f"l{i}.{which}_flat"])[0]
-    return x
+
+
+def _qk_norm_per_head(g: _GraphWriter, i: int, qkv: str, shape) -> tuple[str, str, str]:
+    """Per-head RMSNorm of q and k (Qwen3, Gemma 3) in one normalization: q and k stay together
+    as [B, S, heads + kv_heads, head_dim] and one SimplifiedLayerNormalization normalizes each
+    head with a [heads + kv_heads, head_dim] scale (the q weight on the q rows, the k weight on
+    the k rows; onnxruntime broadcasts the scale over batch and sequence). Five nodes where a norm
+    per projection takes seven (Split, then Reshape, norm and Reshape for each). Returns q, k, v."""
+    N, K, H = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    a = f"model.layers.{i}.self_attn."
+    for which in "qk":
+        if a + f"{which}_norm.weight" not in g.weights:
+            raise Unfusable(f"the checkpoint has no '{a}{which}_norm.weight', which the fused layout reads")
+    g.used.update(a + f"{which}_norm.weight" for which in "qk")
+    w_q, w_k = g.weights[a + "q_norm.weight"], g.weights[a + "k_norm.weight"]
+    scale = np.concatenate([np.broadcast_to(w_q, (N, H)), np.broadcast_to(w_k, (K, H))]).astype(np.float32)
+    split = g.const("const.qk_v_split", np.array([(N + K) * H, K * H], dtype=np.int64))
+    qk, v = g.node("Split", [qkv, split], [f"l{i}.qk", f"l{i}.v"], axis=-1)
+    heads = g.const(f"const.heads_{N + K}", np.array([0, 0, N + K, H], dtype=np.int64))
+    qk = g.node("Reshape", [qk, heads], [f"l{i}.qk_heads"])[0]
+    qk = g.node(
+        "SimplifiedLayerNormalization",
+        [qk, g.const(a + "qk_norm.weight", scale)],
+        [f"l{i}.qk_normed"],
+        epsilon=shape.rms_norm_eps,
+        axis=-1,
+        stash_type=1,
+    )[0]
+    flat = g.const(f"const.flat_{N + K}", np.array([0, 0, (N + K) * H], dtype=np.int64))
+    qk = g.node("Reshape", [qk, flat], [f"l{i}.qk_flat"])[0]
+    q_k = g.const("const.q_k_split", np.array([N * H, K * H], dtype=np.int64))
+    q, k = g.node("Split", [qk, q_k], [f"l{i}.q", f"l{i}.k"], axis=-1)
+    return q, k, v
 
 
 def _attention(g: _GraphWriter, i: int, normed: str, shape, layout: Layout, layer, rotary_in_attention: bool) -> str:
@@ -280,12 +309,14 @@ def _attention(g: _GraphWriter, i: int, normed: str, shape, layout: Layout, laye
     rotary = layer.rotary and [f"rotary.{layer.rotary}.cos", f"rotary.{layer.rotary}.sin"]
     if layout.qk_norm is None and (rotary_in_attention or not rotary):
         q, k, v = qkv, "", ""
+    elif layout.qk_norm == "head":
+        q, k, v = _qk_norm_per_head(g, i, qkv, shape)
     else:
         split = g.const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
         q, k, v = g.node("Split", [qkv, split], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
-        if layout.qk_norm:
-            q = _qk_norm(g, i, q, "q", N, shape, layout.qk_norm == "head")
-            k = _qk_norm(g, i, k, "k", K, shape, layout.qk_norm == "head")
+        if layout.qk_norm == "full":
+            q = _qk_norm_full(g, i, q, "q", shape)
+            k = _qk_norm_full(g, i, k, "k", shape)
     if rotary and rotary_in_attention:
         inputs = [q, k, v, *cache, *rotary, "position_ids"]
         attn = g.node("GroupQueryAttention", inputs, outputs, **attrs, do_rotary=1, rotary_interleaved=0)[0]
