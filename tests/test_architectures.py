@@ -420,3 +420,31 @@ def test_dynamic_rope_within_its_switch_matches_torch(tiny_profile, tmp_path):
     prompt_ids = tokenizer(PROMPT).input_ids
     got = runtime.load(tmp_path / "bundle").generate(prompt_ids, max_new_tokens=NEW_TOKENS)
     assert got.token_ids == reference_tokens(model, prompt_ids)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_per_head_qk_norm_takes_the_fewest_nodes_the_oldest_runtime_runs(family, tmp_path):
+    """Per-head q/k norms: one BranchwiseRMSNorm per projection for a profile whose runtimes are all
+    1.31+ (x86-laptop), q and k normalized together by one norm with a broadcast scale for 1.24+
+    (rpi5), a Reshape / norm / Reshape per projection for 1.20 (jetson-orin, in the test above);
+    each matches torch, and the bundle's min_onnxruntime names the runtime its nodes need."""
+    from edge_slm.builder.decoder.export import export
+    from edge_slm.builder.decoder.validate import validate
+    from edge_slm.builder.manifest import min_onnxruntime
+
+    _, model, tokenizer = make_family_model(tmp_path / "model", family)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    per_layer = {}
+    for target, ops, oldest in (
+        ("x86-laptop", {"BranchwiseRMSNorm": 2, "Split": 1, "Reshape": 0}, "1.31.0"),
+        ("rpi5", {"BranchwiseRMSNorm": 0, "Split": 2, "Reshape": 2}, "1.24.0"),
+    ):
+        exported = export(model, load_profile(target), tmp_path / target)
+        assert exported.graph == "fused"
+        assert validate(exported.onnx_path, model, prompt_ids, decode_steps=3)["passed"]
+        layer = [n for n in onnx.load(str(exported.onnx_path), load_external_data=False).graph.node]
+        layer = [n.op_type for n in layer if n.name.startswith("l1.")]
+        assert {op: layer.count(op) for op in ops} == ops, target
+        assert min_onnxruntime(exported.onnx_path) == oldest
+        per_layer[target] = len(layer)
+    assert per_layer["rpi5"] - per_layer["x86-laptop"] == 2

@@ -18,13 +18,19 @@ def min_onnxruntime(onnx_path: Path) -> str:
     import onnx
 
     features = set()
-    for n in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    wide_scales = {t.name for t in graph.initializer if len(t.dims) > 1}
+    for n in graph.node:
         if n.op_type == "GatherBlockQuantized":
             features.add("GatherBlockQuantized")
         elif n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 8 for a in n.attribute):
             features.add("MatMulNBits.bits=8")
         elif n.op_type == "GroupQueryAttention" and len(n.input) > 9:
             features.add("GroupQueryAttention.position_ids")
+        elif n.op_type == "BranchwiseRMSNorm":
+            features.add("BranchwiseRMSNorm")
+        elif n.op_type == "SimplifiedLayerNormalization" and n.input[1] in wide_scales:
+            features.add("SimplifiedLayerNormalization.broadcast_scale")
     return capabilities.min_onnxruntime(features)
 
 

@@ -3,7 +3,9 @@ export, the quantizers and the bundle's `min_onnxruntime` all read.
 
 The versions were found by running the graphs: 1.20.1 runs the fused graph and 4-bit MatMulNBits
 (also under an emulated Cortex-A72); it refuses 8-bit MatMulNBits, GatherBlockQuantized with
-`bits`, and GroupQueryAttention with position_ids, which 1.24.1 runs.
+`bits`, GroupQueryAttention with position_ids and a SimplifiedLayerNormalization scale that
+broadcasts over more than the normalized axis, which 1.24.1 runs; BranchwiseRMSNorm is in 1.31.0,
+not in 1.30.0.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ SINCE = {
     "GroupQueryAttention.position_ids": "1.24.0",
     "MatMulNBits.bits=8": "1.24.0",
     "GatherBlockQuantized": "1.24.0",
+    "SimplifiedLayerNormalization.broadcast_scale": "1.24.0",  # a scale wider than the normalized axis
+    "BranchwiseRMSNorm": "1.31.0",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_slm.builder.decoder.architectures.base import Layout
+from edge_slm.core.capabilities import supports
 from edge_slm.core.errors import ExportError
 from edge_slm.core.targets import Profile
 
@@ -29,6 +30,7 @@ class _GraphWriter:
         self.used: set[str] = set()
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.computed: dict[str, tuple[int, ...]] = {}  # graph-wide tensors made by nodes, and their shapes
+        self.qk_norm = "reshape"  # how per-head q/k norms are written (qk_norm_form)
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self._shapes:  # constants shared by every layer are stored once
@@ -127,6 +129,14 @@ def _rotary(g: _GraphWriter, model, kind: str, length: int) -> None:
         g.computed[f"rotary.{kind}.{part}"] = long[i].shape
 
 
+def qk_norm_form(oldest_onnxruntime: str | None) -> str:
+    """How the per-head q/k norms are written for a device whose oldest onnxruntime is this one
+    (`_qk_norm_per_head`)."""
+    if supports("BranchwiseRMSNorm", oldest_onnxruntime):
+        return "branchwise"
+    return "broadcast" if supports("SimplifiedLayerNormalization.broadcast_scale", oldest_onnxruntime) else "reshape"
+
+
 class Unfusable(Exception):
     """The fused graph cannot express this model (the export falls back to the generic graph)."""
 
@@ -138,6 +148,7 @@ def build_fused_graph(model, shape, profile: Profile, layout: Layout, rotary_in_
     from onnx import helper
 
     g = _GraphWriter(layout.weights({k: v.detach().float().numpy() for k, v in model.state_dict().items()}))
+    g.qk_norm = qk_norm_form(profile.runtime.oldest_onnxruntime)
     embed = g.weight("model.embed_tokens.weight")
     _sequence_lengths(g)
     for kind in sorted({layer.rotary for layer in layout.layers if layer.rotary}):
@@ -261,36 +272,66 @@ def _qk_norm_full(g: _GraphWriter, i: int, x: str, which: str, shape) -> str:
 
 
 def _qk_norm_per_head(g: _GraphWriter, i: int, qkv: str, shape) -> tuple[str, str, str]:
-    """Per-head RMSNorm of q and k (Qwen3, Gemma 3) in one normalization: q and k stay together
-    as [B, S, heads + kv_heads, head_dim] and one SimplifiedLayerNormalization normalizes each
-    head with a [heads + kv_heads, head_dim] scale (the q weight on the q rows, the k weight on
-    the k rows; onnxruntime broadcasts the scale over batch and sequence). Five nodes where a norm
-    per projection takes seven (Split, then Reshape, norm and Reshape for each). Returns q, k, v."""
+    """Per-head RMSNorm of q and k (Qwen3, Gemma 3), in the fewest nodes the device's oldest
+    onnxruntime runs (`_GraphWriter.qk_norm`). Returns q, k, v.
+    - "branchwise" (1.31): a Split, then one BranchwiseRMSNorm on each of q and k, which normalizes
+      every head of a packed [B, S, heads * head_dim] tensor in place of a Reshape around a norm: 3 nodes;
+    - "broadcast" (1.24): q and k kept together as [B, S, heads + kv_heads, head_dim] and normalized by
+      one SimplifiedLayerNormalization whose [heads + kv_heads, head_dim] scale holds the q weight on
+      the q rows and the k weight on the k rows (1.20 refuses a scale wider than the normalized axis):
+      Split, Reshape, norm, Reshape, Split, 5 nodes;
+    - "reshape": a Split, then Reshape, norm and Reshape for each of q and k, 7 nodes."""
     N, K, H = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    a = f"model.layers.{i}.self_attn."
-    for which in "qk":
-        if a + f"{which}_norm.weight" not in g.weights:
-            raise Unfusable(f"the checkpoint has no '{a}{which}_norm.weight', which the fused layout reads")
-    g.used.update(a + f"{which}_norm.weight" for which in "qk")
-    w_q, w_k = g.weights[a + "q_norm.weight"], g.weights[a + "k_norm.weight"]
-    scale = np.concatenate([np.broadcast_to(w_q, (N, H)), np.broadcast_to(w_k, (K, H))]).astype(np.float32)
-    split = g.const("const.qk_v_split", np.array([(N + K) * H, K * H], dtype=np.int64))
-    qk, v = g.node("Split", [qkv, split], [f"l{i}.qk", f"l{i}.v"], axis=-1)
-    heads = g.const(f"const.heads_{N + K}", np.array([0, 0, N + K, H], dtype=np.int64))
-    qk = g.node("Reshape", [qk, heads], [f"l{i}.qk_heads"])[0]
-    qk = g.node(
-        "SimplifiedLayerNormalization",
-        [qk, g.const(a + "qk_norm.weight", scale)],
-        [f"l{i}.qk_normed"],
-        epsilon=shape.rms_norm_eps,
-        axis=-1,
-        stash_type=1,
-    )[0]
-    flat = g.const(f"const.flat_{N + K}", np.array([0, 0, (N + K) * H], dtype=np.int64))
-    qk = g.node("Reshape", [qk, flat], [f"l{i}.qk_flat"])[0]
-    q_k = g.const("const.q_k_split", np.array([N * H, K * H], dtype=np.int64))
-    q, k = g.node("Split", [qk, q_k], [f"l{i}.q", f"l{i}.k"], axis=-1)
-    return q, k, v
+    eps, a = shape.rms_norm_eps, f"model.layers.{i}.self_attn."
+    if g.qk_norm == "broadcast":
+        weights = [g.weights.get(a + f"{which}_norm.weight") for which in "qk"]
+        if any(w is None for w in weights):
+            g.weight(a + ("q" if weights[0] is None else "k") + "_norm.weight")  # raises Unfusable, naming it
+        g.used.update(a + f"{which}_norm.weight" for which in "qk")
+        scale = np.concatenate([np.broadcast_to(weights[0], (N, H)), np.broadcast_to(weights[1], (K, H))])
+        split = g.const("const.qk_v_split", np.array([(N + K) * H, K * H], dtype=np.int64))
+        qk, v = g.node("Split", [qkv, split], [f"l{i}.qk", f"l{i}.v"], axis=-1)
+        qk = _reshape(g, qk, [0, 0, N + K, H], f"l{i}.qk_heads")
+        qk = g.node(
+            "SimplifiedLayerNormalization",
+            [qk, g.const(a + "qk_norm.weight", scale.astype(np.float32))],
+            [f"l{i}.qk_normed"],
+            epsilon=eps,
+            axis=-1,
+            stash_type=1,
+        )[0]
+        qk = _reshape(g, qk, [0, 0, (N + K) * H], f"l{i}.qk_flat")
+        q_k = g.const("const.q_k_split", np.array([N * H, K * H], dtype=np.int64))
+        q, k = g.node("Split", [qk, q_k], [f"l{i}.q", f"l{i}.k"], axis=-1)
+        return q, k, v
+    split = g.const("const.qkv_split", np.array([N * H, K * H, K * H], dtype=np.int64))
+    q, k, v = g.node("Split", [qkv, split], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
+    normed = []
+    for which, x, heads in (("q", q, N), ("k", k, K)):
+        weight = g.weight(a + f"{which}_norm.weight")
+        if g.qk_norm == "branchwise":
+            normed.append(
+                g.node(
+                    "BranchwiseRMSNorm",
+                    [x, weight],
+                    [f"l{i}.{which}_normed"],
+                    domain=MS_DOMAIN,
+                    num_branches=heads,
+                    epsilon=eps,
+                )[0]
+            )
+            continue
+        x = _reshape(g, x, [0, 0, heads, H], f"l{i}.{which}_heads")
+        x = g.node(
+            "SimplifiedLayerNormalization", [x, weight], [f"l{i}.{which}_normed"], epsilon=eps, axis=-1, stash_type=1
+        )[0]
+        normed.append(_reshape(g, x, [0, 0, heads * H], f"l{i}.{which}_flat"))
+    return normed[0], normed[1], v
+
+
+def _reshape(g: _GraphWriter, x: str, shape: list[int], out: str) -> str:
+    target = g.const("const.shape_" + "_".join(map(str, shape)), np.array(shape, dtype=np.int64))
+    return g.node("Reshape", [x, target], [out])[0]
 
 
 def _attention(g: _GraphWriter, i: int, normed: str, shape, layout: Layout, layer, rotary_in_attention: bool) -> str:
