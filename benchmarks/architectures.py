@@ -101,6 +101,7 @@ def build_all(work: Path, families: dict, generic: list[str]) -> tuple[dict, dic
     from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
 
+    work.mkdir(parents=True, exist_ok=True)
     fused_path = write_profile(work / "fused.toml", "x86-laptop", "arch-bench", export={"context_length": 256})
     generic_path = write_profile(
         work / "generic.toml", "x86-laptop", "arch-bench-generic", export={"context_length": 256, "graph": "generic"}

@@ -18,7 +18,7 @@ from conftest import make_tokenizer
 
 from edge_slm import runtime
 from edge_slm.builder.pipeline import build
-from edge_slm.core.errors import ModelError
+from edge_slm.core.errors import EdgeSlmError, ModelError
 from edge_slm.core.targets import load_profile
 
 NEW_TOKENS = 16
@@ -375,6 +375,13 @@ def test_longrope_sequence_growing_past_the_switch_is_encoded_again(tiny_profile
     session.rope_switch = None
     kept = steps(session)
     assert float(np.abs(kept[5] - want[5]).max()) > 1e-2  # 25 tokens: the short-table keys differ
+
+    from edge_slm.runtime.batch import BatchDecoder
+
+    model_ = runtime.load(tmp_path / "bundle")
+    with pytest.raises(EdgeSlmError, match="changes past 24 tokens, which sequences decoded together cannot follow"):
+        BatchDecoder(model_, slots=2)
+    assert BatchDecoder(model_, slots=2, context=24).context == 24  # short of the switch: batched
 
 
 def test_longrope_tables_differ(tmp_path):

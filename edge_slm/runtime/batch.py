@@ -86,6 +86,15 @@ class BatchDecoder:
         # the others' tokens keep coming.
         self.prefill_chunk = prefill_chunk
         self.context = context or session.context_length
+        if session.rope_switch is not None and self.context > session.rope_switch:
+            # The graph picks the long-factor rotary table by the batch's longest row, and a row
+            # growing past the switch must be encoded again whole (Session.forward): rows that
+            # share a step cannot each follow their own table.
+            raise EdgeSlmError(
+                f"{model.path}: the rotary table of this longrope model changes past {session.rope_switch} tokens, "
+                f"which sequences decoded together cannot follow: serve it with --parallel 1 or --context "
+                f"{session.rope_switch}"
+            )
         self.session, self.prefill_session = session.session, session.prefill_session
         self.keeps_logits, self.vocab_size = session.keeps_logits, session.vocab_size
         self.past_names, self.present_names = session.past_names, session.present_names
