@@ -46,7 +46,10 @@ def is_pruned(record: dict) -> bool:
 
 def variant(record: dict) -> str:
     name = f"{'pruned' if is_pruned(record) else 'unpruned'} {record['bundle']['precision']}"
-    return name if record["system"] == "edge-slm" else f"{record['system']} {record['bundle']['precision']}"
+    if record["system"] == "edge-slm":
+        return name
+    precision = record["bundle"]["precision"]
+    return record["system"] if precision in record["system"] else f"{record['system']} {precision}"
 
 
 def removed(record: dict) -> str:
