@@ -119,3 +119,17 @@ def test_records_without_a_base_model_make_no_group():
     old = json.loads(OLD_ENCODER_LINE)
     fp32 = {**old, "bundle": {**old["bundle"], "precision": "fp32"}}
     assert variant_groups([old, fp32]) == {} and variants_table([old, fp32]) == ""
+
+
+def test_against_a_file_that_is_not_bench_records_is_refused_before_the_benchmark(embedder_bundles, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = [str(Path(sys.executable).parent / "edge-slm"), "bench", str(embedder_bundles[1]), "--against"]
+    missing = subprocess.run([*bench, str(tmp_path / "none.jsonl")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "none.jsonl: no such results file" in missing.stderr
+    (tmp_path / "notes.jsonl").write_text('{"text": "not a record"}\n')
+    other = subprocess.run([*bench, str(tmp_path / "notes.jsonl")], capture_output=True, text=True)
+    assert other.returncode == 2 and "notes.jsonl:1: not an edge-slm benchmark record" in other.stderr
+    assert "fresh process" not in other.stderr  # refused before any measurement
