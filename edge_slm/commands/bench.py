@@ -48,6 +48,13 @@ from edge_slm.core.errors import EdgeSlmError
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON lines.")
 @click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Encoders: bench records (JSONL) of other bundles of the same base model, shown side by side with "
+    "this run's: pruned against unpruned, int8 against fp32 (speed ratios, accuracy points).",
+)
+@click.option(
     "--context",
     type=click.IntRange(min=2),
     default=None,
@@ -72,6 +79,7 @@ def bench(
     as_json: bool,
     context: int | None,
     forks: int,
+    against: tuple[Path, ...],
 ) -> None:
     """Measure load, first token, prefill and decode speed, latency, memory and accuracy (translation
     bundles: sentences per second and latency)."""
@@ -83,6 +91,7 @@ def bench(
         raise click.UsageError("give a BUNDLE (or --inventory FILE)")
     if out is not None:
         check_records_file(out)
+    earlier = read_against(against)
     failures = {}
     config = {
         "threads": threads,
@@ -130,10 +139,24 @@ def bench(
         elif families == {"seq2seq"}:
             from edge_slm.runtime.bench_seq2seq import seq2seq_table as table
         click.echo(table(records))
+        if earlier:
+            from edge_slm.runtime.bench_variants import variants_table
+
+            side_by_side = variants_table(earlier + records)
+            click.echo("\n" + side_by_side if side_by_side else "--against: no bundle of this run's base model there")
     for where, why in failures.items():
         echo_err(f"error: {why}")
     if failures:
         sys.exit(2)
+
+
+def read_against(paths: tuple[Path, ...]) -> list[dict]:
+    """The records of --against's files, read (and refused with the line at fault) before the benchmark runs."""
+    if not paths:
+        return []
+    from edge_slm.harness.report import read_records
+
+    return read_records(list(paths))
 
 
 def check_records_file(out: Path) -> bool:

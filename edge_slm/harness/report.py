@@ -7,7 +7,9 @@ throughput and time to first token per target and precision, peak memory against
 accuracy against speed, thread sweeps; the table gives each run's ratio to the fastest fp32
 edge-slm run of the same target and host. Encoders (records with `bundle.family` "encoder") get
 their own table and plot: latency of one text, texts per second in batches, memory, accuracy, and
-each run's throughput against the fastest peer measured on the same host.
+each run's throughput against the fastest peer measured on the same host; bundles of one base
+model (pruned or not, int8 or fp32) also side by side, in a table and a plot of accuracy against
+texts per second (`report_variants`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.outputs import check_output_folder, output_folder
+from edge_slm.harness.report_variants import TITLE, variants_section
 from edge_slm.runtime.bench import record_problem
 from edge_slm.runtime.bench_results import RESULTS, measured_on, results_of
 
@@ -55,7 +58,7 @@ def label(record: dict) -> str:
 
 
 def latest_per_setting(records: list[dict]) -> list[dict]:
-    """One record per (system, target, precision, threads, host, test): the newest."""
+    """One record per (system, target, precision, threads, host, test, base model, pruned or not): the newest."""
     newest: dict = {}
     for r in records:
         key = (
@@ -65,6 +68,8 @@ def latest_per_setting(records: list[dict]) -> list[dict]:
             r["settings"]["threads"],
             measured_on(r),
             r["test"],
+            json.dumps(r["bundle"].get("base_model"), sort_keys=True),
+            bool(r["bundle"].get("pruned")),
         )
         if key not in newest or r["timestamp"] > newest[key]["timestamp"]:
             newest[key] = r
@@ -335,6 +340,7 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
     theader, trows = translation_rows(translators)
     figures = plots(records, out) if records else []
     encoder_figures = [encoder_plot(encoders, out)] if encoders else []
+    variants_md, variants_html, variants_files = variants_section(encoders, out)
     rows = comparison_rows(records)
     erows = encoder_rows(encoders)
     columns, ecolumns = decoder_columns(), encoder_columns()
@@ -370,6 +376,7 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
         ]
         md += ["| " + " | ".join(row[k] for k, _ in ecolumns) + " |" for row in erows]
         md += [""] + [f"![{title}]({path.name})\n" for title, path in encoder_figures]
+    md += variants_md
     if trows:
         md += ["## Translation", "", "| " + " | ".join(theader) + " |", "|" + "---|" * len(theader)]
         md += ["| " + " | ".join(row) + " |" for row in trows] + [""]
@@ -393,13 +400,15 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
             *["<tr>" + cells([row[k] for k, _ in ecolumns], "td") + "</tr>" for row in erows],
             "</table>",
         ]
+    body += variants_html
     if trows:
         body += [
             "<h2>Translation</h2><table><tr>" + cells(theader, "th") + "</tr>",
             *["<tr>" + cells(row, "td") + "</tr>" for row in trows],
             "</table>",
         ]
-    for title, path in figures + encoder_figures:
+    figures_html = figures + encoder_figures + [(TITLE, path) for path in variants_files]
+    for title, path in figures_html:
         data = base64.b64encode(path.read_bytes()).decode()
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
     style = (
@@ -413,4 +422,4 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n",
         encoding="utf-8",
     )
-    return [md_path, html_path] + [p for _, p in figures + encoder_figures]
+    return [md_path, html_path] + [p for _, p in figures_html]

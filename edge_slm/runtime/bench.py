@@ -18,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -250,10 +251,18 @@ class BundleInfo:
     size_bytes: int
     parameters: int
     family: str = "decoder"  # or "encoder": the report gives each family its own table
+    # The unpruned model the bundle was built from ({"ref", "sha256"}): bundles of one base model,
+    # pruned or not, fp32 or int8, share it, and the report puts them side by side.
+    base_model: dict | None = None
+    pruned: dict | None = None  # what pruning removed (the manifest's "pruning" in short); None: unpruned
 
     @classmethod
     def of(cls, path: Path, manifest: Manifest, manifest_sha256: str | None) -> BundleInfo:
         """What a record says about an edge-slm bundle, from its (typed) manifest."""
+        pruning = manifest.pruning
+        origin = pruning.get("pruned_from") if pruning else None
+        origin = origin if isinstance(origin, Mapping) else None
+        base = origin or {"ref": manifest.source.ref, "sha256": manifest.source.sha256}
         return cls(
             path=str(path),
             manifest_sha256=manifest_sha256,
@@ -263,7 +272,22 @@ class BundleInfo:
             size_bytes=manifest.size_bytes,
             parameters=manifest.model.parameters,
             family=manifest.family,
+            base_model={"ref": base.get("ref"), "sha256": base.get("sha256")} if base.get("sha256") else None,
+            pruned=pruned_summary(pruning) if pruning else None,
         )
+
+
+def pruned_summary(pruning: Mapping) -> dict:
+    """The manifest's "pruning" section as a record keeps it: what went, and the sizes."""
+    heads = pruning.get("removed_heads")
+    ffn = pruning.get("ffn_channels")
+    return {
+        "removed_layers": list(pruning.get("removed_layers") or []),
+        "removed_heads": sum(len(h) for h in heads.values()) if isinstance(heads, Mapping) else 0,
+        "ffn_channels": dict(ffn) if isinstance(ffn, Mapping) else None,
+        "parameters_before": pruning.get("parameters_before"),
+        "parameters_after": pruning.get("parameters_after"),
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
