@@ -6,14 +6,16 @@ import asyncio
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import start_server
 from openai import OpenAI
 
 from edge_slm import runtime
-from edge_slm.runtime.batch import BatchDecoder, Sequence
+from edge_slm.runtime.batch import BatchDecoder, Sequence, small_page_zeros
 
 PROMPTS = ["What is the capital of France?", "Name a small device.", "Why quantize weights?", "Count to three.", "hi"]
 
@@ -59,6 +61,43 @@ def test_batched_greedy_equals_solo_with_a_join_mid_stream(model, chunk):
         assert tokens == _solo(model, prompt_ids, n), seq.slot
         assert out[id(seq)][-1].finish_reason in ("stop", "length")
     assert decoder.free_slots == 4
+
+
+def test_chunks_write_the_slot_in_place_with_the_lm_head_on_their_last_position(model):
+    """A chunked prompt's runs read and write the slot's row of the shared buffer (no present
+    arrays): the row holds exactly the keys the single-request path computes for the prompt, the
+    other slots stay zero, and the chunk's logits are the last position's."""
+    decoder = BatchDecoder(model, slots=3, prefill_chunk=4)
+    assert model.session.keeps_logits  # else chunks take the all-logits path, not the one tested
+    ids = model.encode(PROMPTS[2])
+    seq = Sequence(ids, 1)
+    assert decoder.admit(seq) is None and seq.slot == 0
+    while seq.prefilling:
+        decoder.step()
+    single = model.session
+    single.reset()
+    expected_logits = single.forward(ids)
+    for batch_array, single_array in zip(decoder.arrays, single._arrays):
+        np.testing.assert_allclose(batch_array[0, :, : len(ids)], single_array[0, :, : len(ids)], atol=1e-5)
+        assert not batch_array[1:].any()
+    assert seq.history[len(ids)] == int(np.argmax(expected_logits))
+
+
+def test_the_kv_buffer_is_backed_by_small_pages():
+    """One write every 2 MB into a 64 MB KV-sized buffer makes a few kB resident each, not a 2 MB
+    transparent huge page each (np.zeros asks for those on big arrays)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads the resident size from /proc")
+
+    def rss_kb():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1])
+
+    array = small_page_zeros((32, 2**19), np.float32)  # 32 rows of 2 MB
+    before = rss_kb()
+    array[:, 0] = 1.0
+    assert rss_kb() - before < 8 * 1024, "32 writes 2 MB apart made more than 8 MB resident"
+    assert array.sum() == 32 and array.flags.writeable
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
