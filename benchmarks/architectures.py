@@ -11,7 +11,7 @@ loaded in one process; after one warm-up each, every round runs pp128+tg64 (gree
 bench`) on each family's bundle and on the Llama bundle back to back, the pair's order and the
 pairs' order reversing every round; within a round each side runs `--best-of` times, interleaved,
 and its fastest run counts; each pair gives one ratio (the family's decode tok/s over
-Llama's), and the record keeps every sample and ratio. The Llama bundle also runs in a second
+Llama's), and the record keeps every pair's samples (each side's fastest run) and ratio. The Llama bundle also runs in a second
 session against itself (the noise floor), and the generic (optimum) graphs of the Llama and Qwen3
 models against their fused graphs. Nodes per layer are counted in the fp32 fused graph (its last
 layer). The machine is shared: compare ratios, not absolute rates.

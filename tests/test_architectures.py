@@ -433,7 +433,7 @@ def test_dynamic_rope_within_its_switch_matches_torch(tiny_profile, tmp_path):
 def test_per_head_qk_norm_takes_the_fewest_nodes_the_oldest_runtime_runs(family, tmp_path):
     """Per-head q/k norms: one BranchwiseRMSNorm per projection for a profile whose runtimes are all
     1.31+ (x86-laptop), q and k normalized together by one norm with a broadcast scale for 1.24+
-    (rpi5), a Reshape / norm / Reshape per projection for 1.20 (jetson-orin, in the test above);
+    (rpi5), a Reshape / norm / Reshape per projection for 1.20 (jetson-orin, RotaryEmbedding nodes too);
     each matches torch, and the bundle's min_onnxruntime names the runtime its nodes need."""
     from edge_slm.builder.decoder.export import export
     from edge_slm.builder.decoder.validate import validate
@@ -445,6 +445,7 @@ def test_per_head_qk_norm_takes_the_fewest_nodes_the_oldest_runtime_runs(family,
     for target, ops, oldest in (
         ("x86-laptop", {"BranchwiseRMSNorm": 2, "Split": 1, "Reshape": 0}, "1.31.0"),
         ("rpi5", {"BranchwiseRMSNorm": 0, "Split": 2, "Reshape": 2}, "1.24.0"),
+        ("jetson-orin", {"BranchwiseRMSNorm": 0, "Split": 1, "Reshape": 4}, "1.20.0"),
     ):
         exported = export(model, load_profile(target), tmp_path / target)
         assert exported.graph == "fused"

@@ -5,7 +5,9 @@ The versions were found by running the graphs: 1.20.1 runs the fused graph and 4
 (also under an emulated Cortex-A72); it refuses 8-bit MatMulNBits, GatherBlockQuantized with
 `bits`, GroupQueryAttention with position_ids and a SimplifiedLayerNormalization scale that
 broadcasts over more than the normalized axis, which 1.24.1 runs; BranchwiseRMSNorm is in 1.31.0,
-not in 1.30.0.
+not in 1.30.0. 1.20.1's CPU kernel of GroupQueryAttention with `local_window_size` gives wrong
+logits once a prompt is longer than the window (1.24.1 is right); the Jetson's 1.20 runs it on CUDA,
+not checked here.
 """
 
 from __future__ import annotations

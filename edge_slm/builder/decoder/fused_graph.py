@@ -131,7 +131,10 @@ def _rotary(g: _GraphWriter, model, kind: str, length: int) -> None:
 
 def qk_norm_form(oldest_onnxruntime: str | None) -> str:
     """How the per-head q/k norms are written for a device whose oldest onnxruntime is this one
-    (`_qk_norm_per_head`)."""
+    (`_qk_norm_per_head`). A profile that lists no runtime gets the form every one runs, as
+    `rotary_inside_attention` does."""
+    if oldest_onnxruntime is None:
+        return "reshape"
     if supports("BranchwiseRMSNorm", oldest_onnxruntime):
         return "branchwise"
     return "broadcast" if supports("SimplifiedLayerNormalization.broadcast_scale", oldest_onnxruntime) else "reshape"
