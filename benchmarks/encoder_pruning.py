@@ -6,12 +6,14 @@ same round (the build machine is shared: the ratios hold better than the absolut
     nice -n 10 .venv/bin/python benchmarks/encoder_pruning.py \\
         --pair classifier=export/x86-laptop-classifier,export/x86-laptop-classifier-pruned \\
         --pair embedder=export/x86-laptop-embedder,export/x86-laptop-embedder-pruned \\
-        --fp32 classifier=export/x86-laptop-classifier-fp32 \\
+        --fp32 classifier=export/x86-laptop-classifier-fp32 --fp32 embedder=export/x86-laptop-embedder-fp32 \\
         --out benchmarks/results/encoder-pruning/HOST.jsonl
 
 Accuracy, on data the models never trained on: a classifier's test accuracy on the shipped intents
 test split (against the unpruned fp32 bundle's when `--fp32` names it); an embedder's retrieval
-top-1 on the shipped retrieval check and the cosine of its vectors to the unpruned bundle's.
+top-1 on the shipped retrieval check and the mean cosine of its vectors to the unpruned bundle's
+(and to the unpruned fp32 bundle's, the gate's reference, when `--fp32` names it), on the
+retrieval check's queries and passages and the intents test split.
 Records are the bench schema (`edge-slm report` reads them, with the machine and its CPU flags);
 the summary table is printed as Markdown.
 """
@@ -74,6 +76,9 @@ def main() -> None:
         quality[(name, "pruned")] = accuracy(bundles["pruned"], bundles["unpruned"], args.threads)
         if name in fp32:
             quality[(name, "fp32")] = accuracy(fp32[name], None, args.threads)
+            if "cosine_to_unpruned" in quality[(name, "pruned")]:  # the gate's reference is the fp32 model
+                against = accuracy(bundles["pruned"], fp32[name], args.threads)
+                quality[(name, "pruned")]["cosine_to_fp32"] = against["cosine_to_unpruned"]
     speed: dict = {}
     for round_number in range(args.rounds):
         for name, bundles in pairs.items():
@@ -136,8 +141,10 @@ def _accuracy(name: str, quality: dict) -> str:
         text = f"test accuracy {100 * pruned['accuracy']:.1f}% (unpruned int8 {100 * unpruned['accuracy']:.1f}%"
         return text + (f", unpruned fp32 {100 * fp32['accuracy']:.1f}%)" if fp32 else ")")
     return (
-        f"retrieval top-1 {100 * pruned['recall_at_1']:.1f}% (unpruned {100 * unpruned['recall_at_1']:.1f}%), "
-        f"cosine to unpruned {pruned.get('cosine_to_unpruned', float('nan')):.4f}"
+        f"retrieval top-1 {100 * pruned['recall_at_1']:.1f}% (unpruned int8 {100 * unpruned['recall_at_1']:.1f}%"
+        + (f", unpruned fp32 {100 * fp32['recall_at_1']:.1f}%)" if fp32 else ")")
+        + f", cosine to unpruned int8 {pruned.get('cosine_to_unpruned', float('nan')):.4f}"
+        + (f" (fp32 {pruned['cosine_to_fp32']:.4f})" if "cosine_to_fp32" in pruned else "")
     )
 
 
