@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class EncoderRecoverySettings:
     checkpoint_every: int = 50
     seed: int = 0
     hidden_weight: float = 1.0  # embedder: weight of the per-layer hidden-state term (0: pooled vectors only)
+    freeze_embeddings: bool = True  # embedder: the token embeddings stay the teacher's (see distill)
 
 
 def distillation_loss(student_out, teacher_out, labels, task: str, settings: EncoderRecoverySettings):
@@ -128,7 +130,12 @@ def distill(
         json.dumps([asdict(settings), shape, data.texts, data.labels], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     targets_path, state_path = checkpoint_dir / f"teacher-{key}.pt", checkpoint_dir / f"state-{key}.pt"
-    if targets_path.is_file():
+    # An embedder matching hidden states runs the teacher on every batch anyway: its targets are
+    # taken live, which lets the batch's texts vary (`_varied`) beyond the fixed list.
+    live = task != "classification" and settings.hidden_weight > 0
+    if live:
+        targets = None
+    elif targets_path.is_file():
         targets = torch.load(targets_path)
         progress(f"the teacher's outputs from the checkpoint ({len(targets)} texts)")
     else:
@@ -136,12 +143,20 @@ def distill(
         targets = encode(teacher, tokenizer, data.texts, max_length=settings.max_length)
         _atomic_save(targets, targets_path)
     labels = torch.tensor(data.labels) if data.labels is not None else None
+    if task != "classification" and settings.freeze_embeddings:
+        # A few thousand texts touch a fraction of the 30k-token vocabulary: trained, their rows
+        # would drift from the untouched ones, which held-out texts then mix with.
+        for parameter in student.model.base_model.embeddings.parameters():
+            parameter.requires_grad_(False)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine to 10%
         optimizer,
         lambda s: min(1.0, (s + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * min(s, settings.steps) / settings.steps)),
     )
+    # An embedder's schedule also follows the clock: when the time budget ends the run before
+    # `steps`, the learning rate has still decayed (a run cut at full rate ends on a noisy model).
+    by_time = task != "classification" and settings.time_budget_s > 0
     step, losses = 0, []
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
@@ -157,10 +172,10 @@ def distill(
     # Dropout stays off: the targets are the teacher's deterministic outputs, and a few hundred
     # steps leave its regularisation no time to pay for the noise it adds.
     student.eval()
-    match_hidden = task != "classification" and settings.hidden_weight > 0
-    if match_hidden and layer_map is None:
+    varied = random.Random(settings.seed + step)
+    if live and layer_map is None:
         layer_map = teacher_layers(student.model.config.num_hidden_layers, teacher.model.config.num_hidden_layers)
-    caught = (_HiddenStates(student), _HiddenStates(teacher)) if match_hidden else ()
+    caught = (_HiddenStates(student), _HiddenStates(teacher)) if live else ()
     started, first_step, stopped = time.monotonic(), step, "steps"
     try:
         while step < settings.steps:
@@ -168,19 +183,31 @@ def distill(
                 stopped = "time budget"
                 break
             rows = next(batches)
+            texts = [data.texts[i] for i in rows]
             inputs = tokenizer(
-                [data.texts[i] for i in rows],
+                _varied(texts, data.texts, varied) if live else texts,
                 padding=True,
                 truncation=True,
                 max_length=token_limit(student.model, settings.max_length),
                 return_tensors="pt",
             )
-            loss = distillation_loss(
-                student(**inputs), targets[rows], labels[rows] if labels is not None else None, task, settings
-            )
-            if match_hidden:
+            if by_time:
+                done = max(step / settings.steps, (time.monotonic() - started) / settings.time_budget_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = (
+                        settings.learning_rate
+                        * min(1.0, (step + 1) / 20)
+                        * (0.55 + 0.45 * math.cos(math.pi * min(done, 1.0)))
+                    )
+            if live:
                 with torch.no_grad():
-                    teacher(**inputs)
+                    target = teacher(**inputs)
+            else:
+                target = targets[rows]
+            loss = distillation_loss(
+                student(**inputs), target, labels[rows] if labels is not None else None, task, settings
+            )
+            if live:
                 hidden = hidden_state_loss(caught[0].states, caught[1].states, inputs["attention_mask"], layer_map)
                 loss = loss + settings.hidden_weight * hidden
             optimizer.zero_grad(set_to_none=True)
@@ -221,6 +248,23 @@ def distill(
         "loss_first": losses[0] if losses else None,
         "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
+
+
+def _varied(texts: list[str], pool: list[str], rng: random.Random) -> list[str]:
+    """A quarter of the texts cut to a random run of their words, a quarter joined with another
+    text: inputs the fixed list does not have, so that a few thousand texts seen for many epochs
+    do not become the only inputs the student matches the teacher on."""
+    out = []
+    for text in texts:
+        words, draw = text.split(), rng.random()
+        if draw < 0.25 and len(words) > 4:
+            length = rng.randint(3, len(words) - 1)
+            first = rng.randint(0, len(words) - length)
+            text = " ".join(words[first : first + length])
+        elif draw < 0.5:
+            text = f"{text} {rng.choice(pool)}"
+        out.append(text)
+    return out
 
 
 def _batches(count: int, batch_size: int, generator, lengths: list[int] | None = None, pool: int = 8):

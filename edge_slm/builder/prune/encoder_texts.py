@@ -4,7 +4,8 @@ English that ships in edge_slm/data except what the gate measures on.
 Distillation only needs inputs (the teacher gives the targets), so variety matters more than
 labels: short commands (the intents' training split, the smart-home requests), questions and
 answers about the manuals, the manuals' paragraphs and their sentences, the English side of the
-parallel text, the calibration text's sentences. Held out, so the measured cosine and retrieval
+parallel text, the sentences of the calibration text and of the decoders' evaluation story
+(general prose: the retrieval check asks about cooking and gardening too). Held out, so the measured cosine and retrieval
 top-1 are on texts the student never saw: the intents test split and the retrieval check's
 queries and passages (any training text equal to one of them, ignoring case, is dropped).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from edge_slm.core.data import CALIBRATION_TEXT, DATA_DIR, PARALLEL_EN_DE
+from edge_slm.core.data import CALIBRATION_TEXT, DATA_DIR, EVAL_TEXT, PARALLEL_EN_DE
 from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, read_examples, read_retrieval
 
 MANUALS = DATA_DIR / "manuals"
@@ -39,7 +40,7 @@ def shipped_embedder_texts() -> list[str]:
     for paragraph in manual_paragraphs():
         texts += [paragraph, *sentences(paragraph)]
     texts += [line.split("\t")[0] for line in PARALLEL_EN_DE.read_text("utf-8").splitlines() if "\t" in line]
-    texts += sentences(CALIBRATION_TEXT.read_text("utf-8"))
+    texts += sentences(CALIBRATION_TEXT.read_text("utf-8")) + sentences(EVAL_TEXT.read_text("utf-8"))
     held_out = {t.strip().lower() for t in held_out_texts()}
     seen, kept = set(), []
     for text in (t.strip() for t in texts):
