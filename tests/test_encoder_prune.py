@@ -117,11 +117,12 @@ def test_distillation_lowers_the_loss_against_the_teacher(
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     data = read_task_data(None if task == "embedding" else two_label_data, task, source.labels)
     prune_model(student.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5), data)
-    settings = EncoderRecoverySettings(steps=30, learning_rate=1e-3, checkpoint_every=10)
+    steps = 60 if task == "embedding" else 30  # an embedder's token embeddings stay frozen: it learns slower
+    settings = EncoderRecoverySettings(steps=steps, learning_rate=1e-3, checkpoint_every=10)
     before = _loss(student, teacher, tokenizer, data, task, settings)
     record = distill(student, teacher, tokenizer, data, task, settings, tmp_path / "checkpoints")
     after = _loss(student, teacher, tokenizer, data, task, settings)
-    assert record["steps_done"] == 30 and record["stopped_by"] == "steps"
+    assert record["steps_done"] == steps and record["stopped_by"] == "steps"
     assert after < 0.8 * before, (before, after)
 
 
@@ -156,7 +157,7 @@ def test_an_embedder_learns_the_teachers_hidden_states_layer_by_layer(tiny_class
     after = {}
     for weight in (0.0, 10.0):  # the tiny random model's pooled vectors are far apart: its term dominates at 1
         student = copy.deepcopy(pruned)
-        settings = EncoderRecoverySettings(steps=30, learning_rate=1e-3, checkpoint_every=100, hidden_weight=weight)
+        settings = EncoderRecoverySettings(steps=60, learning_rate=1e-3, checkpoint_every=100, hidden_weight=weight)
         distill(student, teacher, tokenizer, data, "embedding", settings, tmp_path / str(weight), layer_map=layer_map)
         after[weight] = _hidden_loss(student, teacher, tokenizer, TEXTS, layer_map)
         assert not student.model.config.output_hidden_states and not teacher.model.config.output_hidden_states
