@@ -159,7 +159,8 @@ def _prune_encoder(model, out, layers, heads, ffn, recover_steps, recover_minute
     )
     steps = recover_steps or (defaults.recover_steps if defaults else 0)
     minutes = recover_minutes or (defaults.recover_minutes if defaults else 0.0)
-    recovery = EncoderRecoverySettings(steps=steps, time_budget_s=60 * minutes) if steps else None
+    lr = defaults.recover_lr if defaults else EncoderRecoverySettings.learning_rate
+    recovery = EncoderRecoverySettings(steps=steps, learning_rate=lr, time_budget_s=60 * minutes) if steps else None
     record = prune_encoder_directory(model, settings, out, data, eval_data, recovery, progress=echo_err)
     final = record["final"]
     quality = (

@@ -118,6 +118,7 @@ class EncoderPrune:
     ffn: float = 0.0  # share of FFN channels removed in every layer
     recover_steps: int = 0  # distillation steps from the unpruned model on the task's data
     recover_minutes: float = 0.0  # time budget for them (0: none)
+    recover_lr: float = 1e-4  # distillation's peak learning rate (warm-up, then cosine decay over recover_steps)
     max_accuracy_drop: float = 0.01  # classifier: test accuracy at most 1 point below the unpruned fp32 model
     min_cosine: float = 0.95  # embedder: mean cosine similarity to the unpruned model's embeddings
     max_recall_drop: float = 0.02  # embedder: retrieval top-1 at most 2 points below the unpruned model's

@@ -54,7 +54,9 @@ def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path 
 
     settings = EncoderPruneSettings(layers=spec.layers, heads=spec.heads, ffn=spec.ffn)
     recovery = (
-        EncoderRecoverySettings(steps=spec.recover_steps, time_budget_s=60 * spec.recover_minutes)
+        EncoderRecoverySettings(
+            steps=spec.recover_steps, learning_rate=spec.recover_lr, time_budget_s=60 * spec.recover_minutes
+        )
         if spec.recover_steps
         else None
     )
@@ -63,7 +65,7 @@ def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path 
             "source": source.source.get("sha256"),
             "settings": dataclasses.asdict(settings),
             "recovery": dataclasses.asdict(recovery) if recovery else None,
-            "data": sha256_file(data) if data else None,
+            "data": sha256_file(data) if data else _shipped_texts_hash(source.task),
             "eval": sha256_file(eval_data) if eval_data else None,
             "edge_slm": __version__,
         },
@@ -76,6 +78,15 @@ def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path 
         note(settings.describe() + (f", then up to {recovery.steps} distillation steps" if recovery else ""))
         prune_encoder_directory(str(source.path), settings, target, data, eval_data, recovery, progress=note)
     return target
+
+
+def _shipped_texts_hash(task: str) -> str | None:
+    """An embedder without --data distils on the shipped texts: a change to them is a new run."""
+    if task == "classification":
+        return None
+    from edge_slm.builder.prune.encoder_texts import shipped_embedder_texts
+
+    return hashlib.sha256(json.dumps(shipped_embedder_texts()).encode()).hexdigest()
 
 
 def record_of(path: Path) -> dict | None:

@@ -25,9 +25,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_slm.core.data import CALIBRATION_TEXT
 from edge_slm.core.errors import ModelError
-from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, DataError, read_examples, read_retrieval
+from edge_slm.core.labelled import INTENTS_TEST, DataError, read_examples, read_retrieval
 from edge_slm.core.outputs import check_output_folder, output_folder
 
 PRUNE_RECORD = "edge_slm_prune.json"
@@ -83,8 +82,8 @@ def check_settings(settings: EncoderPruneSettings, config, option_prefix: str = 
 
 def read_task_data(path: Path | None, task: str, labels: tuple[str, ...]) -> TaskData:
     """A classifier's labelled training data (required: distillation's cross-entropy needs the
-    labels), or an embedder's texts, one per line (the shipped intents and calibration texts
-    without one; the retrieval check is left out: the gate measures on it)."""
+    labels), or an embedder's texts, one per line (without one, the shipped texts of
+    `encoder_texts`, which leave out what the gate measures on)."""
     if task == "classification":
         if path is None:
             raise DataError("a classifier is pruned on its labelled training data: pass --data TRAIN.jsonl")
@@ -97,8 +96,9 @@ def read_task_data(path: Path | None, task: str, labels: tuple[str, ...]) -> Tas
         index = {label: i for i, label in enumerate(labels)}
         return TaskData([e.text for e in examples], [index[e.label] for e in examples], str(path))
     if path is None:
-        texts = [e.text for e in read_examples(INTENTS_TRAIN)] + _sentences(CALIBRATION_TEXT.read_text("utf-8"))
-        return TaskData(texts, None, f"shipped {INTENTS_TRAIN.parent.name}/{INTENTS_TRAIN.name} + calibration text")
+        from edge_slm.builder.prune.encoder_texts import shipped_embedder_texts
+
+        return TaskData(shipped_embedder_texts(), None, "shipped texts (edge_slm/data, held-out checks left out)")
     path = Path(path)
     if _is_labelled(path):
         raise DataError(
@@ -123,10 +123,6 @@ def _is_labelled(path: Path) -> bool:
     except ValueError:
         return False
     return isinstance(row, dict) and "label" in row
-
-
-def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) >= 4]
 
 
 def base_of(model):
@@ -373,9 +369,14 @@ def prune_encoder_directory(
     progress(f"after pruning: {_line(measured['pruned'], source.task)}")
     checkpoints = out.parent / f".{out.name}.recovery"
     if recovery is not None and recovery.steps > 0:
-        from edge_slm.builder.prune.encoder_recover import distill
+        from edge_slm.builder.prune.encoder_recover import distill, teacher_layers
 
-        record["recovery"] = distill(student, teacher, tokenizer, data, source.task, recovery, checkpoints, progress)
+        layer_map = teacher_layers(
+            student.model.config.num_hidden_layers, record["layers_before"], record.get("removed_layers", [])
+        )
+        record["recovery"] = distill(
+            student, teacher, tokenizer, data, source.task, recovery, checkpoints, progress, layer_map
+        )
         measured["recovered"] = measure(student, teacher, tokenizer, source.task, eval_examples[0], list(source.labels))
         progress(f"after recovery: {_line(measured['recovered'], source.task)}")
     record["measured"] = measured

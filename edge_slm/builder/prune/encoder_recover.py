@@ -4,10 +4,15 @@
               cross-entropy on the true labels: the teacher says how the classes relate, the
               labels keep the student honest where the teacher is wrong
   embedder    1 - cosine to the teacher's sentence embedding, plus their mean squared error
-              (the cosine alone leaves the length free when the model does not normalize)
+              (the cosine alone leaves the length free when the model does not normalize),
+              plus the hidden states of every layer and the token embeddings before pooling
+              matched to the teacher's (TinyBERT's intermediate-layer distillation: a squared
+              error relative to the teacher's, each student layer against the teacher layer it
+              was cut from). The pooled vector alone is a weak signal: one 384-number target per
+              text for a 6-layer student; the per-token states give every layer its own.
 
-The teacher's outputs are computed once and kept with the checkpoints, so a step costs one
-student forward and backward pass. Progress is a line every few steps; a checkpoint every
+The teacher's pooled outputs are computed once and kept with the checkpoints; with hidden-state
+matching a step also runs the teacher forward (no gradients) on the batch. Progress is a line every few steps; a checkpoint every
 `checkpoint_every` steps lets an interrupted run resume where it stopped (same settings, data and
 student shape); a time budget stops it early, cleanly. Run by `prune.encoder.prune_encoder_directory`.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +41,8 @@ class EncoderRecoverySettings:
     time_budget_s: float = 0.0  # 0: no limit; else stop after this many seconds of training
     checkpoint_every: int = 50
     seed: int = 0
+    hidden_weight: float = 1.0  # embedder: weight of the per-layer hidden-state term (0: pooled vectors only)
+    freeze_embeddings: bool = True  # embedder: the token embeddings stay the teacher's (see distill)
 
 
 def distillation_loss(student_out, teacher_out, labels, task: str, settings: EncoderRecoverySettings):
@@ -54,6 +62,47 @@ def distillation_loss(student_out, teacher_out, labels, task: str, settings: Enc
     return (1 - cosine).mean() + F.mse_loss(student_out, teacher_out)
 
 
+def hidden_state_loss(student_states, teacher_states, attention_mask, layer_map: list[int]):
+    """Squared error of each student layer's token states (and of the embedding layer's) against
+    the teacher layer it came from, relative to the teacher's squared size, over real tokens only;
+    the mean over layers. Relative: BERT's layers differ in scale, and an absolute error would let
+    the largest one dominate."""
+    mask = attention_mask.unsqueeze(-1).to(student_states[0].dtype)
+    pairs = [(student_states[0], teacher_states[0])] + [
+        (student_states[i + 1], teacher_states[t + 1]) for i, t in enumerate(layer_map)
+    ]
+    losses = [(((s - t) ** 2) * mask).sum() / ((t**2) * mask).sum().clamp(min=1e-9) for s, t in pairs]
+    return sum(losses) / len(losses)
+
+
+def teacher_layers(student_layers: int, teacher_layers: int, removed: list[int] | None = None) -> list[int]:
+    """For each student layer, the teacher layer it was cut from: the ones not `removed`, else
+    (unknown) evenly spread over the teacher's depth, as TinyBERT maps a shallower student."""
+    if removed is not None:
+        return [i for i in range(teacher_layers) if i not in set(removed)]
+    if student_layers == teacher_layers:
+        return list(range(teacher_layers))
+    return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+
+
+class _HiddenStates:
+    """The hidden states of a head's transformers model, caught on its way out: the heads return
+    one tensor, and the model returns its per-layer states only when its config asks for them."""
+
+    def __init__(self, head):
+        self.config, self.states = head.model.config, None
+        self.was = self.config.output_hidden_states
+        self.config.output_hidden_states = True
+        self.hook = head.model.register_forward_hook(self._catch)
+
+    def _catch(self, module, args, output):
+        self.states = output.hidden_states
+
+    def close(self) -> None:
+        self.hook.remove()
+        self.config.output_hidden_states = self.was
+
+
 def distill(
     student,
     teacher,
@@ -63,8 +112,10 @@ def distill(
     settings: EncoderRecoverySettings,
     checkpoint_dir: Path,
     progress=lambda msg: None,
+    layer_map: list[int] | None = None,
 ) -> dict:
-    """Distil `teacher` into `student` (both heads from `encoder.export.EncoderHead`) in place."""
+    """Distil `teacher` into `student` (both heads from `encoder.export.EncoderHead`) in place.
+    `layer_map`: the teacher layer each student layer was cut from (hidden-state matching)."""
     import torch
 
     from edge_slm.builder.prune.encoder import encode, token_limit
@@ -79,7 +130,12 @@ def distill(
         json.dumps([asdict(settings), shape, data.texts, data.labels], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     targets_path, state_path = checkpoint_dir / f"teacher-{key}.pt", checkpoint_dir / f"state-{key}.pt"
-    if targets_path.is_file():
+    # An embedder matching hidden states runs the teacher on every batch anyway: its targets are
+    # taken live, which lets the batch's texts vary (`_varied`) beyond the fixed list.
+    live = task != "classification" and settings.hidden_weight > 0
+    if live:
+        targets = None
+    elif targets_path.is_file():
         targets = torch.load(targets_path)
         progress(f"the teacher's outputs from the checkpoint ({len(targets)} texts)")
     else:
@@ -87,12 +143,20 @@ def distill(
         targets = encode(teacher, tokenizer, data.texts, max_length=settings.max_length)
         _atomic_save(targets, targets_path)
     labels = torch.tensor(data.labels) if data.labels is not None else None
+    if task != "classification" and settings.freeze_embeddings:
+        # A few thousand texts touch a fraction of the 30k-token vocabulary: trained, their rows
+        # would drift from the untouched ones, which held-out texts then mix with.
+        for parameter in student.model.base_model.embeddings.parameters():
+            parameter.requires_grad_(False)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine to 10%
         optimizer,
         lambda s: min(1.0, (s + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * min(s, settings.steps) / settings.steps)),
     )
+    # An embedder's schedule also follows the clock: when the time budget ends the run before
+    # `steps`, the learning rate has still decayed (a run cut at full rate ends on a noisy model).
+    by_time = task != "classification" and settings.time_budget_s > 0
     step, losses = 0, []
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
@@ -102,51 +166,78 @@ def distill(
         step, losses = state["step"], state["losses"]
         progress(f"resuming recovery at step {step}/{settings.steps}")
     generator = torch.Generator().manual_seed(settings.seed + step)
+    lengths = [len(t) for t in data.texts] if task != "classification" else None
+    batches = _batches(len(data.texts), settings.batch_size, generator, lengths)
     teacher.eval()
     # Dropout stays off: the targets are the teacher's deterministic outputs, and a few hundred
     # steps leave its regularisation no time to pay for the noise it adds.
     student.eval()
+    varied = random.Random(settings.seed + step)
+    if live and layer_map is None:
+        layer_map = teacher_layers(student.model.config.num_hidden_layers, teacher.model.config.num_hidden_layers)
+    caught = (_HiddenStates(student), _HiddenStates(teacher)) if live else ()
     started, first_step, stopped = time.monotonic(), step, "steps"
-    while step < settings.steps:
-        if settings.time_budget_s and time.monotonic() - started > settings.time_budget_s:
-            stopped = "time budget"
-            break
-        rows = torch.randint(len(data.texts), (settings.batch_size,), generator=generator)
-        inputs = tokenizer(
-            [data.texts[i] for i in rows],
-            padding=True,
-            truncation=True,
-            max_length=token_limit(student.model, settings.max_length),
-            return_tensors="pt",
-        )
-        loss = distillation_loss(
-            student(**inputs), targets[rows], labels[rows] if labels is not None else None, task, settings
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        losses.append(round(float(loss.detach()), 5))
-        if step % 10 == 0 or step == settings.steps:
-            elapsed = time.monotonic() - started
-            left = elapsed / (step - first_step) * (settings.steps - step)
-            progress(
-                f"recovery step {step}/{settings.steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}  "
-                f"{elapsed:.0f}s elapsed, about {left:.0f}s left"
+    try:
+        while step < settings.steps:
+            if settings.time_budget_s and time.monotonic() - started > settings.time_budget_s:
+                stopped = "time budget"
+                break
+            rows = next(batches)
+            texts = [data.texts[i] for i in rows]
+            inputs = tokenizer(
+                _varied(texts, data.texts, varied) if live else texts,
+                padding=True,
+                truncation=True,
+                max_length=token_limit(student.model, settings.max_length),
+                return_tensors="pt",
             )
-        if step % settings.checkpoint_every == 0 and step < settings.steps:
-            _atomic_save(
-                {
-                    "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "step": step,
-                    "losses": losses,
-                },
-                state_path,
+            if by_time:
+                done = max(step / settings.steps, (time.monotonic() - started) / settings.time_budget_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = (
+                        settings.learning_rate
+                        * min(1.0, (step + 1) / 20)
+                        * (0.55 + 0.45 * math.cos(math.pi * min(done, 1.0)))
+                    )
+            if live:
+                with torch.no_grad():
+                    target = teacher(**inputs)
+            else:
+                target = targets[rows]
+            loss = distillation_loss(
+                student(**inputs), target, labels[rows] if labels is not None else None, task, settings
             )
+            if live:
+                hidden = hidden_state_loss(caught[0].states, caught[1].states, inputs["attention_mask"], layer_map)
+                loss = loss + settings.hidden_weight * hidden
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            losses.append(round(float(loss.detach()), 5))
+            if step % 10 == 0 or step == settings.steps:
+                elapsed = time.monotonic() - started
+                left = elapsed / (step - first_step) * (settings.steps - step)
+                progress(
+                    f"recovery step {step}/{settings.steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}  "
+                    f"{elapsed:.0f}s elapsed, about {left:.0f}s left"
+                )
+            if step % settings.checkpoint_every == 0 and step < settings.steps:
+                _atomic_save(
+                    {
+                        "model": student.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "step": step,
+                        "losses": losses,
+                    },
+                    state_path,
+                )
+    finally:
+        for c in caught:
+            c.close()
     student.eval()
     return {
         "settings": asdict(settings),
@@ -157,6 +248,40 @@ def distill(
         "loss_first": losses[0] if losses else None,
         "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
     }
+
+
+def _varied(texts: list[str], pool: list[str], rng: random.Random) -> list[str]:
+    """A quarter of the texts cut to a random run of their words, a quarter joined with another
+    text: inputs the fixed list does not have, so that a few thousand texts seen for many epochs
+    do not become the only inputs the student matches the teacher on."""
+    out = []
+    for text in texts:
+        words, draw = text.split(), rng.random()
+        if draw < 0.25 and len(words) > 4:
+            length = rng.randint(3, len(words) - 1)
+            first = rng.randint(0, len(words) - length)
+            text = " ".join(words[first : first + length])
+        elif draw < 0.5:
+            text = f"{text} {rng.choice(pool)}"
+        out.append(text)
+    return out
+
+
+def _batches(count: int, batch_size: int, generator, lengths: list[int] | None = None, pool: int = 8):
+    """Random batches of row indices, endlessly. With `lengths`, `pool` batches are drawn at once
+    and cut by text length, so that a batch of short commands is not padded to the length of the
+    one paragraph in it (a batch costs as much as its longest text; the embedder's texts run from
+    three words to a paragraph)."""
+    import torch
+
+    while True:
+        if lengths is None:
+            yield torch.randint(count, (batch_size,), generator=generator)
+            continue
+        rows = torch.randint(count, (batch_size * pool,), generator=generator)
+        rows = rows[torch.argsort(torch.tensor([lengths[i] for i in rows]), stable=True)]
+        for index in torch.randperm(pool, generator=generator):
+            yield rows[index * batch_size : (index + 1) * batch_size]
 
 
 def _atomic_save(obj, path: Path) -> None:
