@@ -70,7 +70,28 @@ def _huge_pages():
     batch.small_page_zeros = lambda shape, dtype: np.zeros(shape, dtype)
 
 
+def _serve_malloc():
+    """What `edge-slm serve` sets before it loads the model (edge_slm/serve/malloc.py)."""
+    from edge_slm.serve.malloc import return_large_blocks_to_system
+
+    assert return_large_blocks_to_system()
+
+
+def _mmap_threshold(kb: int):
+    """glibc's mmap threshold fixed at `kb` kB (serve sets 1 MiB)."""
+
+    def apply():
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, kb * 1024)
+
+    return apply
+
+
 VARIANTS = {
+    "serve-malloc": _serve_malloc,
+    "mmap-128k": _mmap_threshold(128),
+    "mmap-4m": _mmap_threshold(4096),
     "base": lambda: None,
     "huge-pages": _huge_pages,
     "arena-off": _arena_off,

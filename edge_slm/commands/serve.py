@@ -135,6 +135,7 @@ def serve(
     from edge_slm.serve.access import Access
     from edge_slm.serve.app import create_app
     from edge_slm.serve.limits import Limits
+    from edge_slm.serve.malloc import return_large_blocks_to_system
     from edge_slm.serve.server import Protocol, Server, listen
 
     if api_key is not None and not api_key.strip():
@@ -151,6 +152,7 @@ def serve(
     listener = listen(host, port)  # a busy port fails here, before "serving" is printed
     # A bus error (a weight file truncated under onnxruntime's memory map) leaves a traceback in the log.
     faulthandler.enable()
+    return_large_blocks_to_system()  # before the model loads: its freed load buffers go back
     fatal: list[str] = []
     limits = Limits(max_tokens=max_tokens, request_seconds=request_seconds, share_prefix_cache=share_prefix_cache)
 
