@@ -120,6 +120,24 @@ def test_a_prompt_continuing_a_slots_cache_answers_as_alone(model, chunk):
     assert out[id(follow)][-1].reused_tokens == follow.reused
 
 
+def test_a_slot_above_the_running_rows_is_taken_only_for_a_prefix_worth_a_chunk(model):
+    """Every step runs the rows up to the highest busy slot: a lone request whose short prefix is
+    cached in slot 2 takes slot 0 (a batch of one at every step), and one whose cached prefix
+    there saves more than a prefill chunk continues from it."""
+    decoder = BatchDecoder(model, slots=3, prefill_chunk=4)
+    ids = model.encode(PROMPTS[1])
+    assert len(ids) > 8
+    decoder.cached[2] = list(ids[:3])  # the owner "" is every Sequence's by default
+    short = Sequence(ids, 2)
+    decoder.admit(short)
+    assert (short.slot, short.reused) == (0, 0)
+    decoder.release(short)
+    decoder.cached[2] = list(ids[:-1])  # all but the last token, which always runs: more than a chunk
+    long = Sequence(ids, 2)
+    decoder.admit(long)
+    assert (long.slot, long.reused) == (2, len(ids) - 1)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
     proc, base = start_server(tiny_bundle, "--parallel", "4", "--max-queue", "8")

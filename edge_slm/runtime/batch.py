@@ -139,25 +139,31 @@ class BatchDecoder:
 
     def _pick_slot(self, seq: Sequence, reuse_any: bool) -> tuple[int, int]:
         """The free slot holding the longest prefix of the prompt cached for this owner (or for anyone
-        with `reuse_any`), else the lowest free one (rows above the highest busy one are not run)."""
-        best, best_common = -1, 0
-        for slot, holder in enumerate(self.busy):
-            if holder is not None:
-                continue
-            if best < 0:
-                best = slot
+        with `reuse_any`), else the lowest free one. Every step runs the rows up to the highest busy
+        slot, so a slot above them is taken for its cache only when that saves at least a prefill
+        chunk more than a slot within them: a reused prefix is paid back once, an extra row at
+        every step of the reply."""
+        busy_rows = max((slot + 1 for slot, holder in enumerate(self.busy) if holder is not None), default=0)
+        free = [slot for slot, holder in enumerate(self.busy) if holder is None]
+        if not free:
+            raise EdgeSlmError(f"all {self.slots} slots are busy: wait for one to finish")
+
+        def common(slot: int) -> int:
             if not seq.cache_prompt or not (reuse_any or self.owners[slot] == seq.owner):
-                continue
-            common = 0
+                return 0
+            count = 0
             for a, b in zip(self.cached[slot], seq.prompt_ids[:-1]):  # the last prompt token always runs
                 if a != b:
                     break
-                common += 1
-            if common > best_common:
-                best, best_common = slot, common
-        if best < 0:
-            raise EdgeSlmError(f"all {self.slots} slots are busy: wait for one to finish")
-        return best, best_common
+                count += 1
+            return count
+
+        shared = {slot: common(slot) for slot in free}
+        rows = max(busy_rows, free[0] + 1)  # the rows the next steps run anyway
+        within = max((slot for slot in free if slot < rows), key=lambda slot: (shared[slot], -slot))
+        above = max(free, key=lambda slot: (shared[slot], -slot))
+        best = above if shared[above] - shared[within] >= max(self.prefill_chunk, 1) else within
+        return best, shared[best]
 
     def admit(self, seq: Sequence, reuse_any: bool = False) -> GenerationResponse | None:
         """Put `seq` in a free slot and run its prompt (the part not cached there); returns its first
