@@ -136,6 +136,14 @@ def test_a_slot_above_the_running_rows_is_taken_only_for_a_prefix_worth_a_chunk(
     long = Sequence(ids, 2)
     decoder.admit(long)
     assert (long.slot, long.reused) == (2, len(ids) - 1)
+    decoder.release(long)
+    # Slot 0 holds another conversation longer than a chunk: a prompt sharing only 2 tokens with it
+    # goes where it throws away less (slot 2, whose cache is its own prefix), keeping slot 0's.
+    other = list(ids[:2]) + [t for t in model.encode(PROMPTS[2]) * 3][:12]
+    decoder.cached[0], decoder.cached[1], decoder.cached[2] = other, [], list(ids[:3])
+    kept = Sequence(ids, 2)
+    decoder.admit(kept)
+    assert (kept.slot, kept.reused) == (2, 3) and decoder.cached[0] == other
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +301,24 @@ print(before - rss_mb())
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_the_kv_buffer_is_made_where_the_kernel_refuses_the_page_advice(monkeypatch):
+    """A kernel without transparent huge pages (Raspberry Pi OS's) refuses MADV_NOHUGEPAGE with
+    EINVAL: the buffer is made anyway. An advice number no kernel knows gets the same refusal."""
+    import mmap
+
+    from edge_slm.runtime.batch import small_page_zeros
+
+    monkeypatch.setattr(mmap, "MADV_NOHUGEPAGE", 9999, raising=False)
+    with pytest.raises(OSError):
+        mmap.mmap(-1, 4096).madvise(9999)
+    array = small_page_zeros((2, 1024), np.float32)
+    assert array.shape == (2, 1024) and not array.any()
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or __import__("platform").libc_ver()[0] != "glibc",
+    reason="glibc's allocator, VmRSS from /proc",
+)
 def test_serve_malloc_setting_returns_freed_large_blocks_to_the_system():
     """`edge-slm serve` sets glibc's mmap threshold at 1 MiB before loading: a second 8 MiB block,
     freed, goes back to the system (without the setting glibc keeps it in the heap)."""

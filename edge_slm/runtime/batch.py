@@ -48,7 +48,10 @@ def small_page_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)  # POSIX: not shared memory
     memory = mmap.mmap(-1, max(nbytes, 1), flags=private) if private else mmap.mmap(-1, max(nbytes, 1))
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere the default pages are small already
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
+        try:
+            memory.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages (Raspberry Pi OS's) refuses the advice
+            pass
     return np.frombuffer(memory, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
@@ -140,9 +143,10 @@ class BatchDecoder:
     def _pick_slot(self, seq: Sequence, reuse_any: bool) -> tuple[int, int]:
         """The free slot holding the longest prefix of the prompt cached for this owner (or for anyone
         with `reuse_any`), else the lowest free one. Every step runs the rows up to the highest busy
-        slot, so a slot above them is taken for its cache only when that saves at least a prefill
-        chunk more than a slot within them: a reused prefix is paid back once, an extra row at
-        every step of the reply."""
+        slot, so a slot above them is taken only when its cache saves at least a prefill chunk more
+        than a slot within them (a reused prefix is paid back once, an extra row at every step of
+        the reply), or when the slot within would throw away more than a chunk of another
+        conversation's cache and one above throws away less."""
         busy_rows = max((slot + 1 for slot, holder in enumerate(self.busy) if holder is not None), default=0)
         free = [slot for slot, holder in enumerate(self.busy) if holder is None]
         if not free:
@@ -159,10 +163,18 @@ class BatchDecoder:
             return count
 
         shared = {slot: common(slot) for slot in free}
+        lost = {slot: len(self.cached[slot]) - shared[slot] for slot in free}  # cache the prompt overwrites
         rows = max(busy_rows, free[0] + 1)  # the rows the next steps run anyway
-        within = max((slot for slot in free if slot < rows), key=lambda slot: (shared[slot], -slot))
-        above = max(free, key=lambda slot: (shared[slot], -slot))
-        best = above if shared[above] - shared[within] >= max(self.prefill_chunk, 1) else within
+        chunk = max(self.prefill_chunk, 1)
+        within = max((slot for slot in free if slot < rows), key=lambda slot: (shared[slot], -lost[slot], -slot))
+        above = max(free, key=lambda slot: (shared[slot], -lost[slot], -slot))
+        keeps = min(free, key=lambda slot: (lost[slot], -shared[slot], slot))
+        if shared[above] - shared[within] >= chunk:
+            best = above
+        elif lost[within] > chunk and lost[keeps] < lost[within]:
+            best = keeps
+        else:
+            best = within
         return best, shared[best]
 
     def admit(self, seq: Sequence, reuse_any: bool = False) -> GenerationResponse | None:

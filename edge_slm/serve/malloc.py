@@ -5,7 +5,9 @@ glibc raises its mmap threshold each time such a block is freed (up to 32 MiB), 
 multi-megabyte buffers onnxruntime frees while loading and pre-packing the weights are kept in the
 heap afterwards, never used again: about 11 MB of a served int8 bundle's peak
 (`benchmarks/serve_memory.py`, variants `base` and `mmap-1m`). A fixed threshold keeps the
-per-step blocks under 1 MiB (logits of a few rows, activations) in the heap as before. There is no
+per-step blocks under 1 MiB (logits of a few rows, activations) in the heap as before; a larger
+one (a float64 copy of a 150k vocabulary's logits, 1.2 MB) is mapped and unmapped each time, a
+cost small beside a decode step. There is no
 Python or onnxruntime setting for this, hence glibc's `mallopt` through ctypes; on other C
 libraries (musl, macOS) nothing is changed.
 """
