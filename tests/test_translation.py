@@ -831,8 +831,9 @@ def test_bench_measures_a_translation_bundle_and_the_report_reads_it(capsys, mar
     results = record["results"]
     assert results["sentences_per_s_b16"]["texts"] == 16 and results["sentences_per_s_b16"]["n"] == 2
     assert results["latency_ms_1"]["n"] == 10 and results["peak_rss_mb"] > results["rss_after_load_mb"] * 0.9
-    # The same samples: sentences/s one at a time is 1000 / ms (medians of an even count: not exactly).
-    assert abs(results["sentences_per_s_b1"]["p50"] * results["latency_ms_1"]["p50"] / 1e3 - 1) < 0.05
+    # The same samples: each sentences/s one at a time is 1000 / its ms.
+    rates, latencies = results["sentences_per_s_b1"]["samples"], results["latency_ms_1"]["samples"]
+    assert rates == pytest.approx([1e3 / ms for ms in latencies], rel=1e-9)
     accuracy = record["accuracy"]
     assert accuracy["chrf_vs_fp32"] == pytest.approx(100) and accuracy["bleu_vs_fp32"] == pytest.approx(100)
     assert accuracy["identical"] == 24 and accuracy["source"] == f"measured against {bundle}"
