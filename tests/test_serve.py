@@ -285,12 +285,20 @@ def test_health_says_loading_until_the_model_is_loaded(tiny_bundle):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             before = await http.get("/health")
+            listed = (await http.get("/v1/models")).json()["data"][0]["id"]
             refused = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
             service.load()
             after = await http.get("/health")
-            return before, refused, after
+            named = await http.post(
+                "/v1/chat/completions",
+                json={"model": listed, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            return before, listed, refused, after, named
 
-    before, refused, after = asyncio.run(ask())
+    before, listed, refused, after, named = asyncio.run(ask())
     assert before.status_code == 503 and before.json() == {"status": "loading"}
     assert refused.status_code == 503 and "still loading" in refused.json()["error"]["message"]
     assert after.status_code == 200 and after.json()["status"] == "ok"
+    # The name /v1/models gives while the model loads is the one requests are accepted under after.
+    assert listed == after.json()["model"] == "tiny-laptop"
+    assert named.status_code == 200, named.text

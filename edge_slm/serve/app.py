@@ -95,7 +95,7 @@ class Service:
         self.fit: tuple[int, int] | None = None
         self.stopping = False
         self.metrics = Metrics()
-        self.model_id = self.access.aliases[0] if self.access.aliases else self.bundle.resolve().name
+        self.model_id = self.access.aliases[0] if self.access.aliases else _target_or_folder(self.bundle)
         self.watch = BundleWatch(self.bundle)
         # Tokenization and chat templates, off the event loop; one at a time (the tokenizer's
         # special-token switch is per tokenizer, not per call).
@@ -304,6 +304,19 @@ async def models(service: Service) -> JSONResponse:
         "task": manifest.task if manifest else None,
     }
     return JSONResponse({"object": "list", "data": [entry]})
+
+
+def _target_or_folder(bundle: Path) -> str:
+    """The name the server answers to from its first request: the manifest's target, which the
+    loaded model reports too (a client that lists /v1/models while the model loads must get the
+    name its requests will be accepted under); the folder's name when the manifest is unreadable
+    (loading then fails and says why)."""
+    from edge_slm.core.bundle import read_manifest
+
+    try:
+        return read_manifest(bundle).target
+    except EdgeSlmError:
+        return bundle.resolve().name
 
 
 def _error(service: Service, route: str, exc: req.ApiError) -> JSONResponse:
