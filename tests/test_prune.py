@@ -1,8 +1,10 @@
 """Structured pruning and recovery on tiny models: the config stays loadable and exportable, the
 scores follow activations (not weight size), compensation lowers the reconstruction error,
 recovery lowers the KL and resumes from its checkpoint, and a profile's [prune] section reaches
-the bundle's manifest."""
+the bundle's manifest, gated against the unpruned model."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -207,6 +209,14 @@ def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, 
     assert manifest["model"]["num_layers"] == 2 and manifest["model"]["intermediate_size"] == 96
     assert manifest["source"]["pruned_from"]["ref"] == str(three_layers)
     assert any(line.startswith("[2/6] pruning for") for line in lines)
+    # The default limit, +15% perplexity against the unpruned model: this light pruning is within it.
+    assert pruning["gate"] == {
+        "max_ppl_increase": 0.15,
+        "ppl_increase": pruning["ppl_increase"],
+        "passed": True,
+        "loss_allowed_by_user": False,
+    }
+    assert pruning["ppl_increase"] < 0.15  # measured +3.9%
     again = []
     build(str(three_layers), load_profile(str(profile_path)), tmp_path / "b2", echo=again.append)
     assert any("using the cached pruned model" in line for line in again)
@@ -214,6 +224,61 @@ def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, 
         bad = tmp_path / "bad.toml"
         bad.write_text(tiny_profile.read_text() + "\n[prune]\nhead_group = 1\n")
         load_profile(str(bad))
+
+
+def test_profile_prune_outside_its_limit_is_refused_unless_allowed(three_layers, tiny_profile, tmp_path, monkeypatch):
+    """Two of three layers and half the FFN, no recovery: perplexity +16% against the unpruned
+    model, refused at a +1% limit (nothing at --out), published with --allow-accuracy-loss and
+    recorded as failed, and passed at a +1000% limit. The three builds share one cached pruning."""
+    monkeypatch.setenv("EDGE_SLM_CACHE", str(tmp_path / "cache"))
+
+    def profile(limit: float):
+        path = tmp_path / f"pruned-{limit}.toml"
+        reason = "# the test's limit, to check both sides of the gate"
+        path.write_text(
+            tiny_profile.read_text() + f"\n[prune]\nlayers = 2\nffn = 0.5\nmax_ppl_increase = {limit}  {reason}\n"
+        )
+        return path
+
+    def cli(*args):
+        command = [sys.executable, "-m", "edge_slm.cli", "build", "--model", str(three_layers), *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    refused = tmp_path / "refused"
+    proc = cli("--target", profile(0.01), "--out", refused)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # after the progress lines
+    found = re.fullmatch(
+        r"error: the pruned model's perplexity is ([\d.]+) without recovery against ([\d.]+) unpruned on eval.txt: "
+        r"\+([\d.]+)%, over the \[prune\] limit max_ppl_increase = 0.01 \(\+1.0%\); remove fewer layers, heads or "
+        r"channels, recover longer \(recover_steps, recover_minutes\), or pass --allow-accuracy-loss to build it anyway "
+        r"\(the pruned model is cached\)",
+        line,
+    )
+    assert found, line
+    after, before, increase = map(float, found.groups())
+    assert increase == pytest.approx(100 * (after / before - 1), abs=0.06) and increase > 10  # measured +16.1%
+    assert not refused.exists()
+
+    allowed = tmp_path / "allowed"
+    proc = cli("--target", profile(0.01), "--out", allowed, "--allow-accuracy-loss")
+    assert proc.returncode == 0, proc.stderr
+    assert "using the cached pruned model" in proc.stderr
+    assert "OUTSIDE (allowed by --allow-accuracy-loss) the limit of +1.0%" in proc.stderr
+    pruning = json.loads((allowed / "manifest.json").read_text())["pruning"]
+    assert pruning["gate"] == {
+        "max_ppl_increase": 0.01,
+        "ppl_increase": pytest.approx(increase / 100, abs=6e-4),
+        "passed": False,
+        "loss_allowed_by_user": True,
+    }
+
+    generous = tmp_path / "generous"
+    proc = cli("--target", profile(10.0), "--out", generous)
+    assert proc.returncode == 0, proc.stderr
+    gate = json.loads((generous / "manifest.json").read_text())["pruning"]["gate"]
+    assert gate["passed"] is True and gate["max_ppl_increase"] == 10.0 and not gate["loss_allowed_by_user"]
+    assert gate["ppl_increase"] == pruning["ppl_increase"]
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])

@@ -99,13 +99,15 @@ class Quantize:
 
 @dataclass(frozen=True)
 class Prune:
-    """Structured pruning before export (`edge-slm prune`'s options)."""
+    """Structured pruning of a decoder before export (`edge-slm prune`'s options) and what the
+    pruned model must keep against the unpruned one."""
 
     ffn: float = 0.0  # share of FFN channels removed in every layer
     head_groups: int = 0  # whole GQA groups removed in every layer
     layers: int = 0  # whole decoder layers removed
     recover_steps: int = 0  # distillation steps from the unpruned model
     recover_minutes: float = 0.0  # time budget for them (0: none)
+    max_ppl_increase: float = 0.15  # the pruned model's perplexity at most +15% against the unpruned model
 
 
 @dataclass(frozen=True)

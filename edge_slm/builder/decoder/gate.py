@@ -84,3 +84,28 @@ def check(measured: dict, budget: AccuracyBudget | None, precision: str, allow_l
             "--allow-accuracy-loss to build it anyway"
         )
     return result
+
+
+def check_pruned(record: dict, limit: float, allow_loss: bool) -> dict:
+    """The gate of a profile's [prune]: the pruned (and recovered) model's perplexity on the
+    evaluation text against the unpruned model's, as `edge-slm prune` measured it (`record` is its
+    `edge_slm_prune.json`). Raise when it is over `limit` and the loss was not allowed."""
+    measured = record["ppl_increase"]
+    passed = measured <= limit
+    if not passed and not allow_loss:
+        ppl = record["perplexity"]
+        after = ppl.get("recovered", ppl["pruned"])
+        recovery = "after recovery" if "recovered" in ppl else "without recovery"
+        raise AccuracyBudgetError(
+            f"the pruned model's perplexity is {after:.2f} {recovery} against {ppl['before']:.2f} unpruned on "
+            f"{record.get('eval_text', EVAL_TEXT.name)}: {100 * measured:+.1f}%, over the [prune] limit "
+            f"max_ppl_increase = {limit} (+{100 * limit:.1f}%); remove fewer layers, heads or channels, recover longer "
+            "(recover_steps, recover_minutes), or pass --allow-accuracy-loss to build it anyway (the pruned model is "
+            "cached)"
+        )
+    return {
+        "max_ppl_increase": limit,
+        "ppl_increase": measured,
+        "passed": passed,
+        "loss_allowed_by_user": not passed,
+    }

@@ -107,9 +107,15 @@ def load_stage(request: BuildRequest, _: None, out_dir: Path, note) -> SourceMod
 
 
 def prune_stage(source: SourceModel, spec: Prune, out_dir: Path, note) -> SourceModel:
-    """The pruned (and recovered) model, made under `out_dir` (the cache) or found there."""
+    """The pruned (and recovered) model, made under `out_dir` (the cache) or found there, gated
+    against the unpruned model ([prune] max_ppl_increase)."""
+    from edge_slm.builder.decoder import gate
+
     loaded, pruning = _pruned(source.loaded, source.request, spec, out_dir, note)
-    return SourceModel(source.request, loaded, pruning)
+    result = gate.check_pruned(pruning, spec.max_ppl_increase, source.request.allow_accuracy_loss)
+    verdict = "within" if result["passed"] else "OUTSIDE (allowed by --allow-accuracy-loss)"
+    note(f"{100 * result['ppl_increase']:+.1f}% perplexity: {verdict} the limit of +{100 * spec.max_ppl_increase:.1f}%")
+    return SourceModel(source.request, loaded, {**pruning, "gate": result})
 
 
 def export_stage(source: SourceModel, profile: Profile, out_dir: Path, note) -> FloatGraph:
@@ -295,6 +301,7 @@ def _pruned(loaded: LoadedModel, request: BuildRequest, spec: Prune, cache: Path
             "perplexity",
             "top1_agreement",
             "ppl_increase",
+            "eval_text",
         )
         if k in record
     }
