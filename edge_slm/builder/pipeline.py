@@ -95,6 +95,6 @@ def build(
     if prune or prune_data:
         raise ProfileError(
             f"--prune and --prune-data are for encoders; a {family.name} is pruned by a profile's [prune] section "
-            "(see targets/rpi4-pruned.toml) or `edge-slm prune`"
+            "(docs/pruning.md) or by `edge-slm prune`"
         )
     return family.build(*args)
