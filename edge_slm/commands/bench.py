@@ -51,8 +51,8 @@ from edge_slm.core.errors import EdgeSlmError
     "--against",
     type=click.Path(path_type=Path),
     multiple=True,
-    help="Encoders: bench records (JSONL) of other bundles of the same base model, shown side by side with "
-    "this run's: pruned against unpruned, int8 against fp32 (speed ratios, accuracy points).",
+    help="Bench records (JSONL) of other bundles of the same base model, shown side by side with this run's: "
+    "pruned against unpruned, int8 against fp32 (speed ratios; encoders' accuracy points, decoders' perplexity).",
 )
 @click.option(
     "--context",

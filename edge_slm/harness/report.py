@@ -7,9 +7,9 @@ throughput and time to first token per target and precision, peak memory against
 accuracy against speed, thread sweeps; the table gives each run's ratio to the fastest fp32
 edge-slm run of the same target and host. Encoders (records with `bundle.family` "encoder") get
 their own table and plot: latency of one text, texts per second in batches, memory, accuracy, and
-each run's throughput against the fastest peer measured on the same host; bundles of one base
-model (pruned or not, int8 or fp32) also side by side, in a table and a plot of accuracy against
-texts per second (`report_variants`).
+each run's throughput against the fastest peer measured on the same host. Bundles of one base
+model (pruned or not, int8 or fp32), encoders and decoders, also side by side, in a table and a
+plot of accuracy against speed (`report_variants`).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def _write_report_files(paths: list[Path], every: list[dict], out: Path) -> list
     theader, trows = translation_rows(translators)
     figures = plots(records, out) if records else []
     encoder_figures = [encoder_plot(encoders, out)] if encoders else []
-    variants_md, variants_html, variants_files = variants_section(encoders, out)
+    variants_md, variants_html, variants_files = variants_section(encoders + records, out)
     rows = comparison_rows(records)
     erows = encoder_rows(encoders)
     columns, ecolumns = decoder_columns(), encoder_columns()

@@ -260,7 +260,8 @@ class BundleInfo:
     def of(cls, path: Path, manifest: Manifest, manifest_sha256: str | None) -> BundleInfo:
         """What a record says about an edge-slm bundle, from its (typed) manifest."""
         pruning = manifest.pruning
-        origin = pruning.get("pruned_from") if pruning else None
+        # An encoder's pruning section names the unpruned model; a decoder's source does.
+        origin = (pruning.get("pruned_from") if pruning else None) or manifest.source.details.get("pruned_from")
         origin = origin if isinstance(origin, Mapping) else None
         base = origin or {"ref": manifest.source.ref, "sha256": manifest.source.sha256}
         return cls(
@@ -281,13 +282,17 @@ def pruned_summary(pruning: Mapping) -> dict:
     """The manifest's "pruning" section as a record keeps it: what went, and the sizes."""
     heads = pruning.get("removed_heads")
     ffn = pruning.get("ffn_channels")
-    return {
+    summary = {
         "removed_layers": list(pruning.get("removed_layers") or []),
         "removed_heads": sum(len(h) for h in heads.values()) if isinstance(heads, Mapping) else 0,
         "ffn_channels": dict(ffn) if isinstance(ffn, Mapping) else None,
         "parameters_before": pruning.get("parameters_before"),
         "parameters_after": pruning.get("parameters_after"),
     }
+    settings = pruning.get("settings")
+    if isinstance(settings, Mapping) and "head_groups" in settings:  # a decoder's: shares, not channel counts
+        summary.update(head_groups=settings.get("head_groups") or 0, ffn_share=settings.get("ffn") or 0.0)
+    return summary
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,12 +1,13 @@
 """Bundles of one base model side by side: pruned against unpruned, int8 against fp32 (and any
-peer measured on the same weights), from encoder bench records. A record names the unpruned
-model its bundle came from (`bundle.base_model`, the manifest's source or its pruning section's
+peer measured on the same weights), from encoder and decoder bench records. A record names the
+unpruned model its bundle came from (`bundle.base_model`, the manifest's source or its
 `pruned_from`) and what pruning removed (`bundle.pruned`); records of one base model, host and
 thread count form a group. Speeds are ratios to the group's unpruned int8 edge-slm bundle,
-accuracy is points against its unpruned fp32 one.
+accuracy is against its unpruned fp32 one: an encoder's accuracy in points (higher is better), a
+decoder's perplexity on eval.txt in percent (lower is better), its speed in decode tokens per second.
 
 `edge-slm bench --against` prints the table, `edge-slm report` writes it and the plot of accuracy
-against texts per second. Torch-free (the table runs on the device too).
+against speed. Torch-free (the table runs on the device too).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from collections import defaultdict
 from edge_slm.runtime.bench import text_table
 from edge_slm.runtime.bench_results import measured_on, record_family, results_of
 
-COLUMNS = (
+FAMILIES = ("encoder", "decoder")
+COMMON_COLUMNS = (
     ("model", "base model"),
     ("variant", "bundle"),
     ("removed", "removed"),
     ("params", "params (M)"),
+)
+COLUMNS = (
+    *COMMON_COLUMNS,
     ("b32", "texts/s b32"),
     ("b1", "one text @16 ms p50"),
     ("accuracy", "accuracy"),
@@ -28,6 +33,23 @@ COLUMNS = (
     ("b1 ratio", "one text vs unpruned int8"),
     ("drop", "vs unpruned fp32 (points)"),
 )
+DECODER_COLUMNS = (
+    *COMMON_COLUMNS,
+    ("tg", "decode tok/s"),
+    ("ppl", "perplexity (lower is better)"),
+    ("tg ratio", "decode vs unpruned int8"),
+    ("ppl change", "perplexity vs unpruned fp32"),
+)
+
+
+def columns_of(group: list[dict]) -> tuple:
+    return DECODER_COLUMNS if record_family(group[0]) == "decoder" else COLUMNS
+
+
+def perplexity(record: dict) -> float | None:
+    """A decoder record's perplexity on eval.txt (None: measured with --no-accuracy)."""
+    value = (record.get("accuracy") or {}).get("perplexity")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def score(record: dict) -> tuple[float | None, str]:
@@ -64,16 +86,21 @@ def removed(record: dict) -> str:
     ffn = pruned.get("ffn_channels") or {}
     if ffn.get("before") and ffn.get("after") and ffn["after"] < ffn["before"]:
         parts.append(f"FFN {ffn['before']}->{ffn['after']}")
+    if pruned.get("head_groups"):
+        parts.append(f"{pruned['head_groups']} head groups per layer")
+    if pruned.get("ffn_share"):
+        parts.append(f"FFN -{100 * pruned['ffn_share']:.0f}%")
     return ", ".join(parts) or "nothing"
 
 
 def variant_groups(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Encoder records grouped by (base model sha256, host, threads), kept where at least two
-    different edge-slm bundles (pruned or not, precision) meet; edge-slm first, unpruned first."""
+    """Encoder and decoder records grouped by (base model sha256, host, threads), kept where at
+    least two different edge-slm bundles (pruned or not, precision) meet; edge-slm first, unpruned
+    first. A group holds one family: a base model is an encoder or a decoder."""
     groups = defaultdict(list)
     for r in records:
         base = r["bundle"].get("base_model")
-        if record_family(r) == "encoder" and isinstance(base, dict) and base.get("sha256"):
+        if record_family(r) in FAMILIES and isinstance(base, dict) and base.get("sha256"):
             groups[(base["sha256"], measured_on(r), r["settings"]["threads"])].append(r)
     kept = {}
     for key, rs in groups.items():
@@ -91,8 +118,23 @@ def _baseline(group: list[dict], precision: str) -> dict | None:
     )
 
 
+def model_name(record: dict) -> str:
+    return str((record["bundle"]["base_model"] or {}).get("ref") or "?").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _common_cells(record: dict) -> dict:
+    return {
+        "model": model_name(record),
+        "variant": variant(record),
+        "removed": removed(record),
+        "params": f"{record['bundle']['parameters'] / 1e6:.3g}",
+    }
+
+
 def variant_rows(group: list[dict]) -> list[dict]:
     """One row per record of a group: its speed, its accuracy, and both against the unpruned bundles."""
+    if record_family(group[0]) == "decoder":
+        return _decoder_rows(group)
     speed_base, accuracy_base = _baseline(group, "int8"), _baseline(group, "fp32")
     base_score = score(accuracy_base)[0] if accuracy_base else None
     rows = []
@@ -101,10 +143,7 @@ def variant_rows(group: list[dict]) -> list[dict]:
         b32, b1 = results.texts_per_s_b32, results.latency_ms_16
         value, kind = score(r)
         row = {
-            "model": str((r["bundle"]["base_model"] or {}).get("ref") or "?").rstrip("/").rsplit("/", 1)[-1],
-            "variant": variant(r),
-            "removed": removed(r),
-            "params": f"{r['bundle']['parameters'] / 1e6:.3g}",
+            **_common_cells(r),
             "b32": f"{b32.mean:.0f} ± {b32.std:.0f}",
             "b1": f"{b1.p50:.2f}",
             "accuracy": "-" if value is None else f"{100 * value:.1f}% ({kind})",
@@ -121,9 +160,36 @@ def variant_rows(group: list[dict]) -> list[dict]:
     return rows
 
 
+def _decoder_rows(group: list[dict]) -> list[dict]:
+    """A decoder's rows: decode speed against the unpruned int8 bundle, perplexity against the unpruned fp32 one."""
+    speed_base, accuracy_base = _baseline(group, "int8"), _baseline(group, "fp32")
+    base_ppl = perplexity(accuracy_base) if accuracy_base else None
+    rows = []
+    for r in group:
+        decode, ppl = results_of(r).decode_tok_s, perplexity(r)
+        row = {
+            **_common_cells(r),
+            "tg": f"{decode.mean:.1f} ± {decode.std:.1f}",
+            "ppl": "-" if ppl is None else f"{ppl:.2f}",
+            "tg ratio": "-",
+            "ppl change": "-",
+        }
+        if speed_base is not None:
+            row["tg ratio"] = f"{decode.mean / results_of(speed_base).decode_tok_s.mean:.2f}x"
+        if ppl is not None and base_ppl:
+            row["ppl change"] = f"{100 * (ppl / base_ppl - 1):+.1f}%"
+        rows.append(row)
+    return rows
+
+
 def variants_table(records: list[dict]) -> str:
-    """The terminal table of every group in `records` ("" when no two bundles of one base model meet)."""
-    rows = [row for group in variant_groups(records).values() for row in variant_rows(group)]
-    if not rows:
-        return ""
-    return text_table([h for _, h in COLUMNS], [[row[k] for k, _ in COLUMNS] for row in rows])
+    """The terminal tables of every group in `records`, one per family ("" when no two bundles of
+    one base model meet)."""
+    tables = []
+    for family in FAMILIES:
+        groups = [g for g in variant_groups(records).values() if record_family(g[0]) == family]
+        rows = [row for group in groups for row in variant_rows(group)]
+        if rows:
+            columns = columns_of(groups[0])
+            tables.append(text_table([h for _, h in columns], [[row[k] for k, _ in columns] for row in rows]))
+    return "\n\n".join(tables)
