@@ -281,6 +281,35 @@ def test_profile_prune_outside_its_limit_is_refused_unless_allowed(three_layers,
     assert gate["ppl_increase"] == pruning["ppl_increase"]
 
 
+def test_a_model_pruned_beforehand_is_gated_at_the_default_limit(three_layers, tiny_profile, tmp_path):
+    """`edge-slm prune` then `edge-slm build --model DIR` (a profile without [prune]): the same
+    gate at the default +15%, and the bundle names the unpruned model it came from."""
+    from edge_slm.builder.prune.structured import prune_directory
+
+    record = prune_directory(str(three_layers), PruneSettings(layers=2, ffn=0.5), tmp_path / "pruned")
+    assert record["ppl_increase"] > 0.15  # measured +16.1%
+    build = [sys.executable, "-m", "edge_slm.cli", "build", "--model", str(tmp_path / "pruned")]
+    build += ["--target", str(tiny_profile)]
+    proc = subprocess.run([*build, "--out", str(tmp_path / "refused")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"{100 * record['ppl_increase']:+.1f}%, over the [prune] limit max_ppl_increase = 0.15 (+15.0%)" in proc.stderr
+    )
+    assert not (tmp_path / "refused").exists()
+    allowed = tmp_path / "allowed"
+    proc = subprocess.run([*build, "--out", str(allowed), "--allow-accuracy-loss"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((allowed / "manifest.json").read_text())
+    assert manifest["pruning"]["gate"] == {
+        "max_ppl_increase": 0.15,
+        "ppl_increase": pytest.approx(record["ppl_increase"]),
+        "passed": False,
+        "loss_allowed_by_user": True,
+    }
+    assert manifest["pruning"]["removed_layers"] == record["removed_layers"]
+    assert manifest["source"]["pruned_from"]["ref"] == str(three_layers)
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsity_is_compression_only(three_layers, pattern):
     from edge_slm.builder.prune.sparsify import zero_share

@@ -26,6 +26,7 @@ from edge_slm.builder.decoder.genai_config import GENAI_CONFIG, genai_config
 from edge_slm.builder.decoder.load import LoadedModel, load, load_tokenizer, sampling_defaults
 from edge_slm.builder.decoder.validate import validate
 from edge_slm.builder.manifest import graph_signature, min_onnxruntime, tool_versions
+from edge_slm.builder.prune.structured import PRUNE_RECORD
 from edge_slm.builder.runner import Stage, no_section, whole_profile
 from edge_slm.core.bundle import write_manifest
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
@@ -102,20 +103,37 @@ class Bundle:
     manifest: dict
 
 
-def load_stage(request: BuildRequest, _: None, out_dir: Path, note) -> SourceModel:
-    return SourceModel(request, load(request.model_ref, progress=note))
+def load_stage(request: BuildRequest, spec: Prune, out_dir: Path, note) -> SourceModel:
+    """The model; one `edge-slm prune` wrote is recorded as pruned from its unpruned model and
+    gated against it like a profile's [prune] (`spec`: the profile's, or the default limit)."""
+    loaded = load(request.model_ref, progress=note)
+    record_path = loaded.path / PRUNE_RECORD
+    if not record_path.is_file():
+        return SourceModel(request, loaded)
+    record = json.loads(record_path.read_text())
+    origin = record.get("source")
+    if isinstance(origin, dict):
+        loaded = dataclasses.replace(loaded, source={**loaded.source, "pruned_from": origin})
+    pruning = _summary(record)
+    if "ppl_increase" in pruning:
+        pruning["gate"] = _gate(pruning, spec, request, note)
+    return SourceModel(request, loaded, pruning)
 
 
 def prune_stage(source: SourceModel, spec: Prune, out_dir: Path, note) -> SourceModel:
     """The pruned (and recovered) model, made under `out_dir` (the cache) or found there, gated
     against the unpruned model ([prune] max_ppl_increase)."""
+    loaded, pruning = _pruned(source.loaded, source.request, spec, out_dir, note)
+    return SourceModel(source.request, loaded, {**pruning, "gate": _gate(pruning, spec, source.request, note)})
+
+
+def _gate(pruning: dict, spec: Prune, request: BuildRequest, note) -> dict:
     from edge_slm.builder.decoder import gate
 
-    loaded, pruning = _pruned(source.loaded, source.request, spec, out_dir, note)
-    result = gate.check_pruned(pruning, spec.max_ppl_increase, source.request.allow_accuracy_loss)
+    result = gate.check_pruned(pruning, spec.max_ppl_increase, request.allow_accuracy_loss)
     verdict = "within" if result["passed"] else "OUTSIDE (allowed by --allow-accuracy-loss)"
     note(f"{100 * result['ppl_increase']:+.1f}% perplexity: {verdict} the limit of +{100 * spec.max_ppl_increase:.1f}%")
-    return SourceModel(source.request, loaded, {**pruning, "gate": result})
+    return result
 
 
 def export_stage(source: SourceModel, profile: Profile, out_dir: Path, note) -> FloatGraph:
@@ -220,7 +238,10 @@ def manifest_stage(tokenized: TokenizedGraph, profile: Profile, out_dir: Path, n
 
 
 LOAD = Stage(
-    "load", lambda request, p: f"loading model {request.model_ref or 'smollm2-135m (default)'}", no_section, load_stage
+    "load",
+    lambda request, p: f"loading model {request.model_ref or 'smollm2-135m (default)'}",
+    lambda p: p.prune or Prune(),  # the limit a model pruned beforehand is gated against
+    load_stage,
 )
 PRUNE = Stage("prune", lambda source, p: f"pruning for {p.name}", lambda p: p.prune, prune_stage, into="cache")
 EXPORT = Stage(
@@ -285,12 +306,24 @@ def _pruned(loaded: LoadedModel, request: BuildRequest, spec: Prune, cache: Path
     settings, recovery = pruning_requests(spec)
     calibration_path = Path(request.calibration) if request.calibration else CALIBRATION_TEXT
     target = pruned_cache_dir(cache, loaded.source, settings, recovery, calibration_path)
-    if (target / "edge_slm_prune.json").is_file():
+    if (target / PRUNE_RECORD).is_file():
         note(f"using the cached pruned model {target}")
     else:
         note(f"{settings.describe()}" + (f", then up to {recovery.steps} recovery steps" if recovery else ""))
         prune_directory(request.model_ref, settings, target, calibration_path, recovery, progress=note)
-    record = json.loads((target / "edge_slm_prune.json").read_text())
+    record = json.loads((target / PRUNE_RECORD).read_text())
+    summary = _summary(record)
+    note(
+        f"{record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M parameters, perplexity "
+        f"{record['perplexity']['before']:.2f} -> {record['ppl_increase'] * 100:+.1f}% against the unpruned model"
+    )
+    pruned = load(str(target))
+    source = {**pruned.source, "pruned_from": loaded.source}
+    return dataclasses.replace(pruned, source=source), summary
+
+
+def _summary(record: dict) -> dict:
+    """What the manifest's "pruning" keeps of `edge-slm prune`'s record."""
     summary = {
         k: record[k]
         for k in (
@@ -306,13 +339,7 @@ def _pruned(loaded: LoadedModel, request: BuildRequest, spec: Prune, cache: Path
         if k in record
     }
     summary["recovery"] = {k: v for k, v in (record.get("recovery") or {}).items() if k != "settings"} or None
-    note(
-        f"{record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M parameters, perplexity "
-        f"{record['perplexity']['before']:.2f} -> {record['ppl_increase'] * 100:+.1f}% against the unpruned model"
-    )
-    pruned = load(str(target))
-    source = {**pruned.source, "pruned_from": loaded.source}
-    return dataclasses.replace(pruned, source=source), summary
+    return summary
 
 
 def _reduce_precision(graph: FloatGraph, profile: Profile, stage: Path, calibration: Path | None, note) -> dict:
