@@ -3,7 +3,8 @@
     # 1. prune (and recover) each setting, 2. build its int8 bundle, 3. bench them side by side with
     #    the unpruned int8 bundle (one `edge-slm bench` run each, --reference the unpruned fp32 bundle)
     .venv/bin/edge-slm prune --out /tmp/pruned/layers8 --layers 8 --recover-steps 1000 --recover-minutes 8
-    .venv/bin/edge-slm build --target x86-laptop --model /tmp/pruned/layers8 --out export/x86-laptop-layers8
+    .venv/bin/edge-slm build --target x86-laptop --model /tmp/pruned/layers8 --out export/x86-laptop-layers8 \
+        --allow-accuracy-loss   # these settings measured +93% to +109% perplexity: over the default +15% gate
     .venv/bin/edge-slm bench export/x86-laptop-layers8 --threads 2 --reference export/x86-laptop-fp32 \
         --out benchmarks/results/pruning/vm.jsonl
     .venv/bin/python benchmarks/pruning.py --results benchmarks/results/pruning/vm.jsonl \
