@@ -94,9 +94,21 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("edge-slm")), "serve", args.bundle, "--port", str(port), "--parallel",
-         str(args.parallel), "--context", "512", "--max-queue", "64"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).with_name("edge-slm")),
+            "serve",
+            args.bundle,
+            "--port",
+            str(port),
+            "--parallel",
+            str(args.parallel),
+            "--context",
+            "512",
+            "--max-queue",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         import openai
@@ -108,15 +120,21 @@ def main() -> int:
                 break
             except openai.APIConnectionError:
                 time.sleep(0.5)
-        requests = [(kind.format(topic=topic), seed) for seed, (topic, kind) in
-                    enumerate((t, k) for t in topics() for k in KINDS)]
+        requests = [
+            (kind.format(topic=topic), seed)
+            for seed, (topic, kind) in enumerate((t, k) for t in topics() for k in KINDS)
+        ]
         started, done = time.monotonic(), [0]
 
         def ask(request):
             prompt, seed = request
             reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
-                temperature=0.9, top_p=0.95, seed=seed,
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=args.max_tokens,
+                temperature=0.9,
+                top_p=0.95,
+                seed=seed,
             )
             done[0] += 1
             if done[0] % 50 == 0:
