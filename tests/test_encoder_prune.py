@@ -21,6 +21,7 @@ from edge_slm.builder.prune.encoder import (
     prune_encoder_directory,
     prune_model,
     read_task_data,
+    refit_projection,
 )
 from edge_slm.builder.prune.encoder_recover import (
     EncoderRecoverySettings,
@@ -90,6 +91,52 @@ def test_pruned_config_loads_and_the_built_graph_gives_its_logits(pruned_classif
     assert got.shape == (4, 2) and np.abs(got - want).max() < 1e-4
 
 
+def test_refit_projection_is_the_least_squares_fit_on_the_kept_inputs():
+    """With every input kept the refit is the projection itself; with some dropped (and inputs
+    whose mean is not zero, so the bias has work to do) it is, at a negligible ridge, the least
+    squares fit of the full output from [kept inputs, 1], column for column."""
+    torch.manual_seed(0)
+    full = torch.nn.Linear(16, 8)
+    a = (torch.randn(400, 16) + torch.linspace(-2, 2, 16)).double()
+    inputs = torch.cat([a, torch.ones(400, 1, dtype=torch.float64)], 1)
+    gram = inputs.T @ inputs
+    shrunk = torch.nn.Linear(16, 8)
+    refit_projection(shrunk, full, gram, torch.arange(16))
+    assert torch.allclose(shrunk.weight, full.weight, atol=1e-5) and torch.allclose(shrunk.bias, full.bias, atol=1e-5)
+    kept = torch.tensor([0, 3, 4, 9, 15])
+    shrunk = torch.nn.Linear(5, 8)
+    refit_projection(shrunk, full, gram, kept, damping=1e-9)
+    target = (a @ full.weight.double().T + full.bias.double()).numpy()
+    design = torch.cat([a[:, kept], torch.ones(400, 1, dtype=torch.float64)], 1).numpy()
+    solved = np.linalg.lstsq(design, target, rcond=None)[0]  # [kept + 1, out]
+    assert np.abs(shrunk.weight.detach().numpy() - solved[:-1].T).max() < 1e-4
+    assert np.abs(shrunk.bias.detach().numpy() - solved[-1]).max() < 1e-4
+
+
+def test_refit_brings_the_pruned_model_nearer_its_teacher(tiny_classifier):
+    """The refitted output projections give sentence vectors nearer the unpruned model's than the
+    same heads and channels cut without it."""
+    import copy
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    source = dataclasses.replace(
+        load_encoder(str(tiny_classifier)), task="embedding", pooling="mean", normalize=True, labels=()
+    )
+    teacher = load_torch_encoder(source)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_classifier))
+    data = read_task_data(None, "embedding", ())
+    want = encode(teacher, tokenizer, TEXTS)
+    cosine = {}
+    for refit in (False, True):
+        student = copy.deepcopy(teacher)
+        prune_model(student.model, tokenizer, EncoderPruneSettings(heads=0.5, ffn=0.5, refit=refit), data)
+        got = encode(student, tokenizer, TEXTS)
+        cosine[refit] = float(torch.nn.functional.cosine_similarity(got, want).mean())
+    assert cosine[True] > cosine[False] + 0.02, cosine
+
+
 def _loss(student, teacher, tokenizer, data, task, settings) -> float:
     student.eval()
     with torch.no_grad():
@@ -99,10 +146,14 @@ def _loss(student, teacher, tokenizer, data, task, settings) -> float:
         return float(distillation_loss(out, target, labels, task, settings))
 
 
-@pytest.mark.parametrize("task", ["embedding", "classification"])
+@pytest.mark.parametrize(
+    "task,bf16", [("embedding", False), ("embedding", True), ("classification", False), ("classification", True)]
+)
 def test_distillation_lowers_the_loss_against_the_teacher(
-    task, tiny_embedder, tiny_classifier, two_label_data, tmp_path
+    task, bf16, tiny_embedder, tiny_classifier, two_label_data, tmp_path
 ):
+    """In float32 and under bfloat16 autocast (which `native_bf16` turns on where the CPU has it;
+    elsewhere it is emulated: slower, the same arithmetic)."""
     import copy
     import dataclasses
 
@@ -118,11 +169,11 @@ def test_distillation_lowers_the_loss_against_the_teacher(
     data = read_task_data(None if task == "embedding" else two_label_data, task, source.labels)
     prune_model(student.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5), data)
     steps = 60 if task == "embedding" else 30  # an embedder's token embeddings stay frozen: it learns slower
-    settings = EncoderRecoverySettings(steps=steps, learning_rate=1e-3, checkpoint_every=10)
+    settings = EncoderRecoverySettings(steps=steps, learning_rate=1e-3, checkpoint_every=10, bf16=bf16)
     before = _loss(student, teacher, tokenizer, data, task, settings)
     record = distill(student, teacher, tokenizer, data, task, settings, tmp_path / "checkpoints")
     after = _loss(student, teacher, tokenizer, data, task, settings)
-    assert record["steps_done"] == steps and record["stopped_by"] == "steps"
+    assert record["steps_done"] == steps and record["stopped_by"] == "steps" and record["bf16"] is bf16
     assert after < 0.8 * before, (before, after)
 
 
@@ -157,7 +208,9 @@ def test_an_embedder_learns_the_teachers_hidden_states_layer_by_layer(tiny_class
     after = {}
     for weight in (0.0, 10.0):  # the tiny random model's pooled vectors are far apart: its term dominates at 1
         student = copy.deepcopy(pruned)
-        settings = EncoderRecoverySettings(steps=60, learning_rate=1e-3, checkpoint_every=100, hidden_weight=weight)
+        settings = EncoderRecoverySettings(
+            steps=60, learning_rate=1e-3, checkpoint_every=100, hidden_weight=weight, bf16=False
+        )
         distill(student, teacher, tokenizer, data, "embedding", settings, tmp_path / str(weight), layer_map=layer_map)
         after[weight] = _hidden_loss(student, teacher, tokenizer, TEXTS, layer_map)
         assert not student.model.config.output_hidden_states and not teacher.model.config.output_hidden_states
@@ -208,7 +261,13 @@ def test_the_gate_refuses_a_student_pruned_too_far(trained_classifier, tmp_path)
     gate = manifest["pruning"]["gate"]
     assert not gate["passed"] and gate["unpruned_accuracy"] - gate["accuracy"] > 0.01
     assert manifest["pruning"]["pruned_from"]["path"] == str(trained_classifier)
-    assert manifest["pruning"]["settings"] == {"layers": 1, "heads": 0.75, "ffn": 0.9, "score_texts": 512}
+    assert manifest["pruning"]["settings"] == {
+        "layers": 1,
+        "heads": 0.75,
+        "ffn": 0.9,
+        "score_texts": 512,
+        "refit": True,
+    }
 
 
 def _cli(*args, cwd=None):

@@ -86,12 +86,14 @@ def prune(
     from edge_slm.builder.encoder.source import is_encoder
 
     if is_encoder(model):
-        if head_groups or sparsity or no_compensate or calibration:
+        if head_groups or sparsity or calibration:
             raise EdgeSlmError(
-                "--head-groups, --sparsity, --no-compensate and --calibration are for decoders; an encoder takes "
+                "--head-groups, --sparsity and --calibration are for decoders; an encoder takes "
                 "--layers, --heads, --ffn and --data"
             )
-        _prune_encoder(model, out, layers, heads, ffn, recover_steps, recover_minutes, data, eval_data, target)
+        _prune_encoder(
+            model, out, layers, heads, ffn, recover_steps, recover_minutes, data, eval_data, target, not no_compensate
+        )
         return
     if heads is not None or data or eval_data or target:
         raise EdgeSlmError(
@@ -136,7 +138,9 @@ def prune(
     click.echo(f"build it:     edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-pruned")
 
 
-def _prune_encoder(model, out, layers, heads, ffn, recover_steps, recover_minutes, data, eval_data, target) -> None:
+def _prune_encoder(
+    model, out, layers, heads, ffn, recover_steps, recover_minutes, data, eval_data, target, refit
+) -> None:
     from edge_slm.builder.prune.encoder import EncoderPruneSettings, prune_encoder_directory
     from edge_slm.builder.prune.encoder_recover import EncoderRecoverySettings
 
@@ -156,11 +160,16 @@ def _prune_encoder(model, out, layers, heads, ffn, recover_steps, recover_minute
         layers=layers or (defaults.layers if defaults else 0),
         heads=heads if heads is not None else (defaults.heads if defaults else 0.0),
         ffn=ffn or (defaults.ffn if defaults else 0.0),
+        refit=refit,
     )
-    steps = recover_steps or (defaults.recover_steps if defaults else 0)
-    minutes = recover_minutes or (defaults.recover_minutes if defaults else 0.0)
-    lr = defaults.recover_lr if defaults else EncoderRecoverySettings.learning_rate
-    recovery = EncoderRecoverySettings(steps=steps, learning_rate=lr, time_budget_s=60 * minutes) if steps else None
+    if defaults:
+        from edge_slm.builder.encoder.pruned import recovery_settings
+
+        recovery = recovery_settings(defaults, recover_steps, recover_minutes)
+    else:
+        recovery = (
+            EncoderRecoverySettings(steps=recover_steps, time_budget_s=60 * recover_minutes) if recover_steps else None
+        )
     record = prune_encoder_directory(model, settings, out, data, eval_data, recovery, progress=echo_err)
     final = record["final"]
     quality = (

@@ -9,6 +9,13 @@ What goes, measured on the task's texts (one text per forward pass, so no paddin
   records them in the config (`pruned_heads`), so the folder loads anywhere transformers runs;
 - FFN channels: ||a_j|| * ||W_out[:, j]||, the activation-weighted size of channel j's output
   (Wanda-style); `intermediate_size` shrinks with them.
+Then each shrunk output projection (the attention output's and the FFN's) is refitted on what
+remains: the weights and bias that best reproduce the full projection's output on the scoring
+texts, in least squares with a light ridge pull to the old weights (`refit_projection`): the
+bias takes up part of the removed channels' average output and the kept ones absorb what they
+can of the rest. Measured on all-MiniLM-L6-v2 with the shipped texts, the mean cosine to the
+unpruned model right after pruning went from 0.699 to 0.829 with a layer, a quarter of the heads
+and half the FFN removed.
 The same number of heads and channels goes from every layer: the fused Attention operator and
 transformers' config describe one width for all layers.
 
@@ -39,6 +46,7 @@ class EncoderPruneSettings:
     heads: float = 0.0  # share of attention heads removed in every remaining layer
     ffn: float = 0.0  # share of FFN channels removed in every remaining layer
     score_texts: int = 512  # task texts the importance scores are measured on
+    refit: bool = True  # refit the shrunk output projections on the kept inputs (least squares)
 
     def describe(self) -> str:
         parts = [
@@ -150,8 +158,11 @@ def layer_influence(model, batches) -> list[float]:
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
-def head_and_channel_scores(model, batches) -> tuple[list, list]:
-    """Per layer: each attention head's contribution and each FFN channel's, as tensors."""
+def head_and_channel_scores(model, batches, grams: dict | None = None, parts=("attention", "ffn")) -> tuple[list, list]:
+    """Per layer: each attention head's contribution and each FFN channel's, as tensors. With
+    `grams`, also the Gram matrices of the two output projections' inputs with a constant 1
+    appended (for the bias), keyed (layer, "attention" | "ffn"), for `refit_projection`: only
+    for the `parts` that lose heads or channels."""
     import torch
 
     base = base_of(model)
@@ -176,6 +187,16 @@ def head_and_channel_scores(model, batches) -> tuple[list, list]:
 
         hooks.append(layer.attention.output.dense.register_forward_pre_hook(attn_hook))
         hooks.append(layer.output.dense.register_forward_pre_hook(ffn_hook))
+        if grams is not None:
+            projections = (("attention", layer.attention.output.dense), ("ffn", layer.output.dense))
+            for part, projection in (pair for pair in projections if pair[0] in parts):
+
+                def gram_hook(module, args, key=(index, part)):
+                    a = args[0].reshape(-1, args[0].shape[-1]).double()
+                    a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+                    grams[key] = grams.get(key, 0) + a.T @ a
+
+                hooks.append(projection.register_forward_pre_hook(gram_hook))
     _run(model, batches, hooks)
     channel_scores = [
         sq.sqrt() * layer.output.dense.weight.double().norm(dim=0).detach()
@@ -219,25 +240,56 @@ def prune_model(model, tokenizer, settings: EncoderPruneSettings, data: TaskData
         record["layer_influence"] = [round(v, 5) for v in influence]
         record["removed_layers"] = removed
         progress(f"removed layers {removed} (block influence {', '.join(f'{v:.3f}' for v in influence)})")
-    head_scores, channel_scores = head_and_channel_scores(model, batches)
+    parts = {p for p, share in (("attention", settings.heads), ("ffn", settings.ffn)) if share}
+    grams: dict | None = {} if settings.refit and parts else None
+    head_scores, channel_scores = head_and_channel_scores(model, batches, grams, parts)
     if settings.heads:
         count = min(int(settings.heads * config.num_attention_heads), config.num_attention_heads - 1)
         drop = {i: sorted(int(h) for h in scores.argsort()[:count]) for i, scores in enumerate(head_scores)}
+        head_dim = config.hidden_size // config.num_attention_heads
+        full = [layer.attention.output.dense for layer in base.encoder.layer]  # prune_heads replaces them
         if count:
             base.prune_heads(drop)
+        if count and grams is not None:
+            for index, layer in enumerate(base.encoder.layer):
+                kept = [h for h in range(config.num_attention_heads) if h not in drop[index]]
+                columns = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
+                refit_projection(layer.attention.output.dense, full[index], grams[(index, "attention")], columns)
         record["removed_heads"] = {str(i): heads for i, heads in drop.items()}
         progress(f"removed {count} of {config.num_attention_heads} attention heads in every layer")
     if settings.ffn:
         keep = config.intermediate_size - int(settings.ffn * config.intermediate_size)
-        for layer, scores in zip(base.encoder.layer, channel_scores):
+        for index, (layer, scores) in enumerate(zip(base.encoder.layer, channel_scores)):
             kept = torch.sort(scores.argsort(descending=True)[:keep]).values
+            full = layer.output.dense
             layer.intermediate.dense = _linear(layer.intermediate.dense, rows=kept)
-            layer.output.dense = _linear(layer.output.dense, cols=kept)
+            layer.output.dense = _linear(full, cols=kept)
+            if grams is not None:
+                refit_projection(layer.output.dense, full, grams[(index, "ffn")], kept)
         record["ffn_channels"] = {"before": config.intermediate_size, "after": keep}
         progress(f"kept {keep} of {config.intermediate_size} FFN channels in every layer")
         config.intermediate_size = keep
     record["parameters_after"] = sum(p.numel() for p in model.parameters())
     return record
+
+
+def refit_projection(shrunk, full, gram, kept, damping: float = 0.1) -> None:
+    """Set `shrunk` (the projection `full` with only the input columns `kept`) to the weights and
+    bias that best reproduce `full`'s output W a + b from the kept inputs, over the scoring texts'
+    tokens: least squares on [a_kept, 1], with a ridge pull towards the old weights of 0.1 of the
+    Gram matrix's mean diagonal (lighter than the decoder's: 512 texts give thousands of tokens
+    per projection, where a decoder's calibration text gives hundreds; 0.1 and 0.01 measured the
+    same, 1.0 left more of the damage). `gram` is sum [a, 1][a, 1]^T over all of `full`'s inputs.
+    Solves (G_kk + l I) W'^T = G_k: W^T + l W_:k^T with the bias as the last input column."""
+    import torch
+
+    w = torch.cat([full.weight.data.double(), full.bias.data.double()[:, None]], 1)
+    index = torch.cat([torch.as_tensor(kept, dtype=torch.long), torch.tensor([w.shape[1] - 1])])
+    g_kk = gram[index][:, index]
+    ridge = damping * float(g_kk.diagonal().mean()) * torch.eye(len(index), dtype=torch.float64)
+    solved = torch.linalg.solve(g_kk + ridge, gram[index] @ w.T + ridge @ w[:, index].T).T
+    shrunk.weight.data = solved[:, :-1].to(full.weight.dtype).contiguous()
+    shrunk.bias.data = solved[:, -1].to(full.weight.dtype).contiguous()
 
 
 def _linear(old, rows=None, cols=None):
