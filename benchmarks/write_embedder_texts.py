@@ -12,7 +12,8 @@ what matters is the variety of inputs, not their truth.
 
 It runs `edge-slm serve --parallel 8` on the bundle and keeps eight requests in flight; a line
 per 50 replies shows progress. The output is one text per line, deduplicated, in the order of
-the requests (so a rerun with the same bundle and seeds gives the same file).
+the requests. The prompts and seeds are fixed; batched decoding can still change a sampled
+token now and then, so a rerun gives a file of the same kind, not always the same bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +95,7 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    server_log = tempfile.TemporaryFile("w+")
     server = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("edge-slm")),
@@ -108,18 +111,26 @@ def main() -> int:
             "64",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=server_log,  # a file, not a pipe: the server logs every request and a full pipe would stall it
     )
     try:
         import openai
 
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=20)
-        for _ in range(600):
+        base_url = f"http://127.0.0.1:{port}/v1"
+        probe = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=5)
+        deadline, model = time.monotonic() + 300, None
+        while model is None:
+            if server.poll() is not None:
+                server_log.seek(0)
+                sys.exit(f"edge-slm serve {args.bundle} exited: {server_log.read().strip()[-500:]}")
+            if time.monotonic() > deadline:
+                sys.exit(f"edge-slm serve {args.bundle} did not answer within 300 s")
             try:
-                model = client.models.list().data[0].id
-                break
-            except openai.APIConnectionError:
+                model = probe.models.list().data[0].id
+            except (openai.APIConnectionError, openai.APITimeoutError):
                 time.sleep(0.5)
+        # A busy server's 429 or a dropped connection is retried; anything else stops the run.
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=3, timeout=300)
         requests = [
             (kind.format(topic=topic), seed)
             for seed, (topic, kind) in enumerate((t, k) for t in topics() for k in KINDS)
@@ -145,7 +156,11 @@ def main() -> int:
             replies = list(pool.map(ask, requests))
     finally:
         server.terminate()
-        server.wait()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     seen, lines = set(), []
     for reply in replies:
         for text in texts_of(reply):

@@ -11,3 +11,6 @@ EVAL_TEXT = DATA_DIR / "eval.txt"
 CALIBRATION_TEXT = DATA_DIR / "calibration.txt"
 # English sentences and their German translations, tab-separated: the translation gate's text.
 PARALLEL_EN_DE = DATA_DIR / "parallel-en-de.txt"
+# General English on everyday topics, written by the default decoder (benchmarks/write_embedder_texts.py):
+# inputs for distilling a pruned sentence embedder beyond the shipped commands and manuals.
+GENERAL_TEXT = DATA_DIR / "general-texts.txt"

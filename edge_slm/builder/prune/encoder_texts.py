@@ -5,7 +5,10 @@ Distillation only needs inputs (the teacher gives the targets), so variety matte
 labels: short commands (the intents' training split, the smart-home requests), questions and
 answers about the manuals, the manuals' paragraphs and their sentences, the English side of the
 parallel text, the sentences of the calibration text and of the decoders' evaluation story
-(general prose: the retrieval check asks about cooking and gardening too). Held out, so the measured cosine and retrieval
+(general prose: the retrieval check asks about cooking and gardening too), and about 4,300 texts of
+general English on everyday topics the default decoder wrote (`general-texts.txt`: no corpus may be
+downloaded, and a student distilled on the shipped texts alone matched its teacher at cosine 0.98 on
+them and 0.89-0.94 on held-out ones). Held out, so the measured cosine and retrieval
 top-1 are on texts the student never saw: the intents test split and the retrieval check's
 queries and passages (any training text equal to one of them, ignoring case, is dropped).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-from edge_slm.core.data import CALIBRATION_TEXT, DATA_DIR, EVAL_TEXT, PARALLEL_EN_DE
+from edge_slm.core.data import CALIBRATION_TEXT, DATA_DIR, EVAL_TEXT, GENERAL_TEXT, PARALLEL_EN_DE
 from edge_slm.core.labelled import INTENTS_TEST, INTENTS_TRAIN, read_examples, read_retrieval
 
 MANUALS = DATA_DIR / "manuals"
@@ -41,6 +44,7 @@ def shipped_embedder_texts() -> list[str]:
         texts += [paragraph, *sentences(paragraph)]
     texts += [line.split("\t")[0] for line in PARALLEL_EN_DE.read_text("utf-8").splitlines() if "\t" in line]
     texts += sentences(CALIBRATION_TEXT.read_text("utf-8")) + sentences(EVAL_TEXT.read_text("utf-8"))
+    texts += GENERAL_TEXT.read_text("utf-8").splitlines()
     held_out = {t.strip().lower() for t in held_out_texts()}
     seen, kept = set(), []
     for text in (t.strip() for t in texts):
