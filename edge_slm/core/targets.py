@@ -121,6 +121,7 @@ class EncoderPrune:
     recover_steps: int = 0  # distillation steps from the unpruned model on the task's data
     recover_minutes: float = 0.0  # time budget for them (0: none)
     recover_lr: float = 1e-4  # distillation's peak learning rate (warm-up, then cosine decay over recover_steps)
+    recover_max_tokens: int = 128  # distillation's inputs are cut to this many tokens
     max_accuracy_drop: float = 0.01  # classifier: test accuracy at most 1 point below the unpruned fp32 model
     min_cosine: float = 0.95  # embedder: mean cosine similarity to the unpruned model's embeddings
     max_recall_drop: float = 0.02  # embedder: retrieval top-1 at most 2 points below the unpruned model's
@@ -375,6 +376,13 @@ def _check_values(profile: Profile, where: str) -> None:
         )
     if not 90 <= q.calibration_percentile <= 100:
         raise ProfileError(f"{where}: 'quantize.calibration_percentile' is {q.calibration_percentile}; use 90-100")
+    for table in ("classifier_prune", "embedder_prune"):
+        spec = getattr(profile, table)
+        if spec is not None and not 8 <= spec.recover_max_tokens <= 8192:
+            raise ProfileError(
+                f"{where}: '{table}.recover_max_tokens' is {spec.recover_max_tokens}; use 8-8192 (tokens a "
+                "distillation input is cut to)"
+            )
     e = profile.encoder
     if not 8 <= e.max_sequence_length <= 8192:
         raise ProfileError(f"{where}: 'encoder.max_sequence_length' is {e.max_sequence_length}; use 8 to 8192")

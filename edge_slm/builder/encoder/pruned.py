@@ -50,16 +50,9 @@ def prune_section(profile: Profile, task: str) -> EncoderPrune:
 def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path | None, cache: Path, note) -> Path:
     """The pruned (and recovered) model directory in the cache, made now if it is not there."""
     from edge_slm.builder.prune.encoder import PRUNE_RECORD, EncoderPruneSettings, prune_encoder_directory
-    from edge_slm.builder.prune.encoder_recover import EncoderRecoverySettings
 
     settings = EncoderPruneSettings(layers=spec.layers, heads=spec.heads, ffn=spec.ffn)
-    recovery = (
-        EncoderRecoverySettings(
-            steps=spec.recover_steps, learning_rate=spec.recover_lr, time_budget_s=60 * spec.recover_minutes
-        )
-        if spec.recover_steps
-        else None
-    )
+    recovery = recovery_settings(spec)
     key = json.dumps(
         {
             "source": source.source.get("sha256"),
@@ -78,6 +71,18 @@ def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path 
         note(settings.describe() + (f", then up to {recovery.steps} distillation steps" if recovery else ""))
         prune_encoder_directory(str(source.path), settings, target, data, eval_data, recovery, progress=note)
     return target
+
+
+def recovery_settings(spec: EncoderPrune, steps: int = 0, minutes: float = 0.0):
+    """The [*_prune] table's distillation (`steps` / `minutes` override it when given); None without steps."""
+    from edge_slm.builder.prune.encoder_recover import EncoderRecoverySettings
+
+    steps, minutes = steps or spec.recover_steps, minutes or spec.recover_minutes
+    if not steps:
+        return None
+    return EncoderRecoverySettings(
+        steps=steps, learning_rate=spec.recover_lr, time_budget_s=60 * minutes, max_length=spec.recover_max_tokens
+    )
 
 
 def _shipped_texts_hash(task: str) -> str | None:
