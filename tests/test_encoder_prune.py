@@ -106,7 +106,7 @@ def test_refit_projection_is_the_least_squares_fit_on_the_kept_inputs():
     kept = torch.tensor([0, 3, 4, 9, 15])
     shrunk = torch.nn.Linear(5, 8)
     refit_projection(shrunk, full, gram, kept, damping=1e-9)
-    target = (a @ full.weight.double().T + full.bias.double()).numpy()
+    target = (a @ full.weight.double().T + full.bias.double()).detach().numpy()
     design = torch.cat([a[:, kept], torch.ones(400, 1, dtype=torch.float64)], 1).numpy()
     solved = np.linalg.lstsq(design, target, rcond=None)[0]  # [kept + 1, out]
     assert np.abs(shrunk.weight.detach().numpy() - solved[:-1].T).max() < 1e-4
@@ -298,3 +298,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_classifier, tiny_embedder, two_la
     line = _cli("--model", tiny_embedder, "--out", mine, "--layers", "1")
     assert "edge-slm replaces only folders it wrote itself" in line
     assert (mine / "notes.txt").read_text() == "my notes" and not out.exists()
+
+
+def test_a_profile_refuses_distillation_inputs_cut_too_short(tmp_path):
+    from edge_slm.core.errors import ProfileError
+    from edge_slm.core.targets import load_profile
+
+    path = write_profile(tmp_path / "p.toml", "x86-laptop", "short", embedder_prune={"recover_max_tokens": 0})
+    with pytest.raises(ProfileError, match=r"'embedder_prune.recover_max_tokens' is 0; use 8-8192"):
+        load_profile(str(path))

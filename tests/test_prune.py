@@ -265,6 +265,7 @@ def test_profile_prune_outside_its_limit_is_refused_unless_allowed(three_layers,
     assert proc.returncode == 0, proc.stderr
     assert "using the cached pruned model" in proc.stderr
     assert "OUTSIDE (allowed by --allow-accuracy-loss) the limit of +1.0%" in proc.stderr
+    assert "OUTSIDE the pruning budget against the unpruned model (published by --allow-accuracy-loss)" in proc.stdout
     pruning = json.loads((allowed / "manifest.json").read_text())["pruning"]
     assert pruning["gate"] == {
         "max_ppl_increase": 0.01,

@@ -90,6 +90,9 @@ def build(
     )
     manifest = read_manifest(out)  # as a device will read it
     checked = "validated against torch" + (", accuracy gate passed" if manifest.accuracy_passed else "")
+    pruning_gate = (manifest.pruning or {}).get("gate") or {}
+    if pruning_gate.get("passed") is False:
+        checked += "; OUTSIDE the pruning budget against the unpruned model (published by --allow-accuracy-loss)"
     click.echo(f"bundle ready: {out}  ({manifest.precision}, {manifest.size_bytes / 1e6:.0f} MB, {checked})")
     click.echo(f"inspect it:   edge-slm inspect {out}")
     click.echo(f"run it:       {RUN_IT[type(manifest)](manifest, out)}")
