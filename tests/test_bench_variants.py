@@ -29,17 +29,24 @@ def pruned_embedder_bundle(tiny_embedder, encoder_profile, tmp_path_factory):
 def bench_runs(embedder_bundles, pruned_embedder_bundle, tmp_path_factory):
     """Records of the unpruned fp32 and int8 bundles in one file, and the pruned bundle's run
     with `--against` that file: (records, the pruned run's records, what that run printed)."""
+    return bench_side_by_side(tmp_path_factory.mktemp("variant-records"), embedder_bundles, pruned_embedder_bundle)
+
+
+def bench_side_by_side(root, unpruned_bundles, pruned_bundle, *options: str):
+    """`edge-slm bench` (one quick run, `options` added) of the unpruned bundles into one file, then
+    of the pruned bundle with `--against` it: (the unpruned records, the pruned run's records, what
+    that run printed, `root`)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    root = tmp_path_factory.mktemp("variant-records")
     unpruned, pruned = root / "unpruned.jsonl", root / "pruned.jsonl"
     bench = [str(Path(sys.executable).parent / "edge-slm"), "bench", "-r", "1", "--warmup", "0", "--threads", "1"]
-    for bundle in embedder_bundles:
+    bench += list(options)
+    for bundle in unpruned_bundles:
         subprocess.run([*bench, str(bundle), "--out", str(unpruned)], check=True, capture_output=True)
     printed = subprocess.run(
-        [*bench, str(pruned_embedder_bundle), "--out", str(pruned), "--against", str(unpruned)],
+        [*bench, str(pruned_bundle), "--out", str(pruned), "--against", str(unpruned)],
         check=True,
         capture_output=True,
         text=True,

@@ -5,14 +5,9 @@ int8 bundle built from a profile with a [prune] section (no recovery), each benc
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from conftest import make_model
-from test_bench_variants import cells_by_bundle
+from test_bench_variants import bench_side_by_side, cells_by_bundle
 
 from edge_slm.harness.report import write_report
 from edge_slm.runtime.bench_results import results_of
@@ -48,19 +43,8 @@ def bench_runs(decoder_bundles, tmp_path_factory):
     """(the unpruned records, the pruned run's records, what that run printed, the folder)."""
     fp32, int8, pruned_bundle = decoder_bundles
     root = tmp_path_factory.mktemp("decoder-variant-records")
-    unpruned, pruned = root / "unpruned.jsonl", root / "pruned.jsonl"
-    bench = [str(Path(sys.executable).parent / "edge-slm"), "bench", "-r", "1", "--warmup", "0", "--threads", "1"]
-    bench += ["--prompt-tokens", "16", "--gen-tokens", "8"]
-    for bundle in (fp32, int8):
-        subprocess.run([*bench, str(bundle), "--out", str(unpruned)], check=True, capture_output=True)
-    printed = subprocess.run(
-        [*bench, str(pruned_bundle), "--out", str(pruned), "--against", str(unpruned)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
-    return read(unpruned), read(pruned), printed, root
+    options = ("--prompt-tokens", "16", "--gen-tokens", "8")
+    return bench_side_by_side(root, (fp32, int8), pruned_bundle, *options)
 
 
 def test_records_name_the_base_model_and_what_pruning_removed(bench_runs):
