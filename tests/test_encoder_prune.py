@@ -309,3 +309,44 @@ def test_a_profile_refuses_distillation_inputs_cut_too_short(tmp_path):
     path = write_profile(tmp_path / "p.toml", "x86-laptop", "short", embedder_prune={"recover_max_tokens": 0})
     with pytest.raises(ProfileError, match=r"'embedder_prune.recover_max_tokens' is 0; use 8-8192"):
         load_profile(str(path))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_recovery_checkpoints_stay_in_the_cache_and_resume_only_the_same_run(tiny_classifier, two_label_data, tmp_path):
+    """An interrupted recovery resumes when the same command runs again, never from another model's
+    checkpoint of the same shape and settings; its checkpoints live in edge-slm's cache, so a folder
+    of the user's beside --out (named as the checkpoints once were) is neither used nor removed."""
+    other = make_encoder(tmp_path / "other", "classification", seed=7)  # same shape, other weights
+    rows = two_label_data.read_text().splitlines()
+    data = tmp_path / "small.jsonl"  # a few texts of each label keep the three runs quick
+    data.write_text("\n".join(rows[:12] + rows[-12:]) + "\n")
+    out = tmp_path / "pruned"
+    theirs = tmp_path / ".pruned.recovery"
+    theirs.mkdir()
+    (theirs / "thesis.txt").write_text("mine")
+    settings = EncoderPruneSettings(layers=1, score_texts=8)
+    recovery = EncoderRecoverySettings(steps=12, batch_size=4, checkpoint_every=5, bf16=False)
+
+    def interrupt_at_step_10(message):  # as Ctrl-C would, after the checkpoint of step 5
+        if message.startswith("recovery step 10/"):
+            raise Interrupted(message)
+
+    def run(model, progress):
+        return prune_encoder_directory(str(model), settings, out, data, data, recovery, progress=progress)
+
+    with pytest.raises(Interrupted):
+        run(tiny_classifier, interrupt_at_step_10)
+    with pytest.raises(Interrupted):  # the other model starts at step 0 and is stopped before step 10's checkpoint
+        messages = []
+        run(other, lambda m: (messages.append(m), interrupt_at_step_10(m)))
+    assert not any(m.startswith(("resuming", "the teacher's outputs from the checkpoint")) for m in messages)
+    messages = []
+    record = run(tiny_classifier, messages.append)
+    assert "resuming recovery at step 5/12" in messages and record["recovery"]["steps_done"] == 12
+    assert (theirs / "thesis.txt").read_text() == "mine" and sorted(p.name for p in theirs.iterdir()) == ["thesis.txt"]
+    from edge_slm.builder.prune.checkpoints import checkpoint_dir
+
+    assert not checkpoint_dir(out).exists() and (out / "edge_slm_prune.json").is_file()

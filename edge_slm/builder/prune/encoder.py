@@ -32,6 +32,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_slm.builder.prune.checkpoints import checkpoint_dir, remove_checkpoints
 from edge_slm.core.errors import ModelError
 from edge_slm.core.labelled import INTENTS_TEST, DataError, read_examples, read_retrieval
 from edge_slm.core.outputs import check_output_folder, output_folder
@@ -389,7 +390,6 @@ def prune_encoder_directory(
 ) -> dict:
     """`edge-slm prune` for encoders: load, score, prune, measure, distil, measure, write `out`."""
     import copy
-    import shutil
 
     from edge_slm.builder.encoder.export import load_torch_encoder
     from edge_slm.builder.encoder.source import load_encoder
@@ -419,15 +419,18 @@ def prune_encoder_directory(
     key = "accuracy" if source.task == "classification" else "mean_cosine"
     measured = {"pruned": measure(student, teacher, tokenizer, source.task, eval_examples[0], list(source.labels))}
     progress(f"after pruning: {_line(measured['pruned'], source.task)}")
-    checkpoints = out.parent / f".{out.name}.recovery"
+    checkpoints = checkpoint_dir(out)
     if recovery is not None and recovery.steps > 0:
         from edge_slm.builder.prune.encoder_recover import distill, teacher_layers
 
         layer_map = teacher_layers(
             student.model.config.num_hidden_layers, record["layers_before"], record.get("removed_layers", [])
         )
+        # The teacher and the pruning are part of what a checkpoint belongs to: the same --out,
+        # settings and data with another model (of the same shape) must not resume its run.
+        run = {"teacher": source.source.get("sha256"), "prune": asdict(settings)}
         record["recovery"] = distill(
-            student, teacher, tokenizer, data, source.task, recovery, checkpoints, progress, layer_map
+            student, teacher, tokenizer, data, source.task, recovery, checkpoints, progress, layer_map, run
         )
         measured["recovered"] = measure(student, teacher, tokenizer, source.task, eval_examples[0], list(source.labels))
         progress(f"after recovery: {_line(measured['recovered'], source.task)}")
@@ -438,7 +441,7 @@ def prune_encoder_directory(
         student.model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         (staging / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    remove_checkpoints(out)
     return record
 
 

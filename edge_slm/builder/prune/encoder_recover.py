@@ -124,9 +124,11 @@ def distill(
     checkpoint_dir: Path,
     progress=lambda msg: None,
     layer_map: list[int] | None = None,
+    run: dict | None = None,
 ) -> dict:
     """Distil `teacher` into `student` (both heads from `encoder.export.EncoderHead`) in place.
-    `layer_map`: the teacher layer each student layer was cut from (hidden-state matching)."""
+    `layer_map`: the teacher layer each student layer was cut from (hidden-state matching);
+    `run`: what else a checkpoint must match to be resumed (the teacher's hash, the pruning)."""
     import torch
 
     from edge_slm.builder.prune.encoder import encode, token_limit
@@ -138,7 +140,7 @@ def distill(
         if k in ("num_hidden_layers", "intermediate_size", "pruned_heads")
     }
     key = hashlib.sha256(
-        json.dumps([asdict(settings), shape, data.texts, data.labels], sort_keys=True, default=str).encode()
+        json.dumps([asdict(settings), shape, data.texts, data.labels, run], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     targets_path, state_path = checkpoint_dir / f"teacher-{key}.pt", checkpoint_dir / f"state-{key}.pt"
     # An embedder matching hidden states runs the teacher on every batch anyway: its targets are
@@ -170,7 +172,7 @@ def distill(
     by_time = task != "classification" and settings.time_budget_s > 0
     step, losses = 0, []
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

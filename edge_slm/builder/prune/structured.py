@@ -27,6 +27,7 @@ import numpy as np
 
 from edge_slm.builder.decoder.export import head_dim_of
 from edge_slm.builder.prune.calibration import calibration_batches, calibration_pass
+from edge_slm.builder.prune.checkpoints import checkpoint_dir, remove_checkpoints
 from edge_slm.core.data import CALIBRATION_TEXT, EVAL_TEXT
 from edge_slm.core.errors import ModelError
 from edge_slm.core.outputs import check_output_folder, output_folder
@@ -352,7 +353,6 @@ def prune_directory(
     Perplexity is measured on the shipped evaluation text, never trained on."""
     import copy
     import os
-    import shutil
 
     import torch
 
@@ -388,8 +388,6 @@ def prune_directory(
     out.parent.mkdir(parents=True, exist_ok=True)
     if recovery is not None and recovery.steps > 0:
         from edge_slm.builder.prune.recover import recover
-
-        checkpoints = out.parent / f".{out.name}.recovery"
         from edge_slm.core.cache import cache_root
 
         record["recovery"] = recover(
@@ -398,7 +396,7 @@ def prune_directory(
             tokenizer,
             calibration_text,
             recovery,
-            checkpoints,
+            checkpoint_dir(out),
             progress,
             data_dir=cache_root() / "distillation",
             teacher_id=loaded.source.get("sha256", ""),
@@ -415,7 +413,7 @@ def prune_directory(
     record["ppl_increase"] = final / ppl_before - 1
     with output_folder(out, "edge-slm prune") as staging:  # checks `out` again: it may have changed meanwhile
         save_pruned(student, tokenizer, staging, record)
-    shutil.rmtree(out.parent / f".{out.name}.recovery", ignore_errors=True)
+    remove_checkpoints(out)
     return record
 
 

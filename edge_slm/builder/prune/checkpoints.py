@@ -1,0 +1,22 @@
+"""Where a pruning run keeps its recovery checkpoints: in edge-slm's cache, one folder per output
+path, so that the same command run again after an interruption resumes, and nothing is written
+beside the user's --out or removed from there (a folder of theirs named like ours stays theirs)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from edge_slm.core.cache import cache_root
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """The checkpoint folder of the run that writes `out` (the same for every spelling of the path)."""
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+    return cache_root() / "prune-checkpoints" / key
+
+
+def remove_checkpoints(out: Path) -> None:
+    """Drop the checkpoints once `out` is published: only edge-slm's cache folder is removed."""
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
