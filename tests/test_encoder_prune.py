@@ -350,3 +350,60 @@ def test_recovery_checkpoints_stay_in_the_cache_and_resume_only_the_same_run(tin
     from edge_slm.builder.prune.checkpoints import checkpoint_dir
 
     assert not checkpoint_dir(out).exists() and (out / "edge_slm_prune.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("heads", 1.0, "'embedder_prune.heads' is 1.0; give the share to remove in every layer, from 0 up to but not"),
+        ("ffn", float("nan"), "'embedder_prune.ffn' is nan; give the share"),
+        ("layers", -1, "'embedder_prune.layers' is -1; use 0 or more"),
+        ("recover_steps", -5, "'embedder_prune.recover_steps' is -5; use 0 or more"),
+        ("recover_minutes", float("nan"), "'embedder_prune.recover_minutes' is nan; use 0 (no limit) or more"),
+        ("recover_lr", 0.0, "'embedder_prune.recover_lr' is 0.0; use a learning rate above 0, up to 1"),
+        ("min_cosine", float("nan"), "'embedder_prune.min_cosine' is nan; use a share from 0 to 1"),
+        ("max_recall_drop", -0.1, "'embedder_prune.max_recall_drop' is -0.1; use a share from 0 to 1"),
+    ],
+)
+def test_a_profile_refuses_prune_values_no_model_can_take(key, value, message, tmp_path):
+    """Refused when the profile loads, in one line naming the key: a nan budget would pass any
+    model (every comparison with nan is false), a nan share would reach torch."""
+    from edge_slm.core.errors import ProfileError
+    from edge_slm.core.targets import load_profile
+
+    path = write_profile(tmp_path / "p.toml", "x86-laptop", "bad", embedder_prune={key: value})
+    with pytest.raises(ProfileError) as refused:
+        load_profile(str(path))
+    assert str(refused.value).startswith(f"{path}: {message}") and "\n" not in str(refused.value)
+
+
+def _main(capsys, *args) -> tuple[int, str]:
+    from edge_slm.cli import main
+
+    try:
+        main([*map(str, args)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_settings_from_a_profile_are_named_there_and_options_override_them(
+    tiny_embedder, two_label_data, tmp_path, capsys
+):
+    """A layer count the model cannot take, read from the profile's table, is refused naming the
+    table (not an option the user never passed); an option given as 0 overrides the profile's value."""
+    profile = write_profile(tmp_path / "p.toml", "x86-laptop", "deep", embedder_prune={"layers": 5, "ffn": 0.5})
+    out = tmp_path / "out"
+    code, line = _main(capsys, "prune", "--model", tiny_embedder, "--out", out, "--target", profile)
+    assert (code, line) == (2, f"error: {profile}: [embedder_prune] layers = 5: this model has 2 layers; remove 0 to 1")
+    code, line = _main(capsys, "prune", "--model", tiny_embedder, "--out", out, "--target", profile, "--layers", 3)
+    assert (code, line) == (2, "error: --layers 3: this model has 2 layers; remove 0 to 1")
+    args = ("prune", "--model", tiny_embedder, "--out", out, "--target", profile, "--layers", 0, "--ffn", 0)
+    assert _main(capsys, *args) == (2, "error: nothing to prune: pass --layers, --heads and/or --ffn")
+    code, line = _main(capsys, "prune", "-m", tiny_embedder, "-o", out, "--layers", 1, "--recover-minutes", "nan")
+    assert (code, line) == (
+        2,
+        "error: --recover-steps and --recover-minutes must be 0 or more (minutes: 0 for no limit)",
+    )
+    assert not out.exists()

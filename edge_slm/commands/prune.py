@@ -16,7 +16,9 @@ from edge_slm.core.errors import EdgeSlmError
 @click.command()
 @click.option("--model", "-m", default=None, help="smollm2-135m (default), a .gguf file or a HF model dir.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output model directory.")
-@click.option("--ffn", type=float, default=0.0, help="Share of FFN channels to remove in every layer (0.25 keeps 75%).")
+@click.option(
+    "--ffn", type=float, default=None, help="Share of FFN channels to remove in every layer (0.25 keeps 75%) [0]."
+)
 @click.option(
     "--head-groups",
     type=int,
@@ -24,7 +26,10 @@ from edge_slm.core.errors import EdgeSlmError
     help="Whole GQA groups (a key/value head and its query heads) to remove per layer.",
 )
 @click.option(
-    "--layers", type=int, default=0, help="Whole decoder layers to remove (those that change their input least)."
+    "--layers",
+    type=int,
+    default=None,
+    help="Whole layers to remove (those that change their input least) [0, or the --target profile's].",
 )
 @click.option(
     "--calibration",
@@ -67,9 +72,9 @@ from edge_slm.core.errors import EdgeSlmError
 def prune(
     model: str | None,
     out: Path,
-    ffn: float,
+    ffn: float | None,
     head_groups: int,
-    layers: int,
+    layers: int | None,
     calibration: Path | None,
     recover_steps: int,
     recover_minutes: float,
@@ -100,13 +105,13 @@ def prune(
             "--heads, --data, --eval-data and --target are for encoders (a classifier or embedder folder); "
             "a decoder takes --head-groups and --calibration"
         )
+    ffn, layers = ffn or 0.0, layers or 0
     from edge_slm.builder.prune.recover import RecoverySettings
     from edge_slm.builder.prune.structured import PruneSettings, prune_directory
 
     if calibration is not None and not calibration.is_file():
         raise EdgeSlmError(f"--calibration {calibration}: no such file; pass a UTF-8 text file")
-    if recover_steps < 0 or recover_minutes < 0:
-        raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more")
+    _check_recovery_options(recover_steps, recover_minutes)
     if sparsity_pattern == "2:4" and not sparsity:
         sparsity = 0.5
     settings = PruneSettings(
@@ -147,19 +152,23 @@ def _prune_encoder(
     for option, path in (("--data", data), ("--eval-data", eval_data)):
         if path is not None and not path.is_file():
             raise EdgeSlmError(f"{option} {path}: no such file")
-    if recover_steps < 0 or recover_minutes < 0:
-        raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more")
-    defaults = None
+    _check_recovery_options(recover_steps, recover_minutes)
+    defaults, labels = None, {}
     if target:
-        from edge_slm.builder.encoder.pruned import prune_section
+        from edge_slm.builder.encoder.pruned import profile_labels, prune_section
         from edge_slm.builder.encoder.source import load_encoder
         from edge_slm.core.targets import load_profile
 
-        defaults = prune_section(load_profile(target), load_encoder(model).task)
+        profile, task = load_profile(target), load_encoder(model).task
+        defaults = prune_section(profile, task)
+        # A value the options leave out comes from the profile, and a refusal names it there.
+        given = {"layers": layers, "heads": heads, "ffn": ffn}
+        from_profile = tuple(name for name, value in given.items() if value is None)
+        labels = profile_labels(profile, task, from_profile)[0]
     settings = EncoderPruneSettings(
-        layers=layers or (defaults.layers if defaults else 0),
+        layers=layers if layers is not None else (defaults.layers if defaults else 0),
         heads=heads if heads is not None else (defaults.heads if defaults else 0.0),
-        ffn=ffn or (defaults.ffn if defaults else 0.0),
+        ffn=ffn if ffn is not None else (defaults.ffn if defaults else 0.0),
         refit=refit,
     )
     if defaults:
@@ -170,7 +179,7 @@ def _prune_encoder(
         recovery = (
             EncoderRecoverySettings(steps=recover_steps, time_budget_s=60 * recover_minutes) if recover_steps else None
         )
-    record = prune_encoder_directory(model, settings, out, data, eval_data, recovery, progress=echo_err)
+    record = prune_encoder_directory(model, settings, out, data, eval_data, recovery, echo_err, labels=labels)
     final = record["final"]
     quality = (
         f"accuracy {100 * final['accuracy']:.1f}%"
@@ -181,6 +190,12 @@ def _prune_encoder(
         f"pruned encoder: {out}  ({record['parameters_before'] / 1e6:.1f}M -> {record['parameters_after'] / 1e6:.1f}M "
         f"parameters; {quality})"
     )
+    kind = "classifier" if "accuracy" in final else "embedder"
     click.echo(
-        f"build it:       edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-classifier-pruned"
+        f"build it:       edge-slm build --target x86-laptop --model {out} --out export/x86-laptop-{kind}-pruned"
     )
+
+
+def _check_recovery_options(steps: int, minutes: float) -> None:
+    if steps < 0 or not 0 <= minutes < float("inf"):  # `not` in range: nan is refused too
+        raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more (minutes: 0 for no limit)")

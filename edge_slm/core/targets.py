@@ -378,11 +378,8 @@ def _check_values(profile: Profile, where: str) -> None:
         raise ProfileError(f"{where}: 'quantize.calibration_percentile' is {q.calibration_percentile}; use 90-100")
     for table in ("classifier_prune", "embedder_prune"):
         spec = getattr(profile, table)
-        if spec is not None and not 8 <= spec.recover_max_tokens <= 8192:
-            raise ProfileError(
-                f"{where}: '{table}.recover_max_tokens' is {spec.recover_max_tokens}; use 8-8192 (tokens a "
-                "distillation input is cut to)"
-            )
+        if spec is not None:
+            _check_encoder_prune(spec, where, table)
     e = profile.encoder
     if not 8 <= e.max_sequence_length <= 8192:
         raise ProfileError(f"{where}: 'encoder.max_sequence_length' is {e.max_sequence_length}; use 8 to 8192")
@@ -400,3 +397,34 @@ def _check_values(profile: Profile, where: str) -> None:
             )
     if not profile.runtime.execution_providers:
         raise ProfileError(f"{where}: 'runtime.execution_providers' must name at least one provider")
+
+
+def _check_encoder_prune(spec: EncoderPrune, where: str, table: str) -> None:
+    """The [classifier_prune] / [embedder_prune] values that cannot be right for any model (the layer
+    count is checked against the model when it is loaded). Written as `not (in range)` so that nan,
+    which TOML allows and every comparison rejects, is refused too: a nan budget would pass any model."""
+    shares = {"heads": spec.heads, "ffn": spec.ffn}
+    for key, value in shares.items():
+        if not 0 <= value < 1:
+            raise ProfileError(
+                f"{where}: '{table}.{key}' is {value}; give the share to remove in every layer, from 0 up to "
+                "but not including 1 (0.25 removes a quarter)"
+            )
+    counts = {"layers": spec.layers, "recover_steps": spec.recover_steps}
+    for key, value in counts.items():
+        if value < 0:
+            raise ProfileError(f"{where}: '{table}.{key}' is {value}; use 0 or more")
+    if not 0 <= spec.recover_minutes < float("inf"):
+        raise ProfileError(f"{where}: '{table}.recover_minutes' is {spec.recover_minutes}; use 0 (no limit) or more")
+    if not 0 < spec.recover_lr <= 1:
+        raise ProfileError(
+            f"{where}: '{table}.recover_lr' is {spec.recover_lr}; use a learning rate above 0, up to 1 (e.g. 1e-4)"
+        )
+    if not 8 <= spec.recover_max_tokens <= 8192:
+        raise ProfileError(
+            f"{where}: '{table}.recover_max_tokens' is {spec.recover_max_tokens}; use 8-8192 (tokens a "
+            "distillation input is cut to)"
+        )
+    for key in ("max_accuracy_drop", "min_cosine", "max_recall_drop"):
+        if not 0 <= getattr(spec, key) <= 1:
+            raise ProfileError(f"{where}: '{table}.{key}' is {getattr(spec, key)}; use a share from 0 to 1")

@@ -99,7 +99,10 @@ def prune_stage(loaded: LoadedEncoder, profile: Profile, cache: Path, note) -> L
     """The pruned, distilled model (made in the cache, or found there) in place of the loaded one."""
     spec = pruned.prune_section(profile, loaded.source.task)
     request = loaded.request
-    directory = pruned.pruned_model(loaded.source, spec, request.prune_data, request.gate_data, cache, note)
+    labels, nothing = pruned.profile_labels(profile, loaded.source.task)
+    directory = pruned.pruned_model(
+        loaded.source, spec, request.prune_data, request.gate_data, cache, note, labels, nothing
+    )
     source = load_encoder(str(directory))
     source = dataclasses.replace(source, source={**source.source, "pruned_from": loaded.source.source})
     record = pruned.record_of(directory) or {}

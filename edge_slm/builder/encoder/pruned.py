@@ -42,13 +42,27 @@ RECORD_KEYS = (
 def prune_section(profile: Profile, task: str) -> EncoderPrune:
     spec = profile.classifier_prune if task == "classification" else profile.embedder_prune
     if spec is None:
-        table = "classifier_prune" if task == "classification" else "embedder_prune"
-        raise ProfileError(f"{profile.name}: --prune needs a [{table}] table in the profile (layers, heads, ffn, ...)")
+        raise ProfileError(
+            f"{profile.name}: --prune needs a [{table_of(task)}] table in the profile (layers, heads, ffn, ...)"
+        )
     return spec
 
 
-def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path | None, cache: Path, note) -> Path:
-    """The pruned (and recovered) model directory in the cache, made now if it is not there."""
+def table_of(task: str) -> str:
+    return "classifier_prune" if task == "classification" else "embedder_prune"
+
+
+def profile_labels(profile: Profile, task: str, fields=("layers", "heads", "ffn")) -> tuple[dict[str, str], str]:
+    """How a refusal names the pruning settings that came from the profile's table (`check_settings`)."""
+    where = f"{profile.source or profile.name}: [{table_of(task)}]"
+    return {name: f"{where} {name} =" for name in fields}, f"{where} removes nothing: set layers, heads and/or ffn"
+
+
+def pruned_model(
+    source, spec: EncoderPrune, data: Path | None, eval_data: Path | None, cache: Path, note, labels=None, nothing=None
+) -> Path:
+    """The pruned (and recovered) model directory in the cache, made now if it is not there.
+    `labels` and `nothing`: how a refusal names the profile's settings (`profile_labels`)."""
     from edge_slm.builder.prune.encoder import PRUNE_RECORD, EncoderPruneSettings, prune_encoder_directory
 
     settings = EncoderPruneSettings(layers=spec.layers, heads=spec.heads, ffn=spec.ffn)
@@ -69,7 +83,9 @@ def pruned_model(source, spec: EncoderPrune, data: Path | None, eval_data: Path 
         note(f"using the cached pruned model {target}")
     else:
         note(settings.describe() + (f", then up to {recovery.steps} distillation steps" if recovery else ""))
-        prune_encoder_directory(str(source.path), settings, target, data, eval_data, recovery, progress=note)
+        prune_encoder_directory(
+            str(source.path), settings, target, data, eval_data, recovery, note, labels=labels, nothing=nothing
+        )
     return target
 
 

@@ -67,22 +67,27 @@ class TaskData:
     where: str
 
 
-def check_settings(settings: EncoderPruneSettings, config, option_prefix: str = "--") -> None:
-    """Refuse what the model cannot take, before any work, naming what is possible."""
+def check_settings(
+    settings: EncoderPruneSettings, config, labels: dict[str, str] | None = None, nothing: str | None = None
+) -> None:
+    """Refuse what the model cannot take, before any work, naming what is possible. `labels` name
+    where a value came from (default: its option, "--layers"; a profile's table gives
+    "FILE: [embedder_prune] layers ="), `nothing` what to say when nothing would be removed."""
+    labels = {name: f"--{name}" for name in ("layers", "heads", "ffn")} | (labels or {})
     for name in ("heads", "ffn"):
         value = getattr(settings, name)
         if not 0 <= value < 1 or math.isnan(value):
             raise ModelError(
-                f"{option_prefix}{name} {value}: give the share to remove in every layer, above 0 and below 1 "
+                f"{labels[name]} {value}: give the share to remove in every layer, above 0 and below 1 "
                 "(0.25 removes a quarter)"
             )
     layers = config.num_hidden_layers
     if not 0 <= settings.layers < layers:
         raise ModelError(
-            f"{option_prefix}layers {settings.layers}: this model has {layers} layers; remove 0 to {layers - 1}"
+            f"{labels['layers']} {settings.layers}: this model has {layers} layers; remove 0 to {layers - 1}"
         )
     if not (settings.layers or settings.heads or settings.ffn):
-        raise ModelError("nothing to prune: pass --layers, --heads and/or --ffn")
+        raise ModelError(nothing or "nothing to prune: pass --layers, --heads and/or --ffn")
     if config.model_type not in PRUNABLE:
         raise ModelError(
             f"encoder pruning handles the {' and '.join(PRUNABLE)} layouts; this model is {config.model_type}"
@@ -387,8 +392,11 @@ def prune_encoder_directory(
     eval_path: Path | None = None,
     recovery=None,
     progress=lambda msg: None,
+    labels: dict[str, str] | None = None,
+    nothing: str | None = None,
 ) -> dict:
-    """`edge-slm prune` for encoders: load, score, prune, measure, distil, measure, write `out`."""
+    """`edge-slm prune` for encoders: load, score, prune, measure, distil, measure, write `out`.
+    `labels` and `nothing`: how a refusal names the settings (`check_settings`)."""
     import copy
 
     from edge_slm.builder.encoder.export import load_torch_encoder
@@ -398,7 +406,7 @@ def prune_encoder_directory(
     check_prune_output(out)
     source = load_encoder(model_ref)
     teacher = load_torch_encoder(source)
-    check_settings(settings, teacher.model.config)
+    check_settings(settings, teacher.model.config, labels, nothing)
     data = read_task_data(data_path, source.task, source.labels)
     eval_examples = _eval_examples(eval_path, source)
     from transformers import AutoTokenizer
