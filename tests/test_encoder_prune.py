@@ -293,7 +293,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_classifier, tiny_embedder, two_la
     line = _cli("--model", tiny_classifier, "--out", out, "--layers", "1", "--data", unlabelled)
     assert line == f"error: {unlabelled}:1: each line needs the keys 'text' and 'label'"
     line = _cli("--model", tiny_embedder, "--out", out, "--layers", "1", "--data", two_label_data)
-    assert line.startswith(f"error: {two_label_data}: labelled data is a classifier's task; an embedder is pruned")
+    assert line.startswith(f"error: {two_label_data}:1: labelled data is a classifier's task; an embedder is pruned")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
@@ -407,3 +407,26 @@ def test_settings_from_a_profile_are_named_there_and_options_override_them(
         "error: --recover-steps and --recover-minutes must be 0 or more (minutes: 0 for no limit)",
     )
     assert not out.exists()
+
+
+def test_an_embedders_texts_are_checked_line_by_line(tmp_path):
+    """Not only the first line: labelled rows further down, JSON objects whose braces would be
+    distilled as text, undecodable bytes and a text past the length limit each name their line."""
+    from edge_slm.core.labelled import DataError
+
+    texts = [f"plain text number {i}" for i in range(10)]
+    cases = {
+        "labelled later": (texts + ['{"text": "play jazz", "label": "music"}'], ":11: labelled data is a classifier's"),
+        "json texts": (['{"text": "play jazz"}'] + texts, ":1: a JSON object; an embedder's --data is plain texts"),
+        "not utf-8": (texts[:3] + ["caf\udcff"], ":4: byte 0xff at character 4 is not valid UTF-8"),
+        "too long": (texts + ["word " * 30_000], ":11: the text has 149999 characters; the limit is 100000"),
+    }
+    for name, (lines, message) in cases.items():
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes("\n".join(lines).encode("utf-8", "surrogateescape"))
+        with pytest.raises(DataError) as refused:
+            read_task_data(path, "embedding", ())
+        assert str(refused.value).startswith(f"{path}{message}"), (name, str(refused.value))
+    path = tmp_path / "fine.txt"
+    path.write_text("\n".join(texts + ["{not json, a text with braces}", ""]))
+    assert read_task_data(path, "embedding", ()).texts == texts + ["{not json, a text with braces}"]

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from edge_slm.builder.prune.checkpoints import checkpoint_dir, remove_checkpoints
 from edge_slm.core.errors import ModelError
-from edge_slm.core.labelled import INTENTS_TEST, DataError, read_examples, read_retrieval
+from edge_slm.core.labelled import INTENTS_TEST, MAX_TEXT_CHARS, DataError, read_examples, read_retrieval
 from edge_slm.core.outputs import check_output_folder, output_folder
+from edge_slm.core.text import check_text, decode_lines
 
 PRUNE_RECORD = "edge_slm_prune.json"
 PRUNABLE = ("bert", "roberta")  # the BertLayer layout: encoder.layer[i].attention.self / .output, intermediate
@@ -113,30 +114,50 @@ def read_task_data(path: Path | None, task: str, labels: tuple[str, ...]) -> Tas
         from edge_slm.builder.prune.encoder_texts import shipped_embedder_texts
 
         return TaskData(shipped_embedder_texts(), None, "shipped texts (edge_slm/data, held-out checks left out)")
-    path = Path(path)
-    if _is_labelled(path):
-        raise DataError(
-            f"{path}: labelled data is a classifier's task; an embedder is pruned against plain texts, one per line "
-            "(or no --data: the shipped texts)"
-        )
-    try:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the texts ({exc}); pass a UTF-8 file, one text per line") from None
+    texts = read_embedder_texts(Path(path))
     if len(texts) < 8:
         raise DataError(f"{path}: {len(texts)} texts; pruning an embedder needs a few hundred, one per line")
     return TaskData(texts, None, str(path))
 
 
-def _is_labelled(path: Path) -> bool:
-    first = next((line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()), "")
-    if path.suffix.lower() == ".csv":
-        return "label" in [c.strip() for c in first.split(",")]
+def read_embedder_texts(path: Path) -> list[str]:
+    """An embedder's texts, one per UTF-8 line, each checked with its line number. Every line, not
+    only the first: a line that is a JSON object is refused (with a 'label' it is a classifier's
+    data; without one its braces and keys would be distilled as if they were text), as is a CSV
+    whose header has a label column."""
     try:
-        row = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(row, dict) and "label" in row
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror}); pass a UTF-8 file, one text per line") from None
+    labelled = (
+        "labelled data is a classifier's task; an embedder is pruned against plain texts, one per line "
+        "(or no --data: the shipped texts)"
+    )
+    texts = []
+    for number, line in decode_lines(data):
+        text = line.strip()
+        if not text:
+            continue
+        where = f"{path}:{number}"
+        check_text(text, where, DataError)
+        if not texts and path.suffix.lower() == ".csv" and "label" in [c.strip() for c in text.split(",")]:
+            raise DataError(f"{where}: {labelled}")
+        if len(text) > MAX_TEXT_CHARS:
+            raise DataError(f"{where}: the text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+        if text.startswith("{"):
+            try:
+                row = json.loads(text)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                raise DataError(
+                    f"{where}: {labelled}"
+                    if "label" in row
+                    else f"{where}: a JSON object; an embedder's --data is plain texts, one per line (the texts "
+                    "themselves, not JSON)"
+                )
+        texts.append(text)
+    return texts
 
 
 def base_of(model):
