@@ -409,6 +409,20 @@ def test_settings_from_a_profile_are_named_there_and_options_override_them(
     assert not out.exists()
 
 
+def test_an_out_below_a_file_is_refused_as_such(tiny_embedder, tmp_path, capsys):
+    """Named as what it is (it was "not writable by this user", or an OSError from mkdir deep in a build)."""
+    from edge_slm.core.bundle import BundleError, check_output_dir
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    out = notes / "pruned"
+    code, line = _main(capsys, "prune", "-m", tiny_embedder, "-o", out, "--layers", 1)
+    assert (code, line) == (2, f"error: --out {out}: {notes} is a file, not a folder: choose another --out")
+    with pytest.raises(BundleError, match=f"^--out {out}: {notes} is a file, not a folder: choose another --out$"):
+        check_output_dir(out)
+    assert notes.read_text() == "mine"
+
+
 def test_an_embedders_texts_are_checked_line_by_line(tmp_path):
     """Not only the first line: labelled rows further down, JSON objects whose braces would be
     distilled as text, undecodable bytes and a text past the length limit each name their line."""

@@ -87,6 +87,8 @@ def check_output_dir(out: Path, source: Path | None = None) -> None:
         if where == source or source in where.parents or (source.is_file() and source.parent == where):
             raise BundleError(f"--out {out} is inside the model being built ({source}): choose a directory elsewhere")
     parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if parent is not None and parent != out and not parent.is_dir():
+        raise BundleError(f"--out {out}: {parent} is a file, not a folder: choose another --out")
     if parent is not None and not os.access(parent if parent.is_dir() else parent.parent, os.W_OK | os.X_OK):
         raise BundleError(f"--out {out}: {parent} is not writable by this user: choose another --out")
 

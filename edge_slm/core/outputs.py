@@ -49,6 +49,8 @@ def check_output_folder(out: Path, option: str = "--out") -> None:
     if where.exists() and (where.samefile(Path.cwd()) or where.resolve() in Path.cwd().resolve().parents):
         raise OutputError(f"{option} {out} is the current directory or holds it: give a new folder inside it")
     parent = next(p for p in where.parents if p.exists())  # the swap renames entries of this folder
+    if not parent.is_dir():
+        raise OutputError(f"{option} {out}: {parent} is a file, not a folder: choose another {option}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {out}: {parent} is not writable by this user: choose another {option}")
 
