@@ -444,3 +444,47 @@ def test_an_embedders_texts_are_checked_line_by_line(tmp_path):
     path = tmp_path / "fine.txt"
     path.write_text("\n".join(texts + ["{not json, a text with braces}", ""]))
     assert read_task_data(path, "embedding", ()).texts == texts + ["{not json, a text with braces}"]
+
+
+def test_a_pruned_model_pruned_again_loads_and_gives_what_was_measured(tiny_classifier, two_label_data, tmp_path):
+    """Heads are scored by position but transformers prunes by original id, and keys the heads
+    pruned before by layer: a second run removing heads and a layer of a head-pruned model wrote
+    an IndexError (heads) or a folder that did not load (layer). A share that removes no head or
+    channel is refused rather than published as a pruned model."""
+    from edge_slm.core.errors import ModelError
+
+    rows = two_label_data.read_text().splitlines()
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(rows[:16] + rows[-16:]) + "\n")
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    prune_encoder_directory(str(tiny_classifier), EncoderPruneSettings(heads=0.5, score_texts=8), once, data, data)
+    record = prune_encoder_directory(
+        str(once), EncoderPruneSettings(layers=1, heads=0.5, score_texts=8), twice, data, data
+    )
+    head = load_torch_encoder(load_encoder(str(twice)))
+    assert [layer.attention.self.num_attention_heads for layer in head.model.bert.encoder.layer] == [1]
+    assert list(head.model.config.pruned_heads) == [0] and len(head.model.config.pruned_heads[0]) == 3
+    from transformers import AutoTokenizer
+
+    examples = read_examples(data)
+    logits = encode(head, AutoTokenizer.from_pretrained(str(twice)), [e.text for e in examples]).numpy()
+    accuracy = float(np.mean([["lights", "music"][i] == e.label for i, e in zip(logits.argmax(1), examples)]))
+    assert accuracy == record["measured"]["pruned"]["accuracy"]
+    for settings, message in (
+        (
+            EncoderPruneSettings(heads=0.1),
+            r"^--heads 0.1: removes nothing \(a layer has 4 attention heads\); give at least 0.25$",
+        ),
+        (
+            EncoderPruneSettings(heads=0.4),
+            r"^--heads 0.4: removes nothing \(a layer has 2 attention heads\); give at least 0.5$",
+        ),
+        (
+            EncoderPruneSettings(ffn=0.01),
+            r"^--ffn 0.01: removes nothing \(a layer has 64 FFN channels\); give at least 0.01562$",
+        ),
+    ):
+        model = tiny_classifier if settings.heads != 0.4 else once
+        with pytest.raises(ModelError, match=message):
+            prune_encoder_directory(str(model), settings, tmp_path / "refused", data, data)
+    assert not (tmp_path / "refused").exists()

@@ -82,6 +82,13 @@ def check_settings(
                 f"{labels[name]} {value}: give the share to remove in every layer, above 0 and below 1 "
                 "(0.25 removes a quarter)"
             )
+    per_layer = {"heads": (heads_left(config), "attention heads"), "ffn": (config.intermediate_size, "FFN channels")}
+    for name, (count, what) in per_layer.items():
+        value = getattr(settings, name)
+        if 0 < value < 1 / count:
+            raise ModelError(
+                f"{labels[name]} {value}: removes nothing (a layer has {count} {what}); give at least {1 / count:.4g}"
+            )
     layers = config.num_hidden_layers
     if not 0 <= settings.layers < layers:
         raise ModelError(
@@ -93,6 +100,12 @@ def check_settings(
         raise ModelError(
             f"encoder pruning handles the {' and '.join(PRUNABLE)} layouts; this model is {config.model_type}"
         )
+
+
+def heads_left(config) -> int:
+    """Attention heads in each layer: the config's, less those pruned before (the same in every layer)."""
+    pruned = next(iter(config.pruned_heads.values()), ())
+    return config.num_attention_heads - len(pruned)
 
 
 def read_task_data(path: Path | None, task: str, labels: tuple[str, ...]) -> TaskData:
@@ -264,6 +277,11 @@ def prune_model(model, tokenizer, settings: EncoderPruneSettings, data: TaskData
         removed = sorted(sorted(range(len(influence)), key=lambda i: influence[i])[: settings.layers])
         base.encoder.layer = torch.nn.ModuleList(x for i, x in enumerate(base.encoder.layer) if i not in removed)
         config.num_hidden_layers = len(base.encoder.layer)
+        # transformers keys heads pruned before by layer index, and prunes them again at load: they
+        # move down with their layers (else the folder no longer loads).
+        pruned = {int(k): v for k, v in config.pruned_heads.items()}
+        kept_layers = [i for i in range(len(influence)) if i not in removed]
+        config.pruned_heads = {new: pruned[old] for new, old in enumerate(kept_layers) if old in pruned}
         record["layer_influence"] = [round(v, 5) for v in influence]
         record["removed_layers"] = removed
         progress(f"removed layers {removed} (block influence {', '.join(f'{v:.3f}' for v in influence)})")
@@ -271,19 +289,25 @@ def prune_model(model, tokenizer, settings: EncoderPruneSettings, data: TaskData
     grams: dict | None = {} if settings.refit and parts else None
     head_scores, channel_scores = head_and_channel_scores(model, batches, grams, parts)
     if settings.heads:
-        count = min(int(settings.heads * config.num_attention_heads), config.num_attention_heads - 1)
-        drop = {i: sorted(int(h) for h in scores.argsort()[:count]) for i, scores in enumerate(head_scores)}
+        present = heads_left(config)
+        count = min(int(settings.heads * present), present - 1)
+        # Scores are by position among a layer's heads; `prune_heads` takes the original head ids,
+        # which differ from the positions in a model whose heads were pruned before.
+        positions = {i: sorted(int(h) for h in scores.argsort()[:count]) for i, scores in enumerate(head_scores)}
+        gone = {int(k): set(v) for k, v in config.pruned_heads.items()}
+        ids = [[h for h in range(config.num_attention_heads) if h not in gone.get(i, ())] for i in positions]
+        drop = {i: [ids[i][p] for p in where] for i, where in positions.items()}
         head_dim = config.hidden_size // config.num_attention_heads
         full = [layer.attention.output.dense for layer in base.encoder.layer]  # prune_heads replaces them
         if count:
             base.prune_heads(drop)
         if count and grams is not None:
             for index, layer in enumerate(base.encoder.layer):
-                kept = [h for h in range(config.num_attention_heads) if h not in drop[index]]
+                kept = [h for h in range(present) if h not in positions[index]]
                 columns = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
                 refit_projection(layer.attention.output.dense, full[index], grams[(index, "attention")], columns)
         record["removed_heads"] = {str(i): heads for i, heads in drop.items()}
-        progress(f"removed {count} of {config.num_attention_heads} attention heads in every layer")
+        progress(f"removed {count} of {present} attention heads in every layer")
     if settings.ffn:
         keep = config.intermediate_size - int(settings.ffn * config.intermediate_size)
         for index, (layer, scores) in enumerate(zip(base.encoder.layer, channel_scores)):
