@@ -488,3 +488,21 @@ def test_a_pruned_model_pruned_again_loads_and_gives_what_was_measured(tiny_clas
         with pytest.raises(ModelError, match=message):
             prune_encoder_directory(str(model), settings, tmp_path / "refused", data, data)
     assert not (tmp_path / "refused").exists()
+
+
+def test_encoder_options_with_a_model_that_is_not_one_say_what_the_model_is(tmp_path, capsys):
+    """A mistyped folder was answered with "--heads ... are for encoders" alone."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tail = (
+        "--heads, --data, --eval-data and --target are for encoders (a classifier or embedder folder), "
+        "a decoder takes --head-groups and --calibration"
+    )
+    for model, what in ((tmp_path / "typo", "no such folder"), (empty, "a folder without a config.json")):
+        code, line = _main(capsys, "prune", "--model", model, "--out", tmp_path / "out", "--heads", 0.5)
+        assert (code, line) == (2, f"error: --model {model}: {what}; {tail}")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{bad")
+    code, line = _main(capsys, "prune", "--model", broken, "--out", tmp_path / "out", "--heads", 0.5)
+    assert code == 2 and line.startswith(f"error: {broken / 'config.json'}: not valid JSON")

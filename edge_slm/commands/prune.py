@@ -101,10 +101,7 @@ def prune(
         )
         return
     if heads is not None or data or eval_data or target:
-        raise EdgeSlmError(
-            "--heads, --data, --eval-data and --target are for encoders (a classifier or embedder folder); "
-            "a decoder takes --head-groups and --calibration"
-        )
+        _refuse_encoder_options(model)
     ffn, layers = ffn or 0.0, layers or 0
     from edge_slm.builder.prune.recover import RecoverySettings
     from edge_slm.builder.prune.structured import PruneSettings, prune_directory
@@ -199,3 +196,23 @@ def _prune_encoder(
 def _check_recovery_options(steps: int, minutes: float) -> None:
     if steps < 0 or not 0 <= minutes < float("inf"):  # `not` in range: nan is refused too
         raise EdgeSlmError("--recover-steps and --recover-minutes must be 0 or more (minutes: 0 for no limit)")
+
+
+def _refuse_encoder_options(model: str | None) -> None:
+    """Encoder options with a --model that is not an encoder: say what the model is, so that a typo
+    in a folder's name is not answered with a lecture on decoders."""
+    from edge_slm.builder.encoder.source import load_encoder
+
+    if model and Path(model, "config.json").is_file():
+        load_encoder(model)  # names what in its config.json makes it no encoder
+    what = (
+        "no such folder"
+        if model and not Path(model).exists()
+        else "a folder without a config.json"
+        if model and Path(model).is_dir()
+        else "not an encoder folder"
+    )
+    raise EdgeSlmError(
+        f"--model {model or 'smollm2-135m (the default)'}: {what}; --heads, --data, --eval-data and --target are for encoders "
+        "(a classifier or embedder folder), a decoder takes --head-groups and --calibration"
+    )
