@@ -506,3 +506,19 @@ def test_encoder_options_with_a_model_that_is_not_one_say_what_the_model_is(tmp_
     (broken / "config.json").write_text("{bad")
     code, line = _main(capsys, "prune", "--model", broken, "--out", tmp_path / "out", "--heads", 0.5)
     assert code == 2 and line.startswith(f"error: {broken / 'config.json'}: not valid JSON")
+
+
+def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder, tmp_path):
+    """An embedder's --data is texts, one a line; its --eval-data may be the same kind of file
+    (only a classifier's held-out data needs labels)."""
+    from edge_slm.core.labelled import read_retrieval
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(e.text for e in read_examples(INTENTS_TRAIN)[:40]) + "\n")
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text("\n".join(TEXTS) + "\n")
+    settings = EncoderPruneSettings(layers=1, score_texts=8)
+    record = prune_encoder_directory(str(tiny_embedder), settings, tmp_path / "out", texts, held_out)
+    check = read_retrieval()
+    assert record["eval_data"] == str(held_out)
+    assert record["measured"]["pruned"]["texts"] == len(check.queries) + len(check.passages) + len(TEXTS)

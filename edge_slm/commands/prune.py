@@ -61,7 +61,8 @@ from edge_slm.core.errors import EdgeSlmError
     "--eval-data",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Encoders: held-out labelled data for the record [a classifier's eval.jsonl, else the shipped intents test].",
+    help="Encoders: held-out data for the record (labelled for a classifier; an embedder's may be texts, one a line) "
+    "[a classifier's eval.jsonl, else the shipped intents test].",
 )
 @click.option(
     "--target",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from edge_slm.builder.prune.checkpoints import checkpoint_dir, remove_checkpoints
 from edge_slm.core.errors import ModelError
-from edge_slm.core.labelled import INTENTS_TEST, MAX_TEXT_CHARS, DataError, read_examples, read_retrieval
+from edge_slm.core.labelled import INTENTS_TEST, MAX_TEXT_CHARS, DataError, Example, read_examples, read_retrieval
 from edge_slm.core.outputs import check_output_folder, output_folder
 from edge_slm.core.text import check_text, decode_lines
 
@@ -506,6 +506,9 @@ def _eval_examples(path: Path | None, source) -> tuple[list, str]:
         candidates.append(source.path / "eval.jsonl")
     for candidate in candidates + [INTENTS_TEST]:
         if candidate is not None and Path(candidate).is_file():
+            if source.task != "classification" and not _starts_with_json_object(Path(candidate)):
+                # An embedder is measured on texts only: its own format (one per line) is taken too.
+                return [Example(t, "") for t in read_embedder_texts(Path(candidate))], str(candidate)
             examples = read_examples(Path(candidate), min_classes=1)
             if source.task == "classification":
                 unknown = sorted({e.label for e in examples} - set(source.labels))
@@ -516,6 +519,12 @@ def _eval_examples(path: Path | None, source) -> tuple[list, str]:
                     )
             return examples, str(candidate)
     raise DataError("no held-out data: pass --eval-data TEST.jsonl")
+
+
+def _starts_with_json_object(path: Path) -> bool:
+    with path.open("rb") as file:
+        head = file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"{") or path.suffix.lower() == ".csv"
 
 
 def _line(measured: dict, task: str) -> str:
