@@ -522,3 +522,21 @@ def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder
     check = read_retrieval()
     assert record["eval_data"] == str(held_out)
     assert record["measured"]["pruned"]["texts"] == len(check.queries) + len(check.passages) + len(TEXTS)
+
+
+def test_build_prune_names_its_own_options(tiny_classifier, two_label_data, tmp_path, capsys):
+    """`build --prune` takes the task's data as --prune-data, and a classifier cannot do without it."""
+    profile = write_profile(
+        tmp_path / "p.toml",
+        "x86-laptop",
+        "tiny",
+        encoder={"max_sequence_length": 32},
+        classifier_prune={"layers": 1, "recover_steps": 0},
+    )
+    args = ("build", "--target", profile, "--model", tiny_classifier, "--out", tmp_path / "out", "--prune")
+    code, line = _main(capsys, *args, "--eval-data", two_label_data)
+    assert (code, line) == (
+        2,
+        "error: a classifier is pruned on its labelled training data: pass --prune-data TRAIN.jsonl",
+    )
+    assert not (tmp_path / "out").exists()

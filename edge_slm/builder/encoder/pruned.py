@@ -23,7 +23,7 @@ import numpy as np
 from edge_slm import __version__
 from edge_slm.core.errors import AccuracyBudgetError, ProfileError
 from edge_slm.core.hashing import sha256_file
-from edge_slm.core.labelled import INTENTS_TEST, read_examples, read_retrieval
+from edge_slm.core.labelled import INTENTS_TEST, DataError, read_examples, read_retrieval
 from edge_slm.core.targets import EncoderPrune, Profile
 
 RECORD_KEYS = (
@@ -65,6 +65,8 @@ def pruned_model(
     `labels` and `nothing`: how a refusal names the profile's settings (`profile_labels`)."""
     from edge_slm.builder.prune.encoder import PRUNE_RECORD, EncoderPruneSettings, prune_encoder_directory
 
+    if source.task == "classification" and data is None:  # said here: the build's option is --prune-data
+        raise DataError("a classifier is pruned on its labelled training data: pass --prune-data TRAIN.jsonl")
     settings = EncoderPruneSettings(layers=spec.layers, heads=spec.heads, ffn=spec.ffn)
     recovery = recovery_settings(spec)
     key = json.dumps(
