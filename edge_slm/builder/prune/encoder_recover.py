@@ -149,7 +149,7 @@ def distill(
     if live:
         targets = None
     elif targets_path.is_file():
-        targets = torch.load(targets_path)
+        targets = torch.load(targets_path, weights_only=True)
         progress(f"the teacher's outputs from the checkpoint ({len(targets)} texts)")
     else:
         progress(f"the teacher's outputs on {len(data.texts)} texts")
@@ -172,7 +172,7 @@ def distill(
     by_time = task != "classification" and settings.time_budget_s > 0
     step, losses = 0, []
     if state_path.is_file():
-        state = torch.load(state_path)
+        state = torch.load(state_path, weights_only=True)  # tensors and numbers: no pickled code runs
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
