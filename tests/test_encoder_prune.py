@@ -5,8 +5,10 @@ the build's gate against the unpruned model; one-line refusals of bad input."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,6 +352,28 @@ def test_recovery_checkpoints_stay_in_the_cache_and_resume_only_the_same_run(tin
     from edge_slm.builder.prune.checkpoints import checkpoint_dir
 
     assert not checkpoint_dir(out).exists() and (out / "edge_slm_prune.json").is_file()
+
+    # A checkpoint planted in the cache is data, never code: passed over, and the run starts over.
+    with pytest.raises(Interrupted):
+        run(tiny_classifier, interrupt_at_step_10)
+    marker = tmp_path / "pickled code ran"
+    planted = sorted(checkpoint_dir(out).glob("*.pt"))
+    assert [p.name.split("-")[0] for p in planted] == ["state", "teacher"]
+    for path in planted:
+        path.write_bytes(pickle.dumps(_Planted(marker), protocol=2))
+    messages = []
+    record = run(tiny_classifier, messages.append)
+    assert not marker.exists() and record["recovery"]["steps_done"] == 12
+    assert sum("not a checkpoint this run can read (UnpicklingError); starting over" in m for m in messages) == 2
+    assert not any(m.startswith("resuming") for m in messages)
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 @pytest.mark.parametrize(

@@ -146,12 +146,10 @@ def distill(
     # An embedder matching hidden states runs the teacher on every batch anyway: its targets are
     # taken live, which lets the batch's texts vary (`_varied`) beyond the fixed list.
     live = task != "classification" and settings.hidden_weight > 0
-    if live:
-        targets = None
-    elif targets_path.is_file():
-        targets = torch.load(targets_path, weights_only=True)
+    targets = None if live else _load_checkpoint(targets_path, progress)
+    if targets is not None:
         progress(f"the teacher's outputs from the checkpoint ({len(targets)} texts)")
-    else:
+    elif not live:
         progress(f"the teacher's outputs on {len(data.texts)} texts")
         targets = encode(teacher, tokenizer, data.texts, max_length=settings.max_length)
         _atomic_save(targets, targets_path)
@@ -171,8 +169,8 @@ def distill(
     # `steps`, the learning rate has still decayed (a run cut at full rate ends on a noisy model).
     by_time = task != "classification" and settings.time_budget_s > 0
     step, losses = 0, []
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)  # tensors and numbers: no pickled code runs
+    state = _load_checkpoint(state_path, progress)
+    if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -304,6 +302,21 @@ def _batches(count: int, batch_size: int, generator, lengths: list[int] | None =
         rows = rows[torch.argsort(torch.tensor([lengths[i] for i in rows]), stable=True)]
         for index in torch.randperm(pool, generator=generator):
             yield rows[index * batch_size : (index + 1) * batch_size]
+
+
+def _load_checkpoint(path: Path, progress):
+    """A checkpoint's tensors and numbers, or None when there is none or it cannot be read: with
+    weights_only no pickled code runs, so a file planted or damaged in the cache is passed over
+    (and overwritten by the next checkpoint), never executed."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # any unreadable checkpoint means the same: start over
+        progress(f"{path.name}: not a checkpoint this run can read ({type(exc).__name__}); starting over")
+        return None
 
 
 def _atomic_save(obj, path: Path) -> None:
