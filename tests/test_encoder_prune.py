@@ -38,10 +38,11 @@ from edge_slm.core.labelled import INTENTS_TRAIN, read_examples
 TEXTS = ["turn off the kitchen lights", "play some jazz", "what's the weather tomorrow", "set a timer for ten minutes"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Torch on one thread: the tiny models gain nothing from two, and on a busy machine the second
-    thread's waits made a run of `prune_encoder_directory` 3 s instead of 0.3 s."""
+    """Torch on one thread for every test here and the module's fixtures: the tiny models gain
+    nothing from two, and on a busy 2-core machine the second thread's waits made this file take
+    10 minutes instead of under 2 (a run of `prune_encoder_directory` 3 s instead of 0.3 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -327,9 +328,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_recovery_checkpoints_stay_in_the_cache_and_resume_only_the_same_run(
-    tiny_classifier, two_label_data, tmp_path, one_thread
-):
+def test_recovery_checkpoints_stay_in_the_cache_and_resume_only_the_same_run(tiny_classifier, two_label_data, tmp_path):
     """An interrupted recovery resumes when the same command runs again, never from another model's
     checkpoint of the same shape and settings; its checkpoints live in edge-slm's cache, so a folder
     of the user's beside --out (named as the checkpoints once were) is neither used nor removed."""
@@ -482,9 +481,7 @@ def test_an_embedders_texts_are_checked_line_by_line(tmp_path):
     assert read_task_data(path, "embedding", ()).texts == texts + ["{not json, a text with braces}"]
 
 
-def test_a_pruned_model_pruned_again_loads_and_gives_what_was_measured(
-    tiny_classifier, two_label_data, tmp_path, one_thread
-):
+def test_a_pruned_model_pruned_again_loads_and_gives_what_was_measured(tiny_classifier, two_label_data, tmp_path):
     """Heads are scored by position but transformers prunes by original id, and keys the heads
     pruned before by layer: a second run removing heads and a layer of a head-pruned model wrote
     an IndexError (heads) or a folder that did not load (layer). A share that removes no head or
@@ -546,7 +543,7 @@ def test_encoder_options_with_a_model_that_is_not_one_say_what_the_model_is(tmp_
     assert code == 2 and line.startswith(f"error: {broken / 'config.json'}: not valid JSON")
 
 
-def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder, tmp_path, one_thread):
+def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder, tmp_path):
     """An embedder's --data is texts, one a line; its --eval-data may be the same kind of file
     (only a classifier's held-out data needs labels)."""
     from edge_slm.core.labelled import read_retrieval

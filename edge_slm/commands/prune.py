@@ -17,7 +17,10 @@ from edge_slm.core.errors import EdgeSlmError
 @click.option("--model", "-m", default=None, help="smollm2-135m (default), a .gguf file or a HF model dir.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output model directory.")
 @click.option(
-    "--ffn", type=float, default=None, help="Share of FFN channels to remove in every layer (0.25 keeps 75%) [0]."
+    "--ffn",
+    type=float,
+    default=None,
+    help="Share of FFN channels to remove in every layer (0.25 keeps 75%) [0, or the --target profile's].",
 )
 @click.option(
     "--head-groups",
