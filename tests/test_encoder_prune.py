@@ -544,9 +544,9 @@ def test_encoder_options_with_a_model_that_is_not_one_say_what_the_model_is(tmp_
 
 
 def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder, tmp_path):
-    """An embedder's --data is texts, one a line; its --eval-data may be the same kind of file
-    (only a classifier's held-out data needs labels)."""
-    from edge_slm.core.labelled import read_retrieval
+    """An embedder's --data is texts, one a line; its --eval-data may be the same kind of file, or
+    JSONL with or without labels (only a classifier's held-out data needs them)."""
+    from edge_slm.core.labelled import DataError, read_retrieval
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(e.text for e in read_examples(INTENTS_TRAIN)[:40]) + "\n")
@@ -557,6 +557,13 @@ def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder
     check = read_retrieval()
     assert record["eval_data"] == str(held_out)
     assert record["measured"]["pruned"]["texts"] == len(check.queries) + len(check.passages) + len(TEXTS)
+    unlabelled = tmp_path / "held-out.jsonl"  # JSONL needs no label either
+    unlabelled.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3]))
+    record = prune_encoder_directory(str(tiny_embedder), settings, tmp_path / "out", texts, unlabelled)
+    assert record["measured"]["pruned"]["texts"] == len(check.queries) + len(check.passages) + 3
+    unlabelled.write_text('{"text": "play jazz"}\n{"txt": "typo"}\n')
+    with pytest.raises(DataError, match=rf"^{unlabelled}:2: each line needs a 'text': a string of 1 to 100,000"):
+        prune_encoder_directory(str(tiny_embedder), settings, tmp_path / "out", texts, unlabelled)
 
 
 def test_build_prune_names_its_own_options(tiny_classifier, two_label_data, tmp_path, capsys):

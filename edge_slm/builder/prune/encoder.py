@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_slm.builder.prune.checkpoints import checkpoint_dir, remove_checkpoints
+from edge_slm.builder.prune.encoder_data import TaskData, read_held_out, read_task_data
 from edge_slm.core.errors import ModelError
-from edge_slm.core.labelled import INTENTS_TEST, MAX_TEXT_CHARS, DataError, Example, read_examples, read_retrieval
+from edge_slm.core.labelled import read_retrieval
 from edge_slm.core.outputs import check_output_folder, output_folder
-from edge_slm.core.text import check_text, decode_lines
 
 PRUNE_RECORD = "edge_slm_prune.json"
 PRUNABLE = ("bert", "roberta")  # the BertLayer layout: encoder.layer[i].attention.self / .output, intermediate
@@ -57,15 +57,6 @@ class EncoderPruneSettings:
             f"ffn -{100 * self.ffn:.0f}%" if self.ffn else "",
         ]
         return ", ".join(p for p in parts if p) or "nothing"
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """The texts pruning scores and distillation use; a classifier's carry class ids too."""
-
-    texts: list[str]
-    labels: list[int] | None
-    where: str
 
 
 def check_settings(
@@ -106,71 +97,6 @@ def heads_left(config) -> int:
     """Attention heads in each layer: the config's, less those pruned before (the same in every layer)."""
     pruned = next(iter(config.pruned_heads.values()), ())
     return config.num_attention_heads - len(pruned)
-
-
-def read_task_data(path: Path | None, task: str, labels: tuple[str, ...]) -> TaskData:
-    """A classifier's labelled training data (required: distillation's cross-entropy needs the
-    labels), or an embedder's texts, one per line (without one, the shipped texts of
-    `encoder_texts`, which leave out what the gate measures on)."""
-    if task == "classification":
-        if path is None:
-            raise DataError("a classifier is pruned on its labelled training data: pass --data TRAIN.jsonl")
-        examples = read_examples(Path(path))
-        unknown = sorted({e.label for e in examples} - set(labels))
-        if unknown:
-            raise DataError(
-                f"{path}: labels the classifier does not know ({', '.join(unknown[:5])}); it knows {', '.join(labels)}"
-            )
-        index = {label: i for i, label in enumerate(labels)}
-        return TaskData([e.text for e in examples], [index[e.label] for e in examples], str(path))
-    if path is None:
-        from edge_slm.builder.prune.encoder_texts import shipped_embedder_texts
-
-        return TaskData(shipped_embedder_texts(), None, "shipped texts (edge_slm/data, held-out checks left out)")
-    texts = read_embedder_texts(Path(path))
-    if len(texts) < 8:
-        raise DataError(f"{path}: {len(texts)} texts; pruning an embedder needs a few hundred, one per line")
-    return TaskData(texts, None, str(path))
-
-
-def read_embedder_texts(path: Path) -> list[str]:
-    """An embedder's texts, one per UTF-8 line, each checked with its line number. Every line, not
-    only the first: a line that is a JSON object is refused (with a 'label' it is a classifier's
-    data; without one its braces and keys would be distilled as if they were text), as is a CSV
-    whose header has a label column."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror}); pass a UTF-8 file, one text per line") from None
-    labelled = (
-        "labelled data is a classifier's task; an embedder is pruned against plain texts, one per line "
-        "(or no --data: the shipped texts)"
-    )
-    texts = []
-    for number, line in decode_lines(data):
-        text = line.strip()
-        if not text:
-            continue
-        where = f"{path}:{number}"
-        check_text(text, where, DataError)
-        if not texts and path.suffix.lower() == ".csv" and "label" in [c.strip() for c in text.split(",")]:
-            raise DataError(f"{where}: {labelled}")
-        if len(text) > MAX_TEXT_CHARS:
-            raise DataError(f"{where}: the text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
-        if text.startswith("{"):
-            try:
-                row = json.loads(text)
-            except ValueError:
-                row = None
-            if isinstance(row, dict):
-                raise DataError(
-                    f"{where}: {labelled}"
-                    if "label" in row
-                    else f"{where}: a JSON object; an embedder's --data is plain texts, one per line (the texts "
-                    "themselves, not JSON)"
-                )
-        texts.append(text)
-    return texts
 
 
 def base_of(model):
@@ -453,7 +379,7 @@ def prune_encoder_directory(
     teacher = load_torch_encoder(source)
     check_settings(settings, teacher.model.config, labels, nothing)
     data = read_task_data(data_path, source.task, source.labels)
-    eval_examples = _eval_examples(eval_path, source)
+    eval_examples = read_held_out(eval_path, source)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.path))
@@ -496,35 +422,6 @@ def prune_encoder_directory(
         (staging / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     remove_checkpoints(out)
     return record
-
-
-def _eval_examples(path: Path | None, source) -> tuple[list, str]:
-    """Held-out data for the record: --eval-data, else the classifier's eval.jsonl, else the shipped
-    intents test split (an embedder uses its texts, and the retrieval check)."""
-    candidates = [path] if path else []
-    if source.task == "classification":
-        candidates.append(source.path / "eval.jsonl")
-    for candidate in candidates + [INTENTS_TEST]:
-        if candidate is not None and Path(candidate).is_file():
-            if source.task != "classification" and not _starts_with_json_object(Path(candidate)):
-                # An embedder is measured on texts only: its own format (one per line) is taken too.
-                return [Example(t, "") for t in read_embedder_texts(Path(candidate))], str(candidate)
-            examples = read_examples(Path(candidate), min_classes=1)
-            if source.task == "classification":
-                unknown = sorted({e.label for e in examples} - set(source.labels))
-                if unknown:
-                    raise DataError(
-                        f"{candidate}: labels the classifier does not know ({', '.join(unknown[:5])}); "
-                        "pass --eval-data with the model's labels"
-                    )
-            return examples, str(candidate)
-    raise DataError("no held-out data: pass --eval-data TEST.jsonl")
-
-
-def _starts_with_json_object(path: Path) -> bool:
-    with path.open("rb") as file:
-        head = file.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"{") or path.suffix.lower() == ".csv"
 
 
 def _line(measured: dict, task: str) -> str:
