@@ -22,9 +22,9 @@ from edge_slm.builder.prune.encoder import (
     encode,
     prune_encoder_directory,
     prune_model,
-    read_task_data,
     refit_projection,
 )
+from edge_slm.builder.prune.encoder_data import read_task_data
 from edge_slm.builder.prune.encoder_recover import (
     EncoderRecoverySettings,
     distill,
