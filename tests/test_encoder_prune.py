@@ -582,3 +582,23 @@ def test_build_prune_names_its_own_options(tiny_classifier, two_label_data, tmp_
         "error: a classifier is pruned on its labelled training data: pass --prune-data TRAIN.jsonl",
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_of_another_layout_is_refused_before_its_config_is_read(tiny_embedder, tmp_path):
+    """DistilBERT's config has no intermediate_size: the layout is checked before any setting."""
+    import shutil
+
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from edge_slm.core.errors import ModelError
+
+    folder = tmp_path / "distilbert"
+    DistilBertModel(DistilBertConfig(vocab_size=400, dim=32, n_layers=2, n_heads=4, hidden_dim=64)).save_pretrained(
+        folder
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(tiny_embedder / name, folder / name)
+    with pytest.raises(
+        ModelError, match=r"^encoder pruning handles the bert and roberta layouts; this model is distilbert$"
+    ):
+        prune_encoder_directory(str(folder), EncoderPruneSettings(ffn=0.5), tmp_path / "out")

@@ -66,6 +66,10 @@ def check_settings(
     where a value came from (default: its option, "--layers"; a profile's table gives
     "FILE: [embedder_prune] layers ="), `nothing` what to say when nothing would be removed."""
     labels = {name: f"--{name}" for name in ("layers", "heads", "ffn")} | (labels or {})
+    if config.model_type not in PRUNABLE:
+        raise ModelError(
+            f"encoder pruning handles the {' and '.join(PRUNABLE)} layouts; this model is {config.model_type}"
+        )
     for name in ("heads", "ffn"):
         value = getattr(settings, name)
         if not 0 <= value < 1 or math.isnan(value):
@@ -87,10 +91,6 @@ def check_settings(
         )
     if not (settings.layers or settings.heads or settings.ffn):
         raise ModelError(nothing or "nothing to prune: pass --layers, --heads and/or --ffn")
-    if config.model_type not in PRUNABLE:
-        raise ModelError(
-            f"encoder pruning handles the {' and '.join(PRUNABLE)} layouts; this model is {config.model_type}"
-        )
 
 
 def heads_left(config) -> int:
