@@ -176,7 +176,7 @@ def test_terminated_build_cleans_up_and_says_so(bundle_copy, tiny_llama, tiny_pr
     assert proc.poll() is None, "the build finished before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, f"exit {proc.returncode}; stderr: {stderr[-2000:]}"
     assert (
         stderr.strip().splitlines()[-1] == "interrupted: nothing was published (the previous bundle, if any, is intact)"
     )

@@ -23,6 +23,7 @@ from edge_slm.builder.prune.encoder import (
     prune_encoder_directory,
     prune_model,
     refit_projection,
+    smallest_share,
 )
 from edge_slm.builder.prune.encoder_data import read_task_data
 from edge_slm.builder.prune.encoder_recover import (
@@ -516,7 +517,7 @@ def test_a_pruned_model_pruned_again_loads_and_gives_what_was_measured(tiny_clas
         ),
         (
             EncoderPruneSettings(ffn=0.01),
-            r"^--ffn 0.01: removes nothing \(a layer has 64 FFN channels\); give at least 0.01562$",
+            r"^--ffn 0.01: removes nothing \(a layer has 64 FFN channels\); give at least 0.0157$",
         ),
     ):
         model = tiny_classifier if settings.heads != 0.4 else once
@@ -564,6 +565,10 @@ def test_an_embedder_is_measured_on_plain_texts_given_as_eval_data(tiny_embedder
     unlabelled.write_text('{"text": "play jazz"}\n{"txt": "typo"}\n')
     with pytest.raises(DataError, match=rf"^{unlabelled}:2: each line needs a 'text': a string of 1 to 100,000"):
         prune_encoder_directory(str(tiny_embedder), settings, tmp_path / "out", texts, unlabelled)
+    for bad in ('{"text": "a", "n": ' + "9" * 5000 + "}", '{"text": ' + "[" * 10_000 + "]" * 10_000 + "}"):
+        unlabelled.write_text('{"text": "play jazz"}\n' + bad + "\n")  # Python's own limits, not a traceback
+        with pytest.raises(DataError, match=rf"^{unlabelled}:2: not a JSON object \(.+\); write one"):
+            prune_encoder_directory(str(tiny_embedder), settings, tmp_path / "out", texts, unlabelled)
 
 
 def test_build_prune_names_its_own_options(tiny_classifier, two_label_data, tmp_path, capsys):
@@ -602,3 +607,10 @@ def test_an_encoder_of_another_layout_is_refused_before_its_config_is_read(tiny_
         ModelError, match=r"^encoder pruning handles the bert and roberta layouts; this model is distilbert$"
     ):
         prune_encoder_directory(str(folder), EncoderPruneSettings(ffn=0.5), tmp_path / "out")
+
+
+def test_the_smallest_share_suggested_removes_one_and_not_two():
+    """The refusal's "give at least" value, as printed (three digits), is accepted and removes one."""
+    for count in range(1, 5000):
+        printed = float(f"{smallest_share(count):.3g}")
+        assert int(printed * count) == 1 and printed >= 1 / count, count

@@ -193,6 +193,48 @@ def test_recovery_lowers_kl_and_resumes_after_an_interruption(three_layers, tmp_
     assert kl_recovered < 0.9 * kl_pruned  # measured 0.0428 -> 0.0349
 
 
+def test_recovery_resumes_only_the_same_run(three_layers, tmp_path):
+    """A checkpoint left by an interrupted run is resumed by that run only: another pruning (of the
+    same or another shape) or another teacher starts over, and a damaged checkpoint is passed over."""
+    tokenizer = _tokenizer(three_layers)
+    teacher = load_torch_model(three_layers)
+    settings = RecoverySettings(
+        steps=12, sequence_length=16, batch_size=2, learning_rate=1e-3, generated_sequences=4, checkpoint_every=5
+    )
+
+    def student(ffn):
+        model = load_torch_model(three_layers)
+        prune_model(model, tokenizer, PruneSettings(ffn=ffn, compensate=False), CALIBRATION)
+        return model
+
+    def interrupt_at_step_10(message):
+        if message.startswith("recovery step 10/"):
+            raise Interrupted(message)
+
+    def run(model, **kwargs):
+        messages = []
+        result = recover(model, teacher, tokenizer, CALIBRATION, settings, tmp_path, messages.append, **kwargs)
+        return result, messages
+
+    run_a = {"pruning": {"ffn": 0.5}}
+    with pytest.raises(Interrupted):
+        recover(student(0.5), teacher, tokenizer, CALIBRATION, settings, tmp_path, interrupt_at_step_10, run=run_a)
+    (state,) = tmp_path.glob("state-*.pt")  # run a's checkpoint of step 5
+    for model, kwargs in (
+        (student(0.25), {"run": {"pruning": {"ffn": 0.25}}}),  # another shape: loading it would fail
+        (student(0.5), {"run": {"pruning": {"ffn": 0.5, "layers": [1]}}}),  # same shape, other pruning
+        (student(0.5), {"run": run_a, "teacher_id": "another model"}),
+    ):
+        result, messages = run(model, **kwargs)
+        assert not any(m.startswith("resuming") for m in messages), kwargs
+        assert result["steps_done"] == 12
+    state.write_bytes(b"not a checkpoint")
+    result, messages = run(student(0.5), run=run_a)
+    (refused,) = [m for m in messages if m.startswith(f"{state.name}: not a checkpoint this run can read (")]
+    assert refused.endswith("); starting over") and not any(m.startswith("resuming") for m in messages)
+    assert result["steps_done"] == 12
+
+
 def test_profile_prune_section_reaches_the_manifest(three_layers, tiny_profile, tmp_path, monkeypatch):
     from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile

@@ -20,3 +20,18 @@ def checkpoint_dir(out: Path) -> Path:
 def remove_checkpoints(out: Path) -> None:
     """Drop the checkpoints once `out` is published: only edge-slm's cache folder is removed."""
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+def load_checkpoint(path: Path, progress):
+    """A checkpoint's tensors and numbers, or None when there is none or it cannot be read: with
+    weights_only no pickled code runs, so a file planted or damaged in the cache is passed over
+    (and overwritten by the next checkpoint), never executed."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # any unreadable checkpoint means the same: start over
+        progress(f"{path.name}: not a checkpoint this run can read ({type(exc).__name__}); starting over")
+        return None

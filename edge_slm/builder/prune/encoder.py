@@ -82,7 +82,8 @@ def check_settings(
         value = getattr(settings, name)
         if 0 < value < 1 / count:
             raise ModelError(
-                f"{labels[name]} {value}: removes nothing (a layer has {count} {what}); give at least {1 / count:.4g}"
+                f"{labels[name]} {value}: removes nothing (a layer has {count} {what}); "
+                f"give at least {smallest_share(count):.3g}"
             )
     layers = config.num_hidden_layers
     if not 0 <= settings.layers < layers:
@@ -91,6 +92,13 @@ def check_settings(
         )
     if not (settings.layers or settings.heads or settings.ffn):
         raise ModelError(nothing or "nothing to prune: pass --layers, --heads and/or --ffn")
+
+
+def smallest_share(count: int) -> float:
+    """The smallest share, to three significant digits, that removes one of `count` (rounded up:
+    1/12 is 0.0834, since 0.0833 of 12 heads is none)."""
+    step = 10 ** (math.floor(math.log10(1 / count)) - 2)
+    return math.ceil(1 / count / step) * step
 
 
 def heads_left(config) -> int:

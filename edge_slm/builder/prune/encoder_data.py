@@ -73,7 +73,7 @@ def read_embedder_texts(path: Path) -> list[str]:
         if text.startswith("{"):
             try:
                 row = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, a 5,000-digit number, nesting past the stack
                 row = None
             if isinstance(row, dict):
                 raise DataError(
@@ -128,9 +128,10 @@ def _structured_texts(path: Path) -> list[str]:
         check_text(line, f"{path}:{number}", DataError)
         try:
             row = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number or deep nesting raise these too
+            reason = getattr(exc, "msg", None) or str(exc).split(";")[0][:120] or type(exc).__name__
             raise DataError(
-                f"{path}:{number}: not a JSON object ({exc.msg}); write one {{'text': ...}} per line"
+                f"{path}:{number}: not a JSON object ({reason}); write one {{'text': ...}} per line"
             ) from None
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_CHARS:

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_slm.builder.prune.checkpoints import load_checkpoint
 from edge_slm.core.atomic import atomic_file
 
 
@@ -146,7 +147,7 @@ def distill(
     # An embedder matching hidden states runs the teacher on every batch anyway: its targets are
     # taken live, which lets the batch's texts vary (`_varied`) beyond the fixed list.
     live = task != "classification" and settings.hidden_weight > 0
-    targets = None if live else _load_checkpoint(targets_path, progress)
+    targets = None if live else load_checkpoint(targets_path, progress)
     if targets is not None:
         progress(f"the teacher's outputs from the checkpoint ({len(targets)} texts)")
     elif not live:
@@ -169,7 +170,7 @@ def distill(
     # `steps`, the learning rate has still decayed (a run cut at full rate ends on a noisy model).
     by_time = task != "classification" and settings.time_budget_s > 0
     step, losses = 0, []
-    state = _load_checkpoint(state_path, progress)
+    state = load_checkpoint(state_path, progress)
     if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -302,21 +303,6 @@ def _batches(count: int, batch_size: int, generator, lengths: list[int] | None =
         rows = rows[torch.argsort(torch.tensor([lengths[i] for i in rows]), stable=True)]
         for index in torch.randperm(pool, generator=generator):
             yield rows[index * batch_size : (index + 1) * batch_size]
-
-
-def _load_checkpoint(path: Path, progress):
-    """A checkpoint's tensors and numbers, or None when there is none or it cannot be read: with
-    weights_only no pickled code runs, so a file planted or damaged in the cache is passed over
-    (and overwritten by the next checkpoint), never executed."""
-    import torch
-
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as exc:  # any unreadable checkpoint means the same: start over
-        progress(f"{path.name}: not a checkpoint this run can read ({type(exc).__name__}); starting over")
-        return None
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_slm.builder.prune.checkpoints import load_checkpoint
 from edge_slm.core.atomic import atomic_file
 
 PROMPTS = (  # varied openings for the teacher to continue: prose, instructions, dialogue, facts
@@ -110,14 +111,20 @@ def recover(
     progress=lambda msg: None,
     data_dir: Path | None = None,
     teacher_id: str = "",
+    run: dict | None = None,
 ) -> dict:
     """Distil `teacher` into `student` in place; resumes from `checkpoint_dir` when it holds a
-    checkpoint of the same settings. Returns steps done, time taken and the loss curve."""
+    checkpoint of the same run: the same settings, teacher, calibration text, student shape and
+    `run` (the pruning that made the student). Returns steps done, time taken and the loss curve."""
     import torch
 
     torch.manual_seed(settings.seed)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:16]
+    shape = {k: v for k, v in student.config.to_dict().items() if k in ("num_hidden_layers", "intermediate_size")}
+    calibration_id = hashlib.sha256(calibration_text.encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([asdict(settings), teacher_id, calibration_id, shape, run], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     # The teacher's data depends only on the teacher, the text and these settings: shared by every
     # pruning setting of one model (`data_dir`), it is written once.
     data_key = hashlib.sha256(
@@ -128,8 +135,9 @@ def recover(
     (data_dir or checkpoint_dir).mkdir(parents=True, exist_ok=True)
     data_path = (data_dir or checkpoint_dir) / f"distill-{data_key}.pt"
     state_path = checkpoint_dir / f"state-{key}.pt"
-    if data_path.is_file():
-        windows, targets = torch.load(data_path).values()
+    data = load_checkpoint(data_path, progress)
+    if data is not None:
+        windows, targets = data["windows"], data["targets"]
         progress(f"distillation data from the checkpoint ({len(windows)} windows)")
     else:
         windows = torch.tensor(distillation_data(teacher, tokenizer, calibration_text, settings, progress))
@@ -148,8 +156,8 @@ def recover(
         optimizer, lambda s: min(1.0, (s + 1) / 10) * (0.55 + 0.45 * math.cos(math.pi * s / settings.steps))
     )
     step, losses = 0, []
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)  # tensors and numbers: no pickled code runs
+    state = load_checkpoint(state_path, progress)  # tensors and numbers: no pickled code runs
+    if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

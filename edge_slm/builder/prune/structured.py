@@ -400,6 +400,7 @@ def prune_directory(
             progress,
             data_dir=cache_root() / "distillation",
             teacher_id=loaded.source.get("sha256", ""),
+            run={"pruning": asdict(settings), "layers": record.get("removed_layers")},
         )
         recovered = top1_against(student, teacher, tokenizer, eval_text)
         record["perplexity"]["recovered"] = recovered["perplexity"]
