@@ -59,14 +59,24 @@ AXES = {
 }
 
 
-def _point(record: dict) -> tuple | None:
-    """(speed, its spread, accuracy, the accuracy's axis label) of a record, None without accuracy."""
-    if record_family(record) == "decoder":
-        rate, value = results_of(record).decode_tok_s, perplexity(record)
-        return None if value is None else (rate.mean, rate.std, value, AXES["decoder"][1])
+def _encoder_point(record: dict) -> tuple | None:
     value, kind = score(record)
     rate = results_of(record).texts_per_s_b32
     return None if value is None else (rate.mean, rate.std, 100 * value, f"{kind} % (higher is better)")
+
+
+def _decoder_point(record: dict) -> tuple | None:
+    rate, value = results_of(record).decode_tok_s, perplexity(record)
+    return None if value is None else (rate.mean, rate.std, value, AXES["decoder"][1])
+
+
+# Per family: (speed, its spread, accuracy, the accuracy's axis label) of a record, None without
+# accuracy. Records are JSON, not typed manifests: the family string keys the table.
+POINTS = {"encoder": _encoder_point, "decoder": _decoder_point}
+
+
+def _point(record: dict) -> tuple | None:
+    return POINTS[record_family(record)](record)
 
 
 def variants_plot(groups: dict, path: Path) -> Path:
