@@ -234,6 +234,81 @@ def test_an_embedder_learns_the_teachers_hidden_states_layer_by_layer(tiny_class
     assert after[10.0] < 0.6 * after[0.0] and after[10.0] < before, (before, after)
 
 
+def test_simulated_int8_gives_the_int8_bundles_outputs(tiny_classifier, encoder_profile, tmp_path):
+    """The rounding distillation learns is the bundle's: the tiny classifier under `simulated_int8`
+    gives onnxruntime's dynamic int8 graph's logits several times more closely than the float model
+    does, and leaving the context restores the float forward."""
+    from transformers import AutoTokenizer
+
+    from edge_slm.builder.encoder.precision import reduce_precision
+    from edge_slm.builder.pipeline import build
+    from edge_slm.builder.prune.int8_simulation import simulated_int8
+    from edge_slm.core.targets import Encoder, load_profile
+    from edge_slm.runtime.encoder import EncoderGraph
+
+    fp32 = tmp_path / "fp32"
+    manifest = build(
+        str(tiny_classifier), load_profile(str(encoder_profile)), fp32, echo=lambda m: None, precision="fp32"
+    )
+    int8 = tmp_path / "int8"
+    int8.mkdir()
+    # Every MatMul int8 and the embeddings float: what the simulation rounds, nothing else.
+    reduce_precision(fp32 / "model.onnx", Encoder(precision="int8", quantize_embeddings=False), int8)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_classifier))
+    graph = EncoderGraph(
+        int8 / "model.onnx",
+        tokenizer.backend_tokenizer,
+        list(manifest["graph"]["inputs"]),
+        32,
+        0,
+        1,
+        ["CPUExecutionProvider"],
+    )
+    texts = [e.text for e in read_examples(INTENTS_TRAIN)[:64]]
+    got = graph.run(texts, batch_size=64)  # one batch: the activations' ranges are the batch's, as in torch
+    head = load_torch_encoder(load_encoder(str(tiny_classifier)))
+    float_logits = encode(head, tokenizer, texts, batch_size=64).numpy()
+    with simulated_int8(head) as count:
+        simulated = encode(head, tokenizer, texts, batch_size=64).numpy()
+    assert count == 2 * 6 + 2  # two layers' Q, K, V, attention output, FFN in and out; pooler and classifier
+    assert "forward" not in vars(head.model.bert.encoder.layer[0].output.dense)
+    assert np.abs(encode(head, tokenizer, texts, batch_size=64).numpy() - float_logits).max() == 0
+    float_error, simulated_error = np.abs(float_logits - got).mean(), np.abs(simulated - got).mean()
+    assert float_error > 1e-3 and simulated_error < 0.3 * float_error, (float_error, simulated_error)
+
+
+def test_the_last_share_of_distillation_runs_through_simulated_int8(tiny_classifier, two_label_data, tmp_path):
+    """`int8_share` switches the rounding on for the end of the run (step 7 of 10 for 0.3) and
+    off after it; a run that distils through it all lowers the student's loss measured as int8."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from edge_slm.builder.prune.int8_simulation import simulated_int8
+
+    source = load_encoder(str(tiny_classifier))
+    teacher = load_torch_encoder(source)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_classifier))
+    data = read_task_data(two_label_data, "classification", source.labels)
+    pruned = copy.deepcopy(teacher)
+    prune_model(pruned.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5, refit=False), data)
+    lines = []
+    student = copy.deepcopy(pruned)
+    settings = EncoderRecoverySettings(steps=10, checkpoint_every=100, bf16=False, int8_share=0.3)
+    record = distill(student, teacher, tokenizer, data, "classification", settings, tmp_path / "a", lines.append)
+    assert record["int8_from_step"] == 7 and record["steps_done"] == 10
+    assert any(line.startswith("from step 7: distilling through simulated int8 (8 linear layers") for line in lines)
+    assert not any("forward" in vars(m) for m in student.modules())
+    student = copy.deepcopy(pruned)
+    settings = EncoderRecoverySettings(steps=30, learning_rate=1e-3, checkpoint_every=100, bf16=False, int8_share=1.0)
+    with simulated_int8(student):
+        before = _loss(student, teacher, tokenizer, data, "classification", settings)
+    record = distill(student, teacher, tokenizer, data, "classification", settings, tmp_path / "b")
+    with simulated_int8(student):
+        after = _loss(student, teacher, tokenizer, data, "classification", settings)
+    assert record["int8_from_step"] == 0 and after < 0.8 * before, (before, after)
+
+
 @pytest.fixture(scope="module")
 def trained_classifier(tmp_path_factory):
     """A tiny BERT fine-tuned on the shipped intents: accuracy well above chance, so that pruning
@@ -398,6 +473,7 @@ class _Planted:
         ("recover_minutes", float("nan"), "'embedder_prune.recover_minutes' is nan; use 0 (no limit) or more"),
         ("recover_lr", 0.0, "'embedder_prune.recover_lr' is 0.0; use a learning rate above 0, up to 1"),
         ("min_cosine", float("nan"), "'embedder_prune.min_cosine' is nan; use a share from 0 to 1"),
+        ("recover_int8_share", 1.5, "'embedder_prune.recover_int8_share' is 1.5; use a share from 0 to 1"),
         ("max_recall_drop", -0.1, "'embedder_prune.max_recall_drop' is -0.1; use a share from 0 to 1"),
     ],
 )

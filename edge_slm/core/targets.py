@@ -122,6 +122,7 @@ class EncoderPrune:
     recover_minutes: float = 0.0  # time budget for them (0: none)
     recover_lr: float = 1e-4  # distillation's peak learning rate (warm-up, then cosine decay over recover_steps)
     recover_max_tokens: int = 128  # distillation's inputs are cut to this many tokens
+    recover_int8_share: float = 0.0  # the last share of distillation runs through simulated dynamic int8 (0: none)
     max_accuracy_drop: float = 0.01  # classifier: test accuracy at most 1 point below the unpruned fp32 model
     min_cosine: float = 0.95  # embedder: mean cosine similarity to the unpruned model's embeddings
     max_recall_drop: float = 0.02  # embedder: retrieval top-1 at most 2 points below the unpruned model's
@@ -141,6 +142,9 @@ class Encoder:
     # ("always"), or int8 unless that misses the accuracy budget ("if-needed": measured twice).
     float_after_gelu: Literal["never", "always", "if-needed"] = "never"
     max_sequence_length: int = 256  # longer inputs are truncated (or refused) at run time
+    # Each residual add + LayerNorm as one SkipLayerNormalization node (true), or left as Add +
+    # LayerNormalization (false: onnxruntime's CPU kernel for the fused node is the slower one).
+    fuse_skip_layer_norm: bool = True
     min_label_agreement: float = 0.99  # classifier: share of test labels equal to fp32's
     max_accuracy_drop: float = 0.005  # classifier: test accuracy at most 0.5 points below fp32
     min_cosine: float = 0.99  # embedder: mean cosine similarity to fp32's embeddings
@@ -425,6 +429,6 @@ def _check_encoder_prune(spec: EncoderPrune, where: str, table: str) -> None:
             f"{where}: '{table}.recover_max_tokens' is {spec.recover_max_tokens}; use 8-8192 (tokens a "
             "distillation input is cut to)"
         )
-    for key in ("max_accuracy_drop", "min_cosine", "max_recall_drop"):
+    for key in ("recover_int8_share", "max_accuracy_drop", "min_cosine", "max_recall_drop"):
         if not 0 <= getattr(spec, key) <= 1:
             raise ProfileError(f"{where}: '{table}.{key}' is {getattr(spec, key)}; use a share from 0 to 1")

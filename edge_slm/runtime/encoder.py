@@ -63,14 +63,8 @@ class EncoderGraph:
         self.tokenizer.no_truncation()
         self.truncating = Tokenizer.from_str(self.tokenizer.to_str())
         self.truncating.enable_truncation(int(max_length))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4  # failures reach the user as our one line, not onnxruntime's log
         try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=providers, provider_options=provider_options
-            )
+            self.session = open_session(path, threads, providers, provider_options)
         except Exception as exc:  # onnxruntime's errors have no common base class
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({first}): rebuild the bundle") from None
@@ -136,6 +130,30 @@ class EncoderGraph:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BundleError(f"onnxruntime failed on a batch of {len(encodings)} ({first[:300]}): rebuild") from None
         return out.astype(np.float32, copy=False)
+
+
+# onnxruntime fuses each residual Add + LayerNormalization into a SkipLayerNormalization at load;
+# the build already chose per target whether the graph has them (targets/*.toml [encoder]
+# fuse_skip_layer_norm), and the CPU kernel of the fused node is the slower one: keep the choice.
+KEEP_BUILDS_CHOICE = ["SkipLayerNormFusion"]
+
+
+def open_session(path: Path, threads: int, providers: list[str], provider_options=None, optimized_path=None):
+    """The onnxruntime session of an encoder graph (`optimized_path`: also write the graph as
+    onnxruntime optimized it, to see what runs)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4  # failures reach the user as our one line, not onnxruntime's log
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(
+        str(path),
+        options,
+        providers=providers,
+        provider_options=provider_options,
+        disabled_optimizers=KEEP_BUILDS_CHOICE,
+    )
 
 
 def _checked_texts(texts) -> list[str]:

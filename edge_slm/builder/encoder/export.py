@@ -1,6 +1,7 @@
 """Export an encoder to ONNX with dynamic batch and sequence axes, then fuse it with onnxruntime's
-transformers optimizer (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu): a
-well-kept tool that already knows BERT layouts, so nothing here rewrites nodes by hand.
+transformers optimizer (EmbedLayerNormalization, Attention, BiasGelu, and SkipLayerNormalization
+where the profile asks for it): a well-kept tool that already knows BERT layouts, so nothing here
+rewrites nodes by hand.
 
   inputs   input_ids [B,S] int64, attention_mask [B,S] int64, (token_type_ids [B,S] int64 for BERT)
   output   logits [B, labels] (classifier: the head on the first token)
@@ -101,6 +102,7 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
     """Trace `head` to `out_dir/model.onnx` and fuse it; return what was written."""
     import onnx
     import torch
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,9 +131,14 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
     head.eval()  # the exporter restores the mode the wrapper had: keep dropout off for validation
     config = head.model.config
     heads = attention_heads(config)
+    fusions = FusionOptions("bert")
+    # The profile decides (targets/*.toml [encoder] fuse_skip_layer_norm): unfused, the bias add
+    # stays next to its MatMul, where onnxruntime folds it into the (quantized) MatMul at load.
+    fusions.enable_skip_layer_norm = fusions.enable_bias_skip_layer_norm = profile.encoder.fuse_skip_layer_norm
     optimized = optimize_model(
         str(traced),
         model_type="bert",
+        optimization_options=fusions,
         # A pruned model's attention is narrower than its hidden size (9 heads of 32 in 384): 0 lets
         # the optimizer read both from the graph's reshapes (given, it asserts they divide).
         num_heads=0 if heads < config.num_attention_heads else heads,

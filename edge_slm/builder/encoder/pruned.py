@@ -99,7 +99,11 @@ def recovery_settings(spec: EncoderPrune, steps: int = 0, minutes: float = 0.0):
     if not steps:
         return None
     return EncoderRecoverySettings(
-        steps=steps, learning_rate=spec.recover_lr, time_budget_s=60 * minutes, max_length=spec.recover_max_tokens
+        steps=steps,
+        learning_rate=spec.recover_lr,
+        time_budget_s=60 * minutes,
+        max_length=spec.recover_max_tokens,
+        int8_share=spec.recover_int8_share,
     )
 
 

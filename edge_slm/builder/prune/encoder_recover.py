@@ -11,6 +11,10 @@
               was cut from). The pooled vector alone is a weak signal: one 384-number target per
               text for a 6-layer student; the per-token states give every layer its own.
 
+With `int8_share`, the end of the run distils through simulated dynamic int8
+(`int8_simulation.simulated_int8`): the student's weights move to where the int8 bundle's rounding
+costs least, the teacher stays float.
+
 The teacher's pooled outputs are computed once and kept with the checkpoints; with hidden-state
 matching a step also runs the teacher forward (no gradients) on the batch. Progress is a line every few steps; a checkpoint every
 `checkpoint_every` steps lets an interrupted run resume where it stopped (same settings, data and
@@ -19,6 +23,7 @@ student shape); a time budget stops it early, cleanly. Run by `prune.encoder.pru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_slm.builder.prune.checkpoints import load_checkpoint
+from edge_slm.builder.prune.int8_simulation import simulated_int8
 from edge_slm.core.atomic import atomic_file
 
 
@@ -45,6 +51,7 @@ class EncoderRecoverySettings:
     hidden_weight: float = 1.0  # embedder: weight of the per-layer hidden-state term (0: pooled vectors only)
     freeze_embeddings: bool = True  # embedder: the token embeddings stay the teacher's (see distill)
     bf16: bool | None = None  # bfloat16 autocast for the forward passes; None: where the CPU has bf16 arithmetic
+    int8_share: float = 0.0  # the last share of the run (steps or time) distils through simulated dynamic int8
 
 
 def native_bf16() -> bool:
@@ -192,11 +199,24 @@ def distill(
     if bf16:
         progress("bfloat16 autocast (the CPU has bf16 arithmetic); master weights and the optimizer stay float32")
     started, first_step, stopped = time.monotonic(), step, "steps"
+    rounding, int8_from = contextlib.ExitStack(), None
     try:
         while step < settings.steps:
             if settings.time_budget_s and time.monotonic() - started > settings.time_budget_s:
                 stopped = "time budget"
                 break
+            if (
+                int8_from is None
+                and settings.int8_share > 0
+                and _done(step, started, settings) >= 1 - settings.int8_share
+            ):
+                # The student learns the int8 bundle's rounding last: from the float optimum, a few
+                # hundred steps move its weights to where rounding them costs least.
+                count = rounding.enter_context(simulated_int8(student))
+                int8_from = step
+                progress(
+                    f"from step {step}: distilling through simulated int8 ({count} linear layers, rounded as the bundle rounds its MatMuls)"
+                )
             rows = next(batches)
             texts = [data.texts[i] for i in rows]
             inputs = tokenizer(
@@ -207,7 +227,7 @@ def distill(
                 return_tensors="pt",
             )
             if by_time:
-                done = max(step / settings.steps, (time.monotonic() - started) / settings.time_budget_s)
+                done = _done(step, started, settings)
                 for group in optimizer.param_groups:
                     group["lr"] = (
                         settings.learning_rate
@@ -256,6 +276,7 @@ def distill(
                     state_path,
                 )
     finally:
+        rounding.close()
         for c in caught:
             c.close()
     student.eval()
@@ -264,6 +285,7 @@ def distill(
         "steps_done": step,
         "stopped_by": stopped,
         "bf16": bf16,
+        "int8_from_step": int8_from,
         "seconds": round(time.monotonic() - started, 1),
         "texts": len(data.texts),
         "loss_first": losses[0] if losses else None,
@@ -271,15 +293,25 @@ def distill(
     }
 
 
+def _done(step: int, started: float, settings: EncoderRecoverySettings) -> float:
+    """How far the run is, 0 to 1: by steps, or by the clock when its time budget ends it sooner."""
+    done = step / settings.steps
+    if settings.time_budget_s > 0:
+        done = max(done, (time.monotonic() - started) / settings.time_budget_s)
+    return min(done, 1.0)
+
+
 def _varied(texts: list[str], pool: list[str], rng: random.Random) -> list[str]:
-    """A quarter of the texts cut to a random run of their words, a quarter joined with another
-    text: inputs the fixed list does not have, so that a few thousand texts seen for many epochs
-    do not become the only inputs the student matches the teacher on."""
+    """A quarter of the texts cut to a random run of their words (half of those to one to three
+    words: replies like "well done" are the inputs a student matches least well), a quarter joined
+    with another text: inputs the fixed list does not have, so that a few thousand texts seen for
+    many epochs do not become the only inputs the student matches the teacher on."""
     out = []
     for text in texts:
         words, draw = text.split(), rng.random()
-        if draw < 0.25 and len(words) > 4:
-            length = rng.randint(3, len(words) - 1)
+        if draw < 0.25 and len(words) > 1:
+            longest = min(3, len(words) - 1) if draw < 0.125 else len(words) - 1
+            length = rng.randint(1, longest)
             first = rng.randint(0, len(words) - length)
             text = " ".join(words[first : first + length])
         elif draw < 0.5:
