@@ -10,7 +10,8 @@ the same round (the machine is shared: ratios hold better than absolute numbers)
     nice -n 5 .venv/bin/python benchmarks/encoder_layernorm.py --name x86-vm \\
         --pair embedder=/tmp/embedder-fused,export/x86-laptop-embedder ...
 
-Writes NAME.jsonl (bench records, `extra.layer_norm` = fused / unfused) and NAME.md under --out-dir.
+Writes NAME.jsonl (bench records; their free-form `accuracy` field says {set, layer_norm: fused /
+unfused, round}) and NAME.md under --out-dir.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def main() -> None:
         if not name or len(bundles) != 2:
             sys.exit(f"--pair {item!r}: give NAME=FUSED_BUNDLE,UNFUSED_BUNDLE")
         pairs[name] = dict(zip(("fused", "unfused"), bundles))
+    manifests = {}
+    for bundles in pairs.values():
+        for kind, path in bundles.items():
+            manifest = runtime.load(path, verify=False).manifest
+            ops = manifest.graph.op_counts
+            if ("SkipLayerNormalization" in ops) != (kind == "fused"):
+                sys.exit(f"{path}: its graph is not {kind} (op counts {dict(ops)})")
+            manifests[path] = manifest
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / f"{args.name}.jsonl"
@@ -64,16 +73,12 @@ def main() -> None:
             order = ("fused", "unfused") if round_number % 2 == 0 else ("unfused", "fused")
             for kind in order:
                 path = bundles[kind]
-                manifest = runtime.load(path, verify=False).manifest
-                ops = manifest.graph.op_counts
-                if ("SkipLayerNormalization" in ops) != (kind == "fused"):
-                    sys.exit(f"{path}: its graph is not {kind} (op counts {dict(ops)})")
                 cfg = {"bundle": path, "threads": args.threads, "repetitions": args.repetitions, "warmup": args.warmup}
                 try:
                     raw = run_worker("edge_slm.runtime.bench_encoder:measure_encoder", cfg, what=path)
                 except EdgeSlmError as exc:
                     sys.exit(str(exc))
-                info = BundleInfo.of(Path(path), manifest, None)
+                info = BundleInfo.of(Path(path), manifests[path], None)
                 extra = {"set": name, "layer_norm": kind, "round": round_number + 1}
                 record = encoder_record(info, args.threads, args.repetitions, args.warmup, raw, extra)
                 with open(records_path, "a", encoding="utf-8") as handle:

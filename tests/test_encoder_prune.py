@@ -275,6 +275,18 @@ def test_simulated_int8_gives_the_int8_bundles_outputs(tiny_classifier, encoder_
     assert np.abs(encode(head, tokenizer, texts, batch_size=64).numpy() - float_logits).max() == 0
     float_error, simulated_error = np.abs(float_logits - got).mean(), np.abs(simulated - got).mean()
     assert float_error > 1e-3 and simulated_error < 0.3 * float_error, (float_error, simulated_error)
+    # Under bfloat16 autocast (distillation's, where the CPU has it) the whole model computes in
+    # bf16 and the product is rounded again: the simulation still brings it nearer the int8 graph
+    # than the same autocast without it, less near than in float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_float_error = np.abs(encode(head, tokenizer, texts, batch_size=64).float().numpy() - got).mean()
+        with simulated_int8(head):
+            bf16_error = np.abs(encode(head, tokenizer, texts, batch_size=64).float().numpy() - got).mean()
+    assert simulated_error < bf16_error < bf16_float_error, (simulated_error, bf16_error, bf16_float_error)
+    # A forward something else put on a layer is not silently skipped.
+    head.model.bert.encoder.layer[0].output.dense.forward = lambda x: x
+    with pytest.raises(RuntimeError, match="1 linear layer"), simulated_int8(head):
+        pass
 
 
 def test_the_last_share_of_distillation_runs_through_simulated_int8(tiny_classifier, two_label_data, tmp_path):
@@ -307,6 +319,34 @@ def test_the_last_share_of_distillation_runs_through_simulated_int8(tiny_classif
     with simulated_int8(student):
         after = _loss(student, teacher, tokenizer, data, "classification", settings)
     assert record["int8_from_step"] == 0 and after < 0.8 * before, (before, after)
+
+
+def test_a_resumed_run_keeps_its_switch_to_simulated_int8(tiny_classifier, two_label_data, tmp_path):
+    """Interrupted after the switch (step 15 of 30), the run resumes from its step-18 checkpoint
+    already rounding, and says the switch came at step 15: not again at the step it resumed on."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    source = load_encoder(str(tiny_classifier))
+    teacher = load_torch_encoder(source)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_classifier))
+    data = read_task_data(two_label_data, "classification", source.labels)
+    student = copy.deepcopy(teacher)
+    prune_model(student.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5, refit=False), data)
+    settings = EncoderRecoverySettings(steps=30, checkpoint_every=2, bf16=False, int8_share=0.5)
+
+    def interrupt(line):
+        if line.startswith("recovery step 20/30"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(copy.deepcopy(student), teacher, tokenizer, data, "classification", settings, tmp_path, interrupt)
+    lines = []
+    record = distill(student, teacher, tokenizer, data, "classification", settings, tmp_path, lines.append)
+    assert lines[1:3] == ["resuming recovery at step 18/30", "distilling through simulated int8 since step 15"]
+    assert record["int8_from_step"] == 15 and record["steps_done"] == 30
+    assert not any("forward" in vars(m) for m in student.modules())
 
 
 @pytest.fixture(scope="module")

@@ -80,33 +80,41 @@ def test_encoder_graph_uses_fused_operators(embedder_bundles):
 
 
 def test_the_device_runs_the_layer_norms_the_build_chose(embedder_bundles, tiny_embedder, tmp_path):
-    """onnxruntime would fuse the unfused residual adds back into SkipLayerNormalization at load
-    (its CPU kernel is the slower one); the runtime's session keeps the build's choice. A profile
-    that fuses them (Jetson's) still gets them."""
+    """onnxruntime fuses unfused residual adds back into SkipLayerNormalization at load (its CPU
+    kernel measured slower); a bundle whose build left them apart says so in its manifest, and the
+    runtime opens it without that fusion. A profile that fuses them (Jetson's) still gets them,
+    and its bundles open as onnxruntime would."""
     import dataclasses
 
     import onnx
 
+    from edge_slm import runtime
     from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
     from edge_slm.runtime.encoder import open_session
 
-    def ops_at_load(model: Path) -> dict:
-        seen = tmp_path / f"{model.parent.name}-optimized.onnx"
-        open_session(model, 1, ["CPUExecutionProvider"], optimized_path=seen)
+    def ops_at_load(bundle: Path) -> dict:
+        seen = tmp_path / f"{bundle.name}-optimized.onnx"
+        unfused = runtime.load(bundle).graph.unfused_layer_norms  # what the runtime decided from the manifest
+        open_session(bundle / "model.onnx", 1, ["CPUExecutionProvider"], None, unfused, optimized_path=seen)
         counts: dict[str, int] = {}
         for node in onnx.load(str(seen)).graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
         return counts
 
-    int8 = ops_at_load(embedder_bundles[1] / "model.onnx")
+    manifest = json.loads((embedder_bundles[1] / "manifest.json").read_text())
+    assert manifest["graph"]["layer_norms"] == "unfused"
+    int8 = ops_at_load(embedder_bundles[1])
     assert int8["LayerNormalization"] == 4 and "SkipLayerNormalization" not in int8
-    assert int8["DynamicQuantizeMatMul"] + int8.get("MatMulInteger", 0) >= 6  # int8 still: nothing else changed
+    assert int8.get("DynamicQuantizeMatMul", 0) + int8.get("MatMulInteger", 0) >= 6  # int8 still
+    refused = tmp_path / "default-optimized.onnx"  # without the runtime's choice onnxruntime undoes the build's
+    open_session(embedder_bundles[1] / "model.onnx", 1, ["CPUExecutionProvider"], optimized_path=refused)
+    assert sum(n.op_type == "SkipLayerNormalization" for n in onnx.load(str(refused)).graph.node) == 4
     profile = load_profile("jetson-orin")
     fused = dataclasses.replace(profile, encoder=dataclasses.replace(profile.encoder, max_sequence_length=32))
     manifest = build(str(tiny_embedder), fused, tmp_path / "fused", echo=lambda m: None, precision="fp32")
-    assert manifest["graph"]["fused"]["SkipLayerNormalization"] == 4
-    assert ops_at_load(tmp_path / "fused" / "model.onnx")["SkipLayerNormalization"] == 4
+    assert manifest["graph"]["fused"]["SkipLayerNormalization"] == 4 and manifest["graph"]["layer_norms"] == "fused"
+    assert ops_at_load(tmp_path / "fused")["SkipLayerNormalization"] == 4
 
 
 def test_int8_embedder_is_dynamic_int8_and_measured(embedder_bundles):

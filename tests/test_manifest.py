@@ -165,6 +165,10 @@ def test_an_encoder_manifest_parses_to_an_encoder_manifest():
     lines = manifest.summary_lines("b")
     assert lines[4].startswith("model        BertForSequenceClassification encoder, classification: 6 layers")
     assert "labels lights, music, weather" in lines[5]
+    bad = copy.deepcopy(ENCODER)
+    bad["graph"]["layer_norms"] = "separate"
+    with pytest.raises(BundleError, match=r"graph.layer_norms.*fused or unfused"):
+        parse_manifest(bad, "manifest.json")
 
 
 def test_tensorrt_settings_take_the_recorded_table_with_defaults():

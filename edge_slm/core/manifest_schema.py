@@ -119,6 +119,8 @@ ENCODER_RULES = {
     "graph.kind": _Rule("encoder", lambda v: v == "encoder"),
     "graph.inputs": _Rule("a list of input names", lambda v: _str_list(v) and v),
     "graph.output": _Rule("an output name", lambda v: isinstance(v, str) and v != ""),
+    # Optional: bundles built before the choice existed say nothing, and run as onnxruntime fuses them.
+    "graph.layer_norms": _Rule("fused or unfused", lambda v: v in ("fused", "unfused"), True),
     "model.task": _Rule("classification, embedding or question-answering", lambda v: v in TASKS),
     "model.normalize": _Rule("true or false", lambda v: isinstance(v, bool)),
     "model.pooling": _Rule("cls, mean or none", lambda v: v in ("cls", "mean", "none")),

@@ -56,6 +56,7 @@ class EncoderGraph:
         providers: list[str],
         provider_options: list[dict] | None = None,
         vocab_size: int | None = None,
+        unfused_layer_norms: bool = False,
     ):
         # Tokenizers before the session: what parsing them frees, the session's allocations reuse.
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
@@ -64,7 +65,7 @@ class EncoderGraph:
         self.truncating = Tokenizer.from_str(self.tokenizer.to_str())
         self.truncating.enable_truncation(int(max_length))
         try:
-            self.session = open_session(path, threads, providers, provider_options)
+            self.session = open_session(path, threads, providers, provider_options, unfused_layer_norms)
         except Exception as exc:  # onnxruntime's errors have no common base class
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({first}): rebuild the bundle") from None
@@ -73,6 +74,7 @@ class EncoderGraph:
             raise BundleError(f"{path}: the graph's inputs {graph_inputs} are not the manifest's {inputs}: rebuild")
         self.output_width = self.session.get_outputs()[0].shape[-1]
         self.inputs, self.max_length, self.pad_id = list(inputs), int(max_length), int(pad_id)
+        self.unfused_layer_norms = unfused_layer_norms
         self.vocab_size = vocab_size
 
     def token_counts(self, texts: list[str]) -> list[int]:
@@ -132,13 +134,21 @@ class EncoderGraph:
         return out.astype(np.float32, copy=False)
 
 
-# onnxruntime fuses each residual Add + LayerNormalization into a SkipLayerNormalization at load;
-# the build already chose per target whether the graph has them (targets/*.toml [encoder]
-# fuse_skip_layer_norm), and the CPU kernel of the fused node is the slower one: keep the choice.
-KEEP_BUILDS_CHOICE = ["SkipLayerNormFusion"]
+# onnxruntime fuses each residual Add + LayerNormalization into a SkipLayerNormalization at load.
+# A bundle whose build left them apart on purpose (targets/*.toml [encoder] fuse_skip_layer_norm =
+# false, recorded as the manifest's graph.layer_norms = "unfused": the CPU kernel of the fused node
+# measured slower) is opened without that fusion; any other bundle as onnxruntime would.
+UNFUSED_LAYER_NORMS = ["SkipLayerNormFusion"]
 
 
-def open_session(path: Path, threads: int, providers: list[str], provider_options=None, optimized_path=None):
+def open_session(
+    path: Path,
+    threads: int,
+    providers: list[str],
+    provider_options=None,
+    unfused_layer_norms: bool = False,
+    optimized_path=None,
+):
     """The onnxruntime session of an encoder graph (`optimized_path`: also write the graph as
     onnxruntime optimized it, to see what runs)."""
     options = ort.SessionOptions()
@@ -152,7 +162,7 @@ def open_session(path: Path, threads: int, providers: list[str], provider_option
         options,
         providers=providers,
         provider_options=provider_options,
-        disabled_optimizers=KEEP_BUILDS_CHOICE,
+        disabled_optimizers=UNFUSED_LAYER_NORMS if unfused_layer_norms else None,
     )
 
 
@@ -272,6 +282,7 @@ def open_encoder(bundle: Path, manifest: EncoderManifest, threads: int, provider
         chosen,
         per_provider,
         vocab_size=model.vocab_size,
+        unfused_layer_norms=manifest.graph.recorded.get("layer_norms") == "unfused",
     )
     width, want = graph.output_width, model.output_dim
     if isinstance(width, int) and width != want:

@@ -50,6 +50,7 @@ class ExportedEncoder:
     fused: dict  # fused operator -> count
     node_count: int
     shape: dict  # the manifest's model section
+    layer_norms: str  # "fused" (SkipLayerNormalization) or "unfused" (Add + LayerNormalization): the profile's choice
 
 
 def load_torch_encoder(source: EncoderSource):
@@ -172,7 +173,8 @@ def export_encoder(head, source: EncoderSource, tokenizer, profile: Profile, out
         **({"labels": list(source.labels)} if source.labels else {}),
         "parameters": sum(p.numel() for p in head.model.parameters()),
     }
-    return ExportedEncoder(path, names, output, fused, len(proto.graph.node), shape)
+    layer_norms = "fused" if profile.encoder.fuse_skip_layer_norm else "unfused"
+    return ExportedEncoder(path, names, output, fused, len(proto.graph.node), shape, layer_norms)
 
 
 def attention_heads(config) -> int:

@@ -281,6 +281,7 @@ def manifest_stage(graph: EncoderGraph | ReducedEncoder, profile: Profile, out_d
                 "nodes": len(proto.graph.node),
                 "op_counts": dict(sorted(ops.items())),
                 "fused": exported.fused,
+                "layer_norms": exported.layer_norms,
             },
             "min_onnxruntime": capabilities.min_onnxruntime(set()),
             "tokenizer": {

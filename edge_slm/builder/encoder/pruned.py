@@ -64,6 +64,7 @@ def pruned_model(
     """The pruned (and recovered) model directory in the cache, made now if it is not there.
     `labels` and `nothing`: how a refusal names the profile's settings (`profile_labels`)."""
     from edge_slm.builder.prune.encoder import PRUNE_RECORD, EncoderPruneSettings, prune_encoder_directory
+    from edge_slm.builder.prune.encoder_recover import RECOVERY_RECIPE
 
     if source.task == "classification" and data is None:  # said here: the build's option is --prune-data
         raise DataError("a classifier is pruned on its labelled training data: pass --prune-data TRAIN.jsonl")
@@ -77,6 +78,7 @@ def pruned_model(
             "data": sha256_file(data) if data else _shipped_texts_hash(source.task),
             "eval": sha256_file(eval_data) if eval_data else None,
             "edge_slm": __version__,
+            "recipe": RECOVERY_RECIPE,
         },
         sort_keys=True,
     )

@@ -33,6 +33,7 @@ def graph_of(exported, tokenizer, providers=("CPUExecutionProvider",), path=None
         tokenizer.pad_token_id or 0,
         threads=os.cpu_count() or 1,
         providers=list(providers),
+        unfused_layer_norms=exported.layer_norms == "unfused",
     )
 
 

