@@ -67,12 +67,19 @@ def pruned_classifier(tiny_classifier, two_label_data, tmp_path_factory):
     return out, record
 
 
+def _cpu_graph(model, tokenizer, manifest):
+    """A tiny bundle's graph on one CPU thread (inputs from its manifest, 32 tokens at most)."""
+    from edge_slm.runtime.encoder import EncoderGraph
+
+    inputs = list(manifest["graph"]["inputs"])
+    return EncoderGraph(model, tokenizer.backend_tokenizer, inputs, 32, 0, 1, ["CPUExecutionProvider"])
+
+
 def test_pruned_config_loads_and_the_built_graph_gives_its_logits(pruned_classifier, encoder_profile, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from edge_slm.builder.pipeline import build
     from edge_slm.core.targets import load_profile
-    from edge_slm.runtime.encoder import EncoderGraph
 
     out, record = pruned_classifier
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
@@ -91,15 +98,7 @@ def test_pruned_config_loads_and_the_built_graph_gives_its_logits(pruned_classif
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    graph = EncoderGraph(
-        bundle / "model.onnx",
-        tokenizer.backend_tokenizer,
-        list(manifest["graph"]["inputs"]),
-        32,
-        0,
-        1,
-        ["CPUExecutionProvider"],
-    )
+    graph = _cpu_graph(bundle / "model.onnx", tokenizer, manifest)
     got = graph.run(TEXTS)
     want = encode(head, tokenizer, TEXTS).numpy()
     assert got.shape == (4, 2) and np.abs(got - want).max() < 1e-4
@@ -244,7 +243,6 @@ def test_simulated_int8_gives_the_int8_bundles_outputs(tiny_classifier, encoder_
     from edge_slm.builder.pipeline import build
     from edge_slm.builder.prune.int8_simulation import simulated_int8
     from edge_slm.core.targets import Encoder, load_profile
-    from edge_slm.runtime.encoder import EncoderGraph
 
     fp32 = tmp_path / "fp32"
     manifest = build(
@@ -255,15 +253,7 @@ def test_simulated_int8_gives_the_int8_bundles_outputs(tiny_classifier, encoder_
     # Every MatMul int8 and the embeddings float: what the simulation rounds, nothing else.
     reduce_precision(fp32 / "model.onnx", Encoder(precision="int8", quantize_embeddings=False), int8)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_classifier))
-    graph = EncoderGraph(
-        int8 / "model.onnx",
-        tokenizer.backend_tokenizer,
-        list(manifest["graph"]["inputs"]),
-        32,
-        0,
-        1,
-        ["CPUExecutionProvider"],
-    )
+    graph = _cpu_graph(int8 / "model.onnx", tokenizer, manifest)
     texts = [e.text for e in read_examples(INTENTS_TRAIN)[:64]]
     got = graph.run(texts, batch_size=64)  # one batch: the activations' ranges are the batch's, as in torch
     head = load_torch_encoder(load_encoder(str(tiny_classifier)))
