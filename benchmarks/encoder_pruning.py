@@ -22,6 +22,13 @@ embedder's cosine to the unpruned fp32 bundle). Writes, under --out-dir: NAME.js
 bench schema with `bundle.base_model` / `bundle.pruned`: `edge-slm report` puts them side by
 side), NAME.md (the summary tables with the machine and its CPU flags) and NAME.png (accuracy
 against texts per second at batch 32, a point per bundle).
+
+With `--interleaved N`, one more fresh process loads the fp32, int8 and pruned bundles of a set
+together and takes turns: N rounds of, per bundle, a block of one-text calls and a pass over the
+texts at batch 32, so that every ratio compares measurements a few hundred milliseconds apart. A
+shared host's slow spells then hit both sides of a ratio; across the separate processes above they
+move ratios of one round by tens of percent. Written to NAME-interleaved.json and tabled in NAME.md
+(median ratio and its quartiles).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from edge_slm.core.atomic import atomic_file
 from edge_slm.core.errors import EdgeSlmError
 from edge_slm.core.worker import run_worker
 
@@ -151,6 +159,59 @@ def peer_quality(task: str, output, labels: list[str]) -> dict:
     return {"task": task, "queries": n, "recall_at_1": float((top == np.arange(n)).mean())}
 
 
+def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> dict:
+    """Every bundle of `bundles` (role -> path) loaded in this one process and timed in turn, round
+    after round: seconds per one-text call (a block of `block` calls of the 16-token text) and per
+    pass over the benchmark texts at batch 32."""
+    from edge_slm import runtime
+    from edge_slm.runtime.bench_encoder import text_of_tokens, throughput_texts
+
+    models = {role: runtime.load(path, threads=threads, verify=False) for role, path in bundles.items()}
+    calls = {role: (m.embed if m.task == "embedding" else m.classify) for role, m in models.items()}
+    first = next(iter(models.values())).graph
+    text, texts = text_of_tokens(lambda t: first.token_counts([t])[0], 16), throughput_texts()
+
+    def one_text(call) -> float:
+        start = time.perf_counter()
+        for _ in range(block):
+            call([text], batch_size=1)
+        return (time.perf_counter() - start) / block
+
+    def batch32(call) -> float:
+        start = time.perf_counter()
+        call(texts, batch_size=32)
+        return time.perf_counter() - start
+
+    for call in calls.values():  # warm-up: onnxruntime's first runs allocate and tune
+        one_text(call), batch32(call)
+    measured = [
+        {role: {"one_text_s": one_text(call), "batch32_s": batch32(call)} for role, call in calls.items()}
+        for _ in range(rounds)
+    ]
+    return {"rounds": measured, "texts": len(texts), "block": block, "threads": threads}
+
+
+def interleaved_table(measured: dict) -> list[str]:
+    """Median ratio to the unpruned int8 bundle over the rounds, with its quartiles."""
+    lines = [
+        f"Interleaved in one process ({len(next(iter(measured.values()))['rounds'])} rounds, each a block of "
+        "one-text calls and a pass at batch 32 per bundle, in turn): ratio to the unpruned int8 bundle of the "
+        "same round, median (quartiles).",
+        "",
+        "| set | bundle | b32 vs unpruned int8 | one text vs unpruned int8 |",
+        "|---|---|---|---|",
+    ]
+    for name, result in measured.items():
+        for role in result["rounds"][0]:
+            cells = []
+            for key in ("batch32_s", "one_text_s"):
+                ratios = [r["int8"][key] / r[role][key] for r in result["rounds"]]
+                q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+                cells.append(f"{median:.2f}x ({q1:.2f}-{q3:.2f})")
+            lines.append(f"| {name} | {role} | {cells[0]} | {cells[1]} |")
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classifier", help="FP32,INT8,PRUNED_INT8 bundles of the classifier")
@@ -160,6 +221,9 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="Leave the peer out.")
+    parser.add_argument(
+        "--interleaved", type=int, default=0, metavar="N", help="Also N interleaved rounds in one process (0: none)."
+    )
     parser.add_argument("--peer-cache", default=str(Path.home() / ".cache/edge-slm/peers/encoder-pruning"))
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks/results/encoder-pruning"))
     parser.add_argument("--name", required=True, help="File names under --out-dir: NAME.jsonl, NAME.md, NAME.png")
@@ -244,7 +308,32 @@ def main() -> None:
                     f"b1@16 {raw['latency_ms_16']['p50']:.2f} ms",
                     file=sys.stderr,
                 )
+    if args.interleaved > 0:
+        measured = {}
+        for name, bundles in sets.items():
+            cfg = {
+                "bundles": {role: bundles[role] for role in ("fp32", "int8", "pruned")},
+                "threads": args.threads,
+                "rounds": args.interleaved,
+                "block": 50,
+            }
+            print(f"{name}: {args.interleaved} interleaved rounds in one process", file=sys.stderr)
+            try:
+                measured[name] = run_worker(
+                    "benchmarks.encoder_pruning:interleaved_worker",
+                    cfg,
+                    env={**os.environ, "PYTHONPATH": str(REPO)},
+                    what="the interleaved measurement",
+                )
+            except EdgeSlmError as exc:
+                sys.exit(str(exc))
+        with atomic_file(_interleaved_path(records_path)) as tmp:
+            Path(tmp).write_text(json.dumps(measured, indent=1) + "\n", encoding="utf-8")
     summarize(records_path, args)
+
+
+def _interleaved_path(records_path: Path) -> Path:
+    return records_path.with_name(f"{records_path.stem}-interleaved.json")
 
 
 def summarize(records_path: Path, args) -> None:
@@ -265,6 +354,8 @@ def summarize(records_path: Path, args) -> None:
     args.threads, args.warmup = records[-1]["settings"]["threads"], records[-1]["settings"]["warmup"]
     args.repetitions = records[-1]["settings"]["repetitions"]
     text = markdown(sets, roles, speed, quality, infos, args, records[-1])
+    if _interleaved_path(records_path).is_file():
+        text += "\n" + "\n".join(interleaved_table(json.loads(_interleaved_path(records_path).read_text("utf-8"))))
     (records_path.with_suffix(".md")).write_text(text, encoding="utf-8")
     plot(sets, roles, speed, quality, records_path.with_suffix(".png"))
     print(text)

@@ -180,6 +180,37 @@ def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classif
     assert "## Encoders" in md and md.count("| edge-slm int8 tiny-encoder-laptop") == 1 and "recall@1" in md
 
 
+def test_the_interleaved_benchmark_times_bundles_in_turn_in_one_process(embedder_bundles):
+    """benchmarks/encoder_pruning.py --interleaved: a fresh process loads the three bundles and
+    times them in turn, round after round; the table's ratios are against the int8 bundle of the
+    same round (so the int8 row is exactly 1)."""
+    import os
+    from pathlib import Path
+
+    from edge_slm.core.worker import run_worker
+
+    repo = Path(__file__).resolve().parent.parent
+    fp32, int8 = embedder_bundles
+    cfg = {
+        "bundles": {"fp32": str(fp32), "int8": str(int8), "pruned": str(int8)},
+        "threads": 1,
+        "rounds": 3,
+        "block": 2,
+    }
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    measured = run_worker("benchmarks.encoder_pruning:interleaved_worker", cfg, env=env)
+    assert (measured["texts"], measured["block"], len(measured["rounds"])) == (309, 2, 3)
+    assert all(list(r) == ["fp32", "int8", "pruned"] for r in measured["rounds"])
+    assert all(0 < t["one_text_s"] < t["batch32_s"] for r in measured["rounds"] for t in r.values())
+    sys.path.insert(0, str(repo))
+    try:
+        from benchmarks.encoder_pruning import interleaved_table
+    finally:
+        sys.path.remove(str(repo))
+    rows = [line for line in interleaved_table({"embedder": measured}) if line.startswith("| embedder |")]
+    assert len(rows) == 3 and rows[1] == "| embedder | int8 | 1.00x (1.00-1.00) | 1.00x (1.00-1.00) |"
+
+
 # Lines of benchmarks/results/pruning/vm.jsonl (the oldest shape: no bundle.family, no
 # settings.context) and benchmarks/results/encoders/vm.jsonl, their samples cut to three.
 OLD_DECODER_LINE = '{"schema": "edge-slm-bench/1", "system": "edge-slm", "test": "pp128+tg64", "timestamp": "2026-11-29T09:43:40+00:00", "host": "vm", "bundle": {"path": "export/x86-laptop", "manifest_sha256": "02c5eb3074defb3633ca98bbbbaa5a130b47ddac19b5a80b3577743ec68671c5", "target": "x86-laptop", "precision": "int8", "graph": "fused", "size_bytes": 149912071, "parameters": 134515008}, "settings": {"threads": 2, "prompt_tokens": 128, "gen_tokens": 64, "repetitions": 5, "warmup": 1, "provider": "CPUExecutionProvider", "cpu_arena": true}, "machine": {"os": "Linux 6.18.44-fc-v782", "arch": "x86_64", "python": "3.11.7", "cores": 2, "cpu": "AMD EPYC", "flags": ["avx2", "fma"]}, "versions": {"edge_slm": "0.1.0", "onnxruntime": "1.32.0", "numpy": "2.4.6", "git_commit": "11595cb"}, "results": {"load_s": 0.6248916520016792, "ttft_ms": {"mean": 1337.2976037986518, "std": 32.671475844731184, "p50": 1329.9312249982904, "p90": 1392.720913998346, "p99": 1392.720913998346, "n": 5, "samples": [1329.9312249982904, 1392.720913998346, 1335.1243069992051]}, "prefill_tok_s": {"mean": 95.76006329314365, "std": 2.284535966346291, "p50": 96.24557841339843, "p90": 97.87532085288206, "p99": 97.87532085288206, "n": 5, "samples": [96.24557841339843, 91.90642483606159, 95.87122287338913]}, "decode_tok_s": {"mean": 54.90359782064607, "std": 1.1354700999692653, "p50": 54.765219500671414, "p90": 56.004303370731535, "p99": 56.004303370731535, "n": 5, "samples": [53.18046523689364, 54.706129478114505, 56.004303370731535]}, "decode_latency_ms": {"mean": 18.220043469854218, "std": 2.6372701187619643, "p50": 17.795362997276243, "p90": 19.04398499755189, "p99": 22.116158001153963, "n": 315, "samples": [50.04427899984876, 17.58755300033954, 17.292749998887302]}, "peak_rss_mb": 396.96484375}, "accuracy": {"tokens": 2292, "scored_tokens": 2287, "windows": 5, "window": 512, "perplexity": 22.793754842282297, "mean_nll": 3.1264865880138677, "reference": "export/x86-laptop-fp32", "top1_agreement": 0.9689549628334062, "mean_kl": 0.0030483440994665467, "reference_perplexity": 22.700649760487078, "text": "eval.txt"}}'
