@@ -367,7 +367,11 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def _ratios(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+    # The median too: a slow spell under the baseline of one round lifts the mean of the ratios
+    # more than a slow spell under the other bundle lowers it.
+    return (
+        f"{statistics.mean(values):.2f}x ({min(values):.2f}-{max(values):.2f}; median {statistics.median(values):.2f}x)"
+    )
 
 
 def _score(quality: dict) -> float | None:
@@ -376,7 +380,7 @@ def _score(quality: dict) -> float | None:
 
 def markdown(sets, roles, speed, quality, infos, args, last_record) -> str:
     """One table per set: each bundle's speed (mean over rounds ± their spread), its ratios to the
-    unpruned int8 bundle of the same round (mean, min-max), its accuracy and the points against fp32."""
+    unpruned int8 bundle of the same round (mean, min-max, median), its accuracy and the points against fp32."""
     machine = last_record["machine"]
     lines = [
         f"Measured by `benchmarks/encoder_pruning.py` on {last_record['host']}: {machine['cpu']} "
