@@ -24,11 +24,12 @@ side), NAME.md (the summary tables with the machine and its CPU flags) and NAME.
 against texts per second at batch 32, a point per bundle).
 
 With `--interleaved N`, one more fresh process loads the fp32, int8 and pruned bundles of a set
-together and takes turns: N rounds of, per bundle, a block of one-text calls and a pass over the
-texts at batch 32, so that every ratio compares measurements a few hundred milliseconds apart. A
+(and any `--variant SET:LABEL=PATH`, another pruning of the same model) together and takes turns:
+N rounds of, per bundle, a block of one-text calls and a pass over the texts at batch 32, the order
+rotating from round to round, so that every ratio compares measurements about a second apart. A
 shared host's slow spells then hit both sides of a ratio; across the separate processes above they
-move ratios of one round by tens of percent. Written to NAME-interleaved.json and tabled in NAME.md
-(median ratio and its quartiles).
+move ratios of one round by tens of percent. Written to NAME-interleaved.json (with the bundles and
+their manifests' hashes) and tabled in NAME.md (median ratio and its quartiles).
 """
 
 from __future__ import annotations
@@ -184,11 +185,31 @@ def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> 
 
     for call in calls.values():  # warm-up: onnxruntime's first runs allocate and tune
         one_text(call), batch32(call)
-    measured = [
-        {role: {"one_text_s": one_text(call), "batch32_s": batch32(call)} for role, call in calls.items()}
-        for _ in range(rounds)
-    ]
-    return {"rounds": measured, "texts": len(texts), "block": block, "threads": threads}
+    roles, measured = list(calls), []
+    for number in range(rounds):
+        order = roles[number % len(roles) :] + roles[: number % len(roles)]  # no bundle always follows the same one
+        timed = {role: {"one_text_s": one_text(calls[role]), "batch32_s": batch32(calls[role])} for role in order}
+        measured.append({role: timed[role] for role in roles})
+    return {
+        "rounds": measured,
+        "texts": len(texts),
+        "block": block,
+        "threads": threads,
+        "bundles": {
+            role: {"path": str(path), "manifest_sha256": _manifest_hash(path)} for role, path in bundles.items()
+        },
+        "onnxruntime": _onnxruntime_version(),
+    }
+
+
+def _manifest_hash(bundle) -> str:
+    return hashlib.sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def interleaved_table(measured: dict) -> list[str]:
@@ -206,9 +227,13 @@ def interleaved_table(measured: dict) -> list[str]:
             cells = []
             for key in ("batch32_s", "one_text_s"):
                 ratios = [r["int8"][key] / r[role][key] for r in result["rounds"]]
-                q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+                # inclusive: the quartiles stay within the measured ratios, however few the rounds
+                q1, median, q3 = (
+                    statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+                )
                 cells.append(f"{median:.2f}x ({q1:.2f}-{q3:.2f})")
-            lines.append(f"| {name} | {role} | {cells[0]} | {cells[1]} |")
+            label = {"fp32": "unpruned fp32", "int8": "unpruned int8", "pruned": "pruned int8"}.get(role, role)
+            lines.append(f"| {name} | {label} | {cells[0]} | {cells[1]} |")
     return [*lines, ""]
 
 
@@ -224,9 +249,18 @@ def main() -> None:
     parser.add_argument(
         "--interleaved", type=int, default=0, metavar="N", help="Also N interleaved rounds in one process (0: none)."
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SET:LABEL=PATH",
+        help="Another pruned bundle of SET (classifier or embedder), timed only in the interleaved process.",
+    )
     parser.add_argument("--peer-cache", default=str(Path.home() / ".cache/edge-slm/peers/encoder-pruning"))
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks/results/encoder-pruning"))
-    parser.add_argument("--name", required=True, help="File names under --out-dir: NAME.jsonl, NAME.md, NAME.png")
+    parser.add_argument(
+        "--name", required=True, help="File names under --out-dir: NAME.jsonl, NAME.md, NAME.png, NAME-interleaved.json"
+    )
     parser.add_argument("--summarize", action="store_true", help="Only remake NAME.md and NAME.png from NAME.jsonl.")
     args = parser.parse_args()
     if args.summarize:
@@ -246,9 +280,22 @@ def main() -> None:
             sets[name] = dict(zip(ROLES, paths))
     if not sets:
         sys.exit("give --classifier and/or --embedder bundles")
+    variants: dict = {}
+    for given in args.variant:
+        name, _, rest = given.partition(":")
+        label, _, path = rest.partition("=")
+        if name not in sets or not label or not path or label in ROLES:
+            sys.exit(f"--variant {given}: give SET:LABEL=PATH with SET one of {', '.join(sets)} and a new LABEL")
+        variants.setdefault(name, {})[label] = path
+    if variants and args.interleaved <= 0:
+        sys.exit("--variant bundles are timed only in the interleaved process: give --interleaved N too")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / f"{args.name}.jsonl"
+    if args.interleaved <= 0 and _interleaved_path(records_path).is_file():
+        sys.exit(
+            f"{_interleaved_path(records_path)}: from an earlier run of this NAME; remove it, or give --interleaved N"
+        )
 
     infos, quality, peers = {}, {}, {}
     for name, bundles in sets.items():
@@ -312,7 +359,7 @@ def main() -> None:
         measured = {}
         for name, bundles in sets.items():
             cfg = {
-                "bundles": {role: bundles[role] for role in ("fp32", "int8", "pruned")},
+                "bundles": {**{role: bundles[role] for role in ("fp32", "int8", "pruned")}, **variants.get(name, {})},
                 "threads": args.threads,
                 "rounds": args.interleaved,
                 "block": 50,
@@ -354,8 +401,25 @@ def summarize(records_path: Path, args) -> None:
     args.threads, args.warmup = records[-1]["settings"]["threads"], records[-1]["settings"]["warmup"]
     args.repetitions = records[-1]["settings"]["repetitions"]
     text = markdown(sets, roles, speed, quality, infos, args, records[-1])
-    if _interleaved_path(records_path).is_file():
-        text += "\n" + "\n".join(interleaved_table(json.loads(_interleaved_path(records_path).read_text("utf-8"))))
+    interleaved = _interleaved_path(records_path)
+    if interleaved.is_file():
+        measured = json.loads(interleaved.read_text("utf-8"))
+        # Only a file of the same bundles: one left from an earlier run of NAME is not this run's.
+        stale = [
+            name
+            for name, result in measured.items()
+            if "bundles" in result
+            and any(
+                result["bundles"].get(role, {}).get("path") != path
+                for role, path in sets.get(name, {}).items()
+                if role != "peer"
+            )
+        ]
+        if stale:
+            sys.exit(
+                f"{interleaved}: measured other bundles than {records_path.name} for {', '.join(stale)}; remove it or rerun"
+            )
+        text += "\n" + "\n".join(interleaved_table(measured))
     (records_path.with_suffix(".md")).write_text(text, encoding="utf-8")
     plot(sets, roles, speed, quality, records_path.with_suffix(".png"))
     print(text)

@@ -180,10 +180,21 @@ def test_an_encoder_bundle_is_benchmarked_and_reported(embedder_bundles, classif
     assert "## Encoders" in md and md.count("| edge-slm int8 tiny-encoder-laptop") == 1 and "recall@1" in md
 
 
+def _encoder_pruning_benchmark():
+    """benchmarks/encoder_pruning.py as a module (benchmarks/ is not a package on the path)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "encoder_pruning.py"
+    spec = importlib.util.spec_from_file_location("encoder_pruning_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_interleaved_benchmark_times_bundles_in_turn_in_one_process(embedder_bundles):
-    """benchmarks/encoder_pruning.py --interleaved: a fresh process loads the three bundles and
-    times them in turn, round after round; the table's ratios are against the int8 bundle of the
-    same round (so the int8 row is exactly 1)."""
+    """benchmarks/encoder_pruning.py --interleaved: a fresh process loads the bundles and times
+    them in turn, round after round, and says what it measured."""
     import os
     from pathlib import Path
 
@@ -191,24 +202,41 @@ def test_the_interleaved_benchmark_times_bundles_in_turn_in_one_process(embedder
 
     repo = Path(__file__).resolve().parent.parent
     fp32, int8 = embedder_bundles
-    cfg = {
-        "bundles": {"fp32": str(fp32), "int8": str(int8), "pruned": str(int8)},
-        "threads": 1,
-        "rounds": 3,
-        "block": 2,
-    }
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    measured = run_worker("benchmarks.encoder_pruning:interleaved_worker", cfg, env=env)
+    bundles = {"fp32": str(fp32), "int8": str(int8), "pruned": str(int8)}
+    cfg = {"bundles": bundles, "threads": 1, "rounds": 3, "block": 2}
+    measured = run_worker(
+        "benchmarks.encoder_pruning:interleaved_worker", cfg, env={**os.environ, "PYTHONPATH": str(repo)}
+    )
     assert (measured["texts"], measured["block"], len(measured["rounds"])) == (309, 2, 3)
     assert all(list(r) == ["fp32", "int8", "pruned"] for r in measured["rounds"])
     assert all(0 < t["one_text_s"] < t["batch32_s"] for r in measured["rounds"] for t in r.values())
-    sys.path.insert(0, str(repo))
-    try:
-        from benchmarks.encoder_pruning import interleaved_table
-    finally:
-        sys.path.remove(str(repo))
-    rows = [line for line in interleaved_table({"embedder": measured}) if line.startswith("| embedder |")]
-    assert len(rows) == 3 and rows[1] == "| embedder | int8 | 1.00x (1.00-1.00) | 1.00x (1.00-1.00) |"
+    assert (
+        measured["bundles"]["fp32"]["path"] == str(fp32) and len(measured["bundles"]["int8"]["manifest_sha256"]) == 64
+    )
+
+
+def test_the_interleaved_table_gives_same_round_ratios_with_their_median_and_quartiles():
+    """Time ratios against the int8 bundle of the same round: half its time is 2x, twice is 0.5x;
+    the quartiles are the inclusive ones (within the measured ratios)."""
+    table = _encoder_pruning_benchmark().interleaved_table
+
+    pruned_b32 = [1 / 1.6, 1 / 2.0, 1 / 2.0, 1 / 2.4]  # seconds against int8's 1.0: ratios 1.6, 2, 2, 2.4
+    rounds = [
+        {
+            "fp32": {"batch32_s": 2.0, "one_text_s": 0.004},
+            "int8": {"batch32_s": 1.0, "one_text_s": 0.002},
+            "pruned": {"batch32_s": b32, "one_text_s": 0.002},
+        }
+        for b32 in pruned_b32
+    ]
+    rows = [line for line in table({"embedder": {"rounds": rounds}}) if line.startswith("| embedder |")]
+    assert rows == [
+        "| embedder | unpruned fp32 | 0.50x (0.50-0.50) | 0.50x (0.50-0.50) |",
+        "| embedder | unpruned int8 | 1.00x (1.00-1.00) | 1.00x (1.00-1.00) |",
+        "| embedder | pruned int8 | 2.00x (1.90-2.10) | 1.00x (1.00-1.00) |",
+    ]
+    two = table({"embedder": {"rounds": rounds[:1] + rounds[3:]}})  # two rounds: quartiles stay inside 1.6-2.4
+    assert "| embedder | pruned int8 | 2.00x (1.80-2.20) | 1.00x (1.00-1.00) |" in two
 
 
 # Lines of benchmarks/results/pruning/vm.jsonl (the oldest shape: no bundle.family, no
