@@ -279,14 +279,12 @@ def test_simulated_int8_gives_the_int8_bundles_outputs(tiny_classifier, encoder_
         pass
 
 
-def test_the_last_share_of_distillation_runs_through_simulated_int8(tiny_classifier, two_label_data, tmp_path):
-    """`int8_share` switches the rounding on for the end of the run (step 7 of 10 for 0.3) and
-    off after it; a run that distils through it all lowers the student's loss measured as int8."""
+def _tiny_teacher_and_pruned(tiny_classifier, two_label_data):
+    """The tiny classifier as teacher, and a copy with a layer and half of every FFN removed (no
+    refit): the student of the simulated-int8 tests."""
     import copy
 
     from transformers import AutoTokenizer
-
-    from edge_slm.builder.prune.int8_simulation import simulated_int8
 
     source = load_encoder(str(tiny_classifier))
     teacher = load_torch_encoder(source)
@@ -294,6 +292,17 @@ def test_the_last_share_of_distillation_runs_through_simulated_int8(tiny_classif
     data = read_task_data(two_label_data, "classification", source.labels)
     pruned = copy.deepcopy(teacher)
     prune_model(pruned.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5, refit=False), data)
+    return teacher, pruned, tokenizer, data
+
+
+def test_the_last_share_of_distillation_runs_through_simulated_int8(tiny_classifier, two_label_data, tmp_path):
+    """`int8_share` switches the rounding on for the end of the run (step 7 of 10 for 0.3) and
+    off after it; a run that distils through it all lowers the student's loss measured as int8."""
+    import copy
+
+    from edge_slm.builder.prune.int8_simulation import simulated_int8
+
+    teacher, pruned, tokenizer, data = _tiny_teacher_and_pruned(tiny_classifier, two_label_data)
     lines = []
     student = copy.deepcopy(pruned)
     settings = EncoderRecoverySettings(steps=10, checkpoint_every=100, bf16=False, int8_share=0.3)
@@ -316,14 +325,7 @@ def test_a_resumed_run_keeps_its_switch_to_simulated_int8(tiny_classifier, two_l
     already rounding, and says the switch came at step 15: not again at the step it resumed on."""
     import copy
 
-    from transformers import AutoTokenizer
-
-    source = load_encoder(str(tiny_classifier))
-    teacher = load_torch_encoder(source)
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_classifier))
-    data = read_task_data(two_label_data, "classification", source.labels)
-    student = copy.deepcopy(teacher)
-    prune_model(student.model, tokenizer, EncoderPruneSettings(layers=1, ffn=0.5, refit=False), data)
+    teacher, student, tokenizer, data = _tiny_teacher_and_pruned(tiny_classifier, two_label_data)
     settings = EncoderRecoverySettings(steps=30, checkpoint_every=2, bf16=False, int8_share=0.5)
 
     def interrupt(line):
