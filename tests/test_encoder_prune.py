@@ -28,6 +28,7 @@ from edge_slm.builder.prune.encoder import (
 from edge_slm.builder.prune.encoder_data import read_task_data
 from edge_slm.builder.prune.encoder_recover import (
     EncoderRecoverySettings,
+    _varied_batches,
     distill,
     distillation_loss,
     hidden_state_loss,
@@ -722,3 +723,25 @@ def test_the_smallest_share_suggested_removes_one_and_not_two():
     for count in range(1, 5000):
         printed = float(f"{smallest_share(count):.3g}")
         assert int(printed * count) == 1 and printed >= 1 / count, count
+
+
+def test_varied_texts_are_batched_by_their_own_length():
+    """Texts are varied (cut, joined) before they are cut into batches by length: the batches of a
+    pool partition its varied texts in length order, so a joined text never widens a batch of
+    short ones."""
+    import random
+
+    import torch
+
+    commands = [f"turn off light {i}" for i in range(40)]
+    paragraphs = [" ".join(["the garden needs water in the dry weeks of summer"] * 4) + f" {i}" for i in range(24)]
+    pool = commands + paragraphs
+    batches = _varied_batches(pool, 4, torch.Generator().manual_seed(0), random.Random(0), pool=8)
+    drawn = [next(batches) for _ in range(8)]  # one pool's worth
+    assert all(len(batch) == 4 for batch in drawn)
+    spans = sorted((min(map(len, b)), max(map(len, b))) for b in drawn)
+    assert all(previous[1] <= following[0] for previous, following in zip(spans, spans[1:]))
+    texts = [t for batch in drawn for t in batch]
+    assert any(t not in pool for t in texts)  # varied: some were cut or joined
+    again = _varied_batches(pool, 4, torch.Generator().manual_seed(0), random.Random(0), pool=8)
+    assert [next(again) for _ in range(8)] == drawn  # a resumed run draws the same batches from its step's seeds

@@ -39,7 +39,7 @@ from edge_slm.core.atomic import atomic_file
 # What distillation does beyond its settings (how inputs vary, how int8 is simulated): part of
 # every cache and checkpoint key, and raised when that changes, so that a run made by other code
 # is not taken for this one's.
-RECOVERY_RECIPE = 2
+RECOVERY_RECIPE = 3
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,9 @@ def distill(
         for parameter in student.model.base_model.embeddings.parameters():
             parameter.requires_grad_(False)
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01)
+    # torch's fused CPU kernel: one pass over the weights instead of a dozen (measured 10 ms a step
+    # against 114 ms for the pruned MiniLM's 6.5M trainable parameters on a 2-core AVX2 host).
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.01, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine to 10%
         optimizer,
         lambda s: min(1.0, (s + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * min(s, settings.steps) / settings.steps)),
@@ -195,13 +197,15 @@ def distill(
         seconds_before, int8_from = state.get("seconds", 0.0), state.get("int8_from")
         progress(f"resuming recovery at step {step}/{settings.steps}")
     generator = torch.Generator().manual_seed(settings.seed + step)
-    lengths = [len(t) for t in data.texts] if task != "classification" else None
-    batches = _batches(len(data.texts), settings.batch_size, generator, lengths)
+    if live:
+        batches = _varied_batches(data.texts, settings.batch_size, generator, random.Random(settings.seed + step))
+    else:
+        lengths = [len(t) for t in data.texts] if task != "classification" else None
+        batches = _batches(len(data.texts), settings.batch_size, generator, lengths)
     teacher.eval()
     # Dropout stays off: the targets are the teacher's deterministic outputs, and a few hundred
     # steps leave its regularisation no time to pay for the noise it adds.
     student.eval()
-    varied = random.Random(settings.seed + step)
     if live and layer_map is None:
         layer_map = teacher_layers(student.model.config.num_hidden_layers, teacher.model.config.num_hidden_layers)
     caught = (_HiddenStates(student), _HiddenStates(teacher)) if live else ()
@@ -230,10 +234,13 @@ def distill(
                 progress(
                     f"from step {step}: distilling through simulated int8 ({count} linear layers, rounded as the bundle rounds its MatMuls)"
                 )
-            rows = next(batches)
-            texts = [data.texts[i] for i in rows]
+            if live:
+                rows, texts = None, next(batches)
+            else:
+                rows = next(batches)
+                texts = [data.texts[i] for i in rows]
             inputs = tokenizer(
-                _varied(texts, data.texts, varied) if live else texts,
+                texts,
                 padding=True,
                 truncation=True,
                 max_length=token_limit(student.model, settings.max_length),
@@ -334,6 +341,20 @@ def _varied(texts: list[str], pool: list[str], rng: random.Random) -> list[str]:
             text = f"{text} {rng.choice(pool)}"
         out.append(text)
     return out
+
+
+def _varied_batches(texts: list[str], batch_size: int, generator, rng: random.Random, pool: int = 8):
+    """Batches of varied texts (`_varied`), endlessly: `pool` batches' worth drawn at once, varied,
+    then cut by length, so that a text joined with another does not widen a batch of short ones
+    (varied after the cut, the joined texts made the mean batch 52 tokens wide against 28, and a
+    step twice as slow)."""
+    import torch
+
+    while True:
+        rows = torch.randint(len(texts), (batch_size * pool,), generator=generator)
+        drawn = sorted(_varied([texts[i] for i in rows], texts, rng), key=len)
+        for index in torch.randperm(pool, generator=generator):
+            yield drawn[index * batch_size : (index + 1) * batch_size]
 
 
 def _batches(count: int, batch_size: int, generator, lengths: list[int] | None = None, pool: int = 8):
