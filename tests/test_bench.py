@@ -210,6 +210,7 @@ def test_the_interleaved_benchmark_times_bundles_in_turn_in_one_process(embedder
     assert (measured["texts"], measured["block"], len(measured["rounds"])) == (309, 2, 3)
     assert all(list(r) == ["fp32", "int8", "pruned"] for r in measured["rounds"])
     assert all(0 < t["one_text_s"] < t["batch32_s"] for r in measured["rounds"] for t in r.values())
+    assert all(0 < t["one_text_p50_s"] < t["batch32_s"] for r in measured["rounds"] for t in r.values())
     assert (
         measured["bundles"]["fp32"]["path"] == str(fp32) and len(measured["bundles"]["int8"]["manifest_sha256"]) == 64
     )
@@ -237,6 +238,15 @@ def test_the_interleaved_table_gives_same_round_ratios_with_their_median_and_qua
     ]
     two = table({"embedder": {"rounds": rounds[:1] + rounds[3:]}})  # two rounds: quartiles stay inside 1.6-2.4
     assert "| embedder | pruned int8 | 2.00x (1.80-2.20) | 1.00x (1.00-1.00) |" in two
+    # With each block's median call recorded, a third column: the ratio of the p50 latencies.
+    for r, median in zip(rounds, (0.0010, 0.0008, 0.0008, 0.0005)):  # ratios 1.6, 2, 2, 3.2
+        r["int8"]["one_text_p50_s"], r["fp32"]["one_text_p50_s"], r["pruned"]["one_text_p50_s"] = 0.0016, 0.0032, median
+    lines = table({"embedder": {"rounds": rounds}})
+    assert (
+        "| set | bundle | b32 vs unpruned int8 | one text (block mean) vs unpruned int8 | one text (median call) vs unpruned int8 |"
+        in lines
+    )
+    assert "| embedder | pruned int8 | 2.00x (1.90-2.10) | 1.00x (1.00-1.00) | 2.00x (1.90-2.30) |" in lines
 
 
 # Lines of benchmarks/results/pruning/vm.jsonl (the oldest shape: no bundle.family, no
