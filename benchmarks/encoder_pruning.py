@@ -176,12 +176,12 @@ def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> 
         """The block's mean seconds per call, and its median call: a shared host's hiccups (the
         same milliseconds whichever bundle they hit) weigh on the mean, pulling every ratio
         toward 1; the median is the p50 latency `edge-slm bench` reports."""
-        calls = []
+        seconds = []
         for _ in range(block):
             start = time.perf_counter()
             call([text], batch_size=1)
-            calls.append(time.perf_counter() - start)
-        return sum(calls) / block, statistics.median(calls)
+            seconds.append(time.perf_counter() - start)
+        return sum(seconds) / block, statistics.median(seconds)
 
     def batch32(call) -> float:
         start = time.perf_counter()
