@@ -165,7 +165,7 @@ def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> 
     after round: seconds per one-text call (a block of `block` calls of the 16-token text) and per
     pass over the benchmark texts at batch 32."""
     from edge_slm import runtime
-    from edge_slm.runtime.bench_encoder import text_of_tokens, throughput_texts
+    from edge_slm.runtime.bench_encoder import text_of_tokens, throughput_texts, timed
 
     models = {role: runtime.load(path, threads=threads, verify=False) for role, path in bundles.items()}
     calls = {role: (m.embed if m.task == "embedding" else m.classify) for role, m in models.items()}
@@ -176,11 +176,7 @@ def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> 
         """The block's mean seconds per call, and its median call: a shared host's hiccups (the
         same milliseconds whichever bundle they hit) weigh on the mean, pulling every ratio
         toward 1; the median is the p50 latency `edge-slm bench` reports."""
-        seconds = []
-        for _ in range(block):
-            start = time.perf_counter()
-            call([text], batch_size=1)
-            seconds.append(time.perf_counter() - start)
+        seconds = timed(lambda: call([text], batch_size=1), block, warmup=0)
         return sum(seconds) / block, statistics.median(seconds)
 
     def batch32(call) -> float:
@@ -193,11 +189,11 @@ def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> 
     roles, measured = list(calls), []
     for number in range(rounds):
         order = roles[number % len(roles) :] + roles[: number % len(roles)]  # no bundle always follows the same one
-        timed = {}
+        this_round = {}
         for role in order:
             mean, median = one_text(calls[role])
-            timed[role] = {"one_text_s": mean, "one_text_p50_s": median, "batch32_s": batch32(calls[role])}
-        measured.append({role: timed[role] for role in roles})
+            this_round[role] = {"one_text_s": mean, "one_text_p50_s": median, "batch32_s": batch32(calls[role])}
+        measured.append({role: this_round[role] for role in roles})
     return {
         "rounds": measured,
         "texts": len(texts),
@@ -211,7 +207,9 @@ def interleaved_worker(bundles: dict, threads: int, rounds: int, block: int) -> 
 
 
 def _manifest_hash(bundle) -> str:
-    return hashlib.sha256((Path(bundle) / "manifest.json").read_bytes()).hexdigest()
+    from edge_slm.core.hashing import sha256_file
+
+    return sha256_file(Path(bundle) / "manifest.json")
 
 
 def _onnxruntime_version() -> str:
