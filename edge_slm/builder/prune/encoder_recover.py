@@ -39,7 +39,11 @@ from edge_slm.core.atomic import atomic_file
 # What distillation does beyond its settings (how inputs vary, how int8 is simulated): part of
 # every cache and checkpoint key, and raised when that changes, so that a run made by other code
 # is not taken for this one's.
-RECOVERY_RECIPE = 3
+RECOVERY_RECIPE = 4
+
+# The simulated int8 rounds weights to 7 bits, as the CPU profiles' [encoder] reduce_range builds
+# them: one cached run serves every target, so it follows the int8 bundles whatever the target.
+SIMULATED_REDUCE_RANGE = True
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ def distill(
     started, stopped = time.monotonic() - seconds_before, "steps"
     rounding = contextlib.ExitStack()
     if int8_from is not None:
-        rounding.enter_context(simulated_int8(student))
+        rounding.enter_context(simulated_int8(student, reduce_range=SIMULATED_REDUCE_RANGE))
         progress(f"distilling through simulated int8 since step {int8_from}")
     try:
         while step < settings.steps:
@@ -229,7 +233,7 @@ def distill(
             ):
                 # The student learns the int8 bundle's rounding last: from the float optimum, a few
                 # hundred steps move its weights to where rounding them costs least.
-                count = rounding.enter_context(simulated_int8(student))
+                count = rounding.enter_context(simulated_int8(student, reduce_range=SIMULATED_REDUCE_RANGE))
                 int8_from = step
                 progress(
                     f"from step {step}: distilling through simulated int8 ({count} linear layers, rounded as the bundle rounds its MatMuls)"
