@@ -125,8 +125,9 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The slowest tests are listed at the end: CI has a time limit.
 test: lint $(VENV)/.test-installed sshd qemu
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The default model's Pi bundles under emulation: 8 greedy tokens and 256 tokens of statistics each.
 test-slow: $(VENV)/.test-installed qemu rpi4 rpi5
