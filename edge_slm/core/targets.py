@@ -136,7 +136,9 @@ class Encoder:
     precision: Literal["fp32", "fp16", "int8"] = "int8"
     int8_format: Literal["dynamic", "qdq"] = "dynamic"  # dynamic: int8 MatMul with per-call activation scales (CPUs)
     per_channel: bool = True  # one weight scale per output channel
-    reduce_range: bool = False  # 7-bit weights, for int8 kernels that could saturate (u8s8 without VNNI)
+    # Weights in -64..64 ("7-bit"): x86 without VNNI sums uint8 x int8 products in pairs in 16 bits,
+    # which 8-bit weights can saturate; 7-bit ones cannot, so every x86 build host gates the same sums.
+    reduce_range: bool = True
     quantize_embeddings: bool = False  # int8 word/position tables (QEmbedLayerNormalization)
     # The MatMuls that read a GELU's output (the FFN's second half): int8 ("never" float), float
     # ("always"), or int8 unless that misses the accuracy budget ("if-needed": measured twice).

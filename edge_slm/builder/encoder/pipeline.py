@@ -100,6 +100,7 @@ def prune_stage(loaded: LoadedEncoder, profile: Profile, cache: Path, note) -> L
     spec = pruned.prune_section(profile, loaded.source.task)
     request = loaded.request
     labels, nothing = pruned.profile_labels(profile, loaded.source.task)
+    _say_if_simulated_int8_differs(profile, spec, note)
     directory = pruned.pruned_model(
         loaded.source, spec, request.prune_data, request.gate_data, cache, note, labels, nothing
     )
@@ -110,6 +111,22 @@ def prune_stage(loaded: LoadedEncoder, profile: Profile, cache: Path, note) -> L
         f"{record.get('parameters_before', 0) / 1e6:.1f}M -> {record.get('parameters_after', 0) / 1e6:.1f}M parameters"
     )
     return LoadedEncoder(request, source, load_torch_encoder(source), loaded.tokenizer, teacher=loaded.head)
+
+
+def _say_if_simulated_int8_differs(profile: Profile, spec, note) -> None:
+    """Distillation's simulated int8 rounds weights as the shipped CPU profiles build them (one
+    cached run serves every target); a profile building its dynamic int8 weights otherwise still
+    gets a gated bundle, but the int8 phase of the distillation learned another grid."""
+    from edge_slm.builder.prune.encoder_recover import SIMULATED_REDUCE_RANGE
+
+    encoder = profile.encoder
+    dynamic_int8 = encoder.precision == "int8" and encoder.int8_format == "dynamic"
+    if spec.recover_int8_share > 0 and dynamic_int8 and encoder.reduce_range != SIMULATED_REDUCE_RANGE:
+        note(
+            f"note: [encoder] reduce_range = {str(encoder.reduce_range).lower()}, but distillation simulates int8 with "
+            f"reduce_range = {str(SIMULATED_REDUCE_RANGE).lower()}: set it so in {profile.source or profile.name} "
+            "for the int8 bundle to round as its distillation learned"
+        )
 
 
 def teacher_gate_stage(graph, profile: Profile, out_dir: Path, note):

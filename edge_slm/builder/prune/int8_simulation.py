@@ -1,9 +1,9 @@
 """Dynamic int8 simulated in torch, so that distillation can learn the rounding the bundle will do.
 
 An int8 encoder bundle (`builder/encoder/precision.py`, onnxruntime's `quantize_dynamic`) rounds
-every MatMul's weights to int8 with one scale per output channel (symmetric; 7-bit, -64..64, with
-the profile's `reduce_range`) and its input, on each call, to uint8 with one scale and zero point for the whole tensor (`DynamicQuantizeLinear`:
-the range always includes 0). `simulated_int8` makes every `nn.Linear` of a torch model do the
+every MatMul's weights to int8 with one scale per output channel (symmetric; -64..64 with the
+profile's `reduce_range`, "7-bit") and its input, on each call, to uint8 with one scale and zero
+point for the whole tensor (`DynamicQuantizeLinear`: the range always includes 0). `simulated_int8` makes every `nn.Linear` of a torch model do the
 same rounding in its forward pass, with straight-through gradients (the rounding is treated as
 the identity going back, as in quantization-aware training), and undoes it on exit.
 
@@ -29,7 +29,7 @@ def fake_quantize_activation(x):
     return x + (rounded - x).detach()
 
 
-def fake_quantize_weight(weight, reduce_range: bool = False):
+def fake_quantize_weight(weight, *, reduce_range: bool):
     """Symmetric int8 with one scale per output channel (a row of `nn.Linear.weight`), dequantized;
     with `reduce_range`, 7-bit as onnxruntime's `quantize_dynamic(reduce_range=True)` makes them."""
     import torch
@@ -41,7 +41,7 @@ def fake_quantize_weight(weight, reduce_range: bool = False):
 
 
 @contextmanager
-def simulated_int8(model, reduce_range: bool = False):
+def simulated_int8(model, *, reduce_range: bool):
     """Inside, every `nn.Linear` of `model` computes as the dynamic int8 bundle's MatMuls do (7-bit
     weights with `reduce_range`, as the profile's [encoder] table builds them); yields
     how many it rounds. A layer already rounded (an enclosing simulation) is left to it, and one
@@ -58,7 +58,7 @@ def simulated_int8(model, reduce_range: bool = False):
         def forward(x):
             with torch.autocast(x.device.type, enabled=False):
                 inputs = fake_quantize_activation(x.float())
-                weight = fake_quantize_weight(linear.weight.float(), reduce_range)
+                weight = fake_quantize_weight(linear.weight.float(), reduce_range=reduce_range)
             return torch.nn.functional.linear(inputs, weight, linear.bias)
 
         forward.simulates_int8 = True
