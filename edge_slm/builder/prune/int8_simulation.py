@@ -3,9 +3,10 @@
 An int8 encoder bundle (`builder/encoder/precision.py`, onnxruntime's `quantize_dynamic`) rounds
 every MatMul's weights to int8 with one scale per output channel (symmetric; -64..64 with the
 profile's `reduce_range`, "7-bit") and its input, on each call, to uint8 with one scale and zero
-point for the whole tensor (`DynamicQuantizeLinear`: the range always includes 0). `simulated_int8` makes every `nn.Linear` of a torch model do the
-same rounding in its forward pass, with straight-through gradients (the rounding is treated as
-the identity going back, as in quantization-aware training), and undoes it on exit.
+point for the whole tensor (`DynamicQuantizeLinear`: the range always includes 0).
+`simulated_int8` makes every `nn.Linear` of a torch model do the same rounding in its forward
+pass, with straight-through gradients (the rounding is treated as the identity going back, as in
+quantization-aware training), and undoes it on exit.
 
 Written here rather than with torch.ao's fake-quantize modules: those observe ranges over many
 batches (static quantization) or need the model converted; onnxruntime's dynamic scheme takes
