@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import start_server
 
@@ -641,9 +642,14 @@ def test_int8_build_runs_the_gate_and_translates(marian, profile, tmp_path):
     manifest, lines = _build(marian, profile, out, allow_accuracy_loss=True)  # the profile's precision
     assert manifest["precision"] == "int8"
     assert manifest["quantization"]["weights"] == "int8 per-channel"
+    assert manifest["quantization"]["weight_range"] == "-64..64"  # the profile's [seq2seq] reduce_range
     assert (
         "MatMulInteger" in manifest["graph"]["op_counts"] or "DynamicQuantizeMatMul" in manifest["graph"]["op_counts"]
     )
+    # 7-bit weights in both graphs, the merged decoder's If branches too: no 16-bit pair sum can saturate
+    weights = _int8_weights(out / "encoder_model.onnx") + _int8_weights(out / "decoder_model_merged.onnx")
+    assert len(weights) >= 8 and min(w.min() for w in weights) >= -64 and max(w.max() for w in weights) <= 64
+    assert max(np.abs(w).max() for w in weights) == 64  # each channel's largest weight lands on the grid's end
     accuracy = manifest["accuracy"]
     assert 0.0 <= accuracy["chrf_vs_fp32"] <= 100.0 and 0.0 <= accuracy["bleu_vs_fp32"] <= 100.0
     assert accuracy["texts"] == 24 and accuracy["identical"] == round(24 * accuracy["identical_share"])
@@ -652,6 +658,22 @@ def test_int8_build_runs_the_gate_and_translates(marian, profile, tmp_path):
     assert "encoder_model.onnx" in manifest["files"]
     translations = runtime.load(out).translate(SENTENCES[:2], max_new_tokens=MAX_NEW)
     assert len(translations) == 2 and all(isinstance(t, str) for t in translations)
+
+
+def _int8_weights(path) -> list:
+    """Every int8 initializer of a graph and of its subgraphs (the merged decoder's If branches)."""
+    import onnx
+    from onnx import numpy_helper
+
+    def walk(graph):
+        found = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    found += walk(attribute.g)
+        return found
+
+    return walk(onnx.load(str(path)).graph)
 
 
 def test_fp16_for_the_jetson_profile_keeps_fp32_translations(marian, marian_bundle, tmp_path):

@@ -169,6 +169,7 @@ class Seq2Seq:
     """How encoder-decoder translators (Marian, T5, M2M100) are built for this device."""
 
     precision: Literal["fp32", "fp16", "int8"] = "int8"
+    reduce_range: bool = True  # int8 weights in -64..64, as [encoder] reduce_range (same CPU kernels)
     int8: TranslationBudget = TranslationBudget()
     fp16: TranslationBudget = TranslationBudget(min_chrf=98.0, min_bleu=95.0, min_identical=0.9)
 

@@ -189,9 +189,11 @@ def validate_stage(graphs: Graphs, _: None, out_dir: Path, note) -> Graphs:
     return dataclasses.replace(graphs, validation=validation)
 
 
-def quantize_stage(graphs: Graphs, _: None, out_dir: Path, note) -> Graphs:
-    reduce = convert_fp16 if graphs.loaded.request.precision == "fp16" else quantize_int8
-    quantization = reduce(graphs.paths, out_dir)
+def quantize_stage(graphs: Graphs, section: Seq2SeqSpec, out_dir: Path, note) -> Graphs:
+    if graphs.loaded.request.precision == "fp16":
+        quantization = convert_fp16(graphs.paths, out_dir)
+    else:
+        quantization = quantize_int8(graphs.paths, out_dir, reduce_range=section.reduce_range)
     note(f"{quantization['method']}: {_mb(out_dir / ENCODER_FILE, out_dir / DECODER_FILE)} MB")
     return dataclasses.replace(graphs, quantization=quantization, final_dir=out_dir)
 
@@ -284,10 +286,10 @@ QUANTIZE = Stage(
         + (
             "(float16 weights, activations and cache)"
             if x.loaded.request.precision == "fp16"
-            else "(dynamic, per-channel)"
+            else "(dynamic, per-channel" + (", 7-bit weights)" if p.seq2seq.reduce_range else ")")
         )
     ),
-    no_section,
+    lambda profile: profile.seq2seq,
     quantize_stage,
 )
 GATE = Stage(
