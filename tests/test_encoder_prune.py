@@ -575,6 +575,8 @@ class _Planted:
         ("min_cosine", float("nan"), "'embedder_prune.min_cosine' is nan; use a share from 0 to 1"),
         ("recover_int8_share", 1.5, "'embedder_prune.recover_int8_share' is 1.5; use a share from 0 to 1"),
         ("max_recall_drop", -0.1, "'embedder_prune.max_recall_drop' is -0.1; use a share from 0 to 1"),
+        ("recover_hidden_weight", float("nan"), "'embedder_prune.recover_hidden_weight' is nan; use 0 (pooled"),
+        ("recover_hidden_weight", -1.0, "'embedder_prune.recover_hidden_weight' is -1.0; use 0 (pooled vectors"),
     ],
 )
 def test_a_profile_refuses_prune_values_no_model_can_take(key, value, message, tmp_path):
@@ -812,3 +814,21 @@ def test_varied_texts_are_batched_by_their_own_length():
     assert any(t not in pool for t in texts)  # varied: some were cut or joined
     again = _varied_batches(pool, 4, torch.Generator().manual_seed(0), random.Random(0), pool=8)
     assert [next(again) for _ in range(8)] == drawn  # the same seeds, the same batches: a run is reproducible
+
+
+def test_the_embedder_profiles_distillation_reaches_the_recovery():
+    """Every [embedder_prune] key the distillation reads arrives in its settings: the shipped
+    profiles' hidden-state weight among them (a key dropped on the way would distil another recipe
+    under the same cache key's name)."""
+    from edge_slm.builder.encoder.pruned import recovery_settings
+    from edge_slm.core.targets import load_profile
+
+    spec = load_profile("x86-laptop").embedder_prune
+    settings = recovery_settings(spec)
+    assert (settings.hidden_weight, settings.learning_rate, settings.int8_share, settings.max_length) == (
+        10.0,
+        5e-4,
+        0.2,
+        64,
+    )
+    assert settings.steps == spec.recover_steps and settings.time_budget_s == 60 * spec.recover_minutes

@@ -123,6 +123,7 @@ class EncoderPrune:
     recover_lr: float = 1e-4  # distillation's peak learning rate (warm-up, then cosine decay over recover_steps)
     recover_max_tokens: int = 128  # distillation's inputs are cut to this many tokens
     recover_int8_share: float = 0.0  # the last share of distillation runs through simulated dynamic int8 (0: none)
+    recover_hidden_weight: float = 1.0  # embedder: weight of the per-layer hidden-state term against the pooled vectors
     max_accuracy_drop: float = 0.01  # classifier: test accuracy at most 1 point below the unpruned fp32 model
     min_cosine: float = 0.95  # embedder: mean cosine similarity to the unpruned model's embeddings
     max_recall_drop: float = 0.02  # embedder: retrieval top-1 at most 2 points below the unpruned model's
@@ -431,6 +432,11 @@ def _check_encoder_prune(spec: EncoderPrune, where: str, table: str) -> None:
         raise ProfileError(
             f"{where}: '{table}.recover_max_tokens' is {spec.recover_max_tokens}; use 8-8192 (tokens a "
             "distillation input is cut to)"
+        )
+    if not 0 <= spec.recover_hidden_weight <= 100:
+        raise ProfileError(
+            f"{where}: '{table}.recover_hidden_weight' is {spec.recover_hidden_weight}; use 0 (pooled vectors only) "
+            "to 100"
         )
     for key in ("recover_int8_share", "max_accuracy_drop", "min_cosine", "max_recall_drop"):
         if not 0 <= getattr(spec, key) <= 1:

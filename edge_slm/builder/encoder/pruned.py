@@ -106,6 +106,7 @@ def recovery_settings(spec: EncoderPrune, steps: int = 0, minutes: float = 0.0):
         time_budget_s=60 * minutes,
         max_length=spec.recover_max_tokens,
         int8_share=spec.recover_int8_share,
+        hidden_weight=spec.recover_hidden_weight,
     )
 
 
