@@ -577,6 +577,8 @@ class _Planted:
         ("max_recall_drop", -0.1, "'embedder_prune.max_recall_drop' is -0.1; use a share from 0 to 1"),
         ("recover_hidden_weight", float("nan"), "'embedder_prune.recover_hidden_weight' is nan; use 0 (pooled"),
         ("recover_hidden_weight", -1.0, "'embedder_prune.recover_hidden_weight' is -1.0; use 0 (pooled vectors"),
+        ("recover_hidden_weight", float("inf"), "'embedder_prune.recover_hidden_weight' is inf; use 0 (pooled"),
+        ("recover_hidden_weight", 101.0, "'embedder_prune.recover_hidden_weight' is 101.0; use 0 (pooled"),
     ],
 )
 def test_a_profile_refuses_prune_values_no_model_can_take(key, value, message, tmp_path):
