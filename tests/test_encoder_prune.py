@@ -819,9 +819,9 @@ def test_varied_texts_are_batched_by_their_own_length():
 
 
 def test_the_embedder_profiles_distillation_reaches_the_recovery():
-    """Every [embedder_prune] key the distillation reads arrives in its settings: the shipped
-    profiles' hidden-state weight among them (a key dropped on the way would distil another recipe
-    under the same cache key's name)."""
+    """Every [embedder_prune] key the distillation reads arrives in its settings, the shipped
+    profiles' hidden-state weight among them: a key dropped on the way would distil with the
+    default without a word."""
     from edge_slm.builder.encoder.pruned import recovery_settings
     from edge_slm.core.targets import load_profile
 
