@@ -84,9 +84,7 @@ def quantize_int8(paths: dict[str, Path], out_dir: Path, reduce_range: bool) -> 
     """onnxruntime's dynamic int8 (per-channel weights, activations quantized at run time) on the
     MatMuls of both graphs: the recipe optimum uses for Marian, and onnxruntime walks the merged
     decoder's If branches. Embeddings (Gather) stay fp32: they are shared with the output projection.
-    `reduce_range`: 7-bit weights (-64..64); on x86 CPUs without VNNI onnxruntime's u8s8 kernel
-    sums pairs of uint8 x int8 products in 16 bits, which full 8-bit weights can saturate, so the
-    build host's gate would measure sums the device does not compute."""
+    `reduce_range`: weights in -64..64, for the reason `core.targets.Encoder.reduce_range` gives."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for name, path in paths.items():
